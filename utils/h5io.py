@@ -1,0 +1,212 @@
+"""The project's on-disk HDF5 layout (DESIGN.md section 2), read and written in one place.
+
+Layout under ``<root>/<dataset>/``::
+
+    vol_data/<case>.h5       image float32 (H, W, D) in [0, 1]; label uint8 (H, W, D);
+                             liver uint8 (H, W, D) optional; attrs spacing (mm, row/col/slice),
+                             hu_window, crop (6 ints), source
+    vol_salience/<case>.h5   salience float32 (3, H, W, D) in [0, 1]; attrs generator, weights_sha256
+    slice_data/<case>_slice<NNNN>.h5   image (H, W), label (H, W), salience (3, H, W) optional
+
+Lists live under ``<list_dir>/<dataset>/`` (vol_train.txt, vol_val.txt, vol_test.txt,
+slice_train.txt), one name a line. Files from the authors' release lack some
+attributes; readers fill documented defaults (spacing 1 mm) and say so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import h5py
+import numpy as np
+
+from utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+HU_WINDOW = (0.0, 400.0)
+SPLITS = ("train", "val", "test")
+_COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """Folders of one dataset: ``root/<dataset>/{vol_data,vol_salience,slice_data}`` and its lists."""
+
+    root: Path
+    list_dir: Path
+
+    @classmethod
+    def of(cls, root_path: str | os.PathLike, dataset: str, list_dir: str | os.PathLike = "list") -> "DatasetPaths":
+        return cls(Path(root_path) / dataset, Path(list_dir) / dataset)
+
+    @property
+    def vol_data(self) -> Path:
+        return self.root / "vol_data"
+
+    @property
+    def vol_salience(self) -> Path:
+        return self.root / "vol_salience"
+
+    @property
+    def slice_data(self) -> Path:
+        return self.root / "slice_data"
+
+    def volume(self, case: str) -> Path:
+        return self.vol_data / f"{case}.h5"
+
+    def salience(self, case: str) -> Path:
+        return self.vol_salience / f"{case}.h5"
+
+    def slice(self, name: str) -> Path:
+        return self.slice_data / f"{name}.h5"
+
+    def list_file(self, name: str) -> Path:
+        """``name`` is e.g. ``vol_train`` or ``slice_train``."""
+        return self.list_dir / f"{name}.txt"
+
+
+def slice_name(case: str, index: int) -> str:
+    return f"{case}_slice{index:04d}"
+
+
+@dataclass
+class Volume:
+    """One case. Arrays are (H, W, D) = (rows, columns, slices); spacing in mm, same order."""
+
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    liver: Optional[np.ndarray] = None
+    crop: Optional[tuple[int, ...]] = None
+    source: str = ""
+    hu_window: tuple[float, float] = HU_WINDOW
+    attrs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 3:
+            raise ValueError(f"image must be (H, W, D), got shape {self.image.shape}")
+        for name in ("label", "liver"):
+            arr = getattr(self, name)
+            if arr is not None and arr.shape != self.image.shape:
+                raise ValueError(f"{name} shape {arr.shape} differs from image shape {self.image.shape}")
+
+
+def write_volume(path: str | os.PathLike, vol: Volume, overwrite: bool = True) -> None:
+    """Write ``vol`` atomically; chunks are one transverse slab so a slice reads fast."""
+    h, w, d = vol.image.shape
+    chunks = (h, w, 1)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("image", data=vol.image.astype(np.float32), chunks=chunks, **_COMPRESSION)
+            f.create_dataset("label", data=vol.label.astype(np.uint8), chunks=chunks, **_COMPRESSION)
+            if vol.liver is not None:
+                f.create_dataset("liver", data=vol.liver.astype(np.uint8), chunks=chunks, **_COMPRESSION)
+            f.attrs["spacing"] = np.asarray(vol.spacing, dtype=np.float64)
+            f.attrs["hu_window"] = np.asarray(vol.hu_window, dtype=np.float64)
+            if vol.crop is not None:
+                f.attrs["crop"] = np.asarray(vol.crop, dtype=np.int64)
+            f.attrs["source"] = str(vol.source)
+            for k, v in vol.attrs.items():
+                f.attrs[k] = v
+
+
+def read_volume(path: str | os.PathLike, with_liver: bool = True) -> Volume:
+    """Read a ``vol_data`` file (ours or the authors'); raises ``ValueError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: volume file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            if "image" not in f or "label" not in f:
+                raise ValueError(f"{path}: needs datasets 'image' and 'label', has {sorted(f.keys())}")
+            image = f["image"][()].astype(np.float32)
+            label = f["label"][()].astype(np.uint8)
+            liver = f["liver"][()].astype(np.uint8) if (with_liver and "liver" in f) else None
+            attrs = dict(f.attrs)
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
+    if image.shape != label.shape:
+        raise ValueError(f"{path}: label shape {label.shape} differs from image shape {image.shape}")
+    if image.ndim != 3:
+        raise ValueError(f"{path}: image must be 3-D (H, W, D), got shape {image.shape}")
+    spacing = attrs.pop("spacing", None)
+    if spacing is None:
+        log.warning("%s: no spacing attribute, assuming 1 mm", path)
+        spacing = (1.0, 1.0, 1.0)
+    crop = attrs.pop("crop", None)
+    return Volume(
+        image=image,
+        label=label,
+        spacing=tuple(float(s) for s in spacing),
+        liver=liver,
+        crop=None if crop is None else tuple(int(c) for c in crop),
+        source=str(attrs.pop("source", "")),
+        hu_window=tuple(float(x) for x in attrs.pop("hu_window", HU_WINDOW)),
+        attrs=attrs,
+    )
+
+
+def write_salience(
+    path: str | os.PathLike, salience: np.ndarray, generator: str, weights_sha256: str = "", overwrite: bool = True
+) -> None:
+    """Write a (3, H, W, D) salience map atomically."""
+    if salience.ndim != 4 or salience.shape[0] != 3:
+        raise ValueError(f"salience must be (3, H, W, D), got shape {salience.shape}")
+    h, w = salience.shape[1:3]
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("salience", data=salience.astype(np.float32), chunks=(3, h, w, 1), **_COMPRESSION)
+            f.attrs["generator"] = generator
+            f.attrs["weights_sha256"] = weights_sha256
+
+
+def read_salience(path: str | os.PathLike) -> np.ndarray:
+    """Read a (3, H, W, D) salience map."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: salience file not found (run salience_generation.py first)")
+    with h5py.File(path, "r") as f:
+        if "salience" not in f:
+            raise ValueError(f"{path}: no 'salience' dataset (has {sorted(f.keys())})")
+        s = f["salience"][()].astype(np.float32)
+    if s.ndim != 4 or s.shape[0] != 3:
+        raise ValueError(f"{path}: salience must be (3, H, W, D), got shape {s.shape}")
+    return s
+
+
+def write_slice(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    label: np.ndarray,
+    salience: Optional[np.ndarray] = None,
+    overwrite: bool = True,
+) -> None:
+    """Write one 2-D training slice: image (H, W), label (H, W), salience (3, H, W) optional."""
+    if image.ndim != 2 or label.shape != image.shape:
+        raise ValueError(f"slice image/label must be (H, W) of one shape, got {image.shape} / {label.shape}")
+    if salience is not None and salience.shape != (3,) + image.shape:
+        raise ValueError(f"slice salience must be (3, H, W) = {(3,) + image.shape}, got {salience.shape}")
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("image", data=image.astype(np.float32), **_COMPRESSION)
+            f.create_dataset("label", data=label.astype(np.uint8), **_COMPRESSION)
+            if salience is not None:
+                f.create_dataset("salience", data=salience.astype(np.float32), **_COMPRESSION)
+
+
+def read_list(path: str | os.PathLike) -> list[str]:
+    """Names in a list file, one a line; blank lines and ``#`` comments are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: list file not found")
+    names = [ln.strip() for ln in path.read_text().splitlines()]
+    return [n for n in names if n and not n.startswith("#")]
+
+
+def write_list(path: str | os.PathLike, names: Sequence[str], overwrite: bool = True) -> None:
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_text("".join(f"{n}\n" for n in names))
