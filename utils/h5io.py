@@ -29,7 +29,10 @@ log = logging.getLogger(__name__)
 
 HU_WINDOW = (0.0, 400.0)
 SPLITS = ("train", "val", "test")
-_COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
+# gzip level 1 without shuffle: on a 512 x 512 x 131 phantom it writes in half the time of
+# level 4 + shuffle and the file is smaller (14 vs 20 MB), because the clipped image has
+# long runs of exact 0 and 1 that shuffle breaks up.
+_COMPRESSION = dict(compression="gzip", compression_opts=1, shuffle=False)
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,14 @@ def write_volume(path: str | os.PathLike, vol: Volume, overwrite: bool = True) -
     chunks = (h, w, 1)
     with atomic_path(path, overwrite=overwrite) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.create_dataset("image", data=vol.image.astype(np.float32), chunks=chunks, **_COMPRESSION)
-            f.create_dataset("label", data=vol.label.astype(np.uint8), chunks=chunks, **_COMPRESSION)
+            arrays = {"image": vol.image.astype(np.float32), "label": vol.label.astype(np.uint8)}
             if vol.liver is not None:
-                f.create_dataset("liver", data=vol.liver.astype(np.uint8), chunks=chunks, **_COMPRESSION)
+                arrays["liver"] = vol.liver.astype(np.uint8)
+            for name, arr in arrays.items():
+                dset = f.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks, **_COMPRESSION)
+                # one chunk at a time: h5py then skips a full-array copy into chunk order
+                for z in range(d):
+                    dset[:, :, z] = arr[:, :, z]
             f.attrs["spacing"] = np.asarray(vol.spacing, dtype=np.float64)
             f.attrs["hu_window"] = np.asarray(vol.hu_window, dtype=np.float64)
             if vol.crop is not None:
