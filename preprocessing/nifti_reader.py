@@ -1,0 +1,117 @@
+"""Read NIfTI datasets (MSD Task08 HepaticVessel, LiVS) into the same convention as the DICOM path.
+
+Each image is reoriented to LPS (``sitk.DICOMOrient``) so array axes run like a DICOM series
+with ImageOrientationPatient (1, 0, 0, 0, 1, 0) sorted by increasing position: SimpleITK's
+(z, y, x) array transposed to (y, x, z) = (H, W, D) = (rows, columns, slices), spacing
+(row, column, slice) = (sy, sx, sz) mm. A phantom written as NIfTI and as DICOM therefore
+gives identical arrays.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from preprocessing.dicom_reader import PatientData
+from preprocessing.errors import PreprocessError
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_MODALITY_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net style channel suffix (case_0000.nii.gz)
+
+
+def nifti_stem(path: Path) -> str:
+    """``hepaticvessel_001.nii.gz`` -> ``hepaticvessel_001`` (a ``_0000`` channel suffix dropped)."""
+    name = path.name
+    for s in NIFTI_SUFFIXES:
+        if name.endswith(s):
+            name = name[: -len(s)]
+            break
+    return _MODALITY_SUFFIX.sub("", name)
+
+
+def find_nifti_cases(images: Path, labels: Optional[Path]) -> list[tuple[str, Path, Optional[Path]]]:
+    """(case name, image file, label file or None) for every NIfTI image in ``images``, sorted by name."""
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: images folder not found")
+    found = sorted(
+        p for p in images.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.endswith(NIFTI_SUFFIXES)
+    )
+    label_files: dict[str, Path] = {}
+    if labels is not None:
+        if not labels.is_dir():
+            raise FileNotFoundError(f"{labels}: labels folder not found")
+        for p in labels.iterdir():
+            if p.is_file() and not p.name.startswith(".") and p.name.endswith(NIFTI_SUFFIXES):
+                label_files[nifti_stem(p)] = p
+    out, seen = [], set()
+    for p in found:
+        stem = nifti_stem(p)
+        if stem in seen:
+            raise ValueError(f"{p}: two images give the case name {stem!r}")
+        seen.add(stem)
+        out.append((stem, p, label_files.get(stem)))
+    return out
+
+
+def _read(case: str, path: Path) -> sitk.Image:
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise PreprocessError(case, str(path), f"not a readable NIfTI file ({str(e).strip().splitlines()[-1]})") from None
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise PreprocessError(
+            case, str(path), f"expected a 3-D scalar image, got {img.GetDimension()}-D with {img.GetNumberOfComponentsPerPixel()} component(s)"
+        )
+    return sitk.DICOMOrient(img, "LPS")
+
+
+def to_hwd(img: sitk.Image) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """An LPS-oriented image -> array (H, W, D) and spacing (row, col, slice) in mm."""
+    arr = sitk.GetArrayFromImage(img).transpose(1, 2, 0)
+    sx, sy, sz = img.GetSpacing()
+    return arr, (float(sy), float(sx), float(sz))
+
+
+def vessel_from_labels(case: str, path: Path, lab: np.ndarray, values: Optional[Sequence[int]]) -> np.ndarray:
+    """Label map -> vessel mask {0, 1}.
+
+    ``values`` None picks by content: {0, 1, 2} is MSD Task08 (1 vessel, 2 tumour: vessel only),
+    {0, 255} a 0/255 binary mask (LiVS exports); anything else must be named explicitly.
+    """
+    if values is None:
+        present = set(np.unique(lab).tolist())
+        if present <= {0, 1, 2}:
+            values = (1,)
+        elif present <= {0, 255}:
+            values = (255,)
+        else:
+            shown = sorted(present)[:8]
+            raise PreprocessError(case, str(path), f"label values {shown} not recognised; pass --label-values")
+    return np.isin(lab, np.asarray(values)).astype(np.uint8)
+
+
+def read_nifti_case(
+    case: str, image_path: Path, label_path: Optional[Path], label_values: Optional[Sequence[int]] = None
+) -> PatientData:
+    """Read one NIfTI case: HU (H, W, D) float32, spacing (row, col, slice) mm, vessel label or None."""
+    img = _read(case, image_path)
+    hu, spacing = to_hwd(img)
+    attrs = {"orientation": "LPS"}
+    label = None
+    if label_path is not None:
+        lab_img = _read(case, label_path)
+        if lab_img.GetSize() != img.GetSize():
+            raise PreprocessError(case, str(label_path), f"label size {lab_img.GetSize()} differs from image size {img.GetSize()}")
+        if not np.allclose(lab_img.GetSpacing(), img.GetSpacing(), rtol=1e-3) or not np.allclose(
+            lab_img.GetDirection(), img.GetDirection(), atol=1e-3
+        ):
+            raise PreprocessError(case, str(label_path), "label geometry (spacing / direction) differs from the image's")
+        lab, _ = to_hwd(lab_img)
+        label = vessel_from_labels(case, label_path, np.rint(lab).astype(np.int64), label_values)
+    return PatientData(hu.astype(np.float32), spacing, label, None, str(image_path), attrs)
