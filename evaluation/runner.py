@@ -1,0 +1,272 @@
+"""The work behind test.py: predict, score and report every case of a split (DESIGN.md section 4).
+
+See test.py for the command line; :func:`run_evaluation` is the typed entry point tests call.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dataloaders.inputs import input_channels
+from evaluation.figures import mip_figure, overlay_figure
+from evaluation.metrics import METRIC_KEYS, evaluate_case
+from evaluation.predictions import PRED_FORMATS, save_prediction
+from evaluation.reports import (
+    markdown_table,
+    read_per_case_csv,
+    summarize,
+    write_per_case_csv,
+    write_summary_json,
+)
+from inference import predict_volume
+from utils.atomic import atomic_dir
+from utils.h5io import DatasetPaths, read_list, read_salience, read_volume
+
+log = logging.getLogger("test")  # messages read as coming from test.py
+
+ROI_CHOICES = ("none", "liver")
+REPORT_FILES = ("per_case.csv", "summary.json", "results.md")
+EXTRA_KEYS = ("seconds_inference", "seconds_metrics")
+THRESHOLD = 0.5
+
+
+@dataclass
+class EvalResult:
+    output: Path
+    rows: list[dict[str, Any]]
+    summary: dict[str, dict[str, float]]
+    skipped: bool = False
+
+
+def backbone_dirnames(backbone: str) -> list[str]:
+    """Folder names a backbone's runs may live in (``monai:X`` cannot be a folder name everywhere)."""
+    return list(dict.fromkeys([backbone, backbone.replace(":", "_"), backbone.replace(":", "-")]))
+
+
+def find_checkpoint(checkpoint_root: Path, dataset: str, backbone: str) -> Path:
+    """Newest ``best_model.pth`` under ``checkpoint_root/<dataset>/<backbone>/`` (any depth)."""
+    found: list[Path] = []
+    tried = []
+    for name in backbone_dirnames(backbone):
+        base = checkpoint_root / dataset / name
+        tried.append(str(base))
+        if base.is_dir():
+            found.extend(base.rglob("best_model.pth"))
+    if not found:
+        raise FileNotFoundError(f"{tried[0]}: no best_model.pth found (train with main.py or pass --model_path)")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def default_output(model_path: Path, split: str, eval_roi: str, tta: bool) -> Path:
+    name = f"eval_{split}" + (f"_roi-{eval_roi}" if eval_roi != "none" else "") + ("_tta" if tta else "")
+    return model_path.parent / name
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_checkpoint(ckpt: dict, model_path: Path, backbone: Optional[str]) -> None:
+    if backbone is not None and ckpt["model_name"] != backbone:
+        raise ValueError(
+            f"{model_path}: checkpoint is a {ckpt['model_name']!r} model, not --backbone {backbone!r}")
+    expected = input_channels(ckpt["salience"])
+    if int(ckpt["in_channels"]) != expected:
+        raise ValueError(
+            f"{model_path}: checkpoint takes {ckpt['in_channels']} input channels but salience mode "
+            f"{ckpt['salience']!r} gives {expected}")
+    if int(ckpt["out_channels"]) != 1:
+        raise ValueError(f"{model_path}: checkpoint has {ckpt['out_channels']} output channels; test.py needs 1 logit")
+    if ckpt["spatial_dims"] == 3 and not ckpt.get("patch_size"):
+        raise ValueError(f"{model_path}: 3-D checkpoint without patch_size")
+
+
+@torch.no_grad()
+def e2e_salience_2d(model: torch.nn.Module, image: np.ndarray, device: str, batch_size: int) -> Optional[np.ndarray]:
+    """(1, H, W, D) transverse salience of a 2-D e2e model (its ``.salience`` module), for figures."""
+    module = getattr(model, "salience", None)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    out = np.empty((1,) + image.shape, dtype=np.float32)
+    for z0 in range(0, image.shape[2], batch_size):
+        x = torch.from_numpy(np.moveaxis(image[:, :, z0:z0 + batch_size], 2, 0)[:, None].copy()).to(device)
+        out[0, :, :, z0:z0 + batch_size] = np.moveaxis(module(x)[:, 0].float().cpu().numpy(), 0, 2)
+    return out
+
+
+def _preflight(paths: DatasetPaths, cases: Sequence[str], salience_mode: str) -> None:
+    """Fail before any work if a volume or (for offline salience) a salience file is missing."""
+    for case in cases:
+        if not paths.volume(case).is_file():
+            raise FileNotFoundError(f"{paths.volume(case)}: volume file not found (listed in the split)")
+        if salience_mode == "offline" and not paths.salience(case).is_file():
+            raise FileNotFoundError(
+                f"{paths.salience(case)}: not found, but the checkpoint takes 3 channels (salience 'offline'); "
+                f"run salience_generation.py for this dataset")
+
+
+def run_evaluation(
+    *,
+    dataset: str,
+    backbone: Optional[str] = None,
+    root_path: str | Path = "data",
+    list_dir: str | Path = "list",
+    model_path: Optional[str | Path] = None,
+    checkpoint_root: str | Path = "checkpoint",
+    split: str = "test",
+    overlap: float = 0.5,
+    tta: bool = False,
+    img_size: Optional[Sequence[int]] = None,
+    eval_roi: str = "none",
+    save_pred: Optional[str] = None,
+    pred_kind: str = "prob",
+    figures: bool = False,
+    device: str = "auto",
+    batch_size: int = 8,
+    output: Optional[str | Path] = None,
+    overwrite: bool = False,
+) -> EvalResult:
+    """Predict and score every case of ``split``; write the report folder; return rows and summary.
+
+    Raises FileNotFoundError / ValueError with a one-line message naming the file on bad input;
+    nothing is written then. An existing complete report is returned unchanged unless ``overwrite``.
+    """
+    if eval_roi not in ROI_CHOICES:
+        raise ValueError(f"--eval_roi must be one of {ROI_CHOICES}, got {eval_roi!r}")
+    if save_pred is not None and save_pred not in PRED_FORMATS:
+        raise ValueError(f"--save_pred must be one of {PRED_FORMATS}, got {save_pred!r}")
+    if pred_kind not in ("prob", "mask"):
+        raise ValueError(f"--pred_kind must be prob or mask, got {pred_kind!r}")
+    if img_size is not None and (len(img_size) != 2 or min(img_size) < 1):
+        raise ValueError(f"--img_size needs two positive integers H W, got {img_size}")
+    paths = DatasetPaths.of(root_path, dataset, list_dir)
+    cases = read_list(paths.list_file(f"vol_{split}"))
+    if not cases:
+        raise ValueError(f"{paths.list_file(f'vol_{split}')}: the list is empty")
+
+    if model_path is None:
+        if backbone is None:
+            raise ValueError("give --backbone (to find checkpoint/<dataset>/<backbone>/) or --model_path")
+        model_path = find_checkpoint(Path(checkpoint_root), dataset, backbone)
+    model_path = Path(model_path)
+    out_dir = Path(output) if output is not None else default_output(model_path, split, eval_roi, tta)
+    if out_dir.exists() and not overwrite:
+        if all((out_dir / f).is_file() for f in REPORT_FILES):
+            log.info("%s: complete report exists, kept (pass --overwrite to redo it)", out_dir)
+            rows = read_per_case_csv(out_dir / "per_case.csv")
+            summary = json.loads((out_dir / "summary.json").read_text())["metrics"]
+            summary = {k: {kk: (float("nan") if vv is None else vv) for kk, vv in v.items()} for k, v in summary.items()}
+            return EvalResult(out_dir, rows, summary, skipped=True)
+        raise FileExistsError(f"{out_dir}: exists but holds no complete report (pass --overwrite to replace it)")
+
+    # imported here so the metrics/report code paths work without the training package
+    from networks.checkpoint import load_model
+
+    device = resolve_device(device)
+    model, ckpt = load_model(model_path, device=device)
+    _check_checkpoint(ckpt, model_path, backbone)
+    mode, dims = ckpt["salience"], int(ckpt["spatial_dims"])
+    run_img_size = list(img_size) if img_size is not None else ckpt.get("img_size")
+    if img_size is not None and dims == 3:
+        log.warning("--img_size is ignored for a 3-D model (it runs on patches of %s)", ckpt.get("patch_size"))
+    elif img_size is not None and ckpt.get("img_size") and list(img_size) != list(ckpt["img_size"]):
+        log.warning("running at --img_size %s although the model was trained at %s", list(img_size), ckpt["img_size"])
+    _preflight(paths, cases, mode)
+    log.info("model %s (%d-D, salience %s, epoch %s) from %s; %d %s cases; roi %s; tta %s",
+             ckpt["model_name"], dims, mode, ckpt.get("epoch"), model_path, len(cases), split, eval_roi, tta)
+
+    rows: list[dict[str, Any]] = []
+    keys = list(METRIC_KEYS) + list(EXTRA_KEYS)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        for case in tqdm(cases, desc=f"evaluating {split}", unit="case"):
+            vol = read_volume(paths.volume(case))
+            sal = None
+            if mode == "offline":
+                sal = read_salience(paths.salience(case))
+                if sal.shape[1:] != vol.image.shape:
+                    raise ValueError(f"{paths.salience(case)}: salience shape {sal.shape} does not match "
+                                     f"image shape {vol.image.shape}")
+            roi = None
+            if eval_roi == "liver":
+                if vol.liver is None:
+                    raise ValueError(f"{paths.volume(case)}: no 'liver' mask, needed by --eval_roi liver")
+                roi = vol.liver.astype(bool)
+            t0 = time.perf_counter()
+            prob = predict_volume(
+                model, vol.image, sal, salience_mode=mode, spatial_dims=dims,
+                img_size=run_img_size if dims == 2 else None,
+                patch_size=ckpt.get("patch_size") if dims == 3 else None,
+                overlap=overlap, tta=tta, batch_size=batch_size,
+                # 3-D: windows on the chosen device, stitching in host memory (any volume size fits)
+                device=device if dims == 2 else "cpu", sw_device=device,
+            )
+            t1 = time.perf_counter()
+            pred = prob >= THRESHOLD
+            row: dict[str, Any] = {"case": case, **evaluate_case(pred, vol.label, vol.spacing, roi)}
+            row["seconds_inference"] = t1 - t0
+            row["seconds_metrics"] = time.perf_counter() - t1
+            rows.append(row)
+            if save_pred is not None:
+                (tmp / "predictions").mkdir(exist_ok=True)
+                save_prediction(tmp / "predictions", case, prob, vol.spacing, save_pred, as_mask=pred_kind == "mask",
+                                image=vol.image, crop=vol.crop)
+            if figures:
+                (tmp / "figures").mkdir(exist_ok=True)
+                shown_sal = sal
+                if mode == "e2e" and dims == 2:
+                    shown_sal = e2e_salience_2d(model, vol.image, device, batch_size)
+                title = f"{case}: Dice {row['dice']:.3f}, clDice {row['cldice']:.3f}"
+                shown = roi if roi is not None else np.ones_like(pred)
+                overlay_figure(tmp / "figures" / f"{case}_overlay.png", vol.image, pred & shown,
+                               vol.label.astype(bool) & shown, vol.spacing, salience=shown_sal, title=title)
+                mip_figure(tmp / "figures" / f"{case}_mip.png", pred & shown, vol.label.astype(bool) & shown,
+                           vol.spacing, salience=shown_sal, title=title)
+
+        summary = summarize(rows, keys)
+        meta = {
+            "dataset": dataset, "split": split, "cases": list(cases), "n_cases": len(cases),
+            "model_path": str(model_path), "model_sha256": _sha256(model_path),
+            "model_name": ckpt["model_name"], "model_kwargs": ckpt["model_kwargs"], "salience": mode,
+            "spatial_dims": dims, "epoch": ckpt.get("epoch"), "best_metric": ckpt.get("best_metric"),
+            "img_size": run_img_size if dims == 2 else None, "patch_size": ckpt.get("patch_size"),
+            "n_empty_pred": int(sum(r["empty_pred"] for r in rows)),
+            "n_empty_true": int(sum(r["empty_true"] for r in rows)),
+            "overlap": overlap, "tta": tta, "threshold": THRESHOLD, "eval_roi": eval_roi, "device": device,
+            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "conventions": "NaN (null in JSON) where a metric is undefined (empty mask / empty bin); "
+                           "statistics ignore NaN and count them (n_nan); CI = t-interval over cases",
+        }
+        write_per_case_csv(tmp / "per_case.csv", rows, keys)
+        write_summary_json(tmp / "summary.json", summary, meta)
+        header = (f"**{ckpt['model_name']}** (salience {mode}) on {dataset} / {split}, {len(cases)} cases, "
+                  f"ROI {eval_roi}, TTA {'on' if tta else 'off'}, threshold {THRESHOLD}; "
+                  f"checkpoint `{model_path}` (epoch {ckpt.get('epoch')}).\n"
+                  "Distances in mm; CLrec = centreline recall by vessel radius (mm); CC = connected components "
+                  "(26-connectivity); n/a = undefined (empty mask or bin).\n\n")
+        (tmp / "results.md").write_text(header + markdown_table(rows, summary))
+    log.info("report written to %s", out_dir)
+    return EvalResult(out_dir, rows, summary)
+
+

@@ -1,0 +1,74 @@
+"""Evaluate a trained model on a split (DESIGN.md section 4).
+
+    python test.py --dataset 3D-IRCADb --backbone unet [--model_path FILE] [--split test]
+                   [--eval_roi liver|none] [--tta] [--overlap 0.5] [--img_size H W]
+                   [--save_pred h5|nifti] [--figures] [--device auto] [--output DIR] [--overwrite]
+
+The model is rebuilt from its checkpoint alone (networks.checkpoint.load_model); by default
+the newest ``best_model.pth`` under ``checkpoint/<dataset>/<backbone>/``. Every case of
+``<list_dir>/<dataset>/vol_<split>.txt`` is predicted at the stored grid
+(inference.predict_volume), thresholded at 0.5 and scored (evaluation.metrics.evaluate_case).
+Reports go to one folder (default ``<run folder>/eval_<split>[_roi-liver][_tta]``), written
+as a whole when every case is done: per_case.csv, summary.json, results.md, and optionally
+predictions/ and figures/. An existing complete report is kept (pass --overwrite).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from evaluation.predictions import PRED_FORMATS
+from evaluation.reports import console_table
+from evaluation.runner import ROI_CHOICES, run_evaluation
+from utils.logging_setup import setup_logging
+
+log = logging.getLogger("test")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--root_path", default="data")
+    p.add_argument("--list_dir", default="list")
+    p.add_argument("--backbone", default=None, help="registry name; must match the checkpoint's")
+    p.add_argument("--model_path", default=None, help="default: newest best_model.pth under checkpoint/<dataset>/<backbone>/")
+    p.add_argument("--checkpoint_root", default="checkpoint")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (3-D)")
+    p.add_argument("--tta", action="store_true", help="average over flips")
+    p.add_argument("--img_size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="2-D input size (default: the checkpoint's)")
+    p.add_argument("--eval_roi", choices=ROI_CHOICES, default="none", help="score only inside the liver mask")
+    p.add_argument("--save_pred", choices=PRED_FORMATS, default=None)
+    p.add_argument("--pred_kind", choices=("prob", "mask"), default="prob", help="what --save_pred writes")
+    p.add_argument("--figures", action="store_true", help="PNG overlays and MIPs per case")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass")
+    p.add_argument("--output", default=None, help="report folder (default: eval_<split>... in the run folder)")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        res = run_evaluation(
+            dataset=args.dataset, backbone=args.backbone, root_path=args.root_path, list_dir=args.list_dir,
+            model_path=args.model_path, checkpoint_root=args.checkpoint_root, split=args.split,
+            overlap=args.overlap, tta=args.tta, img_size=args.img_size, eval_roi=args.eval_roi,
+            save_pred=args.save_pred, pred_kind=args.pred_kind, figures=args.figures, device=args.device,
+            batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        log.error("%s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return 1
+    print(console_table(res.rows, res.summary))
+    print(f"report: {res.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
