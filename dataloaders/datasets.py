@@ -1,0 +1,259 @@
+"""Training and validation datasets over the project's HDF5 layout (DESIGN.md section 2).
+
+Every item is a dict of tensors:
+    ``input``  (C, H, W) or (C, h, w, d) float32: dataloaders.inputs.model_input(image, S, mode)
+    ``image``  (1, ...) the raw image G in [0, 1] (for the TensorBoard grid)
+    ``label``  (1, ...) float32 {0, 1}
+C is 3 for ``--salience offline`` ((1 + S_i) * G) and 1 for ``none`` / ``e2e``.
+
+- :class:`SliceDataSet`: the seed's 2-D training set, one ``slice_data/<case>_sliceNNNN.h5``
+  per item (``image``, ``label``, and ``salience`` (3, H, W) when present; a slice file
+  without salience, as in the authors' release, takes its salience from
+  ``vol_salience/<case>.h5`` at index NNNN).
+- :class:`VolumeDataSet`: whole cases from ``vol_data`` (+ ``vol_salience``), for validation
+  and as the source of 3-D patches.
+- :class:`PatchDataSet`: random 3-D patches; a fixed fraction (default a third, as nnU-Net
+  oversamples foreground) centred on a random vessel voxel.
+
+Random augmentation draws from ``numpy.random.default_rng((seed, epoch, index))``: the
+same item gets the same augmentation in every run, whatever the number of workers or
+processes (call ``set_epoch`` each epoch).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dataloaders.inputs import input_channels, model_input
+from dataloaders.transforms import intensity_jitter, resize_2d, rot_flip
+from utils.h5io import DatasetPaths, read_list, read_salience, read_volume
+
+_SLICE_RE = re.compile(r"^(?P<case>.+)_slice(?P<z>\d+)$")
+_RUN_SALIENCE = "run salience_generation.py --dataset {dataset} first"
+
+
+def _no_salience(path: Path, dataset: str) -> ValueError:
+    return ValueError(f"{path}: no salience map for --salience offline; {_RUN_SALIENCE.format(dataset=dataset)}")
+
+
+class _Augmenting(Dataset):
+    def __init__(self, salience_mode: str, augment: bool, jitter: bool, seed: int) -> None:
+        input_channels(salience_mode)
+        self.salience_mode = salience_mode
+        self.augment = augment
+        self.jitter = jitter
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, self.epoch, int(index)))
+
+    def _augment(self, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray],
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        # the seed applied rot/flip to half of the samples
+        if self.augment and rng.random() < 0.5:
+            image, label, sal = rot_flip(image, label, sal, rng)
+        if self.jitter:
+            image = intensity_jitter(image, rng)
+        return image, label, sal
+
+    def _item(self, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray]) -> dict:
+        x = model_input(image, sal if self.salience_mode == "offline" else None, self.salience_mode)
+        return {
+            "input": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+            "label": torch.from_numpy((label > 0).astype(np.float32))[None],
+        }
+
+
+class SliceDataSet(_Augmenting):
+    """2-D slices listed in ``<list_dir>/<dataset>/<list_name>.txt`` (the seed's training set).
+
+    ``img_size`` (H', W'): resize to it (bilinear input, nearest label) unless equal to the
+    stored size. Output ``input`` (C, H', W'), ``label`` (1, H', W').
+    """
+
+    def __init__(self, paths: DatasetPaths, salience_mode: str, img_size: Optional[Sequence[int]] = None,
+                 list_name: str = "slice_train", augment: bool = True, jitter: bool = False, seed: int = 0) -> None:
+        super().__init__(salience_mode, augment, jitter, seed)
+        self.paths = paths
+        self.img_size = None if img_size is None else (int(img_size[0]), int(img_size[1]))
+        self.names = read_list(paths.list_file(list_name))
+        if not self.names:
+            raise ValueError(f"{paths.list_file(list_name)}: list is empty")
+        first = paths.slice(self.names[0])
+        if not first.is_file():
+            raise FileNotFoundError(f"{first}: slice file not found (listed in {paths.list_file(list_name)}; "
+                                    f"run preprocess.py)")
+        if salience_mode == "offline":
+            self._salience_path(self.names[0], first)  # fail now, not in a worker
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _salience_path(self, name: str, slice_path: Path) -> Optional[Path]:
+        """None if the slice file holds its salience, else the volume salience file to read from."""
+        with h5py.File(slice_path, "r") as f:
+            if "salience" in f:
+                return None
+        m = _SLICE_RE.match(name)
+        vol = self.paths.salience(m.group("case")) if m else None
+        if vol is None or not vol.is_file():
+            raise _no_salience(slice_path, self.paths.root.name)
+        return vol
+
+    def __getitem__(self, index: int) -> dict:
+        name = self.names[index]
+        path = self.paths.slice(name)
+        try:
+            with h5py.File(path, "r") as f:
+                image = f["image"][()].astype(np.float32)
+                label = f["label"][()]
+                sal = f["salience"][()].astype(np.float32) if "salience" in f else None
+        except (OSError, KeyError) as e:
+            raise ValueError(f"{path}: unreadable slice file ({e})") from None
+        if image.ndim != 2 or label.shape != image.shape:
+            raise ValueError(f"{path}: image/label must be (H, W) of one shape, got {image.shape} / {label.shape}")
+        if self.salience_mode == "offline" and sal is None:
+            vol = self._salience_path(name, path)
+            z = int(_SLICE_RE.match(name).group("z"))
+            with h5py.File(vol, "r") as f:
+                sal = f["salience"][:, :, :, z].astype(np.float32)
+        item_rng = self._rng(index)
+        image, label, sal = self._augment(image, label, sal, item_rng)
+        item = self._item(image, label, sal)
+        if self.img_size is not None:
+            x = torch.cat([item["input"], item["image"]]).numpy()
+            x, lab = resize_2d(x, item["label"][0].numpy(), self.img_size)
+            c = item["input"].shape[0]
+            item = {"input": torch.from_numpy(x[:c].copy()), "image": torch.from_numpy(x[c:].copy()),
+                    "label": torch.from_numpy(lab)[None]}
+        return item
+
+
+@dataclass
+class CaseData:
+    """One case: image (H, W, D) float32, label (H, W, D) uint8, salience (3, H, W, D) or None."""
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray
+    salience: Optional[np.ndarray]
+    spacing: tuple[float, float, float]
+    liver: Optional[np.ndarray] = None
+
+
+class VolumeDataSet(Dataset):
+    """Cases of ``vol_<split>`` with their salience (read when ``salience_mode`` is offline).
+
+    Volumes are read once and kept in memory (``cache``), so loader workers forked later
+    share them instead of re-reading compressed HDF5 for every patch. Items are
+    :class:`CaseData`.
+    """
+
+    def __init__(self, paths: DatasetPaths, split: str, salience_mode: str, cache: bool = True) -> None:
+        input_channels(salience_mode)
+        self.paths = paths
+        self.salience_mode = salience_mode
+        self.names = read_list(paths.list_file(f"vol_{split}"))
+        if not self.names:
+            raise ValueError(f"{paths.list_file(f'vol_{split}')}: list is empty")
+        for name in self.names:
+            if not paths.volume(name).is_file():
+                raise FileNotFoundError(f"{paths.volume(name)}: volume file not found (run preprocess.py)")
+            if salience_mode == "offline" and not paths.salience(name).is_file():
+                raise _no_salience(paths.salience(name), paths.root.name)
+        self._cache: dict[int, CaseData] = {}
+        self.cache = cache
+        if cache:
+            for i in range(len(self.names)):
+                self._cache[i] = self._read(i)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _read(self, index: int) -> CaseData:
+        name = self.names[index]
+        vol = read_volume(self.paths.volume(name))
+        sal = None
+        if self.salience_mode == "offline":
+            sal = read_salience(self.paths.salience(name))
+            if sal.shape[1:] != vol.image.shape:
+                raise ValueError(f"{self.paths.salience(name)}: salience shape {sal.shape} does not match "
+                                 f"image {vol.image.shape} of {self.paths.volume(name)}")
+        return CaseData(name, vol.image, vol.label, sal, vol.spacing, vol.liver)
+
+    def __getitem__(self, index: int) -> CaseData:
+        return self._cache[index] if self.cache else self._read(index)
+
+
+class PatchDataSet(_Augmenting):
+    """Random 3-D patches (h, w, d) from a :class:`VolumeDataSet`.
+
+    ``samples_per_epoch`` items per epoch; item i is centred on a random vessel voxel when
+    floor((i + 1) f) > floor(i f) (exactly a fraction f = ``fg_fraction`` of the items, as
+    nnU-Net oversamples foreground), on a uniformly random voxel otherwise. Volumes smaller
+    than the patch are zero-padded. Output ``input`` (C, h, w, d), ``label`` (1, h, w, d).
+    """
+
+    def __init__(self, volumes: VolumeDataSet, patch_size: Sequence[int], samples_per_epoch: int,
+                 fg_fraction: float = 1 / 3, augment: bool = True, jitter: bool = False, seed: int = 0,
+                 max_fg_points: int = 20000) -> None:
+        super().__init__(volumes.salience_mode, augment, jitter, seed)
+        if len(patch_size) != 3 or min(patch_size) < 1:
+            raise ValueError(f"patch_size must be 3 positive ints (h, w, d), got {patch_size}")
+        if not 0 <= fg_fraction <= 1:
+            raise ValueError(f"fg_fraction must be in [0, 1], got {fg_fraction}")
+        self.volumes = volumes
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.samples_per_epoch = int(samples_per_epoch)
+        self.fg_fraction = float(fg_fraction)
+        # vessel voxel coordinates per case, subsampled: a sample of a few thousand centres is
+        # as good as all of them and keeps memory flat for large volumes
+        rng = np.random.default_rng(seed)
+        self.fg_points = []
+        for i in range(len(volumes)):
+            pts = np.argwhere(volumes[i].label > 0)
+            if len(pts) > max_fg_points:
+                pts = pts[rng.choice(len(pts), max_fg_points, replace=False)]
+            self.fg_points.append(pts)
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def is_foreground_item(self, index: int) -> bool:
+        f = self.fg_fraction
+        return int(np.floor((index + 1) * f + 1e-9)) > int(np.floor(index * f + 1e-9))
+
+    def _crop(self, arr: np.ndarray, start: Sequence[int]) -> np.ndarray:
+        lead = arr.ndim - 3
+        sl = tuple(slice(None) for _ in range(lead)) + tuple(slice(s, s + p) for s, p in zip(start, self.patch_size))
+        out = arr[sl]
+        pad = [(0, 0)] * lead + [(0, p - n) for p, n in zip(self.patch_size, out.shape[lead:])]
+        return np.pad(out, pad) if any(b for _, b in pad) else np.array(out)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = self._rng(index)
+        ci = int(rng.integers(len(self.volumes)))
+        case = self.volumes[ci]
+        shape = case.image.shape
+        pts = self.fg_points[ci]
+        if self.is_foreground_item(index) and len(pts):
+            centre = pts[int(rng.integers(len(pts)))]
+        else:
+            centre = np.array([rng.integers(s) for s in shape])
+        start = [int(np.clip(c - p // 2, 0, max(0, s - p))) for c, p, s in zip(centre, self.patch_size, shape)]
+        image, label = self._crop(case.image, start), self._crop(case.label, start)
+        sal = self._crop(case.salience, start) if case.salience is not None else None
+        image, label, sal = self._augment(image, label, sal, rng)
+        return self._item(image, label, sal)

@@ -1,0 +1,100 @@
+"""Train a vessel segmentation network (the seed's command line, kept).
+
+    python main.py --dataset 3D-IRCADb --backbone unet [--salience offline|e2e|none]
+    torchrun --nproc_per_node N main.py ...          # data-parallel (DDP)
+
+Runs on CUDA when present (AMP), else on the CPU. All the work is trainer.train();
+this file only parses arguments. See trainer.py for the run folder layout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence
+
+from trainer import TrainConfig, TrainingError, train
+from utils.logging_setup import setup_logging
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes"):
+        return True
+    if v.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 0/1, got {v!r}")
+
+
+def _kwargs(v: str) -> dict:
+    try:
+        d = json.loads(v)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--model_kwargs must be a JSON object ({e})") from None
+    if not isinstance(d, dict):
+        raise argparse.ArgumentTypeError("--model_kwargs must be a JSON object, e.g. '{\"base_channels\": 32}'")
+    return d
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(dataset="")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help="dataset name: data at <root_path>/<dataset>")
+    p.add_argument("--root_path", default=d.root_path)
+    p.add_argument("--list_dir", default=d.list_dir)
+    p.add_argument("--backbone", default=d.backbone,
+                   help="registry name (unet, unet3d, attention_unet, unetpp, monai:<Class>)")
+    p.add_argument("--model_kwargs", type=_kwargs, default={}, help="JSON object of backbone arguments")
+    p.add_argument("--salience", default=d.salience, choices=("offline", "e2e", "none"))
+    p.add_argument("--head", default=None, help="e2e: initialise the salience head from this file")
+    p.add_argument("--output_root", default=d.output_root)
+    p.add_argument("--exp", default=None, help="experiment name (run sub-folder); default: the salience mode")
+    p.add_argument("--max_epochs", type=int, default=d.max_epochs)
+    p.add_argument("--batch_size", type=int, default=d.batch_size)
+    p.add_argument("--base_lr", type=float, default=d.base_lr)
+    p.add_argument("--optimizer", default=d.optimizer, choices=("sgd", "adamw"))
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight_decay", type=float, default=d.weight_decay)
+    p.add_argument("--poly_power", type=float, default=d.poly_power)
+    p.add_argument("--loss", default=d.loss, help="bce, dice, cldice or a '+' sum, e.g. bce+dice")
+    p.add_argument("--cldice_iterations", type=int, default=d.cldice_iterations)
+    p.add_argument("--clip_grad", type=float, default=d.clip_grad, help="max gradient norm (0: off)")
+    p.add_argument("--img_size", type=int, nargs=2, default=list(d.img_size), metavar=("H", "W"),
+                   help="2-D input size; equal to the stored size means no resizing")
+    p.add_argument("--patch_size", type=int, nargs=3, default=list(d.patch_size), metavar=("H", "W", "D"))
+    p.add_argument("--patches_per_epoch", type=int, default=d.patches_per_epoch)
+    p.add_argument("--fg_fraction", type=float, default=d.fg_fraction)
+    p.add_argument("--augment", type=_bool, default=d.augment)
+    p.add_argument("--intensity_jitter", type=_bool, default=d.intensity_jitter)
+    p.add_argument("--max_iterations", type=int, default=None, help="stop after this many iterations in all")
+    p.add_argument("--max_minutes", type=float, default=None, help="stop after this wall time (minutes)")
+    p.add_argument("--stop_after_epochs", type=int, default=None,
+                   help="stop after this many epochs in this run, keeping the --max_epochs schedule")
+    p.add_argument("--val_every", type=int, default=d.val_every, help="validate every N iterations (0: each epoch)")
+    p.add_argument("--val_batch_size", type=int, default=d.val_batch_size)
+    p.add_argument("--val_overlap", type=float, default=d.val_overlap)
+    p.add_argument("--num_workers", type=int, default=d.num_workers)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--deterministic", type=_bool, default=d.deterministic)
+    p.add_argument("--amp", type=_bool, default=d.amp, help="mixed precision on CUDA (bf16, else fp16)")
+    p.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu"))
+    p.add_argument("--resume", action="store_true", help="continue from last.pth in the run folder")
+    p.add_argument("--overwrite", action="store_true", help="start again in a run folder that has checkpoints")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.INFO)
+    try:
+        result = train(TrainConfig(**vars(args)))
+    except (ValueError, FileNotFoundError, FileExistsError, TrainingError) as e:
+        logging.getLogger("main").error("%s", e)
+        return 1
+    if result.main:
+        print(f"best val Dice {result.best_metric:.4f}; checkpoints in {result.run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

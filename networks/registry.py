@@ -1,0 +1,235 @@
+"""Backbone registry: one name -> one segmentation network.
+
+``build_model(name, in_channels, out_channels, **kw)`` returns an ``nn.Module`` that maps
+(B, in_channels, H, W) -> logits (B, out_channels, H, W) for 2-D backbones and
+(B, in_channels, H, W, D) -> (B, out_channels, H, W, D) for 3-D ones.
+
+Names:
+- ``unet``            the seed's 2-D U-Net (networks.unet.UNet), ``base_channels`` default 64.
+- ``unet3d``          the same U-Net in 3-D, ``base_channels`` default 16.
+- ``attention_unet``  2-D Attention U-Net (MONAI ``AttentionUnet``).
+- ``unetpp``          2-D UNet++ (MONAI ``BasicUNetPlusPlus``; its list output is reduced to
+                      the full-resolution head).
+- ``monai:<Class>``   any network of ``monai.networks.nets`` through one adapter
+                      (:class:`MonaiAdapter`); ``spatial_dims`` is a keyword (default 3).
+                      ``list_models()`` lists the ones this project tests.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from networks.unet import UNet
+
+MONAI_PREFIX = "monai:"
+# MONAI networks the test-suite builds and trains at tiny sizes
+TESTED_MONAI = ("AttentionUnet", "BasicUNet", "BasicUNetPlusPlus", "SegResNet", "SwinUNETR", "UNet")
+# Input sizes these networks need to be multiples of (their total down-sampling); the
+# adapter zero-pads up to it and crops the logits back, so any patch or slice size works.
+_DIVISOR = {
+    "SwinUNETR": 32,
+    "BasicUNet": 16,
+    "BasicUNetPlusPlus": 16,
+    "SegResNet": 8,
+}
+MONAI_DEFAULT_SPATIAL_DIMS = 3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    builder: Callable[..., nn.Module]
+    spatial_dims: int
+    doc: str
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, spatial_dims: int) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``builder(in_channels, out_channels, **kw) -> nn.Module`` as ``name``."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if name.startswith(MONAI_PREFIX):
+        raise ValueError(f"names starting with {MONAI_PREFIX!r} are reserved for the MONAI adapter")
+
+    def deco(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} registered twice")
+        _REGISTRY[name] = ModelSpec(name, builder, spatial_dims, (builder.__doc__ or "").strip().split("\n")[0])
+        return builder
+
+    return deco
+
+
+def list_models() -> list[str]:
+    """Registered names, then the tested ``monai:<Class>`` names (any other MONAI class also builds)."""
+    return sorted(_REGISTRY) + [MONAI_PREFIX + c for c in TESTED_MONAI]
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown backbone {name!r}; valid: {', '.join(list_models())} (or any monai:<Class>)")
+
+
+def _monai_class(name: str) -> type:
+    import monai.networks.nets as nets
+
+    cls_name = name[len(MONAI_PREFIX):]
+    cls = getattr(nets, cls_name, None)
+    if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
+        raise _unknown(name)
+    return cls
+
+
+def spatial_dims_of(name: str, **kw: Any) -> int:
+    """2 or 3: the dimensionality the backbone ``name`` (built with ``kw``) works in."""
+    if name.startswith(MONAI_PREFIX):
+        _monai_class(name)
+        dims = int(kw.get("spatial_dims", MONAI_DEFAULT_SPATIAL_DIMS))
+        if dims not in (2, 3):
+            raise ValueError(f"{name}: spatial_dims must be 2 or 3, got {dims}")
+        return dims
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    return _REGISTRY[name].spatial_dims
+
+
+def build_model(name: str, in_channels: int, out_channels: int, **kw: Any) -> nn.Module:
+    """Build backbone ``name``; unknown names raise ``ValueError`` listing the valid ones."""
+    if in_channels < 1 or out_channels < 1:
+        raise ValueError(f"in_channels and out_channels must be >= 1, got {in_channels}, {out_channels}")
+    if name.startswith(MONAI_PREFIX):
+        return MonaiAdapter(name[len(MONAI_PREFIX):], in_channels, out_channels, **kw)
+    if name not in _REGISTRY:
+        raise _unknown(name)
+    try:
+        return _REGISTRY[name].builder(in_channels, out_channels, **kw)
+    except TypeError as e:
+        raise ValueError(f"backbone {name!r}: bad keyword arguments {sorted(kw)} ({e})") from None
+
+
+class PadToMultiple(nn.Module):
+    """Zero-pad the spatial axes of the input up to a multiple of ``divisor``; crop the output back.
+
+    Input (B, C, *spatial), output of ``net`` (B, C', *padded) -> (B, C', *spatial). Zero is
+    the value outside the body after the [0, 400] HU window, so padding adds no edges.
+    """
+
+    def __init__(self, net: nn.Module, divisor: int) -> None:
+        super().__init__()
+        self.net = net
+        self.divisor = int(divisor)
+        self.average_outputs = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = x.shape[2:]
+        pad: list[int] = []
+        for s in reversed(spatial):
+            pad += [0, (-s) % self.divisor]
+        y = self.net(F.pad(x, pad) if any(pad) else x)
+        if isinstance(y, (list, tuple)):
+            # UNet++ with deep supervision: average its full-resolution heads (the paper's
+            # ensemble); other tuple outputs (e.g. SegResNetVAE's (logits, loss)): the logits
+            y = torch.stack(list(y)).mean(0) if self.average_outputs else y[0]
+        if any(pad):
+            y = y[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
+        return y
+
+
+class MonaiAdapter(PadToMultiple):
+    """Any ``monai.networks.nets.<cls_name>`` behind the registry's calling convention.
+
+    Handles the argument spellings MONAI uses (``in_channels``/``in_chns``,
+    ``out_channels``/``out_chns``, ``spatial_dims``/``dimensions``) and supplies defaults
+    where a class has required arguments without one (``UNet``/``AttentionUnet``:
+    channels (16, 32, 64, 128, 256), strides (2, 2, 2, 2)). ``spatial_dims`` defaults to 3.
+    """
+
+    def __init__(self, cls_name: str, in_channels: int, out_channels: int, **kw: Any) -> None:
+        name = MONAI_PREFIX + cls_name
+        cls = _monai_class(name)
+        dims = spatial_dims_of(name, **kw)
+        kw = dict(kw)
+        kw.pop("spatial_dims", None)
+        params = inspect.signature(cls.__init__).parameters
+        args: dict[str, Any] = {}
+        for keys, value in ((("in_channels", "in_chns"), in_channels), (("out_channels", "out_chns"), out_channels),
+                            (("spatial_dims", "dimensions"), dims)):
+            key = next((k for k in keys if k in params), None)
+            if key is None:
+                raise ValueError(f"{name}: cannot adapt, its constructor has none of {keys}")
+            args[key] = value
+        if cls_name in ("UNet", "AttentionUnet"):
+            kw.setdefault("channels", (16, 32, 64, 128, 256))
+            kw.setdefault("strides", (2, 2, 2, 2))
+        unknown = [k for k in kw if k not in params and not _has_var_kw(params)]
+        if unknown:
+            raise ValueError(f"{name}: unknown keyword arguments {unknown}")
+        try:
+            net = cls(**args, **kw)
+        except TypeError as e:
+            raise ValueError(f"{name}: cannot build with {sorted(kw)} ({e})") from None
+        divisor = _DIVISOR.get(cls_name)
+        if divisor is None:
+            strides = kw.get("strides")
+            divisor = _stride_product(strides) if strides is not None else 16
+        super().__init__(net, divisor)
+        if cls_name == "BasicUNetPlusPlus":
+            if kw.get("deep_supervision", False):
+                self.average_outputs = True
+            else:
+                # without deep supervision MONAI computes but discards heads 0_1..0_3: drop
+                # their weights, which would never receive a gradient
+                for i in (1, 2, 3):
+                    setattr(net, f"final_conv_0_{i}", nn.Identity())
+        self.spatial_dims = dims
+        self.cls_name = cls_name
+
+
+def _stride_product(strides: Any) -> int:
+    """Total down-sampling of a ``strides`` list (ints or per-axis sequences: the largest axis)."""
+    total = 1
+    for st in strides:
+        total *= max(st) if isinstance(st, (list, tuple)) else int(st)
+    return total
+
+
+def _has_var_kw(params: Any) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+# --------------------------------------------------------------------------- registered backbones
+
+
+@register("unet", spatial_dims=2)
+def _unet(in_channels: int, out_channels: int, base_channels: int = 64, depth: int = 4) -> nn.Module:
+    """The seed's 2-D U-Net (base_channels 64 as in the seed; smaller for CPU runs)."""
+    return UNet(in_channels, out_channels, base_channels=base_channels, depth=depth, spatial_dims=2)
+
+
+@register("unet3d", spatial_dims=3)
+def _unet3d(in_channels: int, out_channels: int, base_channels: int = 16, depth: int = 4) -> nn.Module:
+    """3-D U-Net, the seed's architecture with 3-D convolutions (patches of 64^3 or more)."""
+    return UNet(in_channels, out_channels, base_channels=base_channels, depth=depth, spatial_dims=3)
+
+
+@register("attention_unet", spatial_dims=2)
+def _attention_unet(
+    in_channels: int, out_channels: int, channels: Optional[tuple[int, ...]] = None, dropout: float = 0.0
+) -> nn.Module:
+    """2-D Attention U-Net (Oktay et al. 2018; MONAI AttentionUnet), channels default (32..512)."""
+    channels = tuple(channels or (32, 64, 128, 256, 512))
+    return MonaiAdapter("AttentionUnet", in_channels, out_channels, spatial_dims=2, channels=channels,
+                        strides=(2,) * (len(channels) - 1), dropout=dropout)
+
+
+@register("unetpp", spatial_dims=2)
+def _unetpp(in_channels: int, out_channels: int, features: Optional[tuple[int, ...]] = None) -> nn.Module:
+    """2-D UNet++ (Zhou et al. 2018; MONAI BasicUNetPlusPlus), full-resolution head only."""
+    features = tuple(features or (32, 32, 64, 128, 256, 32))
+    return MonaiAdapter("BasicUNetPlusPlus", in_channels, out_channels, spatial_dims=2, features=features)
