@@ -1,0 +1,694 @@
+"""Connectivity-aware salience (DESIGN.md sections 1 and 1b).
+
+Pieces, in the order the method uses them:
+
+- :func:`square_wave_bank`: the 60 fused oriented square-wave kernels, (60, 1, 11, 11),
+  sizes k in {3, 5, 7, 9, 11} (major), orientations theta_i = i pi / 12 (minor).
+- :class:`SalienceHead`: Conv 60->30 3x3, ReLU, Conv 30->30 3x3, ReLU, Conv 30->1 1x1,
+  Sigmoid; state-dict keys ``out_conv.{0,2,4}.*``. :func:`load_head` reads it.
+- :class:`SeedFPN`: the seed's released offline generator (section 1b); loads the
+  authors' ``dice_best_Wavelet_square_net_vessel_data_size512.pth`` with ``strict=True``.
+- Offline generators with one call convention (:class:`BankGenerator`,
+  :class:`FPNGenerator`, :class:`AnalyticGenerator`), driven by :func:`salience_2d`
+  (a batch of planes) and :func:`salience_3d` (a volume, three plane orientations).
+- :class:`ResidualGate` (G + G * S) and :class:`SalienceModule`, the ``e2e`` module
+  that sits inside a network (bank a fixed buffer, ``.head`` trainable).
+
+Reference padding semantics. The authors filtered every plane inside a larger zero
+canvas and cropped. Both networks have a receptive radius of 7 pixels, so a plane
+zero-padded by 7 and filtered with *valid* convolutions gives exactly their values
+(their layers see no canvas edge inside that radius; biases turn the zero margin into
+a constant field, which the valid computation reproduces because it is computed from
+the padded zeros). The generators here work that way, after folding every affine
+prefix of the network (bank + first head conv; the nine fpn blocks + first up-conv +
+BatchNorm) into one convolution, which is exact on the plane and 2.5x (bank) to 75x
+(fpn) fewer operations than the layer-by-layer computation.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+BANK_SIZES: tuple[int, ...] = (3, 5, 7, 9, 11)
+BANK_ORIENTATIONS = 12
+SERIES_TERMS = 30
+BANK_CHANNELS = len(BANK_SIZES) * BANK_ORIENTATIONS  # 60
+KERNEL_SIZE = max(BANK_SIZES)  # 11
+#: receptive radius of bank + head and of the seed's fpn, in pixels
+RECEPTIVE_RADIUS = 7
+#: zeros added around each plane by the reference semantics (DESIGN.md: at least 8)
+REFERENCE_MARGIN = 8
+HEAD_FORMAT = "livervessel-salience-v1"
+GENERATORS = ("bank", "fpn", "analytic")
+DEFAULT_MAX_BATCH_VOXELS = 1 << 21
+_STD_RTOL = 1e-5
+
+# Seed fpn blocks: (sigma, lambda, kernel k, dilation, padding), DESIGN.md section 1b.
+FPN_BLOCKS: tuple[tuple[float, float, int, int, int], ...] = (
+    (5, 5, 5, 1, 2),
+    (5, 2.5, 5, 1, 2),
+    (5, 7.5, 5, 1, 2),
+    (3, 3, 3, 1, 1),
+    (3, 1.5, 3, 1, 1),
+    (3, 6, 3, 1, 1),
+    (3, 3, 5, 1, 2),
+    (3, 3, 3, 2, 2),
+    (5, 10, 5, 2, 4),
+)
+
+
+# ----------------------------------------------------------------------------- kernels
+def square_wave(x: np.ndarray, parity: str, terms: int = SERIES_TERMS) -> np.ndarray:
+    """Truncated Fourier series of the unit square wave of angular frequency 1 at phase ``x``.
+
+    even: (4/pi) sum_j (-1)^j cos((2j+1) x) / (2j+1);  odd: (4/pi) sum_j sin((2j+1) x) / (2j+1).
+    """
+    j = np.arange(terms, dtype=np.float64).reshape((-1,) + (1,) * np.ndim(x))
+    n = 2 * j + 1
+    if parity == "even":
+        return 4 / math.pi * np.sum((-1.0) ** j * np.cos(n * x) / n, axis=0)
+    if parity == "odd":
+        return 4 / math.pi * np.sum(np.sin(n * x) / n, axis=0)
+    raise ValueError(f"parity must be 'even' or 'odd', got {parity!r}")
+
+
+def oriented_kernel(k: int, sigma: float, lam: float, theta: float, parity: str) -> np.ndarray:
+    """One oriented square-wave kernel (k, k) float64; index [row, col] <-> (v, u) = (row - c, col - c).
+
+    ``parity`` is ``even``, ``odd`` or ``sum`` (even + odd, the bank's fused kernel).
+    """
+    c = k // 2
+    v, u = np.meshgrid(np.arange(k) - c, np.arange(k) - c, indexing="ij")
+    x = u * math.cos(theta) + v * math.sin(theta)
+    y = -u * math.sin(theta) + v * math.cos(theta)
+    window = np.exp(-(x**2 + y**2) / (2 * sigma**2))
+    phase = 2 * math.pi / lam * x
+    if parity == "sum":
+        wave = square_wave(phase, "even") + square_wave(phase, "odd")
+    else:
+        wave = square_wave(phase, parity)
+    return window * wave
+
+
+def bank_orientations() -> np.ndarray:
+    """theta_i = i pi / 12, i = 0..11 (radians)."""
+    return np.arange(BANK_ORIENTATIONS) * math.pi / BANK_ORIENTATIONS
+
+
+def square_wave_bank(dtype: torch.dtype = torch.float32) -> Tensor:
+    """The 60 fused (even + odd) kernels, (60, 1, 11, 11), size-major then orientation.
+
+    Kernel of size k: sigma = k, lambda = k - 1, zero-padded to 11 x 11 and centred.
+    """
+    bank = np.zeros((BANK_CHANNELS, 1, KERNEL_SIZE, KERNEL_SIZE))
+    for s, k in enumerate(BANK_SIZES):
+        off = (KERNEL_SIZE - k) // 2
+        for i, theta in enumerate(bank_orientations()):
+            bank[s * BANK_ORIENTATIONS + i, 0, off : off + k, off : off + k] = oriented_kernel(
+                k, sigma=k, lam=k - 1, theta=theta, parity="sum"
+            )
+    return torch.from_numpy(bank).to(dtype)
+
+
+def bank_parameters() -> dict:
+    """Self-description of the bank, stored in head checkpoints."""
+    return {
+        "sizes": list(BANK_SIZES),
+        "orientations_rad": bank_orientations().tolist(),
+        "sigma": "k",
+        "lambda": "k - 1",
+        "series_terms": SERIES_TERMS,
+        "kernel": "W * (E + O), zero-padded to 11x11, size-major then orientation",
+    }
+
+
+def fpn_kernels(k: int, sigma: float, lam: float, parity: str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Fixed weights (12, 12, k, k) of one seed fpn block: Weight[o, c] = kernel of orientation o.
+
+    Orientation o is used at angle 2 * (30 o) degrees; each kernel is divided by the sum of
+    its positive entries.
+    """
+    if parity not in ("even", "odd"):
+        raise ValueError(f"parity must be 'even' or 'odd', got {parity!r}")
+    w = np.zeros((12, 12, k, k))
+    for o in range(12):
+        kern = oriented_kernel(k, sigma, lam, math.radians(2 * 30 * o), parity)
+        w[o, :] = kern / kern[kern > 0].sum()
+    return torch.from_numpy(w).to(dtype)
+
+
+# ----------------------------------------------------------------------------- head
+class SalienceHead(nn.Module):
+    """Bank responses (N, 60, H, W) -> salience (N, 1, H, W) in (0, 1). Same-size convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out_conv = nn.Sequential(
+            nn.Conv2d(BANK_CHANNELS, 30, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(30, 30, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(30, 1, 1),
+            nn.Sigmoid(),
+        )
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Pre-sigmoid output (N, 1, H, W), for numerically stable losses."""
+        for layer in list(self.out_conv)[:-1]:
+            x = layer(x)
+        return x
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != BANK_CHANNELS:
+            raise ValueError(f"SalienceHead expects (N, {BANK_CHANNELS}, H, W), got {tuple(x.shape)}")
+        return self.out_conv(x)
+
+
+_HEAD_KEY = re.compile(r"^(.*?)out_conv\.(0|2|4)\.(weight|bias)$")
+
+
+def _unwrap_state(obj: object, path: Path) -> dict:
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        return obj["state_dict"]
+    if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        return obj["model"]
+    if isinstance(obj, dict):
+        return obj
+    raise ValueError(f"{path}: not a state dict or checkpoint (got {type(obj).__name__})")
+
+
+def head_state_from(state: dict, source: str = "state dict") -> dict:
+    """The head's ``out_conv.*`` entries of ``state``, whatever prefix they sit under.
+
+    Accepts keys ``out_conv.*``, ``wavelet.out_conv.*``, ``salience.out_conv.*`` (the
+    authors' end-to-end checkpoints), ``salience.head.out_conv.*`` (ours), possibly
+    behind ``module.`` (DDP).
+    """
+    groups: dict[str, dict] = {}
+    for key, val in state.items():
+        m = _HEAD_KEY.match(key)
+        if m:
+            groups.setdefault(m.group(1), {})[f"out_conv.{m.group(2)}.{m.group(3)}"] = val
+    complete = {p: g for p, g in groups.items() if len(g) == 6}
+    if not complete:
+        raise ValueError(f"{source}: no salience head (keys out_conv.0/2/4.weight|bias) found")
+    if len(complete) > 1:
+        preferred = ["", "wavelet.", "salience.", "salience.head.", "head.", "module.salience.head."]
+        for p in preferred:
+            if p in complete:
+                return complete[p]
+        raise ValueError(f"{source}: several salience heads found (prefixes {sorted(complete)})")
+    return next(iter(complete.values()))
+
+
+def load_head(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SalienceHead:
+    """A :class:`SalienceHead` (eval mode) from our head checkpoint, a model checkpoint or a state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: head weights file not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a bad file
+        raise ValueError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and obj.get("generator") not in (None, "bank"):
+        raise ValueError(f"{path}: checkpoint is for generator {obj.get('generator')!r}, not a bank head")
+    head = SalienceHead()
+    head.load_state_dict(head_state_from(_unwrap_state(obj, path), str(path)), strict=True)
+    return head.eval()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- seed fpn
+class WaveletBlock(nn.Module):
+    """One block of the seed's fpn (section 1b): (N, 1, H, W) -> (N, 1, H, W)."""
+
+    def __init__(self, sigma: float, lam: float, k: int, dilation: int, padding: int) -> None:
+        super().__init__()
+        self.bias1 = nn.Conv2d(1, 6, 1, bias=True)
+        nn.init.ones_(self.bias1.weight)
+        self.bias2 = nn.Conv2d(6, 12, 1, groups=6, bias=True)
+        self.wavelet_conv_odd = nn.Conv2d(12, 12, k, dilation=dilation, padding=padding, bias=False)
+        self.wavelet_conv_even = nn.Conv2d(12, 12, k, dilation=dilation, padding=padding, bias=False)
+        with torch.no_grad():
+            self.wavelet_conv_odd.weight.copy_(fpn_kernels(k, sigma, lam, "odd"))
+            self.wavelet_conv_even.weight.copy_(fpn_kernels(k, sigma, lam, "even"))
+        self.wavelet_conv_odd.weight.requires_grad_(False)
+        self.wavelet_conv_even.weight.requires_grad_(False)
+        self.last_conv_odd = nn.Conv2d(12, 1, 1, bias=False)
+        self.last_conv_even = nn.Conv2d(12, 1, 1, bias=False)
+        self.last_conv = nn.Conv2d(2, 1, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.bias2(self.bias1(x))
+        odd = self.last_conv_odd(self.wavelet_conv_odd(t))
+        even = self.last_conv_even(self.wavelet_conv_even(t))
+        return self.last_conv(torch.cat([odd, even], dim=1))
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class SeedFPN(nn.Module):
+    """The seed's released generator (section 1b): standardised plane (N, 1, H, W) -> map (N, 1, H, W) >= 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for i, params in enumerate(FPN_BLOCKS, start=1):
+            setattr(self, f"wavelet_{i}", nn.Sequential(WaveletBlock(*params)))
+        self.up_conv = nn.Sequential(*_conv_bn_relu(9, 4), *_conv_bn_relu(4, 4), *_conv_bn_relu(4, 1))
+
+    def blocks(self) -> list[nn.Module]:
+        return [getattr(self, f"wavelet_{i}") for i in range(1, len(FPN_BLOCKS) + 1)]
+
+    def forward(self, x: Tensor, return_logit: bool = False) -> Tensor:
+        """``return_logit``: the last BatchNorm's output before the ReLU (used to fit with BCE)."""
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise ValueError(f"SeedFPN expects (N, 1, H, W), got {tuple(x.shape)}")
+        y = torch.cat([b(x) for b in self.blocks()], dim=1)
+        layers = list(self.up_conv)
+        for layer in layers[:-1]:
+            y = layer(y)
+        return y if return_logit else layers[-1](y)
+
+
+def load_fpn(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SeedFPN:
+    """A :class:`SeedFPN` (eval mode) from the authors' state dict or our fpn checkpoint, ``strict=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: fpn weights file not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a bad file
+        raise ValueError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and obj.get("generator") not in (None, "fpn"):
+        raise ValueError(f"{path}: checkpoint is for generator {obj.get('generator')!r}, not fpn")
+    state = _unwrap_state(obj, path)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    net = SeedFPN()
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ValueError(f"{path}: not the seed fpn's weights ({first})") from None
+    return net.eval()
+
+
+# ----------------------------------------------------------------------------- folding
+@torch.no_grad()
+def _affine_kernel(fn, radius: int, out_channels: int) -> tuple[Tensor, Tensor]:
+    """Kernel (C, 1, 2r+1, 2r+1) and bias (C,) of an affine map ``fn``: (1, 1, n, n) -> (1, C, n, n).
+
+    Read off impulse responses in float64 at the centre of a canvas wide enough that
+    the map's zero padding does not reach the centre: y[p] = sum_s K[s] x[p + s] + b,
+    so for x = delta at q, K[s] = y[q - s] - b.
+    """
+    n = 8 * radius + 9
+    q = n // 2
+    zero = torch.zeros(1, 1, n, n, dtype=torch.float64)
+    base = fn(zero)[0, :, q, q].clone()
+    delta = zero.clone()
+    delta[0, 0, q, q] = 1.0
+    resp = fn(delta)[0, :, q - radius : q + radius + 1, q - radius : q + radius + 1] - base[:, None, None]
+    if resp.shape[0] != out_channels:
+        raise ValueError(f"affine map gave {resp.shape[0]} channels, expected {out_channels}")
+    return resp.flip(-1, -2).unsqueeze(1).contiguous(), base
+
+
+def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Conv followed by eval-mode BatchNorm as one conv: weight, bias (float64)."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    w = conv.weight.double() * scale[:, None, None, None]
+    b = (conv.bias.double() - bn.running_mean.double()) * scale + bn.bias.double()
+    return w, b
+
+
+# ----------------------------------------------------------------------------- generators
+class _Generator:
+    """Common call of the offline generators.
+
+    ``margin`` is the receptive radius; ``__call__`` takes standardised planes already
+    zero-padded by ``margin`` on each side, (N, 1, H + 2m, W + 2m), and returns the raw
+    map (N, 1, H, W) with valid convolutions. ``finalize`` turns the raw (3, H, W, D)
+    map of a whole volume into the stored one (min-max normalised to [0, 1]).
+    """
+
+    name: str = ""
+    margin: int = RECEPTIVE_RADIUS
+    weights_sha256: str = ""
+
+    def __call__(self, padded: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def to(self, device: str | torch.device) -> "_Generator":
+        for key, val in vars(self).items():
+            if isinstance(val, Tensor):
+                setattr(self, key, val.to(device))  # .to keeps the memory format
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        for val in vars(self).values():
+            if isinstance(val, Tensor):
+                return val.device
+        return torch.device("cpu")
+
+    def flops_per_pixel(self) -> float:
+        """Multiply-adds x 2 executed per output pixel (ignoring the margin)."""
+        return 0.0
+
+    def finalize(self, raw: np.ndarray) -> np.ndarray:
+        return minmax(raw)
+
+
+class BankGenerator(_Generator):
+    """``bank``: fused bank + head, the bank folded into the head's first convolution."""
+
+    name = "bank"
+
+    def __init__(self, head: SalienceHead, weights_sha256: str = "") -> None:
+        head = head.eval()
+        bank = square_wave_bank(torch.float64)
+        c0, c2, c4 = head.out_conv[0], head.out_conv[2], head.out_conv[4]
+
+        def prefix(x: Tensor) -> Tensor:
+            r = F.conv2d(x, bank, padding=KERNEL_SIZE // 2)
+            return F.conv2d(r, c0.weight.double(), c0.bias.double(), padding=1)
+
+        w1, b1 = _affine_kernel(prefix, KERNEL_SIZE // 2 + 1, 30)
+        self.w1, self.b1 = w1.float(), b1.float()
+        # channels-last weights: oneDNN's fastest layout for the 30->30 convolution on CPU
+        cl = torch.channels_last
+        self.w2 = c2.weight.detach().float().contiguous(memory_format=cl)
+        self.b2 = c2.bias.detach().float().clone()
+        self.w3 = c4.weight.detach().float().contiguous(memory_format=cl)
+        self.b3 = c4.bias.detach().float().clone()
+        self.weights_sha256 = weights_sha256
+
+    def __call__(self, padded: Tensor) -> Tensor:
+        y = F.relu(F.conv2d(padded, self.w1, self.b1), inplace=True)
+        if y.device.type == "cpu":
+            y = y.contiguous(memory_format=torch.channels_last)
+        y = F.relu(F.conv2d(y, self.w2, self.b2), inplace=True)
+        return torch.sigmoid_(F.conv2d(y, self.w3, self.b3))
+
+    def flops_per_pixel(self) -> float:
+        return 2.0 * (self.w1.numel() + self.w2.numel() + self.w3.numel())
+
+
+class FPNGenerator(_Generator):
+    """``fpn``: the seed's network, nine blocks + first up-conv + BatchNorm folded into one 11x11 conv."""
+
+    name = "fpn"
+
+    def __init__(self, net: SeedFPN, weights_sha256: str = "") -> None:
+        net = net.eval()
+        up = list(net.up_conv)
+        blocks = net.blocks()
+
+        def prefix(x: Tensor) -> Tensor:
+            y = torch.cat([b.double()(x) for b in blocks], dim=1)
+            w, b = _fold_bn(up[0], up[1])
+            return F.conv2d(y, w, b, padding=1)
+
+        try:
+            w1, b1 = _affine_kernel(prefix, 5, 4)
+        finally:
+            net.float()
+        self.w1, self.b1 = w1.float(), b1.float()
+        w2, b2 = _fold_bn(up[3], up[4])
+        w3, b3 = _fold_bn(up[6], up[7])
+        self.w2, self.b2, self.w3, self.b3 = w2.float(), b2.float(), w3.float(), b3.float()
+        self.weights_sha256 = weights_sha256
+
+    def __call__(self, padded: Tensor) -> Tensor:
+        y = F.relu(F.conv2d(padded, self.w1, self.b1), inplace=True)
+        y = F.relu(F.conv2d(y, self.w2, self.b2), inplace=True)
+        return F.relu(F.conv2d(y, self.w3, self.b3), inplace=True)
+
+    def flops_per_pixel(self) -> float:
+        return 2.0 * (self.w1.numel() + self.w2.numel() + self.w3.numel())
+
+
+class AnalyticGenerator(_Generator):
+    """``analytic``: per size, max over orientations of the bank response, rectified, mean over sizes.
+
+    ``finalize`` divides by the volume's 99.9th percentile and clips to [0, 1].
+    """
+
+    name = "analytic"
+    margin = KERNEL_SIZE // 2
+    percentile = 99.9
+
+    def __init__(self) -> None:
+        self.bank = square_wave_bank()
+
+    def __call__(self, padded: Tensor) -> Tensor:
+        r = F.conv2d(padded, self.bank)
+        n, _, h, w = r.shape
+        r = r.view(n, len(BANK_SIZES), BANK_ORIENTATIONS, h, w).amax(dim=2).clamp_(min=0)
+        return r.mean(dim=1, keepdim=True)
+
+    def flops_per_pixel(self) -> float:
+        return 2.0 * self.bank.numel()
+
+    def finalize(self, raw: np.ndarray) -> np.ndarray:
+        flat = raw.reshape(-1)
+        k = int(round(self.percentile / 100 * (flat.size - 1)))
+        scale = float(np.partition(flat, k)[k]) if flat.size else 0.0
+        if scale <= 0:
+            return np.zeros_like(raw, dtype=np.float32)
+        return minmax(np.clip(raw / scale, 0.0, 1.0))
+
+
+def make_generator(kind: str, weights: Optional[str | os.PathLike] = None) -> _Generator:
+    """A generator by name; ``bank`` and ``fpn`` need a weights file, ``analytic`` none."""
+    if kind == "analytic":
+        return AnalyticGenerator()
+    if kind not in GENERATORS:
+        raise ValueError(f"unknown generator {kind!r}; valid: {', '.join(GENERATORS)}")
+    if weights is None:
+        raise ValueError(f"generator {kind!r} needs a weights file")
+    sha = file_sha256(weights) if Path(weights).is_file() else ""
+    if kind == "bank":
+        return BankGenerator(load_head(weights), sha)
+    return FPNGenerator(load_fpn(weights), sha)
+
+
+# ----------------------------------------------------------------------------- planes / volumes
+def minmax(a: np.ndarray) -> np.ndarray:
+    """Min-max normalise the whole array to [0, 1] (all zeros when constant), float32."""
+    a = np.asarray(a, dtype=np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if hi <= lo:
+        return np.zeros_like(a)
+    out = a - lo
+    out *= 1.0 / (hi - lo)
+    return out
+
+
+def standardise_planes(planes: Tensor) -> Tensor:
+    """Per plane g' = (g - mean) / std over g > 0, 0 elsewhere (population std); (N, 1, H, W).
+
+    A plane with no positive pixel, or a zero std (below 1e-5 of the mean: float32
+    rounding of a constant plane), becomes all zeros.
+    """
+    if planes.dim() != 4 or planes.shape[1] != 1:
+        raise ValueError(f"planes must be (N, 1, H, W), got {tuple(planes.shape)}")
+    x = planes.float()
+    pos = x > 0
+    n = pos.sum(dim=(1, 2, 3), keepdim=True).clamp_(min=1).float()
+    xp = torch.where(pos, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    mean = xp.sum(dim=(1, 2, 3), keepdim=True) / n
+    var = (torch.where(pos, x - mean, torch.zeros((), dtype=x.dtype, device=x.device)) ** 2).sum(
+        dim=(1, 2, 3), keepdim=True
+    ) / n
+    std = var.sqrt()
+    # a constant plane has std 0 up to float32 rounding of the mean; treat that as 0
+    ok = std > _STD_RTOL * mean.abs()
+    out = (x - mean) / torch.where(ok, std, torch.ones_like(std))
+    return torch.where(pos & ok, out, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _chunks(n: int, per: int) -> Iterator[slice]:
+    for s in range(0, n, per):
+        yield slice(s, min(n, s + per))
+
+
+def salience_2d(
+    planes: Tensor,
+    generator: _Generator,
+    *,
+    standardise: bool = True,
+    max_batch_voxels: int = DEFAULT_MAX_BATCH_VOXELS,
+) -> Tensor:
+    """Raw salience of a batch of planes: (N, 1, H, W) -> (N, 1, H, W) float32, on the generator's device.
+
+    Each plane is standardised (unless ``standardise=False``), zero-padded by the
+    generator's margin and filtered (reference padding semantics); planes are processed
+    in batches of at most ``max_batch_voxels`` pixels. The output is the generator's
+    raw map, before the volume-level normalisation of :func:`salience_3d`.
+    """
+    if planes.dim() != 4 or planes.shape[1] != 1:
+        raise ValueError(f"planes must be (N, 1, H, W), got {tuple(planes.shape)}")
+    n, _, h, w = planes.shape
+    m = generator.margin
+    per = max(1, max_batch_voxels // ((h + 2 * m) * (w + 2 * m)))
+    dev = generator.device
+    out = torch.empty((n, 1, h, w), dtype=torch.float32, device=dev)
+    with torch.inference_mode():
+        for sl in _chunks(n, per):
+            x = planes[sl].to(dev, torch.float32)
+            if standardise:
+                x = standardise_planes(x)
+            out[sl] = generator(F.pad(x, (m, m, m, m)))
+    return out
+
+
+def volume_planes(volume: Tensor, plane: str) -> Tensor:
+    """Planes of a (H, W, D) volume as (N, 1, rows, cols): transverse V[:, :, d] (H x W),
+    coronal V[h, :, :] (W x D), sagittal V[:, w, :] (H x D)."""
+    if plane == "transverse":
+        return volume.permute(2, 0, 1).unsqueeze(1)
+    if plane == "coronal":
+        return volume.unsqueeze(1)
+    if plane == "sagittal":
+        return volume.permute(1, 0, 2).unsqueeze(1)
+    raise ValueError(f"unknown plane {plane!r}")
+
+
+def planes_to_volume(planes: Tensor, plane: str) -> Tensor:
+    """Inverse of :func:`volume_planes`: (N, 1, rows, cols) -> (H, W, D)."""
+    p = planes[:, 0]
+    if plane == "transverse":
+        return p.permute(1, 2, 0)
+    if plane == "coronal":
+        return p
+    if plane == "sagittal":
+        return p.permute(1, 0, 2)
+    raise ValueError(f"unknown plane {plane!r}")
+
+
+PLANES = ("transverse", "coronal", "sagittal")
+
+
+def salience_3d(
+    volume: np.ndarray | Tensor,
+    generator: _Generator,
+    *,
+    device: str | torch.device = "cpu",
+    max_batch_voxels: int = DEFAULT_MAX_BATCH_VOXELS,
+    standardise: bool = True,
+    normalise: bool = True,
+) -> np.ndarray:
+    """Three-plane salience of a volume: (H, W, D) image in [0, 1] -> (3, H, W, D) float32 in [0, 1].
+
+    Channels (S_t, S_c, S_s) from every transverse V[:, :, d], coronal V[h, :, :] and
+    sagittal V[:, w, :] plane, then the generator's volume normalisation (min-max over
+    the whole array; ``analytic`` first divides by its 99.9th percentile).
+    ``normalise=False`` returns the raw generator maps (for comparisons and benchmarks).
+    """
+    vol = torch.as_tensor(np.asarray(volume, dtype=np.float32)) if not isinstance(volume, Tensor) else volume
+    if vol.dim() != 3:
+        raise ValueError(f"volume must be (H, W, D), got shape {tuple(vol.shape)}")
+    generator.to(device)
+    raw = np.empty((3,) + tuple(vol.shape), dtype=np.float32)
+    for i, plane in enumerate(PLANES):
+        planes = volume_planes(vol, plane)
+        s = salience_2d(planes, generator, standardise=standardise, max_batch_voxels=max_batch_voxels)
+        raw[i] = planes_to_volume(s, plane).cpu().numpy()
+    return generator.finalize(raw) if normalise else raw
+
+
+# ----------------------------------------------------------------------------- e2e
+class ResidualGate(nn.Module):
+    """G_i = G + G * S_i: image (B, 1, *sp) and salience (B, C, *sp) -> gated (B, C, *sp)."""
+
+    def forward(self, image: Tensor, salience: Tensor) -> Tensor:
+        if image.dim() != salience.dim() or image.shape[1] != 1 or image.shape[2:] != salience.shape[2:]:
+            raise ValueError(
+                f"ResidualGate needs image (B, 1, *sp) and salience (B, C, *sp), got {tuple(image.shape)} / "
+                f"{tuple(salience.shape)}"
+            )
+        return image + image * salience
+
+
+class SalienceModule(nn.Module):
+    """The ``e2e`` salience: bank (fixed, non-persistent buffer) + trainable ``.head``.
+
+    (B, 1, H, W) -> (B, 1, H, W), the plane itself; (B, 1, H, W, D) -> (B, 3, H, W, D),
+    the transverse (H x W), coronal (W x D) and sagittal (H x D) planes of the patch.
+    No per-plane standardisation; plain zero-padded convolutions (bank padding 5, head
+    padding 1). State-dict keys are ``head.out_conv.*`` only, so :func:`load_head` reads
+    the head back from a model checkpoint.
+    """
+
+    def __init__(self, head: Optional[SalienceHead] = None) -> None:
+        super().__init__()
+        self.register_buffer("bank", square_wave_bank(), persistent=False)
+        self.head = head if head is not None else SalienceHead()
+
+    @classmethod
+    def from_head_file(cls, path: str | os.PathLike) -> "SalienceModule":
+        return cls(load_head(path).train())
+
+    def planes(self, x: Tensor) -> Tensor:
+        """(N, 1, h, w) -> (N, 1, h, w) salience of independent planes."""
+        return self.head(F.conv2d(x, self.bank.to(x.dtype), padding=KERNEL_SIZE // 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and x.shape[1] == 1:
+            return self.planes(x)
+        if x.dim() != 5 or x.shape[1] != 1:
+            raise ValueError(f"SalienceModule expects (B, 1, H, W) or (B, 1, H, W, D), got {tuple(x.shape)}")
+        b, _, h, w, d = x.shape
+        v = x[:, 0]
+        t = self.planes(v.permute(0, 3, 1, 2).reshape(b * d, 1, h, w)).view(b, d, h, w).permute(0, 2, 3, 1)
+        c = self.planes(v.reshape(b * h, 1, w, d)).view(b, h, w, d)
+        s = self.planes(v.permute(0, 2, 1, 3).reshape(b * w, 1, h, d)).view(b, w, h, d).permute(0, 2, 1, 3)
+        return torch.stack([t, c, s], dim=1)
+
+
+def default_head_path() -> Path:
+    """The shipped bank head fitted on phantom training patients."""
+    return Path(__file__).resolve().parents[1] / "pretrained" / "bank_head_phantom.pth"
+
+
+__all__: Sequence[str] = (
+    "square_wave_bank",
+    "oriented_kernel",
+    "fpn_kernels",
+    "SalienceHead",
+    "load_head",
+    "SeedFPN",
+    "load_fpn",
+    "BankGenerator",
+    "FPNGenerator",
+    "AnalyticGenerator",
+    "make_generator",
+    "standardise_planes",
+    "salience_2d",
+    "salience_3d",
+    "ResidualGate",
+    "SalienceModule",
+    "default_head_path",
+)
