@@ -80,14 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, choices=("auto", "cuda", "cpu"))
     p.add_argument("--resume", action="store_true", help="continue from last.pth in the run folder")
     p.add_argument("--overwrite", action="store_true", help="start again in a run folder that has checkpoints")
+    p.add_argument("--print_run_dir", action="store_true",
+                   help="print the run folder these options give and exit (for scripts)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = vars(build_parser().parse_args(argv))
+    print_run_dir = args.pop("print_run_dir")
     setup_logging(logging.INFO)
     try:
-        result = train(TrainConfig(**vars(args)))
+        cfg = TrainConfig(**args)
+        if print_run_dir:
+            print(cfg.run_dir())
+            return 0
+        result = train(cfg)
     except (ValueError, FileNotFoundError, FileExistsError, TrainingError) as e:
         logging.getLogger("main").error("%s", e)
         return 1
