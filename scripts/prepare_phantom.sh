@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Stages 1-3 on phantom patients, shared by demo.sh and the ablation scripts:
+# 12 demo phantoms -> HDF5 (8 train / 2 val / 2 test) -> bank head fine-tuned on the
+# training split -> three-plane salience for every case. Complete stages are reused.
+#
+# Environment: DEMO_DATA (default data), DEMO_CKPT (default checkpoint),
+# DEMO_FIT_ITERS (head fine-tuning iterations, default 60), PY (default .venv/bin/python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${DEMO_DATA:-data}
+CKPT=${DEMO_CKPT:-checkpoint}
+RAW=$DATA/raw/phantom
+DATASET=phantom
+FIT_ITERS=${DEMO_FIT_ITERS:-60}
+HEAD=$CKPT/salience/$DATASET/bank_fit.pth
+T0=${T0:-$(date +%s)}
+step() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+
+step "1/5 phantom patients -> $RAW"
+if [ -f "$RAW/phantom_manifest.json" ]; then
+  echo "reusing $RAW (delete it to make new patients)"
+else
+  $PY make_phantoms.py --out "$RAW" --cases 12 --preset demo --seed 0 --workers 2 --overwrite
+fi
+
+step "2/5 preprocess -> $DATA/$DATASET (complete cases are skipped)"
+$PY preprocess.py --dataset $DATASET --src "$RAW" --root_path "$DATA" --workers 2
+
+step "3/5 salience: fine-tune the shipped bank head on the training split, then three-plane maps"
+if [ -f "$HEAD" ]; then
+  echo "reusing fitted head $HEAD"
+else
+  $PY salience_generation.py --dataset $DATASET --root_path "$DATA" --fit --fit_only \
+      --weights pretrained/bank_head_phantom.pth --iters "$FIT_ITERS" --seed 0 \
+      --checkpoint_dir "$CKPT/salience"
+fi
+$PY salience_generation.py --dataset $DATASET --root_path "$DATA" --generator bank --weights "$HEAD"
