@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Backbone ablation: unet, attention_unet, unetpp and unet3d, each without and with
+# (offline) salience, same budget and seed, then one comparison table.
+#
+#   bash scripts/ablation_backbones.sh                  # CPU, demo phantoms: 8 runs of 400 iterations (~45 min)
+#   ITERS=20000 FULL_SIZE=1 DATASET=3D-IRCADb bash scripts/ablation_backbones.sh   # a GPU box, real data
+#
+# Environment: ITERS (400), SEED (0), DATASET (phantom), FULL_SIZE (set: each backbone's
+# default width; unset: about 16 base channels each, for a CPU), BACKBONES (space-separated,
+# default "unet attention_unet unetpp unet3d"), MODES ("none offline").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${DEMO_DATA:-data}
+CKPT=${DEMO_CKPT:-checkpoint}
+DATASET=${DATASET:-phantom}
+ITERS=${ITERS:-400}
+SEED=${SEED:-0}
+BACKBONES=${BACKBONES:-"unet attention_unet unetpp unet3d"}
+MODES=${MODES:-"none offline"}
+source scripts/lib_runs.sh
+
+# backbone arguments: comparable small widths for a CPU run, the defaults with FULL_SIZE
+kw_for() {
+  [ -n "${FULL_SIZE:-}" ] && return 0
+  case "$1" in
+    unet|unet3d) echo '{"base_channels": 16}' ;;
+    attention_unet) echo '{"channels": [16, 32, 64, 128, 256]}' ;;
+    unetpp) echo '{"features": [16, 16, 32, 64, 128, 16]}' ;;
+  esac
+}
+
+[ "$DATASET" = phantom ] && bash scripts/prepare_phantom.sh
+for backbone in $BACKBONES; do
+  MODEL_KW=$(kw_for "$backbone")
+  for mode in $MODES; do
+    train_and_test "$backbone" "$mode" "ablation_${mode}_it${ITERS}_seed${SEED}"
+  done
+done
+OUT=$CKPT/$DATASET/ablation_backbones_it${ITERS}_seed${SEED}.md
+echo
+$PY scripts/compare_runs.py --out "$OUT" "${RUNS[@]}"
+echo "comparison table: $OUT"

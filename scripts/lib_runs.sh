@@ -1,0 +1,33 @@
+# Shared by the ablation scripts (source it): train one configuration and test it.
+#
+#   train_and_test BACKBONE MODE EXP [extra main.py args...]
+# trains BACKBONE with --salience MODE into run folder .../EXP, tests it on the test split
+# (report in <run>/eval_test), reuses a run whose report exists, and appends
+# "label=<run>/eval_test" to the array RUNS. Reads PY, DATA, CKPT, DATASET, ITERS, SEED,
+# MODEL_KW (JSON; empty: the backbone's defaults), HEAD (e2e head initialisation).
+RUNS=()
+
+train_and_test() {
+  local backbone=$1 mode=$2 exp=$3; shift 3
+  local size_args=(--img_size 192 192)
+  case "$backbone" in unet3d|monai:*) size_args=(--patch_size 64 64 32) ;; esac
+  local extra=()
+  # e2e starts from the same fitted head the offline maps came from
+  if [ "$mode" = e2e ] && [ -f "${HEAD:-}" ]; then extra=(--head "$HEAD"); fi
+  local args=(--dataset "$DATASET" --root_path "$DATA" --output_root "$CKPT" --backbone "$backbone"
+              --salience "$mode" "${size_args[@]}" --batch_size 4 --optimizer adamw --base_lr 0.003
+              --loss bce+dice --max_epochs 100 --max_iterations "$ITERS" --val_every 200
+              --seed "$SEED" --deterministic 1 --exp "$exp" "${extra[@]}" "$@")
+  [ -n "${MODEL_KW:-}" ] && args+=(--model_kwargs "$MODEL_KW")
+  local run_dir
+  run_dir=$($PY main.py "${args[@]}" --print_run_dir)
+  echo; echo "== $backbone, salience $mode, $ITERS iterations -> $run_dir"
+  if [ -f "$run_dir/best_model.pth" ] && [ -f "$run_dir/eval_test/summary.json" ]; then
+    echo "reusing $run_dir"
+  else
+    $PY main.py "${args[@]}" --overwrite
+    $PY test.py --dataset "$DATASET" --root_path "$DATA" --backbone "$backbone" \
+        --model_path "$run_dir/best_model.pth" --eval_roi liver --output "$run_dir/eval_test" --overwrite
+  fi
+  RUNS+=("$backbone/$mode=$run_dir/eval_test")
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The seed protocol on real 3D-IRCADb, for a GPU box: preprocess -> fit the salience head
+# on the training split -> three-plane salience -> train the seed's U-Net (100 epochs,
+# img_size 256, batch 4, SGD lr 0.01, poly 0.9, BCE, best by val Dice) -> test.
+#
+#   bash scripts/reproduce_ircadb.sh /path/to/3Dircadb1      # holds 3Dircadb1.1 ... 3Dircadb1.20
+#
+# Environment: GENERATOR (bank | fpn | analytic; default bank), FPN_WEIGHTS (the authors'
+# dice_best_Wavelet_square_net_vessel_data_size512.pth, for GENERATOR=fpn), SALIENCE
+# (offline | e2e | none; default offline), BACKBONE (unet), NPROC (GPUs for torchrun; default 1),
+# FIT_ITERS (head fitting iterations, default 2000), DATA (data), CKPT (checkpoint).
+# Splits: list/3D-IRCADb/vol_{train,val,test}.txt (the authors' seed split).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SRC=${1:?usage: reproduce_ircadb.sh /path/to/3Dircadb1}
+PY=${PY:-.venv/bin/python}
+DATA=${DATA:-data}
+CKPT=${CKPT:-checkpoint}
+GENERATOR=${GENERATOR:-bank}
+SALIENCE=${SALIENCE:-offline}
+BACKBONE=${BACKBONE:-unet}
+NPROC=${NPROC:-1}
+FIT_ITERS=${FIT_ITERS:-2000}
+DS=3D-IRCADb
+step() { echo; echo "== $*"; }
+
+step "1/5 preprocess $SRC -> $DATA/$DS (portal vein + venous system; liver slices)"
+$PY preprocess.py --dataset $DS --src "$SRC" --root_path "$DATA" --workers 4
+
+step "2/5 salience generator: $GENERATOR"
+GEN_ARGS=(--dataset $DS --root_path "$DATA" --generator "$GENERATOR")
+case "$GENERATOR" in
+  bank)
+    HEAD=$CKPT/salience/$DS/bank_fit.pth
+    if [ ! -f "$HEAD" ]; then
+      $PY salience_generation.py "${GEN_ARGS[@]}" --fit --fit_only --iters "$FIT_ITERS" --seed 0 \
+          --checkpoint_dir "$CKPT/salience"
+    fi
+    GEN_ARGS+=(--weights "$HEAD") ;;
+  fpn) GEN_ARGS+=(--weights "${FPN_WEIGHTS:?set FPN_WEIGHTS to the authors weights file}") ;;
+  analytic) ;;
+  *) echo "GENERATOR must be bank, fpn or analytic" >&2; exit 2 ;;
+esac
+
+step "3/5 three-plane salience for every case"
+$PY salience_generation.py "${GEN_ARGS[@]}"
+
+step "4/5 train $BACKBONE (salience $SALIENCE), seed defaults, $NPROC GPU(s)"
+TRAIN_ARGS=(--dataset $DS --root_path "$DATA" --output_root "$CKPT" --backbone "$BACKBONE"
+            --salience "$SALIENCE" --max_epochs 100 --batch_size 4 --base_lr 0.01 --img_size 256 256
+            --seed 0 --exp "seed_${SALIENCE}_${GENERATOR}")
+RUN_DIR=$($PY main.py "${TRAIN_ARGS[@]}" --print_run_dir)
+if [ -f "$RUN_DIR/last.pth" ]; then TRAIN_ARGS+=(--resume); fi
+if [ "$NPROC" -gt 1 ]; then
+  $PY -m torch.distributed.run --standalone --nproc_per_node "$NPROC" main.py "${TRAIN_ARGS[@]}"
+else
+  $PY main.py "${TRAIN_ARGS[@]}"
+fi
+
+step "5/5 test on the seed's test cases (4, 8, 13, 16, 18)"
+$PY test.py --dataset $DS --root_path "$DATA" --backbone "$BACKBONE" --model_path "$RUN_DIR/best_model.pth" \
+    --eval_roi liver --figures --save_pred nifti --output "$RUN_DIR/eval_test" --overwrite
+echo "results table: $RUN_DIR/eval_test/results.md"
