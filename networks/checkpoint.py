@@ -32,6 +32,7 @@ from dataloaders.inputs import input_channels
 from networks.e2e import build_segmenter
 from networks.registry import spatial_dims_of
 from utils.atomic import atomic_path
+from utils.torch_io import load_torch_file
 
 FORMAT = "livervessel-ckpt-v1"
 REQUIRED_KEYS = (
@@ -93,12 +94,7 @@ def save_checkpoint(
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read and validate a checkpoint dict; ``ValueError`` naming the file if it is not one."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a non-checkpoint file
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    ckpt = load_torch_file(path, "checkpoint file", map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = "a plain state dict" if isinstance(ckpt, dict) and all(
             isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}"

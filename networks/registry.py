@@ -233,3 +233,17 @@ def _unetpp(in_channels: int, out_channels: int, features: Optional[tuple[int, .
     """2-D UNet++ (Zhou et al. 2018; MONAI BasicUNetPlusPlus), full-resolution head only."""
     features = tuple(features or (32, 32, 64, 128, 256, 32))
     return MonaiAdapter("BasicUNetPlusPlus", in_channels, out_channels, spatial_dims=2, features=features)
+
+
+def _import_plugins() -> None:
+    """Register the backbones of networks/plugins/ (a module dropped there is a new backbone)."""
+    import importlib
+    import pkgutil
+
+    import networks.plugins as plugins
+
+    for mod in pkgutil.iter_modules(plugins.__path__):
+        importlib.import_module(f"{plugins.__name__}.{mod.name}")
+
+
+_import_plugins()

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils.torch_io import load_torch_file
+
 log = logging.getLogger(__name__)
 
 BANK_SIZES: tuple[int, ...] = (3, 5, 7, 9, 11)
@@ -216,12 +218,7 @@ def head_state_from(state: dict, source: str = "state dict") -> dict:
 def load_head(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SalienceHead:
     """A :class:`SalienceHead` (eval mode) from our head checkpoint, a model checkpoint or a state dict."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: head weights file not found")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a bad file
-        raise ValueError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from None
+    obj = load_torch_file(path, "head weights file", map_location)
     if isinstance(obj, dict) and obj.get("generator") not in (None, "bank"):
         raise ValueError(f"{path}: checkpoint is for generator {obj.get('generator')!r}, not a bank head")
     head = SalienceHead()
@@ -294,12 +291,7 @@ class SeedFPN(nn.Module):
 def load_fpn(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SeedFPN:
     """A :class:`SeedFPN` (eval mode) from the authors' state dict or our fpn checkpoint, ``strict=True``."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: fpn weights file not found")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for a bad file
-        raise ValueError(f"{path}: not a readable torch file ({type(e).__name__}: {e})") from None
+    obj = load_torch_file(path, "fpn weights file", map_location)
     if isinstance(obj, dict) and obj.get("generator") not in (None, "fpn"):
         raise ValueError(f"{path}: checkpoint is for generator {obj.get('generator')!r}, not fpn")
     state = _unwrap_state(obj, path)

@@ -18,6 +18,8 @@ import make_phantoms
 import preprocess
 import salience_generation
 import test as test_cli
+from evaluation.compare import compare_table
+from scripts.draw_method_figure import draw_method_figure
 from utils.h5io import DatasetPaths, read_list
 
 
@@ -62,3 +64,13 @@ def test_phantom_to_metrics(tmp_path: Path, backbone: str, salience: str) -> Non
         assert float(r["components_true"]) >= 1
     summary = json.loads((out / "summary.json").read_text())
     assert math.isfinite(summary["metrics"]["specificity"]["mean"])
+
+    # the ablation table reads the same report; the README figure draws from the same run
+    table = compare_table([(salience, out)])
+    mean_dice = summary["metrics"]["dice"]["mean"]
+    assert f"| {salience} | {len(rows)} |" in table
+    assert (f"{mean_dice:.3f}" in table) if math.isfinite(mean_dice) else ("n/a" in table)
+    fig = draw_method_figure(best, tmp_path / "fig.png", "phantom", str(data), str(lists))
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="summary.json"):
+        compare_table([("missing", tmp_path / "nowhere")])
