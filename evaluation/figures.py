@@ -53,6 +53,17 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
+def _finish(fig: plt.Figure, axes: np.ndarray, title: str, path: Path) -> None:
+    """Axes off, the TP / FP / FN legend, the title; then save atomically."""
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.legend(handles=[Patch(color=COLOURS[k], label=k) for k in ("TP", "FP", "FN")], loc="lower center",
+               ncol=3, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
 def overlay_figure(
     path: Path,
     image: np.ndarray,
@@ -83,13 +94,7 @@ def overlay_figure(
                 a = axes[i, 1 + c]
                 a.imshow(salience[c, :, :, z], cmap="magma", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
                 a.set_title(f"salience {PLANE_NAMES[c]}, slice {z}", fontsize=9)
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    fig.legend(handles=[Patch(color=COLOURS[k], label=k) for k in ("TP", "FP", "FN")], loc="lower center",
-               ncol=3, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    _finish(fig, axes, title, path)
     return path
 
 
@@ -122,11 +127,5 @@ def mip_figure(
             axes[r, 3].imshow(proj(salience.mean(axis=0)), cmap="magma", vmin=0, vmax=1, aspect=aspect,
                               interpolation="nearest")
             axes[r, 3].set_title(f"mean salience, {name}", fontsize=9)
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    fig.legend(handles=[Patch(color=COLOURS[k], label=k) for k in ("TP", "FP", "FN")], loc="lower center",
-               ncol=3, frameon=False)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    _finish(fig, axes, title, path)
     return path
