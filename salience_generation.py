@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from losses import make_loss
 from networks.salience import (
     DEFAULT_MAX_BATCH_VOXELS,
     GENERATORS,
@@ -135,12 +136,6 @@ def _window(a: np.ndarray, r0: int, c0: int, n: int) -> np.ndarray:
     return out
 
 
-def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - (2 sum(p t) + eps) / (sum p + sum t + eps) over the whole batch."""
-    inter = (prob * target).sum()
-    return 1.0 - (2.0 * inter + eps) / (prob.sum() + target.sum() + eps)
-
-
 def fit_generator(
     paths: DatasetPaths,
     cases: Sequence[str],
@@ -188,12 +183,13 @@ def fit_generator(
     opt = torch.optim.Adam(params, lr=config.lr)
     m = REFERENCE_MARGIN
     curve: list[float] = []
+    loss_fn = make_loss("bce+dice")  # the training losses: BCE + soft Dice over the batch
     bar = tqdm(range(config.iters), desc=f"fit {kind}", unit="it", dynamic_ncols=True)
     for it in bar:
         x, y = sampler.sample(config.batch)
         x, y = x.to(dev), y.to(dev)
         logit = logits_of(x)[:, :, m:-m, m:-m]
-        loss = F.binary_cross_entropy_with_logits(logit, y) + soft_dice_loss(torch.sigmoid(logit), y)
+        loss = loss_fn(logit, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -10,12 +10,6 @@
 # default "unet attention_unet unetpp unet3d"), MODES ("none offline").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-DATA=${DEMO_DATA:-data}
-CKPT=${DEMO_CKPT:-checkpoint}
-DATASET=${DATASET:-phantom}
-ITERS=${ITERS:-400}
-SEED=${SEED:-0}
 BACKBONES=${BACKBONES:-"unet attention_unet unetpp unet3d"}
 MODES=${MODES:-"none offline"}
 source scripts/lib_runs.sh
@@ -30,7 +24,7 @@ kw_for() {
   esac
 }
 
-[ "$DATASET" = phantom ] && bash scripts/prepare_phantom.sh
+prepare_data
 for backbone in $BACKBONES; do
   MODEL_KW=$(kw_for "$backbone")
   for mode in $MODES; do

@@ -10,18 +10,10 @@
 # dataset works), DEMO_DATA / DEMO_CKPT (data and checkpoint roots).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-DATA=${DEMO_DATA:-data}
-CKPT=${DEMO_CKPT:-checkpoint}
-DATASET=${DATASET:-phantom}
-ITERS=${ITERS:-400}
 BACKBONE=${BACKBONE:-unet}
 MODEL_KW=${MODEL_KW:-'{"base_channels": 16}'}
-SEED=${SEED:-0}
-HEAD=$CKPT/salience/$DATASET/bank_fit.pth
 source scripts/lib_runs.sh
-
-[ "$DATASET" = phantom ] && bash scripts/prepare_phantom.sh
+prepare_data
 for MODE in none offline e2e; do
   train_and_test "$BACKBONE" "$MODE" "ablation_${MODE}_it${ITERS}_seed${SEED}"
 done

@@ -3,9 +3,21 @@
 #   train_and_test BACKBONE MODE EXP [extra main.py args...]
 # trains BACKBONE with --salience MODE into run folder .../EXP, tests it on the test split
 # (report in <run>/eval_test), reuses a run whose report exists, and appends
-# "label=<run>/eval_test" to the array RUNS. Reads PY, DATA, CKPT, DATASET, ITERS, SEED,
-# MODEL_KW (JSON; empty: the backbone's defaults), HEAD (e2e head initialisation).
+# "label=<run>/eval_test" to the array RUNS. Reads MODEL_KW (JSON; empty: the backbone's
+# defaults) and the settings below, each overridable from the environment.
+PY=${PY:-.venv/bin/python}
+DATA=${DEMO_DATA:-data}
+CKPT=${DEMO_CKPT:-checkpoint}
+DATASET=${DATASET:-phantom}
+ITERS=${ITERS:-400}
+SEED=${SEED:-0}
+HEAD=${HEAD:-$CKPT/salience/$DATASET/bank_fit.pth}  # e2e head initialisation
 RUNS=()
+
+# The phantom dataset is made (or reused) by prepare_phantom.sh; others must be prepared.
+prepare_data() {
+  if [ "$DATASET" = phantom ]; then bash scripts/prepare_phantom.sh; fi
+}
 
 train_and_test() {
   local backbone=$1 mode=$2 exp=$3; shift 3
