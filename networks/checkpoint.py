@@ -2,9 +2,11 @@
 
 A checkpoint is ``torch.save`` of a dict::
 
-    format        "livervessel-ckpt-v1"
+    format        "livervessel-ckpt-v2"
     model_name    registry name ("unet", "unet3d", "monai:BasicUNet", ...)
-    model_kwargs  extra kwargs to build_model (dict)
+    model_kwargs  every keyword argument of the backbone's builder, defaults filled in
+                  (networks.registry.resolve_kwargs), so a changed default cannot change it
+    code_version  git commit of the code that wrote it ("<sha>[-dirty]", or "unknown")
     in_channels   channels of the model input (dataloaders.inputs.input_channels(salience))
     out_channels  1: one logit channel, sigmoid outside
     spatial_dims  2 or 3
@@ -16,12 +18,17 @@ A checkpoint is ``torch.save`` of a dict::
     state_dict, epoch, iteration, best_metric, optimizer, scheduler, scaler
 
 ``load_model(path)`` rebuilds the model (e2e wrapper included) from the file alone.
+Format v1 files (written before ``unet``/``unet3d`` became the seed's / release's networks,
+model_kwargs as given) still load: ``load_checkpoint`` maps their ``unet``/``unet3d`` to
+``unet_bilinear``/``unet3d_bilinear``, the networks they were trained with.
 Everything stored is plain tensors / numbers / strings, so files load with
 ``torch.load(weights_only=True)``: opening a checkpoint runs no pickled code.
 """
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -30,15 +37,39 @@ import torch.nn as nn
 
 from dataloaders.inputs import input_channels
 from networks.e2e import build_segmenter
-from networks.registry import spatial_dims_of
+from networks.registry import resolve_kwargs, spatial_dims_of
 from utils.atomic import atomic_path
 from utils.torch_io import load_torch_file
 
-FORMAT = "livervessel-ckpt-v1"
+FORMAT = "livervessel-ckpt-v2"
+# format v1: model_kwargs as given, and "unet"/"unet3d" meant today's *_bilinear networks
+LEGACY_FORMAT_V1 = "livervessel-ckpt-v1"
+_V1_RENAMES = {"unet": "unet_bilinear", "unet3d": "unet3d_bilinear"}
 REQUIRED_KEYS = (
     "format", "model_name", "model_kwargs", "in_channels", "out_channels", "spatial_dims", "salience",
     "head_sha256", "img_size", "patch_size", "config", "state_dict", "epoch", "iteration", "best_metric",
 )
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The git commit of this code (``<sha>`` or ``<sha>-dirty``), or "unknown" outside a git checkout."""
+    try:
+        res = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+
+
+def upgrade_v1(ckpt: dict) -> dict:
+    """A format-v1 checkpoint dict as format v2: the network it was trained with, by its v2 name."""
+    ckpt = dict(ckpt)
+    ckpt["model_name"] = _V1_RENAMES.get(ckpt["model_name"], ckpt["model_name"])
+    ckpt["model_kwargs"] = resolve_kwargs(ckpt["model_name"], **ckpt["model_kwargs"])
+    ckpt.setdefault("code_version", "unknown")
+    ckpt["format"] = FORMAT
+    return ckpt
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -70,7 +101,8 @@ def save_checkpoint(
     ckpt = {
         "format": FORMAT,
         "model_name": model_name,
-        "model_kwargs": dict(model_kwargs),
+        "model_kwargs": resolve_kwargs(model_name, **model_kwargs),
+        "code_version": code_version(),
         "in_channels": input_channels(salience),
         "out_channels": int(out_channels),
         "spatial_dims": dims,
@@ -95,6 +127,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Read and validate a checkpoint dict; ``ValueError`` naming the file if it is not one."""
     path = Path(path)
     ckpt = load_torch_file(path, "checkpoint file", map_location)
+    if isinstance(ckpt, dict) and ckpt.get("format") == LEGACY_FORMAT_V1 and {"model_name", "model_kwargs"} <= set(ckpt):
+        try:
+            ckpt = upgrade_v1(ckpt)
+        except ValueError as e:
+            raise ValueError(f"{path}: format v1 checkpoint: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = "a plain state dict" if isinstance(ckpt, dict) and all(
             isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}"

@@ -2,21 +2,36 @@
 
 ``build_model(name, in_channels, out_channels, **kw)`` returns an ``nn.Module`` that maps
 (B, in_channels, H, W) -> logits (B, out_channels, H, W) for 2-D backbones and
-(B, in_channels, H, W, D) -> (B, out_channels, H, W, D) for 3-D ones.
+(B, in_channels, H, W, D) -> (B, out_channels, H, W, D) for 3-D ones. Every backbone takes any
+input size (networks that need multiples of their down-sampling are padded by
+:class:`PadToMultiple` and their logits cropped back).
 
 Names:
-- ``unet``            the seed's 2-D U-Net (networks.unet.UNet), ``base_channels`` default 64.
-- ``unet3d``          the same U-Net in 3-D, ``base_channels`` default 16.
+- ``unet``            the seed's 2-D U-Net exactly (milesial PyTorch-UNet, ``bilinear=False``,
+                      networks.unet.UNet): 31,037,633 parameters for 3 -> 1 channels at the
+                      default ``base_channels=64, depth=4``.
+- ``unet3d``          the authors' latest release's 3-D U-Net (networks.unet.UNet3D,
+                      InstanceNorm, trilinear up-sampling), ``base_channels`` default 16.
+- ``unet_bilinear``, ``unet3d_bilinear``  the bilinear U-Net this project called ``unet`` /
+                      ``unet3d`` in checkpoint format v1 (networks.unet.BilinearUNet).
 - ``attention_unet``  2-D Attention U-Net (MONAI ``AttentionUnet``).
 - ``unetpp``          2-D UNet++ (MONAI ``BasicUNetPlusPlus``; its list output is reduced to
                       the full-resolution head).
+- ``unext``           2-D UNeXt (Valanarasu and Patel 2022; networks.unext), paper sizes.
+- ``transunet``       2-D TransUNet (Chen et al. 2021; networks.transunet), R50-ViT-B/16 sizes.
+- ``ynet``            2-D dual-encoder YNet of the authors' latest release (networks.ynet).
 - ``monai:<Class>``   any network of ``monai.networks.nets`` through one adapter
                       (:class:`MonaiAdapter`); ``spatial_dims`` is a keyword (default 3).
                       ``list_models()`` lists the ones this project tests.
+
+``resolve_kwargs(name, **kw)`` gives every argument of the builder with its default filled in:
+what a checkpoint stores, so a later change of a default does not change an old model.
 """
 from __future__ import annotations
 
+import enum
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -24,7 +39,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from networks.unet import UNet
+from networks.transunet import DIVISOR as TRANSUNET_DIVISOR
+from networks.transunet import TransUNet
+from networks.unet import BilinearUNet, UNet, UNet3D
+from networks.unext import DIVISOR as UNEXT_DIVISOR
+from networks.unext import UNeXt
+from networks.ynet import YNet
+
+log = logging.getLogger(__name__)
 
 MONAI_PREFIX = "monai:"
 # MONAI networks the test-suite builds and trains at tiny sizes
@@ -111,6 +133,64 @@ def build_model(name: str, in_channels: int, out_channels: int, **kw: Any) -> nn
         return _REGISTRY[name].builder(in_channels, out_channels, **kw)
     except TypeError as e:
         raise ValueError(f"backbone {name!r}: bad keyword arguments {sorted(kw)} ({e})") from None
+
+
+def _plain(v: Any) -> bool:
+    """True for values a checkpoint can hold and ``torch.load(weights_only=True)`` reads back."""
+    if v is None or type(v) in (bool, int, float, str):
+        return True
+    if type(v) in (list, tuple):
+        return all(_plain(x) for x in v)
+    if type(v) is dict:
+        return all(type(k) is str and _plain(x) for k, x in v.items())
+    return False
+
+
+def _plain_default(v: Any) -> Any:
+    """Enum members (MONAI's ``Norm.INSTANCE``...) become their value; other values as they are."""
+    return v.value if isinstance(v, enum.Enum) else v
+
+
+def resolve_kwargs(name: str, **kw: Any) -> dict[str, Any]:
+    """Every keyword argument of backbone ``name``'s builder, the given ones and the defaults.
+
+    ``build_model(name, i, o, **resolve_kwargs(name, **kw))`` builds the same network as
+    ``build_model(name, i, o, **kw)`` and keeps doing so after a builder's default changes.
+    For ``monai:<Class>`` these are the class's constructor arguments (``spatial_dims``
+    included, the channel arguments excluded); defaults that are not plain data (a class such
+    as SwinUNETR's ``norm_layer``) are left out and stay the class's default.
+    Unknown keywords raise ``ValueError``.
+    """
+    if name.startswith(MONAI_PREFIX):
+        cls = _monai_class(name)
+        out: dict[str, Any] = {"spatial_dims": spatial_dims_of(name, **kw)}
+        params = dict(inspect.signature(cls.__init__).parameters)
+        skip = {"self", "in_channels", "in_chns", "out_channels", "out_chns", "spatial_dims", "dimensions"}
+        if name[len(MONAI_PREFIX):] in ("UNet", "AttentionUnet"):
+            kw = {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), **kw}
+    elif name in _REGISTRY:
+        out = {}
+        params = dict(list(inspect.signature(_REGISTRY[name].builder).parameters.items())[2:])
+        skip = set()
+    else:
+        raise _unknown(name)
+    var_kw = _has_var_kw(params)
+    unknown = [k for k in kw if k not in params and k != "spatial_dims" and not var_kw]
+    if unknown:
+        raise ValueError(f"backbone {name!r}: unknown keyword arguments {unknown}")
+    for pname, p in params.items():
+        if pname in skip or p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if pname in kw:
+            out[pname] = kw[pname]
+        elif p.default is inspect.Parameter.empty:
+            raise ValueError(f"backbone {name!r}: required keyword argument {pname!r} missing")
+        elif _plain(_plain_default(p.default)):
+            out[pname] = _plain_default(p.default)
+        else:
+            log.debug("%s: default of %s (%r) is not plain data; not stored", name, pname, p.default)
+    out.update({k: v for k, v in kw.items() if k not in out})  # **kwargs of the builder
+    return out
 
 
 class PadToMultiple(nn.Module):
@@ -208,14 +288,27 @@ def _has_var_kw(params: Any) -> bool:
 
 @register("unet", spatial_dims=2)
 def _unet(in_channels: int, out_channels: int, base_channels: int = 64, depth: int = 4) -> nn.Module:
-    """The seed's 2-D U-Net (base_channels 64 as in the seed; smaller for CPU runs)."""
-    return UNet(in_channels, out_channels, base_channels=base_channels, depth=depth, spatial_dims=2)
+    """The seed's 2-D U-Net (milesial, transposed-conv up-sampling; base 64 as in the seed)."""
+    return UNet(in_channels, out_channels, base_channels=base_channels, depth=depth)
 
 
 @register("unet3d", spatial_dims=3)
-def _unet3d(in_channels: int, out_channels: int, base_channels: int = 16, depth: int = 4) -> nn.Module:
-    """3-D U-Net, the seed's architecture with 3-D convolutions (patches of 64^3 or more)."""
-    return UNet(in_channels, out_channels, base_channels=base_channels, depth=depth, spatial_dims=3)
+def _unet3d(in_channels: int, out_channels: int, base_channels: int = 16, depth: int = 4,
+            dropout: float = 0.3) -> nn.Module:
+    """3-D U-Net of the authors' latest release (UNet_3D: InstanceNorm, trilinear, dropout 0.3)."""
+    return UNet3D(in_channels, out_channels, base_channels=base_channels, depth=depth, dropout=dropout)
+
+
+@register("unet_bilinear", spatial_dims=2)
+def _unet_bilinear(in_channels: int, out_channels: int, base_channels: int = 64, depth: int = 4) -> nn.Module:
+    """2-D U-Net with bilinear up-sampling (this project's ``unet`` of checkpoint format v1)."""
+    return BilinearUNet(in_channels, out_channels, base_channels=base_channels, depth=depth, spatial_dims=2)
+
+
+@register("unet3d_bilinear", spatial_dims=3)
+def _unet3d_bilinear(in_channels: int, out_channels: int, base_channels: int = 16, depth: int = 4) -> nn.Module:
+    """3-D U-Net with trilinear up-sampling and BatchNorm (``unet3d`` of checkpoint format v1)."""
+    return BilinearUNet(in_channels, out_channels, base_channels=base_channels, depth=depth, spatial_dims=3)
 
 
 @register("attention_unet", spatial_dims=2)
@@ -233,6 +326,38 @@ def _unetpp(in_channels: int, out_channels: int, features: Optional[tuple[int, .
     """2-D UNet++ (Zhou et al. 2018; MONAI BasicUNetPlusPlus), full-resolution head only."""
     features = tuple(features or (32, 32, 64, 128, 256, 32))
     return MonaiAdapter("BasicUNetPlusPlus", in_channels, out_channels, spatial_dims=2, features=features)
+
+
+@register("unext", spatial_dims=2)
+def _unext(
+    in_channels: int, out_channels: int, channels: tuple[int, ...] = (16, 32, 128),
+    embed_dims: tuple[int, ...] = (160, 256), mlp_ratio: float = 1.0, shift_size: int = 5, drop_rate: float = 0.0,
+) -> nn.Module:
+    """2-D UNeXt (Valanarasu and Patel 2022), paper sizes (1.47M parameters); padded to multiples of 32."""
+    net = UNeXt(in_channels, out_channels, channels=channels, embed_dims=embed_dims, mlp_ratio=mlp_ratio,
+                shift_size=shift_size, drop_rate=drop_rate)
+    return PadToMultiple(net, UNEXT_DIVISOR)
+
+
+@register("transunet", spatial_dims=2)
+def _transunet(
+    in_channels: int, out_channels: int, img_size: int = 224, base_channels: int = 64,
+    block_units: tuple[int, ...] = (3, 4, 9), hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
+    mlp_dim: int = 3072, dropout: float = 0.1, head_channels: int = 512,
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 16),
+) -> nn.Module:
+    """2-D TransUNet (Chen et al. 2021), R50-ViT-B/16 sizes (105.3M parameters); padded to multiples of 16."""
+    net = TransUNet(in_channels, out_channels, img_size=img_size, base_channels=base_channels,
+                    block_units=block_units, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                    mlp_dim=mlp_dim, dropout=dropout, head_channels=head_channels,
+                    decoder_channels=decoder_channels)
+    return PadToMultiple(net, TRANSUNET_DIVISOR)
+
+
+@register("ynet", spatial_dims=2)
+def _ynet(in_channels: int, out_channels: int, base_channels: int = 16) -> nn.Module:
+    """2-D dual-encoder YNet of the authors' latest release (both encoders see the input)."""
+    return YNet(in_channels, out_channels, base_channels=base_channels)
 
 
 def _import_plugins() -> None:
