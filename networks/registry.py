@@ -33,7 +33,7 @@ import enum
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -313,18 +313,18 @@ def _unet3d_bilinear(in_channels: int, out_channels: int, base_channels: int = 1
 
 @register("attention_unet", spatial_dims=2)
 def _attention_unet(
-    in_channels: int, out_channels: int, channels: Optional[tuple[int, ...]] = None, dropout: float = 0.0
+    in_channels: int, out_channels: int, channels: tuple[int, ...] = (32, 64, 128, 256, 512), dropout: float = 0.0
 ) -> nn.Module:
     """2-D Attention U-Net (Oktay et al. 2018; MONAI AttentionUnet), channels default (32..512)."""
-    channels = tuple(channels or (32, 64, 128, 256, 512))
+    channels = tuple(channels)
     return MonaiAdapter("AttentionUnet", in_channels, out_channels, spatial_dims=2, channels=channels,
                         strides=(2,) * (len(channels) - 1), dropout=dropout)
 
 
 @register("unetpp", spatial_dims=2)
-def _unetpp(in_channels: int, out_channels: int, features: Optional[tuple[int, ...]] = None) -> nn.Module:
+def _unetpp(in_channels: int, out_channels: int, features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)) -> nn.Module:
     """2-D UNet++ (Zhou et al. 2018; MONAI BasicUNetPlusPlus), full-resolution head only."""
-    features = tuple(features or (32, 32, 64, 128, 256, 32))
+    features = tuple(features)
     return MonaiAdapter("BasicUNetPlusPlus", in_channels, out_channels, spatial_dims=2, features=features)
 
 
