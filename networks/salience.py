@@ -337,6 +337,40 @@ def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
     return w, b
 
 
+def _bank_tap_kernels(bank: Tensor, weight: Tensor) -> Tensor:
+    """Per-tap folded kernels K (O, 3, 3, 11, 11) of ``weight`` (O, 60, 3, 3) after ``bank`` (60, 1, 11, 11).
+
+    K[o, a, b] = sum_c weight[o, c, a, b] * bank[c]: the bank seen through one tap (a, b) of a
+    3x3 convolution. Differentiable in ``weight`` (and ``bank``); computed in their dtype.
+    """
+    o, c = weight.shape[:2]
+    kk = bank.shape[-1]
+    taps = weight.permute(0, 2, 3, 1).reshape(o * 9, c) @ bank.reshape(c, kk * kk)
+    return taps.view(o, 3, 3, kk, kk)
+
+
+def _place_taps(taps: Tensor) -> Tensor:
+    """Sum of tap kernels placed at their tap offsets: (O, p, q, k, k) -> (O, 1, k + p - 1, k + q - 1).
+
+    Tap (a, b)'s k x k kernel lands at rows a.., columns b.. (``F.fold``, i.e. col2im), so
+    ``_place_taps(_bank_tap_kernels(bank, w))`` is the single kernel of conv(conv(x, bank), w)
+    away from the borders: the bank folded into the 3x3 convolution.
+    """
+    o, p, q, k, _ = taps.shape
+    cols = taps.reshape(o, p * q, k * k).transpose(1, 2)
+    return F.fold(cols, (k + p - 1, k + q - 1), kernel_size=k)
+
+
+def fold_bank_into_conv(bank: Tensor, weight: Tensor) -> Tensor:
+    """Kernel (O, 1, 13, 13) of conv(conv(x, bank, pad 5), weight, pad 1) away from the borders.
+
+    ``bank`` (60, 1, 11, 11), ``weight`` (O, 60, 3, 3); the bias of the 3x3 convolution carries
+    over unchanged (the bank has none). Exact and differentiable; used by :class:`BankGenerator`
+    (float64, once) and :class:`SalienceModule` (every forward, gradients reach ``weight``).
+    """
+    return _place_taps(_bank_tap_kernels(bank, weight))
+
+
 # ----------------------------------------------------------------------------- generators
 class _Generator:
     """Common call of the offline generators.
@@ -399,12 +433,9 @@ class BankGenerator(_Generator):
         bank = square_wave_bank(torch.float64)
         c0, c2, c4 = head.out_conv[0], head.out_conv[2], head.out_conv[4]
 
-        def prefix(x: Tensor) -> Tensor:
-            r = F.conv2d(x, bank, padding=KERNEL_SIZE // 2)
-            return F.conv2d(r, c0.weight.double(), c0.bias.double(), padding=1)
-
-        w1, b1 = _affine_kernel(prefix, KERNEL_SIZE // 2 + 1, 30)
-        self.w1, self.b1 = w1.float(), b1.float()
+        with torch.no_grad():
+            w1 = fold_bank_into_conv(bank, c0.weight.double())
+        self.w1, self.b1 = w1.float(), c0.bias.detach().float().clone()
         # channels-last weights: oneDNN's fastest layout for the 30->30 convolution on CPU
         cl = torch.channels_last
         self.w2 = c2.weight.detach().float().contiguous(memory_format=cl)
@@ -665,14 +696,102 @@ class ResidualGate(nn.Module):
         return image + image * salience
 
 
+class _RingCorrection(torch.autograd.Function):
+    """In place: y (N, O, h, w) minus the side corrections on its outer ring, plus the corners.
+
+    top / bottom (N, O, 1, w), left / right (N, O, h, 1), corners (4, N, O) for (0, 0),
+    (0, w - 1), (h - 1, 0), (h - 1, w - 1). The gradient passes through to ``y`` unchanged
+    and reaches the corrections as slices of it (an autograd-tracked in-place slice update
+    would copy the whole gradient once per slice).
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, top: Tensor, bottom: Tensor, left: Tensor, right: Tensor, corners: Tensor) -> Tensor:
+        h, w = y.shape[-2:]
+        ctx.hw = (h, w)
+        y[:, :, :1] -= top
+        y[:, :, h - 1 :] -= bottom
+        y[:, :, :, :1] -= left
+        y[:, :, :, w - 1 :] -= right
+        for i, (r, c) in enumerate(((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1))):
+            y[:, :, r, c] += corners[i]
+        ctx.mark_dirty(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, ...]:
+        h, w = ctx.hw
+        corners = torch.stack([g[:, :, r, c] for r, c in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1))])
+        return g, -g[:, :, :1], -g[:, :, h - 1 :], -g[:, :, :, :1], -g[:, :, :, w - 1 :], corners
+
+
+def _first_layer_folded(x: Tensor, bank: Tensor, conv: nn.Conv2d) -> Tensor:
+    """conv(conv(x, bank, pad 5), conv.weight, conv.bias, pad 1), exactly, with the bank folded.
+
+    ``x`` (N, 1, h, w) -> (N, O, h, w), channels-last. The bank folded into the 3x3
+    convolution is one 13x13 kernel (:func:`fold_bank_into_conv`), right for every pixel
+    whose 3x3 neighbourhood lies inside the plane. It runs as a 13-channel 1x13
+    convolution of the zero-padded plane's 13 row-shifted copies (channels-last; about 4x
+    faster than a 1-channel 13x13 convolution on the CPU, its weight gradient 6x).
+
+    On the outer ring the layer-by-layer computation sees zeros where the bank's response
+    lies outside the plane (the 3x3 convolution's own zero padding), while the folded
+    kernel sees the response there; the ring is corrected exactly: per side, the folded
+    kernel of the taps that point outside is subtracted (a convolution of the side's
+    strip), and at each corner the one tap counted by both of its sides is added back.
+    Gradients reach ``conv.weight`` and ``conv.bias`` through the fold. Kernels are folded
+    in the weight's dtype with autocast off; the convolutions follow autocast.
+    """
+    n, _, h, w = x.shape
+    k = KERNEL_SIZE
+    span = k + 2  # 13: the folded kernel
+    m = span // 2  # 6: its radius
+    with torch.autocast(x.device.type, enabled=False):
+        weight = conv.weight
+        o = weight.shape[0]
+        taps = _bank_tap_kernels(bank.to(weight.dtype), weight)  # (O, 3, 3, 11, 11)
+        full = _place_taps(taps).view(o, span, 1, span)  # kernel row r -> input channel r
+        top = _place_taps(taps[:, :1]).view(o, k, 1, span)  # taps of row -1: kernel rows 0..10
+        bottom = _place_taps(taps[:, 2:]).view(o, k, 1, span)  # taps of row +1: kernel rows 2..12
+        left = _place_taps(taps[:, :, :1]).view(o, span, 1, k)  # taps of column -1: columns 0..10
+        right = _place_taps(taps[:, :, 2:]).view(o, span, 1, k)  # taps of column +1: columns 2..12
+        corners = taps[:, ::2, ::2].reshape(o, 4, k, k)  # taps (-1,-1), (-1,+1), (+1,-1), (+1,+1)
+    xp = F.pad(x[:, 0], (m, m, m, m))  # (N, h + 12, w + 12)
+    # rows[n, r, i, j] = xp[n, i + r, j]: (N, 13, h, w + 12), channels-last in memory
+    rows = xp.unfold(1, span, 1).contiguous().permute(0, 3, 1, 2)
+    y = F.conv2d(rows, full, conv.bias)
+    cols_left, cols_right = slice(0, k), slice(w + 1, w + 1 + k)
+    patches = torch.stack(
+        [xp[:, r, c] for r in (slice(0, k), slice(h + 1, h + 1 + k)) for c in (cols_left, cols_right)], dim=1
+    )  # (N, 4, 11, 11)
+    sides = (
+        F.conv2d(rows[:, :k, :1], top),  # output row 0 reads xp rows 0..10: (N, O, 1, w)
+        F.conv2d(rows[:, 2:, h - 1 :], bottom),  # output row h - 1 reads xp rows h + 1..h + 11
+        F.conv2d(rows[:, :, :, cols_left], left),  # (N, O, h, 1)
+        F.conv2d(rows[:, :, :, cols_right], right),
+        torch.einsum("npuv,opuv->pno", patches, corners),  # (4, N, O)
+    )
+    return _RingCorrection.apply(y, *(t.to(y.dtype) for t in sides))
+
+
 class SalienceModule(nn.Module):
     """The ``e2e`` salience: bank (fixed, non-persistent buffer) + trainable ``.head``.
 
     (B, 1, H, W) -> (B, 1, H, W), the plane itself; (B, 1, H, W, D) -> (B, 3, H, W, D),
     the transverse (H x W), coronal (W x D) and sagittal (H x D) planes of the patch.
-    No per-plane standardisation; plain zero-padded convolutions (bank padding 5, head
-    padding 1). State-dict keys are ``head.out_conv.*`` only, so :func:`load_head` reads
-    the head back from a model checkpoint.
+    No per-plane standardisation; the values are those of plain zero-padded convolutions
+    (bank padding 5, head padding 1), computed faster:
+
+    - the bank and the head's first convolution are folded into one 13x13 convolution
+      (:func:`fold_bank_into_conv`, refolded every forward so gradients reach the head),
+      with an exact correction of the plane's outer ring (:func:`_first_layer_folded`);
+    - plane stacks of equal shape (all three for a cube) go through one call per layer;
+    - under autocast the convolutions run in its dtype (bf16), the fold in float32;
+      the 30-channel layers run channels-last (oneDNN's fastest layout on the CPU,
+      tensor cores' native one on the GPU).
+
+    State-dict keys are ``head.out_conv.*`` only, so :func:`load_head` reads the head back
+    from a model checkpoint.
     """
 
     def __init__(self, head: Optional[SalienceHead] = None) -> None:
@@ -686,19 +805,32 @@ class SalienceModule(nn.Module):
 
     def planes(self, x: Tensor) -> Tensor:
         """(N, 1, h, w) -> (N, 1, h, w) salience of independent planes."""
-        return self.head(F.conv2d(x, self.bank.to(x.dtype), padding=KERNEL_SIZE // 2))
+        if x.dim() != 4 or x.shape[1] != 1:
+            raise ValueError(f"planes must be (N, 1, h, w), got {tuple(x.shape)}")
+        conv1, relu1, conv2, relu2, conv3, sigmoid = self.head.out_conv
+        y = relu1(_first_layer_folded(x, self.bank, conv1))  # channels-last
+        return sigmoid(conv3(relu2(conv2(y))))
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4 and x.shape[1] == 1:
             return self.planes(x)
         if x.dim() != 5 or x.shape[1] != 1:
             raise ValueError(f"SalienceModule expects (B, 1, H, W) or (B, 1, H, W, D), got {tuple(x.shape)}")
-        b, _, h, w, d = x.shape
         v = x[:, 0]
-        t = self.planes(v.permute(0, 3, 1, 2).reshape(b * d, 1, h, w)).view(b, d, h, w).permute(0, 2, 3, 1)
-        c = self.planes(v.reshape(b * h, 1, w, d)).view(b, h, w, d)
-        s = self.planes(v.permute(0, 2, 1, 3).reshape(b * w, 1, h, d)).view(b, w, h, d).permute(0, 2, 1, 3)
-        return torch.stack([t, c, s], dim=1)
+        # plane stacks (B, planes, rows, cols): transverse (B, D, H, W), coronal (B, H, W, D),
+        # sagittal (B, W, H, D); stacks of equal shape share every convolution call
+        stacks = (v.permute(0, 3, 1, 2), v, v.permute(0, 2, 1, 3))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, st in enumerate(stacks):
+            groups.setdefault(tuple(st.shape), []).append(i)
+        out: list[Optional[Tensor]] = [None, None, None]
+        for shape, members in groups.items():
+            batch = torch.stack([stacks[i] for i in members]).reshape(-1, 1, *shape[2:])
+            res = self.planes(batch).view(len(members), *shape)
+            for j, i in enumerate(members):
+                out[i] = res[j]
+        t, c, s = out
+        return torch.stack([t.permute(0, 2, 3, 1), c, s.permute(0, 2, 1, 3)], dim=1)
 
 
 def default_head_path() -> Path:
