@@ -55,17 +55,23 @@ def read_case_salience(paths: DatasetPaths, case: str, image_shape: Sequence[int
 
 def case_spacing(paths: DatasetPaths, case: str) -> tuple[float, float, float]:
     """(row, col, slice) mm of ``case`` from the attrs of its ``vol_data`` file (slice files carry none)."""
+    return _case_geometry(paths, case)[0]
+
+
+def _case_geometry(paths: DatasetPaths, case: str) -> tuple[tuple[float, float, float], tuple[int, ...]]:
+    """(spacing (row, col, slice) mm, image shape) of ``case`` from its ``vol_data`` file, no array read."""
     path = paths.volume(case)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: volume file not found; --target_spacing reads each case's spacing from it")
     try:
         with h5py.File(path, "r") as f:
             spacing = f.attrs.get("spacing")
+            shape = tuple(f["image"].shape) if "image" in f else ()
     except OSError as e:
         raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
     if spacing is None or len(spacing) != 3:
         raise ValueError(f"{path}: no 'spacing' attribute (3 floats, mm), needed by --target_spacing")
-    return tuple(float(s) for s in spacing)
+    return tuple(float(s) for s in spacing), shape
 
 
 class _Augmenting(Dataset):
@@ -142,6 +148,22 @@ class SliceDataSet(_Augmenting):
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def mm_per_pixel(self) -> Optional[float]:
+        """In-plane mm per pixel the model sees: ``target_spacing``, else the median over cases of
+        row spacing x H / img_size H (native spacing when ``img_size`` is None); None when a
+        case's volume file or spacing is missing (recorded in checkpoints for test.py's warning)."""
+        if self.target_spacing is not None:
+            return self.target_spacing
+        values = []
+        for case in dict.fromkeys(self._case(n) for n in self.names):
+            try:
+                spacing, shape = _case_geometry(self.paths, case)
+            except (FileNotFoundError, ValueError):
+                return None
+            scale = 1.0 if self.img_size is None or not shape else shape[0] / self.img_size[0]
+            values.append(spacing[0] * scale)
+        return float(np.median(values)) if values else None
 
     def _case(self, name: str) -> str:
         m = _SLICE_RE.match(name)
