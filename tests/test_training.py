@@ -382,3 +382,53 @@ def test_slice_dataset_target_spacing_resamples_then_pads(tiny_dataset):
     assert float(item["image"][0, :2].abs().max()) == 0.0
     cropped = SliceDataSet(tiny_dataset.paths, "none", img_size=(8, 12), target_spacing=1.6, augment=False)
     assert cropped[0]["input"].shape == (1, 8, 12)
+
+
+def test_target_spacing_run_records_it_and_validates_resampled(tiny_dataset, tmp_path):
+    result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, max_iterations=1,
+                           exp="mm"))
+    _, ckpt = load_model(result.run_dir / "best_model.pth")
+    assert ckpt["target_spacing"] == 1.6 and ckpt["mm_per_pixel"] == 1.6 and ckpt["img_size"] == [16, 16]
+    pix = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), max_iterations=1, exp="px"))
+    _, ckpt = load_model(pix.run_dir / "last.pth")
+    # tiny cases: 32 px at 0.8 mm, resized to 16 px: the model saw 1.6 mm per pixel
+    assert ckpt["target_spacing"] is None and ckpt["mm_per_pixel"] == pytest.approx(1.6)
+    with pytest.raises(ValueError, match="--target_spacing must be a positive"):
+        cfg_for(tiny_dataset, tmp_path, target_spacing=0.0)
+
+
+def test_init_from_copies_backbone_and_head(tiny_dataset, tmp_path):
+    from networks.checkpoint import init_from_checkpoint
+    from networks.e2e import build_segmenter
+
+    src = train(cfg_for(tiny_dataset, tmp_path, salience="e2e", max_iterations=1, exp="src")).run_dir / "last.pth"
+    stored = torch.load(src, weights_only=True)["state_dict"]
+    torch.manual_seed(99)
+    e2e = build_segmenter("unet", "e2e", 1, TINY_2D)
+    init_from_checkpoint(e2e, src, model_name="unet", salience="e2e")
+    for k, v in e2e.state_dict().items():
+        assert torch.equal(v, stored[k]), k  # backbone and head
+    plain = build_segmenter("unet", "none", 1, TINY_2D)  # a 2-D e2e backbone also takes 1 channel
+    init_from_checkpoint(plain, src, model_name="unet", salience="none")
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, stored["backbone." + k]), k
+    # the run itself starts from those weights: with lr ~ 0, its first checkpoint holds them
+    run = train(cfg_for(tiny_dataset, tmp_path, salience="none", max_iterations=1, exp="dst", init_from=str(src),
+                        base_lr=1e-30, weight_decay=0.0, momentum=0.0))
+    got = torch.load(run.run_dir / "last.pth", weights_only=True)["state_dict"]
+    conv = [k for k in got if k.endswith("weight") and got[k].ndim == 4]
+    assert conv and all(torch.allclose(got[k], stored["backbone." + k]) for k in conv)
+
+
+def test_init_from_other_architecture_fails_with_one_line(tiny_dataset, tmp_path, capsys):
+    src = train(cfg_for(tiny_dataset, tmp_path, salience="none", max_iterations=1, exp="src")).run_dir / "last.pth"
+    capsys.readouterr()
+    # offline takes 3 input channels, the source backbone 1
+    assert _cli(tiny_dataset, tmp_path, "--salience", "offline", "--init_from", str(src), "--exp", "x") == 1
+    errors = _errors(capsys)
+    assert len(errors) == 1 and f"{src}: --init_from architecture differs" in errors[0], errors
+    assert _cli(tiny_dataset, tmp_path, "--salience", "none", "--init_from", str(src), "--exp", "y",
+                "--model_kwargs", json.dumps({"base_channels": 8, "depth": 2})) == 1
+    assert "shape mismatches" in _errors(capsys)[0]
+    assert _cli(tiny_dataset, tmp_path, "--init_from", str(tmp_path / "nope.pth"), "--exp", "z") == 1
+    assert "nope.pth" in _errors(capsys)[0]
