@@ -3,10 +3,19 @@
 ``predict_volume`` turns a model that maps network inputs to one logit channel into
 probabilities over a stored volume:
 
-- 2-D backbones see the volume slice by slice along D, in batches, each slice built by
-  :func:`dataloaders.inputs.model_input` (so training, validation and test agree);
-  slices are resized (bilinear) to ``img_size`` when it differs from the stored plane
-  and the probabilities are resized back.
+- 2-D backbones see the volume slice by slice along D, in batches. Each slice's image and
+  salience are brought to the model's grid with the geometry training uses
+  (dataloaders.transforms.resize_planes: bilinear, antialiased when shrinking), the input
+  is built by :func:`dataloaders.inputs.model_input` (so training, validation and test
+  agree), and the probabilities are resized back to the stored grid the same way:
+
+  - ``target_spacing`` None: the plane is resized to ``img_size`` (the seed's pixel resize;
+    native when ``img_size`` is None).
+  - ``target_spacing`` t (mm): the plane is resampled to t mm per pixel in-plane using the
+    volume's ``spacing``; the model then runs on ``img_size`` tiles of it (MONAI sliding
+    window, Gaussian blending, ``overlap``; a plane smaller than ``img_size`` is zero-padded
+    centred to it, exactly as training pads), or on the whole resampled plane when
+    ``img_size`` is None.
 - 3-D backbones use MONAI's ``sliding_window_inference`` with Gaussian blending of the
   *probabilities* (sigmoid inside the window predictor, as nnU-Net blends softmax);
   windows run on ``sw_device`` and are stitched on ``device``, so a volume too large
@@ -14,7 +23,8 @@ probabilities over a stored volume:
 - ``tta=True`` averages the probabilities over flips (2-D: none, H, W, H+W; 3-D: none,
   H, W, D), each prediction flipped back before averaging.
 
-Thresholding (at 0.5) is the caller's job.
+Thresholding is the caller's job and has one rule: :func:`binarize`, prob >= ``THRESHOLD``
+on fp32 probabilities (validation, test.py, prediction files and predict.py all use it).
 """
 from __future__ import annotations
 
@@ -26,9 +36,35 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from dataloaders.inputs import input_channels, model_input
-
+from dataloaders.transforms import resize_planes, spacing_size
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+THRESHOLD = 0.5
+"""Probabilities >= THRESHOLD are vessel: the project's one threshold rule."""
+
+
+def binarize(prob: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Vessel mask uint8 {0, 1} of probabilities (any shape): prob >= THRESHOLD, compared in fp32."""
+    if isinstance(prob, torch.Tensor):
+        prob = prob.detach().float().cpu().numpy()
+    return (np.asarray(prob, dtype=np.float32) >= THRESHOLD).astype(np.uint8)
+
+
+def model_grid(plane: Sequence[int], img_size: Optional[Sequence[int]], target_spacing: Optional[float],
+               spacing: Optional[Sequence[float]]) -> tuple[int, int]:
+    """(H', W') a stored plane (H, W) is resampled to before the 2-D model sees it.
+
+    ``target_spacing`` set: the plane at that many mm per pixel (``spacing`` (row, col[, slice])
+    mm required); else ``img_size``, or the plane itself when that is None.
+    """
+    if target_spacing is not None:
+        if spacing is None:
+            raise ValueError("target_spacing needs the volume's spacing (row, col, slice) mm")
+        return spacing_size(plane, spacing, float(target_spacing))
+    if img_size is None:
+        return int(plane[0]), int(plane[1])
+    return int(img_size[0]), int(img_size[1])
 
 
 def flip_sets(spatial_dims: int, tta: bool) -> list[tuple[int, ...]]:
@@ -98,28 +134,30 @@ def _predict_2d(
     image: np.ndarray,
     salience: Optional[np.ndarray],
     salience_mode: str,
-    img_size: Optional[Sequence[int]],
+    grid: tuple[int, int],
+    tile: Optional[Sequence[int]],
+    overlap: float,
     batch_size: int,
     device: torch.device,
     out_device: torch.device,
 ) -> torch.Tensor:
+    """Probabilities (H, W, D) on ``out_device``: planes resampled to ``grid``, the model run on
+    ``tile``-sized sliding windows (None: on the whole plane), the result resampled back."""
     h, w, d = image.shape
-    target = (h, w) if img_size is None else (int(img_size[0]), int(img_size[1]))
-    resize = target != (h, w)
     out = torch.empty((d, h, w), dtype=torch.float32, device=out_device)
     for z0 in range(0, d, batch_size):
-        zs = range(z0, min(z0 + batch_size, d))
-        xb = np.stack([
-            model_input(image[:, :, z], None if salience is None else salience[:, :, :, z], salience_mode)
-            for z in zs
-        ])
-        x = torch.from_numpy(xb).to(device)  # (B, C, H, W)
-        if resize:
-            x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
-        p = predictor(x)  # (B, 1, h', w') probabilities
-        if resize:
-            p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
-        out[z0:z0 + len(zs)] = p[:, 0].to(out_device)
+        z1 = min(z0 + batch_size, d)
+        raw = np.moveaxis(image[:, :, z0:z1], 2, 0)[:, None]  # (B, 1, H, W)
+        if salience is not None and salience_mode == "offline":
+            raw = np.concatenate([raw, np.moveaxis(salience[:, :, :, z0:z1], 3, 0)], axis=1)  # (B, 4, H, W)
+        planes = resize_planes(torch.from_numpy(np.ascontiguousarray(raw)).to(device), grid).cpu().numpy()
+        sal = np.moveaxis(planes[:, 1:], 1, 0) if planes.shape[1] == 4 else None  # (3, B, H', W')
+        x = torch.from_numpy(np.moveaxis(model_input(planes[:, 0], sal, salience_mode), 0, 1).copy()).to(device)
+        if tile is None:
+            p = predictor(x)  # (B, 1, H', W') probabilities
+        else:
+            p = sliding_window_volume(predictor, x, tile, overlap=overlap, batch_size=batch_size, device=device)
+        out[z0:z1] = resize_planes(p, (h, w))[:, 0].to(out_device)
     return out.permute(1, 2, 0)  # (H, W, D)
 
 
@@ -131,6 +169,8 @@ def predict_volume(
     salience_mode: str,
     spatial_dims: int,
     img_size: Optional[Sequence[int]] = None,
+    target_spacing: Optional[float] = None,
+    spacing: Optional[Sequence[float]] = None,
     patch_size: Optional[Sequence[int]] = None,
     overlap: float = 0.5,
     tta: bool = False,
@@ -146,7 +186,11 @@ def predict_volume(
         call and its previous mode restored.
     image: (H, W, D) in [0, 1]. salience: (3, H, W, D) in [0, 1], or None unless
         ``salience_mode == "offline"``.
-    img_size: (H', W') the 2-D model runs at (bilinear resize both ways); None = native.
+    img_size: (H', W') the 2-D model runs at (resize both ways); None = native. With
+        ``target_spacing``: the tile size (None = the whole resampled plane).
+    target_spacing: mm per pixel the 2-D model was trained at (checkpoint ``target_spacing``);
+        None = pixel resize to ``img_size``. spacing: the volume's (row, col, slice) mm,
+        required with ``target_spacing``. Both are ignored for 3-D models.
     patch_size: (h, w, d) window of a 3-D model (required for 3-D).
     overlap: window overlap fraction in [0, 1) (3-D). batch_size: slices (2-D) or windows
         (3-D) per forward pass. device: where the output is assembled; sw_device: where the
@@ -171,14 +215,18 @@ def predict_volume(
         model.eval()
 
     def probs(x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(model(x).float())
+        logits = model(x)
+        with torch.autocast(logits.device.type, enabled=False):  # fp32 probabilities, even under AMP
+            return torch.sigmoid(logits.float())
 
     predictor = _with_tta(probs, flip_sets(spatial_dims, tta))
     try:
         with torch.no_grad():
             if spatial_dims == 2:
-                out = _predict_2d(predictor, image, salience, salience_mode, img_size, batch_size, run_device,
-                                  out_device)
+                grid = model_grid(image.shape[:2], img_size, target_spacing, spacing)
+                tile = None if (target_spacing is None or img_size is None) else tuple(int(s) for s in img_size)
+                out = _predict_2d(predictor, image, salience, salience_mode, grid, tile, overlap, batch_size,
+                                  run_device, out_device)
             else:
                 if patch_size is None or len(patch_size) != 3:
                     raise ValueError(f"a 3-D model needs patch_size (h, w, d), got {patch_size}")

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_grad", type=float, default=d.clip_grad, help="max gradient norm (0: off)")
     p.add_argument("--img_size", type=int, nargs=2, default=list(d.img_size), metavar=("H", "W"),
                    help="2-D input size; equal to the stored size means no resizing")
+    p.add_argument("--target_spacing", type=float, default=d.target_spacing, metavar="MM",
+                   help="2-D: resample every slice to MM mm per pixel in-plane, then pad/crop to --img_size "
+                        "(test.py resamples each case the same way); default: resize by pixels to --img_size")
+    p.add_argument("--init_from", default=d.init_from, metavar="CKPT",
+                   help="start from this checkpoint's weights (backbone, and the e2e head when both are e2e)")
     p.add_argument("--patch_size", type=int, nargs=3, default=list(d.patch_size), metavar=("H", "W", "D"))
     p.add_argument("--patches_per_epoch", type=int, default=d.patches_per_epoch)
     p.add_argument("--fg_fraction", type=float, default=d.fg_fraction)

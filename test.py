@@ -1,13 +1,16 @@
 """Evaluate a trained model on a split (DESIGN.md section 4).
 
-    python test.py --dataset 3D-IRCADb --backbone unet [--model_path FILE] [--split test]
+    python test.py --dataset 3D-IRCADb --backbone unet [--exp NAME] [--salience MODE] [--model_path FILE] [--split test]
                    [--eval_roi liver|none] [--tta] [--overlap 0.5] [--img_size H W]
                    [--save_pred h5|nifti] [--figures] [--device auto] [--output DIR] [--overwrite]
 
 The model is rebuilt from its checkpoint alone (networks.checkpoint.load_model); by default
-the newest ``best_model.pth`` under ``checkpoint/<dataset>/<backbone>/``. Every case of
-``<list_dir>/<dataset>/vol_<split>.txt`` is predicted at the stored grid
-(inference.predict_volume), thresholded at 0.5 and scored (evaluation.metrics.evaluate_case).
+the one ``best_model.pth`` under ``checkpoint/<dataset>/<backbone>/`` whose run matches
+``--exp`` and ``--salience`` (an error lists the candidates when several match). Every case
+of ``<list_dir>/<dataset>/vol_<split>.txt`` is predicted at the stored grid
+(inference.predict_volume; a checkpoint trained with ``--target_spacing`` resamples each case
+to its millimetres per pixel and maps the prediction back, with a warning for a case more
+than 20% off), thresholded with inference.binarize and scored (evaluation.metrics.evaluate_case).
 Reports go to one folder (default ``<run folder>/eval_<split>[_roi-liver][_tta]``), written
 as a whole when every case is done: per_case.csv, summary.json, results.md, and optionally
 predictions/ and figures/. An existing complete report is kept (pass --overwrite).
@@ -33,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root_path", default="data")
     p.add_argument("--list_dir", default="list")
     p.add_argument("--backbone", default=None, help="registry name; must match the checkpoint's")
-    p.add_argument("--model_path", default=None, help="default: newest best_model.pth under checkpoint/<dataset>/<backbone>/")
+    p.add_argument("--model_path", default=None,
+                   help="default: the best_model.pth under checkpoint/<dataset>/<backbone>/ matching --exp/--salience")
+    p.add_argument("--exp", default=None, help="choose the run by its experiment name (run folder)")
+    p.add_argument("--salience", default=None, choices=("offline", "e2e", "none"),
+                   help="choose the run by salience mode (and check the checkpoint's)")
     p.add_argument("--checkpoint_root", default="checkpoint")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (3-D)")
@@ -57,7 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         res = run_evaluation(
             dataset=args.dataset, backbone=args.backbone, root_path=args.root_path, list_dir=args.list_dir,
-            model_path=args.model_path, checkpoint_root=args.checkpoint_root, split=args.split,
+            model_path=args.model_path, checkpoint_root=args.checkpoint_root, exp=args.exp,
+            salience=args.salience, split=args.split,
             overlap=args.overlap, tta=args.tta, img_size=args.img_size, eval_roi=args.eval_roi,
             save_pred=args.save_pred, pred_kind=args.pred_kind, figures=args.figures, device=args.device,
             batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,

@@ -42,9 +42,9 @@ from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
 from dataloaders.inputs import input_channels
 from evaluation.metrics import cldice as cldice_metric
 from evaluation.metrics import dice as dice_metric
-from inference import predict_volume
+from inference import binarize, predict_volume
 from losses import make_loss, make_optimizer, poly_scheduler
-from networks.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from networks.checkpoint import check_compatible, init_from_checkpoint, load_checkpoint, save_checkpoint, unwrap
 from networks.e2e import E2ESegmenter, build_segmenter
 from networks.registry import spatial_dims_of
 from utils.atomic import atomic_path
@@ -82,6 +82,8 @@ class TrainConfig:
     cldice_iterations: int = 5
     clip_grad: float = 0.0
     img_size: Sequence[int] = (256, 256)
+    target_spacing: Optional[float] = None  # mm per pixel in-plane (2-D); None: pixel resize to img_size
+    init_from: Optional[str] = None  # checkpoint whose weights start this run
     patch_size: Sequence[int] = (64, 64, 64)
     patches_per_epoch: int = 250
     fg_fraction: float = 1 / 3
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"--batch_size and --max_epochs must be >= 1, got {self.batch_size}, {self.max_epochs}")
         if self.base_lr <= 0:
             raise ValueError(f"--base_lr must be > 0, got {self.base_lr}")
+        if self.target_spacing is not None and not self.target_spacing > 0:
+            raise ValueError(f"--target_spacing must be a positive number of mm, got {self.target_spacing}")
         input_channels(self.salience)
         if self.exp is None:
             self.exp = self.salience
@@ -233,7 +237,7 @@ def check_dataset(cfg: TrainConfig) -> DatasetPaths:
 def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int) -> torch.utils.data.Dataset:
     if dims == 2:
         return SliceDataSet(paths, cfg.salience, img_size=cfg.img_size, augment=cfg.augment,
-                            jitter=cfg.intensity_jitter, seed=cfg.seed)
+                            jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing)
     volumes = VolumeDataSet(paths, "train", cfg.salience)
     return PatchDataSet(volumes, cfg.patch_size, cfg.patches_per_epoch, fg_fraction=cfg.fg_fraction,
                         augment=cfg.augment, jitter=cfg.intensity_jitter, seed=cfg.seed)
@@ -261,7 +265,7 @@ def batches_per_epoch(cfg: TrainConfig, env: Env, n_items: int) -> int:
 
 @torch.no_grad()
 def validate(model: nn.Module, cases: VolumeDataSet, cfg: TrainConfig, env: Env, dims: int) -> dict[str, float]:
-    """Mean Dice and clDice over the validation cases (prediction = probability > 0.5)."""
+    """Mean Dice and clDice over the validation cases (prediction = inference.binarize(probability))."""
     model = unwrap(model)
     dices, cldices = [], []
     for i in range(len(cases)):
@@ -270,9 +274,10 @@ def validate(model: nn.Module, cases: VolumeDataSet, cfg: TrainConfig, env: Env,
             prob = predict_volume(
                 model, case.image, case.salience, salience_mode=cfg.salience, spatial_dims=dims,
                 img_size=cfg.img_size if dims == 2 else None, patch_size=cfg.patch_size if dims == 3 else None,
+                target_spacing=cfg.target_spacing, spacing=case.spacing,
                 overlap=cfg.val_overlap, batch_size=cfg.val_batch_size, device=env.device,
             )
-        pred = prob > 0.5
+        pred = binarize(prob)
         dices.append(dice_metric(pred, case.label))
         cldices.append(cldice_metric(pred, case.label))
     # cases with an empty truth and prediction give NaN; they carry no information
@@ -382,6 +387,10 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
 
     torch.manual_seed(cfg.seed)
     model = build_segmenter(cfg.backbone, cfg.salience, 1, cfg.model_kwargs, head_path=cfg.head).to(env.device)
+    if cfg.init_from and not cfg.resume:
+        src = init_from_checkpoint(model, cfg.init_from, model_name=cfg.backbone, salience=cfg.salience)
+        log.info("weights from %s (%s, salience %s, epoch %s)", cfg.init_from, src["model_name"], src["salience"],
+                 src.get("epoch"))
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.base_lr, cfg.weight_decay, cfg.momentum)
     per_epoch = batches_per_epoch(cfg, env, len(train_set))
     horizon = cfg.max_epochs * per_epoch
@@ -391,17 +400,13 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
     scaler = torch.amp.GradScaler("cuda", enabled=env.amp_dtype == torch.float16)
     loss_fn = make_loss(cfg.loss, cfg.cldice_iterations)
     head_sha = _head_sha256(cfg, paths, val_cases.names)
+    mm_per_pixel = train_set.mm_per_pixel() if isinstance(train_set, SliceDataSet) else None
 
     start_epoch, iteration, best = 0, 0, -1.0
     if cfg.resume:
         ckpt = load_checkpoint(last_path, map_location="cpu")
-        if ckpt["in_channels"] != input_channels(cfg.salience) or ckpt["salience"] != cfg.salience:
-            raise ValueError(f"{last_path}: channel mismatch: checkpoint takes {ckpt['in_channels']} channels "
-                             f"(salience {ckpt['salience']}), this run {input_channels(cfg.salience)} "
-                             f"(salience {cfg.salience})")
-        if ckpt["model_name"] != cfg.backbone or ckpt["model_kwargs"] != cfg.model_kwargs:
-            raise ValueError(f"{last_path}: checkpoint is for {ckpt['model_name']} {ckpt['model_kwargs']}, "
-                             f"not {cfg.backbone} {cfg.model_kwargs}")
+        check_compatible(ckpt, last_path, backbone=cfg.backbone, model_kwargs=cfg.model_kwargs,
+                         salience=cfg.salience)
         model.load_state_dict(ckpt["state_dict"])
         if ckpt.get("optimizer"):
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -442,6 +447,7 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
         save_checkpoint(path, model, model_name=cfg.backbone, model_kwargs=cfg.model_kwargs,
                         salience=cfg.salience, config=cfg.to_json(), epoch=epoch_done, iteration=iteration,
                         best_metric=best, head_sha256=head_sha, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                        target_spacing=cfg.target_spacing, mm_per_pixel=mm_per_pixel,
                         optimizer=optimizer, scheduler=scheduler, scaler=scaler if scaler.is_enabled() else None)
 
     def run_validation(epoch_done: int, last_batch: Optional[dict], last_logits: Optional[torch.Tensor]) -> None:

@@ -3,7 +3,8 @@
 Every item is a dict of tensors:
     ``input``  (C, H, W) or (C, h, w, d) float32: dataloaders.inputs.model_input(image, S, mode)
     ``image``  (1, ...) the raw image G in [0, 1] (for the TensorBoard grid)
-    ``label``  (1, ...) float32 {0, 1}
+    ``label``  (1, ...) float32 in [0, 1]: {0, 1} where no resizing happened, a soft target
+               where a slice was resized (dataloaders.transforms: one geometry for all planes)
 C is 3 for ``--salience offline`` ((1 + S_i) * G) and 1 for ``none`` / ``e2e``.
 
 - :class:`SliceDataSet`: the seed's 2-D training set, one ``slice_data/<case>_sliceNNNN.h5``
@@ -32,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from dataloaders.inputs import input_channels, model_input
-from dataloaders.transforms import intensity_jitter, resize_2d, rot_flip
+from dataloaders.transforms import intensity_jitter, pad_or_crop, resize_2d, rot_flip, spacing_size
 from utils.h5io import DatasetPaths, read_list, read_salience, read_volume
 
 _SLICE_RE = re.compile(r"^(?P<case>.+)_slice(?P<z>\d+)$")
@@ -41,6 +42,36 @@ _RUN_SALIENCE = "run salience_generation.py --dataset {dataset} first"
 
 def _no_salience(path: Path, dataset: str) -> ValueError:
     return ValueError(f"{path}: no salience map for --salience offline; {_RUN_SALIENCE.format(dataset=dataset)}")
+
+
+def read_case_salience(paths: DatasetPaths, case: str, image_shape: Sequence[int]) -> np.ndarray:
+    """The (3, H, W, D) salience of ``case``; ValueError naming both files if it does not fit the image."""
+    sal = read_salience(paths.salience(case))
+    if sal.shape[1:] != tuple(image_shape):
+        raise ValueError(f"{paths.salience(case)}: salience shape {sal.shape} does not match "
+                         f"image {tuple(image_shape)} of {paths.volume(case)}")
+    return sal
+
+
+def case_spacing(paths: DatasetPaths, case: str) -> tuple[float, float, float]:
+    """(row, col, slice) mm of ``case`` from the attrs of its ``vol_data`` file (slice files carry none)."""
+    return _case_geometry(paths, case)[0]
+
+
+def _case_geometry(paths: DatasetPaths, case: str) -> tuple[tuple[float, float, float], tuple[int, ...]]:
+    """(spacing (row, col, slice) mm, image shape) of ``case`` from its ``vol_data`` file, no array read."""
+    path = paths.volume(case)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: volume file not found; --target_spacing reads each case's spacing from it")
+    try:
+        with h5py.File(path, "r") as f:
+            spacing = f.attrs.get("spacing")
+            shape = tuple(f["image"].shape) if "image" in f else ()
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
+    if spacing is None or len(spacing) != 3:
+        raise ValueError(f"{path}: no 'spacing' attribute (3 floats, mm), needed by --target_spacing")
+    return tuple(float(s) for s in spacing), shape
 
 
 class _Augmenting(Dataset):
@@ -72,22 +103,32 @@ class _Augmenting(Dataset):
         return {
             "input": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
-            "label": torch.from_numpy((label > 0).astype(np.float32))[None],
+            "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None],
         }
 
 
 class SliceDataSet(_Augmenting):
     """2-D slices listed in ``<list_dir>/<dataset>/<list_name>.txt`` (the seed's training set).
 
-    ``img_size`` (H', W'): resize to it (bilinear input, nearest label) unless equal to the
-    stored size. Output ``input`` (C, H', W'), ``label`` (1, H', W').
+    Geometry (image, salience and label together, dataloaders.transforms.resize_planes; the
+    label becomes a soft target wherever it is resized), then augmentation:
+
+    - ``target_spacing`` None: resize to ``img_size`` (H', W') unless equal to the stored size
+      (the seed's pixel resize). Output ``input`` (C, H', W'), ``label`` (1, H', W').
+    - ``target_spacing`` t (mm): resample the plane to t mm per pixel in-plane (the case's
+      spacing comes from ``vol_data/<case>.h5``), then zero-pad (centred) or crop (random
+      offset) to ``img_size``; with ``img_size`` None the whole resampled plane is returned.
     """
 
     def __init__(self, paths: DatasetPaths, salience_mode: str, img_size: Optional[Sequence[int]] = None,
-                 list_name: str = "slice_train", augment: bool = True, jitter: bool = False, seed: int = 0) -> None:
+                 list_name: str = "slice_train", augment: bool = True, jitter: bool = False, seed: int = 0,
+                 target_spacing: Optional[float] = None) -> None:
         super().__init__(salience_mode, augment, jitter, seed)
         self.paths = paths
         self.img_size = None if img_size is None else (int(img_size[0]), int(img_size[1]))
+        self.target_spacing = None if target_spacing is None else float(target_spacing)
+        if self.target_spacing is not None and not self.target_spacing > 0:
+            raise ValueError(f"--target_spacing must be a positive number of mm, got {target_spacing}")
         self.names = read_list(paths.list_file(list_name))
         if not self.names:
             raise ValueError(f"{paths.list_file(list_name)}: list is empty")
@@ -97,9 +138,38 @@ class SliceDataSet(_Augmenting):
                                     f"run preprocess.py)")
         if salience_mode == "offline":
             self._salience_path(self.names[0], first)  # fail now, not in a worker
+        # in-plane spacing per case, read once (and here, so a missing file fails now)
+        self.spacings: dict[str, tuple[float, float, float]] = {}
+        if self.target_spacing is not None:
+            for name in self.names:
+                case = self._case(name)
+                if case not in self.spacings:
+                    self.spacings[case] = case_spacing(paths, case)
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def mm_per_pixel(self) -> Optional[float]:
+        """In-plane mm per pixel the model sees: ``target_spacing``, else the median over cases of
+        row spacing x H / img_size H (native spacing when ``img_size`` is None); None when a
+        case's volume file or spacing is missing (recorded in checkpoints for test.py's warning)."""
+        if self.target_spacing is not None:
+            return self.target_spacing
+        values = []
+        for case in dict.fromkeys(self._case(n) for n in self.names):
+            try:
+                spacing, shape = _case_geometry(self.paths, case)
+            except (FileNotFoundError, ValueError):
+                return None
+            scale = 1.0 if self.img_size is None or not shape else shape[0] / self.img_size[0]
+            values.append(spacing[0] * scale)
+        return float(np.median(values)) if values else None
+
+    def _case(self, name: str) -> str:
+        m = _SLICE_RE.match(name)
+        if m is None:
+            raise ValueError(f"{self.paths.slice(name)}: slice name must be <case>_slice<NNNN>")
+        return m.group("case")
 
     def _salience_path(self, name: str, slice_path: Path) -> Optional[Path]:
         """None if the slice file holds its salience, else the volume salience file to read from."""
@@ -111,6 +181,20 @@ class SliceDataSet(_Augmenting):
         if vol is None or not vol.is_file():
             raise _no_salience(slice_path, self.paths.root.name)
         return vol
+
+    def _geometry(self, name: str, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray],
+                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """Resize / resample + pad-or-crop image (H, W), label (H, W) and salience (3, H, W) together."""
+        size = self.img_size
+        if self.target_spacing is not None:
+            size = spacing_size(image.shape, self.spacings[self._case(name)], self.target_spacing)
+        planes = image[None] if sal is None else np.concatenate([image[None], sal])
+        if size is not None:
+            planes, label = resize_2d(planes, label, size)
+        if self.target_spacing is not None and self.img_size is not None:
+            both, _ = pad_or_crop(np.concatenate([planes, label[None]]), self.img_size, rng)
+            planes, label = both[:-1], both[-1]
+        return planes[0], label, (None if sal is None else planes[1:])
 
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
@@ -124,21 +208,17 @@ class SliceDataSet(_Augmenting):
             raise ValueError(f"{path}: unreadable slice file ({e})") from None
         if image.ndim != 2 or label.shape != image.shape:
             raise ValueError(f"{path}: image/label must be (H, W) of one shape, got {image.shape} / {label.shape}")
-        if self.salience_mode == "offline" and sal is None:
+        if self.salience_mode != "offline":
+            sal = None  # not an input: do not resize or augment it
+        elif sal is None:
             vol = self._salience_path(name, path)
             z = int(_SLICE_RE.match(name).group("z"))
             with h5py.File(vol, "r") as f:
                 sal = f["salience"][:, :, :, z].astype(np.float32)
         item_rng = self._rng(index)
+        image, label, sal = self._geometry(name, image, (label > 0).astype(np.float32), sal, item_rng)
         image, label, sal = self._augment(image, label, sal, item_rng)
-        item = self._item(image, label, sal)
-        if self.img_size is not None:
-            x = torch.cat([item["input"], item["image"]]).numpy()
-            x, lab = resize_2d(x, item["label"][0].numpy(), self.img_size)
-            c = item["input"].shape[0]
-            item = {"input": torch.from_numpy(x[:c].copy()), "image": torch.from_numpy(x[c:].copy()),
-                    "label": torch.from_numpy(lab)[None]}
-        return item
+        return self._item(image, label, sal)
 
 
 @dataclass
@@ -185,12 +265,7 @@ class VolumeDataSet(Dataset):
     def _read(self, index: int) -> CaseData:
         name = self.names[index]
         vol = read_volume(self.paths.volume(name))
-        sal = None
-        if self.salience_mode == "offline":
-            sal = read_salience(self.paths.salience(name))
-            if sal.shape[1:] != vol.image.shape:
-                raise ValueError(f"{self.paths.salience(name)}: salience shape {sal.shape} does not match "
-                                 f"image {vol.image.shape} of {self.paths.volume(name)}")
+        sal = read_case_salience(self.paths, name, vol.image.shape) if self.salience_mode == "offline" else None
         return CaseData(name, vol.image, vol.label, sal, vol.spacing, vol.liver)
 
     def __getitem__(self, index: int) -> CaseData:
@@ -253,7 +328,7 @@ class PatchDataSet(_Augmenting):
         else:
             centre = np.array([rng.integers(s) for s in shape])
         start = [int(np.clip(c - p // 2, 0, max(0, s - p))) for c, p, s in zip(centre, self.patch_size, shape)]
-        image, label = self._crop(case.image, start), self._crop(case.label, start)
+        image, label = self._crop(case.image, start), (self._crop(case.label, start) > 0).astype(np.float32)
         sal = self._crop(case.salience, start) if case.salience is not None else None
         image, label, sal = self._augment(image, label, sal, rng)
         return self._item(image, label, sal)

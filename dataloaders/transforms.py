@@ -1,18 +1,30 @@
-"""Training augmentations and resizing.
+"""Training augmentations and the 2-D resampling geometry shared by training and inference.
 
-Arrays: image (*spatial) in [0, 1], label (*spatial) {0, 1}, salience (3, *spatial) or
+Arrays: image (*spatial) in [0, 1], label (*spatial) in [0, 1], salience (3, *spatial) or
 None; spatial is (H, W) for a slice and (H, W, D) for a patch. Randomness comes from a
 ``numpy.random.Generator`` the dataset derives from (seed, epoch, index), so runs are
 reproducible whatever the number of loader workers.
 
 - ``rot_flip`` (the seed's ``random_rot_flip``): rot90 by k in {0..3} in the H-W plane,
-  then a flip along H or W. A quarter turn swaps rows and columns, so the coronal
-  (W x D) and sagittal (H x D) planes trade places: the salience channels 1 and 2 are
-  swapped with it to keep the order (transverse, coronal, sagittal), for slices as for
-  patches (the seed rotated the channels without swapping them).
+  then a flip along H or W. A quarter turn swaps rows and columns, so it is only used
+  when h == w (a non-square patch keeps its shape: odd k becomes k - 1, a half turn).
+  It also makes the coronal (W x D) and sagittal (H x D) planes trade places: the
+  salience channels 1 and 2 are swapped with it to keep the order (transverse, coronal,
+  sagittal), for slices as for patches (the seed rotated the channels without swapping).
 - ``intensity_jitter``: image * U(0.9, 1.1) + U(-0.05, 0.05), clipped to [0, 1] (optional).
-- ``resize_2d``: bilinear (align_corners False) for image/salience, nearest for the label;
-  the same interpolation inference.predict_volume uses, so train and test inputs agree.
+
+One geometry for every 2-D plane (image, salience, label and, at inference, the
+probability mapped back): :func:`resize_planes`, bilinear with ``align_corners=False``
+(pixel centres at (i + 0.5) * scale) and antialiasing when shrinking (a triangle filter as
+wide as the scale, so a one-pixel vessel is averaged, not skipped). The label is resized
+as a float like the image and kept as a soft target in [0, 1]: its centroid moves with
+the image's and a thin vessel keeps its mass instead of vanishing under ``nearest``.
+Predictions are resized back the same way and then thresholded (inference.binarize).
+
+- ``spacing_size``: the (H', W') that puts a plane of spacing (row, col) mm at
+  ``target_spacing`` mm per pixel.
+- ``pad_or_crop``: to a fixed size; padding is centred (before = diff // 2, as MONAI's
+  sliding window pads), a crop is at a random offset (training) or centred.
 """
 from __future__ import annotations
 
@@ -27,9 +39,11 @@ Arrays = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]
 
 def rot_flip(image: np.ndarray, label: np.ndarray, salience: Optional[np.ndarray],
              rng: np.random.Generator) -> Arrays:
-    """Seed's random rot90 + flip in the H-W plane (works for 2-D slices and 3-D patches)."""
+    """Seed's random rot90 + flip in the H-W plane (2-D slices and 3-D patches); shapes are kept."""
     k = int(rng.integers(0, 4))
     axis = int(rng.integers(0, 2))
+    if image.shape[0] != image.shape[1]:
+        k -= k % 2  # a quarter turn would swap h and w of a non-square patch
     image = np.flip(np.rot90(image, k, axes=(0, 1)), axis=axis)
     label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis)
     if salience is not None:
@@ -45,15 +59,64 @@ def intensity_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image * scale + shift, 0.0, 1.0).astype(np.float32)
 
 
+def _size2(size: Sequence[int]) -> tuple[int, int]:
+    if len(size) != 2 or min(int(s) for s in size) < 1:
+        raise ValueError(f"size must be two positive integers (H, W), got {tuple(size)}")
+    return int(size[0]), int(size[1])
+
+
+def resize_planes(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize planes (N, C, H, W) to (N, C, H', W'), float32, the project's one 2-D geometry.
+
+    Bilinear, ``align_corners=False``, antialiased where it shrinks; computed in fp32 with
+    autocast off (so probabilities stay fp32 under AMP). Returns ``x`` itself (as float32)
+    when the size already matches.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"resize_planes needs (N, C, H, W), got shape {tuple(x.shape)}")
+    size = _size2(size)
+    x = x.float()
+    if tuple(x.shape[-2:]) == size:
+        return x
+    with torch.autocast(x.device.type, enabled=False):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
 def resize_2d(x: np.ndarray, label: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Resize an input (C, H, W) and its label (H, W) to ``size`` (H', W'); no-op if equal."""
-    size = (int(size[0]), int(size[1]))
-    if x.ndim != 3 or label.ndim != 2:
-        raise ValueError(f"resize_2d needs x (C, H, W) and label (H, W), got {x.shape} / {label.shape}")
-    if tuple(label.shape) == size:
-        return x, label
-    xt = F.interpolate(torch.from_numpy(np.ascontiguousarray(x))[None], size=size, mode="bilinear",
-                       align_corners=False)[0]
-    lt = F.interpolate(torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None, None], size=size,
-                       mode="nearest")[0, 0]
-    return xt.numpy(), lt.numpy().astype(label.dtype)
+    """Resize planes x (C, H, W) and the label (H, W) to ``size`` with one geometry.
+
+    Returns (x float32 (C, H', W'), label float32 (H', W') soft in [0, 1]); no-op (label as
+    float32) if the size already matches.
+    """
+    if x.ndim != 3 or label.ndim != 2 or x.shape[1:] != label.shape:
+        raise ValueError(f"resize_2d needs x (C, H, W) and label (H, W) of one plane, got {x.shape} / {label.shape}")
+    both = np.concatenate([np.asarray(x, dtype=np.float32), np.asarray(label, dtype=np.float32)[None]])
+    out = resize_planes(torch.from_numpy(both)[None], size)[0].numpy()
+    return out[:-1], np.clip(out[-1], 0.0, 1.0)
+
+
+def spacing_size(shape: Sequence[int], spacing: Sequence[float], target_spacing: float) -> tuple[int, int]:
+    """(H', W') = round(H * row_mm / t), round(W * col_mm / t): the plane at ``t`` mm per pixel."""
+    if target_spacing is None or not target_spacing > 0:
+        raise ValueError(f"target spacing must be a positive number of mm, got {target_spacing}")
+    if len(spacing) < 2 or min(float(s) for s in spacing[:2]) <= 0:
+        raise ValueError(f"in-plane spacing must be two positive numbers (mm), got {tuple(spacing)}")
+    return (max(1, int(round(shape[0] * float(spacing[0]) / target_spacing))),
+            max(1, int(round(shape[1] * float(spacing[1]) / target_spacing))))
+
+
+def pad_or_crop(x: np.ndarray, size: Sequence[int], rng: Optional[np.random.Generator] = None,
+                start: Optional[Sequence[int]] = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Planes (C, H, W) to (C, *size): zero-pad centred, crop at ``start``, a random offset
+    (``rng``) or the centre. Returns (array, crop start (row, col); 0 where padded)."""
+    size = _size2(size)
+    if x.ndim != 3:
+        raise ValueError(f"pad_or_crop needs (C, H, W), got shape {x.shape}")
+    if start is None:
+        start = [int(rng.integers(0, n - s + 1)) if (rng is not None and n > s) else max(0, (n - s) // 2)
+                 for n, s in zip(x.shape[1:], size)]
+    out = x[:, start[0]:start[0] + size[0], start[1]:start[1] + size[1]]
+    pad = [(0, 0)] + [((s - n) // 2, s - n - (s - n) // 2) for n, s in zip(out.shape[1:], size)]
+    if any(a or b for a, b in pad):
+        out = np.pad(out, pad)
+    return np.ascontiguousarray(out), (int(start[0]), int(start[1]))

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import SimpleITK as sitk
 
+from inference import binarize
 from utils.atomic import atomic_path
 
 PRED_FORMATS = ("h5", "nifti")
@@ -55,7 +56,7 @@ def save_prediction(
     image: Optional[np.ndarray] = None,
     crop: Optional[Sequence[int]] = None,
 ) -> list[Path]:
-    """Write ``prob`` (H, W, D) float32 in [0, 1] (or its mask at 0.5, uint8) for ``case``.
+    """Write ``prob`` (H, W, D) float32 in [0, 1] (or its mask, ``inference.binarize``, uint8) for ``case``.
 
     h5: ``<case>_pred.h5`` with dataset ``prob`` (float32) or ``mask`` (uint8), attrs spacing.
     nifti: ``<case>_pred.nii.gz`` and, when ``image`` is given, ``<case>_image.nii.gz`` beside
@@ -63,7 +64,7 @@ def save_prediction(
     """
     if fmt not in PRED_FORMATS:
         raise ValueError(f"unknown prediction format {fmt!r}; valid: {', '.join(PRED_FORMATS)}")
-    data = (prob >= 0.5).astype(np.uint8) if as_mask else prob.astype(np.float32)
+    data = binarize(prob) if as_mask else prob.astype(np.float32)
     written = []
     if fmt == "h5":
         path = out_dir / f"{case}_pred.h5"

@@ -5,7 +5,6 @@ See test.py for the command line; :func:`run_evaluation` is the typed entry poin
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import time
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataloaders.inputs import input_channels
+from dataloaders.datasets import read_case_salience
 from evaluation.figures import mip_figure, overlay_figure
 from evaluation.metrics import METRIC_KEYS, evaluate_case
 from evaluation.predictions import PRED_FORMATS, save_prediction
@@ -28,16 +27,16 @@ from evaluation.reports import (
     write_per_case_csv,
     write_summary_json,
 )
-from inference import predict_volume
+from inference import THRESHOLD, binarize, predict_volume
 from utils.atomic import atomic_dir
-from utils.h5io import DatasetPaths, read_list, read_salience, read_volume
+from utils.h5io import DatasetPaths, read_list, read_volume
 
 log = logging.getLogger("test")  # messages read as coming from test.py
 
 ROI_CHOICES = ("none", "liver")
 REPORT_FILES = ("per_case.csv", "summary.json", "results.md")
 EXTRA_KEYS = ("seconds_inference", "seconds_metrics")
-THRESHOLD = 0.5
+SPACING_TOLERANCE = 0.2  # warn when a case's mm per pixel differs by more than this from training's
 
 
 @dataclass
@@ -53,8 +52,28 @@ def backbone_dirnames(backbone: str) -> list[str]:
     return list(dict.fromkeys([backbone, backbone.replace(":", "_"), backbone.replace(":", "-")]))
 
 
-def find_checkpoint(checkpoint_root: Path, dataset: str, backbone: str) -> Path:
-    """Newest ``best_model.pth`` under ``checkpoint_root/<dataset>/<backbone>/`` (any depth)."""
+def _run_description(model_path: Path) -> dict:
+    """{"exp", "salience"} of the run that wrote ``model_path``: its config.json, else the checkpoint."""
+    config = model_path.parent / "config.json"
+    if config.is_file():
+        try:
+            cfg = json.loads(config.read_text())
+            return {"exp": cfg.get("exp"), "salience": cfg.get("salience")}
+        except (OSError, json.JSONDecodeError):
+            pass
+    from networks.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(model_path)
+    return {"exp": ckpt.get("config", {}).get("exp"), "salience": ckpt["salience"]}
+
+
+def find_checkpoint(checkpoint_root: Path, dataset: str, backbone: str, exp: Optional[str] = None,
+                    salience: Optional[str] = None) -> Path:
+    """The one ``best_model.pth`` under ``checkpoint_root/<dataset>/<backbone>/`` (any depth) whose run
+    matches ``exp`` (run folder name) and ``salience`` when given.
+
+    FileNotFoundError when none matches; ValueError listing the candidates when several do.
+    """
     found: list[Path] = []
     tried = []
     for name in backbone_dirnames(backbone):
@@ -62,9 +81,46 @@ def find_checkpoint(checkpoint_root: Path, dataset: str, backbone: str) -> Path:
         tried.append(str(base))
         if base.is_dir():
             found.extend(base.rglob("best_model.pth"))
+    found = sorted(set(found))
+    wanted = " ".join(f"--{k} {v}" for k, v in (("exp", exp), ("salience", salience)) if v is not None)
+    if exp is not None:
+        found = [p for p in found if p.parent.name == exp or _run_description(p)["exp"] == exp]
+    if salience is not None:
+        found = [p for p in found if _run_description(p)["salience"] == salience]
     if not found:
-        raise FileNotFoundError(f"{tried[0]}: no best_model.pth found (train with main.py or pass --model_path)")
-    return max(found, key=lambda p: p.stat().st_mtime)
+        raise FileNotFoundError(f"{tried[0]}: no best_model.pth found{' for ' + wanted if wanted else ''} "
+                                f"(train with main.py or pass --model_path)")
+    if len(found) > 1:
+        raise ValueError(f"{tried[0]}: {len(found)} runs match{' ' + wanted if wanted else ''}; choose one with "
+                         f"--exp / --salience or --model_path: {', '.join(str(p) for p in found)}")
+    return found[0]
+
+
+def spacing_warning(case: str, spacing: Sequence[float], plane: Sequence[int], ckpt: dict,
+                    img_size: Optional[Sequence[int]]) -> Optional[str]:
+    """A warning when ``case`` (in-plane ``spacing`` mm, plane (H, W)) is more than 20% off the mm per
+    pixel the 2-D model was trained at; None otherwise or when that is unknown.
+
+    With a checkpoint ``target_spacing`` t the case is resampled to t, and the warning says how far
+    (a big factor blurs or invents detail); with a pixel resize the model sees
+    row spacing x H / img_size H mm per pixel, compared with the checkpoint's ``mm_per_pixel``.
+    """
+    native = float(spacing[0])
+    target = ckpt.get("target_spacing")
+    if target:
+        if abs(native / target - 1) > SPACING_TOLERANCE:
+            return (f"{case}: {native:.3g} mm/pixel, {abs(native / target - 1):.0%} off the {target:.3g} mm/pixel "
+                    f"the model was trained at; resampled to it")
+        return None
+    trained = ckpt.get("mm_per_pixel")
+    if not trained:
+        return None
+    seen = native * (plane[0] / img_size[0] if img_size else 1.0)
+    if abs(seen / trained - 1) > SPACING_TOLERANCE:
+        return (f"{case}: the model sees {seen:.3g} mm/pixel ({native:.3g} mm x {plane[0]}/"
+                f"{img_size[0] if img_size else plane[0]} px), {abs(seen / trained - 1):.0%} off the "
+                f"{trained:.3g} mm/pixel it was trained at (train with --target_spacing to resample by millimetres)")
+    return None
 
 
 def default_output(model_path: Path, split: str, eval_roi: str, tta: bool) -> Path:
@@ -78,29 +134,6 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     return device
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _check_checkpoint(ckpt: dict, model_path: Path, backbone: Optional[str]) -> None:
-    if backbone is not None and ckpt["model_name"] != backbone:
-        raise ValueError(
-            f"{model_path}: checkpoint is a {ckpt['model_name']!r} model, not --backbone {backbone!r}")
-    expected = input_channels(ckpt["salience"])
-    if int(ckpt["in_channels"]) != expected:
-        raise ValueError(
-            f"{model_path}: checkpoint takes {ckpt['in_channels']} input channels but salience mode "
-            f"{ckpt['salience']!r} gives {expected}")
-    if int(ckpt["out_channels"]) != 1:
-        raise ValueError(f"{model_path}: checkpoint has {ckpt['out_channels']} output channels; test.py needs 1 logit")
-    if ckpt["spatial_dims"] == 3 and not ckpt.get("patch_size"):
-        raise ValueError(f"{model_path}: 3-D checkpoint without patch_size")
 
 
 @torch.no_grad()
@@ -135,6 +168,8 @@ def run_evaluation(
     list_dir: str | Path = "list",
     model_path: Optional[str | Path] = None,
     checkpoint_root: str | Path = "checkpoint",
+    exp: Optional[str] = None,
+    salience: Optional[str] = None,
     split: str = "test",
     overlap: float = 0.5,
     tta: bool = False,
@@ -169,7 +204,7 @@ def run_evaluation(
     if model_path is None:
         if backbone is None:
             raise ValueError("give --backbone (to find checkpoint/<dataset>/<backbone>/) or --model_path")
-        model_path = find_checkpoint(Path(checkpoint_root), dataset, backbone)
+        model_path = find_checkpoint(Path(checkpoint_root), dataset, backbone, exp=exp, salience=salience)
     model_path = Path(model_path)
     out_dir = Path(output) if output is not None else default_output(model_path, split, eval_roi, tta)
     if out_dir.exists() and not overwrite:
@@ -182,11 +217,12 @@ def run_evaluation(
         raise FileExistsError(f"{out_dir}: exists but holds no complete report (pass --overwrite to replace it)")
 
     # imported here so the metrics/report code paths work without the training package
-    from networks.checkpoint import load_model
+    from networks.checkpoint import check_compatible, load_model
+    from networks.salience import file_sha256
 
     device = resolve_device(device)
     model, ckpt = load_model(model_path, device=device)
-    _check_checkpoint(ckpt, model_path, backbone)
+    check_compatible(ckpt, model_path, backbone=backbone, salience=salience)
     mode, dims = ckpt["salience"], int(ckpt["spatial_dims"])
     run_img_size = list(img_size) if img_size is not None else ckpt.get("img_size")
     if img_size is not None and dims == 3:
@@ -202,12 +238,11 @@ def run_evaluation(
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         for case in tqdm(cases, desc=f"evaluating {split}", unit="case"):
             vol = read_volume(paths.volume(case))
-            sal = None
-            if mode == "offline":
-                sal = read_salience(paths.salience(case))
-                if sal.shape[1:] != vol.image.shape:
-                    raise ValueError(f"{paths.salience(case)}: salience shape {sal.shape} does not match "
-                                     f"image shape {vol.image.shape}")
+            sal = read_case_salience(paths, case, vol.image.shape) if mode == "offline" else None
+            if dims == 2:
+                warning = spacing_warning(case, vol.spacing, vol.image.shape, ckpt, run_img_size)
+                if warning:
+                    log.warning("%s", warning)
             roi = None
             if eval_roi == "liver":
                 if vol.liver is None:
@@ -217,13 +252,14 @@ def run_evaluation(
             prob = predict_volume(
                 model, vol.image, sal, salience_mode=mode, spatial_dims=dims,
                 img_size=run_img_size if dims == 2 else None,
+                target_spacing=ckpt.get("target_spacing") if dims == 2 else None, spacing=vol.spacing,
                 patch_size=ckpt.get("patch_size") if dims == 3 else None,
                 overlap=overlap, tta=tta, batch_size=batch_size,
                 # 3-D: windows on the chosen device, stitching in host memory (any volume size fits)
                 device=device if dims == 2 else "cpu", sw_device=device,
             )
             t1 = time.perf_counter()
-            pred = prob >= THRESHOLD
+            pred = binarize(prob).astype(bool)
             row: dict[str, Any] = {"case": case, **evaluate_case(pred, vol.label, vol.spacing, roi)}
             row["seconds_inference"] = t1 - t0
             row["seconds_metrics"] = time.perf_counter() - t1
@@ -247,10 +283,11 @@ def run_evaluation(
         summary = summarize(rows, keys)
         meta = {
             "dataset": dataset, "split": split, "cases": list(cases), "n_cases": len(cases),
-            "model_path": str(model_path), "model_sha256": _sha256(model_path),
+            "model_path": str(model_path), "model_sha256": file_sha256(model_path),
             "model_name": ckpt["model_name"], "model_kwargs": ckpt["model_kwargs"], "salience": mode,
             "spatial_dims": dims, "epoch": ckpt.get("epoch"), "best_metric": ckpt.get("best_metric"),
             "img_size": run_img_size if dims == 2 else None, "patch_size": ckpt.get("patch_size"),
+            "target_spacing": ckpt.get("target_spacing") if dims == 2 else None,
             "n_empty_pred": int(sum(r["empty_pred"] for r in rows)),
             "n_empty_true": int(sum(r["empty_true"] for r in rows)),
             "overlap": overlap, "tta": tta, "threshold": THRESHOLD, "eval_roi": eval_roi, "device": device,

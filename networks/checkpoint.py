@@ -14,10 +14,17 @@ A checkpoint is ``torch.save`` of a dict::
     head_sha256   sha256 of the salience head file used (str) or None
     img_size      [H, W] the 2-D model was trained at (None for 3-D)
     patch_size    [h, w, d] the 3-D model was trained at (None for 2-D)
+    target_spacing  mm per pixel the 2-D slices were resampled to in-plane (None: pixel
+                  resize to img_size; absent in older files, read as None)
+    mm_per_pixel  in-plane mm per pixel the 2-D model saw in training (target_spacing, or the
+                  median over training cases of spacing x H / img_size); None when unknown
     config        every training argument (JSON-able dict)
     state_dict, epoch, iteration, best_metric, optimizer, scheduler, scaler
 
-``load_model(path)`` rebuilds the model (e2e wrapper included) from the file alone.
+``load_model(path)`` rebuilds the model (e2e wrapper included) from the file alone;
+``check_compatible`` is the one place a checkpoint is checked against what a run asks for
+(backbone, its arguments, salience mode); ``init_from_checkpoint`` starts a model from
+another run's weights (``main.py --init_from``).
 Format v1 files (written before ``unet``/``unet3d`` became the seed's / release's networks,
 model_kwargs as given) still load: ``load_checkpoint`` maps their ``unet``/``unet3d`` to
 ``unet_bilinear``/``unet3d_bilinear``, the networks they were trained with.
@@ -91,6 +98,8 @@ def save_checkpoint(
     head_sha256: Optional[str] = None,
     img_size: Optional[Sequence[int]] = None,
     patch_size: Optional[Sequence[int]] = None,
+    target_spacing: Optional[float] = None,
+    mm_per_pixel: Optional[float] = None,
     out_channels: int = 1,
     optimizer: Optional[torch.optim.Optimizer] = None,
     scheduler: Any = None,
@@ -110,6 +119,8 @@ def save_checkpoint(
         "head_sha256": head_sha256,
         "img_size": [int(s) for s in img_size] if (img_size is not None and dims == 2) else None,
         "patch_size": [int(s) for s in patch_size] if (patch_size is not None and dims == 3) else None,
+        "target_spacing": float(target_spacing) if (target_spacing is not None and dims == 2) else None,
+        "mm_per_pixel": float(mm_per_pixel) if (mm_per_pixel is not None and dims == 2) else None,
         "config": dict(config),
         "state_dict": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
         "epoch": int(epoch),
@@ -142,22 +153,102 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint>") -> nn.Module:
-    """Build the model ``ckpt`` describes and load its weights (strict)."""
-    model = build_segmenter(ckpt["model_name"], ckpt["salience"], ckpt["out_channels"], ckpt["model_kwargs"])
-    own, stored = model.state_dict(), ckpt["state_dict"]
+def check_compatible(
+    ckpt: dict,
+    path: str | os.PathLike,
+    *,
+    backbone: Optional[str] = None,
+    model_kwargs: Optional[dict] = None,
+    salience: Optional[str] = None,
+) -> None:
+    """The one check of a checkpoint against a run or a dataset; ValueError naming ``path``.
+
+    Always: ``in_channels`` agrees with the stored salience mode, one output logit, a 3-D
+    model has its ``patch_size``. When given: the backbone name, the salience mode (the data
+    must supply that input: ``offline`` needs maps, ``none``/``e2e`` the image), and every
+    given ``model_kwargs`` entry equals the stored one (stored extra entries, e.g. resolved
+    defaults, are allowed).
+    """
+    if backbone is not None and ckpt["model_name"] != backbone:
+        raise ValueError(f"{path}: checkpoint is a {ckpt['model_name']!r} model, not --backbone {backbone!r}")
+    expected = input_channels(ckpt["salience"])
+    if int(ckpt["in_channels"]) != expected:
+        raise ValueError(f"{path}: checkpoint takes {ckpt['in_channels']} input channels but salience mode "
+                         f"{ckpt['salience']!r} gives {expected}")
+    if salience is not None and ckpt["salience"] != salience:
+        raise ValueError(f"{path}: channel mismatch: checkpoint takes {ckpt['in_channels']} channels (salience "
+                         f"{ckpt['salience']}), this run {input_channels(salience)} (salience {salience})")
+    if model_kwargs is not None:
+        stored = ckpt.get("model_kwargs") or {}
+        differ = {k: (stored.get(k), v) for k, v in model_kwargs.items() if stored.get(k) != v}
+        if differ:
+            raise ValueError(f"{path}: checkpoint is for {ckpt['model_name']} {stored}, not "
+                             f"{backbone or ckpt['model_name']} {model_kwargs} (differ: {differ})")
+    if int(ckpt["out_channels"]) != 1:
+        raise ValueError(f"{path}: checkpoint has {ckpt['out_channels']} output channels; 1 logit is expected")
+    if int(ckpt["spatial_dims"]) == 3 and not ckpt.get("patch_size"):
+        raise ValueError(f"{path}: 3-D checkpoint without patch_size")
+
+
+def _fit_report(own: dict, stored: dict) -> str:
+    """'' when ``stored`` fits the state dict ``own`` exactly, else what does not fit."""
     missing = [k for k in own if k not in stored]
     unexpected = [k for k in stored if k not in own]
     bad_shapes = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in stored.items() if k in own and own[k].shape != v.shape]
-    if missing or unexpected or bad_shapes:
-        raise ValueError(
-            f"{path}: weights do not fit model {ckpt['model_name']} {ckpt['model_kwargs']} "
-            f"(salience {ckpt['salience']}): {len(missing)} missing {missing[:3]}, "
-            f"{len(unexpected)} unexpected {unexpected[:3]}, shape mismatches {bad_shapes[:3]}"
-        )
-    model.load_state_dict(stored, strict=True)
+    if not (missing or unexpected or bad_shapes):
+        return ""
+    return (f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+            f"{len(bad_shapes)} shape mismatches {bad_shapes[:3]}")
+
+
+def model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint>") -> nn.Module:
+    """Build the model ``ckpt`` describes and load its weights (strict)."""
+    model = build_segmenter(ckpt["model_name"], ckpt["salience"], ckpt["out_channels"], ckpt["model_kwargs"])
+    problem = _fit_report(model.state_dict(), ckpt["state_dict"])
+    if problem:
+        raise ValueError(f"{path}: weights do not fit model {ckpt['model_name']} {ckpt['model_kwargs']} "
+                         f"(salience {ckpt['salience']}): {problem}")
+    model.load_state_dict(ckpt["state_dict"], strict=True)
     return model
+
+
+def _split_state(state: dict, e2e: bool) -> tuple[dict, dict]:
+    """(backbone weights, salience-head weights) of a model's state dict, backbone keys unprefixed."""
+    if not e2e:
+        return dict(state), {}
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    head = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    return backbone, head
+
+
+def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, model_name: str, salience: str) -> dict:
+    """Start ``model`` (a ``build_segmenter(model_name, salience, ...)``) from another run's weights.
+
+    The backbone must match exactly (names and shapes; input channels follow the salience
+    mode, so e.g. ``offline`` (3 channels) cannot start a 2-D ``none`` run (1)); the e2e
+    salience head is copied too when both runs are e2e, else the model keeps its own.
+    Optimiser, schedule and epoch are not taken. Returns the source checkpoint dict.
+    ValueError with one line naming ``path`` when the architectures differ.
+    """
+    ckpt = load_checkpoint(path)
+    src_bb, src_head = _split_state(ckpt["state_dict"], ckpt["salience"] == "e2e")
+    target = unwrap(model)
+    own_bb, own_head = _split_state(target.state_dict(), salience == "e2e")
+    problem = _fit_report(own_bb, src_bb)
+    if problem:
+        raise ValueError(f"{path}: --init_from architecture differs: checkpoint backbone {ckpt['model_name']} "
+                         f"{ckpt['model_kwargs']} (salience {ckpt['salience']}) vs this run's {model_name} "
+                         f"(salience {salience}): {problem}")
+    copy = {("backbone." + k if salience == "e2e" else k): v for k, v in src_bb.items()}
+    if src_head and own_head:
+        problem = _fit_report(own_head, src_head)
+        if problem:
+            raise ValueError(f"{path}: --init_from salience head differs from this run's: {problem}")
+        copy.update(src_head)
+    missing, unexpected = target.load_state_dict(copy, strict=False)
+    assert not unexpected and all(k in own_head for k in missing), (missing, unexpected)
+    return ckpt
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -3,13 +3,17 @@
 # (2 cores): phantoms -> HDF5 -> salience head fit + three-plane salience -> U-Net with
 # offline salience -> test.py. A second run reuses every stage that is complete.
 #
-# Environment: DEMO_ITERS (training iterations, default 400), and those of prepare_phantom.sh.
+# Environment: DEMO_ITERS (training iterations, default 400), DEMO_SPACING (mm per pixel the
+# slices are resampled to, default 0.9: the demo phantoms' own spacing, so a 192 x 192 tile
+# covers their 173 mm field of view as before; real CT at 0.57-0.87 mm is resampled to it by
+# test.py), and those of prepare_phantom.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DEMO_DATA:-data}
 CKPT=${DEMO_CKPT:-checkpoint}
 ITERS=${DEMO_ITERS:-400}
+SPACING=${DEMO_SPACING:-0.9}
 export T0=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 
@@ -18,7 +22,8 @@ bash scripts/prepare_phantom.sh
 step "4/5 train unet with offline salience ($ITERS iterations)"
 # a 16-channel U-Net: the seed's 64 base channels take ~10x longer per step on a CPU
 RUN_ARGS=(--dataset phantom --root_path "$DATA" --output_root "$CKPT" --backbone unet --salience offline
-          --model_kwargs '{"base_channels": 16}' --img_size 192 192 --batch_size 4 --optimizer adamw
+          --model_kwargs '{"base_channels": 16}' --target_spacing "$SPACING" --img_size 192 192
+          --batch_size 4 --optimizer adamw
           --base_lr 0.003 --loss bce+dice --max_epochs 100 --max_iterations "$ITERS" --val_every 200
           --seed 0 --exp demo)
 RUN_DIR=$($PY main.py "${RUN_ARGS[@]}" --print_run_dir)

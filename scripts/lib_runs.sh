@@ -4,13 +4,16 @@
 # trains BACKBONE with --salience MODE into run folder .../EXP, tests it on the test split
 # (report in <run>/eval_test), reuses a run whose report exists, and appends
 # "label=<run>/eval_test" to the array RUNS. Reads MODEL_KW (JSON; empty: the backbone's
-# defaults) and the settings below, each overridable from the environment.
+# defaults) and the settings below, each overridable from the environment. 2-D runs resample
+# every slice to TARGET_SPACING mm per pixel (default 0.9, the demo phantoms' spacing) and
+# train on 192 x 192 tiles of it; 3-D runs use their patches on the stored grid.
 PY=${PY:-.venv/bin/python}
 DATA=${DEMO_DATA:-data}
 CKPT=${DEMO_CKPT:-checkpoint}
 DATASET=${DATASET:-phantom}
 ITERS=${ITERS:-400}
 SEED=${SEED:-0}
+TARGET_SPACING=${TARGET_SPACING:-0.9}
 HEAD=${HEAD:-$CKPT/salience/$DATASET/bank_fit.pth}  # e2e head initialisation
 RUNS=()
 
@@ -21,7 +24,7 @@ prepare_data() {
 
 train_and_test() {
   local backbone=$1 mode=$2 exp=$3; shift 3
-  local size_args=(--img_size 192 192)
+  local size_args=(--img_size 192 192 --target_spacing "$TARGET_SPACING")
   case "$backbone" in unet3d|monai:*) size_args=(--patch_size 64 64 32) ;; esac
   local extra=()
   # e2e starts from the same fitted head the offline maps came from

@@ -100,9 +100,15 @@ def test_cli_3d_default_checkpoint_and_output(tiny_dataset, tmp_path, capsys):
     new = _save_ckpt(ck_root / ds.dataset / "unet3d" / "new" / "best_model.pth", "unet3d", "none",
                      {"base_channels": 2, "depth": 2}, patch_size=[16, 16, 8])
     os.utime(old, (1e9, 1e9))
-    rc = cli.main(["--dataset", ds.dataset, "--backbone", "unet3d", "--root_path", str(ds.root_path),
-                   "--list_dir", str(ds.list_dir), "--checkpoint_root", str(ck_root), "--device", "cpu",
-                   "--tta", "--overlap", "0.25", "--save_pred", "h5", "--pred_kind", "mask"])
+    argv = ["--dataset", ds.dataset, "--backbone", "unet3d", "--root_path", str(ds.root_path),
+            "--list_dir", str(ds.list_dir), "--checkpoint_root", str(ck_root), "--device", "cpu",
+            "--tta", "--overlap", "0.25", "--save_pred", "h5", "--pred_kind", "mask"]
+    # two runs match: no guessing by age, the error lists both
+    capsys.readouterr()
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "2 runs match" in err and str(old) in err and str(new) in err
+    rc = cli.main(argv + ["--exp", "new"])
     assert rc == 0
     out = new.parent / "eval_test_tta"
     assert (out / "summary.json").is_file()
@@ -220,3 +226,64 @@ def test_empty_prediction_is_reported_not_fatal(tiny_dataset, tmp_path):
     assert res.summary["hd95_mm"]["n_nan"] == 2 and res.summary["dice"]["n"] == 2
     summ = json.loads((res.output / "summary.json").read_text())
     assert summ["meta"]["n_empty_pred"] == 2 and summ["metrics"]["hd95_mm"]["mean"] is None
+
+
+def test_find_checkpoint_by_exp_and_salience(tmp_path):
+    from evaluation.runner import find_checkpoint
+
+    root = tmp_path / "checkpoint"
+    a = _save_ckpt(root / "tiny" / "unet" / "epo1" / "a" / "best_model.pth", "unet", "offline", TINY_2D)
+    b = _save_ckpt(root / "tiny" / "unet" / "epo1" / "b" / "best_model.pth", "unet", "none", TINY_2D)
+    (b.parent / "config.json").write_text(json.dumps({"exp": "b", "salience": "none"}))
+    assert find_checkpoint(root, "tiny", "unet", exp="a") == a
+    assert find_checkpoint(root, "tiny", "unet", salience="none") == b  # from config.json
+    assert find_checkpoint(root, "tiny", "unet", salience="offline") == a  # from the checkpoint itself
+    with pytest.raises(ValueError, match="2 runs match"):
+        find_checkpoint(root, "tiny", "unet")
+    with pytest.raises(FileNotFoundError, match="--exp c"):
+        find_checkpoint(root, "tiny", "unet", exp="c")
+
+
+def test_target_spacing_checkpoint_resamples_each_case_and_warns(tiny_dataset, tmp_path, caplog):
+    """A 2-D checkpoint trained at 1.6 mm/pixel: test.py resamples the 0.8 mm cases (32 -> 16 px),
+    maps the prediction back to 32 x 32 and warns that the case is 50% off the training spacing."""
+    import logging
+
+    from inference import binarize, predict_volume
+    from networks.checkpoint import load_model
+
+    ds = tiny_dataset
+    _two_case_test_split(ds)
+    ckpt = _save_ckpt(tmp_path / "run" / "best_model.pth", "unet", "none", TINY_2D, img_size=[16, 16],
+                      target_spacing=1.6)
+    with caplog.at_level(logging.WARNING, logger="test"):
+        res = run_evaluation(dataset=ds.dataset, root_path=ds.root_path, list_dir=ds.list_dir, model_path=ckpt,
+                             save_pred="h5", device="cpu")
+    assert sum("50% off the 1.6 mm/pixel" in r.getMessage() for r in caplog.records) == 2
+    assert json.loads((res.output / "summary.json").read_text())["meta"]["target_spacing"] == 1.6
+    model, ck = load_model(ckpt)
+    vol = read_volume(ds.paths.volume("case0005"))
+    ref = predict_volume(model, vol.image, None, salience_mode="none", spatial_dims=2, img_size=[16, 16],
+                         target_spacing=1.6, spacing=vol.spacing)
+    with h5py.File(res.output / "predictions" / "case0005_pred.h5") as f:
+        np.testing.assert_allclose(f["prob"][()], ref, atol=1e-6)
+    row = [r for r in res.rows if r["case"] == "case0005"][0]
+    assert row["dice"] == pytest.approx(evaluate_case(binarize(ref), vol.label, vol.spacing)["dice"], nan_ok=True)
+
+
+def test_pixel_resize_checkpoint_warns_when_mm_per_pixel_differs(tiny_dataset, tmp_path, caplog):
+    import logging
+
+    ds = tiny_dataset
+    _two_case_test_split(ds)
+    # trained at 0.9 mm/pixel; the 32 px, 0.8 mm cases at img_size 16 are seen at 1.6 mm/pixel
+    ckpt = _save_ckpt(tmp_path / "run" / "best_model.pth", "unet", "none", TINY_2D, img_size=[16, 16],
+                      mm_per_pixel=0.9)
+    with caplog.at_level(logging.WARNING, logger="test"):
+        run_evaluation(dataset=ds.dataset, root_path=ds.root_path, list_dir=ds.list_dir, model_path=ckpt, device="cpu")
+    assert sum("sees 1.6 mm/pixel" in r.getMessage() for r in caplog.records) == 2
+    caplog.clear()
+    ok = _save_ckpt(tmp_path / "run2" / "best_model.pth", "unet", "none", TINY_2D, img_size=[16, 16], mm_per_pixel=1.5)
+    with caplog.at_level(logging.WARNING, logger="test"):
+        run_evaluation(dataset=ds.dataset, root_path=ds.root_path, list_dir=ds.list_dir, model_path=ok, device="cpu")
+    assert not [r for r in caplog.records if "mm/pixel" in r.getMessage()]

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from inference import predict_volume, sliding_window_volume
+from dataloaders.transforms import resize_2d, resize_planes
+from inference import THRESHOLD, binarize, model_grid, predict_volume, sliding_window_volume
 
 
 class Scale(torch.nn.Module):
@@ -65,7 +66,8 @@ def test_predict_volume_2d_resized_equals_reference_resample():
     # reference: resize every slice up, apply the model, resize back, all in one batch
     x = torch.from_numpy(np.moveaxis(image, 2, 0)[:, None])
     up = F.interpolate(x, size=(16, 20), mode="bilinear", align_corners=False)
-    ref = F.interpolate(torch.sigmoid(2 * up), size=(12, 10), mode="bilinear", align_corners=False)
+    # back to the stored grid with the same geometry, antialiased because it shrinks
+    ref = F.interpolate(torch.sigmoid(2 * up), size=(12, 10), mode="bilinear", align_corners=False, antialias=True)
     np.testing.assert_allclose(p, np.moveaxis(ref[:, 0].numpy(), 0, 2), rtol=1e-5, atol=1e-6)
     assert p.shape == image.shape
 
@@ -97,3 +99,78 @@ def test_model_mode_restored_and_bad_input():
         predict_volume(m, image, None, salience_mode="none", spatial_dims=3)
     with pytest.raises(ValueError, match=r"\(H, W, D\)"):
         predict_volume(m, image[..., 0], None, salience_mode="none", spatial_dims=2)
+
+
+def test_binarize_is_the_one_rule():
+    prob = np.array([0.0, np.nextafter(np.float32(THRESHOLD), np.float32(0)), THRESHOLD, 0.7, 1.0], np.float32)
+    np.testing.assert_array_equal(binarize(prob), [0, 0, 1, 1, 1])
+    assert binarize(prob).dtype == np.uint8
+    np.testing.assert_array_equal(binarize(torch.from_numpy(prob).double()), [0, 0, 1, 1, 1])
+
+
+def _centroid(a: np.ndarray, scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """Mass centroid (row, col) in the coordinates of a grid ``scale`` times coarser (pixel centres)."""
+    r, c = np.meshgrid(np.arange(a.shape[0]), np.arange(a.shape[1]), indexing="ij")
+    m = a.sum()
+    return np.array([((r + 0.5) * scale[0] - 0.5)[a > 0] @ a[a > 0] / m,
+                     ((c + 0.5) * scale[1] - 0.5)[a > 0] @ a[a > 0] / m])
+
+
+@pytest.mark.parametrize("small", [256, 200])
+def test_label_keeps_thin_line_and_disc_centroids(small):
+    """Image and label share one geometry: a one-pixel line and a small disc keep their
+    centroids (within 0.25 px of the image's and of the truth) down to ``small`` and back to
+    512, and the label keeps the line's mass instead of dropping it."""
+    n = 512
+    r, c = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    shapes = {"line": (c == 201) & (r >= 100) & (r < 400), "disc": (r - 300.0) ** 2 + (c - 120.0) ** 2 <= 3.0**2}
+    for name, mask in shapes.items():
+        true = _centroid(mask.astype(np.float64))
+        image = 0.2 + 0.6 * mask.astype(np.float32)
+        x, lab = resize_2d(image[None], mask.astype(np.uint8), (small, small))
+        s = n / small
+        # the vessel's contrast over background, and the soft label, both at the small size
+        img_c, lab_c = _centroid(x[0] - 0.2, (s, s)), _centroid(lab, (s, s))
+        assert np.abs(lab_c - img_c).max() < 0.25 and np.abs(lab_c - true).max() < 0.25, name
+        assert lab.sum() * s * s == pytest.approx(mask.sum(), rel=0.02), name  # mass kept, not dropped
+        # and back to the stored grid, as a prediction is mapped back
+        back = resize_planes(torch.from_numpy(np.stack([x[0] - 0.2, lab]))[None], (n, n))[0].numpy()
+        assert np.abs(_centroid(back[1]) - _centroid(back[0])).max() < 0.25, name
+        assert np.abs(_centroid(back[1]) - true).max() < 0.25, name
+
+
+def test_target_spacing_tiles_and_pads_like_a_reference():
+    """A pointwise model: the result is exactly resample -> sigmoid -> resample back, whether the
+    resampled plane is tiled (larger than img_size) or padded (smaller); the model sees img_size."""
+    rng = np.random.default_rng(7)
+    image = rng.uniform(size=(40, 30, 3)).astype(np.float32)
+    seen = []
+
+    class Spy(Scale):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(x.shape[-2:]))
+            return super().forward(x)
+
+    for spacing, tile, grid in (((0.5, 0.5, 2.0), (8, 8), (20, 15)), ((0.5, 0.6, 2.0), (32, 32), (20, 18))):
+        seen.clear()
+        assert model_grid(image.shape[:2], tile, 1.0, spacing) == grid
+        p = predict_volume(Spy(2.0), image, None, salience_mode="none", spatial_dims=2, img_size=tile,
+                           target_spacing=1.0, spacing=spacing, batch_size=2)
+        x = resize_planes(torch.from_numpy(np.moveaxis(image, 2, 0)[:, None]), grid)
+        ref = resize_planes(torch.sigmoid(2 * x), image.shape[:2])[:, 0].numpy()
+        np.testing.assert_allclose(p, np.moveaxis(ref, 0, 2), rtol=1e-5, atol=1e-6)
+        assert set(seen) == {tile}
+    with pytest.raises(ValueError, match="spacing"):
+        predict_volume(Scale(), image, None, salience_mode="none", spatial_dims=2, img_size=(8, 8), target_spacing=1.0)
+
+
+def test_target_spacing_offline_gates_after_resampling():
+    rng = np.random.default_rng(8)
+    image = rng.uniform(size=(10, 12, 2)).astype(np.float32)
+    sal = rng.uniform(size=(3, 10, 12, 2)).astype(np.float32)
+    p = predict_volume(Scale(1.0), image, sal, salience_mode="offline", spatial_dims=2, target_spacing=0.5,
+                       spacing=(1.0, 1.0, 1.0))
+    planes = resize_planes(torch.from_numpy(np.concatenate([image[None], sal]).transpose(3, 0, 1, 2).copy()), (20, 24))
+    gated = (planes[:, :1] * (1 + planes[:, 1:])).mean(1, keepdim=True)
+    ref = resize_planes(torch.sigmoid(gated), (10, 12))[:, 0].numpy()
+    np.testing.assert_allclose(p, np.moveaxis(ref, 0, 2), rtol=1e-5, atol=1e-6)

@@ -197,3 +197,21 @@ def test_components_use_26_connectivity_and_bad_input():
         M.dice(m, m[:4])
     with pytest.raises(ValueError, match="spacing"):
         M.hd95(m, m, (1.0, 1.0))
+
+
+def test_evaluate_case_equals_the_single_metric_functions_with_roi():
+    pred, target = _blobs(10), _blobs(11)
+    roi = np.zeros(pred.shape, bool)
+    roi[3:30, 2:27, 1:16] = True
+    got = M.evaluate_case(pred, target, SPACING, roi=roi)
+    p, t = pred & roi, target & roi
+    want = {"dice": M.dice(p, t), "cldice": M.cldice(p, t), "iou": M.iou(p, t), "sensitivity": M.sensitivity(p, t),
+            "specificity": M.specificity(p, t, roi), "precision": M.precision(p, t), "hd95_mm": M.hd95(p, t, SPACING),
+            "assd_mm": M.assd(p, t, SPACING), **M.centreline_recall_by_radius(p, t, SPACING),
+            "components_pred": M.n_components(p), "components_true": M.n_components(t)}
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, nan_ok=True), k
+    # specificity counts negatives inside the ROI only: a different number than on the whole array
+    assert got["specificity"] != pytest.approx(M.specificity(p, t))
+    with pytest.raises(ValueError, match="roi shape"):
+        M.evaluate_case(pred, target, SPACING, roi=roi[1:])

@@ -154,25 +154,27 @@ def test_reads_authors_files_without_attributes(tiny_dataset):
 
 
 def test_rot_flip_swaps_coronal_and_sagittal_on_quarter_turns():
-    img = np.arange(4 * 6 * 2, dtype=np.float32).reshape(4, 6, 2)
+    img = np.arange(6 * 6 * 2, dtype=np.float32).reshape(6, 6, 2)
     sal = np.stack([np.full(img.shape, c, np.float32) for c in (0, 1, 2)])
     for seed in range(12):
         rng = np.random.default_rng(seed)
         k = int(np.random.default_rng(seed).integers(0, 4))
         i2, l2, s2 = rot_flip(img, img > 20, sal, rng)
-        assert i2.shape == ((6, 4, 2) if k % 2 else (4, 6, 2))
         assert [float(s2[c].mean()) for c in range(3)] == ([0, 2, 1] if k % 2 else [0, 1, 2])
         np.testing.assert_array_equal(l2, i2 > 20)  # label moved with the image
 
 
-def test_resize_2d_identity_and_nearest_label():
+def test_resize_2d_identity_and_label_resized_like_the_image():
     x = np.random.default_rng(0).random((3, 10, 10)).astype(np.float32)
     lab = (x[0] > 0.5).astype(np.uint8)
     x2, l2 = resize_2d(x, lab, (10, 10))
-    assert x2 is x and l2 is lab
+    np.testing.assert_array_equal(x2, x)
+    np.testing.assert_array_equal(l2, lab)
     x3, l3 = resize_2d(x, lab, (20, 20))
-    assert x3.shape == (3, 20, 20) and set(np.unique(l3)) <= {0, 1}
-    np.testing.assert_array_equal(l3[::2, ::2], lab)
+    assert x3.shape == (3, 20, 20) and l3.dtype == np.float32 and 0 <= l3.min() and l3.max() <= 1
+    # one geometry: the label is resized exactly as an image channel holding it would be
+    x4, _ = resize_2d(np.concatenate([x, lab[None].astype(np.float32)]), lab, (20, 20))
+    np.testing.assert_allclose(l3, x4[3], atol=1e-6)
 
 
 def test_patch_dataset_centres_a_third_on_vessels(tiny_dataset):
@@ -337,3 +339,96 @@ def test_img_size_takes_two_integers():
     assert args.img_size == [128, 96]
     with pytest.raises(SystemExit):
         main_cli.build_parser().parse_args(["--dataset", "x", "--img_size", "128"])
+
+
+def test_rot_flip_keeps_non_square_patches_whole():
+    """A (32, 48, 16) patch never turns a quarter (that swaps h and w); square ones still do."""
+    img = np.random.default_rng(0).random((32, 48, 16)).astype(np.float32)
+    sal = np.stack([img, img + 1, img + 2])
+    turned = 0
+    for seed in range(24):
+        i2, l2, s2 = rot_flip(img, img > 0.5, sal, np.random.default_rng(seed))
+        assert i2.shape == img.shape and s2.shape == sal.shape
+        np.testing.assert_array_equal(l2, i2 > 0.5)
+        np.testing.assert_array_equal(s2[0], i2)  # channels not swapped without a quarter turn
+        square, _, _ = rot_flip(img[:32, :32], img[:32, :32] > 0.5, None, np.random.default_rng(seed))
+        turned += not any(np.array_equal(square, f) for f in (img[:32, :32], img[:32, :32][::-1], img[:32, :32][:, ::-1],
+                                                              img[:32, :32][::-1, ::-1]))
+    assert turned > 0
+
+
+def test_patch_dataset_non_square_patches_batch(tiny_dataset):
+    from torch.utils.data import default_collate
+
+    vols = VolumeDataSet(tiny_dataset.paths, "train", "offline")
+    patches = PatchDataSet(vols, (16, 24, 8), samples_per_epoch=40, augment=True, seed=3)
+    batch = default_collate([patches[i] for i in range(len(patches))])  # crashed: "stack expects ..."
+    assert batch["input"].shape == (40, 3, 16, 24, 8) and batch["label"].shape == (40, 1, 16, 24, 8)
+
+
+def test_slice_dataset_target_spacing_resamples_then_pads(tiny_dataset):
+    """tiny cases are 32 x 32 at 0.8 mm: at 1.6 mm they are 16 x 16, zero-padded centred to 20 x 20;
+    image, salience and label share the geometry (the label is the soft resample of the mask)."""
+    from utils.h5io import read_volume
+
+    ds = SliceDataSet(tiny_dataset.paths, "offline", img_size=(20, 20), target_spacing=1.6, augment=False)
+    item = ds[5]
+    assert item["input"].shape == (3, 20, 20) and item["label"].shape == (1, 20, 20)
+    vol = read_volume(tiny_dataset.paths.volume("case0001"))
+    z = int(ds.names[5].split("_slice")[1])
+    x, lab = resize_2d(vol.image[None, :, :, z], vol.label[:, :, z], (16, 16))
+    np.testing.assert_allclose(item["image"][0, 2:18, 2:18].numpy(), x[0], atol=1e-6)
+    np.testing.assert_allclose(item["label"][0, 2:18, 2:18].numpy(), lab, atol=1e-6)
+    assert float(item["image"][0, :2].abs().max()) == 0.0
+    cropped = SliceDataSet(tiny_dataset.paths, "none", img_size=(8, 12), target_spacing=1.6, augment=False)
+    assert cropped[0]["input"].shape == (1, 8, 12)
+
+
+def test_target_spacing_run_records_it_and_validates_resampled(tiny_dataset, tmp_path):
+    result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, max_iterations=1,
+                           exp="mm"))
+    _, ckpt = load_model(result.run_dir / "best_model.pth")
+    assert ckpt["target_spacing"] == 1.6 and ckpt["mm_per_pixel"] == 1.6 and ckpt["img_size"] == [16, 16]
+    pix = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), max_iterations=1, exp="px"))
+    _, ckpt = load_model(pix.run_dir / "last.pth")
+    # tiny cases: 32 px at 0.8 mm, resized to 16 px: the model saw 1.6 mm per pixel
+    assert ckpt["target_spacing"] is None and ckpt["mm_per_pixel"] == pytest.approx(1.6)
+    with pytest.raises(ValueError, match="--target_spacing must be a positive"):
+        cfg_for(tiny_dataset, tmp_path, target_spacing=0.0)
+
+
+def test_init_from_copies_backbone_and_head(tiny_dataset, tmp_path):
+    from networks.checkpoint import init_from_checkpoint
+    from networks.e2e import build_segmenter
+
+    src = train(cfg_for(tiny_dataset, tmp_path, salience="e2e", max_iterations=1, exp="src")).run_dir / "last.pth"
+    stored = torch.load(src, weights_only=True)["state_dict"]
+    torch.manual_seed(99)
+    e2e = build_segmenter("unet", "e2e", 1, TINY_2D)
+    init_from_checkpoint(e2e, src, model_name="unet", salience="e2e")
+    for k, v in e2e.state_dict().items():
+        assert torch.equal(v, stored[k]), k  # backbone and head
+    plain = build_segmenter("unet", "none", 1, TINY_2D)  # a 2-D e2e backbone also takes 1 channel
+    init_from_checkpoint(plain, src, model_name="unet", salience="none")
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, stored["backbone." + k]), k
+    # the run itself starts from those weights: with lr ~ 0, its first checkpoint holds them
+    run = train(cfg_for(tiny_dataset, tmp_path, salience="none", max_iterations=1, exp="dst", init_from=str(src),
+                        base_lr=1e-30, weight_decay=0.0, momentum=0.0))
+    got = torch.load(run.run_dir / "last.pth", weights_only=True)["state_dict"]
+    conv = [k for k in got if k.endswith("weight") and got[k].ndim == 4]
+    assert conv and all(torch.allclose(got[k], stored["backbone." + k]) for k in conv)
+
+
+def test_init_from_other_architecture_fails_with_one_line(tiny_dataset, tmp_path, capsys):
+    src = train(cfg_for(tiny_dataset, tmp_path, salience="none", max_iterations=1, exp="src")).run_dir / "last.pth"
+    capsys.readouterr()
+    # offline takes 3 input channels, the source backbone 1
+    assert _cli(tiny_dataset, tmp_path, "--salience", "offline", "--init_from", str(src), "--exp", "x") == 1
+    errors = _errors(capsys)
+    assert len(errors) == 1 and f"{src}: --init_from architecture differs" in errors[0], errors
+    assert _cli(tiny_dataset, tmp_path, "--salience", "none", "--init_from", str(src), "--exp", "y",
+                "--model_kwargs", json.dumps({"base_channels": 8, "depth": 2})) == 1
+    assert "shape mismatches" in _errors(capsys)[0]
+    assert _cli(tiny_dataset, tmp_path, "--init_from", str(tmp_path / "nope.pth"), "--exp", "z") == 1
+    assert "nope.pth" in _errors(capsys)[0]
