@@ -32,7 +32,6 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from dataloaders.inputs import input_channels, model_input
