@@ -46,7 +46,7 @@ from inference import predict_volume
 from losses import make_loss, make_optimizer, poly_scheduler
 from networks.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from networks.e2e import E2ESegmenter, build_segmenter
-from networks.registry import spatial_dims_of
+from networks.registry import resolve_kwargs, spatial_dims_of
 from utils.atomic import atomic_path
 from utils.h5io import DatasetPaths
 from utils.logging_setup import setup_logging
@@ -399,7 +399,7 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
             raise ValueError(f"{last_path}: channel mismatch: checkpoint takes {ckpt['in_channels']} channels "
                              f"(salience {ckpt['salience']}), this run {input_channels(cfg.salience)} "
                              f"(salience {cfg.salience})")
-        if ckpt["model_name"] != cfg.backbone or ckpt["model_kwargs"] != cfg.model_kwargs:
+        if ckpt["model_name"] != cfg.backbone or ckpt["model_kwargs"] != resolve_kwargs(cfg.backbone, **cfg.model_kwargs):
             raise ValueError(f"{last_path}: checkpoint is for {ckpt['model_name']} {ckpt['model_kwargs']}, "
                              f"not {cfg.backbone} {cfg.model_kwargs}")
         model.load_state_dict(ckpt["state_dict"])
