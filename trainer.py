@@ -46,7 +46,7 @@ from inference import binarize, predict_volume
 from losses import make_loss, make_optimizer, poly_scheduler
 from networks.checkpoint import check_compatible, init_from_checkpoint, load_checkpoint, save_checkpoint, unwrap
 from networks.e2e import E2ESegmenter, build_segmenter
-from networks.registry import spatial_dims_of
+from networks.registry import resolve_kwargs, spatial_dims_of
 from utils.atomic import atomic_path
 from utils.h5io import DatasetPaths
 from utils.logging_setup import setup_logging
@@ -405,8 +405,8 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
     start_epoch, iteration, best = 0, 0, -1.0
     if cfg.resume:
         ckpt = load_checkpoint(last_path, map_location="cpu")
-        check_compatible(ckpt, last_path, backbone=cfg.backbone, model_kwargs=cfg.model_kwargs,
-                         salience=cfg.salience)
+        check_compatible(ckpt, last_path, backbone=cfg.backbone,
+                         model_kwargs=resolve_kwargs(cfg.backbone, **cfg.model_kwargs), salience=cfg.salience)
         model.load_state_dict(ckpt["state_dict"])
         if ckpt.get("optimizer"):
             optimizer.load_state_dict(ckpt["optimizer"])

@@ -151,6 +151,15 @@ def _plain_default(v: Any) -> Any:
     return v.value if isinstance(v, enum.Enum) else v
 
 
+def _as_json(v: Any) -> Any:
+    """Tuples as lists, recursively: the form a JSON round trip (--model_kwargs, config.json) gives."""
+    if isinstance(v, (list, tuple)):
+        return [_as_json(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _as_json(x) for k, x in v.items()}
+    return v
+
+
 def resolve_kwargs(name: str, **kw: Any) -> dict[str, Any]:
     """Every keyword argument of backbone ``name``'s builder, the given ones and the defaults.
 
@@ -159,7 +168,8 @@ def resolve_kwargs(name: str, **kw: Any) -> dict[str, Any]:
     For ``monai:<Class>`` these are the class's constructor arguments (``spatial_dims``
     included, the channel arguments excluded); defaults that are not plain data (a class such
     as SwinUNETR's ``norm_layer``) are left out and stay the class's default.
-    Unknown keywords raise ``ValueError``.
+    Sequences come back as lists (as from JSON), so a checkpoint's arguments compare equal to
+    those of ``--model_kwargs``. Unknown keywords raise ``ValueError``.
     """
     if name.startswith(MONAI_PREFIX):
         cls = _monai_class(name)
@@ -190,7 +200,7 @@ def resolve_kwargs(name: str, **kw: Any) -> dict[str, Any]:
         else:
             log.debug("%s: default of %s (%r) is not plain data; not stored", name, pname, p.default)
     out.update({k: v for k, v in kw.items() if k not in out})  # **kwargs of the builder
-    return out
+    return {k: _as_json(v) for k, v in out.items()}
 
 
 class PadToMultiple(nn.Module):

@@ -1,7 +1,8 @@
 """UNeXt (Valanarasu and Patel, MICCAI 2022): conv stages, then tokenised MLP stages.
 
 Layout, 2-D: input (B, C, H, W) with H, W multiples of 32 (the registry pads to it) ->
-logits (B, out_channels, H, W). Default sizes are the paper's (1.47M parameters there):
+logits (B, out_channels, H, W). Default sizes are those of the authors' code
+(jeya-maria-jose/UNeXt-pytorch), 1,471,921 parameters: the paper's 1.47M.
 
 - Encoder, three conv stages: conv 3x3 -> BatchNorm -> 2x2 max-pool -> ReLU, channels
   ``channels = (16, 32, 128)`` at H/2, H/4, H/8.
@@ -11,7 +12,8 @@ logits (B, out_channels, H, W). Default sizes are the paper's (1.47M parameters 
 - Shifted-MLP block (tokens T, B x N x C, on an h x w grid), pre-norm residual
   T + MLP(LN(T)): shift the channels along the width (channel groups moved by
   -2..2 pixels, zeros shifted in) -> linear C -> C*mlp_ratio -> depthwise 3x3 conv on the
-  token grid -> GELU -> shift along the height -> linear back to C.
+  token grid -> GELU -> shift along the height -> linear back to C. (The paper's order,
+  width then height; the authors' code shifts along the height first.)
 - Decoder: five steps of conv 3x3 (-> BatchNorm) -> x2 bilinear -> ReLU, each added to the
   encoder map of the same size (not concatenated); the two deepest additions are followed by
   a shifted-MLP block + LayerNorm as in the encoder; a 1x1 conv gives the logits.

@@ -407,5 +407,7 @@ def test_resolved_kwargs_fill_every_default():
     r = resolve_kwargs("monai:SegResNet", init_filters=4)
     assert r["spatial_dims"] == 3 and r["init_filters"] == 4 and r["upsample_mode"] == "nontrainable"
     assert type(r["upsample_mode"]) is str
-    assert resolve_kwargs("monai:UNet")["channels"] == (16, 32, 64, 128, 256)
+    assert resolve_kwargs("monai:UNet")["channels"] == [16, 32, 64, 128, 256]
+    # the form --model_kwargs (JSON) gives, so a resumed run's arguments compare equal
+    assert resolve_kwargs("unext", channels=(4, 4, 8)) == resolve_kwargs("unext", channels=[4, 4, 8])
     assert set(TESTED_MONAI) >= {"SegResNet", "UNet"}
