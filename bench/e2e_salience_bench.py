@@ -28,7 +28,8 @@ concatenate (coronal, sagittal, transverse). With those, both modules compute th
 function, and the table reports the largest difference of their outputs (and of the head
 gradients) in float32.
 
-Timings: median of ``--repeats`` runs after one warm-up. "forward" runs under
+Timings: median of ``--repeats`` runs after one warm-up, ours and theirs alternating (a shared
+machine's load then weighs on both alike). "forward" runs under
 ``torch.no_grad`` (inference, e.g. salience maps from an e2e model); "forward+backward" is a
 training step's share: forward with autograd, then ``backward`` of a fixed random output
 gradient into the head's parameters (the input needs no gradient, as in training). ``--amp``
@@ -115,18 +116,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+def time_pair(
+    fn_a: Callable[[], None], fn_b: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1
+) -> tuple[float, float]:
+    """Median wall times (s) of ``fn_a`` and ``fn_b``, run alternately ``repeats`` times after
+    ``warmup`` runs each, so that both see the same load of a shared machine."""
     for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
+        fn_a()
+        fn_b()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, acc in ((fn_a, times[0]), (fn_b, times[1])):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
@@ -201,8 +207,8 @@ def run(
         return authors_three_planes(theirs, v)
 
     res = {
-        "fwd": (time_call(fwd(ours), device, repeats), time_call(fwd(authors), device, repeats)),
-        "fwd+bwd": (time_call(fwd_bwd(ours, ours), device, repeats), time_call(fwd_bwd(authors, theirs), device, repeats)),
+        "fwd": time_pair(fwd(ours), fwd(authors), device, repeats),
+        "fwd+bwd": time_pair(fwd_bwd(ours, ours), fwd_bwd(authors, theirs), device, repeats),
         "diff_out": diff_out,
         "diff_grad": diff_grad,
         "diff_amp": diff_amp,
@@ -243,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"load average (1 min) before / after: {load0[0]:.2f} / {load1[0]:.2f}")
     print()
     print(f"| {'pass':<16} | {'ours ms':>9} | {'authors ms':>10} | {'speed-up':>8} |")
-    print(f"|{'-' * 18}|{'-' * 11}:|{'-' * 12}:|{'-' * 10}:|")
+    print(f"|{'-' * 18}|{'-' * 10}:|{'-' * 11}:|{'-' * 9}:|")
     for key, label in (("fwd", "forward"), ("fwd+bwd", "forward+backward")):
         ours_t, theirs_t = r[key]
         print(f"| {label:<16} | {ours_t * 1e3:9.1f} | {theirs_t * 1e3:10.1f} | {theirs_t / ours_t:7.2f}x |")
