@@ -739,7 +739,7 @@ def _fold_map(bank: Tensor) -> Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _default_fold_map() -> Tensor:
-    """:func:`_fold_map` of the float32 bank, built once per process (about 0.2 s)."""
+    """:func:`_fold_map` of the float32 bank, built once per process (a fraction of a second)."""
     return _fold_map(square_wave_bank())
 
 
@@ -781,8 +781,9 @@ def _first_layer_folded(x: Tensor, fold_map: Tensor, conv: nn.Conv2d) -> Tensor:
     ``x`` (N, 1, h, w) -> (N, O, h, w), channels-last; ``fold_map`` is :func:`_fold_map`
     of the bank. The bank folded into the 3x3 convolution is one 13x13 kernel, right for
     every pixel whose 3x3 neighbourhood lies inside the plane. It runs as a 13-channel 1x13
-    convolution of the zero-padded plane's 13 row-shifted copies (channels-last: on the CPU
-    about 1.5x faster than a 1-channel 13x13 convolution, its weight gradient 6x).
+    convolution of the zero-padded plane's 13 row-shifted copies (channels-last; on the
+    2-core test machine 1.5x faster than a 1-channel 13x13 convolution, its weight
+    gradient 6x).
 
     On the outer ring the layer-by-layer computation sees zeros where the bank's response
     lies outside the plane (the 3x3 convolution's own zero padding), while the folded
