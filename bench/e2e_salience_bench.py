@@ -34,12 +34,12 @@ machine's load then weighs on both alike). "forward" runs under
 training step's share: forward with autograd, then ``backward`` of a fixed random output
 gradient into the head's parameters (the input needs no gradient, as in training). ``--amp``
 runs both under ``torch.autocast`` (bfloat16 where supported, else float16); equality is
-checked in float32 without autocast, plus the AMP outputs' difference for information.
+checked in float32 without autocast (TF32 off on the GPU for the check; the timings use torch's
+defaults), plus the AMP outputs' difference for information.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import statistics
@@ -62,8 +62,6 @@ from networks.salience import (  # noqa: E402
     bank_orientations,
     oriented_kernel,
 )
-
-log = logging.getLogger("e2e_salience_bench")
 
 
 # ----------------------------------------------------------------------------- the authors' module
@@ -168,13 +166,18 @@ def run(
     x = torch.rand(batch, 1, size, size, size, device=device)
     grad_out = torch.rand(batch, 3, size, size, size, device=device)
 
-    # equality, float32 (outputs and head gradients)
+    # equality, float32 (outputs and head gradients); TF32 off on the GPU for this check only
     outs, grads = [], []
-    for fn, params in ((ours, list(ours.head.parameters())), (lambda v: authors_three_planes(theirs, v),
-                                                               list(theirs.out_conv.parameters()))):
-        y = fn(x)
-        grads.append(torch.autograd.grad(y, params, grad_out))
-        outs.append(y.detach())
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for fn, params in ((ours, list(ours.head.parameters())), (lambda v: authors_three_planes(theirs, v),
+                                                                   list(theirs.out_conv.parameters()))):
+            y = fn(x)
+            grads.append(torch.autograd.grad(y, params, grad_out))
+            outs.append(y.detach())
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     diff_out = float((outs[0] - outs[1]).abs().max())
     diff_grad = max(float(((a - b).abs().max() / b.abs().max().clamp(min=1e-30))) for a, b in zip(*grads))
     del outs, grads
@@ -226,7 +229,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--size", type=int, default=96, help="patch edge S: input (batch, 1, S, S, S)")
     p.add_argument("--batch", type=int, default=1)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("e2e_salience_bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
