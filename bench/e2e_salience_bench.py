@@ -28,17 +28,18 @@ concatenate (coronal, sagittal, transverse). With those, both modules compute th
 function, and the table reports the largest difference of their outputs (and of the head
 gradients) in float32.
 
-Timings: median of ``--repeats`` runs after one warm-up. "forward" runs under
+Timings: median of ``--repeats`` runs after one warm-up, ours and theirs alternating (a shared
+machine's load then weighs on both alike). "forward" runs under
 ``torch.no_grad`` (inference, e.g. salience maps from an e2e model); "forward+backward" is a
 training step's share: forward with autograd, then ``backward`` of a fixed random output
 gradient into the head's parameters (the input needs no gradient, as in training). ``--amp``
 runs both under ``torch.autocast`` (bfloat16 where supported, else float16); equality is
-checked in float32 without autocast, plus the AMP outputs' difference for information.
+checked in float32 without autocast (TF32 off on the GPU for the check; the timings use torch's
+defaults), plus the AMP outputs' difference for information.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import platform
 import statistics
@@ -61,8 +62,6 @@ from networks.salience import (  # noqa: E402
     bank_orientations,
     oriented_kernel,
 )
-
-log = logging.getLogger("e2e_salience_bench")
 
 
 # ----------------------------------------------------------------------------- the authors' module
@@ -115,18 +114,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds over ``repeats`` runs after ``warmup`` runs."""
+def time_pair(
+    fn_a: Callable[[], None], fn_b: Callable[[], None], device: torch.device, repeats: int, warmup: int = 1
+) -> tuple[float, float]:
+    """Median wall times (s) of ``fn_a`` and ``fn_b``, run alternately ``repeats`` times after
+    ``warmup`` runs each, so that both see the same load of a shared machine."""
     for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
+        fn_a()
+        fn_b()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, acc in ((fn_a, times[0]), (fn_b, times[1])):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            acc.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
@@ -162,13 +166,18 @@ def run(
     x = torch.rand(batch, 1, size, size, size, device=device)
     grad_out = torch.rand(batch, 3, size, size, size, device=device)
 
-    # equality, float32 (outputs and head gradients)
+    # equality, float32 (outputs and head gradients); TF32 off on the GPU for this check only
     outs, grads = [], []
-    for fn, params in ((ours, list(ours.head.parameters())), (lambda v: authors_three_planes(theirs, v),
-                                                               list(theirs.out_conv.parameters()))):
-        y = fn(x)
-        grads.append(torch.autograd.grad(y, params, grad_out))
-        outs.append(y.detach())
+    tf32 = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for fn, params in ((ours, list(ours.head.parameters())), (lambda v: authors_three_planes(theirs, v),
+                                                                   list(theirs.out_conv.parameters()))):
+            y = fn(x)
+            grads.append(torch.autograd.grad(y, params, grad_out))
+            outs.append(y.detach())
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     diff_out = float((outs[0] - outs[1]).abs().max())
     diff_grad = max(float(((a - b).abs().max() / b.abs().max().clamp(min=1e-30))) for a, b in zip(*grads))
     del outs, grads
@@ -201,8 +210,8 @@ def run(
         return authors_three_planes(theirs, v)
 
     res = {
-        "fwd": (time_call(fwd(ours), device, repeats), time_call(fwd(authors), device, repeats)),
-        "fwd+bwd": (time_call(fwd_bwd(ours, ours), device, repeats), time_call(fwd_bwd(authors, theirs), device, repeats)),
+        "fwd": time_pair(fwd(ours), fwd(authors), device, repeats),
+        "fwd+bwd": time_pair(fwd_bwd(ours, ours), fwd_bwd(authors, theirs), device, repeats),
         "diff_out": diff_out,
         "diff_grad": diff_grad,
         "diff_amp": diff_amp,
@@ -220,7 +229,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--size", type=int, default=96, help="patch edge S: input (batch, 1, S, S, S)")
     p.add_argument("--batch", type=int, default=1)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("e2e_salience_bench: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
@@ -243,7 +251,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"load average (1 min) before / after: {load0[0]:.2f} / {load1[0]:.2f}")
     print()
     print(f"| {'pass':<16} | {'ours ms':>9} | {'authors ms':>10} | {'speed-up':>8} |")
-    print(f"|{'-' * 18}|{'-' * 11}:|{'-' * 12}:|{'-' * 10}:|")
+    print(f"|{'-' * 18}|{'-' * 10}:|{'-' * 11}:|{'-' * 9}:|")
     for key, label in (("fwd", "forward"), ("fwd+bwd", "forward+backward")):
         ours_t, theirs_t = r[key]
         print(f"| {label:<16} | {ours_t * 1e3:9.1f} | {theirs_t * 1e3:10.1f} | {theirs_t / ours_t:7.2f}x |")

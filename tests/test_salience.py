@@ -21,6 +21,7 @@ from networks.salience import (
     SalienceModule,
     SeedFPN,
     default_head_path,
+    fold_bank_into_conv,
     fpn_kernels,
     load_fpn,
     load_head,
@@ -429,3 +430,98 @@ def test_cli_bad_input_one_line_error(tiny_dataset_no_salience, tmp_path, capsys
     ds.paths.list_file("vol_val").unlink()
     assert "vol_val.txt" in error_of(_args(ds, "--generator", "analytic"))
     assert not ds.paths.vol_salience.exists()
+
+
+# ----------------------------------------------------------------------------- e2e speed-ups stay exact
+def _unfolded_planes(head: SalienceHead, bank: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The layer-by-layer e2e salience of planes (N, 1, h, w): bank (zero padding 5), then the head."""
+    return head(F.conv2d(x, bank.to(x.dtype), padding=5))
+
+
+def _randomised_module(seed: int) -> SalienceModule:
+    torch.manual_seed(seed)
+    mod = SalienceModule()
+    with torch.no_grad():  # larger weights than the default init, so border errors cannot hide
+        for p in mod.head.parameters():
+            p.mul_(3.0)
+    return mod
+
+
+def test_fold_bank_into_conv_equals_conv_then_conv_inside_the_plane():
+    torch.manual_seed(11)
+    bank = square_wave_bank(torch.float64)
+    w = torch.randn(4, 60, 3, 3, dtype=torch.float64)
+    x = torch.randn(2, 1, 30, 31, dtype=torch.float64)
+    two = F.conv2d(F.conv2d(x, bank), w)  # valid: no zero padding between the two
+    one = F.conv2d(x, fold_bank_into_conv(bank, w))
+    _close(one, two, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 17, 23), (2, 1, 1, 9), (2, 1, 6, 1), (1, 1, 2, 3), (1, 1, 13, 12)])
+def test_salience_module_planes_equal_unfolded_outputs_and_head_gradients(shape):
+    mod = _randomised_module(21)
+    x = torch.randn(*shape) * 2
+    fast = mod(x)
+    ref = _unfolded_planes(mod.head, mod.bank, x)
+    assert fast.shape == shape
+    _close(fast, ref, atol=1e-5, rtol=0)
+    g = torch.rand(shape)
+    params = list(mod.head.parameters())
+    g_fast = torch.autograd.grad(fast, params, g)
+    g_ref = torch.autograd.grad(ref, params, g)
+    for a, b in zip(g_fast, g_ref):
+        _close(a, b, atol=1e-4 * float(b.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 9, 7, 5), (1, 1, 6, 6, 6), (1, 1, 8, 8, 5)])
+def test_salience_module_volume_equals_unfolded_planes(shape):
+    """Cubes (one call for the three stacks), two equal plane shapes, all different."""
+    mod = _randomised_module(22)
+    x = torch.rand(*shape, requires_grad=True)
+    fast = mod(x)
+    b, _, h, w, d = shape
+    ref = lambda p: _unfolded_planes(mod.head, mod.bank, p)  # noqa: E731
+    t = ref(x[:, 0].permute(0, 3, 1, 2).reshape(b * d, 1, h, w)).view(b, d, h, w).permute(0, 2, 3, 1)
+    c = ref(x[:, 0].reshape(b * h, 1, w, d)).view(b, h, w, d)
+    s = ref(x[:, 0].permute(0, 2, 1, 3).reshape(b * w, 1, h, d)).view(b, w, h, d).permute(0, 2, 1, 3)
+    expect = torch.stack([t, c, s], dim=1)
+    _close(fast, expect, atol=1e-5, rtol=0)
+    g = torch.rand(fast.shape)
+    params = list(mod.head.parameters()) + [x]
+    for a, b_ in zip(torch.autograd.grad(fast, params, g), torch.autograd.grad(expect, params, g)):
+        _close(a, b_, atol=1e-4 * float(b_.abs().max()), rtol=0)
+
+
+def test_salience_module_under_autocast_convolves_in_bf16():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ConvDtypes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.mkldnn_convolution):
+                self.seen.append((args[0].dtype, tuple(args[0].shape)))
+            return func(*args, **(kwargs or {}))
+
+    mod = _randomised_module(23)
+    x = torch.rand(1, 1, 12, 12, 12)
+    with torch.no_grad():
+        full = mod(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16), ConvDtypes() as mode:
+            half = mod(x)
+    assert mode.seen and all(dt == torch.bfloat16 for dt, _ in mode.seen), mode.seen
+    assert half.dtype == torch.bfloat16
+    # bf16 has an 8-bit mantissa: the salience (in (0, 1)) agrees to a few hundredths
+    assert float((half.float() - full).abs().max()) < 0.05
+
+
+def test_salience_module_keeps_its_state_dict_and_loads_the_head(tmp_path):
+    mod = _randomised_module(24)
+    assert sorted(mod.state_dict()) == sorted(f"head.out_conv.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias"))
+    path = tmp_path / "model.pth"
+    torch.save({"state_dict": {f"salience.{k}": v for k, v in mod.state_dict().items()}}, path)
+    again = SalienceModule.from_head_file(path)
+    x = torch.rand(2, 1, 7, 9)
+    _close(again(x), mod(x))
