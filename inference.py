@@ -14,7 +14,7 @@ probabilities over a stored volume:
 - ``tta=True`` averages the probabilities over flips (2-D: none, H, W, H+W; 3-D: none,
   H, W, D), each prediction flipped back before averaging.
 
-Thresholding (at 0.5) is the caller's job.
+Thresholding is the caller's job: :func:`binarize` (probability >= ``THRESHOLD``).
 """
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ from dataloaders.inputs import input_channels, model_input
 
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+#: probability at and above which a voxel is vessel (checkpoints record it as ``threshold``)
+THRESHOLD = 0.5
+
+
+def binarize(prob: np.ndarray, threshold: float = THRESHOLD) -> np.ndarray:
+    """Vessel mask (bool, same shape) of a probability map: ``prob >= threshold``."""
+    return np.asarray(prob) >= threshold
 
 
 def flip_sets(spatial_dims: int, tta: bool) -> list[tuple[int, ...]]:
@@ -131,6 +139,8 @@ def predict_volume(
     salience_mode: str,
     spatial_dims: int,
     img_size: Optional[Sequence[int]] = None,
+    target_spacing: Optional[Sequence[float]] = None,
+    spacing: Optional[Sequence[float]] = None,
     patch_size: Optional[Sequence[int]] = None,
     overlap: float = 0.5,
     tta: bool = False,
@@ -152,6 +162,9 @@ def predict_volume(
         (3-D) per forward pass. device: where the output is assembled; sw_device: where the
         model runs (default ``device``).
     """
+    if target_spacing is not None:
+        # placeholder until the millimetre resize rule (branch "geom") is merged; ``spacing`` goes with it
+        raise NotImplementedError(f"target_spacing {target_spacing} (spacing {spacing}): not in this branch")
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"image must be (H, W, D), got shape {image.shape}")
