@@ -429,7 +429,10 @@ def segment_case(seg: Segmenter, src: CaseSource, out_dir: Path, *, liver_mask: 
     scan = read_scan(src, series)
     liver = read_mask(liver_mask, scan) if liver_mask is not None else None
     t_read = time.perf_counter() - t0
+    log.info("%s: read %s, %d x %d x %d voxels of %s mm, in %.1f s", src.name, src.path, *scan.hu.shape,
+             " x ".join(f"{v:.3g}" for v in scan.spacing), t_read)
     pred = predict_scan(seg, scan, liver, tta=tta, batch_size=batch_size)
+    log.info("%s: salience %.1f s, inference %.1f s", src.name, pred.seconds["salience"], pred.seconds["inference"])
     t1 = time.perf_counter()
     stats = vessel_stats(pred.mask, scan.spacing)
     t_stats = time.perf_counter() - t1

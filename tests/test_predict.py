@@ -393,3 +393,25 @@ def test_checkpoint_embeds_generator(tmp_path):
     ref = make_generator("bank", default_head_path())
     x = torch.rand(2, 1, 30, 30)
     assert torch.equal(gen(x), ref(x)) and gen.weights_sha256 == ref.weights_sha256
+
+
+def test_training_embeds_the_generator_of_the_offline_maps(tiny_dataset, tmp_path):
+    from trainer import TrainConfig, train
+
+    paths = tiny_dataset.paths
+    head_copy = tmp_path / "ckpt" / "salience" / tiny_dataset.dataset / "bank_fit.pth"
+    head_copy.parent.mkdir(parents=True)
+    head_copy.write_bytes(default_head_path().read_bytes())
+    sha = __import__("hashlib").sha256(head_copy.read_bytes()).hexdigest()
+    for case in sum(tiny_dataset.splits.values(), []):
+        with h5py.File(paths.salience(case), "a") as f:
+            f.attrs["generator"], f.attrs["weights_sha256"] = "bank", sha
+    cfg = TrainConfig(dataset=tiny_dataset.dataset, root_path=str(tiny_dataset.root_path),
+                      list_dir=str(tiny_dataset.list_dir), output_root=str(tmp_path / "ckpt"), model_kwargs=KW,
+                      img_size=(32, 32), batch_size=2, num_workers=0, max_epochs=1, max_iterations=1,
+                      salience="offline")
+    train(cfg)
+    ckpt = load_checkpoint(cfg.run_dir() / "best_model.pth")
+    assert ckpt["generator"]["kind"] == "bank" and ckpt["generator"]["weights_sha256"] == sha
+    assert ckpt["generator"]["source"] == "bank_fit.pth"
+    torch.use_deterministic_algorithms(False)  # train() switches them on process-wide
