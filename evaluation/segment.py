@@ -161,34 +161,50 @@ def offline_salience(image: np.ndarray, generator: Any, device: str = "cpu") -> 
 
 
 # ----------------------------------------------------------------------------- prediction
+class Stopwatch:
+    """Wall and process CPU seconds of consecutive stages: ``lap(name)`` ends the stage ``name``."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> float:
+        t, c = time.perf_counter(), time.process_time()
+        self.wall[name] = self.wall.get(name, 0.0) + t - self._t
+        self.cpu[name] = self.cpu.get(name, 0.0) + c - self._c
+        self._t, self._c = t, c
+        return self.wall[name]
+
+
 @dataclass
 class Prediction:
-    """Probabilities float32 and mask bool, (H, W, D) on the scan's grid; seconds per stage."""
+    """Probabilities float32 and mask bool, (H, W, D) on the scan's grid; the stages' times."""
 
     prob: np.ndarray
     mask: np.ndarray
     crop: tuple[int, ...]
-    seconds: dict[str, float] = field(default_factory=dict)
 
 
 def predict_scan(seg: Segmenter, scan: Scan, liver: Optional[np.ndarray] = None, *, tta: bool = False,
-                 batch_size: int = 8, overlap: float = 0.5) -> Prediction:
+                 batch_size: int = 8, overlap: float = 0.5, clock: Optional[Stopwatch] = None) -> Prediction:
     """Vessel probabilities and mask of ``scan``.
 
     With ``liver`` (bool (H, W, D)) the volume is cropped to the liver's slices as in training
     (``preprocess.py``'s default ``liver_z`` crop), and both outputs are zero outside the liver.
+    ``clock`` gets the laps window, salience and inference.
     """
-    t0 = time.perf_counter()
+    clock = clock if clock is not None else Stopwatch()
     data = PatientData(scan.hu, scan.spacing, None, None if liver is None else liver.astype(np.uint8),
                        str(scan.description.get("path", scan.case)))
     vol = to_volume(data, "liver_z" if liver is not None else "none", 0, warn_no_liver=True)
     if liver is not None and not liver.any():
         log.warning("%s: the liver mask is empty: the output is empty", scan.case)
     sal = None
-    t1 = time.perf_counter()
+    clock.lap("window")
     if seg.mode == "offline":
         sal = offline_salience(vol.image, seg.generator, device=seg.device)
-    t2 = time.perf_counter()
+    clock.lap("salience")
     s = seg.settings
     prob_c = predict_volume(
         seg.model, vol.image, sal, salience_mode=seg.mode, spatial_dims=seg.dims,
@@ -198,14 +214,14 @@ def predict_scan(seg: Segmenter, scan: Scan, liver: Optional[np.ndarray] = None,
         # 3-D: windows on the chosen device, stitching in host memory (as test.py)
         device=seg.device if seg.dims == 2 else "cpu", sw_device=seg.device,
     )
-    t3 = time.perf_counter()
+    clock.lap("inference")
     c = vol.crop
     prob = np.zeros(scan.hu.shape, dtype=np.float32)
     prob[c[0]:c[1], c[2]:c[3], c[4]:c[5]] = prob_c
     if liver is not None:
         prob[~liver] = 0.0
     mask = binarize(prob, s["threshold"])
-    return Prediction(prob, mask, tuple(c), {"window": t1 - t0, "salience": t2 - t1, "inference": t3 - t2})
+    return Prediction(prob, mask, tuple(c))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -412,6 +428,7 @@ class CaseResult:
     files: list[Path] = field(default_factory=list)
     stats: Optional[dict] = None
     seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
     message: str = ""
 
 
@@ -425,56 +442,52 @@ def segment_case(seg: Segmenter, src: CaseSource, out_dir: Path, *, liver_mask: 
     if not overwrite and all((out_dir / n).is_file() for n in names):
         log.info("%s: outputs exist in %s, kept (pass --overwrite to redo)", src.name, out_dir)
         return CaseResult(src.name, "skipped", [out_dir / n for n in names])
-    t0 = time.perf_counter()
+    clock = Stopwatch()
     scan = read_scan(src, series)
     liver = read_mask(liver_mask, scan) if liver_mask is not None else None
-    t_read = time.perf_counter() - t0
     log.info("%s: read %s, %d x %d x %d voxels of %s mm, in %.1f s", src.name, src.path, *scan.hu.shape,
-             " x ".join(f"{v:.3g}" for v in scan.spacing), t_read)
-    pred = predict_scan(seg, scan, liver, tta=tta, batch_size=batch_size)
-    log.info("%s: salience %.1f s, inference %.1f s", src.name, pred.seconds["salience"], pred.seconds["inference"])
-    t1 = time.perf_counter()
+             " x ".join(f"{v:.3g}" for v in scan.spacing), clock.lap("read"))
+    pred = predict_scan(seg, scan, liver, tta=tta, batch_size=batch_size, clock=clock)
+    log.info("%s: salience %.1f s, inference %.1f s", src.name, clock.wall.get("salience", 0.0), clock.wall["inference"])
     stats = vessel_stats(pred.mask, scan.spacing)
-    t_stats = time.perf_counter() - t1
+    clock.lap("stats")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{src.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        t2 = time.perf_counter()
         write_nifti(tmp / f"{src.name}_vessels.nii.gz", to_image(pred.mask.astype(np.uint8), scan))
         if prob:
             write_nifti(tmp / f"{src.name}_prob.nii.gz", to_image(pred.prob, scan))
-        t3 = time.perf_counter()
+        clock.lap("write_nifti")
         if mesh:
             verts, faces = vessel_mesh(pred.mask, scan.geometry)
             write_mesh(tmp / f"{src.name}_vessels.{mesh}", verts, faces)
             stats["mesh"] = {"vertices": int(len(verts)), "faces": int(len(faces)), "units": "mm", "frame": "LPS",
                              "taubin_iterations": MESH_SMOOTH_ITERATIONS}
-        t4 = time.perf_counter()
+            clock.lap("mesh")
         if figures:
             lo, hi = HU_WINDOW
             image = np.clip(scan.hu, lo, hi) / np.float32(hi - lo)
             scan_figures(tmp / f"{src.name}_mip.png", tmp / f"{src.name}_3d.png", image, pred.mask, scan.spacing,
                          scan.geometry, title=f"{src.name}: {stats['vessel_volume_ml']:.1f} mL, "
                                               f"{stats['connected_components']} components")
-        t5 = time.perf_counter()
-        seconds = {"read": t_read, **pred.seconds, "stats": t_stats, "write_nifti": t3 - t2, "mesh": t4 - t3,
-                   "figures": t5 - t4}
+            clock.lap("figures")
         doc = {
             "case": src.name, "input": scan.description, "model": seg.describe(),
             "liver_mask": str(liver_mask) if liver_mask is not None else None,
             "crop_hwd": list(pred.crop), "tta": tta, "device": seg.device, "stats": stats,
             "outputs": [n for n in names if n != f"{src.name}_stats.json"],
-            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "seconds": {k: round(v, 3) for k, v in clock.wall.items()},
+            "cpu_seconds": {k: round(v, 3) for k, v in clock.cpu.items()},
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
         }
-        (tmp / f"{src.name}_stats.json").write_text(json.dumps(doc, indent=2))
+        (tmp / f"{src.name}_stats.json").write_text(json.dumps(doc, indent=1))
         for n in names:
             os.replace(tmp / n, out_dir / n)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return CaseResult(src.name, "written", [out_dir / n for n in names], stats, seconds)
+    return CaseResult(src.name, "written", [out_dir / n for n in names], stats, dict(clock.wall), dict(clock.cpu))
 
 
 def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike, *,

@@ -415,3 +415,40 @@ def test_training_embeds_the_generator_of_the_offline_maps(tiny_dataset, tmp_pat
     assert ckpt["generator"]["kind"] == "bank" and ckpt["generator"]["weights_sha256"] == sha
     assert ckpt["generator"]["source"] == "bank_fit.pth"
     torch.use_deterministic_algorithms(False)  # train() switches them on process-wide
+
+
+@pytest.mark.parametrize("backbone,salience", [("unet3d", "e2e"), ("unet", "none")])
+def test_other_modes_and_3d(tmp_path, backbone, salience, capsys):
+    torch.manual_seed(0)
+    kw = {"base_channels": 2, "depth": 1}
+    model = build_segmenter(backbone, salience, 1, kw)
+    save_checkpoint(tmp_path / "m.pth", model, model_name=backbone, model_kwargs=kw, salience=salience, config={},
+                    epoch=0, iteration=0, best_metric=0.0, img_size=[24, 24], patch_size=[16, 16, 8])
+    arr = np.random.default_rng(0).normal(50, 300, size=(9, 20, 22)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "s.nii"))
+    rc = predict.main(["--model", str(tmp_path / "m.pth"), "--input", str(tmp_path / "s.nii"), "--output",
+                       str(tmp_path / "o"), "--device", "cpu", "--prob"])
+    assert rc == 0, capsys.readouterr().err
+    prob = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "s_prob.nii.gz")))
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "s_vessels.nii.gz")))
+    assert prob.shape == arr.shape and np.array_equal(mask, (prob >= 0.5).astype(np.uint8))
+    assert 0 < prob.min() and prob.max() < 1
+
+
+def test_folder_of_scans_one_output_set_each(tmp_path, analytic_model, capsys):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b"):
+        sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 300, (6, 16, 16)).astype(np.float32)),
+                        str(folder / f"{name}.nii.gz"))
+    oblique_series(folder / "c_series", rng.integers(-900, 300, (16, 16, 4)).astype(np.float32), (1, 1, 1),
+                   (0, 0, 0), np.array([1.0, 0, 0, 0, 1, 0]))
+    (folder / "notes.txt").write_text("not a scan")
+    (folder / "bad.nii.gz").write_bytes(b"broken")
+    rc = predict.main(["--model", str(analytic_model), "--input", str(folder), "--output", str(tmp_path / "o"),
+                       "--device", "cpu"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln]
+    assert rc == 1 and len(err) == 1 and "bad.nii.gz" in err[0]
+    assert out_files(tmp_path / "o") == sorted(f"{c}_{s}" for c in ("a", "b", "c_series")
+                                               for s in ("stats.json", "vessels.nii.gz"))
