@@ -10,7 +10,7 @@ the first 120 slices of that real patient (read in place through links, nothing 
 The model: the newest ``checkpoint/phantom/unet/**/demo/best_model.pth`` if ``make demo``
 made one, else a model file with the demo settings (U-Net, 16 base channels, offline bank
 salience with the shipped head embedded, img_size 192) and random weights whose last
-bias is set so that about 2% of the scan is vessel (speed does not depend on the weights;
+bias is set so that about 0.5% of its central slices is vessel (speed does not depend on the weights;
 the statistics do depend on the mask's size, so it is kept realistic).
 
 Each run is ``evaluation.segment.run_predict`` (what predict.py calls) with model loading,
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.segment import run_predict  # noqa: E402
 from inference import predict_volume  # noqa: E402
-from networks.checkpoint import generator_record, generator_from_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from networks.checkpoint import generator_from_checkpoint, generator_record, save_checkpoint  # noqa: E402
 from networks.e2e import build_segmenter  # noqa: E402
 from networks.salience import default_head_path, salience_3d  # noqa: E402
 from phantom.dicom_io import write_patient  # noqa: E402
@@ -84,7 +84,7 @@ def demo_model(out: Path, scan_hu_image: np.ndarray) -> tuple[Path, str]:
     torch.manual_seed(0)
     model = build_segmenter("unet", "offline", 1, DEMO_KW).eval()
     rec = generator_record("bank", default_head_path())
-    # set the last bias so that ~2% of the central slices are vessel
+    # set the last bias so that ~0.5% of the central slices are vessel (a realistic mask size for the statistics)
     sub = scan_hu_image[:, :, scan_hu_image.shape[2] // 2 - 2: scan_hu_image.shape[2] // 2 + 2]
     gen = generator_from_checkpoint({"salience": "offline", "generator": rec})
     prob = predict_volume(model, sub, salience_3d(sub, gen), salience_mode="offline", spatial_dims=2,
@@ -92,7 +92,7 @@ def demo_model(out: Path, scan_hu_image: np.ndarray) -> tuple[Path, str]:
     logit = np.log(np.clip(prob, 1e-7, 1 - 1e-7) / np.clip(1 - prob, 1e-7, 1))
     last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
     with torch.no_grad():
-        last.bias.sub_(float(np.quantile(logit, 0.98)))
+        last.bias.sub_(float(np.quantile(logit, 0.995)))
     path = out / "demo_settings_random.pth"
     save_checkpoint(path, model, model_name="unet", model_kwargs=DEMO_KW, salience="offline", config={}, epoch=0,
                     iteration=0, best_metric=0.0, img_size=DEMO_IMG, generator=rec)
