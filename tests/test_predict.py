@@ -452,3 +452,18 @@ def test_folder_of_scans_one_output_set_each(tmp_path, analytic_model, capsys):
     assert rc == 1 and len(err) == 1 and "bad.nii.gz" in err[0]
     assert out_files(tmp_path / "o") == sorted(f"{c}_{s}" for c in ("a", "b", "c_series")
                                                for s in ("stats.json", "vessels.nii.gz"))
+
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real" / "3Dircadb1.1" / "PATIENT_DICOM"
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="real 3D-IRCADb patient not available")
+def test_real_series_geometry_matches_itk():
+    scan = read_dicom_scan(find_cases(REAL)[0])
+    ref = series_geometry(REAL)
+    assert scan.geometry.size == ref.GetSize()
+    assert np.allclose(scan.geometry.spacing, ref.GetSpacing(), atol=1e-5)
+    assert np.allclose(scan.geometry.origin, ref.GetOrigin(), atol=1e-4)
+    assert np.allclose(scan.geometry.direction, ref.GetDirection(), atol=1e-6)
+    z = ref.GetSize()[2] // 2
+    assert np.array_equal(scan.hu[:, :, z], sitk.GetArrayFromImage(ref[:, :, z]).astype(np.float32))
