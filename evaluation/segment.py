@@ -375,8 +375,10 @@ def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.
     """
     from evaluation.figures import _save, error_rgb, plt
 
+    # coronal: slices down the image, flipped so that superior is at the top when the slice axis points up
+    up = -1 if geometry.direction[8] > 0 else 1
     views = [("axial MIP", lambda a: a.max(axis=2), spacing[0] / spacing[1]),
-             ("coronal MIP", lambda a: a.max(axis=0).T, spacing[2] / spacing[1])]
+             ("coronal MIP", lambda a: a.max(axis=0).T[::up], spacing[2] / spacing[1])]
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), squeeze=False)
     for ax, (name, proj, aspect) in zip(axes[0], views):
         m = proj(mask)
