@@ -43,11 +43,15 @@ THRESHOLD = 0.5
 """Probabilities >= THRESHOLD are vessel: the project's one threshold rule."""
 
 
-def binarize(prob: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Vessel mask uint8 {0, 1} of probabilities (any shape): prob >= THRESHOLD, compared in fp32."""
+def binarize(prob: np.ndarray | torch.Tensor, threshold: float = THRESHOLD) -> np.ndarray:
+    """Vessel mask uint8 {0, 1} of probabilities (any shape): prob >= threshold, compared in fp32.
+
+    ``threshold`` is the checkpoint's recorded ``threshold`` where one runs a model file
+    (predict.py); everything else uses the default, ``THRESHOLD``.
+    """
     if isinstance(prob, torch.Tensor):
         prob = prob.detach().float().cpu().numpy()
-    return (np.asarray(prob, dtype=np.float32) >= THRESHOLD).astype(np.uint8)
+    return (np.asarray(prob, dtype=np.float32) >= np.float32(threshold)).astype(np.uint8)
 
 
 def model_grid(plane: Sequence[int], img_size: Optional[Sequence[int]], target_spacing: Optional[float],

@@ -44,7 +44,14 @@ from evaluation.metrics import cldice as cldice_metric
 from evaluation.metrics import dice as dice_metric
 from inference import binarize, predict_volume
 from losses import make_loss, make_optimizer, poly_scheduler
-from networks.checkpoint import check_compatible, init_from_checkpoint, load_checkpoint, save_checkpoint, unwrap
+from networks.checkpoint import (
+    check_compatible,
+    find_offline_generator,
+    init_from_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
 from networks.e2e import E2ESegmenter, build_segmenter
 from networks.registry import resolve_kwargs, spatial_dims_of
 from utils.atomic import atomic_path
@@ -401,6 +408,9 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
     loss_fn = make_loss(cfg.loss, cfg.cldice_iterations)
     head_sha = _head_sha256(cfg, paths, val_cases.names)
     mm_per_pixel = train_set.mm_per_pixel() if isinstance(train_set, SliceDataSet) else None
+    # the offline maps' generator, embedded in the checkpoint so predict.py needs no other file
+    generator = find_offline_generator(paths.salience(val_cases.names[0]), [
+        Path(cfg.output_root) / "salience" / cfg.dataset]) if cfg.salience == "offline" and val_cases.names else None
 
     start_epoch, iteration, best = 0, 0, -1.0
     if cfg.resume:
@@ -448,7 +458,8 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
                         salience=cfg.salience, config=cfg.to_json(), epoch=epoch_done, iteration=iteration,
                         best_metric=best, head_sha256=head_sha, img_size=cfg.img_size, patch_size=cfg.patch_size,
                         target_spacing=cfg.target_spacing, mm_per_pixel=mm_per_pixel,
-                        optimizer=optimizer, scheduler=scheduler, scaler=scaler if scaler.is_enabled() else None)
+                        optimizer=optimizer, scheduler=scheduler, scaler=scaler if scaler.is_enabled() else None,
+                        generator=generator)
 
     def run_validation(epoch_done: int, last_batch: Optional[dict], last_logits: Optional[torch.Tensor]) -> None:
         nonlocal best

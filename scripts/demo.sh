@@ -40,3 +40,25 @@ echo
 echo "demo done in $(( $(date +%s) - T0 )) s"
 echo "results table: $RUN_DIR/eval_test/results.md"
 echo "figures:       $RUN_DIR/eval_test/figures/"
+
+# --- segment a new scan (predict.py): a phantom patient the model has never seen, read as a
+# plain DICOM series (its masks are not used), with the model file as the only other input
+NEW_RAW=$DATA/raw/phantom_new
+step "predict.py on a new scan without labels"
+if [ ! -f "$NEW_RAW/phantom_manifest.json" ]; then
+  $PY make_phantoms.py --out "$NEW_RAW" --cases 1 --preset demo --seed 101 --overwrite
+fi
+PRED_DIR=$RUN_DIR/predict_new_scan
+HEAD_ARG=()  # a model trained before checkpoints embedded the salience generator needs its head file
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.load(sys.argv[1], weights_only=True).get('generator') else 1)" \
+    "$RUN_DIR/best_model.pth"; then
+  HEAD_ARG=(--head "$CKPT/salience/phantom/bank_fit.pth")
+fi
+$PY predict.py --model "$RUN_DIR/best_model.pth" --input "$NEW_RAW/3Dircadb1.1/PATIENT_DICOM" \
+    --output "$PRED_DIR" --mesh --figures --overwrite "${HEAD_ARG[@]}"
+echo
+echo "new scan segmented in $(( $(date +%s) - T0 )) s since the demo started"
+echo "vessel mask (NIfTI): $PRED_DIR/3Dircadb1.1_vessels.nii.gz"
+echo "surface mesh (STL):  $PRED_DIR/3Dircadb1.1_vessels.stl"
+echo "figures:             $PRED_DIR/3Dircadb1.1_mip.png, $PRED_DIR/3Dircadb1.1_3d.png"
+echo "statistics:          $PRED_DIR/3Dircadb1.1_stats.json"

@@ -1,0 +1,398 @@
+"""New CT scans for predict.py: find them, read them with their exact geometry, write masks back aligned.
+
+A scan is read by the same readers as preprocessing (``preprocessing.dicom_reader.read_series``
+for DICOM, ``preprocessing.nifti_reader.read_nifti_case`` for NIfTI), so its array is the
+project's (H, W, D) = (rows, columns, slices) float32 HU with spacing (row, col, slice) mm.
+
+Geometry. An (H, W, D) array is the ITK image whose numpy view is ``arr.transpose(2, 0, 1)``
+(x = column, y = row, z = slice). :class:`Geometry` holds that image's size, spacing, origin
+and direction (ITK conventions, LPS millimetres):
+
+- DICOM: spacing (PixelSpacing[1], PixelSpacing[0], slice step), origin the
+  ImagePositionPatient of the first slice after sorting along the slice normal, direction
+  columns (row cosines, column cosines, normal) from ImageOrientationPatient: what
+  ``sitk.ImageSeriesReader`` gives for the same series.
+- NIfTI: the reader reorients to LPS (``sitk.DICOMOrient``), so the array's geometry is the
+  reoriented one; masks are written in that geometry and oriented back to the file's own
+  orientation, which is a permutation / flip of axes (no resampling), then given the input
+  header's size, spacing, origin and direction exactly.
+
+Bad input raises :class:`preprocessing.errors.PreprocessError` (a ValueError) with one line
+naming the case, the file and the problem.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from preprocessing.dicom_reader import PATIENT_SERIES, DicomFile, PatientSource, read_series
+from preprocessing.errors import PreprocessError
+from preprocessing.nifti_reader import NIFTI_SUFFIXES, nifti_stem, read_nifti_case
+from utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+INPUT_KINDS = ("dicom", "dicom-zip", "patient", "nifti")
+#: a NIfTI scan is taken for CT in HU only if its values reach below this (fat, air) ...
+CT_MIN_BELOW_HU = -50.0
+#: ... and above this (soft tissue)
+CT_MAX_ABOVE_HU = 50.0
+_SKIP_FILES = {"DICOMDIR"}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """ITK geometry of an image: size (x, y, z), spacing (mm), origin (mm, LPS), direction (9, row-major)."""
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, img: sitk.Image) -> "Geometry":
+        return cls(tuple(int(s) for s in img.GetSize()), tuple(float(s) for s in img.GetSpacing()),
+                   tuple(float(s) for s in img.GetOrigin()), tuple(float(s) for s in img.GetDirection()))
+
+    @classmethod
+    def of_file(cls, path: Path) -> "Geometry":
+        """Geometry from an image file's header alone (no pixel data read)."""
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        return cls(tuple(int(s) for s in reader.GetSize()), tuple(float(s) for s in reader.GetSpacing()),
+                   tuple(float(s) for s in reader.GetOrigin()), tuple(float(s) for s in reader.GetDirection()))
+
+    def apply(self, img: sitk.Image) -> sitk.Image:
+        img.SetSpacing(self.spacing)
+        img.SetOrigin(self.origin)
+        img.SetDirection(self.direction)
+        return img
+
+    def matches(self, other: "Geometry", tol: float = 1e-3) -> bool:
+        """Same size, and spacing / origin / direction equal within ``tol`` (mm, or cosines)."""
+        return (self.size == other.size and np.allclose(self.spacing, other.spacing, atol=tol)
+                and np.allclose(self.origin, other.origin, atol=tol)
+                and np.allclose(self.direction, other.direction, atol=tol))
+
+    def physical(self, idx_hwd: np.ndarray) -> np.ndarray:
+        """Array indices (N, 3) as (row, col, slice), fractional allowed -> LPS points (N, 3) mm."""
+        idx = np.asarray(idx_hwd, dtype=np.float64).reshape(-1, 3)
+        xyz = idx[:, [1, 0, 2]] * np.asarray(self.spacing)
+        d = np.asarray(self.direction).reshape(3, 3)
+        return np.asarray(self.origin) + xyz @ d.T
+
+    def describe(self) -> dict:
+        return {"size_xyz": list(self.size), "spacing_xyz_mm": list(self.spacing),
+                "origin_mm": list(self.origin), "direction": list(self.direction)}
+
+
+@dataclass(frozen=True)
+class CaseSource:
+    """One scan to segment: a case name, what it is (``INPUT_KINDS``) and where."""
+
+    name: str
+    kind: str
+    path: Path
+
+
+@dataclass
+class Scan:
+    """A scan read for prediction. ``hu`` float32 (H, W, D); ``spacing`` (row, col, slice) mm.
+
+    ``geometry``: the ITK geometry of the (H, W, D) array; ``output_geometry``: the input's own
+    (they differ only for a NIfTI file that is not LPS-ordered, then ``reorient`` is the
+    orientation code to turn an array image back into the input's axis order).
+    ``positions``: slice positions along the normal (DICOM), for checking mask series.
+    """
+
+    case: str
+    hu: np.ndarray
+    spacing: tuple[float, float, float]
+    geometry: Geometry
+    output_geometry: Geometry
+    reorient: Optional[str] = None
+    positions: Optional[np.ndarray] = None
+    description: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- finding scans
+def _visible(p: Path) -> bool:
+    return not p.name.startswith(".") and not p.name.startswith("__MACOSX")
+
+
+def _is_nifti(p: Path) -> bool:
+    return p.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _series_name(p: Path) -> str:
+    """Case name of a DICOM folder or zip: its own name, or its parent's for PATIENT_DICOM[.zip]."""
+    stem = p.name[:-4] if p.name.lower().endswith(".zip") else p.name
+    return p.resolve().parent.name if stem == PATIENT_SERIES else stem
+
+
+def _single(path: Path) -> Optional[CaseSource]:
+    """The one scan ``path`` is, or None when it is a folder of several.
+
+    A folder is one DICOM series when it holds files and no subfolder, zip or NIfTI file.
+    """
+    if path.is_file():
+        if _is_nifti(path):
+            return CaseSource(nifti_stem(path), "nifti", path)
+        if path.name.lower().endswith(".zip"):
+            return CaseSource(_series_name(path), "dicom-zip", path)
+        raise PreprocessError(path.name, str(path), "not a .nii / .nii.gz / .zip file, a DICOM folder or a "
+                                                    "folder of scans")
+    if (path / PATIENT_SERIES).is_dir() or (path / f"{PATIENT_SERIES}.zip").is_file():
+        return CaseSource(path.resolve().name, "patient", path)
+    entries = [p for p in path.iterdir() if _visible(p)]
+    nested = any(p.is_dir() or _is_nifti(p) or p.name.lower().endswith(".zip") for p in entries)
+    if not nested and any(p.is_file() and p.name not in _SKIP_FILES for p in entries):
+        return CaseSource(_series_name(path), "dicom", path)
+    return None  # a folder of scans (loose files beside them are skipped)
+
+
+def find_cases(path: str | os.PathLike) -> list[CaseSource]:
+    """The scans under ``path``: itself (a DICOM folder, a zip of one, a NIfTI file, a 3D-IRCADb
+    patient folder) or, for a folder of several, each entry that is one (sorted by name)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: input not found")
+    one = _single(path)
+    if one is not None:
+        return [one]
+    cases = []
+    for p in sorted((p for p in path.iterdir() if _visible(p)), key=lambda p: p.name):
+        if p.is_dir() and not any(_visible(q) for q in p.iterdir()):
+            continue
+        c = _single(p) if (p.is_dir() or _is_nifti(p) or p.name.lower().endswith(".zip")) else None
+        if c is None:
+            log.info("%s: not a scan; skipped", p)
+            continue
+        cases.append(c)
+    if not cases:
+        raise FileNotFoundError(f"{path}: no DICOM series, zip or NIfTI scan found")
+    names = [c.name for c in cases]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{path}: several inputs give the case name(s) {', '.join(dupes)}")
+    return cases
+
+
+# ----------------------------------------------------------------------------- DICOM
+def _dicom_files(src: CaseSource, stack: contextlib.ExitStack) -> list[DicomFile]:
+    """The files of a DICOM case, named by full path (zip members as ``archive.zip:member``);
+    archives opened here are closed by ``stack``."""
+    if src.kind == "patient":
+        files = stack.enter_context(PatientSource(src.path)).ct_files()
+        return [DicomFile(str(src.path / f.name), f.index, f.path, f.archive, f.member) for f in files]
+    if src.kind == "dicom":
+        return sorted((DicomFile(str(p), _index(p.name), path=p) for p in src.path.iterdir()
+                       if p.is_file() and _visible(p) and p.name not in _SKIP_FILES), key=lambda f: (f.index, f.name))
+    try:
+        z = zipfile.ZipFile(src.path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise PreprocessError(src.name, str(src.path), f"not a readable zip archive ({e})") from None
+    stack.callback(z.close)
+    files = []
+    for info in z.infolist():
+        parts = [q for q in info.filename.split("/") if q]
+        if info.is_dir() or not parts or parts[-1] in _SKIP_FILES or any(
+                q.startswith(".") or q.startswith("__MACOSX") for q in parts):
+            continue
+        files.append(DicomFile(f"{src.path}:{info.filename}", _index(parts[-1]), archive=z, member=info.filename))
+    if not files:
+        raise PreprocessError(src.name, str(src.path), "the zip archive holds no files")
+    return sorted(files, key=lambda f: (f.index, f.name))
+
+
+def _index(name: str) -> int:
+    digits = ""
+    for ch in reversed(name):
+        if not ch.isdigit():
+            break
+        digits = ch + digits
+    return int(digits) if digits else -1
+
+
+def _header(case: str, f: DicomFile) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(f.open(), stop_before_pixels=True)
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for damaged files; all mean "unreadable"
+        raise PreprocessError(case, f.name, f"not a readable DICOM file ({type(e).__name__}: "
+                                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _float_list(ds: pydicom.Dataset, keyword: str, n: int) -> Optional[np.ndarray]:
+    v = getattr(ds, keyword, None)
+    try:
+        arr = np.asarray([float(x) for x in v], dtype=np.float64) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+    return arr if arr is not None and arr.shape == (n,) else None
+
+
+def choose_series(case: str, where: str, files: Sequence[DicomFile], headers: Sequence[pydicom.Dataset],
+                  series: Optional[str]) -> list[int]:
+    """Indices of the files of one series: the only one, or ``series`` (a SeriesInstanceUID)."""
+    groups: dict[str, list[int]] = {}
+    for i, ds in enumerate(headers):
+        groups.setdefault(str(getattr(ds, "SeriesInstanceUID", "")), []).append(i)
+    if series is not None:
+        if series not in groups:
+            raise PreprocessError(case, where, f"no series {series} (has: {', '.join(sorted(groups))})")
+        return groups[series]
+    if len(groups) > 1:
+        shown = ", ".join(f"{uid or '<no UID>'} ({len(ix)} files)" for uid, ix in sorted(groups.items()))
+        raise PreprocessError(case, where, f"{len(groups)} series mixed in one folder: {shown}; "
+                                           "choose one with --series UID")
+    return next(iter(groups.values()))
+
+
+def read_dicom_scan(src: CaseSource, series: Optional[str] = None) -> Scan:
+    """Read a DICOM series (folder, zip or 3D-IRCADb patient folder) with its ITK geometry."""
+    with contextlib.ExitStack() as stack:
+        files = _dicom_files(src, stack)
+        if not files:
+            raise PreprocessError(src.name, str(src.path), "no DICOM files")
+        headers = [_header(src.name, f) for f in files]
+        keep = choose_series(src.name, str(src.path), files, headers, series)
+        files, headers = [files[i] for i in keep], [headers[i] for i in keep]
+        ser = read_series(src.name, files, ct=True)
+    h, w, d = ser.pixels.shape
+    if d < 2 or h < 2 or w < 2:
+        raise PreprocessError(src.name, str(src.path), f"a 2-D image ({h} x {w} x {d} voxels); predict.py needs a "
+                                                       "3-D series")
+    first = headers[[f.name for f in files].index(ser.files[0])]
+    iop = _float_list(first, "ImageOrientationPatient", 6)
+    if iop is None:
+        iop = np.array([1.0, 0, 0, 0, 1, 0])
+    normal = np.cross(iop[:3], iop[3:])
+    ipp = _float_list(first, "ImagePositionPatient", 3)
+    direction = np.stack([iop[:3], iop[3:], normal], axis=1)  # columns: x (along a row), y, z
+    geom = Geometry((w, h, d), (ser.spacing[1], ser.spacing[0], ser.spacing[2]),
+                    tuple(float(v) for v in (ipp if ipp is not None else np.zeros(3))),
+                    tuple(float(v) for v in direction.reshape(-1)))
+    desc = {
+        "path": str(src.path), "format": src.kind, "n_files": len(files),
+        "series_uid": str(getattr(first, "SeriesInstanceUID", "")),
+        "modality": str(getattr(first, "Modality", "")), "description": str(getattr(first, "SeriesDescription", "")),
+        "shape_hwd": [h, w, d], "spacing_rcs_mm": list(ser.spacing), **geom.describe(),
+    }
+    return Scan(src.name, ser.pixels, ser.spacing, geom, geom, None, ser.positions, desc)
+
+
+# ----------------------------------------------------------------------------- NIfTI
+def _lps_geometry(g: Geometry) -> Geometry:
+    """Geometry of an image of geometry ``g`` after ``sitk.DICOMOrient(img, "LPS")``."""
+    ref = g.apply(sitk.Image(list(g.size), sitk.sitkUInt8))
+    return Geometry.of(sitk.DICOMOrient(ref, "LPS"))
+
+
+def check_ct(case: str, path: str, hu: np.ndarray) -> None:
+    """A scan in Hounsfield units reaches below -50 HU (fat, air) and above 50 HU (soft tissue)."""
+    lo, hi = float(hu.min()), float(hu.max())
+    if not (lo < CT_MIN_BELOW_HU and hi > CT_MAX_ABOVE_HU):
+        raise PreprocessError(case, path, f"values span [{lo:g}, {hi:g}]: not a CT in Hounsfield units "
+                                          f"(expected values below {CT_MIN_BELOW_HU:g} and above {CT_MAX_ABOVE_HU:g})")
+
+
+def read_nifti_scan(src: CaseSource) -> Scan:
+    """Read a NIfTI scan (reoriented to LPS by the preprocessing reader) with both geometries."""
+    data = read_nifti_case(src.name, src.path, None)
+    hu = data.hu
+    h, w, d = hu.shape
+    if min(h, w, d) < 2:
+        raise PreprocessError(src.name, str(src.path), f"a 2-D image ({h} x {w} x {d} voxels); predict.py needs a "
+                                                       "3-D scan")
+    check_ct(src.name, str(src.path), hu)
+    out = Geometry.of_file(src.path)
+    arr_geom = _lps_geometry(out)
+    code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(out.direction)
+    reorient = None if arr_geom.matches(out, tol=0.0) else code
+    desc = {"path": str(src.path), "format": "nifti", "shape_hwd": [h, w, d], "spacing_rcs_mm": list(data.spacing),
+            "orientation": code, **out.describe()}
+    return Scan(src.name, hu, data.spacing, arr_geom, out, reorient, None, desc)
+
+
+def read_scan(src: CaseSource, series: Optional[str] = None) -> Scan:
+    if src.kind == "nifti":
+        if series is not None:
+            log.warning("%s: --series ignored for a NIfTI file", src.path)
+        return read_nifti_scan(src)
+    return read_dicom_scan(src, series)
+
+
+# ----------------------------------------------------------------------------- writing and masks
+def to_image(arr: np.ndarray, scan: Scan) -> sitk.Image:
+    """(H, W, D) array -> ITK image in the input's own geometry (axis order, origin, direction)."""
+    if arr.shape != scan.hu.shape:
+        raise ValueError(f"array shape {arr.shape} differs from the scan's {scan.hu.shape}")
+    img = scan.geometry.apply(sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr, (2, 0, 1)))))
+    if scan.reorient is not None:
+        img = sitk.DICOMOrient(img, scan.reorient)
+        back = Geometry.of(img)
+        if not back.matches(scan.output_geometry):
+            raise ValueError(f"{scan.case}: reorienting back to {scan.reorient} gave {back}, not the input's "
+                             f"{scan.output_geometry}")
+    return scan.output_geometry.apply(img)
+
+
+def write_nifti(path: Path, img: sitk.Image) -> Path:
+    """Write ``img`` atomically (compressed when the name ends in .gz)."""
+    with atomic_path(path) as tmp:
+        # SimpleITK picks the writer by the suffix: the temporary name keeps it
+        tmp_nii = tmp.with_name(f"{tmp.name}-{uuid.uuid4().hex[:6]}{''.join(path.suffixes[-2:])}")
+        try:
+            sitk.WriteImage(img, str(tmp_nii), useCompression=path.name.endswith(".gz"))
+            tmp_nii.replace(tmp)
+        finally:
+            tmp_nii.unlink(missing_ok=True)
+    return path
+
+
+def read_mask(path: str | os.PathLike, scan: Scan) -> np.ndarray:
+    """A mask (e.g. the liver) for ``scan`` as bool (H, W, D): a NIfTI file in the scan's geometry,
+    or a DICOM mask series folder (values > 0) with the scan's slices."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: mask not found")
+    if path.is_file() and _is_nifti(path):
+        try:
+            img = sitk.ReadImage(str(path))
+        except RuntimeError as e:
+            raise PreprocessError(scan.case, str(path), f"not a readable NIfTI file "
+                                                        f"({str(e).strip().splitlines()[-1]})") from None
+        g = Geometry.of(img)
+        if img.GetDimension() != 3 or not g.matches(scan.output_geometry):
+            raise PreprocessError(scan.case, str(path), f"mask geometry {g.describe()} differs from the scan's "
+                                                        f"{scan.output_geometry.describe()}")
+        if scan.reorient is not None:
+            img = sitk.DICOMOrient(img, "LPS")
+        return np.transpose(sitk.GetArrayFromImage(img), (1, 2, 0)) > 0
+    if not path.is_dir():
+        raise PreprocessError(scan.case, str(path), "mask must be a .nii / .nii.gz file or a DICOM mask folder")
+    files = sorted((DicomFile(str(p), _index(p.name), path=p) for p in path.iterdir()
+                    if p.is_file() and _visible(p) and p.name not in _SKIP_FILES), key=lambda f: (f.index, f.name))
+    if not files:
+        raise PreprocessError(scan.case, str(path), "mask folder holds no files")
+    m = read_series(scan.case, files, ct=False, strict=False)
+    if m.pixels.shape != scan.hu.shape:
+        raise PreprocessError(scan.case, str(path), f"mask is {m.pixels.shape} (H, W, D), the scan "
+                                                    f"{scan.hu.shape}")
+    if m.positions is not None and scan.positions is not None:
+        off = float(np.abs(m.positions - scan.positions).max())
+        if off > 0.01:
+            raise PreprocessError(scan.case, str(path), f"mask slice positions differ from the scan's by "
+                                                        f"{off:.3f} mm")
+    return m.pixels > 0

@@ -1,0 +1,528 @@
+"""The work behind predict.py: segment new CT scans with one model file (DESIGN.md section 6).
+
+Per scan (:func:`segment_case`): read it (evaluation.scan_io, the preprocessing readers), build
+the network input exactly as for training (``preprocessing.pipeline.to_volume``: HU window and,
+with a liver mask, the training crop to the liver's slices; the offline salience from the
+generator embedded in the checkpoint, ``networks.salience.salience_3d``), predict
+(``inference.predict_volume`` with the checkpoint's resize rule), threshold at the checkpoint's
+threshold and put the mask back on the input grid. Outputs, all in the input's geometry:
+
+    <case>_vessels.nii.gz   uint8 {0, 1}
+    <case>_prob.nii.gz      float32 probabilities (--prob)
+    <case>_vessels.stl|obj  vessel surface in patient (LPS) millimetres (--mesh)
+    <case>_mip.png, <case>_3d.png   MIPs with the vessels overlaid, a 3-D rendering (--figures)
+    <case>_stats.json       volume, centreline length, radius histogram, components, provenance
+
+A case's files are written to a temporary folder and moved into place when all are complete,
+so a failure leaves none of them.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage, sparse
+from skimage import measure
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
+from evaluation.scan_io import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
+from inference import binarize, predict_volume
+from networks.checkpoint import generator_from_checkpoint, inference_settings, load_model
+from networks.salience import file_sha256, salience_3d
+from preprocessing.dicom_reader import PatientData
+from preprocessing.errors import PreprocessError
+from preprocessing.pipeline import to_volume
+from utils.h5io import HU_WINDOW
+
+log = logging.getLogger("predict")
+
+MESH_FORMATS = ("stl", "obj")
+#: Taubin smoothing passes on the marching-cubes surface (light: the surface moves a fraction of a voxel)
+MESH_SMOOTH_ITERATIONS = 5
+#: the generator is run on the bounding box of the non-zero image when that saves at least this fraction
+SALIENCE_ROI_MIN_SAVING = 0.1
+
+
+# ----------------------------------------------------------------------------- the model
+@dataclass
+class Segmenter:
+    """A model file loaded for prediction: the network, its settings and its salience generator."""
+
+    path: Path
+    model: torch.nn.Module
+    ckpt: dict
+    settings: dict
+    generator: Any
+    device: str
+    sha256: str
+
+    @property
+    def mode(self) -> str:
+        return str(self.ckpt["salience"])
+
+    @property
+    def dims(self) -> int:
+        return int(self.ckpt["spatial_dims"])
+
+    def describe(self) -> dict:
+        gen = self.settings["generator"]
+        return {
+            "path": str(self.path), "sha256": self.sha256, "model_name": self.ckpt["model_name"],
+            "model_kwargs": self.ckpt["model_kwargs"], "spatial_dims": self.dims, "salience": self.mode,
+            "generator": None if self.generator is None else {
+                "kind": self.generator.name, "weights_sha256": self.generator.weights_sha256,
+                "embedded": isinstance(gen, dict)},
+            "hu_window": list(self.settings["hu_window"]), "threshold": self.settings["threshold"],
+            "img_size": self.settings["img_size"], "patch_size": self.settings["patch_size"],
+            "target_spacing": self.settings["target_spacing"], "epoch": self.ckpt.get("epoch"),
+        }
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def load_segmenter(path: str | os.PathLike, device: str = "auto", head: Optional[str | os.PathLike] = None) -> Segmenter:
+    """Load a model file (``networks.checkpoint.load_model``) and its offline generator.
+
+    ``head`` replaces (or, for checkpoints that do not embed it, supplies) the generator weights.
+    """
+    path = Path(path)
+    device = resolve_device(device)
+    model, ckpt = load_model(path, device=device)
+    if int(ckpt["out_channels"]) != 1:
+        raise ValueError(f"{path}: model has {ckpt['out_channels']} output channels; predict.py needs 1 logit")
+    settings = inference_settings(ckpt)
+    if tuple(settings["hu_window"]) != tuple(HU_WINDOW):
+        raise ValueError(f"{path}: model was trained on HU window {settings['hu_window']}, but the preprocessing "
+                         f"code windows to {HU_WINDOW}")
+    if int(ckpt["spatial_dims"]) == 3 and not settings["patch_size"]:
+        raise ValueError(f"{path}: 3-D checkpoint without patch_size")
+    generator = None
+    if ckpt["salience"] == "offline":
+        generator = generator_from_checkpoint(ckpt, path, head)
+    elif head is not None:
+        log.warning("--head ignored: the model uses salience %r, not offline", ckpt["salience"])
+    return Segmenter(path, model, ckpt, settings, generator, device, file_sha256(path))
+
+
+# ----------------------------------------------------------------------------- salience
+def zero_field_value(generator: Any) -> float:
+    """The generator's raw output where the standardised plane is zero within its receptive radius."""
+    m = generator.margin
+    with torch.inference_mode():
+        z = torch.zeros((1, 1, 2 * m + 1, 2 * m + 1), dtype=torch.float32, device=generator.device)
+        return float(generator(z)[0, 0, 0, 0])
+
+
+def offline_salience(image: np.ndarray, generator: Any, device: str = "cpu") -> np.ndarray:
+    """Three-plane salience (3, H, W, D) in [0, 1] of ``image`` (H, W, D), equal to ``salience_3d``.
+
+    Only the bounding box of the non-zero image, widened by the generator's receptive radius,
+    is filtered: every plane keeps all its positive pixels (so its standardisation is the
+    same), and outside the box the plane is zero within the receptive radius, where the
+    generator gives one constant (:func:`zero_field_value`). The volume normalisation then
+    runs on the whole array as in ``salience_3d``. Air and fat are 0 after the HU window, so on
+    a whole-abdomen scan this skips a large part of the work.
+    """
+    nz = image > 0
+    if not nz.any():
+        return salience_3d(image, generator, device=device)
+    m = generator.margin
+    box = []
+    for ax in range(3):
+        idx = np.flatnonzero(nz.any(axis=tuple(a for a in range(3) if a != ax)))
+        box.append(slice(max(int(idx[0]) - m, 0), min(int(idx[-1]) + 1 + m, image.shape[ax])))
+    box_t = tuple(box)
+    kept = float(np.prod([s.stop - s.start for s in box_t])) / image.size
+    if kept > 1.0 - SALIENCE_ROI_MIN_SAVING:
+        return salience_3d(image, generator, device=device)
+    generator.to(device)
+    raw = np.full((3,) + image.shape, zero_field_value(generator), dtype=np.float32)
+    raw[(slice(None),) + box_t] = salience_3d(np.ascontiguousarray(image[box_t]), generator, device=device,
+                                              normalise=False)
+    return generator.finalize(raw)
+
+
+# ----------------------------------------------------------------------------- prediction
+class Stopwatch:
+    """Wall and process CPU seconds of consecutive stages: ``lap(name)`` ends the stage ``name``."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> float:
+        t, c = time.perf_counter(), time.process_time()
+        self.wall[name] = self.wall.get(name, 0.0) + t - self._t
+        self.cpu[name] = self.cpu.get(name, 0.0) + c - self._c
+        self._t, self._c = t, c
+        return self.wall[name]
+
+
+@dataclass
+class Prediction:
+    """Probabilities float32 and mask bool, (H, W, D) on the scan's grid; the stages' times."""
+
+    prob: np.ndarray
+    mask: np.ndarray
+    crop: tuple[int, ...]
+
+
+def predict_scan(seg: Segmenter, scan: Scan, liver: Optional[np.ndarray] = None, *, tta: bool = False,
+                 batch_size: int = 8, overlap: float = 0.5, clock: Optional[Stopwatch] = None) -> Prediction:
+    """Vessel probabilities and mask of ``scan``.
+
+    With ``liver`` (bool (H, W, D)) the volume is cropped to the liver's slices as in training
+    (``preprocess.py``'s default ``liver_z`` crop), and both outputs are zero outside the liver.
+    ``clock`` gets the laps window, salience and inference.
+    """
+    clock = clock if clock is not None else Stopwatch()
+    data = PatientData(scan.hu, scan.spacing, None, None if liver is None else liver.astype(np.uint8),
+                       str(scan.description.get("path", scan.case)))
+    vol = to_volume(data, "liver_z" if liver is not None else "none", 0, warn_no_liver=True)
+    if liver is not None and not liver.any():
+        log.warning("%s: the liver mask is empty: the output is empty", scan.case)
+    sal = None
+    clock.lap("window")
+    if seg.mode == "offline":
+        sal = offline_salience(vol.image, seg.generator, device=seg.device)
+    clock.lap("salience")
+    s = seg.settings
+    prob_c = predict_volume(
+        seg.model, vol.image, sal, salience_mode=seg.mode, spatial_dims=seg.dims,
+        img_size=s["img_size"] if seg.dims == 2 else None,
+        target_spacing=s["target_spacing"], spacing=scan.spacing if s["target_spacing"] is not None else None,
+        patch_size=s["patch_size"] if seg.dims == 3 else None, overlap=overlap, tta=tta, batch_size=batch_size,
+        # 3-D: windows on the chosen device, stitching in host memory (as test.py)
+        device=seg.device if seg.dims == 2 else "cpu", sw_device=seg.device,
+    )
+    clock.lap("inference")
+    c = vol.crop
+    prob = np.zeros(scan.hu.shape, dtype=np.float32)
+    prob[c[0]:c[1], c[2]:c[3], c[4]:c[5]] = prob_c
+    if liver is not None:
+        prob[~liver] = 0.0
+    mask = binarize(prob, s["threshold"]).astype(bool)
+    return Prediction(prob, mask, tuple(c))
+
+
+# ----------------------------------------------------------------------------- statistics
+#: neighbour offsets of a 26-connected grid, each pair counted once (13 of the 26)
+_HALF_NEIGHBOURS = [o for o in np.ndindex(3, 3, 3) if (np.array(o) - 1).tolist() > [0, 0, 0]]
+
+
+def centreline_length_mm(skel: np.ndarray, spacing: Sequence[float]) -> float:
+    """Length of a skeleton (bool (H, W, D)) in mm: the sum of the lengths of its 26-neighbour links.
+
+    Every pair of neighbouring skeleton voxels adds the distance between their centres, so a
+    one-voxel-thin line of n voxels gives the polyline through their centres. Where three
+    voxels touch pairwise (at branch points, in corners) the triangle adds a little more.
+    """
+    skel = np.asarray(skel, dtype=bool)
+    sp = np.asarray(spacing, dtype=np.float64)
+    p = np.pad(skel, 1)
+    core = p[1:-1, 1:-1, 1:-1]
+    total = 0.0
+    h, w, d = skel.shape
+    for o in _HALF_NEIGHBOURS:
+        off = np.array(o) - 1
+        other = p[1 + off[0]:1 + off[0] + h, 1 + off[1]:1 + off[1] + w, 1 + off[2]:1 + off[2] + d]
+        total += np.count_nonzero(core & other) * float(np.sqrt(((off * sp) ** 2).sum()))
+    return total
+
+
+def vessel_stats(mask: np.ndarray, spacing: Sequence[float]) -> dict[str, Any]:
+    """Volume (mL), centreline length (mm), radius histogram and components of a vessel mask.
+
+    Radius at a centreline voxel: the mask's Euclidean distance transform in mm there (as
+    ``evaluation.metrics.centreline_recall_by_radius`` measures the truth), binned like the
+    metrics (< 1, 1-2, 2-3, >= 3 mm); the histogram counts centreline voxels per bin.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    sp = tuple(float(s) for s in spacing)
+    skel = skeleton(mask)
+    by_radius = centreline_recall_by_radius(mask, mask, sp, target_skeleton=skel)
+    n_cl = int(skel.sum())
+    hist = {}
+    for (lo, hi), name in zip(RADIUS_BINS_MM, RADIUS_BIN_NAMES):
+        n = int(by_radius[f"cl_n_{name}"])
+        hist[name] = {"radius_mm": [lo, None if np.isinf(hi) else hi], "centreline_voxels": n,
+                      "fraction": n / n_cl if n_cl else None}
+    sizes: list[int] = []
+    if mask.any():
+        lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+        sizes = sorted(np.bincount(lab.ravel())[1:].tolist(), reverse=True)
+    voxel_ml = float(np.prod(sp)) / 1000.0
+    return {
+        "vessel_voxels": int(mask.sum()),
+        "vessel_volume_ml": float(mask.sum()) * voxel_ml,
+        "centreline_voxels": n_cl,
+        "centreline_length_mm": centreline_length_mm(skel, sp),
+        "radius_histogram": hist,
+        "connected_components": n_components(mask),
+        "largest_component_fraction": sizes[0] / sum(sizes) if sizes else None,
+        "component_volumes_ml_top5": [s * voxel_ml for s in sizes[:5]],
+        "conventions": "26-connectivity; radius = distance transform of the mask at its skeleton (mm); "
+                       "bins as the metrics' centreline recall (DESIGN.md section 4)",
+    }
+
+
+# ----------------------------------------------------------------------------- mesh
+def taubin_smooth(verts: np.ndarray, faces: np.ndarray, iterations: int = MESH_SMOOTH_ITERATIONS,
+                  lam: float = 0.5, mu: float = -0.53) -> np.ndarray:
+    """Taubin's lambda / mu smoothing (umbrella operator): removes the voxel staircase without the
+    shrinkage of plain Laplacian smoothing; every component keeps its place and size."""
+    n = len(verts)
+    if n == 0 or iterations <= 0:
+        return verts
+    e = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    e = np.concatenate([e, e[:, ::-1]])
+    adj = sparse.csr_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
+    adj.data[:] = 1.0  # duplicate edges count once
+    deg = np.asarray(adj.sum(axis=1)).ravel()
+    deg[deg == 0] = 1.0
+    v = verts.astype(np.float64).copy()
+    for _ in range(iterations):
+        for f in (lam, mu):
+            v += f * (adj @ v / deg[:, None] - v)
+    return v
+
+
+def vessel_mesh(mask: np.ndarray, geometry: Geometry, smooth_iterations: int = MESH_SMOOTH_ITERATIONS,
+                step: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Surface of ``mask`` (H, W, D): vertices (N, 3) in patient LPS mm, faces (M, 3) int, outward.
+
+    Marching cubes (skimage) at 0.5 on the binary mask's bounding box padded with zeros (every
+    surface closes, half a voxel outside the vessel's voxel centres), mapped to millimetres
+    with ``geometry`` (the ITK geometry of the (H, W, D) array), then lightly smoothed
+    (:func:`taubin_smooth`). ``step`` > 1 gives a coarser mesh (figures).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
+    pad = 1
+    box = []
+    for ax in range(3):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
+        box.append((int(idx[0]), int(idx[-1]) + 1))
+    sub = np.pad(mask[box[0][0]:box[0][1], box[1][0]:box[1][1], box[2][0]:box[2][1]], pad).astype(np.float32)
+    verts, faces, _, _ = measure.marching_cubes(sub, 0.5, step_size=step, allow_degenerate=False)
+    verts = verts + np.array([b[0] - pad for b in box], dtype=np.float64)
+    pts = geometry.physical(verts)
+    d = np.asarray(geometry.direction).reshape(3, 3)
+    # the map from (row, col, slice) indices to LPS swaps row and column (a mirror) and applies the
+    # direction matrix; skimage's winding comes out outward after it unless the direction mirrors too
+    if np.linalg.det(d) < 0:
+        faces = faces[:, ::-1]
+    return taubin_smooth(pts, faces, smooth_iterations), faces.astype(np.int64)
+
+
+def write_mesh(path: Path, verts: np.ndarray, faces: np.ndarray) -> Path:
+    """Binary STL or Wavefront OBJ by the suffix of ``path`` (units mm, LPS)."""
+    suffix = path.suffix.lower()
+    if suffix == ".stl":
+        tri = verts[faces].astype(np.float32)  # (M, 3, 3)
+        n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+        rec = np.zeros(len(faces), dtype=[("n", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
+        rec["n"], rec["v"] = n, tri
+        with open(path, "wb") as f:
+            f.write(b"livervessel vessel surface, LPS mm".ljust(80, b" "))
+            f.write(np.uint32(len(faces)).tobytes())
+            f.write(rec.tobytes())
+    elif suffix == ".obj":
+        with open(path, "w") as f:
+            f.write("# livervessel vessel surface, LPS mm\n")
+            np.savetxt(f, verts, fmt="v %.4f %.4f %.4f")
+            np.savetxt(f, faces + 1, fmt="f %d %d %d")
+    else:
+        raise ValueError(f"{path}: mesh format must be .stl or .obj")
+    return path
+
+
+def read_stl(path: Path) -> np.ndarray:
+    """Triangles (M, 3, 3) float32 of a binary STL written by :func:`write_mesh`."""
+    raw = Path(path).read_bytes()
+    n = int(np.frombuffer(raw[80:84], dtype="<u4")[0])
+    rec = np.frombuffer(raw[84:84 + 50 * n], dtype=[("n", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
+    return rec["v"].copy()
+
+
+# ----------------------------------------------------------------------------- figures
+def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.ndarray,
+                 spacing: Sequence[float], geometry: Geometry, title: str = "") -> list[Path]:
+    """Axial and coronal MIPs of the windowed scan with the vessel MIP overlaid; a 3-D rendering.
+
+    image: (H, W, D) in [0, 1] (HU window); mask bool (H, W, D); spacing (row, col, slice) mm.
+    """
+    from evaluation.figures import _save, error_rgb, plt
+
+    # coronal: slices down the image, flipped so that superior is at the top when the slice axis points up
+    up = -1 if geometry.direction[8] > 0 else 1
+    views = [("axial MIP", lambda a: a.max(axis=2), spacing[0] / spacing[1]),
+             ("coronal MIP", lambda a: a.max(axis=0).T[::up], spacing[2] / spacing[1])]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), squeeze=False)
+    for ax, (name, proj, aspect) in zip(axes[0], views):
+        m = proj(mask)
+        ax.imshow(error_rgb(proj(image), m, m, alpha=0.75), aspect=aspect, interpolation="nearest")
+        ax.set_title(f"{name}: scan, vessels in green", fontsize=9)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _save(fig, mip_path)
+
+    fig = plt.figure(figsize=(6, 6))
+    ax = fig.add_subplot(projection="3d")
+    verts, faces = vessel_mesh(mask, geometry, step=2 if mask.sum() > 200_000 else 1)
+    if len(faces):
+        from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+
+        keep = faces if len(faces) <= 60_000 else faces[np.random.default_rng(0).choice(len(faces), 60_000, False)]
+        ax.add_collection3d(Poly3DCollection(verts[keep], facecolor=(0.8, 0.2, 0.2), edgecolor="none", alpha=0.9))
+        lo, hi = verts.min(0), verts.max(0)
+        c, r = (lo + hi) / 2, float((hi - lo).max()) / 2 + 1e-3
+        ax.set_xlim(c[0] - r, c[0] + r)
+        ax.set_ylim(c[1] - r, c[1] + r)
+        ax.set_zlim(c[2] - r, c[2] + r)
+        ax.view_init(elev=10, azim=-90)
+    ax.set_xlabel("x (mm, R->L)")
+    ax.set_ylabel("y (mm, A->P)")
+    ax.set_zlabel("z (mm, I->S)")
+    ax.set_title((title + "\n" if title else "") + "vessel surface (patient mm)", fontsize=9)
+    _save(fig, render_path)
+    return [mip_path, render_path]
+
+
+# ----------------------------------------------------------------------------- one case, many cases
+def output_names(case: str, prob: bool, mesh: Optional[str], figures: bool) -> list[str]:
+    names = [f"{case}_vessels.nii.gz", f"{case}_stats.json"]
+    if prob:
+        names.append(f"{case}_prob.nii.gz")
+    if mesh:
+        names.append(f"{case}_vessels.{mesh}")
+    if figures:
+        names += [f"{case}_mip.png", f"{case}_3d.png"]
+    return names
+
+
+@dataclass
+class CaseResult:
+    case: str
+    status: str  # "written" | "skipped" | "failed"
+    files: list[Path] = field(default_factory=list)
+    stats: Optional[dict] = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+def segment_case(seg: Segmenter, src: CaseSource, out_dir: Path, *, liver_mask: Optional[str | os.PathLike] = None,
+                 prob: bool = False, mesh: Optional[str] = None, figures: bool = False, tta: bool = False,
+                 series: Optional[str] = None, batch_size: int = 8, overwrite: bool = False) -> CaseResult:
+    """Read, predict and write one scan; all its outputs appear together or not at all."""
+    if mesh is not None and mesh not in MESH_FORMATS:
+        raise ValueError(f"--mesh must be one of {MESH_FORMATS}, got {mesh!r}")
+    names = output_names(src.name, prob, mesh, figures)
+    if not overwrite and all((out_dir / n).is_file() for n in names):
+        log.info("%s: outputs exist in %s, kept (pass --overwrite to redo)", src.name, out_dir)
+        return CaseResult(src.name, "skipped", [out_dir / n for n in names])
+    clock = Stopwatch()
+    scan = read_scan(src, series)
+    liver = read_mask(liver_mask, scan) if liver_mask is not None else None
+    log.info("%s: read %s, %d x %d x %d voxels of %s mm, in %.1f s", src.name, src.path, *scan.hu.shape,
+             " x ".join(f"{v:.3g}" for v in scan.spacing), clock.lap("read"))
+    pred = predict_scan(seg, scan, liver, tta=tta, batch_size=batch_size, clock=clock)
+    log.info("%s: salience %.1f s, inference %.1f s", src.name, clock.wall.get("salience", 0.0), clock.wall["inference"])
+    stats = vessel_stats(pred.mask, scan.spacing)
+    clock.lap("stats")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{src.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write_nifti(tmp / f"{src.name}_vessels.nii.gz", to_image(pred.mask.astype(np.uint8), scan))
+        if prob:
+            write_nifti(tmp / f"{src.name}_prob.nii.gz", to_image(pred.prob, scan))
+        clock.lap("write_nifti")
+        if mesh:
+            verts, faces = vessel_mesh(pred.mask, scan.geometry)
+            write_mesh(tmp / f"{src.name}_vessels.{mesh}", verts, faces)
+            stats["mesh"] = {"vertices": int(len(verts)), "faces": int(len(faces)), "units": "mm", "frame": "LPS",
+                             "taubin_iterations": MESH_SMOOTH_ITERATIONS}
+            clock.lap("mesh")
+        if figures:
+            lo, hi = HU_WINDOW
+            image = np.clip(scan.hu, lo, hi) / np.float32(hi - lo)
+            scan_figures(tmp / f"{src.name}_mip.png", tmp / f"{src.name}_3d.png", image, pred.mask, scan.spacing,
+                         scan.geometry, title=f"{src.name}: {stats['vessel_volume_ml']:.1f} mL, "
+                                              f"{stats['connected_components']} components")
+            clock.lap("figures")
+        doc = {
+            "case": src.name, "input": scan.description, "model": seg.describe(),
+            "liver_mask": str(liver_mask) if liver_mask is not None else None,
+            "crop_hwd": list(pred.crop), "tta": tta, "device": seg.device, "stats": stats,
+            "outputs": [n for n in names if n != f"{src.name}_stats.json"],
+            "seconds": {k: round(v, 3) for k, v in clock.wall.items()},
+            "cpu_seconds": {k: round(v, 3) for k, v in clock.cpu.items()},
+            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        }
+        (tmp / f"{src.name}_stats.json").write_text(json.dumps(doc, indent=1))
+        for n in names:
+            os.replace(tmp / n, out_dir / n)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return CaseResult(src.name, "written", [out_dir / n for n in names], stats, dict(clock.wall), dict(clock.cpu))
+
+
+def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike, *,
+                device: str = "auto", head: Optional[str | os.PathLike] = None,
+                liver_mask: Optional[str | os.PathLike] = None, prob: bool = False, mesh: Optional[str] = None,
+                figures: bool = False, tta: bool = False, series: Optional[str] = None, batch_size: int = 8,
+                overwrite: bool = False) -> list[CaseResult]:
+    """Segment every scan under ``input_path`` with ``model``; one result per case.
+
+    Bad model files and inputs raise ValueError / FileNotFoundError before anything is written.
+    With several scans, one that fails is reported (status "failed", a one-line message) and
+    the others still run.
+    """
+    cases = find_cases(input_path)
+    if liver_mask is not None and len(cases) > 1:
+        raise ValueError(f"{input_path}: --liver_mask needs a single scan, found {len(cases)}")
+    seg = load_segmenter(model, device, head)
+    out_dir = Path(output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: output exists and is not a folder")
+    log.info("model %s (%d-D, salience %s%s) from %s; %d scan(s)", seg.ckpt["model_name"], seg.dims, seg.mode,
+             f", generator {seg.generator.name}" if seg.generator is not None else "", seg.path, len(cases))
+    kw = dict(liver_mask=liver_mask, prob=prob, mesh=mesh, figures=figures, tta=tta, series=series,
+              batch_size=batch_size, overwrite=overwrite)
+    if len(cases) == 1:
+        return [segment_case(seg, cases[0], out_dir, **kw)]
+    results = []
+    with logging_redirect_tqdm():
+        for src in tqdm(cases, desc="segmenting", unit="scan"):
+            try:
+                results.append(segment_case(seg, src, out_dir, **kw))
+            except (PreprocessError, ValueError, FileNotFoundError, OSError) as e:
+                msg = " ".join(str(e).split())
+                log.error("%s", msg)
+                results.append(CaseResult(src.name, "failed", message=msg))
+    return results

@@ -1,0 +1,73 @@
+"""Segment the liver vessels of new CT scans with one model file (DESIGN.md section 6).
+
+    python predict.py --model FILE --input PATH --output DIR [--device auto] [--liver_mask FILE]
+                      [--prob] [--mesh [stl|obj]] [--figures] [--tta] [--series UID] [--head FILE]
+                      [--batch_size 8] [--overwrite]
+
+PATH: a DICOM series folder, a zip of one (3D-IRCADb's PATIENT_DICOM.zip), a 3D-IRCADb patient
+folder, a .nii / .nii.gz file, or a folder of several of those (one output set each). Writes
+``<case>_vessels.nii.gz`` (uint8, in the input's exact geometry) and ``<case>_stats.json``;
+``--prob`` adds ``<case>_prob.nii.gz``, ``--mesh`` ``<case>_vessels.stl`` (or .obj) in patient
+millimetres, ``--figures`` ``<case>_mip.png`` and ``<case>_3d.png``. The model file carries
+everything else (network, salience generator, HU window, resize rule, threshold); ``--head``
+supplies the generator weights for checkpoints that do not embed them.
+Bad input: a one-line error naming the file, exit code 1, no output for that scan.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from evaluation.segment import MESH_FORMATS, run_predict
+from preprocessing.errors import PreprocessError
+from utils.logging_setup import setup_logging
+
+log = logging.getLogger("predict")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model file (best_model.pth written by main.py)")
+    p.add_argument("--input", required=True, help="DICOM folder, zip, .nii/.nii.gz, or a folder of several")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--liver_mask", default=None, help="NIfTI file or DICOM mask folder: keep vessels inside it")
+    p.add_argument("--prob", action="store_true", help="also write the probability map")
+    p.add_argument("--mesh", nargs="?", const="stl", choices=MESH_FORMATS, default=None,
+                   help="also write the vessel surface (default stl)")
+    p.add_argument("--figures", action="store_true", help="MIPs with the vessels overlaid and a 3-D rendering")
+    p.add_argument("--tta", action="store_true", help="average over flips")
+    p.add_argument("--series", default=None, help="SeriesInstanceUID to use when a folder mixes several series")
+    p.add_argument("--head", default=None, help="salience generator weights for a model file that lacks them")
+    p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass")
+    p.add_argument("--overwrite", action="store_true", help="redo scans whose outputs exist")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        results = run_predict(args.model, args.input, args.output, device=args.device, head=args.head,
+                              liver_mask=args.liver_mask, prob=args.prob, mesh=args.mesh, figures=args.figures,
+                              tta=args.tta, series=args.series, batch_size=args.batch_size, overwrite=args.overwrite)
+    except (PreprocessError, FileNotFoundError, FileExistsError, ValueError) as e:
+        log.error("%s", " ".join(str(e).split()) or type(e).__name__)
+        return 1
+    for r in results:
+        if r.status == "failed":
+            continue
+        s = r.stats
+        extra = (f": {s['vessel_volume_ml']:.2f} mL, centreline {s['centreline_length_mm']:.0f} mm, "
+                 f"{s['connected_components']} components") if s else " (kept)"
+        print(f"{r.case}{extra}")
+        for f in r.files:
+            print(f"  {f}")
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

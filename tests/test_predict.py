@@ -1,0 +1,469 @@
+"""predict.py: one model file segments a new scan; outputs in the input's exact geometry (issue 13)."""
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+
+import predict
+from evaluation.runner import run_evaluation
+from evaluation.scan_io import CaseSource, Geometry, find_cases, read_dicom_scan, read_nifti_scan, to_image, write_nifti
+from evaluation.segment import (
+    centreline_length_mm,
+    offline_salience,
+    read_stl,
+    vessel_mesh,
+    vessel_stats,
+)
+from networks.checkpoint import generator_record, load_checkpoint, save_checkpoint
+from networks.e2e import build_segmenter
+from networks.salience import AnalyticGenerator, default_head_path, make_generator, salience_3d
+from phantom.dicom_io import series_bytes
+from phantom.generator import make_phantoms
+from preprocessing.dicom_reader import read_dicom_patient
+from preprocessing.pipeline import preprocess
+from salience_generation import generate
+from inference import predict_volume
+from utils.h5io import DatasetPaths, read_salience, read_volume, write_list
+
+KW = {"base_channels": 4, "depth": 2}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(path: Path, generator: dict | None, seed: int = 0, calibrate=None) -> Path:
+    """A random 2-D U-Net (offline salience, 48 x 48 input) with its last layer rescaled so that
+    its logits are spread wide: on ``calibrate`` = (image (H, W, D), salience (3, H, W, D), roi)
+    about 15% of the ROI is vessel, so the mask is neither empty nor full."""
+    torch.manual_seed(seed)
+    model = build_segmenter("unet", "offline", 1, KW).eval()
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    if calibrate is not None:
+        image, sal, roi = calibrate
+        prob = predict_volume(model, image, sal, salience_mode="offline", spatial_dims=2, img_size=[48, 48])
+        logit = np.log(prob[roi] / (1 - prob[roi]))
+        scale = 40.0 / float(logit.std())
+        with torch.no_grad():
+            last.weight.mul_(scale)
+            last.bias.mul_(scale).sub_(float(np.quantile(logit * scale, 0.85)))
+    save_checkpoint(path, model, model_name="unet", model_kwargs=KW, salience="offline", config={}, epoch=1,
+                    iteration=1, best_metric=0.0, img_size=[48, 48], generator=generator)
+    return path
+
+
+@pytest.fixture(scope="module")
+def phantom_case(tmp_path_factory):
+    """A tiny phantom patient as DICOM, preprocessed and salience'd as training data, a model, and
+    test.py's mask for it."""
+    root = tmp_path_factory.mktemp("predict")
+    raw = root / "raw"
+    make_phantoms(raw, 1, "tiny", 3)
+    paths = DatasetPaths.of(root / "data", "phantom", root / "list")
+    write_list(paths.list_file("vol_train"), [])
+    write_list(paths.list_file("vol_val"), [])
+    write_list(paths.list_file("vol_test"), ["case0001"])
+    assert preprocess("phantom", raw, root / "data", root / "list").ok
+    generate(paths, ["case0001"], "bank", default_head_path())
+    vol = read_volume(paths.volume("case0001"))
+    model = tiny_model(root / "model.pth", generator_record("bank", default_head_path()),
+                       calibrate=(vol.image, read_salience(paths.salience("case0001")), vol.liver.astype(bool)))
+    res = run_evaluation(dataset="phantom", root_path=root / "data", list_dir=root / "list", model_path=model,
+                         save_pred="h5", pred_kind="mask", output=root / "eval", device="cpu")
+    with h5py.File(res.output / "predictions" / "case0001_pred.h5", "r") as f:
+        test_mask, crop = f["mask"][()].astype(bool), tuple(int(v) for v in f.attrs["crop"])
+    return {"root": root, "patient": raw / "3Dircadb1.1", "model": model, "test_mask": test_mask, "crop": crop}
+
+
+def series_geometry(folder: Path) -> sitk.Image:
+    r = sitk.ImageSeriesReader()
+    r.SetFileNames(r.GetGDCMSeriesFileNames(str(folder)))
+    return r.Execute()
+
+
+def out_files(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_dicom_patient_matches_test_py_and_series_geometry(phantom_case, tmp_path, capsys):
+    out = tmp_path / "out"
+    pat = phantom_case["patient"]
+    rc = predict.main(["--model", str(phantom_case["model"]), "--input", str(pat), "--output", str(out),
+                       "--liver_mask", str(pat / "MASKS_DICOM" / "liver"), "--mesh", "--figures", "--prob",
+                       "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    case = "3Dircadb1.1"
+    assert out_files(out) == sorted(f"{case}{s}" for s in ("_vessels.nii.gz", "_prob.nii.gz", "_vessels.stl",
+                                                          "_mip.png", "_3d.png", "_stats.json"))
+    img = sitk.ReadImage(str(out / f"{case}_vessels.nii.gz"))
+    ref = series_geometry(pat / "PATIENT_DICOM")
+    assert img.GetSize() == ref.GetSize()
+    assert np.allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-6)
+    assert np.allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-4)
+    assert np.allclose(img.GetDirection(), ref.GetDirection(), atol=1e-6)
+    assert img.GetPixelID() == sitk.sitkUInt8
+    mask = np.transpose(sitk.GetArrayFromImage(img), (1, 2, 0)).astype(bool)
+
+    # test.py's mask of the same case, mapped back through the preprocessing crop, inside the liver
+    r0, r1, c0, c1, s0, s1 = phantom_case["crop"]
+    expected = np.zeros_like(mask)
+    expected[r0:r1, c0:c1, s0:s1] = phantom_case["test_mask"]
+    liver = read_dicom_patient(pat, ("portalvein",)).liver.astype(bool)
+    expected &= liver
+    assert 0 < expected.sum() < liver.sum()  # a mask worth comparing
+    assert np.array_equal(mask, expected)
+
+    prob = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_prob.nii.gz"))), (1, 2, 0))
+    assert np.array_equal(prob >= 0.5, mask) and prob[~liver].max() == 0
+
+    stats = json.loads((out / f"{case}_stats.json").read_text())
+    sp = ref.GetSpacing()
+    assert stats["stats"]["vessel_voxels"] == int(mask.sum())
+    assert stats["stats"]["vessel_volume_ml"] == pytest.approx(mask.sum() * np.prod(sp) / 1000)
+    assert set(stats["stats"]["radius_histogram"]) == {"lt1", "1to2", "2to3", "ge3"}
+    assert stats["model"]["sha256"] == __import__("hashlib").sha256(phantom_case["model"].read_bytes()).hexdigest()
+    assert stats["model"]["generator"]["embedded"] and stats["input"]["n_files"] == ref.GetSize()[2]
+
+    # the surface's bounding box in mm is the mask's (voxel centres +- half a voxel)
+    tri = read_stl(out / f"{case}_vessels.stl").reshape(-1, 3)
+    idx = np.argwhere(mask)
+    pts = np.array([ref.TransformIndexToPhysicalPoint((int(c), int(r), int(s))) for r, c, s in idx])
+    half = np.array(sp) / 2
+    assert np.allclose(tri.min(0), pts.min(0) - half, atol=0.5 * max(sp))
+    assert np.allclose(tri.max(0), pts.max(0) + half, atol=0.5 * max(sp))
+
+
+def test_nifti_non_identity_direction_round_trips(tmp_path):
+    rng = np.random.default_rng(0)
+    arr_zyx = rng.integers(-1000, 400, size=(7, 9, 11)).astype(np.int16)  # (z, y, x): sizes x 11, y 9, z 7
+    img = sitk.GetImageFromArray(arr_zyx)
+    img.SetSpacing((0.7, 0.9, 2.5))
+    img.SetOrigin((12.0, -30.5, 101.0))
+    a = np.deg2rad(20)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    perm = np.array([[-1, 0, 0], [0, 0, 1], [0, -1, 0]])  # RAS-like flips and a swap of y and z
+    img.SetDirection(tuple((rot @ perm).reshape(-1)))
+    path = tmp_path / "scan.nii.gz"
+    sitk.WriteImage(img, str(path))
+
+    scan = read_nifti_scan(CaseSource("scan", "nifti", path))
+    assert scan.reorient is not None and scan.output_geometry == Geometry.of(sitk.ReadImage(str(path)))
+    # the array (LPS order) and its geometry describe the same voxels as the file
+    for r, c, s in [(0, 0, 0), (3, 5, 1), (scan.hu.shape[0] - 1, 2, scan.hu.shape[2] - 1)]:
+        p = scan.geometry.physical(np.array([[r, c, s]]))[0]
+        assert img.GetPixel(img.TransformPhysicalPointToIndex(tuple(p))) == scan.hu[r, c, s]
+    # a mask written from the array lands on the same voxels, in the input's exact geometry
+    mask = (scan.hu > 0).astype(np.uint8)
+    write_nifti(tmp_path / "m.nii.gz", to_image(mask, scan))
+    back, orig = sitk.ReadImage(str(tmp_path / "m.nii.gz")), sitk.ReadImage(str(path))  # (NIfTI stores float32)
+    assert back.GetSize() == orig.GetSize() and back.GetSpacing() == orig.GetSpacing()
+    assert back.GetOrigin() == orig.GetOrigin() and back.GetDirection() == orig.GetDirection()
+    assert np.array_equal(sitk.GetArrayFromImage(back), (arr_zyx > 0).astype(np.uint8))
+
+
+def test_nifti_input_runs_end_to_end(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    arr = rng.normal(60, 80, size=(10, 40, 36)).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    img.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, -1))
+    img.SetOrigin((5, 6, 7))
+    sitk.WriteImage(img, str(tmp_path / "p01.nii.gz"))
+    model = tiny_model(tmp_path / "m.pth", generator_record("analytic"))
+    rc = predict.main(["--model", str(model), "--input", str(tmp_path / "p01.nii.gz"), "--output",
+                       str(tmp_path / "o"), "--device", "cpu", "--tta"])
+    assert rc == 0, capsys.readouterr().err
+    back = sitk.ReadImage(str(tmp_path / "o" / "p01_vessels.nii.gz"))
+    img = sitk.ReadImage(str(tmp_path / "p01.nii.gz"))
+    assert back.GetDirection() == img.GetDirection() and back.GetOrigin() == img.GetOrigin()
+    assert back.GetSize() == img.GetSize()
+
+
+def oblique_series(folder: Path, hu: np.ndarray, spacing, origin, iop, uid_series: str | None = None,
+                   modality: str = "CT") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    normal = np.cross(iop[:3], iop[3:])
+    for i, raw in enumerate(series_bytes(hu, spacing)):
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        ds.ImageOrientationPatient = [float(v) for v in iop]
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + i * spacing[2] * normal]
+        ds.Modality = modality
+        if uid_series:
+            ds.SeriesInstanceUID = uid_series
+        ds.save_as(folder / f"slice{i:03d}.dcm", enforce_file_format=True)
+
+
+def test_oblique_dicom_series_geometry_matches_itk(tmp_path):
+    a = np.deg2rad(15)
+    iop = np.array([np.cos(a), np.sin(a), 0.0, 0.0, 0.0, 1.0])  # rows along x/y, columns along z (coronal-ish)
+    hu = np.random.default_rng(2).integers(-900, 300, size=(6, 7, 5)).astype(np.float32)
+    oblique_series(tmp_path / "s", hu, (0.8, 0.6, 1.25), (-20.0, 14.0, 3.5), iop)
+    scan = read_dicom_scan(find_cases(tmp_path / "s")[0])
+    ref = series_geometry(tmp_path / "s")
+    assert scan.geometry.size == ref.GetSize()
+    assert np.allclose(scan.geometry.spacing, ref.GetSpacing(), atol=1e-6)
+    assert np.allclose(scan.geometry.origin, ref.GetOrigin(), atol=1e-5)
+    assert np.allclose(scan.geometry.direction, ref.GetDirection(), atol=1e-6)
+    assert np.array_equal(np.transpose(sitk.GetArrayFromImage(ref), (1, 2, 0)), scan.hu)
+
+
+def test_dicom_zip_input(phantom_case, tmp_path):
+    z = tmp_path / "PATIENT_DICOM.zip"
+    with zipfile.ZipFile(z, "w") as f:
+        for p in sorted((phantom_case["patient"] / "PATIENT_DICOM").iterdir()):
+            f.write(p, f"PATIENT_DICOM/{p.name}")
+    (cs,) = find_cases(z)
+    scan = read_dicom_scan(cs)
+    ref = read_dicom_scan(find_cases(phantom_case["patient"] / "PATIENT_DICOM")[0])
+    assert cs.kind == "dicom-zip" and np.array_equal(scan.hu, ref.hu) and scan.geometry == ref.geometry
+
+
+# ----------------------------------------------------------------------------- pieces
+def test_offline_salience_roi_equals_full_computation():
+    rng = np.random.default_rng(3)
+    img = np.zeros((40, 44, 12), dtype=np.float32)
+    img[10:28, 9:35, 2:10] = rng.uniform(0.1, 0.6, size=(18, 26, 8))
+    gen = make_generator("bank", default_head_path())
+    full = salience_3d(img, gen)
+    fast = offline_salience(img, gen)
+    assert np.allclose(fast, full, atol=2e-6)
+    assert np.allclose(offline_salience(img, AnalyticGenerator()), salience_3d(img, AnalyticGenerator()), atol=2e-6)
+
+
+def test_centreline_length_and_stats():
+    sp = (0.5, 0.8, 2.0)
+    skel = np.zeros((20, 20, 10), dtype=bool)
+    skel[5, 3:13, 4] = True  # 10 voxels along columns: 9 links of 0.8 mm
+    assert centreline_length_mm(skel, sp) == pytest.approx(9 * 0.8)
+    diag = np.zeros((10, 10, 10), dtype=bool)
+    for i in range(6):
+        diag[i, i, i] = True  # 5 body-diagonal links
+    assert centreline_length_mm(diag, sp) == pytest.approx(5 * np.sqrt(0.25 + 0.64 + 4.0))
+    # a straight tube of radius ~2.4 mm along the slices, 24 slices of 1 mm
+    r, c = np.meshgrid(np.arange(25), np.arange(25), indexing="ij")
+    disk = (r - 12) ** 2 + (c - 12) ** 2 <= 6**2
+    tube = np.repeat(disk[:, :, None], 30, axis=2)
+    tube[:, :, :3] = tube[:, :, -3:] = False
+    s = vessel_stats(tube, (0.4, 0.4, 1.0))
+    assert s["connected_components"] == 1 and s["vessel_volume_ml"] == pytest.approx(tube.sum() * 0.16 / 1000)
+    # the skeleton is a straight line along the slices (Lee's method shortens it at the ends)
+    assert s["centreline_voxels"] >= 12 and s["centreline_length_mm"] == pytest.approx(s["centreline_voxels"] - 1)
+    assert s["radius_histogram"]["2to3"]["fraction"] > 0.8
+
+
+def test_mesh_bounding_box_in_mm_matches_mask():
+    mask = np.zeros((20, 24, 16), dtype=bool)
+    mask[4:15, 6:9, 3:13] = True
+    mask[10:12, 6:20, 8:10] = True
+    a = np.deg2rad(30)
+    d = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    g = Geometry((24, 20, 16), (0.7, 0.5, 1.5), (10.0, -4.0, 2.0), tuple(d.reshape(-1)))
+    verts, faces = vessel_mesh(mask, g, smooth_iterations=0)
+    # unsmoothed marching cubes at 0.5: the surface is half a voxel outside the voxel centres, so the
+    # box of the surface in index space is the mask's box +- 0.5 voxel
+    corners = np.array([[r, c, s] for r in (3.5, 14.5) for c in (5.5, 19.5) for s in (2.5, 12.5)])
+    box_pts = g.physical(corners)
+    assert np.all(verts.min(0) >= box_pts.min(0) - 1e-6) and np.all(verts.max(0) <= box_pts.max(0) + 1e-6)
+    inv = np.linalg.inv(d)
+    idx = ((verts - np.array(g.origin)) @ inv.T) / np.array(g.spacing)  # (x, y, z) = (col, row, slice)
+    assert np.allclose(idx.min(0), [5.5, 3.5, 2.5], atol=1e-6) and np.allclose(idx.max(0), [19.5, 14.5, 12.5], atol=1e-6)
+    # outward normals: the signed volume is positive and equals the enclosed volume roughly
+    tri = verts[faces]
+    vol = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6
+    assert vol == pytest.approx(mask.sum() * 0.7 * 0.5 * 1.5, rel=0.15)
+    mirrored = Geometry(g.size, g.spacing, g.origin, tuple((d @ np.diag([1, -1, 1])).reshape(-1)))
+    mv, mf = vessel_mesh(mask, mirrored, smooth_iterations=0)
+    tri = mv[mf]
+    assert np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6 == pytest.approx(vol)
+    smooth_v, _ = vessel_mesh(mask, g)
+    assert np.abs(smooth_v.min(0) - verts.min(0)).max() < 0.5  # light smoothing moves the box < 0.5 mm
+    assert np.abs(smooth_v.max(0) - verts.max(0)).max() < 0.5
+
+
+# ----------------------------------------------------------------------------- bad input
+def run_bad(args: list[str], out: Path, capsys) -> str:
+    rc = predict.main([*args, "--output", str(out), "--device", "cpu"])
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if " ERROR " in ln]
+    assert rc == 1
+    assert len(err) == 1, err
+    assert out_files(out) == []
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def analytic_model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("am") / "m.pth", generator_record("analytic"))
+
+
+def test_bad_not_ct(tmp_path, analytic_model, capsys):
+    hu = np.zeros((8, 8, 4), dtype=np.float32)
+    oblique_series(tmp_path / "mr", hu, (1, 1, 1), (0, 0, 0), np.array([1.0, 0, 0, 0, 1, 0]), modality="MR")
+    msg = run_bad(["--model", str(analytic_model), "--input", str(tmp_path / "mr")], tmp_path / "o", capsys)
+    assert "slice000.dcm" in msg and "Modality is 'MR'" in msg
+    img = sitk.GetImageFromArray(np.random.default_rng(0).uniform(0, 900, (6, 8, 8)).astype(np.float32))
+    sitk.WriteImage(img, str(tmp_path / "mr.nii.gz"))
+    msg = run_bad(["--model", str(analytic_model), "--input", str(tmp_path / "mr.nii.gz")], tmp_path / "o", capsys)
+    assert "mr.nii.gz" in msg and "not a CT" in msg
+
+
+def test_bad_mixed_series_needs_a_choice(tmp_path, analytic_model, capsys):
+    hu = np.random.default_rng(0).integers(-900, 300, size=(8, 8, 3)).astype(np.float32)
+    iop = np.array([1.0, 0, 0, 0, 1, 0])
+    oblique_series(tmp_path / "mix", hu, (1, 1, 1), (0, 0, 0), iop, uid_series="1.2.3.4")
+    for f in (tmp_path / "mix").iterdir():
+        f.rename(f.with_name("a_" + f.name))
+    oblique_series(tmp_path / "mix", hu, (1, 1, 1), (0, 0, 50), iop, uid_series="1.2.3.5")
+    msg = run_bad(["--model", str(analytic_model), "--input", str(tmp_path / "mix")], tmp_path / "o", capsys)
+    assert str(tmp_path / "mix") in msg and "2 series mixed" in msg and "--series" in msg
+    rc = predict.main(["--model", str(analytic_model), "--input", str(tmp_path / "mix"), "--output",
+                       str(tmp_path / "o"), "--series", "1.2.3.5", "--device", "cpu"])
+    assert rc == 0 and out_files(tmp_path / "o") == ["mix_stats.json", "mix_vessels.nii.gz"]
+    assert sitk.ReadImage(str(tmp_path / "o" / "mix_vessels.nii.gz")).GetOrigin()[2] == pytest.approx(50)
+
+
+def test_bad_2d_image(tmp_path, analytic_model, capsys):
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((16, 16), dtype=np.int16)), str(tmp_path / "flat.nii.gz"))
+    msg = run_bad(["--model", str(analytic_model), "--input", str(tmp_path / "flat.nii.gz")], tmp_path / "o", capsys)
+    assert "flat.nii.gz" in msg and "3-D" in msg
+    oblique_series(tmp_path / "one", np.zeros((8, 8, 1), dtype=np.float32) - 500, (1, 1, 1), (0, 0, 0),
+                   np.array([1.0, 0, 0, 0, 1, 0]))
+    msg = run_bad(["--model", str(analytic_model), "--input", str(tmp_path / "one")], tmp_path / "o", capsys)
+    assert "one" in msg and "2-D image" in msg
+
+
+def test_bad_unreadable_files(tmp_path, analytic_model, capsys):
+    hu = np.random.default_rng(0).integers(-900, 300, size=(8, 8, 3)).astype(np.float32)
+    oblique_series(tmp_path / "s", hu, (1, 1, 1), (0, 0, 0), np.array([1.0, 0, 0, 0, 1, 0]))
+    (tmp_path / "s" / "slice001.dcm").write_bytes(b"not dicom at all")
+    msg = run_bad(["--model", str(analytic_model), "--input", str(tmp_path / "s")], tmp_path / "o", capsys)
+    assert "slice001.dcm" in msg and "not a readable DICOM file" in msg
+    (tmp_path / "bad.nii.gz").write_bytes(b"\x1f\x8b garbage")
+    msg = run_bad(["--model", str(analytic_model), "--input", str(tmp_path / "bad.nii.gz")], tmp_path / "o", capsys)
+    assert "bad.nii.gz" in msg and "not a readable NIfTI" in msg
+    (tmp_path / "bad.zip").write_bytes(b"PK nope")
+    msg = run_bad(["--model", str(analytic_model), "--input", str(tmp_path / "bad.zip")], tmp_path / "o", capsys)
+    assert "bad.zip" in msg and "zip" in msg
+
+
+def test_bad_model_files(tmp_path, phantom_case, capsys):
+    pat = str(phantom_case["patient"])
+    torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pth")
+    msg = run_bad(["--model", str(tmp_path / "plain.pth"), "--input", pat], tmp_path / "o", capsys)
+    assert "plain.pth" in msg and "not a livervessel-ckpt-v1 checkpoint" in msg
+    (tmp_path / "text.pth").write_text("hello")
+    msg = run_bad(["--model", str(tmp_path / "text.pth"), "--input", pat], tmp_path / "o", capsys)
+    assert "text.pth" in msg and "not a readable torch file" in msg
+    # a checkpoint written before the generator was embedded: needs --head, then works
+    ckpt = load_checkpoint(phantom_case["model"])
+    for k in ("generator", "hu_window", "threshold"):
+        ckpt.pop(k)
+    torch.save(ckpt, tmp_path / "old.pth")
+    msg = run_bad(["--model", str(tmp_path / "old.pth"), "--input", pat], tmp_path / "o", capsys)
+    assert "old.pth" in msg and "--head" in msg
+    rc = predict.main(["--model", str(tmp_path / "old.pth"), "--input", pat, "--output", str(tmp_path / "o2"),
+                       "--head", str(default_head_path()), "--device", "cpu", "--liver_mask",
+                       str(phantom_case["patient"] / "MASKS_DICOM" / "liver")])
+    assert rc == 0
+    got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o2" / "3Dircadb1.1_vessels.nii.gz")))
+    assert got.any()
+
+
+def test_checkpoint_embeds_generator(tmp_path):
+    rec = generator_record("bank", default_head_path())
+    path = tiny_model(tmp_path / "m.pth", rec)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["generator"]["kind"] == "bank" and ckpt["hu_window"] == [0.0, 400.0] and ckpt["threshold"] == 0.5
+    assert set(ckpt["generator"]["state_dict"]) == {f"out_conv.{i}.{p}" for i in (0, 2, 4) for p in ("weight", "bias")}
+    from networks.checkpoint import generator_from_checkpoint
+
+    gen = generator_from_checkpoint(ckpt, path)
+    ref = make_generator("bank", default_head_path())
+    x = torch.rand(2, 1, 30, 30)
+    assert torch.equal(gen(x), ref(x)) and gen.weights_sha256 == ref.weights_sha256
+
+
+def test_training_embeds_the_generator_of_the_offline_maps(tiny_dataset, tmp_path):
+    from trainer import TrainConfig, train
+
+    paths = tiny_dataset.paths
+    head_copy = tmp_path / "ckpt" / "salience" / tiny_dataset.dataset / "bank_fit.pth"
+    head_copy.parent.mkdir(parents=True)
+    head_copy.write_bytes(default_head_path().read_bytes())
+    sha = __import__("hashlib").sha256(head_copy.read_bytes()).hexdigest()
+    for case in sum(tiny_dataset.splits.values(), []):
+        with h5py.File(paths.salience(case), "a") as f:
+            f.attrs["generator"], f.attrs["weights_sha256"] = "bank", sha
+    cfg = TrainConfig(dataset=tiny_dataset.dataset, root_path=str(tiny_dataset.root_path),
+                      list_dir=str(tiny_dataset.list_dir), output_root=str(tmp_path / "ckpt"), model_kwargs=KW,
+                      img_size=(32, 32), batch_size=2, num_workers=0, max_epochs=1, max_iterations=1,
+                      salience="offline")
+    train(cfg)
+    ckpt = load_checkpoint(cfg.run_dir() / "best_model.pth")
+    assert ckpt["generator"]["kind"] == "bank" and ckpt["generator"]["weights_sha256"] == sha
+    assert ckpt["generator"]["source"] == "bank_fit.pth"
+    torch.use_deterministic_algorithms(False)  # train() switches them on process-wide
+
+
+@pytest.mark.parametrize("backbone,salience", [("unet3d", "e2e"), ("unet", "none")])
+def test_other_modes_and_3d(tmp_path, backbone, salience, capsys):
+    torch.manual_seed(0)
+    kw = {"base_channels": 2, "depth": 1}
+    model = build_segmenter(backbone, salience, 1, kw)
+    save_checkpoint(tmp_path / "m.pth", model, model_name=backbone, model_kwargs=kw, salience=salience, config={},
+                    epoch=0, iteration=0, best_metric=0.0, img_size=[24, 24], patch_size=[16, 16, 8])
+    arr = np.random.default_rng(0).normal(50, 300, size=(9, 20, 22)).astype(np.float32)
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / "s.nii"))
+    rc = predict.main(["--model", str(tmp_path / "m.pth"), "--input", str(tmp_path / "s.nii"), "--output",
+                       str(tmp_path / "o"), "--device", "cpu", "--prob"])
+    assert rc == 0, capsys.readouterr().err
+    prob = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "s_prob.nii.gz")))
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o" / "s_vessels.nii.gz")))
+    assert prob.shape == arr.shape and np.array_equal(mask, (prob >= 0.5).astype(np.uint8))
+    assert 0 < prob.min() and prob.max() < 1
+
+
+def test_folder_of_scans_one_output_set_each(tmp_path, analytic_model, capsys):
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b"):
+        sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 300, (6, 16, 16)).astype(np.float32)),
+                        str(folder / f"{name}.nii.gz"))
+    oblique_series(folder / "c_series", rng.integers(-900, 300, (16, 16, 4)).astype(np.float32), (1, 1, 1),
+                   (0, 0, 0), np.array([1.0, 0, 0, 0, 1, 0]))
+    (folder / "notes.txt").write_text("not a scan")
+    (folder / "bad.nii.gz").write_bytes(b"broken")
+    rc = predict.main(["--model", str(analytic_model), "--input", str(folder), "--output", str(tmp_path / "o"),
+                       "--device", "cpu"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln]
+    assert rc == 1 and len(err) == 1 and "bad.nii.gz" in err[0]
+    assert out_files(tmp_path / "o") == sorted(f"{c}_{s}" for c in ("a", "b", "c_series")
+                                               for s in ("stats.json", "vessels.nii.gz"))
+
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real" / "3Dircadb1.1" / "PATIENT_DICOM"
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="real 3D-IRCADb patient not available")
+def test_real_series_geometry_matches_itk():
+    scan = read_dicom_scan(find_cases(REAL)[0])
+    ref = series_geometry(REAL)
+    assert scan.geometry.size == ref.GetSize()
+    assert np.allclose(scan.geometry.spacing, ref.GetSpacing(), atol=1e-5)
+    assert np.allclose(scan.geometry.origin, ref.GetOrigin(), atol=1e-4)
+    assert np.allclose(scan.geometry.direction, ref.GetDirection(), atol=1e-6)
+    z = ref.GetSize()[2] // 2
+    assert np.array_equal(scan.hu[:, :, z], sitk.GetArrayFromImage(ref[:, :, z]).astype(np.float32))
