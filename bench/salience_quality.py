@@ -24,9 +24,10 @@ import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 from skimage.filters import frangi
-from skimage.morphology import skeletonize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.metrics import skeleton  # noqa: E402
 
 from networks.salience import (  # noqa: E402
     AnalyticGenerator,
@@ -59,7 +60,7 @@ def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
 def local_radius_mm(vessel: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """Per vessel voxel: the vessel's distance transform (mm) at the nearest skeleton voxel; 0 outside."""
     edt = ndimage.distance_transform_edt(vessel, sampling=spacing)
-    skel = skeletonize(vessel.astype(bool))
+    skel = skeleton(vessel)
     if not skel.any():
         return np.where(vessel > 0, edt, 0.0)
     _, idx = ndimage.distance_transform_edt(~skel, sampling=spacing, return_indices=True)
