@@ -699,11 +699,11 @@ def _grow_vessels(allowed, liver_c, liver_semi, spacing, rng) -> dict[str, Tree]
     liver_cm3 = float(allowed.sum()) * float(np.prod(spacing)) / 1000.0
     space = _Space(allowed, spacing, gap_mm=0.92 * liver_cm3 ** (1 / 3))
     forest = _Forest(space, rng)
-    r_min = rng.uniform(0.65, 0.8)
+    r_min = rng.uniform(0.6, 0.75)
     # lumen budget: a few % of the liver, as in real CT; the thickest vessels are grown first,
     # so the budget decides how far down the tree goes
     share = rng.uniform(0.036, 0.043)
-    vein = _GrowParams(r_min=r_min, len_a=8.0, len_b=2.5, curvature=0.06, margin=1.0, flow_split=(0.12, 0.45))
+    vein = _GrowParams(r_min=r_min, len_a=12.0, len_b=0.0, curvature=0.06, margin=1.0, flow_split=(0.25, 0.5))
     # the hepatic artery runs beside the portal branches in reality: it does not compete for space
     art = _GrowParams(r_min=max(R_MIN_MM, r_min - 0.2), len_a=5.0, len_b=4.0, curvature=0.3, margin=1.0,
                       flow_split=(0.3, 0.5), shared=False, max_nodes=250)
@@ -749,13 +749,13 @@ def _vessel_contrast(trees: dict[str, Tree], shape, spacing, par_mean: float, rn
 
     Each tree gets a blood enhancement over the parenchyma (portal-venous phase: portal vein
     and hepatic veins 32-72 HU, the artery more); the thickest segments (mean radius >= 3.5 mm,
-    the trunks near the IVC and the hilum) carry less (x0.05-0.45: inflow of unenhanced blood), and the
+    the trunks near the IVC and the hilum) carry less (x0-0.35: inflow of unenhanced blood), and the
     enhancement varies smoothly in space (x(1 +- ~0.35), features ~12 mm: mixing).
     Returns (masks name -> uint8 (H, W, D), contrast float32 (H, W, D) HU to add inside the liver,
     blood enhancement per tree in HU).
     """
     enhance = {"portalvein": rng.uniform(40, 72), "venoussystem": rng.uniform(32, 66), "artery": rng.uniform(70, 120)}
-    trunk = rng.uniform(0.05, 0.45)
+    trunk = rng.uniform(0.0, 0.35)
     masks: dict[str, np.ndarray] = {}
     contrast = np.zeros(shape, dtype=np.float32)
     for name in TREE_NAMES:
