@@ -42,7 +42,7 @@ import numpy as np
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.salience_quality import local_radius_mm, roc_auc  # noqa: E402
+from bench.salience_quality import REAL_PATIENTS, REAL_ROOT, local_radius_mm, roc_auc  # noqa: E402
 from evaluation.metrics import skeleton  # noqa: E402
 from phantom.generator import make_phantoms  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
@@ -51,8 +51,6 @@ from utils.logging_setup import setup_logging  # noqa: E402
 
 log = logging.getLogger("phantom_stats")
 
-REAL_ROOT = Path(__file__).resolve().parents[2] / "shared" / "real"
-REAL_PATIENTS = ("3Dircadb1.1", "3Dircadb1.7")
 BINS = ((0.0, 1.0), (1.0, 1.5), (1.5, 2.5), (2.5, 4.0), (4.0, np.inf))
 BIN_NAMES = ("<1", "1-1.5", "1.5-2.5", "2.5-4", ">=4")
 REL_TOL, AUC_TOL = 0.15, 0.03
@@ -127,13 +125,52 @@ def volume_figures(hu: np.ndarray, label: np.ndarray, liver: np.ndarray, spacing
     return out
 
 
-def patient_figures(patient_dir: Path) -> dict[str, float]:
-    """Read a 3D-IRCADb-style patient with the project's reader and measure it."""
+def patient_figures(patient_dir: Path, keep_slice: bool = False) -> dict:
+    """Read a 3D-IRCADb-style patient with the project's reader and measure it. With
+    ``keep_slice``, ``"_slice"`` holds (HU (H, W) of the slice with most label voxels, liver
+    (H, W), spacing) for the side-by-side figure."""
     data = read_dicom_patient(patient_dir, DEFAULT_VESSELS)
     if data.label is None or data.liver is None:
         raise ValueError(f"{patient_dir}: no vessel label or liver mask")
     artery = read_dicom_patient(patient_dir, ("artery",)).label
-    return volume_figures(data.hu, data.label, data.liver, data.spacing, other_vessels=artery)
+    out: dict = volume_figures(data.hu, data.label, data.liver, data.spacing, other_vessels=artery)
+    if keep_slice:
+        k = int(np.argmax((data.label & data.liver).sum(axis=(0, 1))))
+        out["_slice"] = (data.hu[:, :, k].copy(), data.liver[:, :, k] > 0, data.spacing)
+    return out
+
+
+def draw_side_by_side(panels: dict[str, tuple], path: Path, zoom_mm: float = 110.0) -> None:
+    """PNG: for every (name -> (HU (H, W), liver (H, W), spacing)) the whole slice (top,
+    in mm, window -160..240 HU) and a ``zoom_mm`` square around the liver's centre (bottom,
+    window 40..240 HU, the vessel range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils.atomic import atomic_path
+
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.4 * len(panels), 7.0), squeeze=False)
+    for j, (name, (hu, liver, sp)) in enumerate(panels.items()):
+        h, w = hu.shape
+        axes[0, j].imshow(hu, cmap="gray", vmin=-160, vmax=240, extent=(0, w * sp[1], h * sp[0], 0))
+        axes[0, j].set_title(f"{name}\n{h}x{w} px, {sp[0]:.2f} mm", fontsize=9)
+        rc = np.argwhere(liver).mean(axis=0) if liver.any() else np.array([h / 2, w / 2])
+        half = zoom_mm / 2
+        r0, c0 = int(max(0, rc[0] - half / sp[0])), int(max(0, rc[1] - half / sp[1]))
+        r1, c1 = int(min(h, rc[0] + half / sp[0])), int(min(w, rc[1] + half / sp[1]))
+        axes[1, j].imshow(hu[r0:r1, c0:c1], cmap="gray", vmin=40, vmax=240,
+                          extent=(c0 * sp[1], c1 * sp[1], r1 * sp[0], r0 * sp[0]))
+        axes[1, j].set_title(f"liver, {zoom_mm:.0f} mm square", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle("phantom vs real CT: slice with the most vessel voxels (same mm scale per row)", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def phantom_set(preset: str, cases: int, workers: int, seed: int, repeats: int, tmp: Path) -> tuple[list[Path], list[float]]:
@@ -190,6 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="timed make_phantoms runs per preset (median reported)")
     p.add_argument("--real", type=Path, default=REAL_ROOT, help="folder holding the real 3D-IRCADb patients")
+    p.add_argument("--figure", type=Path, default=None, help="write the side-by-side PNG here (e.g. imgs/phantom_vs_real.png)")
     a = p.parse_args(argv)
     setup_logging(logging.WARNING)
     cases = a.cases * len(a.presets) if len(a.cases) == 1 else a.cases
@@ -201,20 +239,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         for preset, n in zip(a.presets, cases):
             dirs, walls = phantom_set(preset, n, a.workers, a.seed, a.repeats, Path(tmp))
             timing[preset] = (n, walls)
-            columns[f"phantom {preset}"] = [patient_figures(d) for d in dirs]
+            columns[f"phantom {preset}"] = [patient_figures(d, keep_slice=(i == 0)) for i, d in enumerate(dirs)]
     real_cols = []
     for name in REAL_PATIENTS:
         d = a.real / name
         if not d.is_dir():
             log.warning("%s absent: real column skipped", d)
             continue
-        columns[f"real {name.split('.')[-1]}"] = [patient_figures(d)]
+        columns[f"real {name.split('.')[-1]}"] = [patient_figures(d, keep_slice=True)]
         real_cols.append(f"real {name.split('.')[-1]}")
     print(f"\n# Phantoms beside real CT (seed {a.seed}); mean over patients; ok = within {REL_TOL:.0%} of the real "
           f"mean ({AUC_TOL} for the AUC)")
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at the end (shared with other work)\n")
     print(format_table(columns, real_cols))
+    if a.figure is not None:
+        order = real_cols + [c for c in columns if c not in real_cols]
+        draw_side_by_side({c: columns[c][0]["_slice"] for c in order}, a.figure)
+        print(f"\nfigure: {a.figure}")
     for preset, (n, walls) in timing.items():
         print(f"\nmake_phantoms {preset}: {n} patients, {a.workers} workers: median {statistics.median(walls):.1f} s over "
               f"{len(walls)} run(s) ({', '.join(f'{w:.1f}' for w in walls)})")

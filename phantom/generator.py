@@ -473,7 +473,11 @@ class _Forest:
             pos = np.round(np.asarray(t["pos"], dtype=np.float64).reshape(-1, 3), _DECIMALS)
             rad = np.round(np.asarray(t["rad"], dtype=np.float64), _DECIMALS)
             edges = np.asarray(t["edges"], dtype=np.int64).reshape(-1, 2)
-            out[name] = Tree(name, pos, rad, edges)
+            # a root whose first step was blocked is a lone node: dropped (nodes renumbered)
+            used = np.zeros(len(pos), dtype=bool)
+            used[edges.ravel()] = True
+            new_index = np.cumsum(used) - 1
+            out[name] = Tree(name, pos[used], rad[used], new_index[edges].reshape(-1, 2))
         return out
 
 
