@@ -166,7 +166,7 @@ def draw_side_by_side(panels: dict[str, tuple], path: Path, zoom_mm: float = 110
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("phantom vs real CT: slice with the most vessel voxels (same mm scale per row)", fontsize=10)
+    fig.suptitle("phantom vs real CT: the slice with the most vessel voxels (top: whole slice; bottom: same mm scale)", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

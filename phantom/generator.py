@@ -5,18 +5,28 @@ are in mm in (row, column, slice) order, with voxel ``(i, j, k)`` centred at
 ``(i * spacing[0], j * spacing[1], k * spacing[2])``. Rows run anterior -> posterior,
 columns patient right -> left, slices inferior -> superior.
 
-What one patient holds (calibrated to the real figures of DESIGN.md section 1):
+What one patient holds (calibrated on the real patients of ``../shared/real`` with
+``bench/phantom_stats.py``, which measures both with the same code):
 
-* a body (air -1000 HU outside, subcutaneous fat ~-100, a muscle wall, visceral fat and
-  bowel inside), bright clutter outside the liver (aorta, inferior vena cava, spine
-  with a cortical rim up to ~1000 HU, ribs, right kidney, spleen, gas in the stomach);
-* a liver (~100 HU) with low-frequency texture, 0-3 hypodense tumours;
+* a body (air -1000 HU outside, subcutaneous fat ~-100, a muscle wall; inside it bowel loops
+  in visceral fat, some with oral contrast (180-260 HU) or gas), and outside the liver the
+  structures that cause false positives on real CT: aorta, inferior vena cava, spine with a
+  cortical rim up to ~1000 HU, ribs, both kidneys (enhancing cortex), spleen, pancreas, a
+  stomach with a gas cap. ``full`` shows the whole abdomen; ``demo`` and ``tiny`` a window on
+  the liver and its medial neighbours (spine, aorta, IVC, right kidney, stomach, bowel);
+* a liver (~106-126 HU) with low-frequency texture (features ~14 and ~4 mm), 0-3 hypodense
+  tumours;
 * a portal-vein tree and a hepatic-vein tree (the label, ``portalvein`` and
   ``venoussystem``) and a small hepatic-artery tree (``artery``), each grown by
   recursive branching with Murray's law radii (r_parent^3 = r_1^3 + r_2^3) between
-  0.6 and 7 mm, kept inside the liver and away from each other and from tumours;
-* partial-volume blur: a fractional vessel occupancy is added to the tissue, the
-  image is blurred with the scanner PSF, so thin vessels are faint; then noise.
+  0.6 and 7 mm, long nearly straight branches, kept inside the liver and away from each
+  other and from tumours, until the lumen fills ~4 % of the liver;
+* portal-venous-phase enhancement (32-72 HU over the parenchyma, less in the thickest
+  trunks, varying smoothly in space); partial volume: a fractional vessel occupancy times
+  the enhancement is added to the tissue and the image is blurred with the scanner PSF, so
+  thin vessels are faint; then noise correlated over about a voxel in-plane, wider along
+  one axis than the other (slightly streaky), ~12 HU high-pass std at 0.9 mm, more at finer
+  pixels.
 
 The label of a tree is every voxel whose centre lies within the local radius of its
 centreline (radius interpolated linearly along each segment); see :func:`rasterise_tree`.
@@ -524,7 +534,8 @@ def _frame(shape, spacing, preset: _Preset, rng: np.random.Generator) -> _Frame:
     the body's midline; otherwise the whole abdomen is in view."""
     fov = np.asarray(shape) * np.asarray(spacing)
     s_in = (fov[1] / 190.0 if preset.liver_centred else fov[1] / 380.0) * rng.uniform(0.95, 1.05)
-    liver_semi_ref = np.array([80.0, 78.0, 75.0]) * rng.uniform(0.92, 1.08, 3)
+    # a whole-abdomen view shows the liver at its adult size next to the body (about half its width)
+    liver_semi_ref = np.array([80.0, 78.0, 75.0]) * rng.uniform(0.92, 1.08, 3) * (1.0 if preset.liver_centred else 1.15)
     s_z = min(s_in, (0.55 if preset.liver_centred else 0.40) * fov[2] / liver_semi_ref[2])
     liver_semi = liver_semi_ref * np.array([s_in, s_in, s_z])
     liver_off = np.array([-5.0, -62.0]) * s_in                 # liver centre relative to the body centre
@@ -555,7 +566,7 @@ def _body(shape, spacing, fr: _Frame, rng: np.random.Generator):
     loops = _smooth_field(shape, spacing, 18.0, rng)
     content = _smooth_field(shape, spacing, 30.0, rng)
     vis = np.full(shape, -90.0, dtype=np.float32)
-    vis[loops > 0.1] = 40.0
+    vis[loops > -0.3] = 40.0
     lumen = loops > 0.45
     vis[lumen] = np.where(content[lumen] > 0.5, rng.uniform(180, 260), np.where(content[lumen] < -1.2, -900.0, 15.0))
     hu = np.where(inner[:, :, None], vis, hu)
@@ -788,7 +799,8 @@ def _scanner(hu: np.ndarray, spacing, rng: np.random.Generator) -> np.ndarray:
     noise = rng.standard_normal(hu.shape, dtype=np.float32)
     corr = rng.uniform(0.45, 0.6) * rng.permutation(np.array([1.0, rng.uniform(1.3, 1.6)]))
     noise = ndimage.gaussian_filter(noise, sigma=(corr[0], corr[1], 0), truncate=3.0)
-    noise *= np.float32(rng.uniform(11, 14) / (noise.std() + 1e-6))
+    # per-voxel noise grows as voxels shrink (fewer photons each): x (0.9 mm / in-plane spacing)^0.7
+    noise *= np.float32(rng.uniform(11, 14) * (0.9 / float(np.mean(spacing[:2]))) ** 0.7 / (noise.std() + 1e-6))
     img += noise
     return np.clip(np.rint(img), -1024, 3071).astype(np.int16)
 
