@@ -262,8 +262,12 @@ def test_demo_field_of_view_holds_abdomen_outside_the_liver(demo_patient):
 
 
 def test_volume_figures_on_a_worked_example():
-    from bench.phantom_stats import correlation_length, volume_figures
+    from bench.phantom_stats import correlation_length, volume_figures, within
 
+    # the calibration rule of issue 12: AUC within 0.03, other figures within 15 %
+    assert within(0.899, 0.87, "intensity AUC") and not within(0.905, 0.87, "intensity AUC")
+    assert within(114.0, 100.0, "noise HU") and not within(116.0, 100.0, "noise HU")
+    assert not within(float("nan"), 100.0, "noise HU")
     shape, spacing = (40, 40, 12), (1.0, 1.0, 1.0)
     hu = np.full(shape, 100.0, dtype=np.float32)
     liver = np.zeros(shape, dtype=bool)
