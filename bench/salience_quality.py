@@ -165,11 +165,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         generators["bank"] = BankGenerator(load_head(args.head))
     if "analytic" in args.generators:
         generators["analytic"] = AnalyticGenerator()
-    if "fpn" not in args.generators:
-        pass
-    elif Path(args.fpn_weights).is_file():
+    if "fpn" in args.generators and Path(args.fpn_weights).is_file():
         generators["fpn"] = FPNGenerator(load_fpn(args.fpn_weights))
-    else:
+    elif "fpn" in args.generators:
         log.warning("fpn weights %s absent: fpn row skipped", args.fpn_weights)
     rows: dict[str, list[dict]] = {}
     for case, image, label, liver, spacing in source:
