@@ -1,6 +1,7 @@
 """Does salience single out the (thin) vessels better than intensity and a classical filter?
 
     python bench/salience_quality.py --dataset phantom --root_path data --list_dir list [--split test]
+    python bench/salience_quality.py --real [PATIENT_DIR ...] [--real_spacing MM] [--no_frangi]
 
 For every case of the split: ROC-AUC, inside the liver mask, of vessel voxels against the
 other liver voxels, for S_t, S_c, S_s and their mean from each generator (``bank`` with the
@@ -9,7 +10,11 @@ the raw intensity, and scikit-image's 3-D Frangi vesselness (bright ridges, sigm
 voxels). "Thin": only vessel voxels whose local radius is < 1.5 mm count as positives
 (thicker vessel voxels are left out); the local radius of a vessel voxel is the distance
 transform (mm) of the vessel mask at its nearest centreline (skeleton) voxel. The table
-gives the mean over cases (and the number of cases).
+gives the mean over cases (and the number of cases). ``--real`` runs on real 3D-IRCADb
+patients (default: 3Dircadb1.1 and 3Dircadb1.7 of ``../shared/real``) read with the
+project's DICOM reader, windowed as preprocessing stores them and cropped to the liver's
+box (plus ``--real_margin`` voxels; AUCs are taken inside the liver, so the crop only
+saves time).
 """
 from __future__ import annotations
 
@@ -18,15 +23,16 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from scipy import ndimage
 from scipy.stats import rankdata
 from skimage.filters import frangi
-from skimage.morphology import skeletonize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.metrics import skeleton  # noqa: E402
 
 from networks.salience import (  # noqa: E402
     AnalyticGenerator,
@@ -37,12 +43,16 @@ from networks.salience import (  # noqa: E402
     load_head,
     salience_3d,
 )
+from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
+from preprocessing.pipeline import DEFAULT_VESSELS, to_volume  # noqa: E402
 from utils.h5io import DatasetPaths, read_list, read_volume  # noqa: E402
 
 log = logging.getLogger("salience_quality")
 SEED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "reference" / (
     "dice_best_Wavelet_square_net_vessel_data_size512.pth")
 THIN_MM = 1.5
+REAL_ROOT = Path(__file__).resolve().parents[2] / "shared" / "real"
+REAL_PATIENTS = ("3Dircadb1.1", "3Dircadb1.7")
 
 
 def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
@@ -59,7 +69,7 @@ def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
 def local_radius_mm(vessel: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
     """Per vessel voxel: the vessel's distance transform (mm) at the nearest skeleton voxel; 0 outside."""
     edt = ndimage.distance_transform_edt(vessel, sampling=spacing)
-    skel = skeletonize(vessel.astype(bool))
+    skel = skeleton(vessel)
     if not skel.any():
         return np.where(vessel > 0, edt, 0.0)
     _, idx = ndimage.distance_transform_edt(~skel, sampling=spacing, return_indices=True)
@@ -80,57 +90,111 @@ def evaluate_case(label: np.ndarray, liver: np.ndarray, spacing, maps: dict) -> 
     return out
 
 
+def real_cases(patient_dirs: list[Path], spacing_mm: float, margin: int) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, tuple]]:
+    """Real 3D-IRCADb patients read with the project's reader and windowed as preprocessing
+    stores them (``to_volume``: clip(HU, 0, 400) / 400), cropped to the liver's box grown by
+    ``margin`` voxels; with ``spacing_mm`` > 0 resampled in-plane to that many mm per pixel
+    (image linear, masks nearest). Yields (name, image, label, liver, spacing), (H, W, D) each."""
+    for d in patient_dirs:
+        data = read_dicom_patient(d, DEFAULT_VESSELS)
+        if data.label is None or data.liver is None:
+            log.warning("%s: no vessel label or liver mask, skipped", d)
+            continue
+        vol = to_volume(data, "liver_box", margin)
+        image, label, liver, sp = vol.image, vol.label, vol.liver, tuple(vol.spacing)
+        if spacing_mm > 0:
+            f = (sp[0] / spacing_mm, sp[1] / spacing_mm, 1.0)
+            image = ndimage.zoom(image, f, order=1)
+            label, liver = ndimage.zoom(label, f, order=0), ndimage.zoom(liver, f, order=0)
+            sp = (spacing_mm, spacing_mm, sp[2])
+        yield d.name, image, label, liver, sp
+
+
+def dataset_cases(args) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray, tuple]]:
+    """The split's cases of a preprocessed dataset: (name, image, label, liver, spacing)."""
+    paths = DatasetPaths.of(args.root_path, args.dataset, args.list_dir)
+    cases = read_list(paths.list_file(f"vol_{args.split}"))
+    if args.max_cases > 0:
+        cases = cases[: args.max_cases]
+    for case in cases:
+        vol = read_volume(paths.volume(case))
+        if vol.liver is None:
+            log.warning("%s: no liver mask, skipped", case)
+            continue
+        yield case, vol.image, vol.label, vol.liver, vol.spacing
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", default="phantom")
     p.add_argument("--root_path", default="data")
     p.add_argument("--list_dir", default="list")
     p.add_argument("--split", default="test")
+    p.add_argument("--real", type=Path, nargs="*", default=None,
+                   help="real 3D-IRCADb patient folders instead of a dataset split (no value: "
+                        f"{', '.join(REAL_PATIENTS)} of {REAL_ROOT})")
+    p.add_argument("--real_spacing", type=float, default=0.0,
+                   help="resample real patients in-plane to this many mm per pixel (0: native)")
+    p.add_argument("--real_margin", type=int, default=16, help="voxels kept around the liver's box")
     p.add_argument("--head", default=str(default_head_path()), help="bank head checkpoint")
     p.add_argument("--fpn_weights", default=str(SEED_WEIGHTS))
     p.add_argument("--max_cases", type=int, default=0)
+    p.add_argument("--generators", nargs="+", default=["bank", "fpn", "analytic"], choices=["bank", "fpn", "analytic"])
+    p.add_argument("--no_frangi", action="store_true", help="skip the Frangi row (slow on real volumes)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    paths = DatasetPaths.of(args.root_path, args.dataset, args.list_dir)
-    try:
-        cases = read_list(paths.list_file(f"vol_{args.split}"))
-    except FileNotFoundError as e:
-        log.error("%s", e)
-        return 1
-    if args.max_cases > 0:
-        cases = cases[: args.max_cases]
-    generators = {"bank": BankGenerator(load_head(args.head)), "analytic": AnalyticGenerator()}
-    if Path(args.fpn_weights).is_file():
-        generators["fpn"] = FPNGenerator(load_fpn(args.fpn_weights))
+    if args.real is not None:
+        dirs = args.real or [REAL_ROOT / n for n in REAL_PATIENTS]
+        missing = [str(d) for d in dirs if not Path(d).is_dir()]
+        if missing:
+            log.error("real patient folder(s) not found: %s", ", ".join(missing))
+            return 1
+        source = real_cases([Path(d) for d in dirs], args.real_spacing, args.real_margin)
+        where = f"real patients {', '.join(Path(d).name for d in dirs)}" + (
+            f" at {args.real_spacing} mm in-plane" if args.real_spacing > 0 else " at their own spacing")
     else:
+        try:
+            read_list(DatasetPaths.of(args.root_path, args.dataset, args.list_dir).list_file(f"vol_{args.split}"))
+        except FileNotFoundError as e:
+            log.error("%s", e)
+            return 1
+        source = dataset_cases(args)
+        where = f"{args.dataset} {args.split} split"
+    generators = {}
+    if "bank" in args.generators:
+        generators["bank"] = BankGenerator(load_head(args.head))
+    if "analytic" in args.generators:
+        generators["analytic"] = AnalyticGenerator()
+    if "fpn" in args.generators and Path(args.fpn_weights).is_file():
+        generators["fpn"] = FPNGenerator(load_fpn(args.fpn_weights))
+    elif "fpn" in args.generators:
         log.warning("fpn weights %s absent: fpn row skipped", args.fpn_weights)
     rows: dict[str, list[dict]] = {}
-    for case in cases:
-        vol = read_volume(paths.volume(case))
-        if vol.liver is None:
-            log.warning("%s: no liver mask, skipped", case)
-            continue
+    for case, image, label, liver, spacing in source:
         maps = {}
         for name, gen in generators.items():
             t0 = time.perf_counter()
-            s = salience_3d(vol.image, gen)
+            s = salience_3d(image, gen)
             for i, plane in enumerate(("S_t", "S_c", "S_s")):
                 maps[f"{name}:{plane}"] = s[i]
             maps[f"{name}:mean"] = s.mean(0)
             log.info("%s %s: %.1f s", case, name, time.perf_counter() - t0)
-        maps["intensity:mean"] = vol.image
-        t0 = time.perf_counter()
-        maps["frangi:mean"] = frangi(vol.image, sigmas=(1, 1.5, 2, 3), black_ridges=False)
-        log.info("%s frangi: %.1f s", case, time.perf_counter() - t0)
-        res = evaluate_case(vol.label, vol.liver, vol.spacing, maps)
+        maps["intensity:mean"] = image
+        if not args.no_frangi:
+            t0 = time.perf_counter()
+            maps["frangi:mean"] = frangi(image, sigmas=(1, 1.5, 2, 3), black_ridges=False)
+            log.info("%s frangi: %.1f s", case, time.perf_counter() - t0)
+        res = evaluate_case(label, liver, spacing, maps)
         for key, val in res.items():
             rows.setdefault(key, []).append({"overall": val[0], "thin": val[1]})
+            if key.endswith(":mean"):
+                log.info("%s %s: AUC %.3f, thin %.3f", case, key, val[0], val[1])
     n = len(next(iter(rows.values()))) if rows else 0
-    print(f"\nROC-AUC inside the liver, vessel vs other liver voxels; {args.dataset} {args.split} split, "
-          f"mean over {n} case(s); thin = local radius < {THIN_MM} mm\n")
+    print(f"\nROC-AUC inside the liver, vessel vs other liver voxels; {where}, "
+          f"mean over {n} case(s); thin = local radius < {THIN_MM} mm; head {args.head}\n")
     print("| map | S_t | S_c | S_s | mean | thin S_t | thin S_c | thin S_s | thin mean |")
     print("|---|---|---|---|---|---|---|---|---|")
-    names = [g for g in ("bank", "fpn", "analytic") if g in generators] + ["intensity", "frangi"]
+    names = [g for g in ("bank", "fpn", "analytic") if g in generators] + ["intensity"] + ([] if args.no_frangi else ["frangi"])
     for g in names:
         cells_o, cells_t = [], []
         for plane in ("S_t", "S_c", "S_s", "mean"):

@@ -5,18 +5,28 @@ are in mm in (row, column, slice) order, with voxel ``(i, j, k)`` centred at
 ``(i * spacing[0], j * spacing[1], k * spacing[2])``. Rows run anterior -> posterior,
 columns patient right -> left, slices inferior -> superior.
 
-What one patient holds (calibrated to the real figures of DESIGN.md section 1):
+What one patient holds (calibrated on the real patients of ``../shared/real`` with
+``bench/phantom_stats.py``, which measures both with the same code):
 
-* a body (air -1000 HU outside, subcutaneous fat ~-100, a muscle wall, visceral fat and
-  bowel inside), bright clutter outside the liver (aorta, inferior vena cava, spine
-  with a cortical rim up to ~1000 HU, ribs, right kidney, spleen, gas in the stomach);
-* a liver (~100 HU) with low-frequency texture, 0-3 hypodense tumours;
+* a body (air -1000 HU outside, subcutaneous fat ~-100, a muscle wall; inside it bowel loops
+  in visceral fat, some with oral contrast (180-260 HU) or gas), and outside the liver the
+  structures that cause false positives on real CT: aorta, inferior vena cava, spine with a
+  cortical rim up to ~1000 HU, ribs, both kidneys (enhancing cortex), spleen, pancreas, a
+  stomach with a gas cap. ``full`` shows the whole abdomen; ``demo`` and ``tiny`` a window on
+  the liver and its medial neighbours (spine, aorta, IVC, right kidney, stomach, bowel);
+* a liver (~106-126 HU) with low-frequency texture (features ~14 and ~4 mm), 0-3 hypodense
+  tumours;
 * a portal-vein tree and a hepatic-vein tree (the label, ``portalvein`` and
   ``venoussystem``) and a small hepatic-artery tree (``artery``), each grown by
   recursive branching with Murray's law radii (r_parent^3 = r_1^3 + r_2^3) between
-  0.6 and 7 mm, kept inside the liver and away from each other and from tumours;
-* partial-volume blur: a fractional vessel occupancy is added to the tissue, the
-  image is blurred with the scanner PSF, so thin vessels are faint; then noise.
+  0.6 and 7 mm, long nearly straight branches, kept inside the liver and away from each
+  other and from tumours, until the lumen fills ~4 % of the liver;
+* portal-venous-phase enhancement (32-72 HU over the parenchyma, less in the thickest
+  trunks, varying smoothly in space); partial volume: a fractional vessel occupancy times
+  the enhancement is added to the tissue and the image is blurred with the scanner PSF, so
+  thin vessels are faint; then noise correlated over about a voxel in-plane, wider along
+  one axis than the other (slightly streaky), ~12 HU high-pass std at 0.9 mm, more at finer
+  pixels.
 
 The label of a tree is every voxel whose centre lies within the local radius of its
 centreline (radius interpolated linearly along each segment); see :func:`rasterise_tree`.
@@ -473,7 +483,11 @@ class _Forest:
             pos = np.round(np.asarray(t["pos"], dtype=np.float64).reshape(-1, 3), _DECIMALS)
             rad = np.round(np.asarray(t["rad"], dtype=np.float64), _DECIMALS)
             edges = np.asarray(t["edges"], dtype=np.int64).reshape(-1, 2)
-            out[name] = Tree(name, pos, rad, edges)
+            # a root whose first step was blocked is a lone node: dropped (nodes renumbered)
+            used = np.zeros(len(pos), dtype=bool)
+            used[edges.ravel()] = True
+            new_index = np.cumsum(used) - 1
+            out[name] = Tree(name, pos[used], rad[used], new_index[edges].reshape(-1, 2))
         return out
 
 
@@ -498,128 +512,164 @@ def _liver_mask(shape, spacing, centre, semi, rng) -> np.ndarray:
     return mask
 
 
-def _anatomy(shape, spacing, preset: _Preset, rng: np.random.Generator):
-    """The patient without vessels, before PSF and noise.
+@dataclass
+class _Frame:
+    """Where the anatomy sits in the grid: scales and centres in mm (row, col[, slice])."""
 
-    Returns ``(hu, liver, tumours, allowed, info)``: tissue HU float32 (H, W, D); liver
-    bool (tumours included); list of tumour bool masks; ``allowed`` = liver minus the
-    tumours grown by 3 mm (where vessels may go); info dict (parenchyma mean HU, scales,
-    liver centre and semi-axes in mm).
-    """
-    spacing = tuple(float(s) for s in spacing)
+    s_in: float               # in-plane anatomy scale (1 = the reference adult abdomen)
+    s_z: float                # through-plane scale of the liver
+    body_c: np.ndarray        # (2,) body centre
+    body_semi: np.ndarray     # (2,) body semi-axes
+    liver_c: np.ndarray       # (3,) liver centre
+    liver_semi: np.ndarray    # (3,) liver semi-axes
+
+    def at(self, dr: float, dc: float) -> tuple[float, float]:
+        """Body-frame offset (mm at scale 1) -> grid mm."""
+        return (self.body_c[0] + dr * self.s_in, self.body_c[1] + dc * self.s_in)
+
+
+def _frame(shape, spacing, preset: _Preset, rng: np.random.Generator) -> _Frame:
+    """Scales and centres. A liver-centred field of view (demo, tiny) is a window on the
+    liver and its medial neighbours (spine, aorta, IVC, kidney, stomach), shifted towards
+    the body's midline; otherwise the whole abdomen is in view."""
     fov = np.asarray(shape) * np.asarray(spacing)
-    # anatomy scale: the reference body is an adult abdomen at scale 1
-    if preset.liver_centred:
-        s_in = fov[1] / 190.0
-    else:
-        s_in = fov[1] / 380.0
-    s_in *= rng.uniform(0.95, 1.05)
-    liver_semi_ref = np.array([80.0, 78.0, 75.0]) * rng.uniform(0.92, 1.08, 3)
+    s_in = (fov[1] / 190.0 if preset.liver_centred else fov[1] / 380.0) * rng.uniform(0.95, 1.05)
+    # a whole-abdomen view shows the liver at its adult size next to the body (about half its width)
+    liver_semi_ref = np.array([80.0, 78.0, 75.0]) * rng.uniform(0.92, 1.08, 3) * (1.0 if preset.liver_centred else 1.15)
     s_z = min(s_in, (0.55 if preset.liver_centred else 0.40) * fov[2] / liver_semi_ref[2])
     liver_semi = liver_semi_ref * np.array([s_in, s_in, s_z])
     liver_off = np.array([-5.0, -62.0]) * s_in                 # liver centre relative to the body centre
     if preset.liver_centred:
-        liver_c = fov / 2 + rng.uniform(-3, 3, 3) * np.array([1, 1, 0.3])
+        # the window's centre lies 40 % of the way from the liver's centre to the body's
+        liver_c = fov / 2 + rng.uniform(-3, 3, 3) * np.array([1, 1, 0.3]) + np.array([0.0, 0.4 * liver_off[1], 0.0])
         body_c = liver_c[:2] - liver_off
     else:
         body_c = fov[:2] / 2 + rng.uniform(-5, 5, 2)
         liver_c = np.array([body_c[0] + liver_off[0], body_c[1] + liver_off[1], fov[2] / 2 + rng.uniform(-8, 8)])
     body_semi = np.array([125.0, 165.0]) * s_in * rng.uniform(0.95, 1.05, 2)
+    return _Frame(float(s_in), float(s_z), body_c, body_semi, liver_c, liver_semi)
 
-    def at(dr, dc):  # body-frame offset (mm at scale 1) -> grid mm
-        return (body_c[0] + dr * s_in, body_c[1] + dc * s_in)
 
+def _body(shape, spacing, fr: _Frame, rng: np.random.Generator):
+    """Air, subcutaneous fat, the muscle wall, and inside it visceral fat with bowel loops
+    (some filled with oral contrast, some with gas). Returns (hu float32 (H, W, D), inner
+    (H, W) bool: inside the muscle wall, wall radii (fat, muscle) mm)."""
     hu = np.full(shape, -1000.0, dtype=np.float32)
-    fat_t, muscle_t = rng.uniform(12, 24) * s_in, rng.uniform(6, 10) * s_in
-    body = _ellipse2d(shape, spacing, body_c, body_semi)
-    inner_m = _ellipse2d(shape, spacing, body_c, body_semi - fat_t)
-    inner = _ellipse2d(shape, spacing, body_c, body_semi - fat_t - muscle_t)
+    fat_t, muscle_t = rng.uniform(12, 24) * fr.s_in, rng.uniform(6, 10) * fr.s_in
+    body = _ellipse2d(shape, spacing, fr.body_c, fr.body_semi)
+    inner_m = _ellipse2d(shape, spacing, fr.body_c, fr.body_semi - fat_t)
+    inner = _ellipse2d(shape, spacing, fr.body_c, fr.body_semi - fat_t - muscle_t)
     hu[body] = -100.0
     hu[inner_m] = 50.0
-    # visceral fat and bowel: a thresholded smooth field
-    viscera = _smooth_field(shape, spacing, 25.0, rng)
-    vis = np.where(viscera > 0.2, 25.0, -90.0).astype(np.float32)
-    gas = (viscera > 1.9)
-    vis[gas] = -900.0
+    # bowel: loops where a smooth field is high, their wall (~40 HU) around a lumen that holds
+    # fluid, oral contrast (bright, a common false positive) or gas
+    loops = _smooth_field(shape, spacing, 18.0, rng)
+    content = _smooth_field(shape, spacing, 30.0, rng)
+    vis = np.full(shape, -90.0, dtype=np.float32)
+    vis[loops > -0.3] = 40.0
+    lumen = loops > 0.45
+    vis[lumen] = np.where(content[lumen] > 0.5, rng.uniform(180, 260), np.where(content[lumen] < -1.2, -900.0, 15.0))
     hu = np.where(inner[:, :, None], vis, hu)
+    return hu, inner, (fat_t, muscle_t)
 
-    clutter = np.zeros(shape, dtype=bool)  # structures the liver gives way to (with a gap)
 
-    def put2d(centre, semi, value, gap=2.0):
-        m = _ellipse2d(shape, spacing, centre, semi)
-        hu[m] = value
-        clutter[_ellipse2d(shape, spacing, centre, np.asarray(semi) + gap)] = True
-        return m
+def _put_ellipse(hu, clutter, shape, spacing, centre, semi, value, gap=2.0) -> np.ndarray:
+    """Paint a (H, W) ellipse through all slices; ``clutter`` (what the liver gives way to)
+    gets the ellipse grown by ``gap`` mm."""
+    m = _ellipse2d(shape, spacing, centre, semi)
+    hu[m] = value
+    clutter[_ellipse2d(shape, spacing, centre, np.asarray(semi) + gap)] = True
+    return m
 
-    # back muscles, spine (cancellous core, cortical rim), aorta, IVC
-    put2d(at(95, 5), (32 * s_in, 60 * s_in), 50.0, gap=0)
+
+def _put_ellipsoid(hu, clutter, shape, spacing, centre, semi, value) -> Optional[tuple]:
+    box, m = _ellipsoid_box(shape, spacing, centre, semi)
+    if box is None:
+        return None
+    sub = hu[box]
+    sub[m] = value
+    clutter[box] |= m
+    return box, m
+
+
+def _clutter(hu, shape, spacing, fr: _Frame, wall: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+    """Bright and soft structures outside the liver, painted into ``hu``: back muscles, spine
+    (cancellous core, cortical rim), aorta, IVC, ribs, both kidneys (enhancing cortex),
+    spleen, pancreas, stomach with a gas cap. Returns the clutter mask (H, W, D) bool."""
+    clutter = np.zeros(shape, dtype=bool)
+    s_in, s_z, at = fr.s_in, fr.s_z, fr.at
+    _put_ellipse(hu, clutter, shape, spacing, at(95, 5), (32 * s_in, 60 * s_in), 50.0, gap=0)
     vb_c, vb_r = at(80, 5), 19 * s_in
-    put2d(vb_c, (vb_r, vb_r * 1.1), rng.uniform(750, 1000))
+    _put_ellipse(hu, clutter, shape, spacing, vb_c, (vb_r, vb_r * 1.1), rng.uniform(750, 1000))
     hu[_ellipse2d(shape, spacing, vb_c, (vb_r - 2.5, vb_r * 1.1 - 2.5))] = rng.uniform(230, 320)
-    put2d(at(108, 5), (9 * s_in, 14 * s_in), rng.uniform(600, 900))
-    put2d(at(50, 18), (12 * s_in, 12 * s_in), rng.uniform(170, 210))       # aorta
-    put2d(at(45, -28), (11 * s_in, 13 * s_in), rng.uniform(130, 160))      # inferior vena cava
-    # ribs: small bony ovals inside the wall on the right and front, present in bands of slices
+    _put_ellipse(hu, clutter, shape, spacing, at(108, 5), (9 * s_in, 14 * s_in), rng.uniform(600, 900))
+    _put_ellipse(hu, clutter, shape, spacing, at(50, 18), (12 * s_in, 12 * s_in), rng.uniform(150, 200))   # aorta
+    _put_ellipse(hu, clutter, shape, spacing, at(45, -28), (11 * s_in, 13 * s_in), rng.uniform(110, 150))  # IVC
+    # ribs: bony ovals inside the wall on the right and front, present in bands of slices
     zz = np.arange(shape[2]) * spacing[2]
-    for ang in np.linspace(110, 250, 7) + rng.uniform(-6, 6):
+    fat_t, muscle_t = wall
+    for ang in np.linspace(100, 260, 8) + rng.uniform(-6, 6):
         a = math.radians(ang)
-        rr = body_semi - fat_t - 0.5 * muscle_t
-        c = (body_c[0] + rr[0] * math.sin(a) * 0.95, body_c[1] + rr[1] * math.cos(a) * 0.95)
-        m2 = _ellipse2d(shape, spacing, c, (5 * s_in + 1, 7 * s_in + 1))
+        rr = fr.body_semi - fat_t - 0.5 * muscle_t
+        c = (fr.body_c[0] + rr[0] * math.sin(a) * 0.95, fr.body_c[1] + rr[1] * math.cos(a) * 0.95)
+        m2 = _ellipse2d(shape, spacing, c, (4 * s_in + 1, 7 * s_in + 1))
         period, phase = rng.uniform(25, 40), rng.uniform(0, 40)
         on = ((zz + phase) % period) < 0.45 * period
         hu[m2[:, :, None] & on[None, None, :]] = rng.uniform(350, 700)
         clutter |= m2[:, :, None] & on[None, None, :]
-    # right kidney (below the liver), spleen (left), stomach with a gas cap
-    organs = [
-        ((55, -70, -0.75), (24, 28, 40), rng.uniform(150, 190)),
-        ((30, 110, 0.1), (45, 35, 50), rng.uniform(100, 120)),
-    ]
-    for (dr, dc, fz), semi, val in organs:
-        c = np.array([*at(dr, dc), liver_c[2] + fz * liver_semi[2]])
-        box, m = _ellipsoid_box(shape, spacing, c, np.asarray(semi) * np.array([s_in, s_in, s_z]))
-        if box is not None:
-            sub = hu[box]
-            sub[m] = val
-            clutter[box] |= m
-    sc = np.array([*at(-50, 60), liver_c[2] + 0.2 * liver_semi[2]])
-    box, m = _ellipsoid_box(shape, spacing, sc, np.array([38, 42, 40]) * np.array([s_in, s_in, s_z]))
-    if box is not None:
-        sub = hu[box]
-        sub[m] = 20.0
+    zc, zs = fr.liver_c[2], fr.liver_semi[2]
+    scale = np.array([s_in, s_in, s_z])
+    for dr, dc, fz in ((55, -70, -0.75), (55, 75, -0.7)):       # kidneys: cortex, then medulla
+        c = np.array([*at(dr, dc), zc + fz * zs])
+        _put_ellipsoid(hu, clutter, shape, spacing, c, np.array([24, 28, 40]) * scale, rng.uniform(170, 220))
+        _put_ellipsoid(hu, clutter, shape, spacing, c, np.array([14, 17, 28]) * scale, rng.uniform(90, 130))
+    _put_ellipsoid(hu, clutter, shape, spacing, np.array([*at(30, 110), zc + 0.1 * zs]),
+                   np.array([45, 35, 50]) * scale, rng.uniform(105, 130))                          # spleen
+    _put_ellipsoid(hu, clutter, shape, spacing, np.array([*at(20, 20), zc - 0.5 * zs]),
+                   np.array([12, 45, 25]) * scale, rng.uniform(90, 120))                           # pancreas
+    sc = np.array([*at(-50, 60), zc + 0.2 * zs])
+    got = _put_ellipsoid(hu, clutter, shape, spacing, sc, np.array([38, 42, 40]) * scale, 20.0)    # stomach
+    if got is not None:
+        box, m = got
         rows = np.arange(box[0].start, box[0].stop) * spacing[0]
-        sub[m & (rows < sc[0] - 12 * s_in)[:, None, None]] = -950.0
-        clutter[box] |= m
+        hu[box][m & (rows < sc[0] - 12 * s_in)[:, None, None]] = -950.0
+    return clutter
 
-    # liver, minus clutter (with its gap), inside the inner wall
-    liver = _liver_mask(shape, spacing, liver_c, liver_semi, rng)
+
+def _liver(hu, shape, spacing, fr: _Frame, clutter, inner, rng: np.random.Generator):
+    """The liver (largest piece of a lobed shape minus clutter, inside the wall) with its
+    parenchyma: a mean HU and a low-frequency texture. Returns (liver bool, its bounding
+    box, parenchyma mean HU, texture float32 (H, W, D))."""
+    liver = _liver_mask(shape, spacing, fr.liver_c, fr.liver_semi, rng)
     liver &= ~clutter
     liver &= inner[:, :, None]
     lb = _bbox(liver, 2)
     sub = ndimage.binary_opening(liver[lb], iterations=1)
-    # keep the largest piece only
     lab, n = ndimage.label(sub)
     if n > 1:
         sizes = ndimage.sum_labels(sub, lab, index=np.arange(1, n + 1))
         sub = lab == (1 + int(np.argmax(sizes)))
     liver[:] = False
     liver[lb] = sub
-
-    par_mean = rng.uniform(92, 106)
+    par_mean = rng.uniform(106, 126)
     texture = np.zeros(shape, dtype=np.float32)
-    texture[lb] = _smooth_field(sub.shape, spacing, 14.0, rng) * rng.uniform(16, 21)
+    texture[lb] = (_smooth_field(sub.shape, spacing, 14.0, rng) * rng.uniform(5, 8)
+                   + _smooth_field(sub.shape, spacing, 4.0, rng) * rng.uniform(3, 5))
     hu[liver] = par_mean + texture[liver]
+    return liver, lb, float(par_mean), texture
 
-    # hypodense tumours, inside the liver
+
+def _tumours(hu, shape, spacing, fr: _Frame, liver, lb, par_mean, texture, rng: np.random.Generator):
+    """0-3 hypodense tumours inside the liver, painted into ``hu``. Returns (masks, allowed):
+    the tumour bool masks and the liver minus the tumours grown by 3 mm (where vessels may go)."""
     tumours = []
     stride = np.maximum(1, np.round(1.5 / np.asarray(spacing))).astype(int)
     coarse = np.pad(liver[lb][:: stride[0], :: stride[1], :: stride[2]], 1)
     edt = ndimage.distance_transform_edt(coarse, sampling=np.asarray(spacing) * stride)
-    n_tum = int(rng.integers(0, 4))
     cand = np.argwhere(edt > 0)
     origin = np.array([b.start for b in lb])
-    for _ in range(n_tum):
-        rad = rng.uniform(5, 16) * max(s_in, 0.5)
+    for _ in range(int(rng.integers(0, 4))):
+        rad = rng.uniform(5, 16) * max(fr.s_in, 0.5)
         ok = cand[edt[tuple(cand.T)] > rad + 4.0]
         if len(ok) == 0:
             break
@@ -633,14 +683,30 @@ def _anatomy(shape, spacing, preset: _Preset, rng: np.random.Generator):
             continue
         hu[tm] = par_mean - rng.uniform(35, 60) + 0.5 * texture[tm]
         tumours.append((tm, c, semi))
-
     allowed = liver.copy()
     for _, c, semi in tumours:
         box, m = _ellipsoid_box(shape, spacing, c, semi + 3.0)
         allowed[box] &= ~m
-    info = {"parenchyma_mean_hu": float(par_mean), "anatomy_scale": [float(s_in), float(s_z)],
-            "liver_centre_mm": liver_c.tolist(), "liver_semi_mm": liver_semi.tolist()}
-    return hu, liver, [t[0] for t in tumours], allowed, info
+    return [t[0] for t in tumours], allowed
+
+
+def _anatomy(shape, spacing, preset: _Preset, rng: np.random.Generator):
+    """The patient without vessels, before PSF and noise.
+
+    Returns ``(hu, liver, tumours, allowed, info)``: tissue HU float32 (H, W, D); liver
+    bool (tumours included); list of tumour bool masks; ``allowed`` = liver minus the
+    tumours grown by 3 mm (where vessels may go); info dict (parenchyma mean HU, scales,
+    liver centre and semi-axes in mm).
+    """
+    spacing = tuple(float(s) for s in spacing)
+    fr = _frame(shape, spacing, preset, rng)
+    hu, inner, wall = _body(shape, spacing, fr, rng)
+    clutter = _clutter(hu, shape, spacing, fr, wall, rng)
+    liver, lb, par_mean, texture = _liver(hu, shape, spacing, fr, clutter, inner, rng)
+    tumours, allowed = _tumours(hu, shape, spacing, fr, liver, lb, par_mean, texture, rng)
+    info = {"parenchyma_mean_hu": par_mean, "anatomy_scale": [fr.s_in, fr.s_z],
+            "liver_centre_mm": fr.liver_c.tolist(), "liver_semi_mm": fr.liver_semi.tolist()}
+    return hu, liver, tumours, allowed, info
 
 
 def _grow_vessels(allowed, liver_c, liver_semi, spacing, rng) -> dict[str, Tree]:
@@ -648,11 +714,11 @@ def _grow_vessels(allowed, liver_c, liver_semi, spacing, rng) -> dict[str, Tree]
     liver_cm3 = float(allowed.sum()) * float(np.prod(spacing)) / 1000.0
     space = _Space(allowed, spacing, gap_mm=0.92 * liver_cm3 ** (1 / 3))
     forest = _Forest(space, rng)
-    r_min = rng.uniform(0.8, 0.95)
+    r_min = rng.uniform(0.6, 0.75)
     # lumen budget: a few % of the liver, as in real CT; the thickest vessels are grown first,
     # so the budget decides how far down the tree goes
-    share = rng.uniform(0.055, 0.065)
-    vein = _GrowParams(r_min=r_min, len_a=3.0, len_b=4.0, curvature=0.1, margin=1.0, flow_split=(0.2, 0.5))
+    share = rng.uniform(0.036, 0.043)
+    vein = _GrowParams(r_min=r_min, len_a=12.0, len_b=0.0, curvature=0.06, margin=1.0, flow_split=(0.25, 0.5))
     # the hepatic artery runs beside the portal branches in reality: it does not compete for space
     art = _GrowParams(r_min=max(R_MIN_MM, r_min - 0.2), len_a=5.0, len_b=4.0, curvature=0.3, margin=1.0,
                       flow_split=(0.3, 0.5), shared=False, max_nodes=250)
@@ -693,6 +759,52 @@ def _grow_vessels(allowed, liver_c, liver_semi, spacing, rng) -> dict[str, Tree]
     return trees
 
 
+def _vessel_contrast(trees: dict[str, Tree], shape, spacing, par_mean: float, rng: np.random.Generator):
+    """Labels and the contrast image of the trees.
+
+    Each tree gets a blood enhancement over the parenchyma (portal-venous phase: portal vein
+    and hepatic veins 32-72 HU, the artery more); the thickest segments (mean radius >= 3.5 mm,
+    the trunks near the IVC and the hilum) carry less (x0-0.35: inflow of unenhanced blood), and the
+    enhancement varies smoothly in space (x(1 +- ~0.35), features ~12 mm: mixing).
+    Returns (masks name -> uint8 (H, W, D), contrast float32 (H, W, D) HU to add inside the liver,
+    blood enhancement per tree in HU).
+    """
+    enhance = {"portalvein": rng.uniform(40, 72), "venoussystem": rng.uniform(32, 66), "artery": rng.uniform(70, 120)}
+    trunk = rng.uniform(0.0, 0.35)
+    masks: dict[str, np.ndarray] = {}
+    contrast = np.zeros(shape, dtype=np.float32)
+    for name in TREE_NAMES:
+        t = trees[name]
+        thick = (t.radius[t.edges[:, 0]] + t.radius[t.edges[:, 1]]) / 2 >= 3.5 if len(t.edges) else np.zeros(0, bool)
+        lab = np.zeros(shape, dtype=np.uint8)
+        for part, factor in ((~thick, 1.0), (thick, trunk)):
+            if not part.any():
+                continue
+            lab_p, occ = rasterise_tree(Tree(name, t.positions, t.radius, t.edges[part]), shape, spacing)
+            lab |= lab_p
+            np.maximum(contrast, occ * np.float32(enhance[name] * factor), out=contrast)
+        masks[name] = lab
+    box = _bbox(contrast > 0, 1) if (contrast > 0).any() else tuple(slice(0, 1) for _ in range(3))
+    sub_shape = tuple(b.stop - b.start for b in box)
+    contrast[box] *= np.clip(1.0 + rng.uniform(0.25, 0.45) * _smooth_field(sub_shape, spacing, 12.0, rng), 0.3, 1.7)
+    return masks, contrast, {**{k: float(par_mean + v) for k, v in enhance.items()}, "trunk_factor": float(trunk)}
+
+
+def _scanner(hu: np.ndarray, spacing, rng: np.random.Generator) -> np.ndarray:
+    """PSF blur (partial volume), then noise correlated in-plane over about a voxel with
+    unequal row / column widths (slightly streaky, as a reconstruction kernel leaves it).
+    ``hu`` float32 (H, W, D) -> int16 HU, clipped to [-1024, 3071]."""
+    psf_mm = np.array([0.6, 0.6, 0.8])
+    img = ndimage.gaussian_filter(hu, sigma=psf_mm / np.asarray(spacing), mode="nearest", truncate=3.0)
+    noise = rng.standard_normal(hu.shape, dtype=np.float32)
+    corr = rng.uniform(0.45, 0.6) * rng.permutation(np.array([1.0, rng.uniform(1.3, 1.6)]))
+    noise = ndimage.gaussian_filter(noise, sigma=(corr[0], corr[1], 0), truncate=3.0)
+    # per-voxel noise grows as voxels shrink (fewer photons each): x (0.9 mm / in-plane spacing)^0.7
+    noise *= np.float32(rng.uniform(11, 14) * (0.9 / float(np.mean(spacing[:2]))) ** 0.7 / (noise.std() + 1e-6))
+    img += noise
+    return np.clip(np.rint(img), -1024, 3071).astype(np.int16)
+
+
 # ----------------------------------------------------------------------------- patient
 def generate_patient(index: int, seed: int, preset: str) -> PhantomPatient:
     """Generate patient ``index`` (1-based, folder ``3Dircadb1.<index>``) of a phantom set.
@@ -707,17 +819,7 @@ def generate_patient(index: int, seed: int, preset: str) -> PhantomPatient:
     shape, spacing = _grid(pr, rng)
     hu, liver, tumours, allowed, info = _anatomy(shape, spacing, pr, rng)
     trees = _grow_vessels(allowed, info["liver_centre_mm"], info["liver_semi_mm"], spacing, rng)
-
-    # vessels: fractional occupancy times contrast, added to the tissue; label per tree
-    masks: dict[str, np.ndarray] = {}
-    contrast = np.zeros(shape, dtype=np.float32)
-    par = info["parenchyma_mean_hu"]
-    blood = {"portalvein": rng.uniform(182, 192), "venoussystem": rng.uniform(172, 184),
-             "artery": rng.uniform(190, 215)}
-    for name in TREE_NAMES:
-        lab, occ = rasterise_tree(trees[name], shape, spacing)
-        masks[name] = lab
-        np.maximum(contrast, occ * np.float32(blood[name] - par), out=contrast)
+    masks, contrast, blood = _vessel_contrast(trees, shape, spacing, info["parenchyma_mean_hu"], rng)
     vessel_any = np.zeros(shape, dtype=bool)
     for name in TREE_NAMES:
         vessel_any |= masks[name] > 0
@@ -727,22 +829,12 @@ def generate_patient(index: int, seed: int, preset: str) -> PhantomPatient:
         liver |= vessel_any
     contrast[~liver] = 0.0
     hu += contrast
-
-    # scanner: PSF blur (partial volume), then slightly correlated noise
-    psf_mm = np.array([0.6, 0.6, 0.8])
-    img = ndimage.gaussian_filter(hu, sigma=psf_mm / np.asarray(spacing), mode="nearest", truncate=3.0)
-    noise = rng.standard_normal(shape, dtype=np.float32)
-    corr = 0.5
-    noise = ndimage.gaussian_filter(noise, sigma=(corr, corr, 0), truncate=3.0)
-    # 17-20 HU white-ish noise reads as ~18 HU high-pass std in the parenchyma (the real figure)
-    noise *= np.float32(rng.uniform(17, 20) / (noise.std() + 1e-6))
-    img += noise
-    out = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
+    out = _scanner(hu, spacing, rng)
 
     masks = {"liver": liver.astype(np.uint8), **masks}
     for k, tm in enumerate(tumours, start=1):
         masks[f"livertumor{k:02d}"] = tm.astype(np.uint8)
-    info.update(n_tumours=len(tumours), blood_hu={k: float(v) for k, v in blood.items()})
+    info.update(n_tumours=len(tumours), blood_hu=blood)
     return PhantomPatient(index=index, hu=out, masks=masks, spacing=tuple(float(s) for s in spacing), trees=trees,
                           unsigned_intercept=(index % 3 == 0), preset=preset, seed=seed, info=info)
 

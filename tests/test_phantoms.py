@@ -16,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage
 
 import make_phantoms as cli
 from phantom.generator import (CENTERLINES_FILE, R_MAX_MM, R_MIN_MM, TREE_NAMES, generate_patient,
@@ -225,3 +226,65 @@ def test_cli_subprocess_exit_code_and_overwrite(tmp_path):
     np.testing.assert_array_equal(_read_pydicom(out / "3Dircadb1.1" / "PATIENT_DICOM")[0], first)
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
+
+
+# ----------------------------------------------------------------------------- realism (issue 12)
+@pytest.fixture(scope="module")
+def demo_patient():
+    """One demo-preset patient (192 x 192 x 48, about 2 s) and its calibration figures."""
+    from bench.phantom_stats import volume_figures
+
+    p = generate_patient(1, SEED, "demo")
+    label = (p.masks["portalvein"] | p.masks["venoussystem"]) > 0
+    figs = volume_figures(p.hu.astype(np.float32), label, p.masks["liver"], p.spacing, other_vessels=p.masks["artery"])
+    return p, figs
+
+
+def test_demo_phantom_is_as_hard_as_real_ct(demo_patient):
+    # the first phantoms gave 0.96-0.97 (real CT: 0.85-0.89) and white-ish noise (0.8 voxel)
+    _, figs = demo_patient
+    assert figs["intensity AUC"] < 0.93
+    assert figs["noise corr. length vox"] > 0.95
+    assert 8.0 < figs["noise HU"] < 18.0
+    assert 1.0 < figs["vessel share of liver %"] < 7.0
+
+
+def test_demo_field_of_view_holds_abdomen_outside_the_liver(demo_patient):
+    p, _ = demo_patient
+    liver = p.masks["liver"] > 0
+    voxel_cm3 = float(np.prod(p.spacing)) / 1000.0
+    away = ~ndimage.binary_dilation(liver, iterations=3)
+    # enhancing organ tissue (kidney cortex, aorta, bowel with contrast) and fat outside the liver
+    enhancing = away & (p.hu > 140) & (p.hu < 300)
+    assert ndimage.binary_opening(enhancing, iterations=2).sum() * voxel_cm3 > 5.0
+    assert (away & (p.hu > -150) & (p.hu < -50)).sum() * voxel_cm3 > 20.0
+    assert (p.hu > 500).any() and (p.hu < -900).any()  # bone and air
+
+
+def test_volume_figures_on_a_worked_example():
+    from bench.phantom_stats import correlation_length, volume_figures, within
+
+    # the calibration rule of issue 12: AUC within 0.03, other figures within 15 %
+    assert within(0.899, 0.87, "intensity AUC") and not within(0.905, 0.87, "intensity AUC")
+    assert within(114.0, 100.0, "noise HU") and not within(116.0, 100.0, "noise HU")
+    assert not within(float("nan"), 100.0, "noise HU")
+    shape, spacing = (40, 40, 12), (1.0, 1.0, 1.0)
+    hu = np.full(shape, 100.0, dtype=np.float32)
+    liver = np.zeros(shape, dtype=bool)
+    liver[4:36, 4:36, 1:11] = True
+    label = np.zeros(shape, dtype=bool)
+    rr, cc = np.mgrid[0:40, 0:40]
+    tube = (rr - 20) ** 2 + (cc - 20) ** 2 <= 4  # radius 2 voxels, along the slices
+    label[tube[:, :, None] & liver] = True
+    hu[label] = 150.0
+    f = volume_figures(hu, label, liver, spacing)
+    assert f["parenchyma mean HU"] == pytest.approx(100.0) and f["parenchyma std HU"] == pytest.approx(0.0, abs=1e-4)
+    assert f["intensity AUC"] == pytest.approx(1.0)
+    assert f["vessel share of liver %"] == pytest.approx(100.0 * label.sum() / liver.sum())
+    assert f["contrast r 1.5-2.5 mm HU"] == pytest.approx(50.0, abs=1e-3)  # every voxel of the tube
+    # white noise: correlation length well under a voxel; smoothed over ~2 voxels: longer
+    rng = np.random.default_rng(0)
+    white = rng.standard_normal((64, 64, 8))
+    mask = np.ones_like(white, dtype=bool)
+    assert correlation_length(white, mask) < 0.8
+    assert correlation_length(ndimage.gaussian_filter(white, (1.5, 1.5, 0)), mask) > 1.5
