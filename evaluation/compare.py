@@ -1,16 +1,19 @@
-"""One comparison table from several test.py report folders (ablations).
+"""One comparison table from several test.py report folders (ablations, benchmarks).
 
-Each run contributes a row: its label, then mean +- std over cases of the chosen metrics,
-read from the run's ``summary.json``.
+Each row has a label and one or more report folders. The per-case rows of all its folders
+(``per_case.csv``) are pooled, so a row can stand for several seeds or several train/test
+directions, and each metric is summarised over the pooled values with
+:func:`evaluation.reports.summarize` (mean, std, Student-t 95% CI).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Sequence
 
-# (summary key, column header, format)
+from evaluation.reports import read_per_case_csv, summarize
+
+# (per-case key, column header, format)
 COMPARE_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("dice", "Dice", "{:.3f}"),
     ("cldice", "clDice", "{:.3f}"),
@@ -21,27 +24,48 @@ COMPARE_COLUMNS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _cell(stats: dict, fmt: str) -> str:
-    mean, std = stats.get("mean"), stats.get("std")
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+def _finite(v: float | None) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def _cell(stats: dict, fmt: str, ci: bool) -> str:
+    mean = stats.get("mean")
+    if not _finite(mean):
         return "n/a"
     s = fmt.format(mean)
-    if std is not None and not (isinstance(std, float) and math.isnan(std)):
-        s += " ± " + fmt.format(std)
+    if ci:
+        lo, hi = stats.get("ci95_low"), stats.get("ci95_high")
+        if _finite(lo) and _finite(hi):
+            s += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+    elif _finite(stats.get("std")):
+        s += " ± " + fmt.format(stats["std"])
     return s
 
 
-def compare_table(runs: Sequence[tuple[str, Path]]) -> str:
-    """Markdown table; ``runs`` are (label, report folder holding summary.json)."""
-    header = ["run", "cases"] + [h for _, h, _ in COMPARE_COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, folder in runs:
-        path = Path(folder) / "summary.json"
+def pooled_rows(folders: Sequence[Path]) -> list[dict]:
+    """The per-case rows of every folder, in order; ``FileNotFoundError`` naming a folder without a report."""
+    rows: list[dict] = []
+    for folder in folders:
+        path = Path(folder) / "per_case.csv"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no summary.json (run test.py for this run first)")
-        doc = json.loads(path.read_text())
-        metrics = doc["metrics"]
-        cells = [label, str(doc.get("n_cases", ""))]
-        cells += [_cell(metrics.get(k, {}), fmt) for k, _, fmt in COMPARE_COLUMNS]
+            raise FileNotFoundError(f"{path}: no per_case.csv (run test.py for this run first)")
+        rows.extend(read_per_case_csv(path))
+    return rows
+
+
+def compare_table(runs: Sequence[tuple[str, Path | Sequence[Path]]], ci: bool = False,
+                  columns: Sequence[tuple[str, str, str]] = COMPARE_COLUMNS) -> str:
+    """Markdown table, one row per (label, report folder or folders).
+
+    Cells are mean ± std over the pooled per-case values, or mean [95% CI] when ``ci``.
+    The "values" column counts the pooled per-case rows (cases x folders).
+    """
+    header = ["run", "values"] + [h for _, h, _ in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, folders in runs:
+        folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+        rows = pooled_rows(folders)
+        stats = summarize(rows, [k for k, _, _ in columns])
+        cells = [label, str(len(rows))] + [_cell(stats[k], fmt, ci) for k, _, fmt in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

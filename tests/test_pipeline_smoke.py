@@ -72,5 +72,5 @@ def test_phantom_to_metrics(tmp_path: Path, backbone: str, salience: str) -> Non
     assert (f"{mean_dice:.3f}" in table) if math.isfinite(mean_dice) else ("n/a" in table)
     fig = draw_method_figure(best, tmp_path / "fig.png", "phantom", str(data), str(lists))
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(FileNotFoundError, match="summary.json"):
+    with pytest.raises(FileNotFoundError, match="per_case.csv"):
         compare_table([("missing", tmp_path / "nowhere")])

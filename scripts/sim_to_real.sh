@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Sim-to-real benchmark: does a model trained on phantoms segment real CT, does real data
+# alone do better, and does phantom pretraining help a model fine-tuned on one real patient?
+# Each with none / offline / e2e salience, over seeds; tested inside the liver on real
+# 3D-IRCADb patients, at a millimetre-matched scale (--target_spacing).
+#
+#   bash scripts/sim_to_real.sh                       # CPU defaults (see README for the time)
+#   SEEDS="0 1 2" FT_ITERS=2000 ITERS=4000 bash scripts/sim_to_real.sh   # a GPU box
+#
+# Scenarios (rows of the table), for each salience mode:
+#   phantom      the demo-settings phantom model (lib_runs.sh), tested on both real patients
+#   real         trained on one real patient from scratch, tested on the other, both ways
+#   phantom+real --init_from the phantom model, fine-tuned on one real patient, tested on the other
+# No third real patient is available for model selection: real runs keep their last weights
+# (validation only at the end). Offline salience on the real patients uses the phantom-fitted
+# head, the same generator the phantom models were trained with.
+#
+# Environment: REAL_SRC (folder with 3Dircadb1.1 and 3Dircadb1.7; default ../shared/real),
+# SEEDS (default "0 1 2"), MODES (default "none offline e2e"), ITERS (phantom iterations,
+# lib_runs.sh default), FT_ITERS (iterations on a real patient), S2R_DATA, and lib_runs.sh's.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BACKBONE=${BACKBONE:-unet}
+MODEL_KW=${MODEL_KW:-'{"base_channels": 16}'}
+source scripts/lib_runs.sh
+REAL_SRC=${REAL_SRC:-../shared/real}
+S2R=${S2R_DATA:-$DATA/s2r}
+SEEDS=${SEEDS:-"0 1 2"}
+MODES=${MODES:-"none offline e2e"}
+FT_ITERS=${FT_ITERS:-150}
+REAL=3D-IRCADb
+LISTS=$S2R/lists
+PATIENTS=(case0001 case0007)
+T0=$(date +%s)
+step() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+
+for p in 1 7; do
+  if [ ! -d "$REAL_SRC/3Dircadb1.$p" ]; then
+    echo "error: $REAL_SRC/3Dircadb1.$p not found (set REAL_SRC to the folder of the real patients)" >&2
+    exit 2
+  fi
+done
+
+# lists: <name> train case, val case, test cases
+write_lists() {
+  local name=$1 train=$2 test=$3 dir=$LISTS/$1/$REAL
+  mkdir -p "$dir"
+  printf '%s\n' $train > "$dir/vol_train.txt"
+  printf '%s\n' $train > "$dir/vol_val.txt"   # no third patient: validate on the training one
+  printf '%s\n' $test > "$dir/vol_test.txt"
+  if [ -f "$LISTS/all/$REAL/slice_train.txt" ]; then
+    grep -E "^($(echo $train | tr ' ' '|'))_slice" "$LISTS/all/$REAL/slice_train.txt" > "$dir/slice_train.txt"
+  fi
+}
+
+step "prepare: phantom data, real patients -> $S2R, three-plane salience with the phantom-fitted head"
+prepare_data
+write_lists all "${PATIENTS[*]}" "${PATIENTS[*]}"
+$PY preprocess.py --dataset $REAL --src "$REAL_SRC" --root_path "$S2R" --list_dir "$LISTS/all" --workers 2
+$PY salience_generation.py --dataset $REAL --root_path "$S2R" --list_dir "$LISTS/all" --generator bank --weights "$HEAD"
+write_lists both_test "" "${PATIENTS[*]}"
+write_lists train1 case0001 case0007
+write_lists train7 case0007 case0001
+
+# test_real RUN_DIR LISTNAME: test RUN_DIR's model on that list's test split -> RUN_DIR/eval_<LISTNAME>
+test_real() {
+  local run_dir=$1 list=$2 model=${3:-best_model.pth}
+  local out=$run_dir/eval_real_$list
+  if [ ! -f "$out/per_case.csv" ]; then
+    $PY test.py --dataset $REAL --root_path "$S2R" --list_dir "$LISTS/$list" --backbone "$BACKBONE" \
+        --model_path "$run_dir/$model" --eval_roi liver --output "$out" --overwrite >/dev/null
+  fi
+  echo "$out"
+}
+
+# train_real MODE EXP LISTNAME [extra main.py args]: one run on a real patient, prints its folder
+train_real() {
+  local mode=$1 exp=$2 list=$3; shift 3
+  local extra=()
+  if [ "$mode" = e2e ] && [ -f "${HEAD:-}" ]; then extra=(--head "$HEAD"); fi
+  local args=(--dataset $REAL --root_path "$S2R" --list_dir "$LISTS/$list" --output_root "$CKPT/s2r"
+              --backbone "$BACKBONE" --salience "$mode" "${RUN_SIZE_ARGS[@]}" --batch_size 4
+              --optimizer adamw --base_lr 0.003 --loss bce+dice --max_epochs 1000
+              --max_iterations "$FT_ITERS" --val_every "$FT_ITERS" --seed "$SEED" --exp "$exp"
+              --model_kwargs "$MODEL_KW" "${extra[@]}" "$@")
+  local run_dir
+  run_dir=$($PY main.py "${args[@]}" --print_run_dir)
+  if [ ! -f "$run_dir/last.pth" ]; then
+    $PY main.py "${args[@]}" --overwrite >&2
+  fi
+  echo "$run_dir"
+}
+
+declare -A POOL
+for SEED in $SEEDS; do
+  for MODE in $MODES; do
+    step "seed $SEED, salience $MODE: phantom model"
+    RUNS=()
+    train_and_test "$BACKBONE" "$MODE" "ablation_${MODE}_it${ITERS}_seed${SEED}"
+    ph_run=${RUNS[0]#*=}; ph_run=${ph_run%/eval_test}
+    POOL[phantom/$MODE]+="$(test_real "$ph_run" both_test),"
+    for dir in 1:7 7:1; do
+      tr=${dir%:*}; te=${dir#*:}
+      step "seed $SEED, salience $MODE: real patient $tr -> $te (scratch, then from phantoms)"
+      run=$(train_real "$MODE" "real${tr}_${MODE}_it${FT_ITERS}_seed${SEED}" "train$tr")
+      POOL[real/$MODE]+="$(test_real "$run" "train$tr" last.pth),"
+      run=$(train_real "$MODE" "ft${tr}_${MODE}_it${FT_ITERS}_seed${SEED}" "train$tr" \
+            --init_from "$ph_run/best_model.pth")
+      POOL[phantom+real/$MODE]+="$(test_real "$run" "train$tr" last.pth),"
+    done
+  done
+done
+
+ROWS=()
+for scen in phantom real phantom+real; do
+  for MODE in $MODES; do
+    ROWS+=("$scen, $MODE=${POOL[$scen/$MODE]%,}")
+  done
+done
+OUT=$CKPT/s2r/sim_to_real_${BACKBONE/:/_}_it${ITERS}_ft${FT_ITERS}_seeds${SEEDS// /}.md
+step "table (mean [95% CI] over test cases x seeds) -> $OUT"
+$PY scripts/compare_runs.py --ci --out "$OUT" "${ROWS[@]}"
