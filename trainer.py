@@ -554,9 +554,21 @@ def _train_step(run: _Run, batch: dict) -> torch.Tensor:
     return logits
 
 
+def _sync_buffers(run: _Run) -> None:
+    """DDP: every rank takes rank 0's buffers (BatchNorm running statistics).
+
+    DDP averages gradients, so parameters agree, but each rank's last forward pass updated
+    its own running statistics (DDP broadcasts them only before the next forward).
+    """
+    if run.env.distributed:
+        for buf in unwrap(run.model).buffers():
+            dist.broadcast(buf, 0)
+
+
 def _validate(run: _Run, epoch_done: int, batch: Optional[dict], logits: Optional[torch.Tensor]) -> None:
     """Validate (every rank its share), log, keep the best model and write ``last.pth``."""
     run.monitor.flush()  # never judge or save a model whose loss went NaN
+    _sync_buffers(run)  # the ranks validate one and the same model
     t0 = time.monotonic()
     metrics = run.validator(run.model)
     if run.env.main:
@@ -659,6 +671,7 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
         if stop:
             stopped_by = stop
             break
+    _sync_buffers(run)
     if env.main:
         run.writer.close()
         log.info("finished (%s) after %d iterations; best val Dice %.4f; validation took %.1f s; checkpoints in %s",
