@@ -54,9 +54,6 @@ from tqdm import tqdm
 
 from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
 from dataloaders.inputs import input_channels
-from evaluation.metrics import cldice as cldice_metric
-from evaluation.metrics import dice as dice_metric
-from evaluation.metrics import skeleton
 from inference import predict_volume, stitch_device
 from losses import make_loss, make_optimizer, poly_scheduler
 from networks.checkpoint import load_checkpoint, save_checkpoint, unwrap
@@ -256,12 +253,18 @@ class Validator:
         self._skeletons: dict[int, np.ndarray] = {}
 
     def label_skeleton(self, i: int) -> np.ndarray:
+        from evaluation.metrics import skeleton
+
         if i not in self._skeletons:
             self._skeletons[i] = skeleton(self.cases[i].label)
         return self._skeletons[i]
 
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> dict[str, float]:
+        # scipy / skimage (about 1 s to import): not before the first training step
+        from evaluation.metrics import cldice as cldice_metric
+        from evaluation.metrics import dice as dice_metric
+
         cfg, env, dims = self.cfg, self.env, self.dims
         model = unwrap(model)
         sums = np.zeros(4)  # dice sum, dice count, clDice sum, clDice count

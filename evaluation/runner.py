@@ -18,7 +18,6 @@ import torch
 from tqdm import tqdm
 
 from dataloaders.inputs import input_channels
-from evaluation.figures import mip_figure, overlay_figure
 from evaluation.metrics import METRIC_KEYS, evaluate_case
 from evaluation.predictions import PRED_FORMATS, save_prediction
 from evaluation.reports import (
@@ -223,6 +222,8 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
         save_prediction(tmp / "predictions", case, prob, vol.spacing, save_pred, as_mask=pred_kind == "mask",
                         image=vol.image, crop=vol.crop)
     if figures:
+        from evaluation.figures import mip_figure, overlay_figure  # matplotlib: only when drawing
+
         (tmp / "figures").mkdir(exist_ok=True)
         shown_sal = sal
         if mode == "e2e" and dims == 2:
