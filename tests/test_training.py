@@ -440,3 +440,40 @@ def test_img_size_takes_two_integers():
     assert args.img_size == [128, 96]
     with pytest.raises(SystemExit):
         main_cli.build_parser().parse_args(["--dataset", "x", "--img_size", "128"])
+
+
+def test_loss_monitor_names_the_first_bad_iteration(tmp_path):
+    env = trainer.Env(torch.device("cpu"))
+    mon = trainer.LossMonitor(env, None, tmp_path / "last.pth", 0.0)
+    for it, value in [(1, 0.5), (2, 0.25)]:
+        mon.add(it, 0, 0.01, torch.tensor(value))
+    assert mon.flush() == 0.25 and mon.losses == [0.5, 0.25] and mon.flush() is None
+    for it, value in [(3, 0.2), (4, float("inf")), (5, float("nan"))]:
+        mon.add(it, 1, 0.01, torch.tensor(value))
+    with pytest.raises(TrainingError, match=r"loss is inf at iteration 4 \(epoch 2\).*\(none yet\)"):
+        mon.flush()
+
+
+def test_epoch_end_validation_keeps_within_the_time_fraction():
+    from types import SimpleNamespace
+
+    def due(last_val, trained, fraction=0.1):
+        run = SimpleNamespace(last_val_seconds=last_val, trained_since_val=trained,
+                              cfg=SimpleNamespace(val_fraction=fraction), env=trainer.Env(torch.device("cpu")))
+        return trainer._epoch_end_validation_due(run)
+
+    assert due(None, 0.0)  # the first epoch end always validates (and measures the cost)
+    # a 10 s validation is due once 90 s of training passed: 10 / (90 + 10) = 10%
+    assert not due(10.0, 89.0) and due(10.0, 90.0)
+    assert due(10.0, 10.0, fraction=0.5) and not due(10.0, 9.0, fraction=0.5)
+
+
+def test_stitch_device_uses_the_gpu_only_when_the_volume_fits(monkeypatch):
+    from inference import stitch_device
+
+    assert stitch_device((512, 512, 200), 3, "cpu") == torch.device("cpu")
+    # CUDA-only branch, exercised with a stand-in for the free-memory query
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
+    # 512 x 512 x 200 voxels x 4 bytes x (3 input channels + 3) = 1.26 GB <= half of 8 GB
+    assert stitch_device((512, 512, 200), 3, "cuda:0") == torch.device("cuda:0")
+    assert stitch_device((512, 512, 1000), 3, "cuda:0") == torch.device("cpu")  # 6.3 GB > 4 GB
