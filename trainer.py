@@ -511,7 +511,7 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
     paths = check_dataset(cfg)
     _check_run_folder(cfg)
     train_set = build_train_set(cfg, paths, dims)
-    val_cases = VolumeDataSet(paths, "val", cfg.salience)
+    val_cases = VolumeDataSet(paths, "val", cfg.salience, lazy=True)  # read at the first validation
     sample = train_set[0]["input"]
     if sample.shape[0] != input_channels(cfg.salience) or sample.ndim - 1 != dims:
         raise ValueError(f"channel mismatch: data gives input {tuple(sample.shape)}, model {cfg.backbone} "

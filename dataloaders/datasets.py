@@ -233,11 +233,13 @@ class VolumeDataSet(Dataset):
     """Cases of ``vol_<split>`` with their salience (read when ``salience_mode`` is offline).
 
     Volumes are read once and kept in memory (``cache``), so loader workers forked later
-    share them instead of re-reading compressed HDF5 for every patch. Items are
-    :class:`CaseData`.
+    share them instead of re-reading compressed HDF5 for every patch. ``lazy=True`` reads
+    each case on first use instead of in the constructor (validation cases: training starts
+    without waiting for them). Items are :class:`CaseData`.
     """
 
-    def __init__(self, paths: DatasetPaths, split: str, salience_mode: str, cache: bool = True) -> None:
+    def __init__(self, paths: DatasetPaths, split: str, salience_mode: str, cache: bool = True,
+                 lazy: bool = False) -> None:
         input_channels(salience_mode)
         self.paths = paths
         self.salience_mode = salience_mode
@@ -251,7 +253,7 @@ class VolumeDataSet(Dataset):
                 raise _no_salience(paths.salience(name), paths.root.name)
         self._cache: dict[int, CaseData] = {}
         self.cache = cache
-        if cache:
+        if cache and not lazy:
             for i in range(len(self.names)):
                 self._cache[i] = self._read(i)
 
@@ -270,7 +272,11 @@ class VolumeDataSet(Dataset):
         return CaseData(name, vol.image, vol.label, sal, vol.spacing, vol.liver)
 
     def __getitem__(self, index: int) -> CaseData:
-        return self._cache[index] if self.cache else self._read(index)
+        if not self.cache:
+            return self._read(index)
+        if index not in self._cache:
+            self._cache[index] = self._read(index)
+        return self._cache[index]
 
 
 class PatchDataSet(_Augmenting):
