@@ -78,8 +78,9 @@ class TrainResult:
     """How a run ended; ``main`` is True on the process that wrote the files (rank 0).
 
     ``model`` is the trained network (unwrapped from DDP). ``flush_times`` holds
-    (iteration, seconds since the start of ``train``) at each loss check, taken after the
-    device had finished that iteration: throughput between two of them is exact.
+    (iteration, wall seconds since the start of ``train``, CPU seconds of this process) at
+    each loss check, taken after the device had finished that iteration: throughput
+    between two of them is exact.
     """
 
     main: bool
@@ -90,7 +91,7 @@ class TrainResult:
     losses: list[float]
     stopped_by: str
     model: Optional[nn.Module] = None
-    flush_times: list[tuple[int, float]] = field(default_factory=list)
+    flush_times: list[tuple[int, float, float]] = field(default_factory=list)
     validation_seconds: float = 0.0
 
 
@@ -351,7 +352,7 @@ class LossMonitor:
         self.env, self.writer, self.last_path, self.start = env, writer, last_path, start
         self.pending: list[tuple[int, int, float, torch.Tensor]] = []  # iteration, epoch, lr, loss
         self.losses: list[float] = []
-        self.flush_times: list[tuple[int, float]] = []
+        self.flush_times: list[tuple[int, float, float]] = []
 
     def add(self, iteration: int, epoch: int, lr: float, loss: torch.Tensor) -> None:
         self.pending.append((iteration, epoch, lr, loss.detach()))
@@ -365,7 +366,7 @@ class LossMonitor:
             dist.all_reduce(values)
             values /= self.env.world_size
         values_host = values.cpu().tolist()
-        self.flush_times.append((self.pending[-1][0], time.monotonic() - self.start))
+        self.flush_times.append((self.pending[-1][0], time.monotonic() - self.start, time.process_time()))
         for (iteration, epoch, lr, _), value in zip(self.pending, values_host):
             if not math.isfinite(value):
                 raise TrainingError(

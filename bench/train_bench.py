@@ -66,15 +66,20 @@ def prepare(preset: str, data: Path) -> tuple[str, Path, Path]:
     return dataset, root, lists
 
 
-def trainer_speed(cfg: TrainConfig) -> float:
-    """Iterations/s of trainer.train between the first loss check after warm-up and the last."""
+def trainer_speed(cfg: TrainConfig, clock: str) -> float:
+    """Iterations/s of trainer.train between the first loss check after warm-up and the last.
+
+    ``clock`` "cpu": per second of this process's CPU time (load-independent; only
+    meaningful with no loader workers, whose CPU time it does not see).
+    """
     result = train(cfg)
-    times = [(i, t) for i, t in result.flush_times if i >= WARMUP_CHECK]
+    k = 1 if clock == "wall" else 2
+    times = [(f[0], f[k]) for f in result.flush_times if f[0] >= WARMUP_CHECK]
     (i0, t0), (i1, t1) = times[0], times[-1]
     return (i1 - i0) / (t1 - t0)
 
 
-def memory_speed(cfg: TrainConfig, iters: int) -> float:
+def memory_speed(cfg: TrainConfig, iters: int, clock: str) -> float:
     """Iterations/s of the same training step on one batch of random tensors on the device."""
     env = setup_env(cfg)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -91,6 +96,7 @@ def memory_speed(cfg: TrainConfig, iters: int) -> float:
     shape = (cfg.batch_size, c, *cfg.img_size)
     batch = {"input": torch.rand(shape, device=env.device),
              "label": (torch.rand((cfg.batch_size, 1, *cfg.img_size), device=env.device) > 0.9).float()}
+    now = time.monotonic if clock == "wall" else time.process_time
     t0 = 0.0
     for it in range(WARMUP_CHECK + iters):
         _, loss = forward_loss(model, batch, loss_fn, env)
@@ -99,8 +105,8 @@ def memory_speed(cfg: TrainConfig, iters: int) -> float:
         if (it + 1) % WARMUP_CHECK == 0:
             float(loss.detach())  # the trainer's loss check: one sync
             if it + 1 == WARMUP_CHECK:
-                t0 = time.monotonic()
-    return iters / (time.monotonic() - t0)
+                t0 = now()
+    return iters / (now() - t0)
 
 
 def main() -> None:
@@ -117,10 +123,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--amp", type=int, default=1, choices=(0, 1), help="AMP on CUDA (bf16, else fp16)")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="cpu: iterations per CPU second of the process (a shared, loaded CPU machine; "
+                         "--workers 0 only)")
     ap.add_argument("--data", default=str(ROOT / "data" / "bench"), help="phantom data folder (made if missing)")
     args = ap.parse_args()
     if args.iters % WARMUP_CHECK:
         ap.error(f"--iters must be a multiple of {WARMUP_CHECK}")
+    if args.clock == "cpu" and (args.workers != [0] or args.device == "cuda"):
+        ap.error("--clock cpu counts this process's CPU time only: use it with --workers 0 on the CPU")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     data = Path(args.data)
     rows = []
@@ -137,8 +148,8 @@ def main() -> None:
                               output_root=tmp, overwrite=True)
                 tr, mem = [], []
                 for r in range(args.repeats):
-                    tr.append(trainer_speed(TrainConfig(**cfg_kw, exp=f"r{r}")))
-                    mem.append(memory_speed(TrainConfig(**cfg_kw), args.iters))
+                    tr.append(trainer_speed(TrainConfig(**cfg_kw, exp=f"r{r}"), args.clock))
+                    mem.append(memory_speed(TrainConfig(**cfg_kw), args.iters, args.clock))
                 t, m = statistics.median(tr), statistics.median(mem)
                 rows.append((preset, size, batch, workers, sal, cache, t, m))
                 print(f"{preset} {size}px batch {batch} workers {workers} {sal} cache {cache}: trainer {t:.2f} it/s, "
@@ -149,7 +160,7 @@ def main() -> None:
     load = "%.1f %.1f %.1f" % os.getloadavg()
     print(f"\nmachine: {platform.node()} | device: {dev} | load average {load} | torch {torch.__version__} | "
           f"unet base {args.base} | amp {bool(args.amp) and cuda} | channels_last {bool(args.channels_last)} | "
-          f"median of {args.repeats} runs x {args.iters} iterations\n")
+          f"clock {args.clock} | median of {args.repeats} runs x {args.iters} iterations\n")
     print("| data | img | batch | workers | salience | cache_data | trainer it/s | in-memory it/s | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for preset, size, batch, workers, sal, cache, t, m in rows:
