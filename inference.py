@@ -19,7 +19,8 @@ probabilities over a stored volume:
 - 3-D backbones use MONAI's ``sliding_window_inference`` with Gaussian blending of the
   *probabilities* (sigmoid inside the window predictor, as nnU-Net blends softmax);
   windows run on ``sw_device`` and are stitched on ``device``, so a volume too large
-  for the GPU is stitched in host memory (``device="cpu", sw_device="cuda"``).
+  for the GPU is stitched in host memory (``device="cpu", sw_device="cuda"``);
+  :func:`stitch_device` picks the GPU when the volume fits in its free memory.
 - ``tta=True`` averages the probabilities over flips (2-D: none, H, W, H+W; 3-D: none,
   H, W, D), each prediction flipped back before averaging.
 
@@ -28,11 +29,11 @@ on fp32 probabilities (validation, test.py, prediction files and predict.py all 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from dataloaders.inputs import input_channels, model_input
 from dataloaders.transforms import resize_planes, spacing_size
@@ -114,6 +115,8 @@ def sliding_window_volume(
     """
     if x.ndim - 2 != len(patch_size):
         raise ValueError(f"patch_size {tuple(patch_size)} does not match input of shape {tuple(x.shape)}")
+    from monai.inferers import sliding_window_inference  # heavy import (2 s): only where used
+
     return sliding_window_inference(
         x.to(device),
         roi_size=tuple(int(p) for p in patch_size),
@@ -124,6 +127,22 @@ def sliding_window_volume(
         sw_device=sw_device or device,
         device=device,
     )
+
+
+def stitch_device(spatial_shape: Sequence[int], in_channels: int, run_device: str | torch.device,
+                  memory_fraction: float = 0.5) -> torch.device:
+    """Where to assemble a whole-volume prediction: ``run_device`` unless it is a GPU without room.
+
+    The stitching buffers of a volume of ``spatial_shape`` voxels (the input's
+    ``in_channels``, the output, MONAI's count map and a spare: 4 bytes each) must fit in
+    ``memory_fraction`` of the GPU's free memory; otherwise the host (``cpu``) stitches.
+    """
+    run_device = torch.device(run_device)
+    if run_device.type != "cuda":
+        return run_device
+    need = math.prod(int(s) for s in spatial_shape) * 4 * (int(in_channels) + 3)
+    free, _ = torch.cuda.mem_get_info(run_device)
+    return run_device if need <= memory_fraction * free else torch.device("cpu")
 
 
 def _check_model_device(model: torch.nn.Module, device: torch.device) -> None:

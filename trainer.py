@@ -2,24 +2,38 @@
 
 ``train(cfg)`` builds the model (networks.e2e.build_segmenter), the data
 (2-D: dataloaders.datasets.SliceDataSet on ``slice_train``; 3-D: PatchDataSet over
-``vol_train``), loss, optimiser and the seed's poly schedule, and trains:
+``vol_train``), loss, optimiser and the seed's poly schedule, and trains. ``_train`` reads
+as its steps: :func:`_setup`, then per batch :func:`_train_step`, :func:`_validate` at
+the chosen cadence and :func:`_save`.
 
+- One DataLoader for the whole run (persistent workers, ``prefetch_factor``, pinned
+  memory and non-blocking copies on CUDA). Its batch sampler (:class:`RunBatchSampler`)
+  yields ``(epoch, index)`` keys for every remaining epoch, so the epoch reaches the
+  workers with the indices: augmentation depends on (seed, epoch, index) only and a run
+  resumed mid-epoch sees exactly the batches the interrupted run had not seen.
+- No host-device sync per step: losses stay on the device and are checked for NaN/inf,
+  all-reduced (DDP) and logged every ``log_every`` iterations (and before every
+  validation or checkpoint, so a diverged model is never saved).
 - AMP on CUDA: bf16 where the GPU supports it, else fp16 with a GradScaler; fp32 on CPU.
-- DDP when launched by torchrun (WORLD_SIZE > 1): DistributedSampler, nccl on CUDA and
-  gloo on the CPU; rank 0 alone validates, logs and writes files.
-- Validation on ``vol_val`` every epoch (or every ``val_every`` iterations) with
-  inference.predict_volume and evaluation.metrics (Dice, clDice of the 0.5-thresholded
-  probabilities, mean over cases); ``best_model.pth`` keeps the best validation Dice (the
-  seed's rule), ``last.pth`` the latest state; both are contract-1 checkpoints written
-  atomically. ``resume`` continues from ``last.pth`` exactly (same weights as an
-  uninterrupted run on the CPU with ``deterministic``).
+  ``cudnn.benchmark`` is on unless ``deterministic`` (opt-in); ``channels_last`` optional.
+- DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on the CPU; rank 0
+  alone logs and writes files.
+- Validation on ``vol_val`` with inference.predict_volume and evaluation.metrics (Dice,
+  clDice of the 0.5-thresholded probabilities, mean over cases; label skeletons computed
+  once); under DDP each rank predicts its share of the cases and the sums are
+  all-reduced. Cadence: every ``val_every`` iterations, or (``val_every`` 0) at epoch ends,
+  skipping those that would make validation more than ``val_fraction`` of the wall time;
+  always at the end of the run. ``best_model.pth`` keeps the best validation Dice (the
+  seed's rule); ``last.pth`` (the latest state) is written after each validation, every
+  ``save_minutes`` at an epoch end and when the run stops; both are contract-1 checkpoints
+  written atomically. ``resume`` continues from ``last.pth`` exactly (same weights as an
+  uninterrupted run on the CPU).
 - Run folder ``<output_root>/<dataset>/<backbone>/epo<E>_bs<B>_lr<L>/<exp>`` with
   config.json, train.log, TensorBoard events (train/loss, train/lr, val/dice,
   val/cldice, an image grid: image | salience | prediction | label).
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import logging
@@ -40,9 +54,7 @@ from tqdm import tqdm
 
 from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
 from dataloaders.inputs import input_channels
-from evaluation.metrics import cldice as cldice_metric
-from evaluation.metrics import dice as dice_metric
-from inference import binarize, predict_volume
+from inference import binarize, predict_volume, stitch_device
 from losses import make_loss, make_optimizer, poly_scheduler
 from networks.checkpoint import (
     check_compatible,
@@ -54,9 +66,12 @@ from networks.checkpoint import (
 )
 from networks.e2e import E2ESegmenter, build_segmenter
 from networks.registry import resolve_kwargs, spatial_dims_of
+from train_config import TrainConfig
 from utils.atomic import atomic_path
 from utils.h5io import DatasetPaths
 from utils.logging_setup import setup_logging
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "train"]
 
 log = logging.getLogger("trainer")
 
@@ -66,80 +81,14 @@ class TrainingError(RuntimeError):
 
 
 @dataclass
-class TrainConfig:
-    """Every training option; main.py fills it from the command line (same names)."""
-
-    dataset: str
-    backbone: str = "unet"
-    salience: str = "offline"
-    root_path: str = "data"
-    list_dir: str = "list"
-    output_root: str = "checkpoint"
-    exp: Optional[str] = None  # default: the salience mode
-    model_kwargs: dict = field(default_factory=dict)
-    head: Optional[str] = None
-    max_epochs: int = 100
-    batch_size: int = 4
-    base_lr: float = 0.01
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    loss: str = "bce"
-    cldice_iterations: int = 5
-    clip_grad: float = 0.0
-    img_size: Sequence[int] = (256, 256)
-    target_spacing: Optional[float] = None  # mm per pixel in-plane (2-D); None: pixel resize to img_size
-    init_from: Optional[str] = None  # checkpoint whose weights start this run
-    patch_size: Sequence[int] = (64, 64, 64)
-    patches_per_epoch: int = 250
-    fg_fraction: float = 1 / 3
-    augment: bool = True
-    intensity_jitter: bool = False
-    max_iterations: Optional[int] = None
-    max_minutes: Optional[float] = None
-    stop_after_epochs: Optional[int] = None
-    val_every: int = 0
-    val_batch_size: int = 8
-    val_overlap: float = 0.5
-    num_workers: int = 2
-    seed: int = 1234
-    deterministic: bool = True
-    amp: bool = True
-    device: str = "auto"
-    resume: bool = False
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        self.img_size = [int(s) for s in self.img_size]
-        self.patch_size = [int(s) for s in self.patch_size]
-        if len(self.img_size) != 2 or min(self.img_size) < 1:
-            raise ValueError(f"--img_size needs two positive integers H W, got {self.img_size}")
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"--patch_size needs three positive integers h w d, got {self.patch_size}")
-        if self.batch_size < 1 or self.max_epochs < 1:
-            raise ValueError(f"--batch_size and --max_epochs must be >= 1, got {self.batch_size}, {self.max_epochs}")
-        if self.base_lr <= 0:
-            raise ValueError(f"--base_lr must be > 0, got {self.base_lr}")
-        if self.target_spacing is not None and not self.target_spacing > 0:
-            raise ValueError(f"--target_spacing must be a positive number of mm, got {self.target_spacing}")
-        input_channels(self.salience)
-        if self.exp is None:
-            self.exp = self.salience
-
-    def run_dir(self) -> Path:
-        """The seed's layout: <output_root>/<dataset>/<backbone>/epo<E>_bs<B>_lr<L>/<exp>."""
-        backbone = self.backbone.replace(":", "_")
-        return (Path(self.output_root) / self.dataset / backbone
-                / f"epo{self.max_epochs}_bs{self.batch_size}_lr{self.base_lr:g}" / str(self.exp))
-
-    def to_json(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
-
-
-@dataclass
 class TrainResult:
-    """How a run ended; ``main`` is True on the process that wrote the files (rank 0)."""
+    """How a run ended; ``main`` is True on the process that wrote the files (rank 0).
+
+    ``model`` is the trained network (unwrapped from DDP). ``flush_times`` holds
+    (iteration, wall seconds since the start of ``train``, CPU seconds of this process) at
+    each loss check, taken after the device had finished that iteration: throughput
+    between two of them is exact.
+    """
 
     main: bool
     run_dir: Path
@@ -148,6 +97,9 @@ class TrainResult:
     best_metric: float
     losses: list[float]
     stopped_by: str
+    model: Optional[nn.Module] = None
+    flush_times: list[tuple[int, float, float]] = field(default_factory=list)
+    validation_seconds: float = 0.0
 
 
 # --------------------------------------------------------------------------- environment
@@ -161,6 +113,7 @@ class Env:
     world_size: int = 1
     amp_dtype: Optional[torch.dtype] = None  # None: fp32
     distributed: bool = False  # launched by torchrun (DDP, even with one process)
+    memory_format: torch.memory_format = torch.contiguous_format
 
     @property
     def main(self) -> bool:
@@ -187,7 +140,7 @@ def setup_env(cfg: TrainConfig) -> Env:
     else:
         device = torch.device("cpu")
     if distributed and not dist.is_initialized():
-        # rank 0 validates alone while the others wait in a collective: allow long validations
+        # the first collective waits for every rank's data cache and first validation
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
     amp_dtype = None
     if use_cuda and cfg.amp:
@@ -196,6 +149,7 @@ def setup_env(cfg: TrainConfig) -> Env:
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed every generator; ``deterministic`` trades cudnn.benchmark for reproducible GPU kernels."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -209,26 +163,52 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
     else:
         torch.backends.cudnn.benchmark = True
-
-
-class _EpochSampler(Sampler[int]):
-    """A shuffled order fixed by (seed, epoch), optionally skipping the first ``skip`` items.
-
-    Skipping lets a run resumed in the middle of an epoch see exactly the batches the
-    interrupted run had not seen yet.
-    """
-
-    def __init__(self, base: Sampler[int], skip: int = 0) -> None:
-        self.base, self.skip = base, skip
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(self.base)[self.skip:])
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)  # type: ignore[arg-type]
+        torch.backends.cudnn.deterministic = False
+        torch.use_deterministic_algorithms(False)
 
 
 # --------------------------------------------------------------------------- data
+
+
+class RunBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(epoch, index)`` keys for epochs ``start_epoch`` .. ``end_epoch`` - 1.
+
+    Each epoch's order is fixed by (seed, epoch): without DDP a RandomSampler seeded with
+    ``seed * 1000 + epoch``; with DDP the DistributedSampler's shard of this rank. The first
+    ``skip_batches`` batches of ``start_epoch`` are left out (a run resumed mid-epoch).
+    Batches never straddle epochs; the last one of an epoch may be short.
+    """
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, start_epoch: int, end_epoch: int,
+                 skip_batches: int = 0, rank: int = 0, world_size: int = 1, distributed: bool = False) -> None:
+        self.n_items, self.batch_size, self.seed = int(n_items), int(batch_size), int(seed)
+        self.start_epoch, self.end_epoch, self.skip_batches = int(start_epoch), int(end_epoch), int(skip_batches)
+        self.rank, self.world_size, self.distributed = rank, world_size, distributed
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """This rank's item indices of ``epoch``, in order."""
+        if self.distributed:
+            sampler: Sampler[int] = DistributedSampler(range(self.n_items), num_replicas=self.world_size,
+                                                       rank=self.rank, shuffle=True, seed=self.seed)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(range(self.n_items),
+                                    generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+        return list(sampler)
+
+    def batches_per_epoch(self) -> int:
+        per_rank = math.ceil(self.n_items / self.world_size) if self.distributed else self.n_items
+        return math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for epoch in range(self.start_epoch, self.end_epoch):
+            order = self.epoch_order(epoch)
+            first = self.skip_batches if epoch == self.start_epoch else 0
+            for b in range(first, self.batches_per_epoch()):
+                yield [(epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+
+    def __len__(self) -> int:
+        return max(0, (self.end_epoch - self.start_epoch) * self.batches_per_epoch() - self.skip_batches)
 
 
 def check_dataset(cfg: TrainConfig) -> DatasetPaths:
@@ -244,52 +224,83 @@ def check_dataset(cfg: TrainConfig) -> DatasetPaths:
 def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int) -> torch.utils.data.Dataset:
     if dims == 2:
         return SliceDataSet(paths, cfg.salience, img_size=cfg.img_size, augment=cfg.augment,
-                            jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing)
-    volumes = VolumeDataSet(paths, "train", cfg.salience)
+                            jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing,
+                            cache=cfg.cache_data)
+    volumes = VolumeDataSet(paths, "train", cfg.salience)  # volumes are always held in memory
     return PatchDataSet(volumes, cfg.patch_size, cfg.patches_per_epoch, fg_fraction=cfg.fg_fraction,
                         augment=cfg.augment, jitter=cfg.intensity_jitter, seed=cfg.seed)
 
 
-def make_loader(cfg: TrainConfig, env: Env, dataset: Any, epoch: int, skip: int) -> DataLoader:
-    if env.distributed:
-        base: Sampler[int] = DistributedSampler(dataset, num_replicas=env.world_size, rank=env.rank,
-                                                shuffle=True, seed=cfg.seed)
-        base.set_epoch(epoch)
-    else:
-        base = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
-    dataset.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=_EpochSampler(base, skip),
-                      num_workers=cfg.num_workers, pin_memory=env.device.type == "cuda", drop_last=False)
+def make_loader(cfg: TrainConfig, env: Env, dataset: Any, start_epoch: int, skip_batches: int) -> DataLoader:
+    """The run's one loader: every remaining batch from ``start_epoch`` (less ``skip_batches``)."""
+    sampler = RunBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start_epoch, cfg.max_epochs, skip_batches,
+                              env.rank, env.world_size, env.distributed)
+    workers = cfg.num_workers
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=env.device.type == "cuda",
+                      persistent_workers=workers > 0, prefetch_factor=cfg.prefetch_factor if workers > 0 else None)
 
 
 def batches_per_epoch(cfg: TrainConfig, env: Env, n_items: int) -> int:
-    per_rank = math.ceil(n_items / env.world_size) if env.distributed else n_items
-    return math.ceil(per_rank / cfg.batch_size)
+    return RunBatchSampler(n_items, cfg.batch_size, 0, 0, 1, 0, env.rank, env.world_size,
+                           env.distributed).batches_per_epoch()
 
 
 # --------------------------------------------------------------------------- validation
 
 
-@torch.no_grad()
-def validate(model: nn.Module, cases: VolumeDataSet, cfg: TrainConfig, env: Env, dims: int) -> dict[str, float]:
-    """Mean Dice and clDice over the validation cases (prediction = inference.binarize(probability))."""
-    model = unwrap(model)
-    dices, cldices = [], []
-    for i in range(len(cases)):
-        case = cases[i]
-        with torch.autocast(env.device.type, dtype=env.amp_dtype or torch.float32, enabled=env.amp_dtype is not None):
-            prob = predict_volume(
-                model, case.image, case.salience, salience_mode=cfg.salience, spatial_dims=dims,
-                img_size=cfg.img_size if dims == 2 else None, patch_size=cfg.patch_size if dims == 3 else None,
-                target_spacing=cfg.target_spacing, spacing=case.spacing,
-                overlap=cfg.val_overlap, batch_size=cfg.val_batch_size, device=env.device,
-            )
-        pred = binarize(prob)
-        dices.append(dice_metric(pred, case.label))
-        cldices.append(cldice_metric(pred, case.label))
-    # cases with an empty truth and prediction give NaN; they carry no information
-    return {"dice": float(np.nanmean(dices)) if not np.all(np.isnan(dices)) else 0.0,
-            "cldice": float(np.nanmean(cldices)) if not np.all(np.isnan(cldices)) else 0.0}
+class Validator:
+    """Mean Dice and clDice over the validation cases (prediction = inference.binarize(probability)).
+
+    Under DDP rank r predicts cases r, r + world, ...; the sums and counts of the defined
+    (non-NaN) per-case values are all-reduced, so every rank returns the same means. The
+    label skeletons (clDice) are computed once, on first use.
+    """
+
+    def __init__(self, cases: VolumeDataSet, cfg: TrainConfig, env: Env, dims: int) -> None:
+        self.cases, self.cfg, self.env, self.dims = cases, cfg, env, dims
+        self.mine = list(range(env.rank, len(cases), env.world_size)) if env.distributed else list(range(len(cases)))
+        self._skeletons: dict[int, np.ndarray] = {}
+
+    def label_skeleton(self, i: int) -> np.ndarray:
+        from evaluation.metrics import skeleton
+
+        if i not in self._skeletons:
+            self._skeletons[i] = skeleton(self.cases[i].label)
+        return self._skeletons[i]
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        # scipy / skimage (about 1 s to import): not before the first training step
+        from evaluation.metrics import cldice as cldice_metric
+        from evaluation.metrics import dice as dice_metric
+
+        cfg, env, dims = self.cfg, self.env, self.dims
+        model = unwrap(model)
+        sums = np.zeros(4)  # dice sum, dice count, clDice sum, clDice count
+        for i in self.mine:
+            case = self.cases[i]
+            with torch.autocast(env.device.type, dtype=env.amp_dtype or torch.float32,
+                                enabled=env.amp_dtype is not None):
+                prob = predict_volume(
+                    model, case.image, case.salience, salience_mode=cfg.salience, spatial_dims=dims,
+                    img_size=cfg.img_size if dims == 2 else None, patch_size=cfg.patch_size if dims == 3 else None,
+                    target_spacing=cfg.target_spacing, spacing=case.spacing, overlap=cfg.val_overlap, batch_size=cfg.val_batch_size,
+                    device=stitch_device(case.image.shape, input_channels(cfg.salience), env.device),
+                    sw_device=env.device,
+                )
+            pred = binarize(prob)
+            # cases with an empty truth and prediction give NaN; they carry no information
+            for k, value in enumerate((dice_metric(pred, case.label),
+                                       cldice_metric(pred, case.label, target_skeleton=self.label_skeleton(i)))):
+                if not math.isnan(value):
+                    sums[2 * k] += value
+                    sums[2 * k + 1] += 1
+        if env.distributed:
+            t = torch.tensor(sums, dtype=torch.float64, device=env.device)
+            dist.all_reduce(t)
+            sums = t.cpu().numpy()
+        return {"dice": float(sums[0] / sums[1]) if sums[1] else 0.0,
+                "cldice": float(sums[2] / sums[3]) if sums[3] else 0.0}
 
 
 def image_grid(model: nn.Module, batch: dict, logits: torch.Tensor, salience_mode: str) -> np.ndarray:
@@ -319,7 +330,7 @@ def image_grid(model: nn.Module, batch: dict, logits: torch.Tensor, salience_mod
 
 def forward_loss(model: nn.Module, batch: dict, loss_fn: Any, env: Env) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, loss) of a batch under autocast when AMP is on; the loss is computed in fp32."""
-    x = batch["input"].to(env.device, non_blocking=True)
+    x = batch["input"].to(env.device, non_blocking=True, memory_format=env.memory_format)
     y = batch["label"].to(env.device, non_blocking=True)
     with torch.autocast(env.device.type, dtype=env.amp_dtype or torch.float32, enabled=env.amp_dtype is not None):
         logits = model(x)
@@ -338,7 +349,46 @@ def backward_step(model: nn.Module, loss: torch.Tensor, optimizer: torch.optim.O
     scaler.update()
 
 
-# --------------------------------------------------------------------------- main loop
+class LossMonitor:
+    """Losses kept on the device; every ``flush`` checks them (one host sync) and logs them.
+
+    Under DDP the flushed losses are all-reduced (mean over ranks), so every rank logs and
+    returns the same values and stops at the same non-finite loss.
+    """
+
+    def __init__(self, env: Env, writer: Any, last_path: Path, start: float) -> None:
+        self.env, self.writer, self.last_path, self.start = env, writer, last_path, start
+        self.pending: list[tuple[int, int, float, torch.Tensor]] = []  # iteration, epoch, lr, loss
+        self.losses: list[float] = []
+        self.flush_times: list[tuple[int, float, float]] = []
+
+    def add(self, iteration: int, epoch: int, lr: float, loss: torch.Tensor) -> None:
+        self.pending.append((iteration, epoch, lr, loss.detach()))
+
+    def flush(self) -> Optional[float]:
+        """Check and log the pending losses; return the last one (None if there were none)."""
+        if not self.pending:
+            return None
+        values = torch.stack([p[3].float() for p in self.pending])
+        if self.env.distributed:
+            dist.all_reduce(values)
+            values /= self.env.world_size
+        values_host = values.cpu().tolist()
+        self.flush_times.append((self.pending[-1][0], time.monotonic() - self.start, time.process_time()))
+        for (iteration, epoch, lr, _), value in zip(self.pending, values_host):
+            if not math.isfinite(value):
+                raise TrainingError(
+                    f"loss is {value} at iteration {iteration} (epoch {epoch + 1}); stopped, last good checkpoint "
+                    f"kept at {self.last_path if self.last_path.exists() else '(none yet)'}")
+            if self.writer is not None:
+                self.writer.add_scalar("train/loss", value, iteration)
+                self.writer.add_scalar("train/lr", lr, iteration)
+        self.losses.extend(values_host)
+        self.pending = []
+        return values_host[-1]
+
+
+# --------------------------------------------------------------------------- run state
 
 
 def _head_sha256(cfg: TrainConfig, paths: DatasetPaths, cases: Sequence[str]) -> Optional[str]:
@@ -361,6 +411,46 @@ def _write_json(path: Path, obj: dict) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
+@dataclass
+class _Run:
+    """Everything a run holds between steps (built by :func:`_setup`)."""
+
+    cfg: TrainConfig
+    env: Env
+    dims: int
+    run_dir: Path
+    train_set: Any
+    validator: Validator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    loss_fn: Any
+    head_sha: Optional[str]
+    per_epoch: int
+    monitor: LossMonitor
+    mm_per_pixel: Optional[float] = None  # what the 2-D model sees (checkpoints record it for test.py)
+    generator: Optional[dict] = None  # offline maps' generator, embedded in checkpoints (predict.py)
+    writer: Any = None
+    epoch: int = 0
+    iteration: int = 0
+    best: float = -1.0
+    t_start: float = 0.0
+    validated_at: int = -1
+    val_seconds: float = 0.0  # all validations of this run
+    last_val_seconds: Optional[float] = None
+    trained_since_val: float = 0.0  # seconds of training since the last validation
+    saved_at: float = 0.0
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pth"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best_model.pth"
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Train as ``cfg`` says; returns where it wrote and how it ended (see module docstring)."""
     env = setup_env(cfg)
@@ -371,29 +461,81 @@ def train(cfg: TrainConfig) -> TrainResult:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, env: Env) -> TrainResult:
-    t_start = time.monotonic()
-    seed_everything(cfg.seed, cfg.deterministic)
-    dims = spatial_dims_of(cfg.backbone, **cfg.model_kwargs)  # unknown backbone -> ValueError
-    paths = check_dataset(cfg)
-    run_dir = cfg.run_dir()
-    last_path, best_path = run_dir / "last.pth", run_dir / "best_model.pth"
-
+def _check_run_folder(cfg: TrainConfig) -> None:
+    last_path = cfg.run_dir() / "last.pth"
     if cfg.resume and not last_path.is_file():
         raise FileNotFoundError(f"{last_path}: nothing to resume (no last.pth in the run folder)")
     if not cfg.resume and last_path.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{run_dir}: run folder already has checkpoints; pass --resume to continue "
+        raise FileExistsError(f"{cfg.run_dir()}: run folder already has checkpoints; pass --resume to continue "
                               f"or --overwrite to start again (or choose another --exp)")
 
+
+def _offline_generator(cfg: TrainConfig, paths: DatasetPaths, val_names: Sequence[str]) -> Optional[dict]:
+    """The generator that made the offline maps (found by the hash the salience files record),
+    embedded in every checkpoint so predict.py needs no other file; None for other modes."""
+    if cfg.salience != "offline" or not val_names:
+        return None
+    return find_offline_generator(paths.salience(val_names[0]), [Path(cfg.output_root) / "salience" / cfg.dataset])
+
+
+def _resume(run: _Run) -> None:
+    """Load model, optimiser, schedule and counters from ``last.pth``."""
+    cfg = run.cfg
+    ckpt = load_checkpoint(run.last_path, map_location="cpu")
+    check_compatible(ckpt, run.last_path, backbone=cfg.backbone,
+                     model_kwargs=resolve_kwargs(cfg.backbone, **cfg.model_kwargs), salience=cfg.salience)
+    run.model.load_state_dict(ckpt["state_dict"])
+    if ckpt.get("optimizer"):
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scheduler"):
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler") and run.scaler.is_enabled():
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.epoch, run.iteration, run.best = int(ckpt["epoch"]), int(ckpt["iteration"]), float(ckpt["best_metric"])
+
+
+def _start_logging(run: _Run, horizon: int, n_val: int) -> None:
+    """Rank 0: run folder, train.log, config.json and the TensorBoard writer."""
+    cfg, env = run.cfg, run.env
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        # a fresh start must not leave the previous run's best model looking like this run's
+        for old in (run.last_path, run.best_path):
+            old.unlink(missing_ok=True)
+    setup_logging(log_file=run.run_dir / "train.log")
+    _write_json(run.run_dir / "config.json", {**cfg.to_json(), "device": str(env.device),
+                                              "world_size": env.world_size, "torch": torch.__version__,
+                                              "amp_dtype": str(env.amp_dtype), "iterations_per_epoch": run.per_epoch,
+                                              "lr_horizon_iterations": horizon})
+    from tensorboardX import SummaryWriter
+
+    run.writer = run.monitor.writer = SummaryWriter(str(run.run_dir / "tensorboard"))
+    log.info("run folder %s; %s %d-D, salience %s, %d training items, %d val cases, device %s, %s, amp %s",
+             run.run_dir, cfg.backbone, run.dims, cfg.salience, len(run.train_set), n_val, env.device,
+             f"DDP x{env.world_size} ({dist.get_backend()})" if env.distributed else "single process", env.amp_dtype)
+    if cfg.resume:
+        log.info("resumed from %s at epoch %d, iteration %d (best val Dice %.4f)", run.last_path, run.epoch,
+                 run.iteration, run.best)
+
+
+def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
+    """Data, model, optimiser, schedule, resume state and (rank 0) the run folder."""
+    seed_everything(cfg.seed, cfg.deterministic)
+    dims = spatial_dims_of(cfg.backbone, **cfg.model_kwargs)  # unknown backbone -> ValueError
+    paths = check_dataset(cfg)
+    _check_run_folder(cfg)
     train_set = build_train_set(cfg, paths, dims)
-    val_cases = VolumeDataSet(paths, "val", cfg.salience)
+    val_cases = VolumeDataSet(paths, "val", cfg.salience, lazy=True)  # read at the first validation
     sample = train_set[0]["input"]
     if sample.shape[0] != input_channels(cfg.salience) or sample.ndim - 1 != dims:
         raise ValueError(f"channel mismatch: data gives input {tuple(sample.shape)}, model {cfg.backbone} "
                          f"({dims}-D, salience {cfg.salience}) expects {input_channels(cfg.salience)} channels")
+    if cfg.channels_last:
+        env.memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
 
     torch.manual_seed(cfg.seed)
-    model = build_segmenter(cfg.backbone, cfg.salience, 1, cfg.model_kwargs, head_path=cfg.head).to(env.device)
+    model = build_segmenter(cfg.backbone, cfg.salience, 1, cfg.model_kwargs, head_path=cfg.head)
+    model = model.to(env.device, memory_format=env.memory_format)
     if cfg.init_from and not cfg.resume:
         src = init_from_checkpoint(model, cfg.init_from, model_name=cfg.backbone, salience=cfg.salience)
         log.info("weights from %s (%s, salience %s, epoch %s)", cfg.init_from, src["model_name"], src["salience"],
@@ -403,159 +545,167 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
     horizon = cfg.max_epochs * per_epoch
     if cfg.max_iterations:
         horizon = min(horizon, cfg.max_iterations)
-    scheduler = poly_scheduler(optimizer, horizon, cfg.poly_power)
-    scaler = torch.amp.GradScaler("cuda", enabled=env.amp_dtype == torch.float16)
-    loss_fn = make_loss(cfg.loss, cfg.cldice_iterations)
-    head_sha = _head_sha256(cfg, paths, val_cases.names)
-    mm_per_pixel = train_set.mm_per_pixel() if isinstance(train_set, SliceDataSet) else None
-    # the offline maps' generator, embedded in the checkpoint so predict.py needs no other file
-    generator = find_offline_generator(paths.salience(val_cases.names[0]), [
-        Path(cfg.output_root) / "salience" / cfg.dataset]) if cfg.salience == "offline" and val_cases.names else None
-
-    start_epoch, iteration, best = 0, 0, -1.0
+    run_dir = cfg.run_dir()
+    run = _Run(cfg, env, dims, run_dir, train_set, Validator(val_cases, cfg, env, dims), model, optimizer,
+               poly_scheduler(optimizer, horizon, cfg.poly_power),
+               torch.amp.GradScaler("cuda", enabled=env.amp_dtype == torch.float16),
+               make_loss(cfg.loss, cfg.cldice_iterations), _head_sha256(cfg, paths, val_cases.names), per_epoch,
+               LossMonitor(env, None, run_dir / "last.pth", t_start), t_start=t_start, saved_at=time.monotonic(),
+               mm_per_pixel=train_set.mm_per_pixel() if isinstance(train_set, SliceDataSet) else None,
+               generator=_offline_generator(cfg, paths, val_cases.names))
     if cfg.resume:
-        ckpt = load_checkpoint(last_path, map_location="cpu")
-        check_compatible(ckpt, last_path, backbone=cfg.backbone,
-                         model_kwargs=resolve_kwargs(cfg.backbone, **cfg.model_kwargs), salience=cfg.salience)
-        model.load_state_dict(ckpt["state_dict"])
-        if ckpt.get("optimizer"):
-            optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scheduler"):
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, iteration, best = int(ckpt["epoch"]), int(ckpt["iteration"]), float(ckpt["best_metric"])
-
-    writer = None
+        _resume(run)
     if env.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite and not cfg.resume:
-            # a fresh start must not leave the previous run's best model looking like this run's
-            for old in (last_path, best_path):
-                old.unlink(missing_ok=True)
-        setup_logging(log_file=run_dir / "train.log")
-        _write_json(run_dir / "config.json", {**cfg.to_json(), "device": str(env.device),
-                                              "world_size": env.world_size, "torch": torch.__version__,
-                                              "amp_dtype": str(env.amp_dtype), "iterations_per_epoch": per_epoch,
-                                              "lr_horizon_iterations": horizon})
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
-        log.info("run folder %s; %s %d-D, salience %s, %d training items, %d val cases, device %s, %s, amp %s",
-                 run_dir, cfg.backbone, dims, cfg.salience, len(train_set), len(val_cases), env.device,
-                 f"DDP x{env.world_size} ({dist.get_backend()})" if env.distributed else "single process",
-                 env.amp_dtype)
-        if cfg.resume:
-            log.info("resumed from %s at epoch %d, iteration %d (best val Dice %.4f)", last_path, start_epoch,
-                     iteration, best)
-
+        _start_logging(run, horizon, len(val_cases))
     if env.distributed:
         ddp_kw = {"device_ids": [env.local_rank]} if env.device.type == "cuda" else {}
-        model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
+        run.model = nn.parallel.DistributedDataParallel(run.model, **ddp_kw)
+    return run
 
-    def checkpoint(path: Path, epoch_done: int) -> None:
-        save_checkpoint(path, model, model_name=cfg.backbone, model_kwargs=cfg.model_kwargs,
-                        salience=cfg.salience, config=cfg.to_json(), epoch=epoch_done, iteration=iteration,
-                        best_metric=best, head_sha256=head_sha, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                        target_spacing=cfg.target_spacing, mm_per_pixel=mm_per_pixel,
-                        optimizer=optimizer, scheduler=scheduler, scaler=scaler if scaler.is_enabled() else None,
-                        generator=generator)
 
-    def run_validation(epoch_done: int, last_batch: Optional[dict], last_logits: Optional[torch.Tensor]) -> None:
-        nonlocal best
-        if env.main:
-            metrics = validate(model, val_cases, cfg, env, dims)
-            writer.add_scalar("val/dice", metrics["dice"], iteration)
-            writer.add_scalar("val/cldice", metrics["cldice"], iteration)
-            if last_batch is not None:
-                writer.add_image("train/image_salience_pred_label",
-                                 image_grid(model, last_batch, last_logits, cfg.salience), iteration,
+# --------------------------------------------------------------------------- steps
+
+
+def _train_step(run: _Run, batch: dict) -> torch.Tensor:
+    """One optimiser step on ``batch``; returns the logits (the loss goes to the monitor)."""
+    logits, loss = forward_loss(run.model, batch, run.loss_fn, run.env)
+    lr = run.optimizer.param_groups[0]["lr"]
+    backward_step(run.model, loss, run.optimizer, run.scaler, run.cfg.clip_grad)
+    run.scheduler.step()
+    run.iteration += 1
+    run.monitor.add(run.iteration, run.epoch, lr, loss)
+    return logits
+
+
+def _sync_buffers(run: _Run) -> None:
+    """DDP: every rank takes rank 0's buffers (BatchNorm running statistics).
+
+    DDP averages gradients, so parameters agree, but each rank's last forward pass updated
+    its own running statistics (DDP broadcasts them only before the next forward).
+    """
+    if run.env.distributed:
+        for buf in unwrap(run.model).buffers():
+            dist.broadcast(buf, 0)
+
+
+def _validate(run: _Run, epoch_done: int, batch: Optional[dict], logits: Optional[torch.Tensor]) -> None:
+    """Validate (every rank its share), log, keep the best model and write ``last.pth``."""
+    run.monitor.flush()  # never judge or save a model whose loss went NaN
+    _sync_buffers(run)  # the ranks validate one and the same model
+    t0 = time.monotonic()
+    metrics = run.validator(run.model)
+    if run.env.main:
+        run.writer.add_scalar("val/dice", metrics["dice"], run.iteration)
+        run.writer.add_scalar("val/cldice", metrics["cldice"], run.iteration)
+        if batch is not None:
+            run.writer.add_image("train/image_salience_pred_label",
+                                 image_grid(run.model, batch, logits, run.cfg.salience), run.iteration,
                                  dataformats="CHW")
-            improved = metrics["dice"] > best
-            if improved:
-                best = metrics["dice"]
-                checkpoint(best_path, epoch_done)
-            log.info("iteration %d: val Dice %.4f clDice %.4f (best %.4f%s)", iteration, metrics["dice"],
-                     metrics["cldice"], best, ", saved best_model.pth" if improved else "")
-        if env.distributed:
-            # every rank keeps the same best metric (written into its result and checkpoints)
-            t = torch.tensor([best], dtype=torch.float64, device=env.device if env.device.type == "cuda" else "cpu")
-            dist.broadcast(t, 0)
-            best = float(t.item())
+    improved = metrics["dice"] > run.best
+    if improved:
+        run.best = metrics["dice"]
+        _save(run, run.best_path, epoch_done)
+    if run.env.main:
+        log.info("iteration %d: val Dice %.4f clDice %.4f (best %.4f%s)", run.iteration, metrics["dice"],
+                 metrics["cldice"], run.best, ", saved best_model.pth" if improved else "")
+    _save(run, run.last_path, epoch_done)
+    run.validated_at = run.iteration
+    run.last_val_seconds = time.monotonic() - t0
+    run.val_seconds += run.last_val_seconds
+    run.trained_since_val = 0.0
 
-    losses: list[float] = []
-    stopped_by = "max_epochs"
-    epoch = start_epoch
-    validated_at = -1
-    epochs_this_run = 0
+
+def _save(run: _Run, path: Path, epoch_done: int) -> None:
+    """Rank 0 writes a contract-1 checkpoint of the current state (after checking the losses)."""
+    run.monitor.flush()
+    if not run.env.main:
+        return
+    cfg = run.cfg
+    save_checkpoint(path, run.model, model_name=cfg.backbone, model_kwargs=cfg.model_kwargs,
+                    salience=cfg.salience, config=cfg.to_json(), epoch=epoch_done, iteration=run.iteration,
+                    best_metric=run.best, head_sha256=run.head_sha, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                    target_spacing=cfg.target_spacing, mm_per_pixel=run.mm_per_pixel, generator=run.generator,
+                    optimizer=run.optimizer, scheduler=run.scheduler,
+                    scaler=run.scaler if run.scaler.is_enabled() else None)
+    if path == run.last_path:
+        run.saved_at = time.monotonic()
+
+
+def _epoch_end_validation_due(run: _Run) -> bool:
+    """``val_every`` 0: validate unless it would push validation above ``val_fraction`` of the time."""
+    if run.last_val_seconds is None:
+        return True
+    f = run.cfg.val_fraction
+    return _agreed(run.last_val_seconds * (1 - f) <= f * run.trained_since_val, run.env)
+
+
+def _stop_reason(run: _Run, deadline: Optional[float]) -> Optional[str]:
+    cfg = run.cfg
+    if cfg.max_iterations and run.iteration >= cfg.max_iterations:
+        return "max_iterations"
+    # under DDP the ranks agree only at loss checks (a collective per step would sync every step)
+    if deadline is not None and (not run.env.distributed or run.iteration % cfg.log_every == 0):
+        if _agreed(time.monotonic() > deadline, run.env):
+            return "max_minutes"
+    return None
+
+
+def _train(cfg: TrainConfig, env: Env) -> TrainResult:
+    t_start = time.monotonic()
+    run = _setup(cfg, env, t_start)
     deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes is not None else None
-    batch, logits = None, None
-    while epoch < cfg.max_epochs:
-        skip_batches = max(0, iteration - epoch * per_epoch)
-        loader = make_loader(cfg, env, train_set, epoch, skip_batches * cfg.batch_size)
-        torch.manual_seed(cfg.seed + 7919 * epoch + skip_batches)
-        model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", disable=not env.main, leave=False,
-                   dynamic_ncols=True)
-        stop = None
-        for batch in bar:
-            logits, loss = forward_loss(model, batch, loss_fn, env)
-            loss_value = loss.detach()
-            if env.distributed:
-                dist.all_reduce(loss_value)
-                loss_value /= env.world_size
-            loss_value = float(loss_value)
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f"loss is {loss_value} at iteration {iteration + 1} (epoch {epoch + 1}); stopped, "
-                    f"last good checkpoint kept at {last_path if last_path.exists() else '(none yet)'}")
-            backward_step(model, loss, optimizer, scaler, cfg.clip_grad)
-            scheduler.step()
-            iteration += 1
-            losses.append(loss_value)
-            if env.main:
-                lr = optimizer.param_groups[0]["lr"]
-                writer.add_scalar("train/loss", loss_value, iteration)
-                writer.add_scalar("train/lr", lr, iteration)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-            if cfg.val_every and iteration % cfg.val_every == 0:
-                run_validation(epoch, batch, logits)
-                validated_at = iteration
-                if env.main:
-                    checkpoint(last_path, epoch)
-            if cfg.max_iterations and iteration >= cfg.max_iterations:
-                stop = "max_iterations"
-            elif deadline is not None and _agreed(time.monotonic() > deadline, env):
-                stop = "max_minutes"
+    skip = max(0, run.iteration - run.epoch * run.per_epoch)
+    batches = iter(make_loader(cfg, env, run.train_set, run.epoch, skip))
+    stopped_by, epochs_this_run, batch, logits = "max_epochs", 0, None, None
+    while run.epoch < cfg.max_epochs:
+        torch.manual_seed(cfg.seed + 7919 * run.epoch + skip)
+        run.model.train()
+        bar = tqdm(range(run.per_epoch - skip), desc=f"epoch {run.epoch + 1}/{cfg.max_epochs}", disable=not env.main,
+                   leave=False, dynamic_ncols=True)
+        stop, t_epoch = None, time.monotonic()
+        for _ in bar:
+            batch = next(batches)
+            logits = _train_step(run, batch)
+            if run.iteration % cfg.log_every == 0:
+                bar.set_postfix(loss=f"{run.monitor.flush():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+            if cfg.val_every and run.iteration % cfg.val_every == 0:
+                run.trained_since_val += time.monotonic() - t_epoch
+                _validate(run, run.epoch, batch, logits)
+                t_epoch = time.monotonic()
+            stop = _stop_reason(run, deadline)
             if stop:
                 break
         bar.close()
+        skip = 0
+        run.monitor.flush()
+        run.trained_since_val += time.monotonic() - t_epoch
         if stop is None:
-            epoch += 1
+            run.epoch += 1
             epochs_this_run += 1
             if env.main:
-                log.info("epoch %d/%d done, iteration %d, mean loss %.4f", epoch, cfg.max_epochs, iteration,
-                         float(np.mean(losses[-per_epoch:])) if losses else float("nan"))
-        if (stop or not cfg.val_every) and validated_at != iteration:
-            run_validation(epoch, batch, logits)
-            validated_at = iteration
-        if env.main:
-            checkpoint(last_path, epoch)
-        if stop is None and cfg.stop_after_epochs and epochs_this_run >= cfg.stop_after_epochs \
-                and epoch < cfg.max_epochs:
-            stop = "stop_after_epochs"
+                log.info("epoch %d/%d done, iteration %d, mean loss %.4f", run.epoch, cfg.max_epochs, run.iteration,
+                         float(np.mean(run.monitor.losses[-run.per_epoch:])) if run.monitor.losses else float("nan"))
+            if cfg.stop_after_epochs and epochs_this_run >= cfg.stop_after_epochs and run.epoch < cfg.max_epochs:
+                stop = "stop_after_epochs"
+        final = stop is not None or run.epoch >= cfg.max_epochs
+        if run.validated_at != run.iteration and (final or (not cfg.val_every and _epoch_end_validation_due(run))):
+            _validate(run, run.epoch, batch, logits)
+        elif final or time.monotonic() - run.saved_at > 60 * cfg.save_minutes:
+            _save(run, run.last_path, run.epoch)
         if stop:
             stopped_by = stop
             break
+    _sync_buffers(run)
     if env.main:
-        writer.close()
-        log.info("finished (%s) after %d iterations; best val Dice %.4f; checkpoints in %s", stopped_by,
-                 iteration, best, run_dir)
-    return TrainResult(env.main, run_dir, epoch, iteration, best, losses, stopped_by)
+        run.writer.close()
+        log.info("finished (%s) after %d iterations; best val Dice %.4f; validation took %.1f s; checkpoints in %s",
+                 stopped_by, run.iteration, run.best, run.val_seconds, run.run_dir)
+    return TrainResult(env.main, run.run_dir, run.epoch, run.iteration, run.best, run.monitor.losses, stopped_by,
+                       unwrap(run.model), run.monitor.flush_times, run.val_seconds)
 
 
 def _agreed(flag: bool, env: Env) -> bool:
-    """All ranks stop together: the time budget is rank 0's clock."""
+    """All ranks decide together (time budget, validation cadence): rank 0's clock rules."""
     if not env.distributed:
         return flag
     t = torch.tensor([1.0 if flag else 0.0], device=env.device)

@@ -1,159 +1,170 @@
-"""Training throughput: the real data pipeline against the same model on in-memory tensors.
+"""Training throughput of the real trainer against the same model fed in-memory tensors.
 
-    .venv/bin/python bench/train_bench.py [--mode 2d 3d] [--iters 10] [--repeats 3] [--workers 2]
+    .venv/bin/python bench/train_bench.py [--presets demo full] [--sizes 128 256] [--base 16]
+        [--batch 4] [--workers 0 2] [--salience offline none] [--cache_data 1] [--iters 20]
+        [--repeats 3] [--amp 1] [--data data/bench]
 
-2-D: the seed's ``unet`` on 256 x 256 slices read through SliceDataSet (HDF5 slice files,
-offline salience gating, rot/flip, no resize) and a DataLoader; 3-D: ``unet3d`` on 64^3
-patches from PatchDataSet over cached volumes. "memory" runs the identical training step
-(trainer.forward_loss + trainer.backward_step) on random tensors already on the device.
-The pipeline cost is 1 - pipeline / memory throughput (target <= 10%); "loader alone"
-is what the DataLoader delivers with no model (the ceiling for a fast GPU). Data are synthetic
-volumes written in the project's HDF5 layout to a temporary folder. Prints a Markdown
-table of medians over ``--repeats`` runs.
+"trainer" runs ``trainer.train`` itself (one persistent DataLoader, SliceDataSet over the
+HDF5 slice files with rot/flip and the resize to ``--sizes``, loss checks every 5 steps,
+validation only at the end) for ``--warmup`` + ``--iters`` iterations and takes its speed
+between two loss checks (``TrainResult.flush_times``: the device had finished those
+iterations), so start-up and the final validation are not counted. "memory" runs the same
+model, loss, optimiser, schedule and loss checks on one batch of random tensors already on
+the device. ratio = trainer / memory: 1.0 means the data pipeline costs nothing.
+
+Data: phantom patients made by make_phantoms.py, preprocess.py and salience_generation.py
+(analytic generator) under ``--data`` (git-ignored; reused when complete): the ``demo``
+preset (192 x 192 slices, epochs of ~24 iterations at batch 4) and the ``full`` preset
+(512 x 512 slices, whole-abdomen field of view). Prints a Markdown table of medians over
+``--repeats`` runs, with the machine and its load average.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import logging
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet  # noqa: E402
-from losses import make_loss, make_optimizer  # noqa: E402
+from losses import make_loss, make_optimizer, poly_scheduler  # noqa: E402
 from networks.e2e import build_segmenter  # noqa: E402
-from trainer import Env, backward_step, forward_loss  # noqa: E402
-from utils.h5io import (DatasetPaths, Volume, slice_name, write_list, write_salience, write_slice,  # noqa: E402
-                        write_volume)
+from train_config import TrainConfig  # noqa: E402
+from trainer import backward_step, forward_loss, seed_everything, setup_env, train  # noqa: E402
+
+PRESET_CASES = {"demo": (4, "50/25/25"), "full": (2, "50/50/0")}
+WARMUP_CHECK = 5  # iterations between loss checks (and the warm-up)
 
 
-def synthetic_dataset(root: Path, shape: tuple[int, int, int], cases: int, seed: int = 0) -> DatasetPaths:
-    """Cases with a few random tubes as vessels, salience, slice files and lists."""
-    rng = np.random.default_rng(seed)
-    paths = DatasetPaths.of(root / "data", "bench", root / "list")
-    h, w, d = shape
-    r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    slices, names = [], []
-    for i in range(cases):
-        name = f"case{i + 1:04d}"
-        names.append(name)
-        label = np.zeros(shape, np.uint8)
-        for _ in range(4):
-            r0, c0, dr, dc = rng.uniform(0.2 * h, 0.8 * h), rng.uniform(0.2 * w, 0.8 * w), *rng.normal(0, 0.5, 2)
-            for z in range(d):
-                label[:, :, z] |= ((r - r0 - dr * z) ** 2 + (c - c0 - dc * z) ** 2 <= 9).astype(np.uint8)
-        image = np.clip(0.25 + 0.2 * label + rng.normal(0, 0.05, shape), 0, 1).astype(np.float32)
-        sal = np.stack([image] * 3)
-        write_volume(paths.volume(name), Volume(image=image, label=label))
-        write_salience(paths.salience(name), sal, generator="bench")
-        for z in range(d):
-            nm = slice_name(name, z)
-            write_slice(paths.slice(nm), image[:, :, z], label[:, :, z], sal[:, :, :, z])
-            slices.append(nm)
-    write_list(paths.list_file("vol_train"), names)
-    write_list(paths.list_file("slice_train"), slices)
-    return paths
+def prepare(preset: str, data: Path) -> tuple[str, Path, Path]:
+    """(dataset name, root_path, list_dir) of a phantom dataset of ``preset``, made if missing."""
+    dataset, root, lists = f"bench_{preset}", data, data / "list"
+    done = lists / dataset / "slice_train.txt"
+    if done.is_file() and (root / dataset / "vol_salience").is_dir():
+        return dataset, root, lists
+    cases, split = PRESET_CASES[preset]
+    raw = data / f"raw_{preset}"
+    py = sys.executable
+    for cmd in ([py, "make_phantoms.py", "--out", str(raw), "--cases", str(cases), "--preset", preset, "--seed", "0",
+                 "--workers", str(min(cases, os.cpu_count() or 1)), "--overwrite"],
+                [py, "preprocess.py", "--dataset", dataset, "--src", str(raw), "--root_path", str(root),
+                 "--list_dir", str(lists), "--split", split, "--workers", str(min(cases, os.cpu_count() or 1))],
+                [py, "salience_generation.py", "--dataset", dataset, "--root_path", str(root), "--list_dir",
+                 str(lists), "--generator", "analytic"]):
+        logging.info("%s", " ".join(cmd[1:]))
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return dataset, root, lists
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def trainer_speed(cfg: TrainConfig, clock: str) -> float:
+    """Iterations/s of trainer.train between the first loss check after warm-up and the last.
+
+    ``clock`` "cpu": per second of this process's CPU time (load-independent; only
+    meaningful with no loader workers, whose CPU time it does not see).
+    """
+    result = train(cfg)
+    k = 1 if clock == "wall" else 2
+    times = [(f[0], f[k]) for f in result.flush_times if f[0] >= WARMUP_CHECK]
+    (i0, t0), (i1, t1) = times[0], times[-1]
+    return (i1 - i0) / (t1 - t0)
 
 
-def _throughput(step: Callable[[dict], None], batches: Iterator[dict], iters: int, batch_size: int,
-                device: torch.device) -> float:
-    """Items per second over ``iters`` steps after two warm-up steps."""
-    for _ in range(2):
-        step(next(batches))
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step(next(batches))
-    _sync(device)
-    return iters * batch_size / (time.perf_counter() - t0)
-
-
-def _forever(loader: DataLoader) -> Iterator[dict]:
-    while True:
-        yield from loader
-
-
-def bench(mode: str, args: argparse.Namespace, paths: DatasetPaths, env: Env) -> dict:
-    if mode == "2d":
-        name, kw, size = "unet", {"base_channels": args.base_2d}, (256, 256)
-        dataset = SliceDataSet(paths, "offline", img_size=size, seed=0)
-        shape = (args.batch_2d, 3) + size
-        batch_size = args.batch_2d
-    else:
-        name, kw, size = "unet3d", {"base_channels": args.base_3d}, (64, 64, 64)
-        dataset = PatchDataSet(VolumeDataSet(paths, "train", "offline"), size, samples_per_epoch=10**6, seed=0)
-        shape = (args.batch_3d, 3) + size
-        batch_size = args.batch_3d
-    torch.manual_seed(0)
-    model = build_segmenter(name, "offline", model_kwargs=kw).to(env.device).train()
-    optimizer = make_optimizer("sgd", model.parameters(), 0.01)
+def memory_speed(cfg: TrainConfig, iters: int, clock: str) -> float:
+    """Iterations/s of the same training step on one batch of random tensors on the device."""
+    env = setup_env(cfg)
+    seed_everything(cfg.seed, cfg.deterministic)
+    if cfg.channels_last:
+        env.memory_format = torch.channels_last
+    model = build_segmenter(cfg.backbone, cfg.salience, 1, cfg.model_kwargs).to(env.device,
+                                                                              memory_format=env.memory_format)
+    model.train()
+    optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.base_lr, cfg.weight_decay, cfg.momentum)
+    scheduler = poly_scheduler(optimizer, 10 ** 6, cfg.poly_power)
     scaler = torch.amp.GradScaler("cuda", enabled=env.amp_dtype == torch.float16)
-    loss_fn = make_loss("bce")
-
-    def step(batch: dict) -> None:
+    loss_fn = make_loss(cfg.loss)
+    c = 3 if cfg.salience == "offline" else 1
+    shape = (cfg.batch_size, c, *cfg.img_size)
+    batch = {"input": torch.rand(shape, device=env.device),
+             "label": (torch.rand((cfg.batch_size, 1, *cfg.img_size), device=env.device) > 0.9).float()}
+    now = time.monotonic if clock == "wall" else time.process_time
+    t0 = 0.0
+    for it in range(WARMUP_CHECK + iters):
         _, loss = forward_loss(model, batch, loss_fn, env)
         backward_step(model, loss, optimizer, scaler)
-
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=args.workers, drop_last=True,
-                        pin_memory=env.device.type == "cuda", persistent_workers=args.workers > 0)
-    mem_batch = {"input": torch.rand(shape, device=env.device),
-                 "label": (torch.rand((shape[0], 1) + shape[2:], device=env.device) > 0.9).float()}
-    pipe_it = _forever(loader)
-    pipe, mem, alone = [], [], []
-    for _ in range(args.repeats):
-        mem.append(_throughput(step, iter(lambda: mem_batch, None), args.iters, batch_size, env.device))
-        pipe.append(_throughput(step, pipe_it, args.iters, batch_size, env.device))
-        # the loader with no model: how many items/s the workers can deliver at most
-        alone.append(_throughput(lambda b: b["input"].to(env.device), pipe_it, 4 * args.iters, batch_size,
-                                 env.device))
-    p, m = statistics.median(pipe), statistics.median(mem)
-    return {"mode": mode, "model": f"{name} {kw}", "size": "x".join(map(str, size)), "batch": batch_size,
-            "pipeline": p, "memory": m, "cost": 1 - p / m, "loader": statistics.median(alone)}
+        scheduler.step()
+        if (it + 1) % WARMUP_CHECK == 0:
+            float(loss.detach())  # the trainer's loss check: one sync
+            if it + 1 == WARMUP_CHECK:
+                t0 = now()
+    return iters / (now() - t0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", nargs="+", default=["2d", "3d"], choices=("2d", "3d"))
-    ap.add_argument("--iters", type=int, default=10, help="timed steps per run")
+    ap.add_argument("--presets", nargs="+", default=["demo", "full"], choices=tuple(PRESET_CASES))
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="img_size (square), pixels")
+    ap.add_argument("--base", type=int, default=16, help="unet base channels (the seed's: 64)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[4])
+    ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--salience", nargs="+", default=["offline", "none"], choices=("offline", "none", "e2e"))
+    ap.add_argument("--cache_data", type=int, nargs="+", default=[1], choices=(0, 1))
+    ap.add_argument("--channels_last", type=int, default=0, choices=(0, 1))
+    ap.add_argument("--iters", type=int, default=20, help="timed iterations per run (a multiple of 5)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch_2d", type=int, default=4)
-    ap.add_argument("--batch_3d", type=int, default=2)
-    ap.add_argument("--base_2d", type=int, default=64, help="unet base channels (the seed's: 64)")
-    ap.add_argument("--base_3d", type=int, default=16)
-    ap.add_argument("--volume", type=int, nargs=3, default=[256, 256, 48], help="synthetic case size H W D")
-    ap.add_argument("--cases", type=int, default=2)
+    ap.add_argument("--amp", type=int, default=1, choices=(0, 1), help="AMP on CUDA (bf16, else fp16)")
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    ap.add_argument("--clock", default="wall", choices=("wall", "cpu"),
+                    help="cpu: iterations per CPU second of the process (a shared, loaded CPU machine; "
+                         "--workers 0 only)")
+    ap.add_argument("--data", default=str(ROOT / "data" / "bench"), help="phantom data folder (made if missing)")
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    env = Env(torch.device("cuda" if cuda else "cpu"),
-              amp_dtype=(torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else
-                         torch.float16 if cuda else None))
+    if args.iters % WARMUP_CHECK:
+        ap.error(f"--iters must be a multiple of {WARMUP_CHECK}")
+    if args.clock == "cpu" and (args.workers != [0] or args.device == "cuda"):
+        ap.error("--clock cpu counts this process's CPU time only: use it with --workers 0 on the CPU")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    data = Path(args.data)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = synthetic_dataset(Path(tmp), tuple(args.volume), args.cases)
-        rows = [bench(m, args, paths, env) for m in args.mode]
-    dev = torch.cuda.get_device_name(0) if cuda else f"CPU ({platform.processor() or platform.machine()}, " \
-                                                     f"{torch.get_num_threads()} threads)"
-    print(f"\nmachine: {platform.node()} | device: {dev} | amp: {env.amp_dtype} | torch {torch.__version__} | "
-          f"loader workers: {args.workers} | median of {args.repeats} runs x {args.iters} steps\n")
-    print("| mode | model | input | batch | pipeline items/s | in-memory items/s | pipeline cost | loader alone items/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['mode']} | {r['model']} | {r['size']} | {r['batch']} | {r['pipeline']:.2f} | {r['memory']:.2f} "
-              f"| {100 * r['cost']:.1f}% | {r['loader']:.1f} |")
+        for preset in args.presets:
+            dataset, root, lists = prepare(preset, data)
+            for size, batch, workers, sal, cache in itertools.product(args.sizes, args.batch, args.workers,
+                                                                       args.salience, args.cache_data):
+                cfg_kw = dict(dataset=dataset, root_path=str(root), list_dir=str(lists), backbone="unet",
+                              salience=sal, model_kwargs={"base_channels": args.base}, img_size=(size, size),
+                              batch_size=batch, num_workers=workers, cache_data=bool(cache), amp=bool(args.amp),
+                              device=args.device, channels_last=bool(args.channels_last), log_every=WARMUP_CHECK,
+                              max_iterations=WARMUP_CHECK + args.iters, val_every=10 ** 9, max_epochs=1000,
+                              output_root=tmp, overwrite=True)
+                tr, mem = [], []
+                for r in range(args.repeats):
+                    tr.append(trainer_speed(TrainConfig(**cfg_kw, exp=f"r{r}"), args.clock))
+                    mem.append(memory_speed(TrainConfig(**cfg_kw), args.iters, args.clock))
+                t, m = statistics.median(tr), statistics.median(mem)
+                rows.append((preset, size, batch, workers, sal, cache, t, m))
+                print(f"{preset} {size}px batch {batch} workers {workers} {sal} cache {cache}: trainer {t:.2f} it/s, "
+                      f"memory {m:.2f} it/s, ratio {t / m:.2f}", flush=True)
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    dev = torch.cuda.get_device_name(0) if cuda else \
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    load = "%.1f %.1f %.1f" % os.getloadavg()
+    print(f"\nmachine: {platform.node()} | device: {dev} | load average {load} | torch {torch.__version__} | "
+          f"unet base {args.base} | amp {bool(args.amp) and cuda} | channels_last {bool(args.channels_last)} | "
+          f"clock {args.clock} | median of {args.repeats} runs x {args.iters} iterations\n")
+    print("| data | img | batch | workers | salience | cache_data | trainer it/s | in-memory it/s | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for preset, size, batch, workers, sal, cache, t, m in rows:
+        print(f"| {preset} | {size} | {batch} | {workers} | {sal} | {cache} | {t:.2f} | {m:.2f} | {t / m:.2f} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from dataloaders.datasets import read_case_salience
-from evaluation.figures import mip_figure, overlay_figure
+from dataloaders.inputs import input_channels
 from evaluation.metrics import METRIC_KEYS, evaluate_case
 from evaluation.predictions import PRED_FORMATS, save_prediction
 from evaluation.reports import (
@@ -27,7 +27,7 @@ from evaluation.reports import (
     write_per_case_csv,
     write_summary_json,
 )
-from inference import THRESHOLD, binarize, predict_volume
+from inference import THRESHOLD, binarize, predict_volume, stitch_device
 from utils.atomic import atomic_dir
 from utils.h5io import DatasetPaths, read_list, read_volume
 
@@ -160,6 +160,150 @@ def _preflight(paths: DatasetPaths, cases: Sequence[str], salience_mode: str) ->
                 f"run salience_generation.py for this dataset")
 
 
+@dataclass
+class _Evaluation:
+    """What every case of one evaluation shares (built by :func:`_load_model`)."""
+
+    paths: DatasetPaths
+    model: torch.nn.Module
+    ckpt: dict
+    mode: str
+    dims: int
+    img_size: Optional[list[int]]
+    device: str
+    overlap: float
+    tta: bool
+    batch_size: int
+    eval_roi: str
+
+
+def _check_options(eval_roi: str, save_pred: Optional[str], pred_kind: str, img_size: Optional[Sequence[int]]) -> None:
+    if eval_roi not in ROI_CHOICES:
+        raise ValueError(f"--eval_roi must be one of {ROI_CHOICES}, got {eval_roi!r}")
+    if save_pred is not None and save_pred not in PRED_FORMATS:
+        raise ValueError(f"--save_pred must be one of {PRED_FORMATS}, got {save_pred!r}")
+    if pred_kind not in ("prob", "mask"):
+        raise ValueError(f"--pred_kind must be prob or mask, got {pred_kind!r}")
+    if img_size is not None and (len(img_size) != 2 or min(img_size) < 1):
+        raise ValueError(f"--img_size needs two positive integers H W, got {img_size}")
+
+
+def _existing_report(out_dir: Path, overwrite: bool) -> Optional[EvalResult]:
+    """A complete report already in ``out_dir`` (kept unless ``overwrite``); error if it is incomplete."""
+    if not out_dir.exists() or overwrite:
+        return None
+    if all((out_dir / f).is_file() for f in REPORT_FILES):
+        log.info("%s: complete report exists, kept (pass --overwrite to redo it)", out_dir)
+        rows = read_per_case_csv(out_dir / "per_case.csv")
+        summary = json.loads((out_dir / "summary.json").read_text())["metrics"]
+        summary = {k: {kk: (float("nan") if vv is None else vv) for kk, vv in v.items()} for k, v in summary.items()}
+        return EvalResult(out_dir, rows, summary, skipped=True)
+    raise FileExistsError(f"{out_dir}: exists but holds no complete report (pass --overwrite to replace it)")
+
+
+def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[str], paths: DatasetPaths,
+                cases: Sequence[str],
+                img_size: Optional[Sequence[int]], device: str, overlap: float, tta: bool, batch_size: int,
+                eval_roi: str) -> _Evaluation:
+    """Rebuild the model from its checkpoint, check it against the options and the data."""
+    # imported here so the metrics/report code paths work without the training package
+    from networks.checkpoint import check_compatible, load_model
+
+    device = resolve_device(device)
+    model, ckpt = load_model(model_path, device=device)
+    check_compatible(ckpt, model_path, backbone=backbone, salience=salience)
+    mode, dims = ckpt["salience"], int(ckpt["spatial_dims"])
+    run_img_size = list(img_size) if img_size is not None else ckpt.get("img_size")
+    if img_size is not None and dims == 3:
+        log.warning("--img_size is ignored for a 3-D model (it runs on patches of %s)", ckpt.get("patch_size"))
+    elif img_size is not None and ckpt.get("img_size") and list(img_size) != list(ckpt["img_size"]):
+        log.warning("running at --img_size %s although the model was trained at %s", list(img_size), ckpt["img_size"])
+    _preflight(paths, cases, mode)
+    return _Evaluation(paths, model, ckpt, mode, dims, run_img_size, device, overlap, tta, batch_size, eval_roi)
+
+
+def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str], pred_kind: str,
+                  figures: bool) -> dict[str, Any]:
+    """Predict and score one case; write its prediction and figures into ``tmp`` when asked."""
+    paths, mode, dims = ev.paths, ev.mode, ev.dims
+    vol = read_volume(paths.volume(case))
+    sal = read_case_salience(paths, case, vol.image.shape) if mode == "offline" else None
+    if dims == 2:
+        warning = spacing_warning(case, vol.spacing, vol.image.shape, ev.ckpt, ev.img_size)
+        if warning:
+            log.warning("%s", warning)
+    roi = None
+    if ev.eval_roi == "liver":
+        if vol.liver is None:
+            raise ValueError(f"{paths.volume(case)}: no 'liver' mask, needed by --eval_roi liver")
+        roi = vol.liver.astype(bool)
+    t0 = time.perf_counter()
+    prob = predict_volume(
+        ev.model, vol.image, sal, salience_mode=mode, spatial_dims=dims,
+        img_size=ev.img_size if dims == 2 else None,
+        target_spacing=ev.ckpt.get("target_spacing") if dims == 2 else None, spacing=vol.spacing,
+        patch_size=ev.ckpt.get("patch_size") if dims == 3 else None,
+        overlap=ev.overlap, tta=ev.tta, batch_size=ev.batch_size,
+        # windows on the chosen device, stitched there when the volume fits (else in host memory)
+        device=stitch_device(vol.image.shape, input_channels(mode), ev.device), sw_device=ev.device,
+    )
+    t1 = time.perf_counter()
+    pred = binarize(prob).astype(bool)
+    row: dict[str, Any] = {"case": case, **evaluate_case(pred, vol.label, vol.spacing, roi)}
+    row["seconds_inference"] = t1 - t0
+    row["seconds_metrics"] = time.perf_counter() - t1
+    if save_pred is not None:
+        (tmp / "predictions").mkdir(exist_ok=True)
+        save_prediction(tmp / "predictions", case, prob, vol.spacing, save_pred, as_mask=pred_kind == "mask",
+                        image=vol.image, crop=vol.crop)
+    if figures:
+        from evaluation.figures import mip_figure, overlay_figure  # matplotlib: only when drawing
+
+        (tmp / "figures").mkdir(exist_ok=True)
+        shown_sal = sal
+        if mode == "e2e" and dims == 2:
+            shown_sal = e2e_salience_2d(ev.model, vol.image, ev.device, ev.batch_size)
+        title = f"{case}: Dice {row['dice']:.3f}, clDice {row['cldice']:.3f}"
+        shown = roi if roi is not None else np.ones_like(pred)
+        overlay_figure(tmp / "figures" / f"{case}_overlay.png", vol.image, pred & shown,
+                       vol.label.astype(bool) & shown, vol.spacing, salience=shown_sal, title=title)
+        mip_figure(tmp / "figures" / f"{case}_mip.png", pred & shown, vol.label.astype(bool) & shown,
+                   vol.spacing, salience=shown_sal, title=title)
+    return row
+
+
+def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys: list[str], *, dataset: str,
+                   split: str, cases: Sequence[str], model_path: Path) -> dict[str, dict[str, float]]:
+    """per_case.csv, summary.json and results.md into ``tmp``; returns the summary."""
+    from networks.salience import file_sha256
+
+    ckpt, mode = ev.ckpt, ev.mode
+    summary = summarize(rows, keys)
+    meta = {
+        "dataset": dataset, "split": split, "cases": list(cases), "n_cases": len(cases),
+        "model_path": str(model_path), "model_sha256": file_sha256(model_path),
+        "model_name": ckpt["model_name"], "model_kwargs": ckpt["model_kwargs"], "salience": mode,
+        "spatial_dims": ev.dims, "epoch": ckpt.get("epoch"), "best_metric": ckpt.get("best_metric"),
+        "img_size": ev.img_size if ev.dims == 2 else None, "patch_size": ckpt.get("patch_size"),
+        "target_spacing": ckpt.get("target_spacing") if ev.dims == 2 else None,
+        "n_empty_pred": int(sum(r["empty_pred"] for r in rows)),
+        "n_empty_true": int(sum(r["empty_true"] for r in rows)),
+        "overlap": ev.overlap, "tta": ev.tta, "threshold": THRESHOLD, "eval_roi": ev.eval_roi, "device": ev.device,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "conventions": "NaN (null in JSON) where a metric is undefined (empty mask / empty bin); "
+                       "statistics ignore NaN and count them (n_nan); CI = t-interval over cases",
+    }
+    write_per_case_csv(tmp / "per_case.csv", rows, keys)
+    write_summary_json(tmp / "summary.json", summary, meta)
+    header = (f"**{ckpt['model_name']}** (salience {mode}) on {dataset} / {split}, {len(cases)} cases, "
+              f"ROI {ev.eval_roi}, TTA {'on' if ev.tta else 'off'}, threshold {THRESHOLD}; "
+              f"checkpoint `{model_path}` (epoch {ckpt.get('epoch')}).\n"
+              "Distances in mm; CLrec = centreline recall by vessel radius (mm); CC = connected components "
+              "(26-connectivity); n/a = undefined (empty mask or bin).\n\n")
+    (tmp / "results.md").write_text(header + markdown_table(rows, summary))
+    return summary
+
+
 def run_evaluation(
     *,
     dataset: str,
@@ -188,122 +332,30 @@ def run_evaluation(
     Raises FileNotFoundError / ValueError with a one-line message naming the file on bad input;
     nothing is written then. An existing complete report is returned unchanged unless ``overwrite``.
     """
-    if eval_roi not in ROI_CHOICES:
-        raise ValueError(f"--eval_roi must be one of {ROI_CHOICES}, got {eval_roi!r}")
-    if save_pred is not None and save_pred not in PRED_FORMATS:
-        raise ValueError(f"--save_pred must be one of {PRED_FORMATS}, got {save_pred!r}")
-    if pred_kind not in ("prob", "mask"):
-        raise ValueError(f"--pred_kind must be prob or mask, got {pred_kind!r}")
-    if img_size is not None and (len(img_size) != 2 or min(img_size) < 1):
-        raise ValueError(f"--img_size needs two positive integers H W, got {img_size}")
+    _check_options(eval_roi, save_pred, pred_kind, img_size)
     paths = DatasetPaths.of(root_path, dataset, list_dir)
     cases = read_list(paths.list_file(f"vol_{split}"))
     if not cases:
         raise ValueError(f"{paths.list_file(f'vol_{split}')}: the list is empty")
-
     if model_path is None:
         if backbone is None:
             raise ValueError("give --backbone (to find checkpoint/<dataset>/<backbone>/) or --model_path")
         model_path = find_checkpoint(Path(checkpoint_root), dataset, backbone, exp=exp, salience=salience)
     model_path = Path(model_path)
     out_dir = Path(output) if output is not None else default_output(model_path, split, eval_roi, tta)
-    if out_dir.exists() and not overwrite:
-        if all((out_dir / f).is_file() for f in REPORT_FILES):
-            log.info("%s: complete report exists, kept (pass --overwrite to redo it)", out_dir)
-            rows = read_per_case_csv(out_dir / "per_case.csv")
-            summary = json.loads((out_dir / "summary.json").read_text())["metrics"]
-            summary = {k: {kk: (float("nan") if vv is None else vv) for kk, vv in v.items()} for k, v in summary.items()}
-            return EvalResult(out_dir, rows, summary, skipped=True)
-        raise FileExistsError(f"{out_dir}: exists but holds no complete report (pass --overwrite to replace it)")
+    existing = _existing_report(out_dir, overwrite)
+    if existing is not None:
+        return existing
 
-    # imported here so the metrics/report code paths work without the training package
-    from networks.checkpoint import check_compatible, load_model
-    from networks.salience import file_sha256
-
-    device = resolve_device(device)
-    model, ckpt = load_model(model_path, device=device)
-    check_compatible(ckpt, model_path, backbone=backbone, salience=salience)
-    mode, dims = ckpt["salience"], int(ckpt["spatial_dims"])
-    run_img_size = list(img_size) if img_size is not None else ckpt.get("img_size")
-    if img_size is not None and dims == 3:
-        log.warning("--img_size is ignored for a 3-D model (it runs on patches of %s)", ckpt.get("patch_size"))
-    elif img_size is not None and ckpt.get("img_size") and list(img_size) != list(ckpt["img_size"]):
-        log.warning("running at --img_size %s although the model was trained at %s", list(img_size), ckpt["img_size"])
-    _preflight(paths, cases, mode)
+    ev = _load_model(model_path, backbone, salience, paths, cases, img_size, device, overlap, tta, batch_size, eval_roi)
     log.info("model %s (%d-D, salience %s, epoch %s) from %s; %d %s cases; roi %s; tta %s",
-             ckpt["model_name"], dims, mode, ckpt.get("epoch"), model_path, len(cases), split, eval_roi, tta)
-
-    rows: list[dict[str, Any]] = []
+             ev.ckpt["model_name"], ev.dims, ev.mode, ev.ckpt.get("epoch"), model_path, len(cases), split,
+             eval_roi, tta)
     keys = list(METRIC_KEYS) + list(EXTRA_KEYS)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        for case in tqdm(cases, desc=f"evaluating {split}", unit="case"):
-            vol = read_volume(paths.volume(case))
-            sal = read_case_salience(paths, case, vol.image.shape) if mode == "offline" else None
-            if dims == 2:
-                warning = spacing_warning(case, vol.spacing, vol.image.shape, ckpt, run_img_size)
-                if warning:
-                    log.warning("%s", warning)
-            roi = None
-            if eval_roi == "liver":
-                if vol.liver is None:
-                    raise ValueError(f"{paths.volume(case)}: no 'liver' mask, needed by --eval_roi liver")
-                roi = vol.liver.astype(bool)
-            t0 = time.perf_counter()
-            prob = predict_volume(
-                model, vol.image, sal, salience_mode=mode, spatial_dims=dims,
-                img_size=run_img_size if dims == 2 else None,
-                target_spacing=ckpt.get("target_spacing") if dims == 2 else None, spacing=vol.spacing,
-                patch_size=ckpt.get("patch_size") if dims == 3 else None,
-                overlap=overlap, tta=tta, batch_size=batch_size,
-                # 3-D: windows on the chosen device, stitching in host memory (any volume size fits)
-                device=device if dims == 2 else "cpu", sw_device=device,
-            )
-            t1 = time.perf_counter()
-            pred = binarize(prob).astype(bool)
-            row: dict[str, Any] = {"case": case, **evaluate_case(pred, vol.label, vol.spacing, roi)}
-            row["seconds_inference"] = t1 - t0
-            row["seconds_metrics"] = time.perf_counter() - t1
-            rows.append(row)
-            if save_pred is not None:
-                (tmp / "predictions").mkdir(exist_ok=True)
-                save_prediction(tmp / "predictions", case, prob, vol.spacing, save_pred, as_mask=pred_kind == "mask",
-                                image=vol.image, crop=vol.crop)
-            if figures:
-                (tmp / "figures").mkdir(exist_ok=True)
-                shown_sal = sal
-                if mode == "e2e" and dims == 2:
-                    shown_sal = e2e_salience_2d(model, vol.image, device, batch_size)
-                title = f"{case}: Dice {row['dice']:.3f}, clDice {row['cldice']:.3f}"
-                shown = roi if roi is not None else np.ones_like(pred)
-                overlay_figure(tmp / "figures" / f"{case}_overlay.png", vol.image, pred & shown,
-                               vol.label.astype(bool) & shown, vol.spacing, salience=shown_sal, title=title)
-                mip_figure(tmp / "figures" / f"{case}_mip.png", pred & shown, vol.label.astype(bool) & shown,
-                           vol.spacing, salience=shown_sal, title=title)
-
-        summary = summarize(rows, keys)
-        meta = {
-            "dataset": dataset, "split": split, "cases": list(cases), "n_cases": len(cases),
-            "model_path": str(model_path), "model_sha256": file_sha256(model_path),
-            "model_name": ckpt["model_name"], "model_kwargs": ckpt["model_kwargs"], "salience": mode,
-            "spatial_dims": dims, "epoch": ckpt.get("epoch"), "best_metric": ckpt.get("best_metric"),
-            "img_size": run_img_size if dims == 2 else None, "patch_size": ckpt.get("patch_size"),
-            "target_spacing": ckpt.get("target_spacing") if dims == 2 else None,
-            "n_empty_pred": int(sum(r["empty_pred"] for r in rows)),
-            "n_empty_true": int(sum(r["empty_true"] for r in rows)),
-            "overlap": overlap, "tta": tta, "threshold": THRESHOLD, "eval_roi": eval_roi, "device": device,
-            "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "conventions": "NaN (null in JSON) where a metric is undefined (empty mask / empty bin); "
-                           "statistics ignore NaN and count them (n_nan); CI = t-interval over cases",
-        }
-        write_per_case_csv(tmp / "per_case.csv", rows, keys)
-        write_summary_json(tmp / "summary.json", summary, meta)
-        header = (f"**{ckpt['model_name']}** (salience {mode}) on {dataset} / {split}, {len(cases)} cases, "
-                  f"ROI {eval_roi}, TTA {'on' if tta else 'off'}, threshold {THRESHOLD}; "
-                  f"checkpoint `{model_path}` (epoch {ckpt.get('epoch')}).\n"
-                  "Distances in mm; CLrec = centreline recall by vessel radius (mm); CC = connected components "
-                  "(26-connectivity); n/a = undefined (empty mask or bin).\n\n")
-        (tmp / "results.md").write_text(header + markdown_table(rows, summary))
+        rows = [_evaluate_one(ev, case, tmp, save_pred, pred_kind, figures)
+                for case in tqdm(cases, desc=f"evaluating {split}", unit="case")]
+        summary = _write_reports(tmp, ev, rows, keys, dataset=dataset, split=split, cases=cases,
+                                 model_path=model_path)
     log.info("report written to %s", out_dir)
     return EvalResult(out_dir, rows, summary)
-
-

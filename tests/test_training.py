@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -16,7 +18,8 @@ from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
 from dataloaders.transforms import resize_2d, rot_flip
 from losses import make_loss, poly_scheduler, soft_cldice_loss, soft_dice_loss, soft_skeleton
 from networks.checkpoint import load_model
-from trainer import TrainConfig, TrainingError, backward_step, train
+import trainer
+from trainer import RunBatchSampler, TrainConfig, TrainingError, backward_step, train
 
 TINY_2D = {"base_channels": 4, "depth": 2}
 
@@ -246,11 +249,23 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_kw: dict, out: str) -> Non
     torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    # record the (epoch, index) keys this rank's loader asks for (num_workers 0: in this process)
+    seen = []
+    get = SliceDataSet.__getitem__
+
+    def recording(self, key):
+        if isinstance(key, tuple):
+            seen.append(list(key))
+        return get(self, key)
+
+    SliceDataSet.__getitem__ = recording
     # each rank gets its own output root: only rank 0's may exist afterwards
     cfg = TrainConfig(**{**cfg_kw, "output_root": f"{out}/rank{rank}"})
     result = train(cfg)
+    torch.save(result.model.state_dict(), Path(out, f"weights{rank}.pt"))
     Path(out, f"done{rank}.json").write_text(json.dumps({"iteration": result.iteration, "losses": result.losses,
-                                                             "best": result.best_metric, "main": result.main}))
+                                                             "best": result.best_metric, "main": result.main,
+                                                             "seen": seen}))
 
 
 def test_ddp_two_cpu_processes(tiny_dataset, tmp_path):
@@ -262,12 +277,100 @@ def test_ddp_two_cpu_processes(tiny_dataset, tmp_path):
     r0 = json.loads((tmp_path / "done0.json").read_text())
     r1 = json.loads((tmp_path / "done1.json").read_text())
     assert r0["iteration"] == r1["iteration"] == 2
+    # each rank read 2 batches of 2 items of epoch 0, and no item twice across ranks
+    seen0, seen1 = {tuple(k) for k in r0["seen"]}, {tuple(k) for k in r1["seen"]}
+    assert len(r0["seen"]) == len(seen0) == 4 and len(r1["seen"]) == len(seen1) == 4
+    assert not seen0 & seen1 and {e for e, _ in seen0 | seen1} == {0}
+    # gradients were averaged: both ranks end with the same weights, moved away from the start
+    w0, w1 = torch.load(tmp_path / "weights0.pt"), torch.load(tmp_path / "weights1.pt")
+    torch.manual_seed(cfg.seed)
+    init = trainer.build_segmenter("unet", "offline", 1, TINY_2D).state_dict()
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert any(not torch.equal(w0[k], init[k]) for k in w0 if k.endswith("weight"))
     assert r0["losses"] == r1["losses"]  # all-reduced: both ranks log the same mean loss
     assert r0["best"] == r1["best"] >= 0 and r0["main"] and not r1["main"]
     assert (tmp_path / "rank0" / "tiny" / "unet").is_dir()
     assert not (tmp_path / "rank1").exists()
     _, ckpt = load_model(next((tmp_path / "rank0").rglob("last.pth")))
     assert ckpt["config"]["batch_size"] == 2 and ckpt["iteration"] == 2
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_mid_epoch_is_bit_exact_with_workers(tiny_dataset, tmp_path, monkeypatch):
+    # 36 slices, batch 8: 5 batches an epoch; last.pth is written at the validation of iteration 3
+    kw = dict(max_epochs=2, batch_size=8, val_every=3)
+    full = train(cfg_for(tiny_dataset, tmp_path, exp="full", num_workers=2, **kw))
+    step = trainer._train_step
+
+    def crash_at_5(run, batch):
+        if run.iteration == 4:
+            raise _Crash
+        return step(run, batch)
+
+    monkeypatch.setattr(trainer, "_train_step", crash_at_5)
+    with pytest.raises(_Crash):
+        train(cfg_for(tiny_dataset, tmp_path, exp="split", **kw))
+    monkeypatch.setattr(trainer, "_train_step", step)
+    part2 = train(cfg_for(tiny_dataset, tmp_path, exp="split", resume=True, **kw))
+    # the resumed run (no workers) sees exactly the batches and augmentations the full one
+    # (two persistent workers) saw after iteration 3
+    assert full.iteration == part2.iteration == 10
+    assert part2.losses == full.losses[3:]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, part2.model.state_dict()[k]), k
+
+
+def test_run_batch_sampler_epochs_skip_and_shards():
+    s = RunBatchSampler(10, 4, seed=3, start_epoch=1, end_epoch=3, skip_batches=1)
+    batches = list(s)
+    assert len(batches) == len(s) == 5 and [len(b) for b in batches] == [4, 2, 4, 4, 2]
+    assert {e for b in batches[:2] for e, _ in b} == {1} and {e for b in batches[2:] for e, _ in b} == {2}
+    assert sorted(i for b in batches[2:] for _, i in b) == list(range(10))
+    # the skipped batch is the first batch of epoch 1's order
+    assert [i for b in batches[:2] for _, i in b] == s.epoch_order(1)[4:]
+    # DDP: two ranks split every epoch into disjoint halves
+    shards = [RunBatchSampler(10, 4, 3, 0, 1, 0, rank=r, world_size=2, distributed=True) for r in (0, 1)]
+    items = [[i for b in sh for _, i in b] for sh in shards]
+    assert not set(items[0]) & set(items[1]) and set(items[0]) | set(items[1]) == set(range(10))
+
+
+def test_cache_data_serves_slices_from_memory(tiny_dataset):
+    disk = SliceDataSet(tiny_dataset.paths, "offline", img_size=(32, 32))
+    cached = SliceDataSet(tiny_dataset.paths, "offline", img_size=(32, 32), cache=True)
+    for name in disk.names:
+        tiny_dataset.paths.slice(name).unlink()  # the cache must not read the files again
+    for key in [(0, 3), (1, 3), (2, 17)]:
+        item = cached[key]
+        assert item["input"].shape == (3, 32, 32) and item["label"].shape == (1, 32, 32)
+    with pytest.raises(ValueError, match="unreadable slice file"):
+        disk[(0, 3)]
+
+
+@pytest.mark.parametrize("salience,size", [("offline", (32, 32)), ("offline", (48, 48)), ("none", (48, 48)),
+                                           ("offline", (40, 24))])
+def test_cached_items_equal_uncached_to_float16_precision(tiny_dataset, salience, size):
+    # (32, 32) and (48, 48): kept at the training size (rot/flip commutes with the resize);
+    # (40, 24): kept at the stored size. The augmentation draws are the same either way.
+    disk = SliceDataSet(tiny_dataset.paths, salience, img_size=size)
+    cached = SliceDataSet(tiny_dataset.paths, salience, img_size=size, cache=True)
+    assert {e[0] for e in cached._cache} == {"stored" if size[0] != size[1] else "resized"}
+    for key in [(0, 3), (1, 3), (2, 17), (5, 30), (7, 8)]:
+        a, b = cached[key], disk[key]
+        assert a["input"].shape == b["input"].shape == (3 if salience == "offline" else 1,) + size
+        np.testing.assert_allclose(a["input"].numpy(), b["input"].numpy(), atol=2e-3)
+        np.testing.assert_allclose(a["image"].numpy(), b["image"].numpy(), atol=2e-3)
+        # nearest-neighbour labels may move by a pixel under a quarter turn of a resized slice
+        assert (a["label"] != b["label"]).float().mean() < 0.03
+
+
+def test_main_help_imports_no_torch():
+    code = "import sys, main; main.build_parser(); print('torch' in sys.modules, 'monai' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.split() == ["False", "False"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -432,3 +535,40 @@ def test_init_from_other_architecture_fails_with_one_line(tiny_dataset, tmp_path
     assert "shape mismatches" in _errors(capsys)[0]
     assert _cli(tiny_dataset, tmp_path, "--init_from", str(tmp_path / "nope.pth"), "--exp", "z") == 1
     assert "nope.pth" in _errors(capsys)[0]
+
+
+def test_loss_monitor_names_the_first_bad_iteration(tmp_path):
+    env = trainer.Env(torch.device("cpu"))
+    mon = trainer.LossMonitor(env, None, tmp_path / "last.pth", 0.0)
+    for it, value in [(1, 0.5), (2, 0.25)]:
+        mon.add(it, 0, 0.01, torch.tensor(value))
+    assert mon.flush() == 0.25 and mon.losses == [0.5, 0.25] and mon.flush() is None
+    for it, value in [(3, 0.2), (4, float("inf")), (5, float("nan"))]:
+        mon.add(it, 1, 0.01, torch.tensor(value))
+    with pytest.raises(TrainingError, match=r"loss is inf at iteration 4 \(epoch 2\).*\(none yet\)"):
+        mon.flush()
+
+
+def test_epoch_end_validation_keeps_within_the_time_fraction():
+    from types import SimpleNamespace
+
+    def due(last_val, trained, fraction=0.1):
+        run = SimpleNamespace(last_val_seconds=last_val, trained_since_val=trained,
+                              cfg=SimpleNamespace(val_fraction=fraction), env=trainer.Env(torch.device("cpu")))
+        return trainer._epoch_end_validation_due(run)
+
+    assert due(None, 0.0)  # the first epoch end always validates (and measures the cost)
+    # a 10 s validation is due once 90 s of training passed: 10 / (90 + 10) = 10%
+    assert not due(10.0, 89.0) and due(10.0, 90.0)
+    assert due(10.0, 10.0, fraction=0.5) and not due(10.0, 9.0, fraction=0.5)
+
+
+def test_stitch_device_uses_the_gpu_only_when_the_volume_fits(monkeypatch):
+    from inference import stitch_device
+
+    assert stitch_device((512, 512, 200), 3, "cpu") == torch.device("cpu")
+    # CUDA-only branch, exercised with a stand-in for the free-memory query
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * 2**30, 80 * 2**30))
+    # 512 x 512 x 200 voxels x 4 bytes x (3 input channels + 3) = 1.26 GB <= half of 8 GB
+    assert stitch_device((512, 512, 200), 3, "cuda:0") == torch.device("cuda:0")
+    assert stitch_device((512, 512, 1000), 3, "cuda:0") == torch.device("cpu")  # 6.3 GB > 4 GB

@@ -1,0 +1,104 @@
+"""Every training option in one dataclass, importable without torch (``main.py --help`` is fast).
+
+main.py fills :class:`TrainConfig` from the command line (same names); trainer.train runs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from dataloaders.inputs import input_channels
+
+
+@dataclass
+class TrainConfig:
+    """Every training option; main.py fills it from the command line (same names).
+
+    Speed options (defaults suit a GPU): ``deterministic`` is opt-in (cudnn.benchmark is on
+    otherwise; CPU runs give identical losses either way, GPU runs only with it);
+    ``val_every`` 0 validates at epoch ends, skipping those that would push validation above
+    ``val_fraction`` of the wall time; the loss stays on the device and is checked for
+    NaN/inf (and logged) every ``log_every`` iterations; ``cache_data`` holds the 2-D
+    training slices in memory (float16) instead of decoding HDF5 for every item.
+    """
+
+    dataset: str
+    backbone: str = "unet"
+    salience: str = "offline"
+    root_path: str = "data"
+    list_dir: str = "list"
+    output_root: str = "checkpoint"
+    exp: Optional[str] = None  # default: the salience mode
+    model_kwargs: dict = field(default_factory=dict)
+    head: Optional[str] = None
+    max_epochs: int = 100
+    batch_size: int = 4
+    base_lr: float = 0.01
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    loss: str = "bce"
+    cldice_iterations: int = 5
+    clip_grad: float = 0.0
+    img_size: Sequence[int] = (256, 256)
+    target_spacing: Optional[float] = None  # mm per pixel in-plane (2-D); None: pixel resize to img_size
+    init_from: Optional[str] = None  # checkpoint whose weights start this run
+    patch_size: Sequence[int] = (64, 64, 64)
+    patches_per_epoch: int = 250
+    fg_fraction: float = 1 / 3
+    augment: bool = True
+    intensity_jitter: bool = False
+    max_iterations: Optional[int] = None
+    max_minutes: Optional[float] = None
+    stop_after_epochs: Optional[int] = None
+    val_every: int = 0
+    val_fraction: float = 0.1
+    val_batch_size: int = 8
+    val_overlap: float = 0.5
+    log_every: int = 10
+    save_minutes: float = 10.0
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    cache_data: bool = False
+    channels_last: bool = False
+    seed: int = 1234
+    deterministic: bool = False
+    amp: bool = True
+    device: str = "auto"
+    resume: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        self.img_size = [int(s) for s in self.img_size]
+        self.patch_size = [int(s) for s in self.patch_size]
+        if len(self.img_size) != 2 or min(self.img_size) < 1:
+            raise ValueError(f"--img_size needs two positive integers H W, got {self.img_size}")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"--patch_size needs three positive integers h w d, got {self.patch_size}")
+        if self.target_spacing is not None and not self.target_spacing > 0:
+            raise ValueError(f"--target_spacing must be a positive number of mm, got {self.target_spacing}")
+        if self.batch_size < 1 or self.max_epochs < 1:
+            raise ValueError(f"--batch_size and --max_epochs must be >= 1, got {self.batch_size}, {self.max_epochs}")
+        if self.base_lr <= 0:
+            raise ValueError(f"--base_lr must be > 0, got {self.base_lr}")
+        if self.log_every < 1 or self.prefetch_factor < 1 or self.num_workers < 0:
+            raise ValueError(f"--log_every and --prefetch_factor must be >= 1 and --num_workers >= 0, got "
+                             f"{self.log_every}, {self.prefetch_factor}, {self.num_workers}")
+        if not 0 < self.val_fraction <= 1:
+            raise ValueError(f"--val_fraction must be in (0, 1], got {self.val_fraction}")
+        input_channels(self.salience)
+        if self.exp is None:
+            self.exp = self.salience
+
+    def run_dir(self) -> Path:
+        """The seed's layout: <output_root>/<dataset>/<backbone>/epo<E>_bs<B>_lr<L>/<exp>."""
+        backbone = self.backbone.replace(":", "_")
+        return (Path(self.output_root) / self.dataset / backbone
+                / f"epo{self.max_epochs}_bs{self.batch_size}_lr{self.base_lr:g}" / str(self.exp))
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
