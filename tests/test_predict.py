@@ -23,7 +23,7 @@ from evaluation.segment import (
     vessel_mesh,
     vessel_stats,
 )
-from networks.checkpoint import generator_record, load_checkpoint, save_checkpoint
+from networks.checkpoint import FORMAT, generator_record, load_checkpoint, save_checkpoint
 from networks.e2e import build_segmenter
 from networks.salience import AnalyticGenerator, default_head_path, make_generator, salience_3d
 from phantom.dicom_io import series_bytes
@@ -362,7 +362,7 @@ def test_bad_model_files(tmp_path, phantom_case, capsys):
     pat = str(phantom_case["patient"])
     torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pth")
     msg = run_bad(["--model", str(tmp_path / "plain.pth"), "--input", pat], tmp_path / "o", capsys)
-    assert "plain.pth" in msg and "not a livervessel-ckpt-v1 checkpoint" in msg
+    assert "plain.pth" in msg and f"not a {FORMAT} checkpoint" in msg
     (tmp_path / "text.pth").write_text("hello")
     msg = run_bad(["--model", str(tmp_path / "text.pth"), "--input", pat], tmp_path / "o", capsys)
     assert "text.pth" in msg and "not a readable torch file" in msg

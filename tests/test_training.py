@@ -362,8 +362,8 @@ def test_cached_items_equal_uncached_to_float16_precision(tiny_dataset, salience
         assert a["input"].shape == b["input"].shape == (3 if salience == "offline" else 1,) + size
         np.testing.assert_allclose(a["input"].numpy(), b["input"].numpy(), atol=2e-3)
         np.testing.assert_allclose(a["image"].numpy(), b["image"].numpy(), atol=2e-3)
-        # nearest-neighbour labels may move by a pixel under a quarter turn of a resized slice
-        assert (a["label"] != b["label"]).float().mean() < 0.03
+        # resize comes before rot/flip in both paths: the soft labels agree to float16 rounding
+        np.testing.assert_allclose(a["label"].numpy(), b["label"].numpy(), atol=2e-3)
 
 
 def test_main_help_imports_no_torch():
