@@ -17,7 +17,8 @@
 #
 # Environment: REAL_SRC (folder with 3Dircadb1.1 and 3Dircadb1.7; default ../shared/real),
 # SEEDS (default "0 1 2"), MODES (default "none offline e2e"), ITERS (phantom iterations,
-# lib_runs.sh default), FT_ITERS (iterations on a real patient), S2R_DATA, and lib_runs.sh's.
+# lib_runs.sh default), FT_ITERS (iterations on a real patient), S2R_DATA, and lib_runs.sh's
+# (TARGET_SPACING: the mm per pixel every 2-D model sees, phantom or real).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BACKBONE=${BACKBONE:-unet}
@@ -79,9 +80,9 @@ train_real() {
   local extra=()
   if [ "$mode" = e2e ] && [ -f "${HEAD:-}" ]; then extra=(--head "$HEAD"); fi
   local args=(--dataset $REAL --root_path "$S2R" --list_dir "$LISTS/$list" --output_root "$CKPT/s2r"
-              --backbone "$BACKBONE" --salience "$mode" "${RUN_SIZE_ARGS[@]}" --batch_size 4
+              --backbone "$BACKBONE" --salience "$mode" --img_size 192 192 --target_spacing "$TARGET_SPACING" --batch_size 4
               --optimizer adamw --base_lr 0.003 --loss bce+dice --max_epochs 1000
-              --max_iterations "$FT_ITERS" --val_every "$FT_ITERS" --seed "$SEED" --exp "$exp"
+              --max_iterations "$FT_ITERS" --val_every "$FT_ITERS" --seed "$SEED" --deterministic 1 --exp "$exp"
               --model_kwargs "$MODEL_KW" "${extra[@]}" "$@")
   local run_dir
   run_dir=$($PY main.py "${args[@]}" --print_run_dir)
