@@ -37,6 +37,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
+from evaluation.runner import resolve_device
 from evaluation.scan_io import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
 from inference import binarize, predict_volume
 from networks.checkpoint import generator_from_checkpoint, inference_settings, load_model
@@ -88,14 +89,6 @@ class Segmenter:
             "img_size": self.settings["img_size"], "patch_size": self.settings["patch_size"],
             "target_spacing": self.settings["target_spacing"], "epoch": self.ckpt.get("epoch"),
         }
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return device
 
 
 def load_segmenter(path: str | os.PathLike, device: str = "auto", head: Optional[str | os.PathLike] = None) -> Segmenter:

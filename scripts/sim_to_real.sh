@@ -49,7 +49,7 @@ write_lists() {
   printf '%s\n' $train > "$dir/vol_train.txt"
   printf '%s\n' $train > "$dir/vol_val.txt"   # no third patient: validate on the training one
   printf '%s\n' $test > "$dir/vol_test.txt"
-  if [ -f "$LISTS/all/$REAL/slice_train.txt" ]; then
+  if [ "$name" != all ] && [ -n "$train" ] && [ -f "$LISTS/all/$REAL/slice_train.txt" ]; then
     grep -E "^($(echo $train | tr ' ' '|'))_slice" "$LISTS/all/$REAL/slice_train.txt" > "$dir/slice_train.txt"
   fi
 }
