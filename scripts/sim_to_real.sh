@@ -16,7 +16,8 @@
 # head, the same generator the phantom models were trained with.
 #
 # Environment: REAL_SRC (folder with 3Dircadb1.1 and 3Dircadb1.7; default ../shared/real),
-# SEEDS (default "0 1 2"), MODES (default "none offline e2e"), ITERS (phantom iterations,
+# SEEDS (default "0 1 2"), MODES (default "none offline e2e"), REAL_RUNS (default 1; 0 skips
+# the runs trained on a real patient), ITERS (phantom iterations,
 # lib_runs.sh default), FT_ITERS (iterations on a real patient), S2R_DATA, and lib_runs.sh's
 # (TARGET_SPACING: the mm per pixel every 2-D model sees, phantom or real).
 set -euo pipefail
@@ -29,6 +30,7 @@ S2R=${S2R_DATA:-$DATA/s2r}
 SEEDS=${SEEDS:-"0 1 2"}
 MODES=${MODES:-"none offline e2e"}
 FT_ITERS=${FT_ITERS:-150}
+REAL_RUNS=${REAL_RUNS:-1}  # 0: only the phantom models (tested on the real patients)
 REAL=3D-IRCADb
 LISTS=$S2R/lists
 PATIENTS=(case0001 case0007)
@@ -100,6 +102,7 @@ for SEED in $SEEDS; do
     train_and_test "$BACKBONE" "$MODE" "ablation_${MODE}_it${ITERS}_seed${SEED}"
     ph_run=${RUNS[0]#*=}; ph_run=${ph_run%/eval_test}
     POOL[phantom/$MODE]+="$(test_real "$ph_run" both_test),"
+    [ "$REAL_RUNS" = 1 ] || continue
     for dir in 1:7 7:1; do
       tr=${dir%:*}; te=${dir#*:}
       step "seed $SEED, salience $MODE: real patient $tr -> $te (scratch, then from phantoms)"
@@ -115,7 +118,7 @@ done
 ROWS=()
 for scen in phantom real phantom+real; do
   for MODE in $MODES; do
-    ROWS+=("$scen, $MODE=${POOL[$scen/$MODE]%,}")
+    if [ -n "${POOL[$scen/$MODE]:-}" ]; then ROWS+=("$scen, $MODE=${POOL[$scen/$MODE]%,}"); fi
   done
 done
 OUT=$CKPT/s2r/sim_to_real_${BACKBONE/:/_}_it${ITERS}_ft${FT_ITERS}_seeds${SEEDS// /}.md
