@@ -85,6 +85,18 @@ class UpTransposed(nn.Module):
         return self.conv(torch.cat([skip, pad_to(self.up(x), skip)], dim=1))
 
 
+def _encode_decode(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The U-Net pass shared by :class:`UNet` and :class:`BilinearUNet`: ``inc``, then each of
+    ``downs`` after ``pool`` (keeping skips), then each of ``ups`` with its skip, then ``outc``."""
+    skips = [net.inc(x)]
+    for down in net.downs:
+        skips.append(down(net.pool(skips[-1])))
+    x = skips.pop()
+    for up in net.ups:
+        x = up(x, skips.pop())
+    return net.outc(x)
+
+
 class UNet(nn.Module):
     """The seed's 2-D U-Net (milesial PyTorch-UNet, ``bilinear=False``); see the module docstring."""
 
@@ -100,13 +112,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, 2, "UNet")
-        skips = [self.inc(x)]
-        for down in self.downs:
-            skips.append(down(self.pool(skips[-1])))
-        x = skips.pop()
-        for up in self.ups:
-            x = up(x, skips.pop())
-        return self.outc(x)
+        return _encode_decode(self, x)
 
 
 # --------------------------------------------------------------------------- the release's 3-D U-Net
@@ -214,13 +220,7 @@ class BilinearUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.spatial_dims, "BilinearUNet")
-        skips = [self.inc(x)]
-        for down in self.downs:
-            skips.append(down(self.pool(skips[-1])))
-        x = skips.pop()
-        for up in self.ups:
-            x = up(x, skips.pop())
-        return self.outc(x)
+        return _encode_decode(self, x)
 
 
 # --------------------------------------------------------------------------- seed / release weights

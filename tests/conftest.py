@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from utils.h5io import DatasetPaths, Volume, slice_name, write_list, write_salience, write_slice, write_volume
 
@@ -82,3 +83,13 @@ def tiny_dataset(tmp_path: Path) -> TinyDataset:
 @pytest.fixture
 def tiny_dataset_no_salience(tmp_path: Path) -> TinyDataset:
     return make_tiny_dataset(tmp_path, with_salience=False)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: with tiny tensors on a shared machine, thread start-up
+    and contention dominate."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

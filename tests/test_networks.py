@@ -13,13 +13,7 @@ from networks.registry import TESTED_MONAI, build_model, list_models, resolve_kw
 from networks.unet import BilinearUNet, UNet, UNet3D, load_seed_weights
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors on a shared machine: thread start-up and contention dominate
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run fastest on one thread
 
 
 # Tiny configurations for the built-in names; a plug-in backbone (networks/plugins/) without

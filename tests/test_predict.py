@@ -37,12 +37,7 @@ from utils.h5io import DatasetPaths, read_salience, read_volume, write_list
 KW = {"base_channels": 4, "depth": 2}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run fastest on one thread
 
 
 def tiny_model(path: Path, generator: dict | None, seed: int = 0, calibrate=None) -> Path:
