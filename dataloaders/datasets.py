@@ -181,7 +181,11 @@ class SliceDataSet(_Augmenting):
         for i in tqdm(range(len(self.names)), desc="caching training slices", unit="slice", leave=False):
             image, label, sal = self._read(i)
             if square and image.shape[0] == image.shape[1]:
-                item = self._unaugmented_item(i)
+                # the un-augmented item from the arrays just read (no second read of the file)
+                item_rng = self._rng(0, i)
+                image, label, sal = self._geometry(self.names[i], image, (label > 0).astype(np.float32), sal,
+                                                   item_rng)
+                item = self._item(image, label, sal)
                 cached.append(("resized", item["input"].numpy().astype(np.float16),
                                item["image"][0].numpy().astype(np.float16), item["label"][0].numpy().astype(np.float16)))
             else:
@@ -190,14 +194,6 @@ class SliceDataSet(_Augmenting):
         self._cache = cached
         nbytes = sum(a.nbytes for item in cached for a in item[1:] if a is not None)
         log.info("cached %d training slices in memory (%.2f GB)", len(cached), nbytes / 1e9)
-
-    def _unaugmented_item(self, index: int) -> dict:
-        """Item ``index`` without augmentation, through the same code as ``__getitem__``."""
-        augment, self.augment = self.augment, False
-        try:
-            return self[(0, index)]
-        finally:
-            self.augment = augment
 
     def _cached_item(self, index: int, rng: np.random.Generator) -> dict:
         """An item from a "resized" cache entry: rot/flip (the draws of ``_augment``) at the training size."""
