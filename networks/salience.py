@@ -59,6 +59,8 @@ DEFAULT_MAX_BATCH_VOXELS = 1 << 21
 #: padded pixels per :class:`BankGenerator` convolution call on the CPU: its 30-channel
 #: intermediates (block x 30 x 4 bytes, about 8 MB) then stay in the last-level cache
 BANK_CPU_BLOCK_PIXELS = 1 << 16
+#: a CPU block is cropped to its non-zero part only when that part is under this share of it
+CROP_MIN_SHARE = 0.9
 _STD_RTOL = 1e-5
 
 # Seed fpn blocks: (sigma, lambda, kernel k, dilation, padding), DESIGN.md section 1b.
@@ -447,24 +449,55 @@ class BankGenerator(_Generator):
         self.weights_sha256 = weights_sha256
 
     def __call__(self, padded: Tensor) -> Tensor:
-        """(N, 1, H + 2m, W + 2m) -> (N, 1, H, W), m = 7; cache-sized blocks on the CPU."""
+        """(N, 1, H + 2m, W + 2m) -> (N, 1, H, W), m = 7; cache-sized, zero-cropped blocks on the CPU."""
         n, _, hp, wp = padded.shape
-        if padded.device.type != "cpu" or n * hp * wp <= self.block_pixels:
+        if padded.device.type != "cpu":
             return self._layers(padded)
+        if n * hp * wp <= self.block_pixels:
+            return self._block(padded)
         two_m = 2 * self.margin
         out = padded.new_empty((n, 1, hp - two_m, wp - two_m))
         if hp * wp <= self.block_pixels:
             # equal-sized batches of whole planes, each under block_pixels
             blocks = -(-n * hp * wp // self.block_pixels)
             for sl in _chunks(n, -(-n // blocks)):
-                out[sl] = self._layers(padded[sl])
+                out[sl] = self._block(padded[sl])
             return out
         # a plane larger than a block: strips of output rows, each reading 2m more input rows
         rows = max(1, self.block_pixels // wp - two_m)
         for i in range(n):
             for r0 in range(0, hp - two_m, rows):
                 r1 = min(hp - two_m, r0 + rows)
-                out[i : i + 1, :, r0:r1] = self._layers(padded[i : i + 1, :, r0 : r1 + two_m])
+                out[i : i + 1, :, r0:r1] = self._block(padded[i : i + 1, :, r0 : r1 + two_m])
+        return out
+
+    def zero_value(self) -> Tensor:
+        """The output where the whole receptive field is zero: (1, 1, 1, 1) on the generator's device."""
+        z = torch.zeros((1, 1, 2 * self.margin + 1, 2 * self.margin + 1), dtype=self.w1.dtype, device=self.w1.device)
+        return self._layers(z)
+
+    def _block(self, padded: Tensor) -> Tensor:
+        """One block, (B, 1, h + 2m, w + 2m) -> (B, 1, h, w), filtered only where it can differ
+        from :meth:`zero_value`: the rectangle of outputs within m of a non-zero input.
+
+        After the HU window air and fat are exactly 0, and ``standardise_planes`` keeps them 0,
+        so on CT a large part of every plane (around the body, inside fat) has an all-zero
+        receptive field; valid convolutions give the same values on the cropped rectangle.
+        """
+        two_m = 2 * self.margin
+        b, _, hp, wp = padded.shape
+        h, w = hp - two_m, wp - two_m
+        nz = (padded != 0).any(dim=0)[0]  # (hp, wp)
+        rows, cols = torch.nonzero(nz.any(dim=1)), torch.nonzero(nz.any(dim=0))
+        if rows.numel() == 0:
+            return self.zero_value().expand(b, 1, h, w).clone()
+        # output i reads input rows i .. i + 2m: it is non-constant iff one of them is non-zero
+        r0, r1 = max(int(rows[0]) - two_m, 0), min(int(rows[-1]), h - 1) + 1
+        c0, c1 = max(int(cols[0]) - two_m, 0), min(int(cols[-1]), w - 1) + 1
+        if (r1 - r0) * (c1 - c0) >= CROP_MIN_SHARE * h * w:
+            return self._layers(padded)
+        out = self.zero_value().expand(b, 1, h, w).clone()
+        out[:, :, r0:r1, c0:c1] = self._layers(padded[:, :, r0 : r1 + two_m, c0 : c1 + two_m])
         return out
 
     def _layers(self, padded: Tensor) -> Tensor:

@@ -139,9 +139,10 @@ def test_label_keeps_thin_line_and_disc_centroids(small):
         assert np.abs(_centroid(back[1]) - true).max() < 0.25, name
 
 
-def test_target_spacing_tiles_and_pads_like_a_reference():
+def test_target_spacing_runs_whole_planes_padded_like_a_reference():
     """A pointwise model: the result is exactly resample -> sigmoid -> resample back, whether the
-    resampled plane is tiled (larger than img_size) or padded (smaller); the model sees img_size."""
+    resampled plane is larger than img_size (run whole) or smaller along a side (zero-padded
+    centred to img_size there); the model sees one plane of max(grid, img_size) per side."""
     rng = np.random.default_rng(7)
     image = rng.uniform(size=(40, 30, 3)).astype(np.float32)
     seen = []
@@ -151,7 +152,9 @@ def test_target_spacing_tiles_and_pads_like_a_reference():
             seen.append(tuple(x.shape[-2:]))
             return super().forward(x)
 
-    for spacing, tile, grid in (((0.5, 0.5, 2.0), (8, 8), (20, 15)), ((0.5, 0.6, 2.0), (32, 32), (20, 18))):
+    for spacing, tile, grid, seen_size in (((0.5, 0.5, 2.0), (8, 8), (20, 15), (20, 15)),
+                                           ((0.5, 0.6, 2.0), (32, 32), (20, 18), (32, 32)),
+                                           ((0.5, 0.5, 2.0), (12, 24), (20, 15), (20, 24))):
         seen.clear()
         assert model_grid(image.shape[:2], tile, 1.0, spacing) == grid
         p = predict_volume(Spy(2.0), image, None, salience_mode="none", spatial_dims=2, img_size=tile,
@@ -159,7 +162,7 @@ def test_target_spacing_tiles_and_pads_like_a_reference():
         x = resize_planes(torch.from_numpy(np.moveaxis(image, 2, 0)[:, None]), grid)
         ref = resize_planes(torch.sigmoid(2 * x), image.shape[:2])[:, 0].numpy()
         np.testing.assert_allclose(p, np.moveaxis(ref, 0, 2), rtol=1e-5, atol=1e-6)
-        assert set(seen) == {tile}
+        assert set(seen) == {seen_size}
     with pytest.raises(ValueError, match="spacing"):
         predict_volume(Scale(), image, None, salience_mode="none", spatial_dims=2, img_size=(8, 8), target_spacing=1.0)
 

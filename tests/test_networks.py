@@ -11,6 +11,7 @@ from networks.checkpoint import FORMAT, LEGACY_FORMAT_V1, code_version, load_mod
 from networks.e2e import E2ESegmenter, build_segmenter
 from networks.registry import TESTED_MONAI, build_model, list_models, resolve_kwargs, spatial_dims_of
 from networks.unet import BilinearUNet, UNet, UNet3D, load_seed_weights
+from inference import inference_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run fastest on one thread
@@ -63,6 +64,34 @@ def test_backbone_forward_backward(name):
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
     assert not bad
     assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,salience", [(n, "none") for n in list_models()] + [("unet", "e2e"), ("unet3d", "e2e")])
+def test_inference_model_computes_what_eval_computes(name, salience):
+    """inference.inference_model folds conv-BatchNorm pairs and turns 2-D models channels-last;
+    its output must equal the eval-mode model's, and the model itself must not change."""
+    torch.manual_seed(1)
+    kw = TINY.get(name, {})
+    dims = spatial_dims_of(name, **kw)
+    size = (40, 36) if "Swin" in name else ((19, 21) if dims == 2 else (18, 15, 11))
+    cin = 1 if salience == "e2e" else 3
+    model = build_segmenter(name, salience, model_kwargs=kw) if salience == "e2e" else build_model(name, cin, 1, **kw)
+    x = torch.rand((2, cin) + size)
+    with torch.no_grad():
+        for _ in range(2):  # BatchNorm running statistics away from (0, 1)
+            model(x + torch.rand_like(x))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model.eval()(x)
+        fast = inference_model(model, dims)
+        y = fast(x.contiguous(memory_format=torch.channels_last) if dims == 2 else x)
+    torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-4)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="eval"):
+        inference_model(model.train(), dims)
+    if name == "unet":  # the seed U-Net's double convolutions are all folded
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
 def test_unknown_backbone_lists_valid_names():

@@ -196,6 +196,29 @@ def test_bank_cpu_blocks_and_row_strips_give_the_same_map():
             _close(gen(padded), whole, atol=1e-6, rtol=1e-5)
     assert whole.shape == (5, 1, 21, 16)
 
+def test_bank_cpu_blocks_cropped_to_their_non_zero_part_give_the_same_map():
+    """Outside the rectangle of outputs within 7 px of a non-zero input the map is the
+    generator's zero-field value; cropping to it must not change a single output."""
+    torch.manual_seed(8)
+    gen = BankGenerator(SalienceHead().eval())
+    x = torch.zeros(4, 1, 40, 36)
+    x[0, 0, 12:20, 9:15] = torch.randn(8, 6)  # a blob in the middle
+    x[1, 0, 0:3, 33:36] = torch.randn(3, 3)  # a corner
+    x[2, 0, 25, 4] = 1.5  # one pixel
+    padded = F.pad(x, (7, 7, 7, 7))  # plane 3 stays all zero
+    with torch.inference_mode():
+        reference = gen._layers(padded)
+        zero = gen.zero_value()
+        for block in (10**9, 54 * 50, 400):  # all planes in one block; one plane; row strips
+            gen.block_pixels = block
+            _close(gen(padded), reference, atol=1e-6, rtol=1e-5)
+    assert zero.shape == (1, 1, 1, 1)
+    # the corner blob reaches only 7 px: the far corner is the zero-field value, the plane 3 too
+    assert torch.allclose(reference[1, 0, 30:, :20], zero[0, 0].expand(10, 20), atol=1e-6)
+    assert torch.allclose(reference[3], zero[0].expand(1, 40, 36), atol=1e-6)
+    assert not torch.allclose(reference[1, 0, 0, 30], zero[0, 0, 0, 0], atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- seed fpn
 @pytest.mark.skipif(not SEED_WEIGHTS.is_file(), reason="authors' fpn weights not present")
 @pytest.mark.skipif(not REAL_SERIES.is_dir(), reason="real 3D-IRCADb series not present")
