@@ -153,6 +153,40 @@ def cldice(pred: np.ndarray, target: np.ndarray, *, pred_skeleton: Optional[np.n
     return 0.0 if tprec + tsens == 0 else float(2 * tprec * tsens / (tprec + tsens))
 
 
+def distance_to_background(mask: np.ndarray, points: tuple[np.ndarray, ...], spacing: Sequence[float],
+                           cap: float) -> np.ndarray:
+    """Distance in mm from each voxel of ``points`` (index arrays, as ``np.nonzero`` gives) to
+    the nearest background voxel centre of ``mask``, capped at ``cap``: min(distance, cap).
+
+    Equal to ``ndimage.distance_transform_edt(mask, sampling=spacing)[points]`` below
+    ``cap`` (background outside the array does not count, as there), but it only visits the
+    voxels within ``cap`` of each point, nearest first: on a whole-abdomen mask that is
+    about 0.1 s where the full transform takes seconds.
+    """
+    sp = _spacing(spacing, mask.ndim)
+    idx = np.stack([np.asarray(p, dtype=np.int64) for p in points], axis=1)  # (N, ndim)
+    radius = np.full(len(idx), float(cap))
+    reach = np.floor(cap / sp).astype(int)
+    grids = np.meshgrid(*[np.arange(-r, r + 1) for r in reach], indexing="ij")
+    offsets = np.stack([g.ravel() for g in grids], axis=1)
+    dist = np.sqrt(((offsets * sp) ** 2).sum(axis=1))
+    keep = (dist < cap) & (dist > 0)
+    order = np.argsort(dist[keep], kind="stable")
+    offsets, dist = offsets[keep][order], dist[keep][order]
+    todo = np.arange(len(idx))
+    shape = np.asarray(mask.shape)
+    for off, d in zip(offsets, dist):
+        if todo.size == 0:
+            break
+        q = idx[todo] + off
+        inside = np.all((q >= 0) & (q < shape), axis=1)
+        hit = np.zeros(todo.size, dtype=bool)
+        hit[inside] = ~mask[tuple(q[inside].T)]
+        radius[todo[hit]] = d
+        todo = todo[~hit]
+    return radius
+
+
 def centreline_recall_by_radius(
     pred: np.ndarray, target: np.ndarray, spacing: Sequence[float], *, target_skeleton: Optional[np.ndarray] = None
 ) -> dict[str, float]:
@@ -168,14 +202,10 @@ def centreline_recall_by_radius(
     sp = _spacing(spacing, pred.ndim)
     st = skeleton(target) if target_skeleton is None else target_skeleton
     out: dict[str, float] = {}
-    box = _bbox(target, margin=1)
-    if box is None:
-        radius = np.zeros(0)
-        covered = np.zeros(0, dtype=bool)
-    else:
-        edt = ndimage.distance_transform_edt(target[box], sampling=sp)
-        radius = edt[st[box]]
-        covered = pred[box][st[box]]
+    points = np.nonzero(st & target)
+    # the bins only need radii below their last finite edge
+    radius = distance_to_background(target, points, sp, cap=RADIUS_BINS_MM[-1][0])
+    covered = pred[points]
     for (lo, hi), name in zip(RADIUS_BINS_MM, RADIUS_BIN_NAMES):
         sel = (radius >= lo) & (radius < hi)
         n = int(sel.sum())

@@ -4,8 +4,8 @@
 # Each with none / offline / e2e salience, over seeds; tested inside the liver on real
 # 3D-IRCADb patients, at a millimetre-matched scale (--target_spacing).
 #
-#   bash scripts/sim_to_real.sh                       # CPU defaults (see README for the time)
-#   SEEDS="0 1 2" FT_ITERS=2000 ITERS=4000 bash scripts/sim_to_real.sh   # a GPU box
+#   bash scripts/sim_to_real.sh                       # defaults: seed 0 on a CPU, seeds 0 1 2 on a GPU
+#   SEEDS="0 1 2" bash scripts/sim_to_real.sh         # three seeds on the CPU (about 1.5 hours on 2 cores)
 #
 # Scenarios (rows of the table), for each salience mode:
 #   phantom      the demo-settings phantom model (lib_runs.sh), tested on both real patients
@@ -16,7 +16,7 @@
 # head, the same generator the phantom models were trained with.
 #
 # Environment: REAL_SRC (folder with 3Dircadb1.1 and 3Dircadb1.7; default ../shared/real),
-# SEEDS (default "0 1 2"), MODES (default "none offline e2e"), REAL_RUNS (default 1; 0 skips
+# SEEDS (default "0 1 2" where CUDA is present, "0" on a CPU-only machine), MODES (default "none offline e2e"), REAL_RUNS (default 1; 0 skips
 # the runs trained on a real patient), ITERS (phantom iterations,
 # lib_runs.sh default), FT_ITERS (iterations on a real patient), S2R_DATA, and lib_runs.sh's
 # (TARGET_SPACING: the mm per pixel every 2-D model sees, phantom or real).
@@ -27,7 +27,8 @@ MODEL_KW=${MODEL_KW:-'{"base_channels": 16}'}
 source scripts/lib_runs.sh
 REAL_SRC=${REAL_SRC:-../shared/real}
 S2R=${S2R_DATA:-$DATA/s2r}
-SEEDS=${SEEDS:-"0 1 2"}
+# one seed on a CPU-only machine (about 30 minutes on 2 cores), three where CUDA is present
+SEEDS=${SEEDS:-$($PY -c "import torch; print('0 1 2' if torch.cuda.is_available() else '0')")}
 MODES=${MODES:-"none offline e2e"}
 FT_ITERS=${FT_ITERS:-150}
 REAL_RUNS=${REAL_RUNS:-1}  # 0: only the phantom models (tested on the real patients)

@@ -156,6 +156,19 @@ def test_centreline_recall_drops_only_in_thin_branch_bin():
     assert part["cl_recall_lt1"] == pytest.approx(1 - np.count_nonzero(thin_cl & deleted) / thin_cl.sum())
 
 
+@pytest.mark.parametrize("spacing", [(0.5, 0.5, 0.5), (0.57, 0.57, 1.6), (1.0, 0.7, 2.5)])
+def test_distance_to_background_equals_the_capped_edt(spacing):
+    rng = np.random.default_rng(4)
+    mask = ndimage.binary_dilation(rng.random((30, 26, 14)) < 0.03, iterations=3)
+    mask[:, :, :8] = True  # foreground touching the array's border: outside is not background
+    points = np.nonzero(mask)
+    for cap in (1.0, 3.0):
+        ref = np.minimum(ndimage.distance_transform_edt(mask, sampling=spacing)[points], cap)
+        got = M.distance_to_background(mask, points, spacing, cap=cap)
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
+        assert (got < cap).any() and (got == cap).any()
+
+
 def test_empty_masks_give_documented_values():
     spacing = (1.0, 1.0, 2.0)
     target = np.zeros((10, 10, 6), bool)
