@@ -36,6 +36,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dataloaders.inputs import input_channels, model_input
 from dataloaders.transforms import resize_planes, spacing_size
@@ -107,6 +108,7 @@ def sliding_window_volume(
     batch_size: int = 4,
     device: str | torch.device = "cpu",
     sw_device: Optional[str | torch.device] = None,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Gaussian-blended sliding-window output of ``predictor`` over ``x``.
 
@@ -128,6 +130,7 @@ def sliding_window_volume(
         mode="gaussian",
         sw_device=sw_device or device,
         device=device,
+        progress=progress,
     )
 
 
@@ -206,12 +209,13 @@ def _predict_2d(
     batch_size: int,
     device: torch.device,
     out_device: torch.device,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Probabilities (H, W, D) on ``out_device``: planes resampled to ``grid``, the model run on
     ``tile``-sized sliding windows (None: on the whole plane), the result resampled back."""
     h, w, d = image.shape
     out = torch.empty((d, h, w), dtype=torch.float32, device=out_device)
-    for z0 in range(0, d, batch_size):
+    for z0 in tqdm(range(0, d, batch_size), desc="inference", unit="batch", disable=not progress, leave=False):
         z1 = min(z0 + batch_size, d)
         raw = np.moveaxis(image[:, :, z0:z1], 2, 0)[:, None]  # (B, 1, H, W)
         if salience is not None and salience_mode == "offline":
@@ -243,6 +247,7 @@ def predict_volume(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     sw_device: Optional[str | torch.device] = None,
+    progress: bool = False,
 ) -> np.ndarray:
     """Vessel probabilities float32 (H, W, D) in [0, 1] on the stored grid of ``image``.
 
@@ -260,7 +265,8 @@ def predict_volume(
     patch_size: (h, w, d) window of a 3-D model (required for 3-D).
     overlap: window overlap fraction in [0, 1) (3-D). batch_size: slices (2-D) or windows
         (3-D) per forward pass. device: where the output is assembled; sw_device: where the
-        model runs (default ``device``).
+        model runs (default ``device``). progress: a tqdm bar over slice batches (2-D) or
+        windows (3-D).
     """
     image = np.asarray(image)
     if image.ndim != 3:
@@ -301,13 +307,13 @@ def predict_volume(
                 tile = None if (target_spacing is None or img_size is None) else tuple(
                     max(int(g), int(t)) for g, t in zip(grid, img_size))
                 out = _predict_2d(predictor, image, salience, salience_mode, grid, tile, overlap, batch_size,
-                                  run_device, out_device)
+                                  run_device, out_device, progress)
             else:
                 if patch_size is None or len(patch_size) != 3:
                     raise ValueError(f"a 3-D model needs patch_size (h, w, d), got {patch_size}")
                 x = torch.from_numpy(model_input(image, salience, salience_mode))[None]  # (1, C, H, W, D)
                 out = sliding_window_volume(predictor, x, patch_size, overlap=overlap, batch_size=batch_size,
-                                            device=out_device, sw_device=run_device)[0, 0]
+                                            device=out_device, sw_device=run_device, progress=progress)[0, 0]
     finally:
         if is_module:
             model.train(was_training)

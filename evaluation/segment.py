@@ -124,7 +124,7 @@ def zero_field_value(generator: Any) -> float:
         return float(generator(z)[0, 0, 0, 0])
 
 
-def offline_salience(image: np.ndarray, generator: Any, device: str = "cpu") -> np.ndarray:
+def offline_salience(image: np.ndarray, generator: Any, device: str = "cpu", progress: bool = False) -> np.ndarray:
     """Three-plane salience (3, H, W, D) in [0, 1] of ``image`` (H, W, D), equal to ``salience_3d``.
 
     Only the bounding box of the non-zero image, widened by the generator's receptive radius,
@@ -136,7 +136,7 @@ def offline_salience(image: np.ndarray, generator: Any, device: str = "cpu") -> 
     """
     nz = image > 0
     if not nz.any():
-        return salience_3d(image, generator, device=device)
+        return salience_3d(image, generator, device=device, progress=progress)
     m = generator.margin
     box = []
     for ax in range(3):
@@ -145,11 +145,11 @@ def offline_salience(image: np.ndarray, generator: Any, device: str = "cpu") -> 
     box_t = tuple(box)
     kept = float(np.prod([s.stop - s.start for s in box_t])) / image.size
     if kept > 1.0 - SALIENCE_ROI_MIN_SAVING:
-        return salience_3d(image, generator, device=device)
+        return salience_3d(image, generator, device=device, progress=progress)
     generator.to(device)
     raw = np.full((3,) + image.shape, zero_field_value(generator), dtype=np.float32)
     raw[(slice(None),) + box_t] = salience_3d(np.ascontiguousarray(image[box_t]), generator, device=device,
-                                              normalise=False)
+                                              normalise=False, progress=progress)
     return generator.finalize(raw)
 
 
@@ -196,7 +196,7 @@ def predict_scan(seg: Segmenter, scan: Scan, liver: Optional[np.ndarray] = None,
     sal = None
     clock.lap("window")
     if seg.mode == "offline":
-        sal = offline_salience(vol.image, seg.generator, device=seg.device)
+        sal = offline_salience(vol.image, seg.generator, device=seg.device, progress=True)
     clock.lap("salience")
     s = seg.settings
     prob_c = predict_volume(
@@ -205,7 +205,7 @@ def predict_scan(seg: Segmenter, scan: Scan, liver: Optional[np.ndarray] = None,
         target_spacing=s["target_spacing"], spacing=scan.spacing if s["target_spacing"] is not None else None,
         patch_size=s["patch_size"] if seg.dims == 3 else None, overlap=overlap, tta=tta, batch_size=batch_size,
         # 3-D: windows on the chosen device, stitching in host memory (as test.py)
-        device=seg.device if seg.dims == 2 else "cpu", sw_device=seg.device,
+        device=seg.device if seg.dims == 2 else "cpu", sw_device=seg.device, progress=True,
     )
     clock.lap("inference")
     c = vol.crop

@@ -33,12 +33,13 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from utils.torch_io import load_torch_file
 
@@ -639,13 +640,15 @@ def salience_2d(
     *,
     standardise: bool = True,
     max_batch_voxels: int = DEFAULT_MAX_BATCH_VOXELS,
+    on_batch: Optional[Callable[[int], object]] = None,
 ) -> Tensor:
     """Raw salience of a batch of planes: (N, 1, H, W) -> (N, 1, H, W) float32, on the generator's device.
 
     Each plane is standardised (unless ``standardise=False``), zero-padded by the
     generator's margin and filtered (reference padding semantics); planes are processed
     in batches of at most ``max_batch_voxels`` pixels. The output is the generator's
-    raw map, before the volume-level normalisation of :func:`salience_3d`.
+    raw map, before the volume-level normalisation of :func:`salience_3d`. ``on_batch(k)`` is
+    called after each batch of k planes (a progress bar's ``update``).
     """
     if planes.dim() != 4 or planes.shape[1] != 1:
         raise ValueError(f"planes must be (N, 1, H, W), got {tuple(planes.shape)}")
@@ -660,6 +663,8 @@ def salience_2d(
             if standardise:
                 x = standardise_planes(x)
             out[sl] = generator(F.pad(x, (m, m, m, m)))
+            if on_batch is not None:
+                on_batch(sl.stop - sl.start)
     return out
 
 
@@ -698,6 +703,7 @@ def salience_3d(
     max_batch_voxels: int = DEFAULT_MAX_BATCH_VOXELS,
     standardise: bool = True,
     normalise: bool = True,
+    progress: bool = False,
 ) -> np.ndarray:
     """Three-plane salience of a volume: (H, W, D) image in [0, 1] -> (3, H, W, D) float32 in [0, 1].
 
@@ -705,16 +711,19 @@ def salience_3d(
     sagittal V[:, w, :] plane, then the generator's volume normalisation (min-max over
     the whole array; ``analytic`` first divides by its 99.9th percentile).
     ``normalise=False`` returns the raw generator maps (for comparisons and benchmarks).
+    ``progress``: a tqdm bar over the planes of the three directions.
     """
     vol = torch.as_tensor(np.asarray(volume, dtype=np.float32)) if not isinstance(volume, Tensor) else volume
     if vol.dim() != 3:
         raise ValueError(f"volume must be (H, W, D), got shape {tuple(vol.shape)}")
     generator.to(device)
     raw = np.empty((3,) + tuple(vol.shape), dtype=np.float32)
-    for i, plane in enumerate(PLANES):
-        planes = volume_planes(vol, plane)
-        s = salience_2d(planes, generator, standardise=standardise, max_batch_voxels=max_batch_voxels)
-        raw[i] = planes_to_volume(s, plane).cpu().numpy()
+    with tqdm(total=sum(vol.shape), desc="salience", unit="plane", disable=not progress, leave=False) as bar:
+        for i, plane in enumerate(PLANES):
+            planes = volume_planes(vol, plane)
+            s = salience_2d(planes, generator, standardise=standardise, max_batch_voxels=max_batch_voxels,
+                            on_batch=bar.update)
+            raw[i] = planes_to_volume(s, plane).cpu().numpy()
     return generator.finalize(raw) if normalise else raw
 
 

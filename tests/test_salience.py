@@ -219,6 +219,29 @@ def test_bank_cpu_blocks_cropped_to_their_non_zero_part_give_the_same_map():
     assert not torch.allclose(reference[1, 0, 0, 30], zero[0, 0, 0, 0], atol=1e-4)
 
 
+def test_salience_3d_progress_bar_counts_every_plane(capsys, monkeypatch):
+    import networks.salience as sal_mod
+    from tqdm import tqdm
+
+    closed = []
+
+    class Recording(tqdm):
+        def close(self):
+            closed.append((self.total, self.n, self.disable))
+            super().close()
+
+    monkeypatch.setattr(sal_mod, "tqdm", Recording)
+    vol = np.random.default_rng(2).uniform(size=(12, 10, 6)).astype(np.float32)
+    gen = AnalyticGenerator()
+    quiet = salience_3d(vol, gen)
+    assert "salience" not in capsys.readouterr().err
+    shown = salience_3d(vol, gen, progress=True)
+    assert "salience" in capsys.readouterr().err
+    # 6 transverse + 12 coronal + 10 sagittal planes, all counted
+    assert (28, 28, False) in closed and closed[0][2] is True
+    np.testing.assert_array_equal(shown, quiet)
+
+
 # ----------------------------------------------------------------------------- seed fpn
 @pytest.mark.skipif(not SEED_WEIGHTS.is_file(), reason="authors' fpn weights not present")
 @pytest.mark.skipif(not REAL_SERIES.is_dir(), reason="real 3D-IRCADb series not present")
