@@ -16,7 +16,9 @@ rescale applied), then measured by :func:`volume_figures` inside its liver mask:
 * vessel contrast by radius: mean HU of the label voxels inside the liver whose local
   radius (the label's distance transform, mm, at the nearest skeleton voxel) is in a bin,
   minus the parenchyma mean;
-* radius percentiles 10/50/90 (mm): the label's distance transform at its skeleton voxels;
+* radius percentiles 10/50/90 (mm): the label's distance transform at its skeleton voxels
+  inside the liver (a real label also holds the extrahepatic veins: portal trunk, splenic and
+  mesenteric veins, vena cava, 4-10 mm thick, which phantoms do not draw and no metric scores);
 * vessel share of the liver (%): label voxels inside the liver / liver voxels;
 * intensity AUC: ROC-AUC of the raw HU for label vs other liver voxels.
 
@@ -117,7 +119,7 @@ def volume_figures(hu: np.ndarray, label: np.ndarray, liver: np.ndarray, spacing
         sel = vessel & (radius >= lo) & (radius < hi)
         out[f"contrast r {name} mm HU"] = float(hu[sel].mean()) - out["parenchyma mean HU"] if sel.any() else float("nan")
     edt = ndimage.distance_transform_edt(label, sampling=spacing)
-    r_skel = edt[skeleton(label)]
+    r_skel = edt[skeleton(label) & liver]
     for q, v in zip((10, 50, 90), np.percentile(r_skel, [10, 50, 90]) if r_skel.size else [np.nan] * 3):
         out[f"radius p{q} mm"] = float(v)
     out["vessel share of liver %"] = 100.0 * float(vessel.sum()) / float(liver.sum())

@@ -19,14 +19,16 @@ What one patient holds (calibrated on the real patients of ``../shared/real`` wi
 * a portal-vein tree and a hepatic-vein tree (the label, ``portalvein`` and
   ``venoussystem``) and a small hepatic-artery tree (``artery``), each grown by
   recursive branching with Murray's law radii (r_parent^3 = r_1^3 + r_2^3) between
-  0.6 and 7 mm, long nearly straight branches, kept inside the liver and away from each
-  other and from tumours, until the lumen fills ~4 % of the liver;
-* portal-venous-phase enhancement (32-72 HU over the parenchyma, less in the thickest
-  trunks, varying smoothly in space); partial volume: a fractional vessel occupancy times
-  the enhancement is added to the tissue and the image is blurred with the scanner PSF, so
-  thin vessels are faint; then noise correlated over about a voxel in-plane, wider along
-  one axis than the other (slightly streaky), ~12 HU high-pass std at 0.9 mm, more at finer
-  pixels.
+  0.6 and 7 mm (twigs end at 0.72-1.1 mm), nearly straight branches whose length grows
+  with their calibre (4 + 1.5 r mm), kept inside the liver and away from each other and
+  from tumours; grown thickest first (10 % jitter) until the lumen fills ~4 % of the liver;
+* portal-venous-phase enhancement (34-76 HU over the parenchyma; in trunks thicker than
+  3.5-4 mm it falls to x0-0.35, inflow of unenhanced blood; varying smoothly in space);
+  partial volume: a fractional vessel occupancy times the enhancement is added to the
+  tissue and the image is blurred with the scanner PSF (sigma 0.78 mm in-plane, 1.04 mm
+  through-plane), so thin vessels are faint; then noise correlated over about a voxel
+  in-plane, wider along one axis than the other (slightly streaky), ~11 HU high-pass std at
+  0.9 mm, more at finer pixels.
 
 The label of a tree is every voxel whose centre lies within the local radius of its
 centreline (radius interpolated linearly along each segment); see :func:`rasterise_tree`.
@@ -64,6 +66,11 @@ CENTERLINES_FORMAT = "phantom-centerlines-v1"
 MANIFEST_FILE = "phantom_manifest.json"
 PATIENT_PREFIX = "3Dircadb1."
 R_MIN_MM, R_MAX_MM = 0.6, 7.0
+# scanner PSF, Gaussian sigma (mm; row, col, slice): in-plane FWHM ~1.8 mm, slice profile ~2.4 mm
+PSF_SIGMA_MM = (0.78, 0.78, 1.04)
+# mean segment radius (mm) over which the trunks' enhancement falls from the full blood value
+# to the trunk factor (inflow of unenhanced blood near the hilum and the caval confluence)
+TRUNK_RAMP_MM = (3.5, 4.0)
 # Positions and radii are rounded to this many decimals before rasterising, so the
 # written JSON reproduces the label exactly.
 _DECIMALS = 4
@@ -232,20 +239,25 @@ def _segment_distance(box, p0, p1, r0, r1, spacing):
     return d, r0 + t * (r1 - r0)
 
 
-def rasterise_tree(tree: Tree, shape: tuple[int, int, int], spacing, soft_width: Optional[float] = None):
+def rasterise_tree(tree: Tree, shape: tuple[int, int, int], spacing, soft_width: Optional[float] = None,
+                   edge_weight: Optional[np.ndarray] = None):
     """Label and fractional occupancy of a tree on the grid.
 
     Returns ``(label, occupancy)``: label uint8 (H, W, D), 1 where a voxel centre lies within
     the local radius of a centreline segment (distance <= r(t), r linear along the
     segment); occupancy float32 (H, W, D) in [0, 1], ``clip((r - d) / w + 1/2, 0, 1)``
     with w = ``soft_width`` mm (default: mean in-plane spacing), the fraction of a voxel
-    of width w the vessel covers (partial volume before the PSF).
+    of width w the vessel covers (partial volume before the PSF). With ``edge_weight``
+    (E,) in [0, 1], a segment's occupancy is scaled by its weight (the maximum over
+    segments is kept); the label does not depend on it.
     """
+    if edge_weight is not None and len(edge_weight) != len(tree.edges):
+        raise ValueError(f"edge_weight has {len(edge_weight)} values for {len(tree.edges)} edges")
     spacing = np.asarray(spacing, dtype=np.float64)
     w = float(soft_width) if soft_width is not None else float(spacing[:2].mean())
     label = np.zeros(shape, dtype=bool)
     occ = np.zeros(shape, dtype=np.float32)
-    for a, b in tree.edges:
+    for e, (a, b) in enumerate(tree.edges):
         p0, p1 = tree.positions[a], tree.positions[b]
         r0, r1 = float(tree.radius[a]), float(tree.radius[b])
         box = _segment_box(p0, p1, max(r0, r1) + w, np.asarray(shape), spacing)
@@ -253,7 +265,10 @@ def rasterise_tree(tree: Tree, shape: tuple[int, int, int], spacing, soft_width:
             continue
         d, r = _segment_distance(box, p0, p1, r0, r1, spacing)
         label[box] |= d <= r
-        np.maximum(occ[box], np.clip((r - d) / w + 0.5, 0.0, 1.0).astype(np.float32), out=occ[box])
+        o = np.clip((r - d) / w + 0.5, 0.0, 1.0).astype(np.float32)
+        if edge_weight is not None:
+            o *= np.float32(edge_weight[e])
+        np.maximum(occ[box], o, out=occ[box])
     return label.astype(np.uint8), occ
 
 
@@ -356,6 +371,8 @@ class _Forest:
     and different trees keep ``gap_mm`` apart and fill the liver sparsely.
     """
 
+    PRIORITY_JITTER = 0.1
+
     def __init__(self, space: _Space, rng: np.random.Generator):
         self.space, self.rng = space, rng
         self.trees: dict[str, dict] = {}
@@ -391,7 +408,10 @@ class _Forest:
         self.branch_parent[bid] = parent_branch
         self.branch_children.setdefault(parent_branch, []).append(bid)
         self.counter += 1
-        heapq.heappush(self.heap, (-r, self.counter, tree, node, tuple(direction), r, bid))
+        # thickest first, with a 10 % (lognormal) jitter: a volume budget then ends the tree
+        # over a range of calibres, not at one
+        priority = r * math.exp(self.PRIORITY_JITTER * self.rng.standard_normal())
+        heapq.heappush(self.heap, (-priority, self.counter, tree, node, tuple(direction), r, bid))
 
     def grow(self, volume_budget: float = math.inf) -> None:
         """Grow until no branch can go on, or the shared trees' lumen volume (mm^3) reaches
@@ -653,7 +673,7 @@ def _liver(hu, shape, spacing, fr: _Frame, clutter, inner, rng: np.random.Genera
     liver[lb] = sub
     par_mean = rng.uniform(106, 126)
     texture = np.zeros(shape, dtype=np.float32)
-    texture[lb] = (_smooth_field(sub.shape, spacing, 14.0, rng) * rng.uniform(5, 8)
+    texture[lb] = (_smooth_field(sub.shape, spacing, 14.0, rng) * rng.uniform(6, 9)
                    + _smooth_field(sub.shape, spacing, 4.0, rng) * rng.uniform(3, 5))
     hu[liver] = par_mean + texture[liver]
     return liver, lb, float(par_mean), texture
@@ -714,11 +734,13 @@ def _grow_vessels(allowed, liver_c, liver_semi, spacing, rng) -> dict[str, Tree]
     liver_cm3 = float(allowed.sum()) * float(np.prod(spacing)) / 1000.0
     space = _Space(allowed, spacing, gap_mm=0.92 * liver_cm3 ** (1 / 3))
     forest = _Forest(space, rng)
-    r_min = rng.uniform(0.6, 0.75)
+    # the thinnest twigs a real label holds are about 2 voxels wide at 0.6-0.8 mm pixels
+    r_min = rng.uniform(0.72, 0.9)
     # lumen budget: a few % of the liver, as in real CT; the thickest vessels are grown first,
     # so the budget decides how far down the tree goes
     share = rng.uniform(0.036, 0.043)
-    vein = _GrowParams(r_min=r_min, len_a=12.0, len_b=0.0, curvature=0.06, margin=1.0, flow_split=(0.25, 0.5))
+    # branch length grows with calibre (long trunks, short twigs), as in vascular morphometry
+    vein = _GrowParams(r_min=r_min, len_a=4.0, len_b=1.5, curvature=0.06, margin=1.0, flow_split=(0.25, 0.5))
     # the hepatic artery runs beside the portal branches in reality: it does not compete for space
     art = _GrowParams(r_min=max(R_MIN_MM, r_min - 0.2), len_a=5.0, len_b=4.0, curvature=0.3, margin=1.0,
                       flow_split=(0.3, 0.5), shared=False, max_nodes=250)
@@ -763,26 +785,24 @@ def _vessel_contrast(trees: dict[str, Tree], shape, spacing, par_mean: float, rn
     """Labels and the contrast image of the trees.
 
     Each tree gets a blood enhancement over the parenchyma (portal-venous phase: portal vein
-    and hepatic veins 32-72 HU, the artery more); the thickest segments (mean radius >= 3.5 mm,
-    the trunks near the IVC and the hilum) carry less (x0-0.35: inflow of unenhanced blood), and the
-    enhancement varies smoothly in space (x(1 +- ~0.35), features ~12 mm: mixing).
+    and hepatic veins 34-76 HU, the artery more); the thickest segments (the trunks near the
+    IVC and the hilum) carry less: from a mean radius of TRUNK_RAMP_MM[0] to TRUNK_RAMP_MM[1]
+    mm the enhancement falls linearly to x0-0.35 (inflow of unenhanced blood); and it varies
+    smoothly in space (x(1 +- ~0.35), features ~12 mm: mixing).
     Returns (masks name -> uint8 (H, W, D), contrast float32 (H, W, D) HU to add inside the liver,
     blood enhancement per tree in HU).
     """
-    enhance = {"portalvein": rng.uniform(40, 72), "venoussystem": rng.uniform(32, 66), "artery": rng.uniform(70, 120)}
+    enhance = {"portalvein": rng.uniform(42, 76), "venoussystem": rng.uniform(34, 70), "artery": rng.uniform(70, 120)}
     trunk = rng.uniform(0.0, 0.35)
+    ra, rb = TRUNK_RAMP_MM
     masks: dict[str, np.ndarray] = {}
     contrast = np.zeros(shape, dtype=np.float32)
     for name in TREE_NAMES:
         t = trees[name]
-        thick = (t.radius[t.edges[:, 0]] + t.radius[t.edges[:, 1]]) / 2 >= 3.5 if len(t.edges) else np.zeros(0, bool)
-        lab = np.zeros(shape, dtype=np.uint8)
-        for part, factor in ((~thick, 1.0), (thick, trunk)):
-            if not part.any():
-                continue
-            lab_p, occ = rasterise_tree(Tree(name, t.positions, t.radius, t.edges[part]), shape, spacing)
-            lab |= lab_p
-            np.maximum(contrast, occ * np.float32(enhance[name] * factor), out=contrast)
+        r_edge = (t.radius[t.edges[:, 0]] + t.radius[t.edges[:, 1]]) / 2 if len(t.edges) else np.zeros(0)
+        factor = 1.0 - (1.0 - trunk) * np.clip((r_edge - ra) / (rb - ra), 0.0, 1.0)
+        lab, occ = rasterise_tree(t, shape, spacing, edge_weight=factor)
+        np.maximum(contrast, occ * np.float32(enhance[name]), out=contrast)
         masks[name] = lab
     box = _bbox(contrast > 0, 1) if (contrast > 0).any() else tuple(slice(0, 1) for _ in range(3))
     sub_shape = tuple(b.stop - b.start for b in box)
@@ -794,13 +814,13 @@ def _scanner(hu: np.ndarray, spacing, rng: np.random.Generator) -> np.ndarray:
     """PSF blur (partial volume), then noise correlated in-plane over about a voxel with
     unequal row / column widths (slightly streaky, as a reconstruction kernel leaves it).
     ``hu`` float32 (H, W, D) -> int16 HU, clipped to [-1024, 3071]."""
-    psf_mm = np.array([0.6, 0.6, 0.8])
+    psf_mm = np.asarray(PSF_SIGMA_MM)
     img = ndimage.gaussian_filter(hu, sigma=psf_mm / np.asarray(spacing), mode="nearest", truncate=3.0)
     noise = rng.standard_normal(hu.shape, dtype=np.float32)
-    corr = rng.uniform(0.45, 0.6) * rng.permutation(np.array([1.0, rng.uniform(1.3, 1.6)]))
+    corr = rng.uniform(0.4, 0.55) * rng.permutation(np.array([1.0, rng.uniform(1.3, 1.6)]))
     noise = ndimage.gaussian_filter(noise, sigma=(corr[0], corr[1], 0), truncate=3.0)
-    # per-voxel noise grows as voxels shrink (fewer photons each): x (0.9 mm / in-plane spacing)^0.7
-    noise *= np.float32(rng.uniform(11, 14) * (0.9 / float(np.mean(spacing[:2]))) ** 0.7 / (noise.std() + 1e-6))
+    # per-voxel noise grows as voxels shrink (fewer photons each): x (0.9 mm / in-plane spacing)^0.6
+    noise *= np.float32(rng.uniform(10, 12.5) * (0.9 / float(np.mean(spacing[:2]))) ** 0.6 / (noise.std() + 1e-6))
     img += noise
     return np.clip(np.rint(img), -1024, 3071).astype(np.int16)
 

@@ -19,8 +19,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 import make_phantoms as cli
-from phantom.generator import (CENTERLINES_FILE, R_MAX_MM, R_MIN_MM, TREE_NAMES, generate_patient,
-                               load_centerlines, make_phantoms)
+from phantom.generator import (CENTERLINES_FILE, R_MAX_MM, R_MIN_MM, TREE_NAMES, Tree, generate_patient,
+                               load_centerlines, make_phantoms, rasterise_tree)
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 7
@@ -288,3 +288,32 @@ def test_volume_figures_on_a_worked_example():
     mask = np.ones_like(white, dtype=bool)
     assert correlation_length(white, mask) < 0.8
     assert correlation_length(ndimage.gaussian_filter(white, (1.5, 1.5, 0)), mask) > 1.5
+    # radius percentiles are taken inside the liver: a thick vein outside it (a real label's
+    # portal trunk or vena cava) leaves them as they are
+    from evaluation.metrics import skeleton
+
+    vein = (rr - 20) ** 2 + (cc - 38) ** 2 <= 25  # a half-disk at the grid's edge, beyond the liver's
+    with_vein = label | (vein[:, :, None] & ~liver)
+    edt = ndimage.distance_transform_edt(with_vein)
+    vein_skel = skeleton(with_vein) & ~liver
+    # counted, the vein's centreline (thicker than the whole tube) would move p90
+    assert vein_skel.sum() >= 0.2 * (skeleton(with_vein) & liver).sum()
+    assert edt[vein_skel].min() > f["radius p90 mm"]
+    g = volume_figures(hu, with_vein, liver, spacing)
+    for q in (10, 50, 90):
+        assert g[f"radius p{q} mm"] == pytest.approx(f[f"radius p{q} mm"])
+    assert f["radius p50 mm"] == pytest.approx(np.sqrt(5.0))  # the tube: 2 voxels, sqrt(5) on the diagonal
+
+
+def test_rasterise_edge_weight_scales_occupancy_not_label():
+    # one straight segment along the rows, radius 2 mm, on a 1 mm grid
+    tree = Tree("t", np.array([[5.0, 10.0, 5.0], [25.0, 10.0, 5.0]]), np.array([2.0, 2.0]), np.array([[0, 1]]))
+    shape, spacing = (30, 20, 10), (1.0, 1.0, 1.0)
+    lab, occ = rasterise_tree(tree, shape, spacing)
+    lab_w, occ_w = rasterise_tree(tree, shape, spacing, edge_weight=np.array([0.25]))
+    np.testing.assert_array_equal(lab, lab_w)
+    np.testing.assert_allclose(occ_w, 0.25 * occ, rtol=1e-6)
+    assert occ[15, 10, 5] == 1.0 and lab[15, 10, 7] == 1 and lab[15, 10, 8] == 0
+    assert occ[15, 10, 7] == pytest.approx(0.5) and occ[15, 10, 8] == pytest.approx(0.0)  # clip((2 - d) / 1 + 1/2)
+    with pytest.raises(ValueError, match="edge_weight"):
+        rasterise_tree(tree, shape, spacing, edge_weight=np.array([1.0, 1.0]))
