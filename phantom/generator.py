@@ -37,6 +37,7 @@ depend on how many were made or in which process.
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import logging
@@ -902,6 +903,26 @@ def _make_one(out: str, index: int, seed: int, preset: str, zip_output: bool, ov
             "generate_s": t1 - t0, "write_s": t2 - t1}
 
 
+def generator_fingerprint() -> str:
+    """sha256 of the phantom package's sources: it changes whenever the phantoms may change,
+    so data made by an older generator is not taken for current (:func:`manifest_is_current`)."""
+    h = hashlib.sha256()
+    for src in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(src.name.encode())
+        h.update(src.read_bytes())
+    return h.hexdigest()
+
+
+def manifest_is_current(folder: str | Path) -> bool:
+    """True when ``folder`` holds a phantom manifest written by this version of the generator."""
+    path = Path(folder) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("generator_sha256") == generator_fingerprint()
+
+
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
@@ -963,6 +984,7 @@ def make_phantoms(
             log.info("removing stale patient %s (--overwrite, only %d cases now)", p, cases)
             shutil.rmtree(p)
     manifest = {"preset": preset, "seed": int(seed), "cases": cases, "zip": bool(zip_output),
+                "generator_sha256": generator_fingerprint(),
                 "wall_s": time.perf_counter() - t0, "workers": workers, "patients": results}
     with atomic_path(out / MANIFEST_FILE) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))

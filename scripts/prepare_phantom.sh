@@ -19,6 +19,12 @@ step() { echo; echo "== [$(( $(date +%s) - T0 )) s] $*"; }
 
 step "1/5 phantom patients -> $RAW"
 if [ -f "$RAW/phantom_manifest.json" ]; then
+  if ! $PY -c "import sys; from phantom.generator import manifest_is_current; sys.exit(not manifest_is_current(sys.argv[1]))" "$RAW"; then
+    echo "error: $RAW was made by another version of the phantom generator (phantom/*.py changed since)." >&2
+    echo "       Everything made from it is stale: delete $RAW, $DATA/$DATASET, $CKPT/salience/$DATASET and the" >&2
+    echo "       runs under $CKPT/$DATASET you do not want to keep, or set DEMO_DATA and DEMO_CKPT to new folders." >&2
+    exit 2
+  fi
   echo "reusing $RAW (delete it to make new patients)"
 else
   $PY make_phantoms.py --out "$RAW" --cases 12 --preset demo --seed 0 --workers 2 --overwrite

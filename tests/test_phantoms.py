@@ -63,6 +63,31 @@ def test_same_seed_same_arrays_other_seed_other_trees():
     assert not np.array_equal(a.masks["portalvein"], generate_patient(1, SEED, "tiny").masks["portalvein"])
 
 
+def test_manifest_knows_the_generator_version(written, tmp_path, monkeypatch):
+    import json
+
+    import phantom.generator as gen_mod
+
+    out = written[0]
+    assert gen_mod.manifest_is_current(out)
+    # a copy whose manifest came from another generator version (or from before versions)
+    other = tmp_path / "older"
+    other.mkdir()
+    manifest = json.loads((out / gen_mod.MANIFEST_FILE).read_text())
+    for value in ("0" * 64, None):
+        manifest["generator_sha256"] = value
+        (other / gen_mod.MANIFEST_FILE).write_text(json.dumps(manifest))
+        assert not gen_mod.manifest_is_current(other)
+    assert not gen_mod.manifest_is_current(tmp_path / "missing")
+    # a changed source file changes the fingerprint
+    monkeypatch.setattr(gen_mod, "__file__", str(tmp_path / "pkg" / "generator.py"))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "generator.py").write_text("x = 1\n")
+    first = gen_mod.generator_fingerprint()
+    (tmp_path / "pkg" / "generator.py").write_text("x = 2\n")
+    assert gen_mod.generator_fingerprint() != first
+
+
 def test_types_shapes_and_anatomy():
     p = generate_patient(1, SEED, "tiny")
     assert p.hu.dtype == np.int16 and p.hu.shape == (64, 64, 16)
