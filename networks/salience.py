@@ -743,85 +743,197 @@ def _default_fold_map() -> Tensor:
     return _fold_map(square_wave_bank())
 
 
-class _RingCorrection(torch.autograd.Function):
-    """In place: y (N, O, h, w) plus the corrections of its outer ring.
+_SPAN = KERNEL_SIZE + 2  # 13: the bank folded into a 3x3 convolution
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row side, column side): top/bottom, left/right
 
-    sides_tb (N, 2 O, 1, w): rows 0 and h - 1; sides_lr (N, 2 O, h, 1): columns 0 and
-    w - 1; corners (4, N, O) for (0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1). The
-    gradient passes to ``y`` unchanged and reaches the corrections as its slices (an
-    autograd-tracked in-place slice update would copy the whole gradient per slice).
+
+def _split_folds(kers: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The :data:`_FOLDS` kernels (O, 9, 13, 13) as convolution weights.
+
+    full (O, 13, 1, 13): kernel row r -> input channel r of the row-shifted copies;
+    tb, lr (2 O, 13, 1, 13): two groups (top, bottom / left, right) of the side corrections;
+    corners (O, 2, 2, 13, 13): (row side, column side). All views or small copies of ``kers``.
     """
-
-    @staticmethod
-    def forward(ctx, y: Tensor, sides_tb: Tensor, sides_lr: Tensor, corners: Tensor) -> Tensor:
-        o = y.shape[1]
-        h, w = y.shape[-2:]
-        ctx.hw = (h, w)
-        y[:, :, :1] += sides_tb[:, :o]
-        y[:, :, h - 1 :] += sides_tb[:, o:]
-        y[:, :, :, :1] += sides_lr[:, :o]
-        y[:, :, :, w - 1 :] += sides_lr[:, o:]
-        for i, (r, c) in enumerate(((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1))):
-            y[:, :, r, c] += corners[i]
-        ctx.mark_dirty(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, ...]:
-        h, w = ctx.hw
-        corners = torch.stack([g[:, :, r, c] for r, c in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1))])
-        tb = torch.cat([g[:, :, :1], g[:, :, h - 1 :]], dim=1)
-        lr = torch.cat([g[:, :, :, :1], g[:, :, :, w - 1 :]], dim=1)
-        return g, tb, lr, corners
+    o = kers.shape[0]
+    full, tb, lr, corners = kers.split((1, 2, 2, 4), dim=1)
+    return (
+        full.transpose(1, 2),
+        tb.transpose(0, 1).reshape(2 * o, _SPAN, 1, _SPAN),
+        lr.transpose(0, 1).reshape(2 * o, _SPAN, 1, _SPAN),
+        corners.reshape(o, 2, 2, _SPAN, _SPAN),
+    )
 
 
-def _first_layer_folded(x: Tensor, fold_map: Tensor, conv: nn.Conv2d) -> Tensor:
-    """conv(conv(x, bank, pad 5), conv.weight, conv.bias, pad 1), exactly, with the bank folded.
+def _folded_first_layer(x: Tensor, kers: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """conv(conv(x, bank, pad 5), weight, bias, pad 1), exactly, with the bank folded, before the ReLU.
 
-    ``x`` (N, 1, h, w) -> (N, O, h, w), channels-last; ``fold_map`` is :func:`_fold_map`
-    of the bank. The bank folded into the 3x3 convolution is one 13x13 kernel, right for
-    every pixel whose 3x3 neighbourhood lies inside the plane. It runs as a 13-channel 1x13
-    convolution of the zero-padded plane's 13 row-shifted copies (channels-last; on the
-    2-core test machine 1.5x faster than a 1-channel 13x13 convolution, its weight
-    gradient 6x).
+    ``x`` (N, 1, h, w); ``kers`` (O, 9, 13, 13) the :data:`_FOLDS` kernels of ``weight``
+    (``weight.reshape(O, -1) @ fold_map``), in ``x``'s dtype; returns y (N, O, h, w),
+    channels-last, and the inputs of its convolutions (rows, tb_in, lr_in, patches) that
+    the weight gradient needs. Autograd-capable (the in-place ring updates touch a fresh
+    convolution output).
+
+    The bank folded into the 3x3 convolution is one 13x13 kernel, right for every pixel
+    whose 3x3 neighbourhood lies inside the plane. It runs as a 13-channel 1x13
+    convolution of the zero-padded plane's 13 row-shifted copies ``rows`` (N, 13, h, w + 12),
+    channels-last (on the 2-core test machine 1.5x faster than a 1-channel 13x13
+    convolution, its weight gradient 6x).
 
     On the outer ring the layer-by-layer computation sees zeros where the bank's response
     lies outside the plane (the 3x3 convolution's own zero padding), while the folded
     kernel sees the response there; the ring is corrected exactly: per side, the folded
     kernel of the taps that point outside is subtracted (one grouped convolution for the
     top and bottom rows, one for the left and right columns), and at each corner the one
-    tap counted by both of its sides is added back. Gradients reach ``conv.weight`` and
-    ``conv.bias`` through the fold. The kernels are folded in the weight's dtype with
-    autocast off; the convolutions follow autocast.
+    tap counted by both of its sides is added back.
     """
     n, _, h, w = x.shape
-    span = KERNEL_SIZE + 2  # 13: the folded kernel
-    m = span // 2  # 6: its radius
-    with torch.autocast(x.device.type, enabled=False):
-        weight = conv.weight
-        o = weight.shape[0]
-        kers = (weight.reshape(o, -1) @ fold_map.to(weight.dtype)).view(o, len(_FOLDS), span, span)
-    # kernel row r -> input channel r of the row-shifted copies (split: one backward op)
-    full, tb, lr, corners = kers.split((1, 2, 2, 4), dim=1)
-    full = full.transpose(1, 2)  # (O, 13, 1, 13)
-    tb = tb.transpose(0, 1).reshape(2 * o, span, 1, span)
-    lr = lr.transpose(0, 1).reshape(2 * o, span, 1, span)
-    corners = corners.reshape(o, 2, 2, span, span)  # (O, row side, column side, 13, 13)
+    m = _SPAN // 2  # 6: the folded kernel's radius
+    o = kers.shape[0]
+    full, tb, lr, corners = _split_folds(kers)
     xp = F.pad(x[:, 0], (m, m, m, m))  # (N, h + 12, w + 12)
     # rows[n, r, i, j] = xp[n, i + r, j]: (N, 13, h, w + 12), channels-last in memory
-    rows = xp.unfold(1, span, 1).contiguous().permute(0, 3, 1, 2)
-    y = F.conv2d(rows, full, conv.bias)
+    rows = xp.unfold(1, _SPAN, 1).contiguous().permute(0, 3, 1, 2)
+    y = F.conv2d(rows, full, bias)
     # rows 0 and h - 1 as two groups of 13 channels: (N, 26, 1, w + 12) -> (N, 2 O, 1, w)
-    tb_in = rows[:, :, [0, h - 1]].transpose(1, 2).reshape(n, 2 * span, 1, w + 2 * m)
+    tb_in = rows[:, :, [0, h - 1]].transpose(1, 2).reshape(n, 2 * _SPAN, 1, w + 2 * m)
     # columns 0 and w - 1 (13-wide windows) as two groups: (N, 26, h, 13) -> (N, 2 O, h, 1)
-    lr_in = torch.cat([rows[..., :span], rows[..., w - 1 :]], dim=1)
-    patches = lr_in[:, :, [0, h - 1]].view(n, 2, span, 2, span)  # (N, column side, r, row side, v)
-    return _RingCorrection.apply(
-        y,
-        F.conv2d(tb_in, tb, groups=2),
-        F.conv2d(lr_in, lr, groups=2),
-        torch.einsum("njriv,oijrv->ijno", patches, corners).reshape(4, n, o),
+    lr_in = torch.cat([rows[..., :_SPAN], rows[..., w - 1 :]], dim=1)
+    patches = lr_in[:, :, [0, h - 1]].view(n, 2, _SPAN, 2, _SPAN)  # (N, column side, r, row side, v)
+    sides_tb = F.conv2d(tb_in, tb, groups=2)
+    sides_lr = F.conv2d(lr_in, lr, groups=2)
+    corner = torch.einsum("njriv,oijrv->ijno", patches, corners).reshape(4, n, o)
+    y[:, :, :1] += sides_tb[:, :o]
+    y[:, :, h - 1 :] += sides_tb[:, o:]
+    y[:, :, :, :1] += sides_lr[:, :o]
+    y[:, :, :, w - 1 :] += sides_lr[:, o:]
+    for i, (a, b) in enumerate(_CORNERS):
+        y[:, :, a * (h - 1), b * (w - 1)] += corner[i]
+    return y, (rows, tb_in, lr_in, patches)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would convolve ``x`` in: its dtype, or autocast's (not for float64)."""
+    dev = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+class _FoldedHead(torch.autograd.Function):
+    """The whole e2e salience of planes with the bank folded: (N, 1, h, w) -> (N, 1, h, w).
+
+    Inputs: x, kers (O, 9, 13, 13) (:func:`_folded_first_layer`), b1 (O,), w2 (O, O, 3, 3),
+    b2 (O,), w3 (1, O, 1, 1), b3 (1,). Forward: first layer, ReLU, 3x3 convolution, ReLU,
+    1x1 convolution (a matrix-vector product over the contiguous channels), sigmoid; the
+    30-channel maps are channels-last and every ReLU is in place. All of it runs in one
+    dtype (autocast's under autocast, with autocast itself off inside), and gradients come
+    back in each input's dtype.
+
+    The hand-written backward is the layer-by-layer chain rule, arranged so that only one
+    30-channel map is allocated (the 3x3 convolution's input gradient): the second ReLU's
+    mask times the sigmoid's gradient is written over the saved second activation, the
+    1x1 convolution's weight w3 is folded into the 3x3 convolution's weight (grad of the
+    map = mask * g * w3[o], so the data gradient uses w2 * w3[o] and the weight and bias
+    gradients are scaled by w3[o] afterwards), and the first ReLU's mask is applied in
+    place to that input gradient. The gradient to ``x`` (only when it requires one)
+    recomputes the first layer, which is linear in ``x``, under autograd.
+
+    Because the saved activation is overwritten, a second backward through the same
+    graph (``retain_graph=True``) raises instead of giving wrong gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kers: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor) -> Tensor:
+        dt = _compute_dtype(x)
+        cl = torch.channels_last
+        with torch.autocast(x.device.type, enabled=False):
+            xc, kc, w2c, w3c = x.to(dt), kers.to(dt), w2.to(dt), w3.to(dt).flatten()
+            n, _, h, w = x.shape
+            r1, ring = _folded_first_layer(xc, kc, b1.to(dt))
+            r1 = r1.relu_().contiguous(memory_format=cl)  # a no-op: the convolution gave channels-last
+            r2 = F.conv2d(r1, w2c, b2.to(dt), padding=1).relu_().contiguous(memory_format=cl)
+            z = torch.addmv(b3.to(dt), r2.permute(0, 2, 3, 1).reshape(-1, r2.shape[1]), w3c)
+            s = z.sigmoid_().view(n, 1, h, w)
+        ctx.dtypes = (x.dtype, kers.dtype, b1.dtype, w2.dtype, b2.dtype, w3.dtype, b3.dtype)
+        ctx.consumed = False
+        ctx.save_for_backward(xc, kc, w2c, w3c, r1, r2, s, *ring)
+        return s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Optional[Tensor], ...]:
+        if ctx.consumed:
+            raise RuntimeError(
+                "SalienceModule: a second backward through the same forward (retain_graph=True) is not "
+                "supported; run the forward again"
+            )
+        ctx.consumed = True
+        xc, kc, w2c, w3c, r1, r2, s, rows, tb_in, lr_in, patches = ctx.saved_tensors
+        need_x, need_k, need_b1, need_w2, need_b2, need_w3, need_b3 = ctx.needs_input_grad
+        n, o, h, w = r1.shape
+        grads: list[Optional[Tensor]] = [None] * 7
+        with torch.autocast(xc.device.type, enabled=False):
+            gs = torch.ops.aten.sigmoid_backward(g.to(s.dtype), s).reshape(-1)  # (N h w,)
+            r2_flat = r2.permute(0, 2, 3, 1).view(-1, o)  # (N h w, O), the same memory
+            if need_w3:
+                grads[5] = (r2_flat.T @ gs).view(1, o, 1, 1)
+            if need_b3:
+                grads[6] = gs.sum().view(1)
+            if not (need_x or need_k or need_b1 or need_w2 or need_b2):
+                return tuple(_as_dtype(grads, ctx.dtypes))
+            # mask of the second ReLU (r2 >= 0, so sign is 0 or 1) times the sigmoid's gradient
+            hmap = r2_flat.sign_().mul_(gs[:, None])  # written over r2
+            need_r1 = need_x or need_k or need_b1
+            g_r1, g_w2, g_b2 = torch.ops.aten.convolution_backward(
+                r2, r1, w2c * w3c[:, None, None, None], [o], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                [need_r1, need_w2, need_b2],
+            )
+            del hmap
+            if need_w2:
+                grads[3] = g_w2.mul_(w3c[:, None, None, None])
+            if need_b2:
+                grads[4] = g_b2.mul_(w3c)
+            if need_r1:
+                g1 = torch.ops.aten.threshold_backward.grad_input(g_r1, r1, 0, grad_input=g_r1)
+                if need_k or need_b1:
+                    grads[1], grads[2] = _first_layer_weight_grads(g1, kc, rows, tb_in, lr_in, patches, need_b1)
+                if need_x:
+                    with torch.enable_grad():
+                        xd = xc.detach().requires_grad_()
+                        (grads[0],) = torch.autograd.grad(_folded_first_layer(xd, kc, None)[0], xd, g1)
+        return tuple(_as_dtype(grads, ctx.dtypes))
+
+
+def _as_dtype(grads: list[Optional[Tensor]], dtypes: tuple[torch.dtype, ...]) -> list[Optional[Tensor]]:
+    return [None if gr is None else gr.to(dt) for gr, dt in zip(grads, dtypes)]
+
+
+def _first_layer_weight_grads(
+    g1: Tensor, kers: Tensor, rows: Tensor, tb_in: Tensor, lr_in: Tensor, patches: Tensor, need_bias: bool
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Gradients of :func:`_folded_first_layer`'s kers (O, 9, 13, 13) and bias (O,) for the
+    output gradient ``g1`` (N, O, h, w), from the saved convolution inputs."""
+    o = kers.shape[0]
+    h, w = g1.shape[-2:]
+    full, tb, lr, _ = _split_folds(kers)
+    conv_bwd = torch.ops.aten.convolution_backward
+    _, g_full, g_bias = conv_bwd(g1, rows, full, [o], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, need_bias])
+    g_tb = torch.cat([g1[:, :, :1], g1[:, :, h - 1 :]], dim=1)  # (N, 2 O, 1, w)
+    g_lr = torch.cat([g1[..., :1], g1[..., w - 1 :]], dim=1)  # (N, 2 O, h, 1)
+    g_tb = conv_bwd(g_tb, tb_in, tb, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 2, [False, True, False])[1]
+    g_lr = conv_bwd(g_lr, lr_in, lr, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 2, [False, True, False])[1]
+    g_corner = torch.stack([g1[:, :, a * (h - 1), b * (w - 1)] for a, b in _CORNERS]).view(2, 2, -1, o)
+    g_corners = torch.einsum("ijno,njriv->oijrv", g_corner, patches)
+    g_kers = torch.cat(
+        [
+            g_full.transpose(1, 2),
+            g_tb.view(2, o, _SPAN, _SPAN).transpose(0, 1),
+            g_lr.view(2, o, _SPAN, _SPAN).transpose(0, 1),
+            g_corners.reshape(o, 4, _SPAN, _SPAN),
+        ],
+        dim=1,
     )
+    return g_kers, g_bias
 
 
 class SalienceModule(nn.Module):
@@ -834,11 +946,13 @@ class SalienceModule(nn.Module):
 
     - the bank and the head's first convolution are folded into one 13x13 convolution
       (:func:`fold_bank_into_conv`, refolded every forward so gradients reach the head),
-      with an exact correction of the plane's outer ring (:func:`_first_layer_folded`);
+      with an exact correction of the plane's outer ring (:func:`_folded_first_layer`);
     - plane stacks of equal shape (all three for a cube) go through one call per layer;
     - under autocast the convolutions run in its dtype (bf16), the fold in float32;
       the 30-channel layers run channels-last (oneDNN's fastest layout on the CPU,
-      tensor cores' native one on the GPU).
+      tensor cores' native one on the GPU);
+    - the layers after the fold are one autograd function (:class:`_FoldedHead`) whose
+      backward allocates one 30-channel map where autograd's allocates four.
 
     State-dict keys are ``head.out_conv.*`` only, so :func:`load_head` reads the head back
     from a model checkpoint.
@@ -859,11 +973,12 @@ class SalienceModule(nn.Module):
         """(N, 1, h, w) -> (N, 1, h, w) salience of independent planes."""
         if x.dim() != 4 or x.shape[1] != 1:
             raise ValueError(f"planes must be (N, 1, h, w), got {tuple(x.shape)}")
-        conv1, relu1, conv2, relu2, conv3, sigmoid = self.head.out_conv
-        y = relu2(conv2(relu1(_first_layer_folded(x, self.fold_map, conv1))))  # channels-last
-        # the 1x1 convolution as a product over the (last, contiguous) channel dimension
-        z = F.linear(y.permute(0, 2, 3, 1), conv3.weight.flatten(1), conv3.bias)  # (N, h, w, 1)
-        return sigmoid(z.permute(0, 3, 1, 2))
+        conv1, _, conv2, _, conv3, _ = self.head.out_conv
+        with torch.autocast(x.device.type, enabled=False):  # the fold in the weight's dtype
+            weight = conv1.weight
+            o = weight.shape[0]
+            kers = (weight.reshape(o, -1) @ self.fold_map.to(weight.dtype)).view(o, len(_FOLDS), _SPAN, _SPAN)
+        return _FoldedHead.apply(x, kers, conv1.bias, conv2.weight, conv2.bias, conv3.weight, conv3.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4 and x.shape[1] == 1:
