@@ -60,6 +60,8 @@ DEFAULT_MAX_BATCH_VOXELS = 1 << 21
 #: intermediates (block x 30 x 4 bytes, about 8 MB) then stay in the last-level cache
 BANK_CPU_BLOCK_PIXELS = 1 << 16
 _STD_RTOL = 1e-5
+#: pixels per chunk of :class:`SalienceModule` on the CPU (:func:`_plane_chunks`)
+E2E_CPU_BLOCK_PIXELS = 1 << 16
 
 # Seed fpn blocks: (sigma, lambda, kernel k, dilation, padding), DESIGN.md section 1b.
 FPN_BLOCKS: tuple[tuple[float, float, int, int, int], ...] = (
@@ -819,44 +821,72 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _plane_chunks(n: int, h: int, w: int, device: torch.device) -> list[slice]:
+    """Slices of a stack of ``n`` planes (h x w) that :class:`_FoldedHead` processes at a time.
+
+    On the CPU about :data:`E2E_CPU_BLOCK_PIXELS` pixels (whole planes), so that a chunk's
+    30-channel maps stay in the last-level cache between layers and the backward's
+    temporaries are reused from one chunk to the next instead of freshly allocated
+    (every fresh page costs a fault); elsewhere one chunk.
+    """
+    if device.type != "cpu":
+        return [slice(0, n)]
+    per = max(1, E2E_CPU_BLOCK_PIXELS // (h * w))
+    return list(_chunks(n, per))
+
+
 class _FoldedHead(torch.autograd.Function):
     """The whole e2e salience of planes with the bank folded: (N, 1, h, w) -> (N, 1, h, w).
 
     Inputs: x, kers (O, 9, 13, 13) (:func:`_folded_first_layer`), b1 (O,), w2 (O, O, 3, 3),
-    b2 (O,), w3 (1, O, 1, 1), b3 (1,). Forward: first layer, ReLU, 3x3 convolution, ReLU,
-    1x1 convolution (a matrix-vector product over the contiguous channels), sigmoid; the
-    30-channel maps are channels-last and every ReLU is in place. All of it runs in one
-    dtype (autocast's under autocast, with autocast itself off inside), and gradients come
-    back in each input's dtype.
+    b2 (O,), w3 (1, O, 1, 1), b3 (1,), and ``keep`` (save what the backward needs: grad
+    mode was on). Forward: first layer, ReLU, 3x3 convolution, ReLU, 1x1 convolution (a
+    matrix-vector product over the contiguous channels), sigmoid; the 30-channel maps are
+    channels-last and every ReLU is in place. Planes go through in chunks
+    (:func:`_plane_chunks`). All of it runs in one dtype (autocast's under autocast, with
+    autocast itself off inside); gradients come back in each input's dtype, summed over
+    the chunks in at least float32.
 
     The hand-written backward is the layer-by-layer chain rule, arranged so that only one
-    30-channel map is allocated (the 3x3 convolution's input gradient): the second ReLU's
-    mask times the sigmoid's gradient is written over the saved second activation, the
-    1x1 convolution's weight w3 is folded into the 3x3 convolution's weight (grad of the
-    map = mask * g * w3[o], so the data gradient uses w2 * w3[o] and the weight and bias
-    gradients are scaled by w3[o] afterwards), and the first ReLU's mask is applied in
-    place to that input gradient. The gradient to ``x`` (only when it requires one)
-    recomputes the first layer, which is linear in ``x``, under autograd.
+    30-channel map per chunk is allocated (the 3x3 convolution's input gradient): the
+    second ReLU's mask times the sigmoid's gradient is written over the saved second
+    activation, the 1x1 convolution's weight w3 is folded into the 3x3 convolution's weight
+    (grad of the map = mask * g * w3[o], so the data gradient uses w2 * w3[o] and the
+    weight and bias gradients are scaled by w3[o] afterwards), and the first ReLU's mask
+    is applied in place to that input gradient. The gradient to ``x`` (only when it
+    requires one) recomputes the first layer, which is linear in ``x``, under autograd.
 
     Because the saved activation is overwritten, a second backward through the same
     graph (``retain_graph=True``) raises instead of giving wrong gradients.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, kers: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor) -> Tensor:
+    def forward(
+        ctx, x: Tensor, kers: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor, keep: bool
+    ) -> Tensor:
         dt = _compute_dtype(x)
         cl = torch.channels_last
+        n, _, h, w = x.shape
+        keep = keep and any(ctx.needs_input_grad[:7])
+        chunks = _plane_chunks(n, h, w, x.device)
+        saved: list[Tensor] = []
         with torch.autocast(x.device.type, enabled=False):
-            xc, kc, w2c, w3c = x.to(dt), kers.to(dt), w2.to(dt), w3.to(dt).flatten()
-            n, _, h, w = x.shape
-            r1, ring = _folded_first_layer(xc, kc, b1.to(dt))
-            r1 = r1.relu_().contiguous(memory_format=cl)  # a no-op: the convolution gave channels-last
-            r2 = F.conv2d(r1, w2c, b2.to(dt), padding=1).relu_().contiguous(memory_format=cl)
-            z = torch.addmv(b3.to(dt), r2.permute(0, 2, 3, 1).reshape(-1, r2.shape[1]), w3c)
-            s = z.sigmoid_().view(n, 1, h, w)
+            xc, kc, b1c, w2c, b2c = x.to(dt), kers.to(dt), b1.to(dt), w2.to(dt), b2.to(dt)
+            w3c, b3c = w3.to(dt).flatten(), b3.to(dt)
+            s = torch.empty((n, 1, h, w), dtype=dt, device=x.device)
+            for sl in chunks:
+                r1, ring = _folded_first_layer(xc[sl], kc, b1c)
+                r1 = r1.relu_().contiguous(memory_format=cl)  # a no-op: the convolution gave channels-last
+                r2 = F.conv2d(r1, w2c, b2c, padding=1).relu_().contiguous(memory_format=cl)
+                torch.addmv(b3c, r2.permute(0, 2, 3, 1).reshape(-1, r2.shape[1]), w3c, out=s[sl].view(-1))
+                if keep:
+                    saved += [r1, r2, *ring]
+            s.sigmoid_()
         ctx.dtypes = (x.dtype, kers.dtype, b1.dtype, w2.dtype, b2.dtype, w3.dtype, b3.dtype)
+        ctx.chunks = chunks
         ctx.consumed = False
-        ctx.save_for_backward(xc, kc, w2c, w3c, r1, r2, s, *ring)
+        if keep:
+            ctx.save_for_backward(xc, kc, w2c, w3c, s, *saved)
         return s
 
     @staticmethod
@@ -868,40 +898,60 @@ class _FoldedHead(torch.autograd.Function):
                 "supported; run the forward again"
             )
         ctx.consumed = True
-        xc, kc, w2c, w3c, r1, r2, s, rows, tb_in, lr_in, patches = ctx.saved_tensors
-        need_x, need_k, need_b1, need_w2, need_b2, need_w3, need_b3 = ctx.needs_input_grad
-        n, o, h, w = r1.shape
-        grads: list[Optional[Tensor]] = [None] * 7
+        xc, kc, w2c, w3c, s, *saved = ctx.saved_tensors
+        need_x, need_k, need_b1, need_w2, need_b2, need_w3, need_b3, _ = ctx.needs_input_grad
+        need_r1 = need_x or need_k or need_b1
+        need_r2 = need_r1 or need_w2 or need_b2
+        acc_dt = torch.promote_types(s.dtype, torch.float32)
+        o = w2c.shape[0]
+        sums: dict[int, Tensor] = {}  # input index -> gradient summed over the chunks
+
+        def add(i: int, grad: Optional[Tensor]) -> None:
+            if grad is not None:
+                sums[i] = sums[i] + grad if i in sums else grad.to(acc_dt)
+
+        grad_x = torch.empty_like(xc) if need_x else None
+        conv_bwd = torch.ops.aten.convolution_backward
         with torch.autocast(xc.device.type, enabled=False):
-            gs = torch.ops.aten.sigmoid_backward(g.to(s.dtype), s).reshape(-1)  # (N h w,)
-            r2_flat = r2.permute(0, 2, 3, 1).view(-1, o)  # (N h w, O), the same memory
-            if need_w3:
-                grads[5] = (r2_flat.T @ gs).view(1, o, 1, 1)
-            if need_b3:
-                grads[6] = gs.sum().view(1)
-            if not (need_x or need_k or need_b1 or need_w2 or need_b2):
-                return tuple(_as_dtype(grads, ctx.dtypes))
-            # mask of the second ReLU (r2 >= 0, so sign is 0 or 1) times the sigmoid's gradient
-            hmap = r2_flat.sign_().mul_(gs[:, None])  # written over r2
-            need_r1 = need_x or need_k or need_b1
-            g_r1, g_w2, g_b2 = torch.ops.aten.convolution_backward(
-                r2, r1, w2c * w3c[:, None, None, None], [o], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                [need_r1, need_w2, need_b2],
-            )
-            del hmap
-            if need_w2:
-                grads[3] = g_w2.mul_(w3c[:, None, None, None])
-            if need_b2:
-                grads[4] = g_b2.mul_(w3c)
-            if need_r1:
+            w2s = w2c * w3c[:, None, None, None]
+            for k, sl in enumerate(ctx.chunks):
+                r1, r2, rows, tb_in, lr_in, patches = saved[6 * k : 6 * k + 6]
+                gs = torch.ops.aten.sigmoid_backward(g[sl].to(s.dtype), s[sl]).reshape(-1)  # (n h w,)
+                r2_flat = r2.permute(0, 2, 3, 1).view(-1, o)  # (n h w, O), the same memory
+                if need_w3:
+                    add(5, r2_flat.T @ gs)
+                if need_b3:
+                    add(6, gs.sum().view(1))
+                if not need_r2:
+                    continue
+                # mask of the second ReLU (r2 >= 0, so sign is 0 or 1) times the sigmoid's gradient
+                r2_flat.sign_().mul_(gs[:, None])  # written over r2
+                g_r1, g_w2, g_b2 = conv_bwd(
+                    r2, r1, w2s, [o], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_r1, need_w2, need_b2]
+                )
+                add(3, g_w2)
+                add(4, g_b2)
+                if not need_r1:
+                    continue
                 g1 = torch.ops.aten.threshold_backward.grad_input(g_r1, r1, 0, grad_input=g_r1)
                 if need_k or need_b1:
-                    grads[1], grads[2] = _first_layer_weight_grads(g1, kc, rows, tb_in, lr_in, patches, need_b1)
+                    g_k, g_b1 = _first_layer_weight_grads(g1, kc, rows, tb_in, lr_in, patches, need_b1)
+                    add(1, g_k)
+                    add(2, g_b1)
                 if need_x:
                     with torch.enable_grad():
-                        xd = xc.detach().requires_grad_()
-                        (grads[0],) = torch.autograd.grad(_folded_first_layer(xd, kc, None)[0], xd, g1)
-        return tuple(_as_dtype(grads, ctx.dtypes))
+                        xd = xc[sl].detach().requires_grad_()
+                        (grad_x[sl],) = torch.autograd.grad(_folded_first_layer(xd, kc, None)[0], xd, g1)
+        if 3 in sums:
+            sums[3] = sums[3] * w3c[:, None, None, None]
+        if 4 in sums:
+            sums[4] = sums[4] * w3c
+        if 5 in sums:
+            sums[5] = sums[5].view(1, o, 1, 1)
+        if grad_x is not None:
+            sums[0] = grad_x
+        grads = [sums.get(i) for i in range(7)]
+        return (*_as_dtype(grads, ctx.dtypes), None)
 
 
 def _as_dtype(grads: list[Optional[Tensor]], dtypes: tuple[torch.dtype, ...]) -> list[Optional[Tensor]]:
@@ -978,7 +1028,8 @@ class SalienceModule(nn.Module):
             weight = conv1.weight
             o = weight.shape[0]
             kers = (weight.reshape(o, -1) @ self.fold_map.to(weight.dtype)).view(o, len(_FOLDS), _SPAN, _SPAN)
-        return _FoldedHead.apply(x, kers, conv1.bias, conv2.weight, conv2.bias, conv3.weight, conv3.bias)
+        keep = torch.is_grad_enabled()
+        return _FoldedHead.apply(x, kers, conv1.bias, conv2.weight, conv2.bias, conv3.weight, conv3.bias, keep)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4 and x.shape[1] == 1:
