@@ -697,7 +697,7 @@ class ResidualGate(nn.Module):
                 f"ResidualGate needs image (B, 1, *sp) and salience (B, C, *sp), got {tuple(image.shape)} / "
                 f"{tuple(salience.shape)}"
             )
-        return image + image * salience
+        return torch.addcmul(image, image, salience)  # one pass, one allocation
 
 
 #: The 13x13 kernels :class:`SalienceModule` folds from the head's first convolution, as
