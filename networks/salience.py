@@ -62,6 +62,9 @@ BANK_CPU_BLOCK_PIXELS = 1 << 16
 _STD_RTOL = 1e-5
 #: pixels per chunk of :class:`SalienceModule` on the CPU (:func:`_plane_chunks`)
 E2E_CPU_BLOCK_PIXELS = 1 << 16
+#: memory layout of :class:`SalienceModule`'s 30-channel maps on the CPU: in chunks, oneDNN's
+#: 3x3 convolution of 30 channels is faster in NCHW than channels-last (weight gradient 1.7x)
+E2E_CPU_LAYOUT = torch.contiguous_format
 
 # Seed fpn blocks: (sigma, lambda, kernel k, dilation, padding), DESIGN.md section 1b.
 FPN_BLOCKS: tuple[tuple[float, float, int, int, int], ...] = (
@@ -766,20 +769,22 @@ def _split_folds(kers: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     )
 
 
-def _folded_first_layer(x: Tensor, kers: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+def _folded_first_layer(
+    x: Tensor, kers: Tensor, bias: Optional[Tensor], layout: torch.memory_format
+) -> tuple[Tensor, tuple[Tensor, ...]]:
     """conv(conv(x, bank, pad 5), weight, bias, pad 1), exactly, with the bank folded, before the ReLU.
 
     ``x`` (N, 1, h, w); ``kers`` (O, 9, 13, 13) the :data:`_FOLDS` kernels of ``weight``
-    (``weight.reshape(O, -1) @ fold_map``), in ``x``'s dtype; returns y (N, O, h, w),
-    channels-last, and the inputs of its convolutions (rows, tb_in, lr_in, patches) that
-    the weight gradient needs. Autograd-capable (the in-place ring updates touch a fresh
-    convolution output).
+    (``weight.reshape(O, -1) @ fold_map``), in ``x``'s dtype; returns y (N, O, h, w) in
+    memory ``layout`` (``torch.contiguous_format`` or ``torch.channels_last``) and the
+    inputs of its convolutions (rows, tb_in, lr_in, patches) that the weight gradient
+    needs. Autograd-capable (the in-place ring updates touch a fresh convolution output).
 
     The bank folded into the 3x3 convolution is one 13x13 kernel, right for every pixel
     whose 3x3 neighbourhood lies inside the plane. It runs as a 13-channel 1x13
-    convolution of the zero-padded plane's 13 row-shifted copies ``rows`` (N, 13, h, w + 12),
-    channels-last (on the 2-core test machine 1.5x faster than a 1-channel 13x13
-    convolution, its weight gradient 6x).
+    convolution of the zero-padded plane's 13 row-shifted copies ``rows`` (N, 13, h, w + 12)
+    (on the 2-core test machine 1.5x faster than a 1-channel 13x13 convolution, its
+    weight gradient 5-6x).
 
     On the outer ring the layer-by-layer computation sees zeros where the bank's response
     lies outside the plane (the 3x3 convolution's own zero padding), while the folded
@@ -793,8 +798,8 @@ def _folded_first_layer(x: Tensor, kers: Tensor, bias: Optional[Tensor]) -> tupl
     o = kers.shape[0]
     full, tb, lr, corners = _split_folds(kers)
     xp = F.pad(x[:, 0], (m, m, m, m))  # (N, h + 12, w + 12)
-    # rows[n, r, i, j] = xp[n, i + r, j]: (N, 13, h, w + 12), channels-last in memory
-    rows = xp.unfold(1, _SPAN, 1).contiguous().permute(0, 3, 1, 2)
+    # rows[n, r, i, j] = xp[n, i + r, j]: (N, 13, h, w + 12)
+    rows = xp.unfold(1, _SPAN, 1).permute(0, 3, 1, 2).contiguous(memory_format=layout)
     y = F.conv2d(rows, full, bias)
     # rows 0 and h - 1 as two groups of 13 channels: (N, 26, 1, w + 12) -> (N, 2 O, 1, w)
     tb_in = rows[:, :, [0, h - 1]].transpose(1, 2).reshape(n, 2 * _SPAN, 1, w + 2 * m)
@@ -810,7 +815,7 @@ def _folded_first_layer(x: Tensor, kers: Tensor, bias: Optional[Tensor]) -> tupl
     y[:, :, :, w - 1 :] += sides_lr[:, o:]
     for i, (a, b) in enumerate(_CORNERS):
         y[:, :, a * (h - 1), b * (w - 1)] += corner[i]
-    return y, (rows, tb_in, lr_in, patches)
+    return y.contiguous(memory_format=layout), (rows, tb_in, lr_in, patches)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -835,15 +840,40 @@ def _plane_chunks(n: int, h: int, w: int, device: torch.device) -> list[slice]:
     return list(_chunks(n, per))
 
 
+def _plane_layout(device: torch.device) -> torch.memory_format:
+    """Memory layout of :class:`_FoldedHead`'s maps: :data:`E2E_CPU_LAYOUT` on the CPU,
+    channels-last elsewhere (tensor cores' native layout)."""
+    return E2E_CPU_LAYOUT if device.type == "cpu" else torch.channels_last
+
+
+def _mix_channels(r2: Tensor, w3: Tensor, out: Tensor, layout: torch.memory_format) -> None:
+    """out (n, h, w) = sum_o w3[o] r2[:, o]: the 1x1 convolution of r2 (n, O, h, w) in ``layout``."""
+    n, o = r2.shape[:2]
+    if layout == torch.channels_last:
+        torch.mv(r2.permute(0, 2, 3, 1).reshape(-1, o), w3, out=out.view(-1))
+    else:
+        torch.matmul(w3, r2.view(n, o, -1), out=out.view(n, -1))
+
+
+def _channel_dots(r2: Tensor, gs: Tensor, layout: torch.memory_format) -> Tensor:
+    """(O,) sum over planes and pixels of r2 (n, O, h, w) times gs (n, h, w): the 1x1
+    convolution's weight gradient."""
+    n, o = r2.shape[:2]
+    if layout == torch.channels_last:
+        return r2.permute(0, 2, 3, 1).reshape(-1, o).T @ gs.reshape(-1)
+    # one matrix-vector product per plane: a batched product runs 3x slower on the CPU
+    return torch.stack([torch.mv(r2[i].view(o, -1), gs[i].reshape(-1)) for i in range(n)]).sum(0)
+
+
 class _FoldedHead(torch.autograd.Function):
     """The whole e2e salience of planes with the bank folded: (N, 1, h, w) -> (N, 1, h, w).
 
     Inputs: x, kers (O, 9, 13, 13) (:func:`_folded_first_layer`), b1 (O,), w2 (O, O, 3, 3),
     b2 (O,), w3 (1, O, 1, 1), b3 (1,), and ``keep`` (save what the backward needs: grad
     mode was on). Forward: first layer, ReLU, 3x3 convolution, ReLU, 1x1 convolution (a
-    matrix-vector product over the contiguous channels), sigmoid; the 30-channel maps are
-    channels-last and every ReLU is in place. Planes go through in chunks
-    (:func:`_plane_chunks`). All of it runs in one dtype (autocast's under autocast, with
+    matrix-vector product over the channels), sigmoid; every ReLU is in place. Planes go
+    through in chunks (:func:`_plane_chunks`), the 30-channel maps in
+    :func:`_plane_layout`. All of it runs in one dtype (autocast's under autocast, with
     autocast itself off inside); gradients come back in each input's dtype, summed over
     the chunks in at least float32.
 
@@ -853,8 +883,10 @@ class _FoldedHead(torch.autograd.Function):
     activation, the 1x1 convolution's weight w3 is folded into the 3x3 convolution's weight
     (grad of the map = mask * g * w3[o], so the data gradient uses w2 * w3[o] and the
     weight and bias gradients are scaled by w3[o] afterwards), and the first ReLU's mask
-    is applied in place to that input gradient. The gradient to ``x`` (only when it
-    requires one) recomputes the first layer, which is linear in ``x``, under autograd.
+    is applied in place to that input gradient. The 3x3 convolution's data and weight
+    gradients are two calls (on the CPU one call of both is slower than the two). The
+    gradient to ``x`` (only when it requires one) recomputes the first layer, which is
+    linear in ``x``, under autograd.
 
     Because the saved activation is overwritten, a second backward through the same
     graph (``retain_graph=True``) raises instead of giving wrong gradients.
@@ -865,25 +897,25 @@ class _FoldedHead(torch.autograd.Function):
         ctx, x: Tensor, kers: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor, keep: bool
     ) -> Tensor:
         dt = _compute_dtype(x)
-        cl = torch.channels_last
         n, _, h, w = x.shape
         keep = keep and any(ctx.needs_input_grad[:7])
         chunks = _plane_chunks(n, h, w, x.device)
+        layout = _plane_layout(x.device)
         saved: list[Tensor] = []
         with torch.autocast(x.device.type, enabled=False):
             xc, kc, b1c, w2c, b2c = x.to(dt), kers.to(dt), b1.to(dt), w2.to(dt), b2.to(dt)
-            w3c, b3c = w3.to(dt).flatten(), b3.to(dt)
+            w3c = w3.to(dt).flatten()
             s = torch.empty((n, 1, h, w), dtype=dt, device=x.device)
             for sl in chunks:
-                r1, ring = _folded_first_layer(xc[sl], kc, b1c)
-                r1 = r1.relu_().contiguous(memory_format=cl)  # a no-op: the convolution gave channels-last
-                r2 = F.conv2d(r1, w2c, b2c, padding=1).relu_().contiguous(memory_format=cl)
-                torch.addmv(b3c, r2.permute(0, 2, 3, 1).reshape(-1, r2.shape[1]), w3c, out=s[sl].view(-1))
+                r1, ring = _folded_first_layer(xc[sl], kc, b1c, layout)
+                r1.relu_()
+                r2 = F.conv2d(r1, w2c, b2c, padding=1).relu_().contiguous(memory_format=layout)
+                _mix_channels(r2, w3c, s[sl, 0], layout)
                 if keep:
                     saved += [r1, r2, *ring]
-            s.sigmoid_()
+            s.add_(b3.to(dt)).sigmoid_()
         ctx.dtypes = (x.dtype, kers.dtype, b1.dtype, w2.dtype, b2.dtype, w3.dtype, b3.dtype)
-        ctx.chunks = chunks
+        ctx.chunks, ctx.layout = chunks, layout
         ctx.consumed = False
         if keep:
             ctx.save_for_backward(xc, kc, w2c, w3c, s, *saved)
@@ -912,27 +944,27 @@ class _FoldedHead(torch.autograd.Function):
 
         grad_x = torch.empty_like(xc) if need_x else None
         conv_bwd = torch.ops.aten.convolution_backward
+        args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, ..., groups
         with torch.autocast(xc.device.type, enabled=False):
             w2s = w2c * w3c[:, None, None, None]
             for k, sl in enumerate(ctx.chunks):
                 r1, r2, rows, tb_in, lr_in, patches = saved[6 * k : 6 * k + 6]
-                gs = torch.ops.aten.sigmoid_backward(g[sl].to(s.dtype), s[sl]).reshape(-1)  # (n h w,)
-                r2_flat = r2.permute(0, 2, 3, 1).view(-1, o)  # (n h w, O), the same memory
+                gs = torch.ops.aten.sigmoid_backward(g[sl, 0].to(s.dtype), s[sl, 0])  # (n, h, w)
                 if need_w3:
-                    add(5, r2_flat.T @ gs)
+                    add(5, _channel_dots(r2, gs, ctx.layout))
                 if need_b3:
                     add(6, gs.sum().view(1))
                 if not need_r2:
                     continue
                 # mask of the second ReLU (r2 >= 0, so sign is 0 or 1) times the sigmoid's gradient
-                r2_flat.sign_().mul_(gs[:, None])  # written over r2
-                g_r1, g_w2, g_b2 = conv_bwd(
-                    r2, r1, w2s, [o], [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [need_r1, need_w2, need_b2]
-                )
-                add(3, g_w2)
-                add(4, g_b2)
+                r2.sign_().mul_(gs.unsqueeze(1))  # written over r2
+                if need_w2 or need_b2:
+                    _, g_w2, g_b2 = conv_bwd(r2, r1, w2s, [o], *args, [False, need_w2, need_b2])
+                    add(3, g_w2)
+                    add(4, g_b2)
                 if not need_r1:
                     continue
+                g_r1 = conv_bwd(r2, r1, w2s, None, *args, [True, False, False])[0]
                 g1 = torch.ops.aten.threshold_backward.grad_input(g_r1, r1, 0, grad_input=g_r1)
                 if need_k or need_b1:
                     g_k, g_b1 = _first_layer_weight_grads(g1, kc, rows, tb_in, lr_in, patches, need_b1)
@@ -941,7 +973,8 @@ class _FoldedHead(torch.autograd.Function):
                 if need_x:
                     with torch.enable_grad():
                         xd = xc[sl].detach().requires_grad_()
-                        (grad_x[sl],) = torch.autograd.grad(_folded_first_layer(xd, kc, None)[0], xd, g1)
+                        y = _folded_first_layer(xd, kc, None, ctx.layout)[0]
+                        (grad_x[sl],) = torch.autograd.grad(y, xd, g1)
         if 3 in sums:
             sums[3] = sums[3] * w3c[:, None, None, None]
         if 4 in sums:

@@ -492,13 +492,18 @@ def test_salience_module_volume_equals_unfolded_planes(shape):
         _close(a, b_, atol=1e-4 * float(b_.abs().max()), rtol=0)
 
 
-@pytest.mark.parametrize("frozen", ["none", "first", "head"])
-def test_salience_module_chunks_and_partial_gradients_equal_unfolded(monkeypatch, frozen):
+@pytest.mark.parametrize(
+    "frozen, layout",
+    [("none", "nchw"), ("first", "nchw"), ("head", "nchw"), ("none", "channels_last"), ("head", "channels_last")],
+)
+def test_salience_module_chunks_and_partial_gradients_equal_unfolded(monkeypatch, frozen, layout):
     """Several CPU chunks (uneven), float64 so that any missing term shows; gradients to the
-    image too, with the first convolution or the whole head frozen (the image's alone)."""
+    image too, with the first convolution or the whole head frozen (the image's alone); both
+    memory layouts (channels-last is the GPU's)."""
     import networks.salience as ns
 
     monkeypatch.setattr(ns, "E2E_CPU_BLOCK_PIXELS", 2 * 9 * 11)
+    monkeypatch.setattr(ns, "E2E_CPU_LAYOUT", torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     mod = _randomised_module(25).double()
     frozen_params = {"none": [], "first": list(mod.head.out_conv[0].parameters()), "head": list(mod.head.parameters())}
     for p in frozen_params[frozen]:
@@ -526,7 +531,11 @@ def test_salience_module_backward_once_and_no_saving_without_grad():
     assert mod(x).grad_fn is not None
 
 
-def test_salience_module_autocast_gradients_in_parameter_dtype():
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_salience_module_autocast_gradients_in_parameter_dtype(monkeypatch, layout):
+    import networks.salience as ns
+
+    monkeypatch.setattr(ns, "E2E_CPU_LAYOUT", torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     mod = _randomised_module(27)
     x = torch.rand(1, 1, 10, 9, 8)
     g = torch.rand(1, 3, 10, 9, 8)
