@@ -769,53 +769,87 @@ def _split_folds(kers: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     )
 
 
-def _folded_first_layer(
-    x: Tensor, kers: Tensor, bias: Optional[Tensor], layout: torch.memory_format
-) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """conv(conv(x, bank, pad 5), weight, bias, pad 1), exactly, with the bank folded, before the ReLU.
+def _padded(x: Tensor) -> Tensor:
+    """Planes (N, 1, h, w) zero-padded by the folded kernel's radius 6: (N, h + 12, w + 12)."""
+    m = _SPAN // 2
+    return F.pad(x[:, 0], (m, m, m, m))
 
-    ``x`` (N, 1, h, w); ``kers`` (O, 9, 13, 13) the :data:`_FOLDS` kernels of ``weight``
-    (``weight.reshape(O, -1) @ fold_map``), in ``x``'s dtype; returns y (N, O, h, w) in
-    memory ``layout`` (``torch.contiguous_format`` or ``torch.channels_last``) and the
-    inputs of its convolutions (rows, tb_in, lr_in, patches) that the weight gradient
-    needs. Autograd-capable (the in-place ring updates touch a fresh convolution output).
 
-    The bank folded into the 3x3 convolution is one 13x13 kernel, right for every pixel
-    whose 3x3 neighbourhood lies inside the plane. It runs as a 13-channel 1x13
-    convolution of the zero-padded plane's 13 row-shifted copies ``rows`` (N, 13, h, w + 12)
-    (on the 2-core test machine 1.5x faster than a 1-channel 13x13 convolution, its
-    weight gradient 5-6x).
+def _row_shifts(xp: Tensor, layout: torch.memory_format) -> Tensor:
+    """rows[n, r, i, j] = xp[n, i + r, j]: the 13 row-shifted copies (N, 13, h, w + 12) of
+    padded planes ``xp`` (N, h + 12, w + 12), in memory ``layout``."""
+    return xp.unfold(1, _SPAN, 1).permute(0, 3, 1, 2).contiguous(memory_format=layout)
 
-    On the outer ring the layer-by-layer computation sees zeros where the bank's response
-    lies outside the plane (the 3x3 convolution's own zero padding), while the folded
-    kernel sees the response there; the ring is corrected exactly: per side, the folded
-    kernel of the taps that point outside is subtracted (one grouped convolution for the
-    top and bottom rows, one for the left and right columns), and at each corner the one
-    tap counted by both of its sides is added back.
+
+def _ring_inputs(xp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What the outer-ring corrections convolve, from padded planes ``xp`` (N, h + 12, w + 12).
+
+    tb_in (N, 26, 1, w + 12): the 13 padded rows around row 0, then around row h - 1;
+    lr_in (N, 26, h, 13): the 13-wide windows around column 0, then around column w - 1,
+    as row-shifted copies; patches (N, 2, 13, 2, 13) [column side, r, row side, v]: the
+    13x13 windows around the four corners.
     """
-    n, _, h, w = x.shape
-    m = _SPAN // 2  # 6: the folded kernel's radius
-    o = kers.shape[0]
-    full, tb, lr, corners = _split_folds(kers)
-    xp = F.pad(x[:, 0], (m, m, m, m))  # (N, h + 12, w + 12)
-    # rows[n, r, i, j] = xp[n, i + r, j]: (N, 13, h, w + 12)
-    rows = xp.unfold(1, _SPAN, 1).permute(0, 3, 1, 2).contiguous(memory_format=layout)
-    y = F.conv2d(rows, full, bias)
-    # rows 0 and h - 1 as two groups of 13 channels: (N, 26, 1, w + 12) -> (N, 2 O, 1, w)
-    tb_in = rows[:, :, [0, h - 1]].transpose(1, 2).reshape(n, 2 * _SPAN, 1, w + 2 * m)
-    # columns 0 and w - 1 (13-wide windows) as two groups: (N, 26, h, 13) -> (N, 2 O, h, 1)
-    lr_in = torch.cat([rows[..., :_SPAN], rows[..., w - 1 :]], dim=1)
-    patches = lr_in[:, :, [0, h - 1]].view(n, 2, _SPAN, 2, _SPAN)  # (N, column side, r, row side, v)
-    sides_tb = F.conv2d(tb_in, tb, groups=2)
-    sides_lr = F.conv2d(lr_in, lr, groups=2)
-    corner = torch.einsum("njriv,oijrv->ijno", patches, corners).reshape(4, n, o)
+    n, hp, wp = xp.shape
+    h, w = hp - 2 * (_SPAN // 2), wp - 2 * (_SPAN // 2)
+    tb_in = torch.stack([xp[:, :_SPAN], xp[:, h - 1 :]], dim=1).view(n, 2 * _SPAN, 1, wp)
+    cols = [xp[:, :, :_SPAN], xp[:, :, w - 1 :]]  # (N, h + 12, 13) each
+    lr_in = torch.cat([c.unfold(1, _SPAN, 1).permute(0, 3, 1, 2) for c in cols], dim=1)
+    patches = lr_in[:, :, [0, h - 1]].view(n, 2, _SPAN, 2, _SPAN)
+    return tb_in, lr_in, patches
+
+
+def _ring_terms(ring: tuple[Tensor, Tensor, Tensor], kers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The outer-ring corrections of the folded first layer (see :func:`_folded_first_layer`).
+
+    ``ring`` from :func:`_ring_inputs`; returns sides_tb (N, 2 O, 1, w) for rows 0 and
+    h - 1, sides_lr (N, 2 O, h, 1) for columns 0 and w - 1, corners (4, N, O) for
+    (0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1).
+    """
+    tb_in, lr_in, patches = ring
+    _, tb, lr, corners = _split_folds(kers)
+    corner = torch.einsum("njriv,oijrv->ijno", patches, corners).reshape(4, patches.shape[0], kers.shape[0])
+    return F.conv2d(tb_in, tb, groups=2), F.conv2d(lr_in, lr, groups=2), corner
+
+
+def _add_ring(y: Tensor, terms: tuple[Tensor, Tensor, Tensor]) -> None:
+    """In place: y (N, O, h, w) plus the ring corrections ``terms`` of :func:`_ring_terms`."""
+    sides_tb, sides_lr, corner = terms
+    o = y.shape[1]
+    h, w = y.shape[-2:]
     y[:, :, :1] += sides_tb[:, :o]
     y[:, :, h - 1 :] += sides_tb[:, o:]
     y[:, :, :, :1] += sides_lr[:, :o]
     y[:, :, :, w - 1 :] += sides_lr[:, o:]
     for i, (a, b) in enumerate(_CORNERS):
         y[:, :, a * (h - 1), b * (w - 1)] += corner[i]
-    return y.contiguous(memory_format=layout), (rows, tb_in, lr_in, patches)
+
+
+def _folded_first_layer(x: Tensor, kers: Tensor, bias: Optional[Tensor], layout: torch.memory_format) -> Tensor:
+    """conv(conv(x, bank, pad 5), weight, bias, pad 1), exactly, with the bank folded, before the ReLU.
+
+    ``x`` (N, 1, h, w); ``kers`` (O, 9, 13, 13) the :data:`_FOLDS` kernels of ``weight``
+    (``weight.reshape(O, -1) @ fold_map``), in ``x``'s dtype; returns y (N, O, h, w) in
+    memory ``layout`` (``torch.contiguous_format`` or ``torch.channels_last``).
+    Autograd-capable (the in-place ring updates touch a fresh convolution output);
+    :class:`_FoldedHead` runs the same steps in chunks.
+
+    The bank folded into the 3x3 convolution is one 13x13 kernel, right for every pixel
+    whose 3x3 neighbourhood lies inside the plane. It runs as a 13-channel 1x13
+    convolution of the zero-padded plane's 13 row-shifted copies (:func:`_row_shifts`;
+    on the 2-core test machine 1.5x faster than a 1-channel 13x13 convolution, its weight
+    gradient 5-6x).
+
+    On the outer ring the layer-by-layer computation sees zeros where the bank's response
+    lies outside the plane (the 3x3 convolution's own zero padding), while the folded
+    kernel sees the response there; the ring is corrected exactly (:func:`_ring_terms`):
+    per side, the folded kernel of the taps that point outside is subtracted (one grouped
+    convolution for the top and bottom rows, one for the left and right columns), and at
+    each corner the one tap counted by both of its sides is added back.
+    """
+    xp = _padded(x)
+    y = F.conv2d(_row_shifts(xp, layout), _split_folds(kers)[0], bias)
+    _add_ring(y, _ring_terms(_ring_inputs(xp), kers))
+    return y.contiguous(memory_format=layout)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -906,19 +940,25 @@ class _FoldedHead(torch.autograd.Function):
             xc, kc, b1c, w2c, b2c = x.to(dt), kers.to(dt), b1.to(dt), w2.to(dt), b2.to(dt)
             w3c = w3.to(dt).flatten()
             s = torch.empty((n, 1, h, w), dtype=dt, device=x.device)
+            xp = _padded(xc)
+            ring = _ring_inputs(xp)  # the ring corrections for all planes at once: few small calls
+            terms = _ring_terms(ring, kc)
+            full = _split_folds(kc)[0]
             for sl in chunks:
-                r1, ring = _folded_first_layer(xc[sl], kc, b1c, layout)
-                r1.relu_()
+                rows = _row_shifts(xp[sl], layout)
+                r1 = F.conv2d(rows, full, b1c)
+                _add_ring(r1, tuple(t[sl] if i < 2 else t[:, sl] for i, t in enumerate(terms)))
+                r1 = r1.relu_().contiguous(memory_format=layout)
                 r2 = F.conv2d(r1, w2c, b2c, padding=1).relu_().contiguous(memory_format=layout)
                 _mix_channels(r2, w3c, s[sl, 0], layout)
                 if keep:
-                    saved += [r1, r2, *ring]
+                    saved += [rows, r1, r2]
             s.add_(b3.to(dt)).sigmoid_()
         ctx.dtypes = (x.dtype, kers.dtype, b1.dtype, w2.dtype, b2.dtype, w3.dtype, b3.dtype)
         ctx.chunks, ctx.layout = chunks, layout
         ctx.consumed = False
         if keep:
-            ctx.save_for_backward(xc, kc, w2c, w3c, s, *saved)
+            ctx.save_for_backward(xc, kc, w2c, w3c, s, *ring, *saved)
         return s
 
     @staticmethod
@@ -930,12 +970,13 @@ class _FoldedHead(torch.autograd.Function):
                 "supported; run the forward again"
             )
         ctx.consumed = True
-        xc, kc, w2c, w3c, s, *saved = ctx.saved_tensors
+        xc, kc, w2c, w3c, s, tb_in, lr_in, patches, *saved = ctx.saved_tensors
         need_x, need_k, need_b1, need_w2, need_b2, need_w3, need_b3, _ = ctx.needs_input_grad
         need_r1 = need_x or need_k or need_b1
         need_r2 = need_r1 or need_w2 or need_b2
         acc_dt = torch.promote_types(s.dtype, torch.float32)
-        o = w2c.shape[0]
+        n, o = s.shape[0], w2c.shape[0]
+        h, w = s.shape[-2:]
         sums: dict[int, Tensor] = {}  # input index -> gradient summed over the chunks
 
         def add(i: int, grad: Optional[Tensor]) -> None:
@@ -943,12 +984,17 @@ class _FoldedHead(torch.autograd.Function):
                 sums[i] = sums[i] + grad if i in sums else grad.to(acc_dt)
 
         grad_x = torch.empty_like(xc) if need_x else None
+        # the first layer's output gradient on the outer ring, gathered over the chunks
+        g_tb = s.new_empty((n, 2 * o, 1, w)) if need_k else None
+        g_lr = s.new_empty((n, 2 * o, h, 1)) if need_k else None
+        g_corner = s.new_empty((2, 2, n, o)) if need_k else None
         conv_bwd = torch.ops.aten.convolution_backward
         args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, ..., groups
         with torch.autocast(xc.device.type, enabled=False):
             w2s = w2c * w3c[:, None, None, None]
+            full = _split_folds(kc)[0]
             for k, sl in enumerate(ctx.chunks):
-                r1, r2, rows, tb_in, lr_in, patches = saved[6 * k : 6 * k + 6]
+                rows, r1, r2 = saved[3 * k : 3 * k + 3]
                 gs = torch.ops.aten.sigmoid_backward(g[sl, 0].to(s.dtype), s[sl, 0])  # (n, h, w)
                 if need_w3:
                     add(5, _channel_dots(r2, gs, ctx.layout))
@@ -967,14 +1013,23 @@ class _FoldedHead(torch.autograd.Function):
                 g_r1 = conv_bwd(r2, r1, w2s, None, *args, [True, False, False])[0]
                 g1 = torch.ops.aten.threshold_backward.grad_input(g_r1, r1, 0, grad_input=g_r1)
                 if need_k or need_b1:
-                    g_k, g_b1 = _first_layer_weight_grads(g1, kc, rows, tb_in, lr_in, patches, need_b1)
-                    add(1, g_k)
+                    _, g_full, g_b1 = conv_bwd(
+                        g1, rows, full, [o], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, need_k, need_b1]
+                    )
+                    add(1, g_full)
                     add(2, g_b1)
+                if need_k:
+                    torch.cat([g1[:, :, :1], g1[:, :, h - 1 :]], dim=1, out=g_tb[sl])
+                    torch.cat([g1[..., :1], g1[..., w - 1 :]], dim=1, out=g_lr[sl])
+                    for a, b in _CORNERS:
+                        g_corner[a, b, sl] = g1[:, :, a * (h - 1), b * (w - 1)]
                 if need_x:
                     with torch.enable_grad():
                         xd = xc[sl].detach().requires_grad_()
-                        y = _folded_first_layer(xd, kc, None, ctx.layout)[0]
+                        y = _folded_first_layer(xd, kc, None, ctx.layout)
                         (grad_x[sl],) = torch.autograd.grad(y, xd, g1)
+            if need_k:
+                sums[1] = _fold_kernel_grads(sums[1], (g_tb, g_lr, g_corner), kc, (tb_in, lr_in, patches))
         if 3 in sums:
             sums[3] = sums[3] * w3c[:, None, None, None]
         if 4 in sums:
@@ -991,32 +1046,30 @@ def _as_dtype(grads: list[Optional[Tensor]], dtypes: tuple[torch.dtype, ...]) ->
     return [None if gr is None else gr.to(dt) for gr, dt in zip(grads, dtypes)]
 
 
-def _first_layer_weight_grads(
-    g1: Tensor, kers: Tensor, rows: Tensor, tb_in: Tensor, lr_in: Tensor, patches: Tensor, need_bias: bool
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Gradients of :func:`_folded_first_layer`'s kers (O, 9, 13, 13) and bias (O,) for the
-    output gradient ``g1`` (N, O, h, w), from the saved convolution inputs."""
+def _fold_kernel_grads(
+    g_full: Tensor, g_ring: tuple[Tensor, Tensor, Tensor], kers: Tensor, ring: tuple[Tensor, Tensor, Tensor]
+) -> Tensor:
+    """Gradient (O, 9, 13, 13) of the :data:`_FOLDS` kernels ``kers``, from that of the whole
+    fold (``g_full`` (O, 13, 1, 13), the 1x13 convolution's weight) and the first layer's
+    output gradient on the outer ring ``g_ring`` = (top and bottom rows (N, 2 O, 1, w), left
+    and right columns (N, 2 O, h, 1), corners (2, 2, N, O)); ``ring`` from :func:`_ring_inputs`."""
     o = kers.shape[0]
-    h, w = g1.shape[-2:]
-    full, tb, lr, _ = _split_folds(kers)
+    g_tb, g_lr, g_corner = (t.to(kers.dtype) for t in g_ring)
+    tb_in, lr_in, patches = ring
+    _, tb, lr, _ = _split_folds(kers)
     conv_bwd = torch.ops.aten.convolution_backward
-    _, g_full, g_bias = conv_bwd(g1, rows, full, [o], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, need_bias])
-    g_tb = torch.cat([g1[:, :, :1], g1[:, :, h - 1 :]], dim=1)  # (N, 2 O, 1, w)
-    g_lr = torch.cat([g1[..., :1], g1[..., w - 1 :]], dim=1)  # (N, 2 O, h, 1)
     g_tb = conv_bwd(g_tb, tb_in, tb, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 2, [False, True, False])[1]
     g_lr = conv_bwd(g_lr, lr_in, lr, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 2, [False, True, False])[1]
-    g_corner = torch.stack([g1[:, :, a * (h - 1), b * (w - 1)] for a, b in _CORNERS]).view(2, 2, -1, o)
     g_corners = torch.einsum("ijno,njriv->oijrv", g_corner, patches)
-    g_kers = torch.cat(
+    return torch.cat(
         [
             g_full.transpose(1, 2),
-            g_tb.view(2, o, _SPAN, _SPAN).transpose(0, 1),
-            g_lr.view(2, o, _SPAN, _SPAN).transpose(0, 1),
-            g_corners.reshape(o, 4, _SPAN, _SPAN),
+            g_tb.view(2, o, _SPAN, _SPAN).transpose(0, 1).to(g_full.dtype),
+            g_lr.view(2, o, _SPAN, _SPAN).transpose(0, 1).to(g_full.dtype),
+            g_corners.reshape(o, 4, _SPAN, _SPAN).to(g_full.dtype),
         ],
         dim=1,
     )
-    return g_kers, g_bias
 
 
 class SalienceModule(nn.Module):
