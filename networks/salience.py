@@ -60,8 +60,9 @@ DEFAULT_MAX_BATCH_VOXELS = 1 << 21
 #: intermediates (block x 30 x 4 bytes, about 8 MB) then stay in the last-level cache
 BANK_CPU_BLOCK_PIXELS = 1 << 16
 _STD_RTOL = 1e-5
-#: pixels per chunk of :class:`SalienceModule` on the CPU (:func:`_plane_chunks`)
-E2E_CPU_BLOCK_PIXELS = 1 << 16
+#: pixels per chunk of :class:`SalienceModule` on the CPU (:func:`_plane_chunks`): a 30-channel
+#: map of a chunk is 31 MB, under glibc's 32 MB limit for reusing freed memory
+E2E_CPU_BLOCK_PIXELS = 1 << 18
 #: memory layout of :class:`SalienceModule`'s 30-channel maps on the CPU: in chunks, oneDNN's
 #: 3x3 convolution of 30 channels is faster in NCHW than channels-last (weight gradient 1.7x)
 E2E_CPU_LAYOUT = torch.contiguous_format
@@ -863,10 +864,13 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 def _plane_chunks(n: int, h: int, w: int, device: torch.device) -> list[slice]:
     """Slices of a stack of ``n`` planes (h x w) that :class:`_FoldedHead` processes at a time.
 
-    On the CPU about :data:`E2E_CPU_BLOCK_PIXELS` pixels (whole planes), so that a chunk's
-    30-channel maps stay in the last-level cache between layers and the backward's
-    temporaries are reused from one chunk to the next instead of freshly allocated
-    (every fresh page costs a fault); elsewhere one chunk.
+    On the CPU about :data:`E2E_CPU_BLOCK_PIXELS` pixels (whole planes): the backward's
+    temporaries are then reused from one chunk to the next instead of freshly allocated
+    (every fresh page costs a fault; at 96^3, 3 planes, 1 thread, the faults of one
+    whole-batch step took 1 s), while the chunks stay few: with 2 threads on a loaded
+    machine, 2^16-pixel chunks (41 at 96^3, each a dozen parallel regions) made a step
+    1.7x slower than 2^18 (11), the threads waiting at each region's barrier. Elsewhere
+    one chunk.
     """
     if device.type != "cpu":
         return [slice(0, n)]
