@@ -1089,10 +1089,14 @@ class SalienceModule(nn.Module):
       with an exact correction of the plane's outer ring (:func:`_folded_first_layer`);
     - plane stacks of equal shape (all three for a cube) go through one call per layer;
     - under autocast the convolutions run in its dtype (bf16), the fold in float32;
-      the 30-channel layers run channels-last (oneDNN's fastest layout on the CPU,
-      tensor cores' native one on the GPU);
-    - the layers after the fold are one autograd function (:class:`_FoldedHead`) whose
-      backward allocates one 30-channel map where autograd's allocates four.
+    - the layers after the fold are one autograd function (:class:`_FoldedHead`) with a
+      hand-written backward: the ReLU masks are applied in place, the 1x1 convolution's
+      weight is folded into the 3x3 convolution's, no gradient goes to the image unless
+      it requires one, and one 30-channel map per chunk is allocated where autograd
+      allocates four for the whole batch;
+    - on the CPU the planes go through in chunks of 2^18 pixels with NCHW maps (in
+      chunks oneDNN's 30-channel 3x3 convolution and its gradients are faster in NCHW
+      than channels-last); on the GPU in one chunk, channels-last (tensor cores' layout).
 
     State-dict keys are ``head.out_conv.*`` only, so :func:`load_head` reads the head back
     from a model checkpoint.
