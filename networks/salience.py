@@ -1032,7 +1032,7 @@ class _FoldedHead(torch.autograd.Function):
                         xd = xc[sl].detach().requires_grad_()
                         y = _folded_first_layer(xd, kc, None, ctx.layout)
                         (grad_x[sl],) = torch.autograd.grad(y, xd, g1)
-            if need_k:
+            if 1 in sums:  # (not for an empty batch)
                 sums[1] = _fold_kernel_grads(sums[1], (g_tb, g_lr, g_corner), kc, (tb_in, lr_in, patches))
         if 3 in sums:
             sums[3] = sums[3] * w3c[:, None, None, None]
