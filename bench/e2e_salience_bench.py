@@ -6,7 +6,8 @@
 
 Ours: ``networks.salience.SalienceModule`` on (B, 1, S, S, S) -> (B, 3, S, S, S): bank folded
 into the head's first convolution (exact outer-ring correction), the three plane stacks of a
-cube in one call per layer, channels-last 30-channel layers on the CPU.
+cube in one call per layer, a hand-written backward of the head (in-place ReLU masks, one
+30-channel map allocated per chunk), on the CPU in chunks of 2^18 pixels with NCHW maps.
 
 Authors': a re-implementation (written here, not their code) of the e2e ``Salience`` module of
 their latest release (lzhLab/ConSalience, ``networks/salience_generator.py``) and of how their

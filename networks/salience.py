@@ -63,6 +63,12 @@ BANK_CPU_BLOCK_PIXELS = 1 << 16
 #: a CPU block is cropped to its non-zero part only when that part is under this share of it
 CROP_MIN_SHARE = 0.9
 _STD_RTOL = 1e-5
+#: pixels per chunk of :class:`SalienceModule` on the CPU (:func:`_plane_chunks`): a 30-channel
+#: map of a chunk is 31 MB, under glibc's 32 MB limit for reusing freed memory
+E2E_CPU_BLOCK_PIXELS = 1 << 18
+#: memory layout of :class:`SalienceModule`'s 30-channel maps on the CPU: in chunks, oneDNN's
+#: 3x3 convolution of 30 channels is faster in NCHW than channels-last (weight gradient 1.7x)
+E2E_CPU_LAYOUT = torch.contiguous_format
 
 # Seed fpn blocks: (sigma, lambda, kernel k, dilation, padding), DESIGN.md section 1b.
 FPN_BLOCKS: tuple[tuple[float, float, int, int, int], ...] = (
@@ -737,7 +743,7 @@ class ResidualGate(nn.Module):
                 f"ResidualGate needs image (B, 1, *sp) and salience (B, C, *sp), got {tuple(image.shape)} / "
                 f"{tuple(salience.shape)}"
             )
-        return image + image * salience
+        return torch.addcmul(image, image, salience)  # one pass, one allocation
 
 
 #: The 13x13 kernels :class:`SalienceModule` folds from the head's first convolution, as
@@ -785,84 +791,330 @@ def _default_fold_map() -> Tensor:
     return _fold_map(square_wave_bank())
 
 
-class _RingCorrection(torch.autograd.Function):
-    """In place: y (N, O, h, w) plus the corrections of its outer ring.
+_SPAN = KERNEL_SIZE + 2  # 13: the bank folded into a 3x3 convolution
+_CORNERS = ((0, 0), (0, 1), (1, 0), (1, 1))  # (row side, column side): top/bottom, left/right
 
-    sides_tb (N, 2 O, 1, w): rows 0 and h - 1; sides_lr (N, 2 O, h, 1): columns 0 and
-    w - 1; corners (4, N, O) for (0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1). The
-    gradient passes to ``y`` unchanged and reaches the corrections as its slices (an
-    autograd-tracked in-place slice update would copy the whole gradient per slice).
+
+def _split_folds(kers: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The :data:`_FOLDS` kernels (O, 9, 13, 13) as convolution weights.
+
+    full (O, 13, 1, 13): kernel row r -> input channel r of the row-shifted copies;
+    tb, lr (2 O, 13, 1, 13): two groups (top, bottom / left, right) of the side corrections;
+    corners (O, 2, 2, 13, 13): (row side, column side). All views or small copies of ``kers``.
     """
-
-    @staticmethod
-    def forward(ctx, y: Tensor, sides_tb: Tensor, sides_lr: Tensor, corners: Tensor) -> Tensor:
-        o = y.shape[1]
-        h, w = y.shape[-2:]
-        ctx.hw = (h, w)
-        y[:, :, :1] += sides_tb[:, :o]
-        y[:, :, h - 1 :] += sides_tb[:, o:]
-        y[:, :, :, :1] += sides_lr[:, :o]
-        y[:, :, :, w - 1 :] += sides_lr[:, o:]
-        for i, (r, c) in enumerate(((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1))):
-            y[:, :, r, c] += corners[i]
-        ctx.mark_dirty(y)
-        return y
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, ...]:
-        h, w = ctx.hw
-        corners = torch.stack([g[:, :, r, c] for r, c in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1))])
-        tb = torch.cat([g[:, :, :1], g[:, :, h - 1 :]], dim=1)
-        lr = torch.cat([g[:, :, :, :1], g[:, :, :, w - 1 :]], dim=1)
-        return g, tb, lr, corners
+    o = kers.shape[0]
+    full, tb, lr, corners = kers.split((1, 2, 2, 4), dim=1)
+    return (
+        full.transpose(1, 2),
+        tb.transpose(0, 1).reshape(2 * o, _SPAN, 1, _SPAN),
+        lr.transpose(0, 1).reshape(2 * o, _SPAN, 1, _SPAN),
+        corners.reshape(o, 2, 2, _SPAN, _SPAN),
+    )
 
 
-def _first_layer_folded(x: Tensor, fold_map: Tensor, conv: nn.Conv2d) -> Tensor:
-    """conv(conv(x, bank, pad 5), conv.weight, conv.bias, pad 1), exactly, with the bank folded.
+def _padded(x: Tensor) -> Tensor:
+    """Planes (N, 1, h, w) zero-padded by the folded kernel's radius 6: (N, h + 12, w + 12)."""
+    m = _SPAN // 2
+    return F.pad(x[:, 0], (m, m, m, m))
 
-    ``x`` (N, 1, h, w) -> (N, O, h, w), channels-last; ``fold_map`` is :func:`_fold_map`
-    of the bank. The bank folded into the 3x3 convolution is one 13x13 kernel, right for
-    every pixel whose 3x3 neighbourhood lies inside the plane. It runs as a 13-channel 1x13
-    convolution of the zero-padded plane's 13 row-shifted copies (channels-last; on the
-    2-core test machine 1.5x faster than a 1-channel 13x13 convolution, its weight
-    gradient 6x).
+
+def _row_shifts(xp: Tensor, layout: torch.memory_format) -> Tensor:
+    """rows[n, r, i, j] = xp[n, i + r, j]: the 13 row-shifted copies (N, 13, h, w + 12) of
+    padded planes ``xp`` (N, h + 12, w + 12), in memory ``layout``."""
+    return xp.unfold(1, _SPAN, 1).permute(0, 3, 1, 2).contiguous(memory_format=layout)
+
+
+def _ring_inputs(xp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What the outer-ring corrections convolve, from padded planes ``xp`` (N, h + 12, w + 12).
+
+    tb_in (N, 26, 1, w + 12): the 13 padded rows around row 0, then around row h - 1;
+    lr_in (N, 26, h, 13): the 13-wide windows around column 0, then around column w - 1,
+    as row-shifted copies; patches (N, 2, 13, 2, 13) [column side, r, row side, v]: the
+    13x13 windows around the four corners.
+    """
+    n, hp, wp = xp.shape
+    h, w = hp - 2 * (_SPAN // 2), wp - 2 * (_SPAN // 2)
+    tb_in = torch.stack([xp[:, :_SPAN], xp[:, h - 1 :]], dim=1).view(n, 2 * _SPAN, 1, wp)
+    cols = [xp[:, :, :_SPAN], xp[:, :, w - 1 :]]  # (N, h + 12, 13) each
+    lr_in = torch.cat([c.unfold(1, _SPAN, 1).permute(0, 3, 1, 2) for c in cols], dim=1)
+    patches = lr_in[:, :, [0, h - 1]].view(n, 2, _SPAN, 2, _SPAN)
+    return tb_in, lr_in, patches
+
+
+def _ring_terms(ring: tuple[Tensor, Tensor, Tensor], kers: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The outer-ring corrections of the folded first layer (see :func:`_folded_first_layer`).
+
+    ``ring`` from :func:`_ring_inputs`; returns sides_tb (N, 2 O, 1, w) for rows 0 and
+    h - 1, sides_lr (N, 2 O, h, 1) for columns 0 and w - 1, corners (4, N, O) for
+    (0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1).
+    """
+    tb_in, lr_in, patches = ring
+    _, tb, lr, corners = _split_folds(kers)
+    corner = torch.einsum("njriv,oijrv->ijno", patches, corners).reshape(4, patches.shape[0], kers.shape[0])
+    return F.conv2d(tb_in, tb, groups=2), F.conv2d(lr_in, lr, groups=2), corner
+
+
+def _add_ring(y: Tensor, terms: tuple[Tensor, Tensor, Tensor]) -> None:
+    """In place: y (N, O, h, w) plus the ring corrections ``terms`` of :func:`_ring_terms`."""
+    sides_tb, sides_lr, corner = terms
+    o = y.shape[1]
+    h, w = y.shape[-2:]
+    y[:, :, :1] += sides_tb[:, :o]
+    y[:, :, h - 1 :] += sides_tb[:, o:]
+    y[:, :, :, :1] += sides_lr[:, :o]
+    y[:, :, :, w - 1 :] += sides_lr[:, o:]
+    for i, (a, b) in enumerate(_CORNERS):
+        y[:, :, a * (h - 1), b * (w - 1)] += corner[i]
+
+
+def _folded_first_layer(x: Tensor, kers: Tensor, bias: Optional[Tensor], layout: torch.memory_format) -> Tensor:
+    """conv(conv(x, bank, pad 5), weight, bias, pad 1), exactly, with the bank folded, before the ReLU.
+
+    ``x`` (N, 1, h, w); ``kers`` (O, 9, 13, 13) the :data:`_FOLDS` kernels of ``weight``
+    (``weight.reshape(O, -1) @ fold_map``), in ``x``'s dtype; returns y (N, O, h, w) in
+    memory ``layout`` (``torch.contiguous_format`` or ``torch.channels_last``).
+    Autograd-capable (the in-place ring updates touch a fresh convolution output);
+    :class:`_FoldedHead` runs the same steps in chunks.
+
+    The bank folded into the 3x3 convolution is one 13x13 kernel, right for every pixel
+    whose 3x3 neighbourhood lies inside the plane. It runs as a 13-channel 1x13
+    convolution of the zero-padded plane's 13 row-shifted copies (:func:`_row_shifts`;
+    on the 2-core test machine 1.5x faster than a 1-channel 13x13 convolution, its weight
+    gradient 5-6x).
 
     On the outer ring the layer-by-layer computation sees zeros where the bank's response
     lies outside the plane (the 3x3 convolution's own zero padding), while the folded
-    kernel sees the response there; the ring is corrected exactly: per side, the folded
-    kernel of the taps that point outside is subtracted (one grouped convolution for the
-    top and bottom rows, one for the left and right columns), and at each corner the one
-    tap counted by both of its sides is added back. Gradients reach ``conv.weight`` and
-    ``conv.bias`` through the fold. The kernels are folded in the weight's dtype with
-    autocast off; the convolutions follow autocast.
+    kernel sees the response there; the ring is corrected exactly (:func:`_ring_terms`):
+    per side, the folded kernel of the taps that point outside is subtracted (one grouped
+    convolution for the top and bottom rows, one for the left and right columns), and at
+    each corner the one tap counted by both of its sides is added back.
     """
-    n, _, h, w = x.shape
-    span = KERNEL_SIZE + 2  # 13: the folded kernel
-    m = span // 2  # 6: its radius
-    with torch.autocast(x.device.type, enabled=False):
-        weight = conv.weight
-        o = weight.shape[0]
-        kers = (weight.reshape(o, -1) @ fold_map.to(weight.dtype)).view(o, len(_FOLDS), span, span)
-    # kernel row r -> input channel r of the row-shifted copies (split: one backward op)
-    full, tb, lr, corners = kers.split((1, 2, 2, 4), dim=1)
-    full = full.transpose(1, 2)  # (O, 13, 1, 13)
-    tb = tb.transpose(0, 1).reshape(2 * o, span, 1, span)
-    lr = lr.transpose(0, 1).reshape(2 * o, span, 1, span)
-    corners = corners.reshape(o, 2, 2, span, span)  # (O, row side, column side, 13, 13)
-    xp = F.pad(x[:, 0], (m, m, m, m))  # (N, h + 12, w + 12)
-    # rows[n, r, i, j] = xp[n, i + r, j]: (N, 13, h, w + 12), channels-last in memory
-    rows = xp.unfold(1, span, 1).contiguous().permute(0, 3, 1, 2)
-    y = F.conv2d(rows, full, conv.bias)
-    # rows 0 and h - 1 as two groups of 13 channels: (N, 26, 1, w + 12) -> (N, 2 O, 1, w)
-    tb_in = rows[:, :, [0, h - 1]].transpose(1, 2).reshape(n, 2 * span, 1, w + 2 * m)
-    # columns 0 and w - 1 (13-wide windows) as two groups: (N, 26, h, 13) -> (N, 2 O, h, 1)
-    lr_in = torch.cat([rows[..., :span], rows[..., w - 1 :]], dim=1)
-    patches = lr_in[:, :, [0, h - 1]].view(n, 2, span, 2, span)  # (N, column side, r, row side, v)
-    return _RingCorrection.apply(
-        y,
-        F.conv2d(tb_in, tb, groups=2),
-        F.conv2d(lr_in, lr, groups=2),
-        torch.einsum("njriv,oijrv->ijno", patches, corners).reshape(4, n, o),
+    xp = _padded(x)
+    y = F.conv2d(_row_shifts(xp, layout), _split_folds(kers)[0], bias)
+    _add_ring(y, _ring_terms(_ring_inputs(xp), kers))
+    return y.contiguous(memory_format=layout)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype autocast would convolve ``x`` in: its dtype, or autocast's (not for float64)."""
+    dev = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _plane_chunks(n: int, h: int, w: int, device: torch.device) -> list[slice]:
+    """Slices of a stack of ``n`` planes (h x w) that :class:`_FoldedHead` processes at a time.
+
+    On the CPU about :data:`E2E_CPU_BLOCK_PIXELS` pixels (whole planes): the backward's
+    temporaries are then reused from one chunk to the next instead of freshly allocated
+    (every fresh page costs a fault; at 96^3, 3 planes, 1 thread, the faults of one
+    whole-batch step took 1 s), while the chunks stay few: with 2 threads on a loaded
+    machine, 2^16-pixel chunks (41 at 96^3, each a dozen parallel regions) made a step
+    1.7x slower than 2^18 (11), the threads waiting at each region's barrier. Elsewhere
+    one chunk.
+    """
+    if device.type != "cpu":
+        return [slice(0, n)]
+    per = max(1, E2E_CPU_BLOCK_PIXELS // (h * w))
+    return list(_chunks(n, per))
+
+
+def _plane_layout(device: torch.device) -> torch.memory_format:
+    """Memory layout of :class:`_FoldedHead`'s maps: :data:`E2E_CPU_LAYOUT` on the CPU,
+    channels-last elsewhere (tensor cores' native layout)."""
+    return E2E_CPU_LAYOUT if device.type == "cpu" else torch.channels_last
+
+
+def _mix_channels(r2: Tensor, w3: Tensor, out: Tensor, layout: torch.memory_format) -> None:
+    """out (n, h, w) = sum_o w3[o] r2[:, o]: the 1x1 convolution of r2 (n, O, h, w) in ``layout``."""
+    n, o = r2.shape[:2]
+    if layout == torch.channels_last:
+        torch.mv(r2.permute(0, 2, 3, 1).reshape(-1, o), w3, out=out.view(-1))
+    else:
+        torch.matmul(w3, r2.view(n, o, -1), out=out.view(n, -1))
+
+
+def _channel_dots(r2: Tensor, gs: Tensor, layout: torch.memory_format) -> Tensor:
+    """(O,) sum over planes and pixels of r2 (n, O, h, w) times gs (n, h, w): the 1x1
+    convolution's weight gradient."""
+    n, o = r2.shape[:2]
+    if layout == torch.channels_last:
+        return r2.permute(0, 2, 3, 1).reshape(-1, o).T @ gs.reshape(-1)
+    # one matrix-vector product per plane: a batched product runs 3x slower on the CPU
+    return torch.stack([torch.mv(r2[i].view(o, -1), gs[i].reshape(-1)) for i in range(n)]).sum(0)
+
+
+class _FoldedHead(torch.autograd.Function):
+    """The whole e2e salience of planes with the bank folded: (N, 1, h, w) -> (N, 1, h, w).
+
+    Inputs: x, kers (O, 9, 13, 13) (:func:`_folded_first_layer`), b1 (O,), w2 (O, O, 3, 3),
+    b2 (O,), w3 (1, O, 1, 1), b3 (1,), and ``keep`` (save what the backward needs: grad
+    mode was on). Forward: first layer, ReLU, 3x3 convolution, ReLU, 1x1 convolution (a
+    matrix-vector product over the channels), sigmoid; every ReLU is in place. Planes go
+    through in chunks (:func:`_plane_chunks`), the 30-channel maps in
+    :func:`_plane_layout`. All of it runs in one dtype (autocast's under autocast, with
+    autocast itself off inside); gradients come back in each input's dtype, summed over
+    the chunks in at least float32.
+
+    The hand-written backward is the layer-by-layer chain rule, arranged so that only one
+    30-channel map per chunk is allocated (the 3x3 convolution's input gradient): the
+    second ReLU's mask times the sigmoid's gradient is written over the saved second
+    activation, the 1x1 convolution's weight w3 is folded into the 3x3 convolution's weight
+    (grad of the map = mask * g * w3[o], so the data gradient uses w2 * w3[o] and the
+    weight and bias gradients are scaled by w3[o] afterwards), and the first ReLU's mask
+    is applied in place to that input gradient. The 3x3 convolution's data and weight
+    gradients are two calls (on the CPU one call of both is slower than the two). The
+    gradient to ``x`` (only when it requires one) recomputes the first layer, which is
+    linear in ``x``, under autograd.
+
+    Because the saved activation is overwritten, a second backward through the same
+    graph (``retain_graph=True``) raises instead of giving wrong gradients.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, kers: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, w3: Tensor, b3: Tensor, keep: bool
+    ) -> Tensor:
+        dt = _compute_dtype(x)
+        n, _, h, w = x.shape
+        keep = keep and any(ctx.needs_input_grad[:7])
+        chunks = _plane_chunks(n, h, w, x.device)
+        layout = _plane_layout(x.device)
+        saved: list[Tensor] = []
+        with torch.autocast(x.device.type, enabled=False):
+            xc, kc, b1c, w2c, b2c = x.to(dt), kers.to(dt), b1.to(dt), w2.to(dt), b2.to(dt)
+            w3c = w3.to(dt).flatten()
+            s = torch.empty((n, 1, h, w), dtype=dt, device=x.device)
+            xp = _padded(xc)
+            ring = _ring_inputs(xp)  # the ring corrections for all planes at once: few small calls
+            terms = _ring_terms(ring, kc)
+            full = _split_folds(kc)[0]
+            for sl in chunks:
+                rows = _row_shifts(xp[sl], layout)
+                r1 = F.conv2d(rows, full, b1c)
+                _add_ring(r1, tuple(t[sl] if i < 2 else t[:, sl] for i, t in enumerate(terms)))
+                r1 = r1.relu_().contiguous(memory_format=layout)
+                r2 = F.conv2d(r1, w2c, b2c, padding=1).relu_().contiguous(memory_format=layout)
+                _mix_channels(r2, w3c, s[sl, 0], layout)
+                if keep:
+                    saved += [rows, r1, r2]
+            s.add_(b3.to(dt)).sigmoid_()
+        ctx.dtypes = (x.dtype, kers.dtype, b1.dtype, w2.dtype, b2.dtype, w3.dtype, b3.dtype)
+        ctx.chunks, ctx.layout = chunks, layout
+        ctx.consumed = False
+        if keep:
+            ctx.save_for_backward(xc, kc, w2c, w3c, s, *ring, *saved)
+        return s
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Optional[Tensor], ...]:
+        if ctx.consumed:
+            raise RuntimeError(
+                "SalienceModule: a second backward through the same forward (retain_graph=True) is not "
+                "supported; run the forward again"
+            )
+        ctx.consumed = True
+        xc, kc, w2c, w3c, s, tb_in, lr_in, patches, *saved = ctx.saved_tensors
+        need_x, need_k, need_b1, need_w2, need_b2, need_w3, need_b3, _ = ctx.needs_input_grad
+        need_r1 = need_x or need_k or need_b1
+        need_r2 = need_r1 or need_w2 or need_b2
+        acc_dt = torch.promote_types(s.dtype, torch.float32)
+        n, o = s.shape[0], w2c.shape[0]
+        h, w = s.shape[-2:]
+        sums: dict[int, Tensor] = {}  # input index -> gradient summed over the chunks
+
+        def add(i: int, grad: Optional[Tensor]) -> None:
+            if grad is not None:
+                sums[i] = sums[i] + grad if i in sums else grad.to(acc_dt)
+
+        grad_x = torch.empty_like(xc) if need_x else None
+        # the first layer's output gradient on the outer ring, gathered over the chunks
+        g_tb = s.new_empty((n, 2 * o, 1, w)) if need_k else None
+        g_lr = s.new_empty((n, 2 * o, h, 1)) if need_k else None
+        g_corner = s.new_empty((2, 2, n, o)) if need_k else None
+        conv_bwd = torch.ops.aten.convolution_backward
+        args = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, transposed, ..., groups
+        with torch.autocast(xc.device.type, enabled=False):
+            w2s = w2c * w3c[:, None, None, None]
+            full = _split_folds(kc)[0]
+            for k, sl in enumerate(ctx.chunks):
+                rows, r1, r2 = saved[3 * k : 3 * k + 3]
+                gs = torch.ops.aten.sigmoid_backward(g[sl, 0].to(s.dtype), s[sl, 0])  # (n, h, w)
+                if need_w3:
+                    add(5, _channel_dots(r2, gs, ctx.layout))
+                if need_b3:
+                    add(6, gs.sum().view(1))
+                if not need_r2:
+                    continue
+                # mask of the second ReLU (r2 >= 0, so sign is 0 or 1) times the sigmoid's gradient
+                r2.sign_().mul_(gs.unsqueeze(1))  # written over r2
+                if need_w2 or need_b2:
+                    _, g_w2, g_b2 = conv_bwd(r2, r1, w2s, [o], *args, [False, need_w2, need_b2])
+                    add(3, g_w2)
+                    add(4, g_b2)
+                if not need_r1:
+                    continue
+                g_r1 = conv_bwd(r2, r1, w2s, None, *args, [True, False, False])[0]
+                g1 = torch.ops.aten.threshold_backward.grad_input(g_r1, r1, 0, grad_input=g_r1)
+                if need_k or need_b1:
+                    _, g_full, g_b1 = conv_bwd(
+                        g1, rows, full, [o], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, need_k, need_b1]
+                    )
+                    add(1, g_full)
+                    add(2, g_b1)
+                if need_k:
+                    torch.cat([g1[:, :, :1], g1[:, :, h - 1 :]], dim=1, out=g_tb[sl])
+                    torch.cat([g1[..., :1], g1[..., w - 1 :]], dim=1, out=g_lr[sl])
+                    for a, b in _CORNERS:
+                        g_corner[a, b, sl] = g1[:, :, a * (h - 1), b * (w - 1)]
+                if need_x:
+                    with torch.enable_grad():
+                        xd = xc[sl].detach().requires_grad_()
+                        y = _folded_first_layer(xd, kc, None, ctx.layout)
+                        (grad_x[sl],) = torch.autograd.grad(y, xd, g1)
+            if 1 in sums:  # (not for an empty batch)
+                sums[1] = _fold_kernel_grads(sums[1], (g_tb, g_lr, g_corner), kc, (tb_in, lr_in, patches))
+        if 3 in sums:
+            sums[3] = sums[3] * w3c[:, None, None, None]
+        if 4 in sums:
+            sums[4] = sums[4] * w3c
+        if 5 in sums:
+            sums[5] = sums[5].view(1, o, 1, 1)
+        if grad_x is not None:
+            sums[0] = grad_x
+        grads = [sums.get(i) for i in range(7)]
+        return (*_as_dtype(grads, ctx.dtypes), None)
+
+
+def _as_dtype(grads: list[Optional[Tensor]], dtypes: tuple[torch.dtype, ...]) -> list[Optional[Tensor]]:
+    return [None if gr is None else gr.to(dt) for gr, dt in zip(grads, dtypes)]
+
+
+def _fold_kernel_grads(
+    g_full: Tensor, g_ring: tuple[Tensor, Tensor, Tensor], kers: Tensor, ring: tuple[Tensor, Tensor, Tensor]
+) -> Tensor:
+    """Gradient (O, 9, 13, 13) of the :data:`_FOLDS` kernels ``kers``, from that of the whole
+    fold (``g_full`` (O, 13, 1, 13), the 1x13 convolution's weight) and the first layer's
+    output gradient on the outer ring ``g_ring`` = (top and bottom rows (N, 2 O, 1, w), left
+    and right columns (N, 2 O, h, 1), corners (2, 2, N, O)); ``ring`` from :func:`_ring_inputs`."""
+    o = kers.shape[0]
+    g_tb, g_lr, g_corner = (t.to(kers.dtype) for t in g_ring)
+    tb_in, lr_in, patches = ring
+    _, tb, lr, _ = _split_folds(kers)
+    conv_bwd = torch.ops.aten.convolution_backward
+    g_tb = conv_bwd(g_tb, tb_in, tb, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 2, [False, True, False])[1]
+    g_lr = conv_bwd(g_lr, lr_in, lr, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 2, [False, True, False])[1]
+    g_corners = torch.einsum("ijno,njriv->oijrv", g_corner, patches)
+    return torch.cat(
+        [
+            g_full.transpose(1, 2),
+            g_tb.view(2, o, _SPAN, _SPAN).transpose(0, 1).to(g_full.dtype),
+            g_lr.view(2, o, _SPAN, _SPAN).transpose(0, 1).to(g_full.dtype),
+            g_corners.reshape(o, 4, _SPAN, _SPAN).to(g_full.dtype),
+        ],
+        dim=1,
     )
 
 
@@ -876,11 +1128,17 @@ class SalienceModule(nn.Module):
 
     - the bank and the head's first convolution are folded into one 13x13 convolution
       (:func:`fold_bank_into_conv`, refolded every forward so gradients reach the head),
-      with an exact correction of the plane's outer ring (:func:`_first_layer_folded`);
+      with an exact correction of the plane's outer ring (:func:`_folded_first_layer`);
     - plane stacks of equal shape (all three for a cube) go through one call per layer;
     - under autocast the convolutions run in its dtype (bf16), the fold in float32;
-      the 30-channel layers run channels-last (oneDNN's fastest layout on the CPU,
-      tensor cores' native one on the GPU).
+    - the layers after the fold are one autograd function (:class:`_FoldedHead`) with a
+      hand-written backward: the ReLU masks are applied in place, the 1x1 convolution's
+      weight is folded into the 3x3 convolution's, no gradient goes to the image unless
+      it requires one, and one 30-channel map per chunk is allocated where autograd
+      allocates four for the whole batch;
+    - on the CPU the planes go through in chunks of 2^18 pixels with NCHW maps (in
+      chunks oneDNN's 30-channel 3x3 convolution and its gradients are faster in NCHW
+      than channels-last); on the GPU in one chunk, channels-last (tensor cores' layout).
 
     State-dict keys are ``head.out_conv.*`` only, so :func:`load_head` reads the head back
     from a model checkpoint.
@@ -901,11 +1159,13 @@ class SalienceModule(nn.Module):
         """(N, 1, h, w) -> (N, 1, h, w) salience of independent planes."""
         if x.dim() != 4 or x.shape[1] != 1:
             raise ValueError(f"planes must be (N, 1, h, w), got {tuple(x.shape)}")
-        conv1, relu1, conv2, relu2, conv3, sigmoid = self.head.out_conv
-        y = relu2(conv2(relu1(_first_layer_folded(x, self.fold_map, conv1))))  # channels-last
-        # the 1x1 convolution as a product over the (last, contiguous) channel dimension
-        z = F.linear(y.permute(0, 2, 3, 1), conv3.weight.flatten(1), conv3.bias)  # (N, h, w, 1)
-        return sigmoid(z.permute(0, 3, 1, 2))
+        conv1, _, conv2, _, conv3, _ = self.head.out_conv
+        with torch.autocast(x.device.type, enabled=False):  # the fold in the weight's dtype
+            weight = conv1.weight
+            o = weight.shape[0]
+            kers = (weight.reshape(o, -1) @ self.fold_map.to(weight.dtype)).view(o, len(_FOLDS), _SPAN, _SPAN)
+        keep = torch.is_grad_enabled()
+        return _FoldedHead.apply(x, kers, conv1.bias, conv2.weight, conv2.bias, conv3.weight, conv3.bias, keep)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 4 and x.shape[1] == 1:

@@ -538,6 +538,65 @@ def test_salience_module_volume_equals_unfolded_planes(shape):
         _close(a, b_, atol=1e-4 * float(b_.abs().max()), rtol=0)
 
 
+@pytest.mark.parametrize(
+    "frozen, layout",
+    [("none", "nchw"), ("first", "nchw"), ("head", "nchw"), ("none", "channels_last"), ("head", "channels_last")],
+)
+def test_salience_module_chunks_and_partial_gradients_equal_unfolded(monkeypatch, frozen, layout):
+    """Several CPU chunks (uneven), float64 so that any missing term shows; gradients to the
+    image too, with the first convolution or the whole head frozen (the image's alone); both
+    memory layouts (channels-last is the GPU's)."""
+    import networks.salience as ns
+
+    monkeypatch.setattr(ns, "E2E_CPU_BLOCK_PIXELS", 2 * 9 * 11)
+    monkeypatch.setattr(ns, "E2E_CPU_LAYOUT", torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    mod = _randomised_module(25).double()
+    frozen_params = {"none": [], "first": list(mod.head.out_conv[0].parameters()), "head": list(mod.head.parameters())}
+    for p in frozen_params[frozen]:
+        p.requires_grad_(False)
+    x = (torch.randn(5, 1, 9, 11, dtype=torch.float64) * 2).requires_grad_()
+    assert len(ns._plane_chunks(5, 9, 11, x.device)) == 3
+    fast = mod(x)
+    ref = _unfolded_planes(mod.head, mod.bank, x)
+    _close(fast, ref, atol=1e-12, rtol=0)
+    g = torch.rand(fast.shape, dtype=torch.float64)
+    params = [p for p in mod.head.parameters() if p.requires_grad] + [x]
+    for a, b in zip(torch.autograd.grad(fast, params, g), torch.autograd.grad(ref, params, g)):
+        _close(a, b, atol=1e-10 * float(b.abs().max()), rtol=0)
+
+
+def test_salience_module_backward_once_and_no_saving_without_grad():
+    mod = _randomised_module(26)
+    x = torch.rand(1, 1, 6, 7, 5)
+    y = mod(x)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        y.sum().backward()
+    with torch.no_grad():
+        assert mod(x).grad_fn is None
+    assert mod(x).grad_fn is not None
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_salience_module_autocast_gradients_in_parameter_dtype(monkeypatch, layout):
+    import networks.salience as ns
+
+    monkeypatch.setattr(ns, "E2E_CPU_LAYOUT", torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    mod = _randomised_module(27)
+    x = torch.rand(1, 1, 10, 9, 8)
+    g = torch.rand(1, 3, 10, 9, 8)
+    params = list(mod.head.parameters())
+    full = torch.autograd.grad(mod(x), params, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = mod(x)
+    assert y.dtype == torch.bfloat16
+    half = torch.autograd.grad(y, params, g.bfloat16())
+    for a, b in zip(half, full):
+        assert a.dtype == torch.float32
+        # bf16 rounding of every factor: a few per cent of the largest entry
+        assert float((a - b).abs().max()) < 0.05 * float(b.abs().max())
+
+
 def test_salience_module_under_autocast_convolves_in_bf16():
     from torch.utils._python_dispatch import TorchDispatchMode
 
