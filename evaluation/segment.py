@@ -116,21 +116,13 @@ def load_segmenter(path: str | os.PathLike, device: str = "auto", head: Optional
 
 
 # ----------------------------------------------------------------------------- salience
-def zero_field_value(generator: Any) -> float:
-    """The generator's raw output where the standardised plane is zero within its receptive radius."""
-    m = generator.margin
-    with torch.inference_mode():
-        z = torch.zeros((1, 1, 2 * m + 1, 2 * m + 1), dtype=torch.float32, device=generator.device)
-        return float(generator(z)[0, 0, 0, 0])
-
-
 def offline_salience(image: np.ndarray, generator: Any, device: str = "cpu", progress: bool = False) -> np.ndarray:
     """Three-plane salience (3, H, W, D) in [0, 1] of ``image`` (H, W, D), equal to ``salience_3d``.
 
     Only the bounding box of the non-zero image, widened by the generator's receptive radius,
     is filtered: every plane keeps all its positive pixels (so its standardisation is the
     same), and outside the box the plane is zero within the receptive radius, where the
-    generator gives one constant (:func:`zero_field_value`). The volume normalisation then
+    generator gives one constant (its ``zero_value()``). The volume normalisation then
     runs on the whole array as in ``salience_3d``. Air and fat are 0 after the HU window, so on
     a whole-abdomen scan this skips a large part of the work.
     """
@@ -147,7 +139,7 @@ def offline_salience(image: np.ndarray, generator: Any, device: str = "cpu", pro
     if kept > 1.0 - SALIENCE_ROI_MIN_SAVING:
         return salience_3d(image, generator, device=device, progress=progress)
     generator.to(device)
-    raw = np.full((3,) + image.shape, zero_field_value(generator), dtype=np.float32)
+    raw = np.full((3,) + image.shape, float(generator.zero_value()), dtype=np.float32)
     raw[(slice(None),) + box_t] = salience_3d(np.ascontiguousarray(image[box_t]), generator, device=device,
                                               normalise=False, progress=progress)
     return generator.finalize(raw)

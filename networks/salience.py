@@ -416,6 +416,12 @@ class _Generator:
         """Multiply-adds x 2 executed per output pixel (ignoring the margin)."""
         return 0.0
 
+    def zero_value(self) -> Tensor:
+        """The raw output where the whole receptive field is zero: (1, 1, 1, 1) on the generator's device."""
+        m = self.margin
+        with torch.inference_mode():
+            return self(torch.zeros((1, 1, 2 * m + 1, 2 * m + 1), dtype=torch.float32, device=self.device))
+
     def finalize(self, raw: np.ndarray) -> np.ndarray:
         return minmax(raw)
 
@@ -454,6 +460,8 @@ class BankGenerator(_Generator):
         self.w3 = c4.weight.detach().float().contiguous(memory_format=cl)
         self.b3 = c4.bias.detach().float().clone()
         self.weights_sha256 = weights_sha256
+        with torch.inference_mode():
+            self._zero = self._layers(torch.zeros((1, 1, 2 * self.margin + 1, 2 * self.margin + 1)))
 
     def __call__(self, padded: Tensor) -> Tensor:
         """(N, 1, H + 2m, W + 2m) -> (N, 1, H, W), m = 7; cache-sized, zero-cropped blocks on the CPU."""
@@ -479,9 +487,9 @@ class BankGenerator(_Generator):
         return out
 
     def zero_value(self) -> Tensor:
-        """The output where the whole receptive field is zero: (1, 1, 1, 1) on the generator's device."""
-        z = torch.zeros((1, 1, 2 * self.margin + 1, 2 * self.margin + 1), dtype=self.w1.dtype, device=self.w1.device)
-        return self._layers(z)
+        """The output where the whole receptive field is zero: (1, 1, 1, 1) on the generator's device
+        (computed once; ``to`` moves it with the weights)."""
+        return self._zero
 
     def _block(self, padded: Tensor) -> Tensor:
         """One block, (B, 1, h + 2m, w + 2m) -> (B, 1, h, w), filtered only where it can differ
