@@ -2,14 +2,14 @@
 
     python predict.py --model FILE --input PATH --output DIR [--device auto] [--liver_mask FILE]
                       [--prob] [--mesh [stl|obj]] [--figures] [--tta] [--series UID] [--head FILE]
-                      [--batch_size 8] [--overwrite]
+                      [--batch_size 8] [--min_component_mm3 MM3] [--overwrite]
 
 PATH: a DICOM series folder, a zip of one (3D-IRCADb's PATIENT_DICOM.zip), a 3D-IRCADb patient
 folder, a .nii / .nii.gz file, or a folder of several of those (one output set each). Writes
 ``<case>_vessels.nii.gz`` (uint8, in the input's exact geometry) and ``<case>_stats.json``;
 ``--prob`` adds ``<case>_prob.nii.gz``, ``--mesh`` ``<case>_vessels.stl`` (or .obj) in patient
 millimetres, ``--figures`` ``<case>_mip.png`` and ``<case>_3d.png``. The model file carries
-everything else (network, salience generator, HU window, resize rule, threshold); ``--head``
+everything else (network, salience generator, HU window, resize rule, threshold, smallest component kept); ``--head``
 supplies the generator weights for checkpoints that do not embed them.
 Bad input: a one-line error naming the file, exit code 1, no output for that scan.
 """
@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--series", default=None, help="SeriesInstanceUID to use when a folder mixes several series")
     p.add_argument("--head", default=None, help="salience generator weights for a model file that lacks them")
     p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass")
+    p.add_argument("--min_component_mm3", type=float, default=None, metavar="MM3",
+                   help="drop predicted components smaller than MM3 mm^3 (default: the model file's setting)")
     p.add_argument("--overwrite", action="store_true", help="redo scans whose outputs exist")
     return p
 
@@ -53,7 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         results = run_predict(args.model, args.input, args.output, device=args.device, head=args.head,
                               liver_mask=args.liver_mask, prob=args.prob, mesh=args.mesh, figures=args.figures,
-                              tta=args.tta, series=args.series, batch_size=args.batch_size, overwrite=args.overwrite)
+                              tta=args.tta, series=args.series, batch_size=args.batch_size, overwrite=args.overwrite,
+                              min_component_mm3=args.min_component_mm3)
     except (PreprocessError, FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", " ".join(str(e).split()) or type(e).__name__)
         return 1

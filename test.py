@@ -2,7 +2,7 @@
 
     python test.py --dataset 3D-IRCADb --backbone unet [--exp NAME] [--salience MODE] [--model_path FILE] [--split test]
                    [--eval_roi liver|none] [--tta] [--overlap 0.5] [--img_size H W]
-                   [--save_pred h5|nifti] [--figures] [--device auto] [--output DIR] [--overwrite]
+                   [--save_pred h5|nifti] [--figures] [--device auto] [--output DIR] [--min_component_mm3 MM3] [--overwrite]
 
 The model is rebuilt from its checkpoint alone (networks.checkpoint.load_model); by default
 the one ``best_model.pth`` under ``checkpoint/<dataset>/<backbone>/`` whose run matches
@@ -10,7 +10,7 @@ the one ``best_model.pth`` under ``checkpoint/<dataset>/<backbone>/`` whose run 
 of ``<list_dir>/<dataset>/vol_<split>.txt`` is predicted at the stored grid
 (inference.predict_volume; a checkpoint trained with ``--target_spacing`` resamples each case
 to its millimetres per pixel and maps the prediction back, with a warning for a case more
-than 20% off), thresholded with inference.binarize and scored (evaluation.metrics.evaluate_case).
+than 20% off), thresholded and post-processed with inference.vessel_mask and scored (evaluation.metrics.evaluate_case).
 Reports go to one folder (default ``<run folder>/eval_<split>[_roi-liver][_tta]``), written
 as a whole when every case is done: per_case.csv, summary.json, results.md, and optionally
 predictions/ and figures/. An existing complete report is kept (pass --overwrite).
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass")
     p.add_argument("--output", default=None, help="report folder (default: eval_<split>... in the run folder)")
+    p.add_argument("--min_component_mm3", type=float, default=None, metavar="MM3",
+                   help="drop predicted components smaller than MM3 mm^3 before scoring (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -69,6 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             overlap=args.overlap, tta=args.tta, img_size=args.img_size, eval_roi=args.eval_roi,
             save_pred=args.save_pred, pred_kind=args.pred_kind, figures=args.figures, device=args.device,
             batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
+            min_component_mm3=args.min_component_mm3,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", str(e).splitlines()[0] if str(e) else type(e).__name__)

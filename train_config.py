@@ -52,6 +52,8 @@ class TrainConfig:
     fg_fraction: float = 1 / 3
     augment: bool = True
     intensity_jitter: bool = False
+    domain_aug: bool = False  # sim-to-real intensity randomisation (dataloaders.transforms.intensity_domain)
+    min_component_mm3: float = 0.0  # inference post-processing recorded in the checkpoint (0: none)
     max_iterations: Optional[int] = None
     max_minutes: Optional[float] = None
     stop_after_epochs: Optional[int] = None

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
 from dataloaders.inputs import input_channels
-from inference import binarize, predict_volume, stitch_device
+from inference import predict_volume, stitch_device, vessel_mask
 from losses import make_loss, make_optimizer, poly_scheduler
 from networks.checkpoint import (
     check_compatible,
@@ -225,10 +225,10 @@ def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int) -> torch.u
     if dims == 2:
         return SliceDataSet(paths, cfg.salience, img_size=cfg.img_size, augment=cfg.augment,
                             jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing,
-                            cache=cfg.cache_data)
+                            cache=cfg.cache_data, domain=cfg.domain_aug)
     volumes = VolumeDataSet(paths, "train", cfg.salience)  # volumes are always held in memory
     return PatchDataSet(volumes, cfg.patch_size, cfg.patches_per_epoch, fg_fraction=cfg.fg_fraction,
-                        augment=cfg.augment, jitter=cfg.intensity_jitter, seed=cfg.seed)
+                        augment=cfg.augment, jitter=cfg.intensity_jitter, seed=cfg.seed, domain=cfg.domain_aug)
 
 
 def make_loader(cfg: TrainConfig, env: Env, dataset: Any, start_epoch: int, skip_batches: int) -> DataLoader:
@@ -249,7 +249,7 @@ def batches_per_epoch(cfg: TrainConfig, env: Env, n_items: int) -> int:
 
 
 class Validator:
-    """Mean Dice and clDice over the validation cases (prediction = inference.binarize(probability)).
+    """Mean Dice and clDice over the validation cases (prediction = inference.vessel_mask(probability)).
 
     Under DDP rank r predicts cases r, r + world, ...; the sums and counts of the defined
     (non-NaN) per-case values are all-reduced, so every rank returns the same means. The
@@ -288,7 +288,7 @@ class Validator:
                     device=stitch_device(case.image.shape, input_channels(cfg.salience), env.device),
                     sw_device=env.device,
                 )
-            pred = binarize(prob)
+            pred = vessel_mask(prob, case.spacing, min_component_mm3=cfg.min_component_mm3)
             # cases with an empty truth and prediction give NaN; they carry no information
             for k, value in enumerate((dice_metric(pred, case.label),
                                        cldice_metric(pred, case.label, target_skeleton=self.label_skeleton(i)))):
@@ -626,7 +626,8 @@ def _save(run: _Run, path: Path, epoch_done: int) -> None:
                     best_metric=run.best, head_sha256=run.head_sha, img_size=cfg.img_size, patch_size=cfg.patch_size,
                     target_spacing=cfg.target_spacing, mm_per_pixel=run.mm_per_pixel, generator=run.generator,
                     optimizer=run.optimizer, scheduler=run.scheduler,
-                    scaler=run.scaler if run.scaler.is_enabled() else None)
+                    scaler=run.scaler if run.scaler.is_enabled() else None,
+                    min_component_mm3=cfg.min_component_mm3)
     if path == run.last_path:
         run.saved_at = time.monotonic()
 

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dataloaders.inputs import input_channels, model_input
-from dataloaders.transforms import intensity_jitter, pad_or_crop, resize_2d, rot_flip, spacing_size
+from dataloaders.transforms import intensity_domain, intensity_jitter, pad_or_crop, resize_2d, rot_flip, spacing_size
 from utils.h5io import DatasetPaths, read_list, read_salience, read_volume
 
 log = logging.getLogger("datasets")
@@ -82,11 +82,12 @@ def _case_geometry(paths: DatasetPaths, case: str) -> tuple[tuple[float, float, 
 
 
 class _Augmenting(Dataset):
-    def __init__(self, salience_mode: str, augment: bool, jitter: bool, seed: int) -> None:
+    def __init__(self, salience_mode: str, augment: bool, jitter: bool, seed: int, domain: bool = False) -> None:
         input_channels(salience_mode)
         self.salience_mode = salience_mode
         self.augment = augment
         self.jitter = jitter
+        self.domain = domain
         self.seed = int(seed)
         self.epoch = 0
 
@@ -109,6 +110,8 @@ class _Augmenting(Dataset):
             image, label, sal = rot_flip(image, label, sal, rng)
         if self.jitter:
             image = intensity_jitter(image, rng)
+        if self.domain:
+            image = intensity_domain(image, rng)
         return image, label, sal
 
     def _item(self, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray]) -> dict:
@@ -135,7 +138,7 @@ class SliceDataSet(_Augmenting):
     ``cache=True`` reads every slice once, here in the constructor, into memory that loader
     workers forked later share, instead of decoding gzip HDF5 for every item (25-35 ms a
     slice on a CPU core). Where the augmentation commutes with the geometry (pixel resize,
-    a square slice, a square ``img_size``, no intensity jitter: flips and quarter turns
+    a square slice, a square ``img_size``, no intensity augmentation: flips and quarter turns
     commute with a bilinear resize then) the slice is kept already resized, as the
     un-augmented item (input, image and soft label float16: 0.6 MB at 256 x 256), and only
     rot/flip runs per item; otherwise (e.g. ``target_spacing``, whose crop is random) image,
@@ -146,8 +149,8 @@ class SliceDataSet(_Augmenting):
 
     def __init__(self, paths: DatasetPaths, salience_mode: str, img_size: Optional[Sequence[int]] = None,
                  list_name: str = "slice_train", augment: bool = True, jitter: bool = False, seed: int = 0,
-                 target_spacing: Optional[float] = None, cache: bool = False) -> None:
-        super().__init__(salience_mode, augment, jitter, seed)
+                 target_spacing: Optional[float] = None, cache: bool = False, domain: bool = False) -> None:
+        super().__init__(salience_mode, augment, jitter, seed, domain)
         self.paths = paths
         self.img_size = None if img_size is None else (int(img_size[0]), int(img_size[1]))
         self.target_spacing = None if target_spacing is None else float(target_spacing)
@@ -176,7 +179,7 @@ class SliceDataSet(_Augmenting):
 
     def _fill_cache(self) -> None:
         square = (self.target_spacing is None and self.img_size is not None
-                  and self.img_size[0] == self.img_size[1] and not self.jitter)
+                  and self.img_size[0] == self.img_size[1] and not self.jitter and not self.domain)
         cached = []
         for i in tqdm(range(len(self.names)), desc="caching training slices", unit="slice", leave=False):
             image, label, sal = self._read(i)
@@ -361,8 +364,8 @@ class PatchDataSet(_Augmenting):
 
     def __init__(self, volumes: VolumeDataSet, patch_size: Sequence[int], samples_per_epoch: int,
                  fg_fraction: float = 1 / 3, augment: bool = True, jitter: bool = False, seed: int = 0,
-                 max_fg_points: int = 20000) -> None:
-        super().__init__(volumes.salience_mode, augment, jitter, seed)
+                 max_fg_points: int = 20000, domain: bool = False) -> None:
+        super().__init__(volumes.salience_mode, augment, jitter, seed, domain)
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints (h, w, d), got {patch_size}")
         if not 0 <= fg_fraction <= 1:

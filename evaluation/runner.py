@@ -27,7 +27,7 @@ from evaluation.reports import (
     write_per_case_csv,
     write_summary_json,
 )
-from inference import THRESHOLD, binarize, predict_volume, stitch_device
+from inference import predict_volume, stitch_device, vessel_mask
 from utils.atomic import atomic_dir
 from utils.h5io import DatasetPaths, read_list, read_volume
 
@@ -175,6 +175,8 @@ class _Evaluation:
     tta: bool
     batch_size: int
     eval_roi: str
+    threshold: float
+    min_component_mm3: float
 
 
 def _check_options(eval_roi: str, save_pred: Optional[str], pred_kind: str, img_size: Optional[Sequence[int]]) -> None:
@@ -204,10 +206,10 @@ def _existing_report(out_dir: Path, overwrite: bool) -> Optional[EvalResult]:
 def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[str], paths: DatasetPaths,
                 cases: Sequence[str],
                 img_size: Optional[Sequence[int]], device: str, overlap: float, tta: bool, batch_size: int,
-                eval_roi: str) -> _Evaluation:
+                eval_roi: str, min_component_mm3: Optional[float]) -> _Evaluation:
     """Rebuild the model from its checkpoint, check it against the options and the data."""
     # imported here so the metrics/report code paths work without the training package
-    from networks.checkpoint import check_compatible, load_model
+    from networks.checkpoint import check_compatible, inference_settings, load_model
 
     device = resolve_device(device)
     model, ckpt = load_model(model_path, device=device)
@@ -219,7 +221,10 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
     elif img_size is not None and ckpt.get("img_size") and list(img_size) != list(ckpt["img_size"]):
         log.warning("running at --img_size %s although the model was trained at %s", list(img_size), ckpt["img_size"])
     _preflight(paths, cases, mode)
-    return _Evaluation(paths, model, ckpt, mode, dims, run_img_size, device, overlap, tta, batch_size, eval_roi)
+    settings = inference_settings(ckpt)
+    min_cc = settings["min_component_mm3"] if min_component_mm3 is None else float(min_component_mm3)
+    return _Evaluation(paths, model, ckpt, mode, dims, run_img_size, device, overlap, tta, batch_size, eval_roi,
+                       settings["threshold"], min_cc)
 
 
 def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str], pred_kind: str,
@@ -248,13 +253,18 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
         device=stitch_device(vol.image.shape, input_channels(mode), ev.device), sw_device=ev.device,
     )
     t1 = time.perf_counter()
-    pred = binarize(prob).astype(bool)
+    # post-processed inside the ROI, as predict.py --liver_mask does: a component's size is
+    # what lies in the scored region
+    pred = vessel_mask(prob if roi is None else np.where(roi, prob, 0.0), vol.spacing, ev.threshold,
+                       ev.min_component_mm3).astype(bool)
     row: dict[str, Any] = {"case": case, **evaluate_case(pred, vol.label, vol.spacing, roi)}
     row["seconds_inference"] = t1 - t0
     row["seconds_metrics"] = time.perf_counter() - t1
     if save_pred is not None:
         (tmp / "predictions").mkdir(exist_ok=True)
-        save_prediction(tmp / "predictions", case, prob, vol.spacing, save_pred, as_mask=pred_kind == "mask",
+        # a mask is the scored one (post-processed); binarizing it again leaves it as it is
+        saved = pred.astype(np.float32) if pred_kind == "mask" else prob
+        save_prediction(tmp / "predictions", case, saved, vol.spacing, save_pred, as_mask=pred_kind == "mask",
                         image=vol.image, crop=vol.crop)
     if figures:
         from evaluation.figures import mip_figure, overlay_figure  # matplotlib: only when drawing
@@ -288,7 +298,8 @@ def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys:
         "target_spacing": ckpt.get("target_spacing") if ev.dims == 2 else None,
         "n_empty_pred": int(sum(r["empty_pred"] for r in rows)),
         "n_empty_true": int(sum(r["empty_true"] for r in rows)),
-        "overlap": ev.overlap, "tta": ev.tta, "threshold": THRESHOLD, "eval_roi": ev.eval_roi, "device": ev.device,
+        "overlap": ev.overlap, "tta": ev.tta, "threshold": ev.threshold,
+        "min_component_mm3": ev.min_component_mm3, "eval_roi": ev.eval_roi, "device": ev.device,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "conventions": "NaN (null in JSON) where a metric is undefined (empty mask / empty bin); "
                        "statistics ignore NaN and count them (n_nan); CI = t-interval over cases",
@@ -296,7 +307,8 @@ def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys:
     write_per_case_csv(tmp / "per_case.csv", rows, keys)
     write_summary_json(tmp / "summary.json", summary, meta)
     header = (f"**{ckpt['model_name']}** (salience {mode}) on {dataset} / {split}, {len(cases)} cases, "
-              f"ROI {ev.eval_roi}, TTA {'on' if ev.tta else 'off'}, threshold {THRESHOLD}; "
+              f"ROI {ev.eval_roi}, TTA {'on' if ev.tta else 'off'}, threshold {ev.threshold}, "
+              f"components under {ev.min_component_mm3:g} mm^3 dropped; "
               f"checkpoint `{model_path}` (epoch {ckpt.get('epoch')}).\n"
               "Distances in mm; CLrec = centreline recall by vessel radius (mm); CC = connected components "
               "(26-connectivity); n/a = undefined (empty mask or bin).\n\n")
@@ -326,8 +338,11 @@ def run_evaluation(
     batch_size: int = 8,
     output: Optional[str | Path] = None,
     overwrite: bool = False,
+    min_component_mm3: Optional[float] = None,
 ) -> EvalResult:
     """Predict and score every case of ``split``; write the report folder; return rows and summary.
+
+    ``min_component_mm3``: post-processing (``inference.vessel_mask``); None: the checkpoint's.
 
     Raises FileNotFoundError / ValueError with a one-line message naming the file on bad input;
     nothing is written then. An existing complete report is returned unchanged unless ``overwrite``.
@@ -347,7 +362,10 @@ def run_evaluation(
     if existing is not None:
         return existing
 
-    ev = _load_model(model_path, backbone, salience, paths, cases, img_size, device, overlap, tta, batch_size, eval_roi)
+    if min_component_mm3 is not None and min_component_mm3 < 0:
+        raise ValueError(f"--min_component_mm3 must be >= 0, got {min_component_mm3}")
+    ev = _load_model(model_path, backbone, salience, paths, cases, img_size, device, overlap, tta, batch_size, eval_roi,
+                     min_component_mm3)
     log.info("model %s (%d-D, salience %s, epoch %s) from %s; %d %s cases; roi %s; tta %s",
              ev.ckpt["model_name"], ev.dims, ev.mode, ev.ckpt.get("epoch"), model_path, len(cases), split,
              eval_roi, tta)

@@ -5,7 +5,7 @@ the network input exactly as for training (``preprocessing.pipeline.to_volume``:
 with a liver mask, the training crop to the liver's slices; the offline salience from the
 generator embedded in the checkpoint, ``networks.salience.salience_3d``), predict
 (``inference.predict_volume`` with the checkpoint's resize rule), threshold at the checkpoint's
-threshold and put the mask back on the input grid. Outputs, all in the input's geometry:
+threshold, drop components under its ``min_component_mm3`` (``inference.vessel_mask``) and put the mask back on the input grid. Outputs, all in the input's geometry:
 
     <case>_vessels.nii.gz   uint8 {0, 1}
     <case>_prob.nii.gz      float32 probabilities (--prob)
@@ -39,7 +39,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
 from evaluation.runner import resolve_device
 from evaluation.scan_io import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
-from inference import binarize, predict_volume
+from inference import predict_volume, vessel_mask
 from networks.checkpoint import generator_from_checkpoint, inference_settings, load_model
 from networks.salience import file_sha256, salience_3d
 from preprocessing.dicom_reader import PatientData
@@ -86,6 +86,7 @@ class Segmenter:
                 "kind": self.generator.name, "weights_sha256": self.generator.weights_sha256,
                 "embedded": isinstance(gen, dict)},
             "hu_window": list(self.settings["hu_window"]), "threshold": self.settings["threshold"],
+            "min_component_mm3": self.settings["min_component_mm3"],
             "img_size": self.settings["img_size"], "patch_size": self.settings["patch_size"],
             "target_spacing": self.settings["target_spacing"], "epoch": self.ckpt.get("epoch"),
         }
@@ -205,7 +206,7 @@ def predict_scan(seg: Segmenter, scan: Scan, liver: Optional[np.ndarray] = None,
     prob[c[0]:c[1], c[2]:c[3], c[4]:c[5]] = prob_c
     if liver is not None:
         prob[~liver] = 0.0
-    mask = binarize(prob, s["threshold"]).astype(bool)
+    mask = vessel_mask(prob, scan.spacing, s["threshold"], s["min_component_mm3"]).astype(bool)
     return Prediction(prob, mask, tuple(c))
 
 
@@ -481,8 +482,11 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
                 device: str = "auto", head: Optional[str | os.PathLike] = None,
                 liver_mask: Optional[str | os.PathLike] = None, prob: bool = False, mesh: Optional[str] = None,
                 figures: bool = False, tta: bool = False, series: Optional[str] = None, batch_size: int = 8,
-                overwrite: bool = False) -> list[CaseResult]:
+                overwrite: bool = False, min_component_mm3: Optional[float] = None) -> list[CaseResult]:
     """Segment every scan under ``input_path`` with ``model``; one result per case.
+
+    ``min_component_mm3``: drop predicted components under this volume (mm^3); None: the
+    model file's setting (``inference.vessel_mask``).
 
     Bad model files and inputs raise ValueError / FileNotFoundError before anything is written.
     With several scans, one that fails is reported (status "failed", a one-line message) and
@@ -491,7 +495,11 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     cases = find_cases(input_path)
     if liver_mask is not None and len(cases) > 1:
         raise ValueError(f"{input_path}: --liver_mask needs a single scan, found {len(cases)}")
+    if min_component_mm3 is not None and min_component_mm3 < 0:
+        raise ValueError(f"--min_component_mm3 must be >= 0, got {min_component_mm3}")
     seg = load_segmenter(model, device, head)
+    if min_component_mm3 is not None:
+        seg.settings["min_component_mm3"] = float(min_component_mm3)
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output exists and is not a folder")

@@ -31,6 +31,7 @@ lack them and readers use :func:`inference_settings`' defaults:
                   ``predict.py --head FILE`` supplies it)
     hu_window     [lo, hi] HU the image was clipped to before dividing by hi - lo
     threshold     probability at and above which a voxel is vessel
+    min_component_mm3  predicted components smaller than this (mm^3) are dropped (0: none)
 
 ``load_model(path)`` rebuilds the model (e2e wrapper included) from the file alone;
 ``check_compatible`` is the one place a checkpoint is checked against what a run asks for
@@ -137,6 +138,7 @@ def save_checkpoint(
     generator: Optional[dict] = None,
     hu_window: Sequence[float] = HU_WINDOW,
     threshold: float = THRESHOLD,
+    min_component_mm3: float = 0.0,
 ) -> None:
     """Write a contract-1 checkpoint atomically (a crash leaves the previous file intact).
 
@@ -168,6 +170,7 @@ def save_checkpoint(
         "generator": generator if salience == "offline" else None,
         "hu_window": [float(v) for v in hu_window],
         "threshold": float(threshold),
+        "min_component_mm3": float(min_component_mm3),
     }
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
@@ -354,11 +357,13 @@ def find_offline_generator(salience_file: str | os.PathLike, search: Sequence[st
 def inference_settings(ckpt: dict) -> dict:
     """What inference on a new scan needs, with defaults for checkpoints written before these keys.
 
-    Returns hu_window (lo, hi), threshold, img_size, patch_size, target_spacing, generator.
+    Returns hu_window (lo, hi), threshold, min_component_mm3, img_size, patch_size, target_spacing,
+    generator.
     """
     return {
         "hu_window": tuple(float(v) for v in (ckpt.get("hu_window") or HU_WINDOW)),
         "threshold": float(ckpt.get("threshold", THRESHOLD)),
+        "min_component_mm3": float(ckpt.get("min_component_mm3", 0.0)),
         "img_size": ckpt.get("img_size"),
         "patch_size": ckpt.get("patch_size"),
         "target_spacing": ckpt.get("target_spacing"),

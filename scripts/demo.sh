@@ -7,6 +7,9 @@
 # slices are resampled to, default 0.9: the demo phantoms' own spacing, so a 192 x 192 tile
 # covers their 173 mm field of view as before; real CT at 0.57-0.87 mm is resampled to it by
 # test.py), and those of prepare_phantom.sh.
+# --domain_aug 1 randomises contrast, level and noise so the phantom-trained model transfers to
+# real CT; --min_component_mm3 20 drops specks under 20 mm^3 (a 1 mm vessel 6 mm long) from its
+# masks (README, "Phantoms to real CT").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,7 +28,7 @@ RUN_ARGS=(--dataset phantom --root_path "$DATA" --output_root "$CKPT" --backbone
           --model_kwargs '{"base_channels": 16}' --target_spacing "$SPACING" --img_size 192 192
           --batch_size 4 --optimizer adamw
           --base_lr 0.003 --loss bce+dice --max_epochs 100 --max_iterations "$ITERS" --val_every 200
-          --seed 0 --exp demo)
+          --domain_aug 1 --min_component_mm3 20 --seed 0 --exp demo)
 RUN_DIR=$($PY main.py "${RUN_ARGS[@]}" --print_run_dir)
 if [ -f "$RUN_DIR/best_model.pth" ]; then
   echo "reusing trained model in $RUN_DIR"

@@ -6,7 +6,9 @@
 # "label=<run>/eval_test" to the array RUNS. Reads MODEL_KW (JSON; empty: the backbone's
 # defaults) and the settings below, each overridable from the environment. 2-D runs resample
 # every slice to TARGET_SPACING mm per pixel (default 0.9, the demo phantoms' spacing) and
-# train on 192 x 192 tiles of it; 3-D runs use their patches on the stored grid.
+# train on 192 x 192 tiles of it; 3-D runs use their patches on the stored grid. DOMAIN_AUG
+# (default 1) and MIN_COMPONENT (mm^3, default 20) are main.py's --domain_aug and
+# --min_component_mm3, as in make demo.
 PY=${PY:-.venv/bin/python}
 DATA=${DEMO_DATA:-data}
 CKPT=${DEMO_CKPT:-checkpoint}
@@ -14,6 +16,8 @@ DATASET=${DATASET:-phantom}
 ITERS=${ITERS:-400}
 SEED=${SEED:-0}
 TARGET_SPACING=${TARGET_SPACING:-0.9}
+DOMAIN_AUG=${DOMAIN_AUG:-1}         # the demo's settings: intensity randomisation on,
+MIN_COMPONENT=${MIN_COMPONENT:-20}  # components under 20 mm^3 dropped
 HEAD=${HEAD:-$CKPT/salience/$DATASET/bank_fit.pth}  # e2e head initialisation
 RUNS=()
 
@@ -32,6 +36,7 @@ train_and_test() {
   local args=(--dataset "$DATASET" --root_path "$DATA" --output_root "$CKPT" --backbone "$backbone"
               --salience "$mode" "${size_args[@]}" --batch_size 4 --optimizer adamw --base_lr 0.003
               --loss bce+dice --max_epochs 100 --max_iterations "$ITERS" --val_every 200
+              --domain_aug "$DOMAIN_AUG" --min_component_mm3 "$MIN_COMPONENT"
               --seed "$SEED" --deterministic 1 --exp "$exp" "${extra[@]}" "$@")
   [ -n "${MODEL_KW:-}" ] && args+=(--model_kwargs "$MODEL_KW")
   local run_dir

@@ -27,6 +27,11 @@ if [ -f "$RAW/phantom_manifest.json" ]; then
   fi
   echo "reusing $RAW (delete it to make new patients)"
 else
+  # new patients: HDF5 volumes, fitted head and salience made from earlier ones would be
+  # reused by the complete-stage checks below without this
+  for old in "$DATA/$DATASET" "$CKPT/salience/$DATASET"; do
+    if [ -e "$old" ]; then echo "removing $old (made from other phantom patients)"; rm -rf "$old"; fi
+  done
   $PY make_phantoms.py --out "$RAW" --cases 12 --preset demo --seed 0 --workers 2 --overwrite
 fi
 

@@ -86,6 +86,7 @@ train_real() {
               --backbone "$BACKBONE" --salience "$mode" --img_size 192 192 --target_spacing "$TARGET_SPACING" --batch_size 4
               --optimizer adamw --base_lr 0.003 --loss bce+dice --max_epochs 1000
               --max_iterations "$FT_ITERS" --val_every "$FT_ITERS" --seed "$SEED" --deterministic 1 --exp "$exp"
+              --domain_aug "$DOMAIN_AUG" --min_component_mm3 "$MIN_COMPONENT"
               --model_kwargs "$MODEL_KW" "${extra[@]}" "$@")
   local run_dir
   run_dir=$($PY main.py "${args[@]}" --print_run_dir)

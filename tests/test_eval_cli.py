@@ -287,3 +287,32 @@ def test_pixel_resize_checkpoint_warns_when_mm_per_pixel_differs(tiny_dataset, t
     with caplog.at_level(logging.WARNING, logger="test"):
         run_evaluation(dataset=ds.dataset, root_path=ds.root_path, list_dir=ds.list_dir, model_path=ok, device="cpu")
     assert not [r for r in caplog.records if "mm/pixel" in r.getMessage()]
+
+
+def test_checkpoint_min_component_setting_is_applied_and_can_be_overridden(tiny_dataset, tmp_path):
+    """The checkpoint's min_component_mm3 post-processes every case before scoring (the saved
+    mask too); test.py's --min_component_mm3 replaces it; the report records the value used."""
+    from inference import predict_volume, vessel_mask
+    from networks.checkpoint import load_model
+
+    ds = tiny_dataset
+    _two_case_test_split(ds)
+    ckpt = _save_ckpt(tmp_path / "run" / "best_model.pth", "unet", "none", TINY_2D, img_size=[32, 32],
+                      min_component_mm3=3.0)
+    model, _ = load_model(ckpt)
+    vol = read_volume(ds.paths.volume("case0005"))
+    ref = predict_volume(model, vol.image, None, salience_mode="none", spatial_dims=2, img_size=[32, 32])
+    for override, used in ((None, 3.0), (0.0, 0.0), (1e9, 1e9)):
+        res = run_evaluation(dataset=ds.dataset, root_path=ds.root_path, list_dir=ds.list_dir, model_path=ckpt,
+                             save_pred="h5", pred_kind="mask", device="cpu", output=tmp_path / f"eval_{override}",
+                             min_component_mm3=override)
+        assert json.loads((res.output / "summary.json").read_text())["meta"]["min_component_mm3"] == used
+        mask = vessel_mask(ref, vol.spacing, min_component_mm3=used)
+        row = [r for r in res.rows if r["case"] == "case0005"][0]
+        assert row["voxels_pred"] == int(mask.sum())
+        with h5py.File(res.output / "predictions" / "case0005_pred.h5") as f:
+            np.testing.assert_array_equal(f["mask"][()], mask)
+    assert row["voxels_pred"] == 0  # nothing is 1e9 mm^3
+    with pytest.raises(ValueError, match="min_component_mm3"):
+        run_evaluation(dataset=ds.dataset, root_path=ds.root_path, list_dir=ds.list_dir, model_path=ckpt,
+                       device="cpu", output=tmp_path / "bad", min_component_mm3=-1.0)

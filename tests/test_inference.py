@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dataloaders.transforms import resize_2d, resize_planes
-from inference import THRESHOLD, binarize, model_grid, predict_volume, sliding_window_volume
+from inference import (THRESHOLD, binarize, model_grid, predict_volume, remove_small_components,
+                       sliding_window_volume, vessel_mask)
 
 
 class Scale(torch.nn.Module):
@@ -99,6 +100,55 @@ def test_model_mode_restored_and_bad_input():
         predict_volume(m, image, None, salience_mode="none", spatial_dims=3)
     with pytest.raises(ValueError, match=r"\(H, W, D\)"):
         predict_volume(m, image[..., 0], None, salience_mode="none", spatial_dims=2)
+
+
+def _blobs() -> np.ndarray:
+    """A 4 x 4 x 4 cube (64 voxels), a 2 x 2 x 2 cube (8) and a single voxel touching the big
+    cube only at a corner (26-connected to it), in a 20^3 grid."""
+    m = np.zeros((20, 20, 20), dtype=np.uint8)
+    m[2:6, 2:6, 2:6] = 1
+    m[10:12, 10:12, 10:12] = 1
+    m[6, 6, 6] = 1  # corner neighbour of m[5, 5, 5]
+    m[16, 3, 17] = 1  # alone
+    return m
+
+
+@pytest.mark.parametrize("spacing, min_mm3, kept", [
+    ((1.0, 1.0, 1.0), 0.0, {65, 8, 1}),
+    ((1.0, 1.0, 1.0), 1.0, {65, 8, 1}),   # a 1 mm^3 voxel is not smaller than 1 mm^3
+    ((1.0, 1.0, 1.0), 1.5, {65, 8}),
+    ((1.0, 1.0, 1.0), 9.0, {65}),
+    ((0.5, 0.5, 2.0), 4.0, {65, 8}),       # voxels of 0.5 mm^3: 8 of them are 4 mm^3
+    ((0.5, 0.5, 2.0), 4.01, {65}),
+    ((1.0, 1.0, 1.0), 100.0, set()),
+])
+def test_remove_small_components_by_volume(spacing, min_mm3, kept):
+    from scipy import ndimage
+
+    out = remove_small_components(_blobs(), spacing, min_mm3)
+    assert out.dtype == np.uint8
+    lab, n = ndimage.label(out, structure=np.ones((3, 3, 3)))
+    assert set(np.bincount(lab.ravel())[1:].tolist()) == kept
+    assert not (out & ~_blobs().astype(bool)).any()  # only removes
+
+
+def test_remove_small_components_checks_input():
+    with pytest.raises(ValueError, match="H, W, D"):
+        remove_small_components(np.ones((4, 4)), (1, 1, 1), 1.0)
+    with pytest.raises(ValueError, match="spacing"):
+        remove_small_components(np.ones((4, 4, 4)), (1, 1), 1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        remove_small_components(np.ones((4, 4, 4)), (1, 1, 1), -1.0)
+
+
+def test_vessel_mask_thresholds_then_drops_small_components():
+    prob = _blobs().astype(np.float32) * 0.7
+    prob[10:12, 10:12, 10:12] = 0.4  # the 8-voxel cube is under the threshold
+    np.testing.assert_array_equal(vessel_mask(prob, (1, 1, 1)), binarize(prob))
+    np.testing.assert_array_equal(vessel_mask(prob, (1, 1, 1), threshold=0.3), _blobs())
+    expect = _blobs()
+    expect[16, 3, 17] = 0
+    np.testing.assert_array_equal(vessel_mask(prob, (1, 1, 1), threshold=0.3, min_component_mm3=2.0), expect)
 
 
 def test_binarize_is_the_one_rule():

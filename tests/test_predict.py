@@ -363,7 +363,7 @@ def test_bad_model_files(tmp_path, phantom_case, capsys):
     assert "text.pth" in msg and "not a readable torch file" in msg
     # a checkpoint written before the generator was embedded: needs --head, then works
     ckpt = load_checkpoint(phantom_case["model"])
-    for k in ("generator", "hu_window", "threshold"):
+    for k in ("generator", "hu_window", "threshold", "min_component_mm3"):
         ckpt.pop(k)
     torch.save(ckpt, tmp_path / "old.pth")
     msg = run_bad(["--model", str(tmp_path / "old.pth"), "--input", pat], tmp_path / "o", capsys)
@@ -374,6 +374,18 @@ def test_bad_model_files(tmp_path, phantom_case, capsys):
     assert rc == 0
     got = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "o2" / "3Dircadb1.1_vessels.nii.gz")))
     assert got.any()
+
+
+def test_min_component_option_overrides_the_model_file(phantom_case, tmp_path, capsys):
+    pat = phantom_case["patient"]
+    args = ["--model", str(phantom_case["model"]), "--input", str(pat), "--device", "cpu",
+            "--liver_mask", str(pat / "MASKS_DICOM" / "liver")]
+    for value, out in (("0", tmp_path / "keep"), ("1e9", tmp_path / "none")):
+        assert predict.main(args + ["--output", str(out), "--min_component_mm3", value]) == 0
+    stats = {k: json.loads((tmp_path / k / "3Dircadb1.1_stats.json").read_text()) for k in ("keep", "none")}
+    assert stats["keep"]["model"]["min_component_mm3"] == 0.0 and stats["none"]["model"]["min_component_mm3"] == 1e9
+    assert stats["keep"]["stats"]["vessel_voxels"] > 0 and stats["none"]["stats"]["vessel_voxels"] == 0
+    assert "min_component_mm3" in run_bad(args + ["--min_component_mm3", "-1"], tmp_path / "bad", capsys)
 
 
 def test_checkpoint_embeds_generator(tmp_path):

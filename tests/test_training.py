@@ -15,7 +15,7 @@ import torch
 
 import main as main_cli
 from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
-from dataloaders.transforms import resize_2d, rot_flip
+from dataloaders.transforms import DOMAIN_NOISE, DOMAIN_SCALE, DOMAIN_SHIFT, intensity_domain, resize_2d, rot_flip
 from losses import make_loss, poly_scheduler, soft_cldice_loss, soft_dice_loss, soft_skeleton
 from networks.checkpoint import load_model
 import trainer
@@ -130,6 +130,44 @@ def test_slice_dataset_offline_input_is_gated_image(tiny_dataset):
     np.testing.assert_allclose(item["input"].numpy(), g[None] * (1 + s), rtol=1e-6)
     np.testing.assert_array_equal(item["label"][0].numpy(), lab)
     assert SliceDataSet(tiny_dataset.paths, "none", img_size=(48, 40))[5]["input"].shape == (1, 48, 40)
+
+
+def test_intensity_domain_is_an_affine_map_about_the_tissue_median_plus_noise():
+    rng0 = np.random.default_rng(0)
+    image = np.zeros((64, 64), np.float32)
+    image[8:56, 8:56] = rng0.uniform(0.2, 0.5, (48, 48))  # tissue; the rest is air (0)
+    centre = float(np.median(image[image > 0]))
+    seen_noise = seen_clean = False
+    for seed in range(40):
+        out = intensity_domain(image, np.random.default_rng(seed))
+        assert out.dtype == np.float32 and out.shape == image.shape
+        assert (out[image == 0] == 0).all() and out.min() >= 0 and out.max() <= 1
+        t = image > 0
+        # least-squares fit out = a * (image - centre) + b over the tissue
+        a, b = np.polyfit(image[t] - centre, out[t], 1)
+        resid = out[t] - (a * (image[t] - centre) + b)
+        assert DOMAIN_SCALE[0] - 0.02 <= a <= DOMAIN_SCALE[1] + 0.02
+        assert abs(b - centre) <= DOMAIN_SHIFT + 0.01
+        assert resid.std() <= DOMAIN_NOISE + 0.002
+        seen_noise |= resid.std() > 1e-3
+        seen_clean |= resid.std() < 1e-5
+    assert seen_noise and seen_clean  # noise is added about half the time
+    np.testing.assert_array_equal(intensity_domain(image, np.random.default_rng(3)),
+                                  intensity_domain(image, np.random.default_rng(3)))
+    assert not intensity_domain(np.zeros((4, 4), np.float32), np.random.default_rng(0)).any()
+
+
+def test_domain_aug_changes_the_image_channel_only_in_training_items(tiny_dataset):
+    plain = SliceDataSet(tiny_dataset.paths, "offline", img_size=(32, 32), augment=False)
+    dom = SliceDataSet(tiny_dataset.paths, "offline", img_size=(32, 32), augment=False, domain=True, cache=True)
+    assert {e[0] for e in dom._cache} == {"stored"}  # the augmentation runs per item, after the cache
+    a, b = plain[(0, 5)], dom[(0, 5)]
+    np.testing.assert_array_equal(a["label"].numpy(), b["label"].numpy())
+    assert not np.allclose(a["image"].numpy(), b["image"].numpy(), atol=1e-3)
+    with h5py.File(tiny_dataset.paths.slice(dom.names[5]), "r") as f:
+        sal = f["salience"][()]
+    # the input is built from the augmented image (G (1 + S), the salience as stored), to float16 rounding
+    np.testing.assert_allclose(b["input"].numpy(), b["image"].numpy() * (1 + sal), atol=2e-3)
 
 
 def test_slice_salience_falls_back_to_volume_file(tiny_dataset):
