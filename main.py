@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", type=_bool, default=d.augment)
     p.add_argument("--intensity_jitter", type=_bool, default=d.intensity_jitter)
     p.add_argument("--domain_aug", type=_bool, default=d.domain_aug,
-                   help="randomise contrast (x0.7-1.4), level (+-24 HU) and noise (up to 8 HU) of the training "
+                   help="randomise contrast (x0.5-1.5), level (+-24 HU) and noise (up to 8 HU) of the training "
                         "images: for models trained on phantoms and run on real CT")
     p.add_argument("--min_component_mm3", type=float, default=d.min_component_mm3, metavar="MM3",
                    help="post-processing recorded in the checkpoint and used by validation, test.py and "

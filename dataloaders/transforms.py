@@ -13,7 +13,7 @@ reproducible whatever the number of loader workers.
   sagittal), for slices as for patches (the seed rotated the channels without swapping).
 - ``intensity_jitter``: image * U(0.9, 1.1) + U(-0.05, 0.05), clipped to [0, 1] (optional).
 - ``intensity_domain``: the sim-to-real randomisation (optional, ``--domain_aug``): contrast
-  scaled about the tissue median by a log-uniform factor in [0.7, 1.4], shifted by up to
+  scaled about the tissue median by a log-uniform factor in [0.5, 1.5], shifted by up to
   +-0.06 (24 HU), and half the time white noise of std U(0, 0.02) (up to 8 HU) added; pixels
   at 0 (air, fat, padding: below the HU window) stay 0.
 
