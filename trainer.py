@@ -19,8 +19,8 @@ the chosen cadence and :func:`_save`.
 - DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on the CPU; rank 0
   alone logs and writes files.
 - Validation on ``vol_val`` with inference.predict_volume and evaluation.metrics (Dice,
-  clDice of the 0.5-thresholded probabilities, mean over cases; label skeletons computed
-  once); under DDP each rank predicts its share of the cases and the sums are
+  clDice of the masks of inference.vessel_mask: probabilities >= 0.5, components under
+  ``min_component_mm3`` dropped; mean over cases; label skeletons computed once); under DDP each rank predicts its share of the cases and the sums are
   all-reduced. Cadence: every ``val_every`` iterations, or (``val_every`` 0) at epoch ends,
   skipping those that would make validation more than ``val_fraction`` of the wall time;
   always at the end of the run. ``best_model.pth`` keeps the best validation Dice (the
