@@ -2,7 +2,8 @@
 
     python test.py --dataset 3D-IRCADb --backbone unet [--exp NAME] [--salience MODE] [--model_path FILE] [--split test]
                    [--eval_roi liver|none] [--tta] [--overlap 0.5] [--img_size H W]
-                   [--save_pred h5|nifti] [--figures] [--device auto] [--output DIR] [--min_component_mm3 MM3] [--overwrite]
+                   [--save_pred h5|nifti] [--figures] [--device auto] [--output DIR]
+                   [--min_component_mm3 MM3] [--overwrite]
 
 The model is rebuilt from its checkpoint alone (networks.checkpoint.load_model); by default
 the one ``best_model.pth`` under ``checkpoint/<dataset>/<backbone>/`` whose run matches
@@ -10,7 +11,8 @@ the one ``best_model.pth`` under ``checkpoint/<dataset>/<backbone>/`` whose run 
 of ``<list_dir>/<dataset>/vol_<split>.txt`` is predicted at the stored grid
 (inference.predict_volume; a checkpoint trained with ``--target_spacing`` resamples each case
 to its millimetres per pixel and maps the prediction back, with a warning for a case more
-than 20% off), thresholded and post-processed with inference.vessel_mask and scored (evaluation.metrics.evaluate_case).
+than 20% off), thresholded and post-processed with inference.vessel_mask and scored
+(evaluation.metrics.evaluate_case).
 Reports go to one folder (default ``<run folder>/eval_<split>[_roi-liver][_tta]``), written
 as a whole when every case is done: per_case.csv, summary.json, results.md, and optionally
 predictions/ and figures/. An existing complete report is kept (pass --overwrite).

@@ -53,10 +53,14 @@ def save_prediction(
     fmt: str,
     *,
     as_mask: bool = False,
+    mask: Optional[np.ndarray] = None,
     image: Optional[np.ndarray] = None,
     crop: Optional[Sequence[int]] = None,
 ) -> list[Path]:
-    """Write ``prob`` (H, W, D) float32 in [0, 1] (or its mask, ``inference.binarize``, uint8) for ``case``.
+    """Write ``prob`` (H, W, D) float32 in [0, 1] (or, ``as_mask``, its mask uint8) for ``case``.
+
+    The mask is ``mask`` when given (e.g. the post-processed one that was scored), else
+    ``inference.binarize(prob)``.
 
     h5: ``<case>_pred.h5`` with dataset ``prob`` (float32) or ``mask`` (uint8), attrs spacing.
     nifti: ``<case>_pred.nii.gz`` and, when ``image`` is given, ``<case>_image.nii.gz`` beside
@@ -64,7 +68,10 @@ def save_prediction(
     """
     if fmt not in PRED_FORMATS:
         raise ValueError(f"unknown prediction format {fmt!r}; valid: {', '.join(PRED_FORMATS)}")
-    data = binarize(prob) if as_mask else prob.astype(np.float32)
+    if not as_mask:
+        data = prob.astype(np.float32)
+    else:
+        data = binarize(prob) if mask is None else np.asarray(mask).astype(np.uint8)
     written = []
     if fmt == "h5":
         path = out_dir / f"{case}_pred.h5"

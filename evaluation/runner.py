@@ -221,10 +221,9 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
     elif img_size is not None and ckpt.get("img_size") and list(img_size) != list(ckpt["img_size"]):
         log.warning("running at --img_size %s although the model was trained at %s", list(img_size), ckpt["img_size"])
     _preflight(paths, cases, mode)
-    settings = inference_settings(ckpt)
-    min_cc = settings["min_component_mm3"] if min_component_mm3 is None else float(min_component_mm3)
+    settings = inference_settings(ckpt, min_component_mm3=min_component_mm3)
     return _Evaluation(paths, model, ckpt, mode, dims, run_img_size, device, overlap, tta, batch_size, eval_roi,
-                       settings["threshold"], min_cc)
+                       settings["threshold"], settings["min_component_mm3"])
 
 
 def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str], pred_kind: str,
@@ -262,9 +261,7 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
     row["seconds_metrics"] = time.perf_counter() - t1
     if save_pred is not None:
         (tmp / "predictions").mkdir(exist_ok=True)
-        # a mask is the scored one (post-processed); binarizing it again leaves it as it is
-        saved = pred.astype(np.float32) if pred_kind == "mask" else prob
-        save_prediction(tmp / "predictions", case, saved, vol.spacing, save_pred, as_mask=pred_kind == "mask",
+        save_prediction(tmp / "predictions", case, prob, vol.spacing, save_pred, as_mask=pred_kind == "mask", mask=pred,
                         image=vol.image, crop=vol.crop)
     if figures:
         from evaluation.figures import mip_figure, overlay_figure  # matplotlib: only when drawing
@@ -362,8 +359,6 @@ def run_evaluation(
     if existing is not None:
         return existing
 
-    if min_component_mm3 is not None and min_component_mm3 < 0:
-        raise ValueError(f"--min_component_mm3 must be >= 0, got {min_component_mm3}")
     ev = _load_model(model_path, backbone, salience, paths, cases, img_size, device, overlap, tta, batch_size, eval_roi,
                      min_component_mm3)
     log.info("model %s (%d-D, salience %s, epoch %s) from %s; %d %s cases; roi %s; tta %s",

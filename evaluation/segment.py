@@ -5,7 +5,8 @@ the network input exactly as for training (``preprocessing.pipeline.to_volume``:
 with a liver mask, the training crop to the liver's slices; the offline salience from the
 generator embedded in the checkpoint, ``networks.salience.salience_3d``), predict
 (``inference.predict_volume`` with the checkpoint's resize rule), threshold at the checkpoint's
-threshold, drop components under its ``min_component_mm3`` (``inference.vessel_mask``) and put the mask back on the input grid. Outputs, all in the input's geometry:
+threshold, drop components under its ``min_component_mm3`` (``inference.vessel_mask``) and put
+the mask back on the input grid. Outputs, all in the input's geometry:
 
     <case>_vessels.nii.gz   uint8 {0, 1}
     <case>_prob.nii.gz      float32 probabilities (--prob)
@@ -92,17 +93,19 @@ class Segmenter:
         }
 
 
-def load_segmenter(path: str | os.PathLike, device: str = "auto", head: Optional[str | os.PathLike] = None) -> Segmenter:
+def load_segmenter(path: str | os.PathLike, device: str = "auto", head: Optional[str | os.PathLike] = None,
+                   min_component_mm3: Optional[float] = None) -> Segmenter:
     """Load a model file (``networks.checkpoint.load_model``) and its offline generator.
 
-    ``head`` replaces (or, for checkpoints that do not embed it, supplies) the generator weights.
+    ``head`` replaces (or, for checkpoints that do not embed it, supplies) the generator weights;
+    ``min_component_mm3`` the model file's post-processing (``inference_settings``).
     """
     path = Path(path)
     device = resolve_device(device)
     model, ckpt = load_model(path, device=device)
     if int(ckpt["out_channels"]) != 1:
         raise ValueError(f"{path}: model has {ckpt['out_channels']} output channels; predict.py needs 1 logit")
-    settings = inference_settings(ckpt)
+    settings = inference_settings(ckpt, min_component_mm3=min_component_mm3)
     if tuple(settings["hu_window"]) != tuple(HU_WINDOW):
         raise ValueError(f"{path}: model was trained on HU window {settings['hu_window']}, but the preprocessing "
                          f"code windows to {HU_WINDOW}")
@@ -495,11 +498,7 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     cases = find_cases(input_path)
     if liver_mask is not None and len(cases) > 1:
         raise ValueError(f"{input_path}: --liver_mask needs a single scan, found {len(cases)}")
-    if min_component_mm3 is not None and min_component_mm3 < 0:
-        raise ValueError(f"--min_component_mm3 must be >= 0, got {min_component_mm3}")
-    seg = load_segmenter(model, device, head)
-    if min_component_mm3 is not None:
-        seg.settings["min_component_mm3"] = float(min_component_mm3)
+    seg = load_segmenter(model, device, head, min_component_mm3)
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output exists and is not a folder")

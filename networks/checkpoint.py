@@ -354,16 +354,21 @@ def find_offline_generator(salience_file: str | os.PathLike, search: Sequence[st
     return None
 
 
-def inference_settings(ckpt: dict) -> dict:
+def inference_settings(ckpt: dict, min_component_mm3: Optional[float] = None) -> dict:
     """What inference on a new scan needs, with defaults for checkpoints written before these keys.
 
     Returns hu_window (lo, hi), threshold, min_component_mm3, img_size, patch_size, target_spacing,
-    generator.
+    generator. ``min_component_mm3`` (test.py / predict.py ``--min_component_mm3``) replaces the
+    checkpoint's value; ValueError when it is negative.
     """
+    if min_component_mm3 is None:
+        min_component_mm3 = ckpt.get("min_component_mm3", 0.0)
+    elif min_component_mm3 < 0:
+        raise ValueError(f"--min_component_mm3 must be >= 0, got {min_component_mm3}")
     return {
         "hu_window": tuple(float(v) for v in (ckpt.get("hu_window") or HU_WINDOW)),
         "threshold": float(ckpt.get("threshold", THRESHOLD)),
-        "min_component_mm3": float(ckpt.get("min_component_mm3", 0.0)),
+        "min_component_mm3": float(min_component_mm3),
         "img_size": ckpt.get("img_size"),
         "patch_size": ckpt.get("patch_size"),
         "target_spacing": ckpt.get("target_spacing"),
