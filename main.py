@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(test.py resamples each case the same way); default: resize by pixels to --img_size")
     p.add_argument("--init_from", default=d.init_from, metavar="CKPT",
                    help="start from this checkpoint's weights (backbone, and the e2e head when both are e2e)")
+    p.add_argument("--freeze_bn", type=_bool, default=d.freeze_bn,
+                   help="with --init_from: keep its BatchNorm running statistics while training (the affine "
+                        "weights still learn); batches of one patient's slices make poor statistics")
     p.add_argument("--patch_size", type=int, nargs=3, default=list(d.patch_size), metavar=("H", "W", "D"))
     p.add_argument("--patches_per_epoch", type=int, default=d.patches_per_epoch)
     p.add_argument("--fg_fraction", type=float, default=d.fg_fraction)

@@ -47,6 +47,7 @@ class TrainConfig:
     img_size: Sequence[int] = (256, 256)
     target_spacing: Optional[float] = None  # mm per pixel in-plane (2-D); None: pixel resize to img_size
     init_from: Optional[str] = None  # checkpoint whose weights start this run
+    freeze_bn: bool = False  # keep init_from's normalisation statistics while fine-tuning
     patch_size: Sequence[int] = (64, 64, 64)
     patches_per_epoch: int = 250
     fg_fraction: float = 1 / 3
@@ -92,6 +93,8 @@ class TrainConfig:
                              f"{self.log_every}, {self.prefetch_factor}, {self.num_workers}")
         if not 0 < self.val_fraction <= 1:
             raise ValueError(f"--val_fraction must be in (0, 1], got {self.val_fraction}")
+        if self.freeze_bn and not self.init_from:
+            raise ValueError("--freeze_bn keeps the statistics of the --init_from weights: give --init_from")
         input_channels(self.salience)
         if self.exp is None:
             self.exp = self.salience

@@ -540,6 +540,8 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
         src = init_from_checkpoint(model, cfg.init_from, model_name=cfg.backbone, salience=cfg.salience)
         log.info("weights from %s (%s, salience %s, epoch %s)", cfg.init_from, src["model_name"], src["salience"],
                  src.get("epoch"))
+    if cfg.freeze_bn and freeze_norm_statistics(model) == 0:
+        raise ValueError(f"--freeze_bn: backbone {cfg.backbone} has no BatchNorm layer whose statistics could be kept")
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.base_lr, cfg.weight_decay, cfg.momentum)
     per_epoch = batches_per_epoch(cfg, env, len(train_set))
     horizon = cfg.max_epochs * per_epoch
@@ -566,8 +568,26 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
 # --------------------------------------------------------------------------- steps
 
 
+def freeze_norm_statistics(model: nn.Module) -> int:
+    """Put every BatchNorm of ``model`` in eval mode; returns how many there are.
+
+    In eval mode a BatchNorm normalises with its running statistics and no longer updates
+    them, while its affine weight and bias still get gradients. Fine-tuning on one patient
+    (``--freeze_bn``) keeps the statistics the starting weights were trained with: four
+    slices of one scan per batch are a poor estimate, and 150 steps at momentum 0.1
+    replace the old statistics whatever the learning rate. ``model.train()`` undoes this,
+    so the trainer calls it before every step.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.eval()
+    return len(norms)
+
+
 def _train_step(run: _Run, batch: dict) -> torch.Tensor:
     """One optimiser step on ``batch``; returns the logits (the loss goes to the monitor)."""
+    if run.cfg.freeze_bn:
+        freeze_norm_statistics(run.model)
     logits, loss = forward_loss(run.model, batch, run.loss_fn, run.env)
     lr = run.optimizer.param_groups[0]["lr"]
     backward_step(run.model, loss, run.optimizer, run.scaler, run.cfg.clip_grad)

@@ -18,7 +18,11 @@
 # Environment: REAL_SRC (folder with 3Dircadb1.1 and 3Dircadb1.7; default ../shared/real),
 # SEEDS (default "0 1 2" where CUDA is present, "0" on a CPU-only machine), MODES (default "none offline e2e"), REAL_RUNS (default 1; 0 skips
 # the runs trained on a real patient), ITERS (phantom iterations,
-# lib_runs.sh default), FT_ITERS (iterations on a real patient), S2R_DATA, and lib_runs.sh's
+# lib_runs.sh default), FT_ITERS (iterations on a real patient), FT_LR (learning rate of the
+# fine-tune from phantoms, default 3e-4: a tenth of the rate runs from scratch use, so that
+# 150 iterations adapt the phantom model rather than retrain it), FT_FREEZE_BN (default 0; 1:
+# the fine-tune keeps the phantom model's BatchNorm statistics, main.py --freeze_bn), S2R_DATA,
+# and lib_runs.sh's
 # (TARGET_SPACING: the mm per pixel every 2-D model sees, phantom or real).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +35,9 @@ S2R=${S2R_DATA:-$DATA/s2r}
 SEEDS=${SEEDS:-$($PY -c "import torch; print('0 1 2' if torch.cuda.is_available() else '0')")}
 MODES=${MODES:-"none offline e2e"}
 FT_ITERS=${FT_ITERS:-150}
+FT_LR=${FT_LR:-0.0003}
+FT_FREEZE_BN=${FT_FREEZE_BN:-0}
+FBN=$([ "$FT_FREEZE_BN" = 1 ] && echo _fbn || true)  # run-name tag
 REAL_RUNS=${REAL_RUNS:-1}  # 0: only the phantom models (tested on the real patients)
 REAL=3D-IRCADb
 LISTS=$S2R/lists
@@ -84,7 +91,7 @@ train_real() {
   if [ "$mode" = e2e ] && [ -f "${HEAD:-}" ]; then extra=(--head "$HEAD"); fi
   local args=(--dataset $REAL --root_path "$S2R" --list_dir "$LISTS/$list" --output_root "$CKPT/s2r"
               --backbone "$BACKBONE" --salience "$mode" --img_size 192 192 --target_spacing "$TARGET_SPACING" --batch_size 4
-              --optimizer adamw --base_lr 0.003 --loss bce+dice --max_epochs 1000
+              --optimizer adamw --loss bce+dice --max_epochs 1000
               --max_iterations "$FT_ITERS" --val_every "$FT_ITERS" --seed "$SEED" --deterministic 1 --exp "$exp"
               --domain_aug "$DOMAIN_AUG" --min_component_mm3 "$MIN_COMPONENT"
               --model_kwargs "$MODEL_KW" "${extra[@]}" "$@")
@@ -108,10 +115,10 @@ for SEED in $SEEDS; do
     for dir in 1:7 7:1; do
       tr=${dir%:*}; te=${dir#*:}
       step "seed $SEED, salience $MODE: real patient $tr -> $te (scratch, then from phantoms)"
-      run=$(train_real "$MODE" "real${tr}_${MODE}_it${FT_ITERS}_seed${SEED}" "train$tr")
+      run=$(train_real "$MODE" "real${tr}_${MODE}_it${FT_ITERS}_seed${SEED}" "train$tr" --base_lr 0.003)
       POOL[real/$MODE]+="$(test_real "$run" "train$tr" last.pth),"
-      run=$(train_real "$MODE" "ft${tr}_${MODE}_it${FT_ITERS}_seed${SEED}" "train$tr" \
-            --init_from "$ph_run/best_model.pth")
+      run=$(train_real "$MODE" "ft${tr}_${MODE}_it${FT_ITERS}_lr${FT_LR}${FBN}_seed${SEED}" "train$tr" \
+            --base_lr "$FT_LR" --freeze_bn "$FT_FREEZE_BN" --init_from "$ph_run/best_model.pth")
       POOL[phantom+real/$MODE]+="$(test_real "$run" "train$tr" last.pth),"
     done
   done
@@ -123,6 +130,6 @@ for scen in phantom real phantom+real; do
     if [ -n "${POOL[$scen/$MODE]:-}" ]; then ROWS+=("$scen, $MODE=${POOL[$scen/$MODE]%,}"); fi
   done
 done
-OUT=$CKPT/s2r/sim_to_real_${BACKBONE/:/_}_it${ITERS}_ft${FT_ITERS}_seeds${SEEDS// /}.md
+OUT=$CKPT/s2r/sim_to_real_${BACKBONE/:/_}_it${ITERS}_ft${FT_ITERS}_lr${FT_LR}${FBN}_seeds${SEEDS// /}.md
 step "table (mean [95% CI] over test cases x seeds) -> $OUT"
 $PY scripts/compare_runs.py --ci --out "$OUT" "${ROWS[@]}"

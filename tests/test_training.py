@@ -561,6 +561,43 @@ def test_init_from_copies_backbone_and_head(tiny_dataset, tmp_path):
     assert conv and all(torch.allclose(got[k], stored["backbone." + k]) for k in conv)
 
 
+def test_freeze_bn_keeps_the_starting_statistics_and_trains_the_rest(tiny_dataset, tmp_path):
+    src = train(cfg_for(tiny_dataset, tmp_path, salience="none", max_iterations=1, exp="src")).run_dir / "last.pth"
+    stored = torch.load(src, weights_only=True)["state_dict"]
+    stats = [k for k in stored if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    kw = dict(salience="none", max_iterations=3, init_from=str(src), base_lr=0.01)
+    frozen = torch.load(train(cfg_for(tiny_dataset, tmp_path, exp="frozen", freeze_bn=True, **kw)).run_dir
+                        / "last.pth", weights_only=True)["state_dict"]
+    free = torch.load(train(cfg_for(tiny_dataset, tmp_path, exp="free", **kw)).run_dir / "last.pth",
+                      weights_only=True)["state_dict"]
+    assert all(torch.equal(frozen[k], stored[k]) for k in stats)
+    assert not all(torch.equal(free[k], stored[k]) for k in stats)  # without the flag they move
+    # the BatchNorm affine weights and the convolutions still learn
+    affine = [k[: -len("running_mean")] + "weight" for k in stats if k.endswith("running_mean")]
+    assert not all(torch.equal(frozen[k], stored[k]) for k in affine)
+    conv = [k for k in frozen if k.endswith("weight") and frozen[k].ndim == 4]
+    assert not all(torch.equal(frozen[k], stored[k]) for k in conv)
+
+
+def test_freeze_norm_statistics_freezes_only_the_norms_until_train_mode():
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Conv2d(2, 1, 1),
+                              torch.nn.BatchNorm2d(1))
+    assert trainer.freeze_norm_statistics(net) == 2
+    before = net[1].running_mean.clone()
+    net(torch.randn(2, 1, 8, 8) + 5)
+    assert torch.equal(net[1].running_mean, before) and net[0].training  # only the norms left train mode
+    net.train()  # as validation does when it hands the model back
+    net(torch.randn(2, 1, 8, 8) + 5)
+    assert not torch.equal(net[1].running_mean, before)
+    assert trainer.freeze_norm_statistics(torch.nn.Conv2d(1, 1, 1)) == 0
+
+
+def test_freeze_bn_needs_init_from(tiny_dataset, tmp_path):
+    with pytest.raises(ValueError, match="--freeze_bn keeps the statistics of the --init_from weights"):
+        cfg_for(tiny_dataset, tmp_path, freeze_bn=True)
+
+
 def test_init_from_other_architecture_fails_with_one_line(tiny_dataset, tmp_path, capsys):
     src = train(cfg_for(tiny_dataset, tmp_path, salience="none", max_iterations=1, exp="src")).run_dir / "last.pth"
     capsys.readouterr()
