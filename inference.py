@@ -318,7 +318,9 @@ def predict_volume(
     is_module = isinstance(model, torch.nn.Module)
     if is_module:
         _check_model_device(model, run_device)
-        was_training = model.training
+        # each submodule's own mode comes back afterwards (a trainer may keep some in eval,
+        # e.g. BatchNorm under --freeze_bn), not one mode for the whole model
+        modes = [(m, m.training) for m in model.modules()]
         model.eval()
         net = inference_model(model, spatial_dims)
     else:
@@ -351,5 +353,6 @@ def predict_volume(
                                             device=out_device, sw_device=run_device, progress=progress)[0, 0]
     finally:
         if is_module:
-            model.train(was_training)
+            for m, training in modes:
+                m.training = training
     return out.cpu().numpy().astype(np.float32, copy=False)

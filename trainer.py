@@ -576,7 +576,8 @@ def freeze_norm_statistics(model: nn.Module) -> int:
     (``--freeze_bn``) keeps the statistics the starting weights were trained with: four
     slices of one scan per batch are a poor estimate, and 150 steps at momentum 0.1
     replace the old statistics whatever the learning rate. ``model.train()`` undoes this,
-    so the trainer calls it before every step.
+    so the trainer calls it after each ``model.train()`` (validation's
+    ``inference.predict_volume`` hands back every submodule in the mode it found it).
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
@@ -586,8 +587,6 @@ def freeze_norm_statistics(model: nn.Module) -> int:
 
 def _train_step(run: _Run, batch: dict) -> torch.Tensor:
     """One optimiser step on ``batch``; returns the logits (the loss goes to the monitor)."""
-    if run.cfg.freeze_bn:
-        freeze_norm_statistics(run.model)
     logits, loss = forward_loss(run.model, batch, run.loss_fn, run.env)
     lr = run.optimizer.param_groups[0]["lr"]
     backward_step(run.model, loss, run.optimizer, run.scaler, run.cfg.clip_grad)
@@ -681,6 +680,8 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
     while run.epoch < cfg.max_epochs:
         torch.manual_seed(cfg.seed + 7919 * run.epoch + skip)
         run.model.train()
+        if cfg.freeze_bn:
+            freeze_norm_statistics(run.model)
         bar = tqdm(range(run.per_epoch - skip), desc=f"epoch {run.epoch + 1}/{cfg.max_epochs}", disable=not env.main,
                    leave=False, dynamic_ncols=True)
         stop, t_epoch = None, time.monotonic()

@@ -566,7 +566,8 @@ def test_freeze_bn_keeps_the_starting_statistics_and_trains_the_rest(tiny_datase
     stored = torch.load(src, weights_only=True)["state_dict"]
     stats = [k for k in stored if k.endswith(("running_mean", "running_var"))]
     assert stats
-    kw = dict(salience="none", max_iterations=3, init_from=str(src), base_lr=0.01)
+    # validation after every step: it must hand the model back with the statistics still frozen
+    kw = dict(salience="none", max_iterations=3, val_every=1, init_from=str(src), base_lr=0.01)
     frozen = torch.load(train(cfg_for(tiny_dataset, tmp_path, exp="frozen", freeze_bn=True, **kw)).run_dir
                         / "last.pth", weights_only=True)["state_dict"]
     free = torch.load(train(cfg_for(tiny_dataset, tmp_path, exp="free", **kw)).run_dir / "last.pth",
