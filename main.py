@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain_aug", type=_bool, default=d.domain_aug,
                    help="randomise contrast (x0.5-1.5), level (+-24 HU) and noise (up to 8 HU) of the training "
                         "images: for models trained on phantoms and run on real CT")
+    p.add_argument("--scale_aug", type=float, default=d.scale_aug, metavar="S",
+                   help="2-D: zoom each training slice by a log-uniform factor in [1/(1+S), 1+S] before the "
+                        "pad/crop to --img_size, so one calibre is seen at several widths (0: off)")
     p.add_argument("--min_component_mm3", type=float, default=d.min_component_mm3, metavar="MM3",
                    help="post-processing recorded in the checkpoint and used by validation, test.py and "
                         "predict.py: drop predicted components smaller than MM3 mm^3 (0: keep all)")

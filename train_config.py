@@ -54,6 +54,7 @@ class TrainConfig:
     augment: bool = True
     intensity_jitter: bool = False
     domain_aug: bool = False  # sim-to-real intensity randomisation (dataloaders.transforms.intensity_domain)
+    scale_aug: float = 0.0  # 2-D: zoom each training slice by a log-uniform factor in [1/(1+s), 1+s] (0: off)
     min_component_mm3: float = 0.0  # inference post-processing recorded in the checkpoint (0: none)
     max_iterations: Optional[int] = None
     max_minutes: Optional[float] = None
@@ -93,6 +94,8 @@ class TrainConfig:
                              f"{self.log_every}, {self.prefetch_factor}, {self.num_workers}")
         if not 0 < self.val_fraction <= 1:
             raise ValueError(f"--val_fraction must be in (0, 1], got {self.val_fraction}")
+        if not 0 <= self.scale_aug < 1:
+            raise ValueError(f"--scale_aug must be in [0, 1), got {self.scale_aug}")
         if self.freeze_bn and not self.init_from:
             raise ValueError("--freeze_bn keeps the statistics of the --init_from weights: give --init_from")
         input_channels(self.salience)

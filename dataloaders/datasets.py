@@ -149,10 +149,16 @@ class SliceDataSet(_Augmenting):
 
     def __init__(self, paths: DatasetPaths, salience_mode: str, img_size: Optional[Sequence[int]] = None,
                  list_name: str = "slice_train", augment: bool = True, jitter: bool = False, seed: int = 0,
-                 target_spacing: Optional[float] = None, cache: bool = False, domain: bool = False) -> None:
+                 target_spacing: Optional[float] = None, cache: bool = False, domain: bool = False,
+                 scale_aug: float = 0.0) -> None:
         super().__init__(salience_mode, augment, jitter, seed, domain)
         self.paths = paths
         self.img_size = None if img_size is None else (int(img_size[0]), int(img_size[1]))
+        if not 0 <= scale_aug < 1:
+            raise ValueError(f"--scale_aug must be in [0, 1), got {scale_aug}")
+        if scale_aug and self.img_size is None:
+            raise ValueError("--scale_aug needs an img_size to pad or crop the zoomed plane to")
+        self.scale_aug = float(scale_aug)
         self.target_spacing = None if target_spacing is None else float(target_spacing)
         if self.target_spacing is not None and not self.target_spacing > 0:
             raise ValueError(f"--target_spacing must be a positive number of mm, got {target_spacing}")
@@ -178,8 +184,8 @@ class SliceDataSet(_Augmenting):
             self._fill_cache()
 
     def _fill_cache(self) -> None:
-        square = (self.target_spacing is None and self.img_size is not None
-                  and self.img_size[0] == self.img_size[1] and not self.jitter and not self.domain)
+        square = (self.target_spacing is None and self.img_size is not None and self.img_size[0] == self.img_size[1]
+                  and not self.jitter and not self.domain and not self.scale_aug)
         cached = []
         for i in tqdm(range(len(self.names)), desc="caching training slices", unit="slice", leave=False):
             image, label, sal = self._read(i)
@@ -247,14 +253,22 @@ class SliceDataSet(_Augmenting):
 
     def _geometry(self, name: str, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray],
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """Resize / resample + pad-or-crop image (H, W), label (H, W) and salience (3, H, W) together."""
+        """Resize / resample + pad-or-crop image (H, W), label (H, W) and salience (3, H, W) together.
+
+        With ``scale_aug`` s (training), the plane is first zoomed by a log-uniform factor in
+        [1 / (1 + s), 1 + s] (its mm per pixel divided by it), then padded or cropped to
+        ``img_size``: vessels of one calibre are seen at several widths in pixels.
+        """
         size = self.img_size
         if self.target_spacing is not None:
             size = spacing_size(image.shape, self.spacings[self._case(name)], self.target_spacing)
+        if self.scale_aug and self.augment:
+            zoom = float(np.exp(rng.uniform(-np.log1p(self.scale_aug), np.log1p(self.scale_aug))))
+            size = (max(1, int(round(size[0] * zoom))), max(1, int(round(size[1] * zoom))))
         planes = image[None] if sal is None else np.concatenate([image[None], sal])
         if size is not None:
             planes, label = resize_2d(planes, label, size)
-        if self.target_spacing is not None and self.img_size is not None:
+        if self.img_size is not None and tuple(planes.shape[1:]) != self.img_size:
             both, _ = pad_or_crop(np.concatenate([planes, label[None]]), self.img_size, rng)
             planes, label = both[:-1], both[-1]
         return planes[0], label, (None if sal is None else planes[1:])

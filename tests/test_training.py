@@ -525,6 +525,41 @@ def test_slice_dataset_target_spacing_resamples_then_pads(tiny_dataset):
     assert cropped[0]["input"].shape == (1, 8, 12)
 
 
+def test_scale_aug_zooms_each_training_slice_within_its_range(tiny_dataset):
+    """tiny slices are 32 x 32 at 0.8 mm, 16 x 16 at 1.6 mm; every pixel of the image is
+    non-zero, so the rows the zoomed plane fills inside the 40 x 40 pad give its size:
+    16 x zoom with zoom in [1/1.5, 1.5], i.e. 11-24 rows. The soft label's mass (its area in
+    pixels) must scale with the zoom squared, and without augmentation nothing is zoomed."""
+    kw = dict(img_size=(40, 40), target_spacing=1.6)
+    plain = SliceDataSet(tiny_dataset.paths, "none", augment=False, scale_aug=0.5, **kw)
+    zoomed = SliceDataSet(tiny_dataset.paths, "none", augment=True, scale_aug=0.5, **kw)
+    idx = 5
+    base = plain[idx]
+    assert int((base["image"][0].abs().sum(1) > 0).sum()) == 16
+    mass0 = float(base["label"].sum())
+    assert mass0 > 5
+    sizes = []
+    for epoch in range(24):
+        item = zoomed[(epoch, idx)]
+        rows = int((item["image"][0].abs().sum(1) > 0).sum())
+        assert 11 <= rows <= 24
+        assert float(item["label"].sum()) == pytest.approx(mass0 * (rows / 16) ** 2, rel=0.2)
+        sizes.append(rows)
+    assert min(sizes) < 14 and max(sizes) > 19  # both ways, not just one
+    with pytest.raises(ValueError, match="--scale_aug must be in"):
+        SliceDataSet(tiny_dataset.paths, "none", scale_aug=1.0, **kw)
+    with pytest.raises(ValueError, match="--scale_aug must be in"):
+        TrainConfig(dataset="tiny", scale_aug=-0.1)
+
+
+def test_scale_aug_run_and_3d_refusal(tiny_dataset, tmp_path):
+    result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, scale_aug=0.25,
+                           max_iterations=2, exp="zoom"))
+    assert result.iteration == 2 and np.isfinite(result.losses).all()
+    with pytest.raises(ValueError, match="--scale_aug is for 2-D backbones"):
+        train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", scale_aug=0.25, max_iterations=1, exp="z3"))
+
+
 def test_target_spacing_run_records_it_and_validates_resampled(tiny_dataset, tmp_path):
     result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, max_iterations=1,
                            exp="mm"))
