@@ -16,6 +16,9 @@ rescale applied), then measured by :func:`volume_figures` inside its liver mask:
 * vessel contrast by radius: mean HU of the label voxels inside the liver whose local
   radius (the label's distance transform, mm, at the nearest skeleton voxel) is in a bin,
   minus the parenchyma mean;
+* edge / core contrast: the contrast of the label's outer in-plane voxel layer over that of
+  its voxels two or more layers deep, for vessels of local radius >= 1.5 mm: how far out
+  into the blurred rim a label reaches (1: a flat lumen labelled to its edge);
 * radius percentiles 10/50/90 (mm): the label's distance transform at its skeleton voxels
   inside the liver (a real label also holds the extrahepatic veins: portal trunk, splenic and
   mesenteric veins, vena cava, 4-10 mm thick, which phantoms do not draw and no metric scores);
@@ -63,7 +66,7 @@ MAX_LAG = 6
 def figure_names() -> list[str]:
     """The figures of :func:`volume_figures`, in table order."""
     return (["parenchyma mean HU", "parenchyma std HU", "noise HU", "noise corr. length vox"]
-            + [f"contrast r {b} mm HU" for b in BIN_NAMES]
+            + [f"contrast r {b} mm HU" for b in BIN_NAMES] + ["edge / core contrast"]
             + ["radius p10 mm", "radius p50 mm", "radius p90 mm", "vessel share of liver %", "intensity AUC"])
 
 
@@ -118,6 +121,14 @@ def volume_figures(hu: np.ndarray, label: np.ndarray, liver: np.ndarray, spacing
     for (lo, hi), name in zip(BINS, BIN_NAMES):
         sel = vessel & (radius >= lo) & (radius < hi)
         out[f"contrast r {name} mm HU"] = float(hu[sel].mean()) - out["parenchyma mean HU"] if sel.any() else float("nan")
+    plane = np.zeros((3, 3, 3), bool)
+    plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
+    inner = ndimage.binary_erosion(label, plane)
+    thick = vessel & (radius >= 1.5)
+    edge, core = thick & ~inner, thick & ndimage.binary_erosion(inner, plane)
+    out["edge / core contrast"] = (float((hu[edge].mean() - out["parenchyma mean HU"])
+                                         / (hu[core].mean() - out["parenchyma mean HU"]))
+                                   if edge.any() and core.any() else float("nan"))
     edt = ndimage.distance_transform_edt(label, sampling=spacing)
     r_skel = edt[skeleton(label) & liver]
     for q, v in zip((10, 50, 90), np.percentile(r_skel, [10, 50, 90]) if r_skel.size else [np.nan] * 3):

@@ -307,6 +307,12 @@ def test_volume_figures_on_a_worked_example():
     assert f["intensity AUC"] == pytest.approx(1.0)
     assert f["vessel share of liver %"] == pytest.approx(100.0 * label.sum() / liver.sum())
     assert f["contrast r 1.5-2.5 mm HU"] == pytest.approx(50.0, abs=1e-3)  # every voxel of the tube
+    assert f["edge / core contrast"] == pytest.approx(1.0)  # a flat lumen labelled to its edge
+    # a label reaching into a dim rim: outer in-plane layer +20 HU, centre +50 HU
+    inner = ndimage.binary_erosion(tube)
+    rim = hu.copy()
+    rim[(tube & ~inner)[:, :, None] & label] = 120.0
+    assert volume_figures(rim, label, liver, spacing)["edge / core contrast"] == pytest.approx(0.4, abs=1e-4)
     # white noise: correlation length well under a voxel; smoothed over ~2 voxels: longer
     rng = np.random.default_rng(0)
     white = rng.standard_normal((64, 64, 8))
