@@ -11,13 +11,16 @@
 #   phantom      the demo-settings phantom model (lib_runs.sh), tested on both real patients
 #   real         trained on one real patient from scratch, tested on the other, both ways
 #   phantom+real --init_from the phantom model, fine-tuned on one real patient, tested on the other
+#   phantom+real, mixed   the same fine-tune on the real patient's slices and as many phantom
+#                training slices (MIX_RUNS=1), so the model keeps seeing the phantoms' variety
 # No third real patient is available for model selection: real runs keep their last weights
 # (validation only at the end). Offline salience on the real patients uses the phantom-fitted
 # head, the same generator the phantom models were trained with.
 #
 # Environment: REAL_SRC (folder with 3Dircadb1.1 and 3Dircadb1.7; default ../shared/real),
 # SEEDS (default "0 1 2" where CUDA is present, "0" on a CPU-only machine), MODES (default "none offline e2e"), REAL_RUNS (default 1; 0 skips
-# the runs trained on a real patient), ITERS (phantom iterations,
+# the runs trained on a real patient), MIX_RUNS (default 1; 0 skips the mixed fine-tunes),
+# ITERS (phantom iterations,
 # lib_runs.sh default), FT_ITERS (iterations on a real patient), FT_LR (learning rate of the
 # fine-tune from phantoms, default 3e-4: a tenth of the rate runs from scratch use, so that
 # 150 iterations adapt the phantom model rather than retrain it), FT_FREEZE_BN (default 0; 1:
@@ -39,6 +42,7 @@ FT_LR=${FT_LR:-0.0003}
 FT_FREEZE_BN=${FT_FREEZE_BN:-0}
 FBN=$([ "$FT_FREEZE_BN" = 1 ] && echo _fbn || true)  # run-name tag
 REAL_RUNS=${REAL_RUNS:-1}  # 0: only the phantom models (tested on the real patients)
+MIX_RUNS=${MIX_RUNS:-1}    # 0: no fine-tunes on real + phantom slices
 REAL=3D-IRCADb
 LISTS=$S2R/lists
 PATIENTS=(case0001 case0007)
@@ -73,6 +77,16 @@ write_lists both_test "" "${PATIENTS[*]}"
 write_lists train1 case0001 case0007
 write_lists train7 case0007 case0001
 
+# make_mix P: dataset root $S2R/mix<P> (symlinks) with both real patients and the phantom
+# training cases renamed ph<NNNN>; its training list: patient P's slices and as many phantom
+# slices (scripts/mix_datasets.py); validation and test lists those of train<P>
+make_mix() {
+  $PY scripts/mix_datasets.py --real_root "$S2R/$REAL" --real_list_dir "$LISTS/train$1/$REAL" \
+      --real_slices "$LISTS/all/$REAL/slice_train.txt" --phantom_root "$DATA/phantom" --phantom_list_dir list/phantom \
+      --out "$S2R/mix$1/$REAL" --out_list_dir "$LISTS/mix$1/$REAL"
+}
+if [ "$MIX_RUNS" = 1 ]; then make_mix 1; make_mix 7; fi
+
 # test_real RUN_DIR LISTNAME: test RUN_DIR's model on that list's test split -> RUN_DIR/eval_<LISTNAME>
 test_real() {
   local run_dir=$1 list=$2 model=${3:-best_model.pth}
@@ -87,9 +101,11 @@ test_real() {
 # train_real MODE EXP LISTNAME [extra main.py args]: one run on a real patient, prints its folder
 train_real() {
   local mode=$1 exp=$2 list=$3; shift 3
+  local root=$S2R
+  if [[ $list == mix* ]]; then root=$S2R/$list; fi
   local extra=()
   if [ "$mode" = e2e ] && [ -f "${HEAD:-}" ]; then extra=(--head "$HEAD"); fi
-  local args=(--dataset $REAL --root_path "$S2R" --list_dir "$LISTS/$list" --output_root "$CKPT/s2r"
+  local args=(--dataset $REAL --root_path "$root" --list_dir "$LISTS/$list" --output_root "$CKPT/s2r"
               --backbone "$BACKBONE" --salience "$mode" --img_size 192 192 --target_spacing "$TARGET_SPACING" --batch_size 4
               --optimizer adamw --loss bce+dice --max_epochs 1000
               --max_iterations "$FT_ITERS" --val_every "$FT_ITERS" --seed "$SEED" --deterministic 1 --exp "$exp"
@@ -120,16 +136,20 @@ for SEED in $SEEDS; do
       run=$(train_real "$MODE" "ft${tr}_${MODE}_it${FT_ITERS}_lr${FT_LR}${FBN}_seed${SEED}" "train$tr" \
             --base_lr "$FT_LR" --freeze_bn "$FT_FREEZE_BN" --init_from "$ph_run/best_model.pth")
       POOL[phantom+real/$MODE]+="$(test_real "$run" "train$tr" last.pth),"
+      [ "$MIX_RUNS" = 1 ] || continue
+      run=$(train_real "$MODE" "ftmix${tr}_${MODE}_it${FT_ITERS}_lr${FT_LR}${FBN}_seed${SEED}" "mix$tr" \
+            --base_lr "$FT_LR" --freeze_bn "$FT_FREEZE_BN" --init_from "$ph_run/best_model.pth")
+      POOL[phantom+real mixed/$MODE]+="$(test_real "$run" "train$tr" last.pth),"
     done
   done
 done
 
 ROWS=()
-for scen in phantom real phantom+real; do
+for scen in phantom real phantom+real "phantom+real mixed"; do
   for MODE in $MODES; do
     if [ -n "${POOL[$scen/$MODE]:-}" ]; then ROWS+=("$scen, $MODE=${POOL[$scen/$MODE]%,}"); fi
   done
 done
-OUT=$CKPT/s2r/sim_to_real_${BACKBONE/:/_}_it${ITERS}_ft${FT_ITERS}_lr${FT_LR}${FBN}_seeds${SEEDS// /}.md
+OUT=$CKPT/s2r/sim_to_real_${BACKBONE/:/_}_it${ITERS}_ft${FT_ITERS}_lr${FT_LR}${FBN}_${MODES// /-}_seeds${SEEDS// /}.md
 step "table (mean [95% CI] over test cases x seeds) -> $OUT"
 $PY scripts/compare_runs.py --ci --out "$OUT" "${ROWS[@]}"

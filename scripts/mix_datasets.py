@@ -1,0 +1,123 @@
+"""A dataset folder that mixes one real patient's training slices with phantom slices.
+
+    python scripts/mix_datasets.py --real_root data/s2r/3D-IRCADb --real_list_dir LISTS/train1/3D-IRCADb \
+        --real_slices LISTS/all/3D-IRCADb/slice_train.txt --phantom_root data/phantom \
+        --phantom_list_dir list/phantom --out data/s2r/mix1/3D-IRCADb --out_list_dir LISTS/mix1/3D-IRCADb
+
+Used by ``scripts/sim_to_real.sh`` for the "phantom+real, mixed" fine-tune. Nothing is
+copied: ``<out>/{slice_data,vol_data,vol_salience}`` hold symbolic links (absolute) to the
+real patients' files under their own names and to the phantom training cases' files renamed
+``ph<NNNN>`` (``case0003`` -> ``ph0003``), so the two sets cannot collide. The training list
+holds the real training patient's slices (those of ``--real_slices`` whose case is in
+``<real_list_dir>/vol_train.txt``) and as many phantom slices, evenly spaced through the
+phantoms' ``slice_train.txt``; ``vol_{train,val,test}.txt`` are copied from
+``--real_list_dir``, so validation and testing stay on real patients.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.h5io import read_list, write_list  # noqa: E402
+from utils.logging_setup import setup_logging  # noqa: E402
+
+log = logging.getLogger("mix_datasets")
+
+SUBDIRS = ("slice_data", "vol_data", "vol_salience")
+
+
+def evenly_spaced(items: Sequence[str], n: int) -> list[str]:
+    """``n`` of ``items`` spread evenly through them, in order (all of them if n >= len): item
+    j is kept where floor(j n / len) steps up to floor((j + 1) n / len), the last of each run."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    total = len(items)
+    if n >= total:
+        return list(items)
+    return [items[j] for j in range(total) if j * n // total != (j + 1) * n // total]
+
+
+def phantom_name(name: str, prefix: str = "ph") -> str:
+    """``case0003`` -> ``ph0003``, ``case0003_slice0010`` -> ``ph0003_slice0010``."""
+    if not name.startswith("case"):
+        raise ValueError(f"phantom case or slice name must start with 'case', got {name!r}")
+    return prefix + name[len("case"):]
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.is_symlink() or dst.exists():
+        if dst.resolve() == src.resolve():
+            return
+        raise FileExistsError(f"{dst}: exists and points elsewhere than {src}")
+    dst.symlink_to(src.resolve())
+
+
+def build_mix(out: Path, out_list_dir: Path, real_root: Path, real_list_dir: Path, real_slices: Sequence[str],
+              phantom_root: Path, phantom_cases: Sequence[str], phantom_slices: Sequence[str]) -> list[str]:
+    """Write the mixed dataset folder and its lists; returns the training slice names.
+
+    Real cases linked: every case of ``real_list_dir``'s vol_{train,val,test}.txt. Raises
+    FileNotFoundError for a missing source file and ValueError when the training patient has
+    no slices.
+    """
+    splits = {s: read_list(real_list_dir / f"{s}.txt") for s in ("vol_train", "vol_val", "vol_test")}
+    train_cases = set(splits["vol_train"])
+    train_real = [s for s in real_slices if s.rsplit("_slice", 1)[0] in train_cases]
+    if not train_real:
+        raise ValueError(f"{real_list_dir / 'vol_train.txt'}: no slices of {sorted(train_cases)} in the real slice list")
+    picked = evenly_spaced(list(phantom_slices), len(train_real))
+    links: list[tuple[Path, Path]] = []
+    for case in dict.fromkeys(c for names in splits.values() for c in names):
+        links.append((real_root / "vol_data" / f"{case}.h5", out / "vol_data" / f"{case}.h5"))
+        if (real_root / "vol_salience" / f"{case}.h5").is_file():
+            links.append((real_root / "vol_salience" / f"{case}.h5", out / "vol_salience" / f"{case}.h5"))
+    links += [(phantom_root / "vol_data" / f"{c}.h5", out / "vol_data" / f"{phantom_name(c)}.h5")
+              for c in phantom_cases]
+    links += [(real_root / "slice_data" / f"{n}.h5", out / "slice_data" / f"{n}.h5") for n in train_real]
+    links += [(phantom_root / "slice_data" / f"{n}.h5", out / "slice_data" / f"{phantom_name(n)}.h5")
+              for n in picked]
+    # every source checked before anything is written
+    for src, _ in links:
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: file not found")
+    for sub in SUBDIRS:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for src, dst in links:
+        _link(src, dst)
+    names = train_real + [phantom_name(n) for n in picked]
+    write_list(out_list_dir / "slice_train.txt", names)
+    for split in splits:
+        shutil.copyfile(real_list_dir / f"{split}.txt", out_list_dir / f"{split}.txt")
+    log.info("%s: %d real slices (%s) + %d phantom slices", out, len(train_real), ", ".join(sorted(train_cases)),
+             len(picked))
+    return names
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--real_root", type=Path, required=True, help="real dataset folder (slice_data, vol_data, ...)")
+    p.add_argument("--real_list_dir", type=Path, required=True, help="lists naming the train / val / test patients")
+    p.add_argument("--real_slices", type=Path, required=True, help="slice list holding the training patient's slices")
+    p.add_argument("--phantom_root", type=Path, required=True)
+    p.add_argument("--phantom_list_dir", type=Path, required=True, help="holds vol_train.txt and slice_train.txt")
+    p.add_argument("--out", type=Path, required=True, help="mixed dataset folder to write")
+    p.add_argument("--out_list_dir", type=Path, required=True)
+    args = p.parse_args(argv)
+    setup_logging()
+    try:
+        build_mix(args.out, args.out_list_dir, args.real_root, args.real_list_dir, read_list(args.real_slices),
+                  args.phantom_root, read_list(args.phantom_list_dir / "vol_train.txt"),
+                  read_list(args.phantom_list_dir / "slice_train.txt"))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

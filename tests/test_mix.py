@@ -1,0 +1,95 @@
+"""scripts/mix_datasets.py: a real patient's slices mixed with phantom slices (sim_to_real.sh)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import make_tiny_dataset
+from scripts.mix_datasets import build_mix, evenly_spaced, main, phantom_name
+from trainer import TrainConfig, train
+from utils.h5io import read_list, write_list
+
+
+def test_evenly_spaced_worked_examples():
+    items = list("abcdefghij")
+    assert evenly_spaced(items, 5) == list("bdfhj")
+    assert evenly_spaced(items, 2) == list("ej")
+    assert evenly_spaced(items, 0) == []
+    assert evenly_spaced(items, 10) == items and evenly_spaced(items, 50) == items
+    # spread through the whole list, not its head
+    picked = evenly_spaced([str(i) for i in range(100)], 7)
+    assert len(picked) == 7 and int(picked[0]) < 15 and int(picked[-1]) == 99
+    with pytest.raises(ValueError):
+        evenly_spaced(items, -1)
+    assert phantom_name("case0003_slice0010") == "ph0003_slice0010"
+    with pytest.raises(ValueError, match="must start with 'case'"):
+        phantom_name("ph0003")
+
+
+@pytest.fixture
+def two_sets(tmp_path):
+    real = make_tiny_dataset(tmp_path / "real")
+    phantom = make_tiny_dataset(tmp_path / "phantom")
+    lists = tmp_path / "lists" / "train2"
+    write_list(lists / "vol_train.txt", ["case0002"])
+    write_list(lists / "vol_val.txt", ["case0002"])
+    write_list(lists / "vol_test.txt", ["case0004"])
+    return real, phantom, lists
+
+
+def _build(tmp_path, real, phantom, lists):
+    out = tmp_path / "mix" / "tiny"
+    names = build_mix(out, tmp_path / "mixlists" / "tiny", real.paths.root, lists,
+                      read_list(real.paths.list_file("slice_train")), phantom.paths.root,
+                      read_list(phantom.paths.list_file("vol_train")),
+                      read_list(phantom.paths.list_file("slice_train")))
+    return out, names
+
+
+def test_build_mix_links_real_and_renamed_phantom_files(tmp_path, two_sets):
+    real, phantom, lists = two_sets
+    out, names = _build(tmp_path, real, phantom, lists)
+    real_names = [n for n in names if n.startswith("case")]
+    ph_names = [n for n in names if n.startswith("ph")]
+    # 12 slices of the training patient, as many phantom slices out of the phantoms' 36
+    assert real_names == [f"case0002_slice{z:04d}" for z in range(12)] and len(ph_names) == 12
+    assert {n.split("_slice")[0] for n in ph_names} == {"ph0001", "ph0002", "ph0003"}
+    assert read_list(tmp_path / "mixlists" / "tiny" / "slice_train.txt") == names
+    for split in ("vol_train", "vol_val", "vol_test"):
+        assert read_list(tmp_path / "mixlists" / "tiny" / f"{split}.txt") == read_list(lists / f"{split}.txt")
+    # every link resolves to the source file under its own or its renamed name
+    link = out / "slice_data" / f"{ph_names[0]}.h5"
+    assert link.is_symlink() and link.resolve() == (phantom.paths.root / "slice_data"
+                                                    / f"case{ph_names[0][2:]}.h5").resolve()
+    assert (out / "vol_data" / "case0004.h5").resolve() == real.paths.volume("case0004").resolve()
+    assert (out / "vol_data" / "ph0003.h5").resolve() == phantom.paths.volume("case0003").resolve()
+    assert not (out / "slice_data" / "case0001_slice0000.h5").exists()  # not the training patient
+    # a second build is a no-op; a file in the way is an error, not overwritten
+    assert _build(tmp_path, real, phantom, lists)[1] == names
+    (out / "vol_data" / "ph0001.h5").unlink()
+    (out / "vol_data" / "ph0001.h5").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="ph0001.h5: exists"):
+        _build(tmp_path, real, phantom, lists)
+
+
+def test_training_runs_on_the_mixed_folder(tmp_path, two_sets):
+    real, phantom, lists = two_sets
+    out, _ = _build(tmp_path, real, phantom, lists)
+    cfg = TrainConfig(dataset="tiny", root_path=str(out.parent), list_dir=str(tmp_path / "mixlists"),
+                      output_root=str(tmp_path / "ckpt"), model_kwargs={"base_channels": 4}, img_size=(16, 16),
+                      target_spacing=1.6, batch_size=4, num_workers=0, max_epochs=1, max_iterations=2,
+                      salience="offline", exp="mix")
+    result = train(cfg)
+    assert result.iteration == 2 and np.isfinite(result.losses).all()
+
+
+def test_cli_missing_source_exits_2(tmp_path, two_sets, capsys):
+    real, phantom, lists = two_sets
+    args = ["--real_root", str(real.paths.root), "--real_list_dir", str(lists),
+            "--real_slices", str(real.paths.list_file("slice_train")), "--phantom_root", str(tmp_path / "nowhere"),
+            "--phantom_list_dir", str(phantom.list_dir / "tiny"), "--out", str(tmp_path / "m"),
+            "--out_list_dir", str(tmp_path / "ml")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "nowhere" in err and err.count("\n") == 1
+    assert not (tmp_path / "m").exists() and not (tmp_path / "ml").exists()  # nothing half-written
