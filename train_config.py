@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dataloaders.inputs import input_channels
+from dataloaders.inputs import check_scale_aug, input_channels
 
 
 @dataclass
@@ -94,8 +94,7 @@ class TrainConfig:
                              f"{self.log_every}, {self.prefetch_factor}, {self.num_workers}")
         if not 0 < self.val_fraction <= 1:
             raise ValueError(f"--val_fraction must be in (0, 1], got {self.val_fraction}")
-        if not 0 <= self.scale_aug < 1:
-            raise ValueError(f"--scale_aug must be in [0, 1), got {self.scale_aug}")
+        self.scale_aug = check_scale_aug(self.scale_aug)
         if self.freeze_bn and not self.init_from:
             raise ValueError("--freeze_bn keeps the statistics of the --init_from weights: give --init_from")
         input_channels(self.salience)

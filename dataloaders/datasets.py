@@ -25,7 +25,6 @@ persistent loader workers with the indices (workers never see ``set_epoch`` call
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -36,14 +35,13 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataloaders.inputs import input_channels, model_input
+from dataloaders.inputs import check_scale_aug, input_channels, model_input
 from dataloaders.transforms import intensity_domain, intensity_jitter, pad_or_crop, resize_2d, rot_flip, spacing_size
-from utils.h5io import DatasetPaths, read_list, read_salience, read_volume
+from utils.h5io import DatasetPaths, parse_slice_name, read_list, read_salience, read_volume
 
 log = logging.getLogger("datasets")
 
 Key = Union[int, tuple[int, int]]  # an index, or (epoch, index)
-_SLICE_RE = re.compile(r"^(?P<case>.+)_slice(?P<z>\d+)$")
 _RUN_SALIENCE = "run salience_generation.py --dataset {dataset} first"
 
 
@@ -154,11 +152,9 @@ class SliceDataSet(_Augmenting):
         super().__init__(salience_mode, augment, jitter, seed, domain)
         self.paths = paths
         self.img_size = None if img_size is None else (int(img_size[0]), int(img_size[1]))
-        if not 0 <= scale_aug < 1:
-            raise ValueError(f"--scale_aug must be in [0, 1), got {scale_aug}")
-        if scale_aug and self.img_size is None:
+        self.scale_aug = check_scale_aug(scale_aug)
+        if self.scale_aug and self.img_size is None:
             raise ValueError("--scale_aug needs an img_size to pad or crop the zoomed plane to")
-        self.scale_aug = float(scale_aug)
         self.target_spacing = None if target_spacing is None else float(target_spacing)
         if self.target_spacing is not None and not self.target_spacing > 0:
             raise ValueError(f"--target_spacing must be a positive number of mm, got {target_spacing}")
@@ -235,18 +231,20 @@ class SliceDataSet(_Augmenting):
         return float(np.median(values)) if values else None
 
     def _case(self, name: str) -> str:
-        m = _SLICE_RE.match(name)
-        if m is None:
-            raise ValueError(f"{self.paths.slice(name)}: slice name must be <case>_slice<NNNN>")
-        return m.group("case")
+        try:
+            return parse_slice_name(name)[0]
+        except ValueError:
+            raise ValueError(f"{self.paths.slice(name)}: slice name must be <case>_slice<NNNN>") from None
 
     def _salience_path(self, name: str, slice_path: Path) -> Optional[Path]:
         """None if the slice file holds its salience, else the volume salience file to read from."""
         with h5py.File(slice_path, "r") as f:
             if "salience" in f:
                 return None
-        m = _SLICE_RE.match(name)
-        vol = self.paths.salience(m.group("case")) if m else None
+        try:
+            vol = self.paths.salience(parse_slice_name(name)[0])
+        except ValueError:
+            vol = None
         if vol is None or not vol.is_file():
             raise _no_salience(slice_path, self.paths.root.name)
         return vol
@@ -290,7 +288,7 @@ class SliceDataSet(_Augmenting):
             sal = None  # not an input: do not resize or augment it
         elif sal is None:
             vol = self._salience_path(name, path)
-            z = int(_SLICE_RE.match(name).group("z"))
+            z = parse_slice_name(name)[1]
             with h5py.File(vol, "r") as f:
                 sal = f["salience"][:, :, :, z].astype(np.float32)
         return image, label, sal

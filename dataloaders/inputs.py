@@ -37,3 +37,11 @@ def model_input(image: np.ndarray, salience: Optional[np.ndarray], mode: str) ->
     if salience.shape != (3,) + image.shape:
         raise ValueError(f"salience shape {salience.shape} does not match image shape (3,) + {image.shape}")
     return (image[None] * (1.0 + salience)).astype(np.float32)
+
+
+def check_scale_aug(scale_aug: float) -> float:
+    """``--scale_aug`` as a float in [0, 1) (0: off), else ValueError; torch-free, so
+    ``TrainConfig`` checks it as early as the slice dataset does."""
+    if not 0 <= scale_aug < 1:
+        raise ValueError(f"--scale_aug must be in [0, 1), got {scale_aug}")
+    return float(scale_aug)

@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.h5io import read_list, write_list  # noqa: E402
+from utils.h5io import DatasetPaths, parse_slice_name, read_list, write_list  # noqa: E402
 from utils.logging_setup import setup_logging  # noqa: E402
 
 log = logging.getLogger("mix_datasets")
-
-SUBDIRS = ("slice_data", "vol_data", "vol_salience")
 
 
 def evenly_spaced(items: Sequence[str], n: int) -> list[str]:
@@ -57,43 +55,42 @@ def _link(src: Path, dst: Path) -> None:
     dst.symlink_to(src.resolve())
 
 
-def build_mix(out: Path, out_list_dir: Path, real_root: Path, real_list_dir: Path, real_slices: Sequence[str],
-              phantom_root: Path, phantom_cases: Sequence[str], phantom_slices: Sequence[str]) -> list[str]:
-    """Write the mixed dataset folder and its lists; returns the training slice names.
+def build_mix(out: DatasetPaths, real: DatasetPaths, real_slices: Sequence[str], phantom: DatasetPaths) -> list[str]:
+    """Write the mixed dataset folder ``out.root`` and its lists in ``out.list_dir``; returns the
+    training slice names.
 
-    Real cases linked: every case of ``real_list_dir``'s vol_{train,val,test}.txt. Raises
-    FileNotFoundError for a missing source file and ValueError when the training patient has
-    no slices.
+    ``real.list_dir`` holds vol_{train,val,test}.txt (every case named there is linked, the
+    training patient's slices of ``real_slices`` are trained on); ``phantom.list_dir`` holds
+    the phantoms' vol_train.txt and slice_train.txt. Raises FileNotFoundError for a missing
+    source file and ValueError when the training patient has no slices.
     """
-    splits = {s: read_list(real_list_dir / f"{s}.txt") for s in ("vol_train", "vol_val", "vol_test")}
+    splits = {s: read_list(real.list_file(s)) for s in ("vol_train", "vol_val", "vol_test")}
     train_cases = set(splits["vol_train"])
-    train_real = [s for s in real_slices if s.rsplit("_slice", 1)[0] in train_cases]
+    train_real = [s for s in real_slices if parse_slice_name(s)[0] in train_cases]
     if not train_real:
-        raise ValueError(f"{real_list_dir / 'vol_train.txt'}: no slices of {sorted(train_cases)} in the real slice list")
-    picked = evenly_spaced(list(phantom_slices), len(train_real))
+        raise ValueError(f"{real.list_file('vol_train')}: no slices of {sorted(train_cases)} in the real slice list")
+    picked = evenly_spaced(read_list(phantom.list_file("slice_train")), len(train_real))
     links: list[tuple[Path, Path]] = []
     for case in dict.fromkeys(c for names in splits.values() for c in names):
-        links.append((real_root / "vol_data" / f"{case}.h5", out / "vol_data" / f"{case}.h5"))
-        if (real_root / "vol_salience" / f"{case}.h5").is_file():
-            links.append((real_root / "vol_salience" / f"{case}.h5", out / "vol_salience" / f"{case}.h5"))
-    links += [(phantom_root / "vol_data" / f"{c}.h5", out / "vol_data" / f"{phantom_name(c)}.h5")
-              for c in phantom_cases]
-    links += [(real_root / "slice_data" / f"{n}.h5", out / "slice_data" / f"{n}.h5") for n in train_real]
-    links += [(phantom_root / "slice_data" / f"{n}.h5", out / "slice_data" / f"{phantom_name(n)}.h5")
-              for n in picked]
+        links.append((real.volume(case), out.volume(case)))
+        if real.salience(case).is_file():
+            links.append((real.salience(case), out.salience(case)))
+    links += [(phantom.volume(c), out.volume(phantom_name(c))) for c in read_list(phantom.list_file("vol_train"))]
+    links += [(real.slice(n), out.slice(n)) for n in train_real]
+    links += [(phantom.slice(n), out.slice(phantom_name(n))) for n in picked]
     # every source checked before anything is written
     for src, _ in links:
         if not src.is_file():
             raise FileNotFoundError(f"{src}: file not found")
-    for sub in SUBDIRS:
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    for folder in (out.slice_data, out.vol_data, out.vol_salience):
+        folder.mkdir(parents=True, exist_ok=True)
     for src, dst in links:
         _link(src, dst)
     names = train_real + [phantom_name(n) for n in picked]
-    write_list(out_list_dir / "slice_train.txt", names)
+    write_list(out.list_file("slice_train"), names)
     for split in splits:
-        shutil.copyfile(real_list_dir / f"{split}.txt", out_list_dir / f"{split}.txt")
-    log.info("%s: %d real slices (%s) + %d phantom slices", out, len(train_real), ", ".join(sorted(train_cases)),
+        shutil.copyfile(real.list_file(split), out.list_file(split))
+    log.info("%s: %d real slices (%s) + %d phantom slices", out.root, len(train_real), ", ".join(sorted(train_cases)),
              len(picked))
     return names
 
@@ -110,9 +107,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     try:
-        build_mix(args.out, args.out_list_dir, args.real_root, args.real_list_dir, read_list(args.real_slices),
-                  args.phantom_root, read_list(args.phantom_list_dir / "vol_train.txt"),
-                  read_list(args.phantom_list_dir / "slice_train.txt"))
+        build_mix(DatasetPaths(args.out, args.out_list_dir), DatasetPaths(args.real_root, args.real_list_dir),
+                  read_list(args.real_slices), DatasetPaths(args.phantom_root, args.phantom_list_dir))
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

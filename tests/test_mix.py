@@ -7,7 +7,7 @@ import pytest
 from conftest import make_tiny_dataset
 from scripts.mix_datasets import build_mix, evenly_spaced, main, phantom_name
 from trainer import TrainConfig, train
-from utils.h5io import read_list, write_list
+from utils.h5io import DatasetPaths, read_list, write_list
 
 
 def test_evenly_spaced_worked_examples():
@@ -38,12 +38,10 @@ def two_sets(tmp_path):
 
 
 def _build(tmp_path, real, phantom, lists):
-    out = tmp_path / "mix" / "tiny"
-    names = build_mix(out, tmp_path / "mixlists" / "tiny", real.paths.root, lists,
-                      read_list(real.paths.list_file("slice_train")), phantom.paths.root,
-                      read_list(phantom.paths.list_file("vol_train")),
-                      read_list(phantom.paths.list_file("slice_train")))
-    return out, names
+    out = DatasetPaths(tmp_path / "mix" / "tiny", tmp_path / "mixlists" / "tiny")
+    names = build_mix(out, DatasetPaths(real.paths.root, lists), read_list(real.paths.list_file("slice_train")),
+                      phantom.paths)
+    return out.root, names
 
 
 def test_build_mix_links_real_and_renamed_phantom_files(tmp_path, two_sets):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -74,6 +75,17 @@ class DatasetPaths:
 
 def slice_name(case: str, index: int) -> str:
     return f"{case}_slice{index:04d}"
+
+
+_SLICE_NAME = re.compile(r"^(?P<case>.+)_slice(?P<z>\d+)$")
+
+
+def parse_slice_name(name: str) -> tuple[str, int]:
+    """(case, slice index) of ``<case>_slice<NNNN>``, the inverse of :func:`slice_name`."""
+    m = _SLICE_NAME.match(name)
+    if m is None:
+        raise ValueError(f"slice name must be <case>_slice<NNNN>, got {name!r}")
+    return m.group("case"), int(m.group("z"))
 
 
 @dataclass
