@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale_aug", type=float, default=d.scale_aug, metavar="S",
                    help="2-D: zoom each training slice by a log-uniform factor in [1/(1+S), 1+S] before the "
                         "pad/crop to --img_size, so one calibre is seen at several widths (0: off)")
+    p.add_argument("--blur_aug", type=float, default=d.blur_aug, metavar="S",
+                   help="blur half the training images in-plane with a Gaussian of sigma U(0.3, S) pixels of the "
+                        "grid the model sees (labels and salience unblurred): scanners differ in sharpness and "
+                        "real vessel edges are softer than phantoms' (0: off)")
     p.add_argument("--min_component_mm3", type=float, default=d.min_component_mm3, metavar="MM3",
                    help="post-processing recorded in the checkpoint and used by validation, test.py and "
                         "predict.py: drop predicted components smaller than MM3 mm^3 (0: keep all)")

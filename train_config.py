@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dataloaders.inputs import check_scale_aug, input_channels
+from dataloaders.inputs import check_blur_aug, check_scale_aug, input_channels
 
 
 @dataclass
@@ -55,6 +55,7 @@ class TrainConfig:
     intensity_jitter: bool = False
     domain_aug: bool = False  # sim-to-real intensity randomisation (dataloaders.transforms.intensity_domain)
     scale_aug: float = 0.0  # 2-D: zoom each training slice by a log-uniform factor in [1/(1+s), 1+s] (0: off)
+    blur_aug: float = 0.0  # half the items blurred in-plane, sigma U(0.3, s) pixels (dataloaders.transforms.gaussian_blur)
     min_component_mm3: float = 0.0  # inference post-processing recorded in the checkpoint (0: none)
     max_iterations: Optional[int] = None
     max_minutes: Optional[float] = None
@@ -95,6 +96,7 @@ class TrainConfig:
         if not 0 < self.val_fraction <= 1:
             raise ValueError(f"--val_fraction must be in (0, 1], got {self.val_fraction}")
         self.scale_aug = check_scale_aug(self.scale_aug)
+        self.blur_aug = check_blur_aug(self.blur_aug)
         if self.freeze_bn and not self.init_from:
             raise ValueError("--freeze_bn keeps the statistics of the --init_from weights: give --init_from")
         input_channels(self.salience)

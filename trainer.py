@@ -225,12 +225,14 @@ def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int) -> torch.u
     if dims == 2:
         return SliceDataSet(paths, cfg.salience, img_size=cfg.img_size, augment=cfg.augment,
                             jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing,
-                            cache=cfg.cache_data, domain=cfg.domain_aug, scale_aug=cfg.scale_aug)
+                            cache=cfg.cache_data, domain=cfg.domain_aug, scale_aug=cfg.scale_aug,
+                            blur_aug=cfg.blur_aug)
     if cfg.scale_aug:
         raise ValueError(f"--scale_aug is for 2-D backbones; {cfg.backbone} trains on 3-D patches")
     volumes = VolumeDataSet(paths, "train", cfg.salience)  # volumes are always held in memory
     return PatchDataSet(volumes, cfg.patch_size, cfg.patches_per_epoch, fg_fraction=cfg.fg_fraction,
-                        augment=cfg.augment, jitter=cfg.intensity_jitter, seed=cfg.seed, domain=cfg.domain_aug)
+                        augment=cfg.augment, jitter=cfg.intensity_jitter, seed=cfg.seed, domain=cfg.domain_aug,
+                        blur_aug=cfg.blur_aug)
 
 
 def make_loader(cfg: TrainConfig, env: Env, dataset: Any, start_epoch: int, skip_batches: int) -> DataLoader:

@@ -35,8 +35,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataloaders.inputs import check_scale_aug, input_channels, model_input
-from dataloaders.transforms import intensity_domain, intensity_jitter, pad_or_crop, resize_2d, rot_flip, spacing_size
+from dataloaders.inputs import check_blur_aug, check_scale_aug, input_channels, model_input
+from dataloaders.transforms import (gaussian_blur, intensity_domain, intensity_jitter, pad_or_crop, resize_2d, rot_flip,
+                                   spacing_size)
 from utils.h5io import DatasetPaths, parse_slice_name, read_list, read_salience, read_volume
 
 log = logging.getLogger("datasets")
@@ -80,12 +81,14 @@ def _case_geometry(paths: DatasetPaths, case: str) -> tuple[tuple[float, float, 
 
 
 class _Augmenting(Dataset):
-    def __init__(self, salience_mode: str, augment: bool, jitter: bool, seed: int, domain: bool = False) -> None:
+    def __init__(self, salience_mode: str, augment: bool, jitter: bool, seed: int, domain: bool = False,
+                 blur_aug: float = 0.0) -> None:
         input_channels(salience_mode)
         self.salience_mode = salience_mode
         self.augment = augment
         self.jitter = jitter
         self.domain = domain
+        self.blur = check_blur_aug(blur_aug)
         self.seed = int(seed)
         self.epoch = 0
 
@@ -108,6 +111,8 @@ class _Augmenting(Dataset):
             image, label, sal = rot_flip(image, label, sal, rng)
         if self.jitter:
             image = intensity_jitter(image, rng)
+        if self.augment and self.blur:
+            image = gaussian_blur(image, rng, self.blur)
         if self.domain:
             image = intensity_domain(image, rng)
         return image, label, sal
@@ -148,8 +153,8 @@ class SliceDataSet(_Augmenting):
     def __init__(self, paths: DatasetPaths, salience_mode: str, img_size: Optional[Sequence[int]] = None,
                  list_name: str = "slice_train", augment: bool = True, jitter: bool = False, seed: int = 0,
                  target_spacing: Optional[float] = None, cache: bool = False, domain: bool = False,
-                 scale_aug: float = 0.0) -> None:
-        super().__init__(salience_mode, augment, jitter, seed, domain)
+                 scale_aug: float = 0.0, blur_aug: float = 0.0) -> None:
+        super().__init__(salience_mode, augment, jitter, seed, domain, blur_aug)
         self.paths = paths
         self.img_size = None if img_size is None else (int(img_size[0]), int(img_size[1]))
         self.scale_aug = check_scale_aug(scale_aug)
@@ -181,7 +186,7 @@ class SliceDataSet(_Augmenting):
 
     def _fill_cache(self) -> None:
         square = (self.target_spacing is None and self.img_size is not None and self.img_size[0] == self.img_size[1]
-                  and not self.jitter and not self.domain and not self.scale_aug)
+                  and not self.jitter and not self.domain and not self.scale_aug and not self.blur)
         cached = []
         for i in tqdm(range(len(self.names)), desc="caching training slices", unit="slice", leave=False):
             image, label, sal = self._read(i)
@@ -376,8 +381,8 @@ class PatchDataSet(_Augmenting):
 
     def __init__(self, volumes: VolumeDataSet, patch_size: Sequence[int], samples_per_epoch: int,
                  fg_fraction: float = 1 / 3, augment: bool = True, jitter: bool = False, seed: int = 0,
-                 max_fg_points: int = 20000, domain: bool = False) -> None:
-        super().__init__(volumes.salience_mode, augment, jitter, seed, domain)
+                 max_fg_points: int = 20000, domain: bool = False, blur_aug: float = 0.0) -> None:
+        super().__init__(volumes.salience_mode, augment, jitter, seed, domain, blur_aug)
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints (h, w, d), got {patch_size}")
         if not 0 <= fg_fraction <= 1:

@@ -45,3 +45,15 @@ def check_scale_aug(scale_aug: float) -> float:
     if not 0 <= scale_aug < 1:
         raise ValueError(f"--scale_aug must be in [0, 1), got {scale_aug}")
     return float(scale_aug)
+
+
+BLUR_MIN_SIGMA = 0.3  # pixels; a blur narrower than this barely moves a one-pixel vessel
+
+
+def check_blur_aug(max_sigma: float) -> float:
+    """``--blur_aug`` as a float: 0 (off) or the largest sigma, in [0.3, 4] pixels, else ValueError;
+    torch-free, like :func:`check_scale_aug`."""
+    max_sigma = float(max_sigma)
+    if max_sigma != 0 and not BLUR_MIN_SIGMA <= max_sigma <= 4:
+        raise ValueError(f"--blur_aug must be 0 (off) or a sigma in [{BLUR_MIN_SIGMA}, 4] pixels, got {max_sigma}")
+    return max_sigma

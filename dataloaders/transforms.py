@@ -16,6 +16,9 @@ reproducible whatever the number of loader workers.
   scaled about the tissue median by a log-uniform factor in [0.5, 1.5], shifted by up to
   +-0.06 (24 HU), and half the time white noise of std U(0, 0.02) (up to 8 HU) added; pixels
   at 0 (air, fat, padding: below the HU window) stay 0.
+- ``gaussian_blur``: (optional, ``--blur_aug S``) half the time, an in-plane Gaussian blur of
+  the image with sigma U(0.3, S) pixels of the grid the model sees (H and W only; a patch's
+  D axis is left alone). Salience and label are not blurred.
 
 One geometry for every 2-D plane (image, salience, label and, at inference, the
 probability mapped back): :func:`resize_planes`, bilinear with ``align_corners=False``
@@ -37,6 +40,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dataloaders.inputs import BLUR_MIN_SIGMA
 
 Arrays = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]
 
@@ -85,6 +90,30 @@ def intensity_domain(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if rng.random() < 0.5:
         out += rng.normal(0.0, rng.uniform(0.0, DOMAIN_NOISE), image.shape).astype(np.float32)
     return np.where(body, np.clip(out, 0.0, 1.0), 0.0).astype(np.float32)
+
+
+BLUR_PROB = 0.5
+
+
+def gaussian_blur(image: np.ndarray, rng: np.random.Generator, max_sigma: float) -> np.ndarray:
+    """With probability 1/2, blur ``image`` (H, W) or (H, W, D) in-plane; float32, same shape.
+
+    sigma ~ U(0.3, ``max_sigma``) pixels on H and W, 0 on D (``scipy.ndimage.gaussian_filter``,
+    borders reflected). Why: scanners and reconstruction kernels differ in sharpness, and a
+    real vessel's edge is softer than a phantom's (a 3D-IRCADb label's outer voxel layer has
+    about 0.4 of its core's contrast, a phantom's 0.8; ``bench/phantom_stats.py``), so the
+    model sees the same label under several point-spread functions. Draws nothing from ``rng``
+    when ``max_sigma`` is 0.
+    """
+    from scipy.ndimage import gaussian_filter  # scipy is slow to import; only blurring runs need it
+
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"gaussian_blur needs an image (H, W) or (H, W, D), got shape {image.shape}")
+    if not max_sigma or rng.random() >= BLUR_PROB:
+        return image
+    sigma = float(rng.uniform(BLUR_MIN_SIGMA, max_sigma))
+    return gaussian_filter(image, (sigma, sigma) + (0.0,) * (image.ndim - 2)).astype(np.float32)
 
 
 def _size2(size: Sequence[int]) -> tuple[int, int]:

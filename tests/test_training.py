@@ -15,7 +15,9 @@ import torch
 
 import main as main_cli
 from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
-from dataloaders.transforms import DOMAIN_NOISE, DOMAIN_SCALE, DOMAIN_SHIFT, intensity_domain, resize_2d, rot_flip
+from dataloaders.inputs import BLUR_MIN_SIGMA
+from dataloaders.transforms import (BLUR_PROB, DOMAIN_NOISE, DOMAIN_SCALE, DOMAIN_SHIFT, gaussian_blur,
+                                   intensity_domain, resize_2d, rot_flip)
 from losses import make_loss, poly_scheduler, soft_cldice_loss, soft_dice_loss, soft_skeleton
 from networks.checkpoint import load_model
 import trainer
@@ -558,6 +560,79 @@ def test_scale_aug_run_and_3d_refusal(tiny_dataset, tmp_path):
     assert result.iteration == 2 and np.isfinite(result.losses).all()
     with pytest.raises(ValueError, match="--scale_aug is for 2-D backbones"):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", scale_aug=0.25, max_iterations=1, exp="z3"))
+
+
+def test_gaussian_blur_spreads_a_line_by_the_drawn_sigma():
+    """A one-pixel line across a plane, blurred with sigma s, has a cross profile whose mass
+    is 1 and whose variance is s^2 (the Gaussian's); the draw is replayed from the same seed.
+    About half the draws leave the image as it is; on a patch (H, W, D) nothing crosses D."""
+    image = np.zeros((64, 48), np.float32)
+    image[:, 20] = 1.0
+    cols = np.arange(48)
+    blurred = 0
+    for seed in range(40):
+        out = gaussian_blur(image, np.random.default_rng(seed), 1.5)
+        assert out.dtype == np.float32 and out.shape == image.shape
+        replay = np.random.default_rng(seed)
+        if replay.random() >= BLUR_PROB:
+            np.testing.assert_array_equal(out, image)
+            continue
+        blurred += 1
+        sigma = replay.uniform(BLUR_MIN_SIGMA, 1.5)
+        profile = out[32]
+        assert profile.sum() == pytest.approx(1.0, abs=1e-5)
+        mean = float((profile * cols).sum())
+        assert mean == pytest.approx(20.0, abs=1e-5)
+        np.testing.assert_allclose(profile[:20][::-1], profile[21:41], atol=1e-6)  # symmetric about the line
+        if sigma >= 0.6:  # a sampled Gaussian narrower than that is no longer s^2 wide
+            var = float((profile * (cols - mean) ** 2).sum())
+            assert var == pytest.approx(sigma ** 2, rel=0.01)
+    assert 10 <= blurred <= 30
+    # off: no draw taken, nothing changed
+    rng = np.random.default_rng(0)
+    np.testing.assert_array_equal(gaussian_blur(image, rng, 0.0), image)
+    assert rng.random() == np.random.default_rng(0).random()
+    patch = np.zeros((16, 16, 5), np.float32)
+    patch[8, 8, 2] = 1.0
+    for seed in range(6):
+        out = gaussian_blur(patch, np.random.default_rng(seed), 2.0)
+        assert not out[:, :, [0, 1, 3, 4]].any() and out.sum() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="gaussian_blur needs"):
+        gaussian_blur(np.zeros(5, np.float32), np.random.default_rng(0), 1.0)
+
+
+def test_blur_aug_blurs_the_image_channel_of_training_items_only(tiny_dataset):
+    """--blur_aug changes the image of about half the training items (the same draws each
+    time) and never the label; a dataset that does not augment is not blurred."""
+    kw = dict(img_size=(16, 16), target_spacing=1.6)
+    plain = SliceDataSet(tiny_dataset.paths, "none", augment=True, **kw)
+    blur = SliceDataSet(tiny_dataset.paths, "none", augment=True, blur_aug=1.5, **kw)
+    changed = 0
+    for epoch in range(20):
+        a, b = plain[(epoch, 5)], blur[(epoch, 5)]
+        np.testing.assert_array_equal(a["label"].numpy(), b["label"].numpy())
+        same = np.array_equal(a["image"].numpy(), b["image"].numpy())
+        if not same:
+            changed += 1
+            # a blur lowers the spread of the intensities
+            assert float(b["image"].std()) < float(a["image"].std())
+    assert 4 <= changed <= 16
+    np.testing.assert_array_equal(blur[(0, 5)]["image"].numpy(), blur[(0, 5)]["image"].numpy())
+    val = SliceDataSet(tiny_dataset.paths, "none", augment=False, blur_aug=1.5, **kw)
+    ref = SliceDataSet(tiny_dataset.paths, "none", augment=False, **kw)
+    np.testing.assert_array_equal(val[(3, 5)]["image"].numpy(), ref[(3, 5)]["image"].numpy())
+    with pytest.raises(ValueError, match="--blur_aug must be 0"):
+        TrainConfig(dataset="tiny", blur_aug=0.1)
+    with pytest.raises(ValueError, match="--blur_aug must be 0"):
+        SliceDataSet(tiny_dataset.paths, "none", blur_aug=-1.0, **kw)
+
+
+def test_blur_aug_runs_2d_and_3d_and_is_saved_with_the_run(tiny_dataset, tmp_path):
+    for backbone, exp in (("unet", "blur2d"), ("unet3d", "blur3d")):
+        result = train(cfg_for(tiny_dataset, tmp_path, backbone=backbone, blur_aug=1.0, max_iterations=2, exp=exp))
+        assert result.iteration == 2 and np.isfinite(result.losses).all()
+        saved = json.loads((result.run_dir / "config.json").read_text())
+        assert saved["blur_aug"] == 1.0
 
 
 def test_target_spacing_run_records_it_and_validates_resampled(tiny_dataset, tmp_path):
