@@ -124,12 +124,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start again in a run folder that has checkpoints")
     p.add_argument("--print_run_dir", action="store_true",
                    help="print the run folder these options give and exit (for scripts)")
+    p.add_argument("--check_reuse", action="store_true",
+                   help="print the run folder and exit 0 if it holds a finished run trained with these options, "
+                        "3 if it holds none (empty, or a run that stopped early), 2 with an error if its run was "
+                        "trained with other options (for scripts that reuse finished runs)")
     return p
+
+
+REUSE, NO_RUN, OTHER_OPTIONS = 0, 3, 2
+
+
+def check_reuse(cfg: TrainConfig) -> tuple[int, str]:
+    """Can a script reuse the run in ``cfg.run_dir()`` instead of training? (status, message).
+
+    REUSE: its ``last.pth`` reached ``max_iterations`` (or ``max_epochs``) and was trained with
+    the options of ``cfg`` (``TrainConfig.differences`` of the config saved in the checkpoint).
+    NO_RUN: no ``last.pth``, or a run that stopped early (time limit, interruption): train it.
+    OTHER_OPTIONS: a finished run made with other options, which a script must not pass off
+    as this one's nor overwrite unasked; the message names the file and the options.
+    """
+    from networks.checkpoint import load_checkpoint  # torch: only here
+
+    last = cfg.run_dir() / "last.pth"
+    if not last.is_file():
+        return NO_RUN, f"{last}: no run yet"
+    try:
+        ckpt = load_checkpoint(last)
+    except ValueError as e:
+        return OTHER_OPTIONS, f"{e}; delete the run folder or train with --overwrite"
+    saved = ckpt.get("config") or {}
+    total = saved.get("max_iterations") or 0
+    finished = (total and int(ckpt.get("iteration", 0)) >= total) or int(ckpt.get("epoch", 0)) >= int(
+        saved.get("max_epochs") or 0) > 0
+    if not finished:
+        return NO_RUN, f"{last}: a run that stopped early (iteration {ckpt.get('iteration')})"
+    diffs = cfg.differences(saved)
+    if diffs:
+        return OTHER_OPTIONS, (f"{last}: trained with other options ({'; '.join(diffs)}); delete the run folder, "
+                               f"change --exp, or train with --overwrite")
+    return REUSE, f"{last}: finished, same options"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = vars(build_parser().parse_args(argv))
     print_run_dir = args.pop("print_run_dir")
+    reuse = args.pop("check_reuse")
     setup_logging(logging.INFO)
     err = logging.getLogger("main").error
     try:
@@ -140,6 +179,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if print_run_dir:
         print(cfg.run_dir())
         return 0
+    if reuse:
+        print(cfg.run_dir())
+        status, message = check_reuse(cfg)
+        if status == OTHER_OPTIONS:
+            err("%s", message)
+        return status
     from trainer import TrainingError, train  # torch and the models: only when training
 
     try:

@@ -111,11 +111,14 @@ train_real() {
               --max_iterations "$FT_ITERS" --val_every "$FT_ITERS" --seed "$SEED" --deterministic 1 --exp "$exp"
               --domain_aug "$DOMAIN_AUG" --min_component_mm3 "$MIN_COMPONENT"
               --model_kwargs "$MODEL_KW" "${extra[@]}" "$@")
-  local run_dir
-  run_dir=$($PY main.py "${args[@]}" --print_run_dir)
-  if [ ! -f "$run_dir/last.pth" ]; then
-    $PY main.py "${args[@]}" --overwrite >&2
-  fi
+  local run_dir status
+  run_dir=$($PY main.py "${args[@]}" --check_reuse) && status=0 || status=$?
+  case $status in
+    0) ;;  # finished, same options: reuse it
+    3) $PY main.py "${args[@]}" --overwrite >&2
+       rm -rf "$run_dir"/eval_* ;;  # reports of the run it replaced
+    *) exit 2 ;;  # a run made with other options is in the way (main.py said which)
+  esac
   echo "$run_dir"
 }
 

@@ -443,6 +443,54 @@ def test_cli_bad_inputs_exit_nonzero_with_one_line(tiny_dataset, tmp_path, capsy
     assert "slice_train.txt: list file not found" in _errors(capsys)[0]
 
 
+def test_config_differences_name_what_changed_and_skip_runtime_options():
+    cfg = TrainConfig(dataset="d", max_iterations=400, base_lr=0.003)
+    saved = cfg.to_json()
+    assert cfg.differences(saved) == []
+    assert TrainConfig(dataset="d", max_iterations=400, base_lr=0.01).differences(saved) == [
+        "base_lr: 0.01 here vs 0.003"]
+    # how a run executes is not what it learns
+    assert TrainConfig(dataset="d", max_iterations=400, base_lr=0.003, num_workers=7, device="cpu",
+                       cache_data=True).differences(saved) == []
+    # a run saved before an option existed was trained with its default
+    older = {k: v for k, v in saved.items() if k != "blur_aug"}
+    assert cfg.differences(older) == []
+    assert TrainConfig(dataset="d", max_iterations=400, base_lr=0.003, blur_aug=1.0).differences(older) == [
+        "blur_aug: 1.0 here vs 0.0"]
+
+
+def test_check_reuse_tells_finished_same_options_from_early_stops_and_other_options(tiny_dataset, tmp_path, capsys):
+    base = ("--max_iterations", "2", "--exp", "r")
+    assert _cli(tiny_dataset, tmp_path, *base, "--check_reuse") == main_cli.NO_RUN  # nothing yet
+    run_dir = tmp_path / "ckpt" / "tiny"
+    assert not run_dir.exists()  # checking writes nothing
+    assert _cli(tiny_dataset, tmp_path, *base) == 0
+    capsys.readouterr()
+    assert _cli(tiny_dataset, tmp_path, *base, "--check_reuse") == main_cli.REUSE
+    printed = capsys.readouterr().out.strip()
+    assert printed.endswith("/r") and (Path(printed) / "last.pth").is_file()
+    # other options: an error naming the file and the option, status 2
+    for extra, named in ((("--blur_aug", "1"), "blur_aug: 1.0 here vs 0.0"), (("--max_iterations", "4"),
+                                                                            "max_iterations: 4 here vs 2")):
+        capsys.readouterr()
+        assert _cli(tiny_dataset, tmp_path, *base, *extra, "--check_reuse") == main_cli.OTHER_OPTIONS
+        errors = _errors(capsys)
+        assert len(errors) == 1 and f"r/last.pth: trained with other options ({named})" in errors[0]
+    # a run interrupted before its last iteration is not reused (the script trains it again)
+    last = Path(printed) / "last.pth"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["iteration"], ckpt["epoch"] = 1, 0
+    torch.save(ckpt, last)
+    assert _cli(tiny_dataset, tmp_path, *base, "--check_reuse") == main_cli.NO_RUN
+    # a run that went to the end of its epochs counts as finished without max_iterations
+    cfg = cfg_for(tiny_dataset, tmp_path, max_epochs=1, exp="e")
+    train(cfg)
+    assert main_cli.check_reuse(cfg)[0] == main_cli.REUSE
+    (cfg.run_dir() / "last.pth").write_bytes(b"not a checkpoint")
+    status, message = main_cli.check_reuse(cfg)
+    assert status == main_cli.OTHER_OPTIONS and "last.pth" in message
+
+
 def test_offline_without_salience_says_run_salience_generation(tiny_dataset_no_salience, tmp_path, capsys):
     assert _cli(tiny_dataset_no_salience, tmp_path, "--salience", "offline") == 1
     errors = _errors(capsys)
