@@ -112,16 +112,17 @@ class TrainConfig:
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
-    def differences(self, saved: dict) -> list[str]:
+    def differences(self, saved: dict, ignore: frozenset[str] = frozenset()) -> list[str]:
         """The options on which a run's saved config (``to_json`` of the config it was trained
         with) differs from this one, as "name: here vs saved"; options in ``RUNTIME_OPTIONS``
         (how a run executes, not what it learns) are left out, and an option the saved config
-        lacks (a run from before the option existed) counts as its default."""
+        lacks (a run from before the option existed) counts as its default. Options named in
+        ``ignore`` are left out too."""
         here = self.to_json()
         defaults = TrainConfig(dataset=self.dataset, salience=self.salience).to_json()
         out = []
         for name, value in here.items():
-            if name in RUNTIME_OPTIONS:
+            if name in RUNTIME_OPTIONS or name in ignore:
                 continue
             old = saved.get(name, defaults[name])
             if old != value:
@@ -132,3 +133,5 @@ class TrainConfig:
 # options that change how a run executes (device, speed, logging, restarts), not what it learns
 RUNTIME_OPTIONS = frozenset({"overwrite", "resume", "device", "num_workers", "prefetch_factor", "cache_data",
                              "channels_last", "amp", "log_every", "save_minutes", "val_batch_size"})
+# what a resumed run may change besides those: where it stops
+RESUMABLE_OPTIONS = frozenset({"max_iterations", "max_minutes", "stop_after_epochs"})

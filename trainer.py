@@ -66,7 +66,7 @@ from networks.checkpoint import (
 )
 from networks.e2e import E2ESegmenter, build_segmenter
 from networks.registry import resolve_kwargs, spatial_dims_of
-from train_config import TrainConfig
+from train_config import RESUMABLE_OPTIONS, TrainConfig
 from utils.atomic import atomic_path
 from utils.h5io import DatasetPaths
 from utils.logging_setup import setup_logging
@@ -488,6 +488,11 @@ def _resume(run: _Run) -> None:
     ckpt = load_checkpoint(run.last_path, map_location="cpu")
     check_compatible(ckpt, run.last_path, backbone=cfg.backbone,
                      model_kwargs=resolve_kwargs(cfg.backbone, **cfg.model_kwargs), salience=cfg.salience)
+    # a run resumed with another learning rate, loss or augmentation would be neither run
+    diffs = cfg.differences(ckpt.get("config") or {}, ignore=RESUMABLE_OPTIONS)
+    if diffs:
+        raise ValueError(f"{run.last_path}: cannot resume with other options ({'; '.join(diffs)}); resume with the "
+                         f"run's options (only where it stops may change) or start again with --overwrite")
     run.model.load_state_dict(ckpt["state_dict"])
     if ckpt.get("optimizer"):
         run.optimizer.load_state_dict(ckpt["optimizer"])

@@ -506,6 +506,13 @@ def test_existing_run_needs_resume_or_overwrite_and_channels_must_match(tiny_dat
     other = cfg_for(tiny_dataset, tmp_path, max_iterations=2, exp="x", salience="none", resume=True)
     with pytest.raises(ValueError, match="channel mismatch: checkpoint takes 3 channels"):
         train(other)
+    # resuming may move where the run stops, not what it learns; config.json stays the run's
+    saved = (cfg.run_dir() / "config.json").read_text()
+    for kw, named in ((dict(weight_decay=0.1), "weight_decay: 0.1 here vs 0.0001"), (dict(blur_aug=1.0), "blur_aug: 1.0 here vs 0.0")):
+        with pytest.raises(ValueError, match=f"last.pth: cannot resume with other options \\({named}\\)"):
+            train(cfg_for(tiny_dataset, tmp_path, max_iterations=2, exp="x", resume=True, **kw))
+        assert (cfg.run_dir() / "config.json").read_text() == saved
+    assert train(cfg_for(tiny_dataset, tmp_path, max_iterations=2, exp="x", resume=True, num_workers=0)).iteration == 2
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path):
