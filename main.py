@@ -153,9 +153,10 @@ def check_reuse(cfg: TrainConfig) -> tuple[int, str]:
     except ValueError as e:
         return OTHER_OPTIONS, f"{e}; delete the run folder or train with --overwrite"
     saved = ckpt.get("config") or {}
-    total = saved.get("max_iterations") or 0
-    finished = (total and int(ckpt.get("iteration", 0)) >= total) or int(ckpt.get("epoch", 0)) >= int(
-        saved.get("max_epochs") or 0) > 0
+    max_iterations, max_epochs = int(saved.get("max_iterations") or 0), int(saved.get("max_epochs") or 0)
+    reached_iterations = max_iterations > 0 and int(ckpt.get("iteration", 0)) >= max_iterations
+    reached_epochs = max_epochs > 0 and int(ckpt.get("epoch", 0)) >= max_epochs
+    finished = reached_iterations or reached_epochs
     if not finished:
         return NO_RUN, f"{last}: a run that stopped early (iteration {ckpt.get('iteration')})"
     diffs = cfg.differences(saved)
