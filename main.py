@@ -124,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start again in a run folder that has checkpoints")
     p.add_argument("--print_run_dir", action="store_true",
                    help="print the run folder these options give and exit (for scripts)")
-    p.add_argument("--check_reuse", action="store_true",
-                   help="print the run folder and exit 0 if it holds a finished run trained with these options, "
-                        "3 if it holds none (empty, or a run that stopped early), 2 with an error if its run was "
-                        "trained with other options (for scripts that reuse finished runs)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep a finished run trained with these options instead of training again; a finished run "
+                        "made with other options is an error (exit 2); a run that stopped early is started again "
+                        "(for scripts that reuse finished runs)")
     return p
 
 
@@ -135,13 +135,14 @@ REUSE, NO_RUN, OTHER_OPTIONS = 0, 3, 2
 
 
 def check_reuse(cfg: TrainConfig) -> tuple[int, str]:
-    """Can a script reuse the run in ``cfg.run_dir()`` instead of training? (status, message).
+    """Can ``--reuse`` keep the run in ``cfg.run_dir()`` instead of training? (status, message).
 
     REUSE: its ``last.pth`` reached ``max_iterations`` (or ``max_epochs``) and was trained with
     the options of ``cfg`` (``TrainConfig.differences`` of the config saved in the checkpoint).
     NO_RUN: no ``last.pth``, or a run that stopped early (time limit, interruption): train it.
-    OTHER_OPTIONS: a finished run made with other options, which a script must not pass off
-    as this one's nor overwrite unasked; the message names the file and the options.
+    OTHER_OPTIONS: a finished run made with other options, which must not be passed off as
+    this one's nor overwritten unasked; the message names the file and the options (it is
+    also the exit status of ``--reuse`` then).
     """
     from networks.checkpoint import load_checkpoint  # torch: only here
 
@@ -169,7 +170,7 @@ def check_reuse(cfg: TrainConfig) -> tuple[int, str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = vars(build_parser().parse_args(argv))
     print_run_dir = args.pop("print_run_dir")
-    reuse = args.pop("check_reuse")
+    reuse = args.pop("reuse")
     setup_logging(logging.INFO)
     err = logging.getLogger("main").error
     try:
@@ -181,11 +182,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(cfg.run_dir())
         return 0
     if reuse:
-        print(cfg.run_dir())
         status, message = check_reuse(cfg)
         if status == OTHER_OPTIONS:
             err("%s", message)
-        return status
+            return OTHER_OPTIONS
+        if status == REUSE:
+            logging.getLogger("main").info("reusing %s", message)
+            return 0
+        cfg.overwrite = True  # nothing finished there: (re)start the run
     from trainer import TrainingError, train  # torch and the models: only when training
 
     try:

@@ -29,13 +29,8 @@ RUN_ARGS=(--dataset phantom --root_path "$DATA" --output_root "$CKPT" --backbone
           --batch_size 4 --optimizer adamw
           --base_lr 0.003 --loss bce+dice --max_epochs 100 --max_iterations "$ITERS" --val_every 200
           --domain_aug 1 --min_component_mm3 20 --seed 0 --exp demo)
-RUN_DIR=$($PY main.py "${RUN_ARGS[@]}" --check_reuse) && status=0 || status=$?
-case $status in
-  0) echo "reusing the finished run in $RUN_DIR (trained with these options)" ;;
-  3) $PY main.py "${RUN_ARGS[@]}" --overwrite ;;
-  *) echo "error: $RUN_DIR holds a demo model trained with other options (above); delete it or set DEMO_CKPT" >&2
-     exit 2 ;;
-esac
+RUN_DIR=$($PY main.py "${RUN_ARGS[@]}" --print_run_dir)
+$PY main.py "${RUN_ARGS[@]}" --reuse  # a model trained with other options stops the demo
 
 step "5/5 test.py on the test phantoms"
 $PY test.py --dataset phantom --root_path "$DATA" --backbone unet --model_path "$RUN_DIR/best_model.pth" \

@@ -3,7 +3,7 @@
 #   train_and_test BACKBONE MODE EXP [extra main.py args...]
 # trains BACKBONE with --salience MODE into run folder .../EXP, tests it on the test split
 # (report in <run>/eval_test), reuses a finished run trained with the same options (main.py
-# --check_reuse; a run made with other options stops the script with an error), and appends
+# --reuse; a run made with other options stops the script with an error), and appends
 # "label=<run>/eval_test" to the array RUNS. Reads MODEL_KW (JSON; empty: the backbone's
 # defaults) and the settings below, each overridable from the environment. 2-D runs resample
 # every slice to TARGET_SPACING mm per pixel (default 0.9, the demo phantoms' spacing) and
@@ -40,16 +40,12 @@ train_and_test() {
               --domain_aug "$DOMAIN_AUG" --min_component_mm3 "$MIN_COMPONENT"
               --seed "$SEED" --deterministic 1 --exp "$exp" "${extra[@]}" "$@")
   [ -n "${MODEL_KW:-}" ] && args+=(--model_kwargs "$MODEL_KW")
-  local run_dir status
-  run_dir=$($PY main.py "${args[@]}" --check_reuse) && status=0 || status=$?
+  local run_dir
+  run_dir=$($PY main.py "${args[@]}" --print_run_dir)
   echo; echo "== $backbone, salience $mode, $ITERS iterations -> $run_dir"
-  case $status in
-    0) echo "reusing the finished run in $run_dir (trained with these options)" ;;
-    3) $PY main.py "${args[@]}" --overwrite
-       rm -rf "$run_dir"/eval_* ;;  # reports of the run it replaced
-    *) exit 2 ;;  # a run made with other options is in the way (main.py said which)
-  esac
-  if [ ! -f "$run_dir/eval_test/summary.json" ]; then
+  $PY main.py "${args[@]}" --reuse
+  # a report older than the model is one of a run trained again since
+  if [ ! -f "$run_dir/eval_test/summary.json" ] || [ "$run_dir/best_model.pth" -nt "$run_dir/eval_test/summary.json" ]; then
     $PY test.py --dataset "$DATASET" --root_path "$DATA" --backbone "$backbone" \
         --model_path "$run_dir/best_model.pth" --eval_roi liver --output "$run_dir/eval_test" --overwrite
   fi

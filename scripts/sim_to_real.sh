@@ -91,7 +91,8 @@ if [ "$MIX_RUNS" = 1 ]; then make_mix 1; make_mix 7; fi
 test_real() {
   local run_dir=$1 list=$2 model=${3:-best_model.pth}
   local out=$run_dir/eval_real_$list
-  if [ ! -f "$out/per_case.csv" ]; then
+  # a report older than the model is one of a run trained again since
+  if [ ! -f "$out/per_case.csv" ] || [ "$run_dir/$model" -nt "$out/per_case.csv" ]; then
     $PY test.py --dataset $REAL --root_path "$S2R" --list_dir "$LISTS/$list" --backbone "$BACKBONE" \
         --model_path "$run_dir/$model" --eval_roi liver --output "$out" --overwrite >/dev/null
   fi
@@ -111,14 +112,9 @@ train_real() {
               --max_iterations "$FT_ITERS" --val_every "$FT_ITERS" --seed "$SEED" --deterministic 1 --exp "$exp"
               --domain_aug "$DOMAIN_AUG" --min_component_mm3 "$MIN_COMPONENT"
               --model_kwargs "$MODEL_KW" "${extra[@]}" "$@")
-  local run_dir status
-  run_dir=$($PY main.py "${args[@]}" --check_reuse) && status=0 || status=$?
-  case $status in
-    0) ;;  # finished, same options: reuse it
-    3) $PY main.py "${args[@]}" --overwrite >&2
-       rm -rf "$run_dir"/eval_* ;;  # reports of the run it replaced
-    *) exit 2 ;;  # a run made with other options is in the way (main.py said which)
-  esac
+  local run_dir
+  run_dir=$($PY main.py "${args[@]}" --print_run_dir)
+  $PY main.py "${args[@]}" --reuse >&2
   echo "$run_dir"
 }
 

@@ -416,10 +416,14 @@ def test_main_help_imports_no_torch():
 # --------------------------------------------------------------------------- bad input
 
 
+def _cli_args(ds, tmp_path, *extra) -> list[str]:
+    return ["--dataset", ds.dataset, "--root_path", str(ds.root_path), "--list_dir", str(ds.list_dir),
+            "--output_root", str(tmp_path / "ckpt"), "--model_kwargs", json.dumps(TINY_2D),
+            "--img_size", "32", "32", "--num_workers", "0", "--max_iterations", "1", *extra]
+
+
 def _cli(ds, tmp_path, *extra):
-    return main_cli.main(["--dataset", ds.dataset, "--root_path", str(ds.root_path), "--list_dir", str(ds.list_dir),
-                          "--output_root", str(tmp_path / "ckpt"), "--model_kwargs", json.dumps(TINY_2D),
-                          "--img_size", "32", "32", "--num_workers", "0", "--max_iterations", "1", *extra])
+    return main_cli.main(_cli_args(ds, tmp_path, *extra))
 
 
 def _errors(capsys) -> list[str]:
@@ -459,29 +463,43 @@ def test_config_differences_name_what_changed_and_skip_runtime_options():
         "blur_aug: 1.0 here vs 0.0"]
 
 
-def test_check_reuse_tells_finished_same_options_from_early_stops_and_other_options(tiny_dataset, tmp_path, capsys):
+def _cfg_of(ds, tmp_path, *extra) -> TrainConfig:
+    """The TrainConfig main.py builds from _cli's arguments plus ``extra``."""
+    args = vars(main_cli.build_parser().parse_args(_cli_args(ds, tmp_path, *extra)))
+    for flag in ("print_run_dir", "reuse"):
+        args.pop(flag)
+    return TrainConfig(**args)
+
+
+def test_reuse_keeps_finished_same_options_retrains_early_stops_and_refuses_other_options(tiny_dataset, tmp_path,
+                                                                                          capsys):
     base = ("--max_iterations", "2", "--exp", "r")
-    assert _cli(tiny_dataset, tmp_path, *base, "--check_reuse") == main_cli.NO_RUN  # nothing yet
-    run_dir = tmp_path / "ckpt" / "tiny"
-    assert not run_dir.exists()  # checking writes nothing
-    assert _cli(tiny_dataset, tmp_path, *base) == 0
-    capsys.readouterr()
-    assert _cli(tiny_dataset, tmp_path, *base, "--check_reuse") == main_cli.REUSE
-    printed = capsys.readouterr().out.strip()
-    assert printed.endswith("/r") and (Path(printed) / "last.pth").is_file()
-    # other options: an error naming the file and the option, status 2
+    cfg = _cfg_of(tiny_dataset, tmp_path, *base)
+    assert main_cli.check_reuse(cfg)[0] == main_cli.NO_RUN  # nothing yet
+    assert not (tmp_path / "ckpt" / "tiny").exists()  # checking writes nothing
+    assert _cli(tiny_dataset, tmp_path, *base, "--reuse") == 0  # trains
+    last = cfg.run_dir() / "last.pth"
+    assert last.is_file()
+    assert main_cli.check_reuse(cfg)[0] == main_cli.REUSE
+    trained = last.stat().st_mtime_ns
+    assert _cli(tiny_dataset, tmp_path, *base, "--reuse") == 0
+    assert last.stat().st_mtime_ns == trained  # kept, not trained again
+    # other options: an error naming the file and the option, status 2, the run untouched
     for extra, named in ((("--blur_aug", "1"), "blur_aug: 1.0 here vs 0.0"), (("--max_iterations", "4"),
                                                                             "max_iterations: 4 here vs 2")):
+        assert main_cli.check_reuse(_cfg_of(tiny_dataset, tmp_path, *base, *extra))[0] == main_cli.OTHER_OPTIONS
         capsys.readouterr()
-        assert _cli(tiny_dataset, tmp_path, *base, *extra, "--check_reuse") == main_cli.OTHER_OPTIONS
+        assert _cli(tiny_dataset, tmp_path, *base, *extra, "--reuse") == main_cli.OTHER_OPTIONS
         errors = _errors(capsys)
         assert len(errors) == 1 and f"r/last.pth: trained with other options ({named})" in errors[0]
-    # a run interrupted before its last iteration is not reused (the script trains it again)
-    last = Path(printed) / "last.pth"
+        assert last.stat().st_mtime_ns == trained
+    # a run interrupted before its last iteration is not reused: it is trained again
     ckpt = torch.load(last, weights_only=True)
     ckpt["iteration"], ckpt["epoch"] = 1, 0
     torch.save(ckpt, last)
-    assert _cli(tiny_dataset, tmp_path, *base, "--check_reuse") == main_cli.NO_RUN
+    assert main_cli.check_reuse(cfg)[0] == main_cli.NO_RUN
+    assert _cli(tiny_dataset, tmp_path, *base, "--reuse") == 0
+    assert torch.load(last, weights_only=True)["iteration"] == 2
     # a run that went to the end of its epochs counts as finished without max_iterations
     cfg = cfg_for(tiny_dataset, tmp_path, max_epochs=1, exp="e")
     train(cfg)
