@@ -1,11 +1,12 @@
 """Phantoms beside real CT: the same figures, measured by the same code, side by side.
 
     python bench/phantom_stats.py [--presets demo full] [--cases 12 2] [--workers 2]
-                                  [--real ../shared/real] [--repeats 1]
+                                  [--real ../shared/real] [--repeats 1] [--grid_mm MM]
 
 Every patient, real or phantom, is read with the project's DICOM reader
 (``preprocessing.dicom_reader.read_dicom_patient``, labels portalvein + venoussystem,
-rescale applied), then measured by :func:`volume_figures` inside its liver mask:
+rescale applied), optionally resampled in-plane to ``--grid_mm`` (the grid a model trained
+with ``--target_spacing`` sees), then measured by :func:`volume_figures` inside its liver mask:
 
 * parenchyma: the liver eroded by 2 voxels minus every vessel (label and artery) dilated by
   2 voxels; its mean and std in HU;
@@ -22,6 +23,8 @@ rescale applied), then measured by :func:`volume_figures` inside its liver mask:
 * radius percentiles 10/50/90 (mm): the label's distance transform at its skeleton voxels
   inside the liver (a real label also holds the extrahepatic veins: portal trunk, splenic and
   mesenteric veins, vena cava, 4-10 mm thick, which phantoms do not draw and no metric scores);
+  the same percentiles "(area)" from the cross-section area per centreline length
+  (:func:`centreline_radius_mm`), which does not step with the voxel size;
 * vessel share of the liver (%): label voxels inside the liver / liver voxels;
 * intensity AUC: ROC-AUC of the raw HU for label vs other liver voxels.
 
@@ -44,10 +47,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.salience_quality import REAL_PATIENTS, REAL_ROOT, local_radius_mm, roc_auc  # noqa: E402
+from dataloaders.transforms import resize_planes, spacing_size  # noqa: E402
 from evaluation.metrics import skeleton  # noqa: E402
 from phantom.generator import make_phantoms  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
@@ -61,13 +66,16 @@ BIN_NAMES = ("<1", "1-1.5", "1.5-2.5", "2.5-4", ">=4")
 REL_TOL, AUC_TOL = 0.15, 0.03
 HIGHPASS_SIGMA_VOX = 2.0
 MAX_LAG = 6
+WINDOW_MM = 4.0
 
 
 def figure_names() -> list[str]:
     """The figures of :func:`volume_figures`, in table order."""
     return (["parenchyma mean HU", "parenchyma std HU", "noise HU", "noise corr. length vox"]
             + [f"contrast r {b} mm HU" for b in BIN_NAMES] + ["edge / core contrast"]
-            + ["radius p10 mm", "radius p50 mm", "radius p90 mm", "vessel share of liver %", "intensity AUC"])
+            + ["radius p10 mm", "radius p50 mm", "radius p90 mm"]
+            + ["radius p10 mm (area)", "radius p50 mm (area)", "radius p90 mm (area)"]
+            + ["vessel share of liver %", "intensity AUC"])
 
 
 def correlation_length(highpass: np.ndarray, mask: np.ndarray, max_lag: int = MAX_LAG) -> float:
@@ -93,6 +101,48 @@ def correlation_length(highpass: np.ndarray, mask: np.ndarray, max_lag: int = MA
         k = int(below[0])
         lengths.append(k - 1 + (acf[k - 1] - np.exp(-1.0)) / (acf[k - 1] - acf[k]))
     return float(np.mean(lengths))
+
+
+def centreline_radius_mm(label: np.ndarray, spacing, window_mm: float = WINDOW_MM) -> tuple[np.ndarray, np.ndarray]:
+    """Radius (mm) along the label's centreline from its cross-section area, not its distance
+    transform: r = sqrt(V / (pi L)), with V the label volume (mm^3) whose nearest centreline
+    voxel lies within a ``window_mm`` box of a centreline voxel and L the centreline length
+    (mm) in that box.
+
+    The distance transform at the skeleton counts whole voxels to the nearest background
+    voxel: on a 0.9 x 0.9 x 1.6 mm grid it reads 0.9, 1.27 or 1.6 mm for any vessel thinner
+    than about 1.3 mm, whatever its calibre (the slice spacing is the median radius of both
+    real patients). Area over length averages those steps out, so labels on different grids
+    can be compared. ``label`` (H, W, D) mask, spacing mm (row, col, slice). Returns (skeleton
+    (H, W, D) bool, radius (H, W, D) float: NaN off the skeleton or where the box holds no
+    centreline length).
+    """
+    label = np.asarray(label) > 0
+    spacing = np.asarray(spacing, dtype=np.float64)
+    if label.ndim != 3 or spacing.shape != (3,):
+        raise ValueError(f"centreline_radius_mm needs a (H, W, D) mask and 3 spacings, got {label.shape} / {tuple(spacing)}")
+    skel = skeleton(label)
+    radius = np.full(label.shape, np.nan)
+    if not skel.any():
+        return skel, radius
+    _, idx = ndimage.distance_transform_edt(~skel, sampling=spacing, return_indices=True)
+    owner = np.ravel_multi_index(tuple(i[label] for i in idx), label.shape)
+    volume = np.bincount(owner, minlength=label.size).reshape(label.shape) * float(np.prod(spacing))
+    # length: half the step (mm) to every 26-neighbour on the skeleton, summed per voxel
+    length = np.zeros(label.shape)
+    padded = np.pad(skel, 1)
+    n0, n1, n2 = label.shape
+    for o in np.ndindex(3, 3, 3):
+        if o == (1, 1, 1):
+            continue
+        step = float(np.linalg.norm((np.asarray(o) - 1) * spacing))
+        length += (skel & padded[o[0]:o[0] + n0, o[1]:o[1] + n1, o[2]:o[2] + n2]) * (step / 2.0)
+    size = [max(1, 2 * int(round(window_mm / 2.0 / s)) + 1) for s in spacing]
+    vol_w = ndimage.uniform_filter(volume, size=size, mode="constant")
+    len_w = ndimage.uniform_filter(length, size=size, mode="constant")
+    ok = skel & (len_w > 1e-9)
+    radius[ok] = np.sqrt(vol_w[ok] / (np.pi * len_w[ok]))
+    return skel, radius
 
 
 def volume_figures(hu: np.ndarray, label: np.ndarray, liver: np.ndarray, spacing, other_vessels: Optional[np.ndarray] = None) -> dict[str, float]:
@@ -130,26 +180,53 @@ def volume_figures(hu: np.ndarray, label: np.ndarray, liver: np.ndarray, spacing
                                          / (hu[core].mean() - out["parenchyma mean HU"]))
                                    if edge.any() and core.any() else float("nan"))
     edt = ndimage.distance_transform_edt(label, sampling=spacing)
-    r_skel = edt[skeleton(label) & liver]
+    skel, r_area = centreline_radius_mm(label, spacing)
+    r_skel = edt[skel & liver]
     for q, v in zip((10, 50, 90), np.percentile(r_skel, [10, 50, 90]) if r_skel.size else [np.nan] * 3):
         out[f"radius p{q} mm"] = float(v)
+    r_area = r_area[skel & liver]
+    r_area = r_area[np.isfinite(r_area)]
+    for q, v in zip((10, 50, 90), np.percentile(r_area, [10, 50, 90]) if r_area.size else [np.nan] * 3):
+        out[f"radius p{q} mm (area)"] = float(v)
     out["vessel share of liver %"] = 100.0 * float(vessel.sum()) / float(liver.sum())
     out["intensity AUC"] = roc_auc(hu[liver], vessel[liver])
     return out
 
 
-def patient_figures(patient_dir: Path, keep_slice: bool = False) -> dict:
-    """Read a 3D-IRCADb-style patient with the project's reader and measure it. With
-    ``keep_slice``, ``"_slice"`` holds (HU (H, W) of the slice with most label voxels, liver
-    (H, W), spacing) for the side-by-side figure."""
+def to_grid(hu: np.ndarray, masks: list[Optional[np.ndarray]], spacing, grid_mm: float
+            ) -> tuple[np.ndarray, list[Optional[np.ndarray]], tuple[float, float, float]]:
+    """Resample a patient in-plane to ``grid_mm`` mm per pixel with the 2-D pipeline's own
+    geometry (``resize_planes``: bilinear, antialiased where it shrinks; slices untouched),
+    so the figures are those of the grid a ``--target_spacing`` model sees. ``hu`` and every
+    mask are (H, W, D); a mask is resized as a soft label and kept where >= 0.5 (None stays
+    None). Returns (HU, masks, spacing (grid_mm, grid_mm, slice mm))."""
+    if any(m is not None and m.shape != hu.shape for m in masks):
+        raise ValueError(f"masks {[None if m is None else m.shape for m in masks]} differ from the image {hu.shape}")
+    size = spacing_size(hu.shape[:2], spacing, grid_mm)
+    chans = [hu.astype(np.float32)] + [m.astype(np.float32) for m in masks if m is not None]
+    planes = torch.from_numpy(np.stack(chans)).permute(3, 0, 1, 2)  # (D, C, H, W)
+    out = resize_planes(planes, size).permute(1, 2, 3, 0).numpy()   # (C, H', W', D)
+    it = iter(out[1:])
+    resized = [None if m is None else next(it) >= 0.5 for m in masks]
+    return np.ascontiguousarray(out[0]), resized, (float(grid_mm), float(grid_mm), float(spacing[2]))
+
+
+def patient_figures(patient_dir: Path, keep_slice: bool = False, grid_mm: Optional[float] = None) -> dict:
+    """Read a 3D-IRCADb-style patient with the project's reader and measure it, on its own
+    grid or, with ``grid_mm``, resampled in-plane to that many mm per pixel (:func:`to_grid`).
+    With ``keep_slice``, ``"_slice"`` holds (HU (H, W) of the slice with most label voxels,
+    liver (H, W), spacing) for the side-by-side figure."""
     data = read_dicom_patient(patient_dir, DEFAULT_VESSELS)
     if data.label is None or data.liver is None:
         raise ValueError(f"{patient_dir}: no vessel label or liver mask")
     artery = read_dicom_patient(patient_dir, ("artery",)).label
-    out: dict = volume_figures(data.hu, data.label, data.liver, data.spacing, other_vessels=artery)
+    hu, label, liver, spacing = data.hu, data.label, data.liver, data.spacing
+    if grid_mm:
+        hu, (label, liver, artery), spacing = to_grid(hu, [label, liver, artery], spacing, grid_mm)
+    out: dict = volume_figures(hu, label, liver, spacing, other_vessels=artery)
     if keep_slice:
-        k = int(np.argmax((data.label & data.liver).sum(axis=(0, 1))))
-        out["_slice"] = (data.hu[:, :, k].copy(), data.liver[:, :, k] > 0, data.spacing)
+        k = int(np.argmax((label & liver).sum(axis=(0, 1))))
+        out["_slice"] = (hu[:, :, k].copy(), liver[:, :, k] > 0, spacing)
     return out
 
 
@@ -240,6 +317,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1, help="timed make_phantoms runs per preset (median reported)")
     p.add_argument("--real", type=Path, default=REAL_ROOT, help="folder holding the real 3D-IRCADb patients")
+    p.add_argument("--grid_mm", type=float, default=None,
+                   help="measure every patient resampled in-plane to this many mm per pixel (the grid a "
+                        "--target_spacing model sees; the demo trains at 0.9); default: each on its own grid")
     p.add_argument("--figure", type=Path, default=None, help="write the side-by-side PNG here (e.g. imgs/phantom_vs_real.png)")
     a = p.parse_args(argv)
     setup_logging(logging.WARNING)
@@ -252,17 +332,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         for preset, n in zip(a.presets, cases):
             dirs, walls = phantom_set(preset, n, a.workers, a.seed, a.repeats, Path(tmp))
             timing[preset] = (n, walls)
-            columns[f"phantom {preset}"] = [patient_figures(d, keep_slice=(i == 0)) for i, d in enumerate(dirs)]
+            columns[f"phantom {preset}"] = [patient_figures(d, keep_slice=(i == 0), grid_mm=a.grid_mm) for i, d in enumerate(dirs)]
     real_cols = []
     for name in REAL_PATIENTS:
         d = a.real / name
         if not d.is_dir():
             log.warning("%s absent: real column skipped", d)
             continue
-        columns[f"real {name.split('.')[-1]}"] = [patient_figures(d, keep_slice=True)]
+        columns[f"real {name.split('.')[-1]}"] = [patient_figures(d, keep_slice=True, grid_mm=a.grid_mm)]
         real_cols.append(f"real {name.split('.')[-1]}")
     print(f"\n# Phantoms beside real CT (seed {a.seed}); mean over patients; ok = within {REL_TOL:.0%} of the real "
-          f"mean ({AUC_TOL} for the AUC)")
+          f"mean ({AUC_TOL} for the AUC); "
+          + (f"every patient resampled in-plane to {a.grid_mm} mm per pixel" if a.grid_mm else "each patient on its own grid"))
     print(f"machine: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at the end (shared with other work)\n")
     print(format_table(columns, real_cols))

@@ -72,6 +72,8 @@ PSF_SIGMA_MM = (0.78, 0.78, 1.04)
 # mean segment radius (mm) over which the trunks' enhancement falls from the full blood value
 # to the trunk factor (inflow of unenhanced blood near the hilum and the caval confluence)
 TRUNK_RAMP_MM = (3.5, 4.0)
+# scanner noise std (HU) at 0.9 mm pixels, drawn per patient, before its in-plane correlation
+NOISE_HU = (10.0, 12.5)
 # Positions and radii are rounded to this many decimals before rasterising, so the
 # written JSON reproduces the label exactly.
 _DECIMALS = 4
@@ -821,7 +823,7 @@ def _scanner(hu: np.ndarray, spacing, rng: np.random.Generator) -> np.ndarray:
     corr = rng.uniform(0.4, 0.55) * rng.permutation(np.array([1.0, rng.uniform(1.3, 1.6)]))
     noise = ndimage.gaussian_filter(noise, sigma=(corr[0], corr[1], 0), truncate=3.0)
     # per-voxel noise grows as voxels shrink (fewer photons each): x (0.9 mm / in-plane spacing)^0.6
-    noise *= np.float32(rng.uniform(10, 12.5) * (0.9 / float(np.mean(spacing[:2]))) ** 0.6 / (noise.std() + 1e-6))
+    noise *= np.float32(rng.uniform(*NOISE_HU) * (0.9 / float(np.mean(spacing[:2]))) ** 0.6 / (noise.std() + 1e-6))
     img += noise
     return np.clip(np.rint(img), -1024, 3071).astype(np.int16)
 

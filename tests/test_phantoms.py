@@ -336,6 +336,69 @@ def test_volume_figures_on_a_worked_example():
     assert f["radius p50 mm"] == pytest.approx(np.sqrt(5.0))  # the tube: 2 voxels, sqrt(5) on the diagonal
 
 
+def _tube(shape, spacing, radius, direction, offset=(0.37, 0.21, 0.13)):
+    """Mask (H, W, D) of an infinite tube of ``radius`` mm through the grid's centre (shifted
+    by ``offset`` mm so it does not run through voxel centres) along ``direction``."""
+    g = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij"))
+    p = g - (np.asarray(shape) * np.asarray(spacing) / 2 + np.asarray(offset))[:, None, None, None]
+    v = np.asarray(direction, dtype=float) / np.linalg.norm(direction)
+    along = np.tensordot(v, p, axes=1)
+    return (p ** 2).sum(0) - along ** 2 <= radius ** 2
+
+
+@pytest.mark.parametrize("radius,direction", [(1.5, (0, 0, 1)), (2.5, (0, 1, 0)), (2.0, (0, 1, 1)), (3.0, (1, 1, 1))])
+def test_centreline_radius_reads_a_tubes_radius(radius, direction):
+    from bench.phantom_stats import centreline_radius_mm
+
+    shape, spacing = (48, 48, 48), (0.5, 0.5, 0.5)
+    tube = _tube(shape, spacing, radius, direction)
+    skel, r = centreline_radius_mm(tube, spacing)
+    core = np.zeros(shape, dtype=bool)
+    core[8:-8, 8:-8, 8:-8] = True  # away from where the tube leaves the grid
+    vals = r[skel & core]
+    assert vals.size > 10 and np.isfinite(vals).all()
+    assert np.median(vals) == pytest.approx(radius, rel=0.05)
+    assert np.isnan(r[~skel]).all()
+
+
+def test_centreline_radius_does_not_step_with_the_voxel_size():
+    from bench.phantom_stats import centreline_radius_mm
+
+    # radius 2.0 and 2.4 mm along the rows on a 0.9 x 0.9 x 1.6 mm grid: the distance transform
+    # at the centreline reads the same 1.6 mm (the slice spacing) for both; area over length
+    # tells them apart, each within 10 %
+    spacing, core = (0.9, 0.9, 1.6), (slice(8, -8), slice(None), slice(None))
+    meds, edts = [], []
+    for radius in (2.0, 2.4):
+        tube = _tube((60, 40, 24), spacing, radius, (1, 0, 0))
+        skel, r = centreline_radius_mm(tube, spacing)
+        meds.append(float(np.nanmedian(r[core][skel[core]])))
+        edts.append(float(np.median(ndimage.distance_transform_edt(tube, sampling=spacing)[core][skel[core]])))
+        assert meds[-1] == pytest.approx(radius, rel=0.1)
+    assert edts[0] == pytest.approx(edts[1])
+    with pytest.raises(ValueError, match="H, W, D"):
+        centreline_radius_mm(np.ones((4, 4), dtype=bool), (1.0, 1.0))
+
+
+def test_to_grid_resamples_like_the_2d_pipeline():
+    from bench.phantom_stats import to_grid
+
+    # 0.45 mm pixels -> 0.9 mm: half the rows and columns; a flat image stays flat; a band
+    # 8 pixels (3.6 mm) wide becomes 4 pixels wide; a missing mask stays missing
+    hu = np.full((40, 30, 5), 120.0, dtype=np.float32)
+    band = np.zeros(hu.shape, dtype=bool)
+    band[:, 12:20] = True
+    out, (b, none), sp = to_grid(hu, [band, None], (0.45, 0.45, 2.0), 0.9)
+    assert out.shape == (20, 15, 5) and b.shape == (20, 15, 5) and none is None
+    assert sp == (0.9, 0.9, 2.0)
+    np.testing.assert_allclose(out, 120.0, atol=1e-3)
+    assert (b.sum(axis=1) == 4).all() and b[:, 6:10].all()
+    same, (b2,), _ = to_grid(hu, [band], (0.9, 0.9, 2.0), 0.9)  # already on the grid: untouched
+    np.testing.assert_array_equal(b2, band)
+    with pytest.raises(ValueError, match="differ"):
+        to_grid(hu, [band[:-1]], (0.45, 0.45, 2.0), 0.9)
+
+
 def test_rasterise_edge_weight_scales_occupancy_not_label():
     # one straight segment along the rows, radius 2 mm, on a 1 mm grid
     tree = Tree("t", np.array([[5.0, 10.0, 5.0], [25.0, 10.0, 5.0]]), np.array([2.0, 2.0]), np.array([[0, 1]]))
