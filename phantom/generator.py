@@ -30,8 +30,10 @@ What one patient holds (calibrated on the real patients of ``../shared/real`` wi
   in-plane, wider along one axis than the other (slightly streaky), ~11 HU high-pass std at
   0.9 mm, more at finer pixels.
 
-The label of a tree is every voxel whose centre lies within the local radius of its
-centreline (radius interpolated linearly along each segment); see :func:`rasterise_tree`.
+The label of a tree is every voxel whose centre lies within hypot(r, LABEL_RIM_MM) of its
+centreline, r the local lumen radius (interpolated linearly along each segment): like a
+3D-IRCADb annotator's, the label reaches into the PSF-blurred rim around the lumen (real
+labels' outer voxel layer has 0.4 of their core's contrast). See :func:`rasterise_tree`.
 Everything is drawn from ``np.random.default_rng([seed, index])``, so a patient does not
 depend on how many were made or in which process.
 """
@@ -63,7 +65,7 @@ PRESETS = ("demo", "full", "tiny")
 LABEL_TREES = ("portalvein", "venoussystem")
 TREE_NAMES = ("portalvein", "venoussystem", "artery")
 CENTERLINES_FILE = "centerlines.json"
-CENTERLINES_FORMAT = "phantom-centerlines-v1"
+CENTERLINES_FORMAT = "phantom-centerlines-v2"  # v2: with label_rim_mm (v1: 0, the exact lumen)
 MANIFEST_FILE = "phantom_manifest.json"
 PATIENT_PREFIX = "3Dircadb1."
 R_MIN_MM, R_MAX_MM = 0.6, 7.0
@@ -72,6 +74,9 @@ PSF_SIGMA_MM = (0.78, 0.78, 1.04)
 # mean segment radius (mm) over which the trunks' enhancement falls from the full blood value
 # to the trunk factor (inflow of unenhanced blood near the hilum and the caval confluence)
 TRUNK_RAMP_MM = (3.5, 4.0)
+# the label reaches hypot(r, LABEL_RIM_MM) from the centreline (mm): the blurred rim an
+# annotator takes in (about the PSF's in-plane sigma); 0 labels the exact lumen
+LABEL_RIM_MM = 0.7
 # scanner noise std (HU) at 0.9 mm pixels, drawn per patient, before its in-plane correlation
 NOISE_HU = (10.0, 12.5)
 # Positions and radii are rounded to this many decimals before rasterising, so the
@@ -243,12 +248,12 @@ def _segment_distance(box, p0, p1, r0, r1, spacing):
 
 
 def rasterise_tree(tree: Tree, shape: tuple[int, int, int], spacing, soft_width: Optional[float] = None,
-                   edge_weight: Optional[np.ndarray] = None):
+                   edge_weight: Optional[np.ndarray] = None, label_rim: float = 0.0):
     """Label and fractional occupancy of a tree on the grid.
 
     Returns ``(label, occupancy)``: label uint8 (H, W, D), 1 where a voxel centre lies within
-    the local radius of a centreline segment (distance <= r(t), r linear along the
-    segment); occupancy float32 (H, W, D) in [0, 1], ``clip((r - d) / w + 1/2, 0, 1)``
+    hypot(r(t), ``label_rim``) of a centreline segment (r linear along the segment; rim 0:
+    the lumen itself); occupancy float32 (H, W, D) in [0, 1], ``clip((r - d) / w + 1/2, 0, 1)``
     with w = ``soft_width`` mm (default: mean in-plane spacing), the fraction of a voxel
     of width w the vessel covers (partial volume before the PSF). With ``edge_weight``
     (E,) in [0, 1], a segment's occupancy is scaled by its weight (the maximum over
@@ -256,6 +261,8 @@ def rasterise_tree(tree: Tree, shape: tuple[int, int, int], spacing, soft_width:
     """
     if edge_weight is not None and len(edge_weight) != len(tree.edges):
         raise ValueError(f"edge_weight has {len(edge_weight)} values for {len(tree.edges)} edges")
+    if not label_rim >= 0:
+        raise ValueError(f"label_rim must be >= 0 mm, got {label_rim}")
     spacing = np.asarray(spacing, dtype=np.float64)
     w = float(soft_width) if soft_width is not None else float(spacing[:2].mean())
     label = np.zeros(shape, dtype=bool)
@@ -263,11 +270,11 @@ def rasterise_tree(tree: Tree, shape: tuple[int, int, int], spacing, soft_width:
     for e, (a, b) in enumerate(tree.edges):
         p0, p1 = tree.positions[a], tree.positions[b]
         r0, r1 = float(tree.radius[a]), float(tree.radius[b])
-        box = _segment_box(p0, p1, max(r0, r1) + w, np.asarray(shape), spacing)
+        box = _segment_box(p0, p1, max(r0, r1) + max(w, label_rim), np.asarray(shape), spacing)
         if box is None:
             continue
         d, r = _segment_distance(box, p0, p1, r0, r1, spacing)
-        label[box] |= d <= r
+        label[box] |= d <= (np.hypot(r, label_rim) if label_rim > 0 else r)
         o = np.clip((r - d) / w + 0.5, 0.0, 1.0).astype(np.float32)
         if edge_weight is not None:
             o *= np.float32(edge_weight[e])
@@ -804,7 +811,7 @@ def _vessel_contrast(trees: dict[str, Tree], shape, spacing, par_mean: float, rn
         t = trees[name]
         r_edge = (t.radius[t.edges[:, 0]] + t.radius[t.edges[:, 1]]) / 2 if len(t.edges) else np.zeros(0)
         factor = 1.0 - (1.0 - trunk) * np.clip((r_edge - ra) / (rb - ra), 0.0, 1.0)
-        lab, occ = rasterise_tree(t, shape, spacing, edge_weight=factor)
+        lab, occ = rasterise_tree(t, shape, spacing, edge_weight=factor, label_rim=LABEL_RIM_MM)
         np.maximum(contrast, occ * np.float32(enhance[name]), out=contrast)
         masks[name] = lab
     box = _bbox(contrast > 0, 1) if (contrast > 0).any() else tuple(slice(0, 1) for _ in range(3))
@@ -870,6 +877,7 @@ def centerlines_json(patient: PhantomPatient) -> dict:
         "spacing_mm": list(patient.spacing),
         "shape": list(patient.hu.shape),
         "label_trees": list(LABEL_TREES),
+        "label_rim_mm": LABEL_RIM_MM,
         "trees": [patient.trees[n].to_json() for n in TREE_NAMES],
     }
 
@@ -879,7 +887,7 @@ def load_centerlines(path: str | Path) -> dict[str, Tree]:
     path = Path(path)
     try:
         d = json.loads(path.read_text())
-        if d.get("format") != CENTERLINES_FORMAT:
+        if d.get("format") not in (CENTERLINES_FORMAT, "phantom-centerlines-v1"):  # v1: no rim, same trees
             raise KeyError("format")
         return {t["name"]: Tree.from_json(t) for t in d["trees"]}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:

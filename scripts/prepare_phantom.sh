@@ -22,7 +22,8 @@ if [ -f "$RAW/phantom_manifest.json" ]; then
   if ! $PY -c "import sys; from phantom.generator import manifest_is_current; sys.exit(not manifest_is_current(sys.argv[1]))" "$RAW"; then
     echo "error: $RAW was made by another version of the phantom generator (phantom/*.py changed since)." >&2
     echo "       Everything made from it is stale: delete $RAW, $DATA/$DATASET, $CKPT/salience/$DATASET and the" >&2
-    echo "       runs under $CKPT/$DATASET you do not want to keep, or set DEMO_DATA and DEMO_CKPT to new folders." >&2
+    echo "       runs under $CKPT/$DATASET and $CKPT/s2r you do not want to keep, or set DEMO_DATA and DEMO_CKPT to" >&2
+    echo "       new folders." >&2
     exit 2
   fi
   echo "reusing $RAW (delete it to make new patients)"

@@ -19,8 +19,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 import make_phantoms as cli
-from phantom.generator import (CENTERLINES_FILE, R_MAX_MM, R_MIN_MM, TREE_NAMES, Tree, generate_patient,
-                               load_centerlines, make_phantoms, rasterise_tree)
+from phantom.generator import (CENTERLINES_FILE, LABEL_RIM_MM, R_MAX_MM, R_MIN_MM, TREE_NAMES, Tree,
+                               generate_patient, load_centerlines, make_phantoms, rasterise_tree)
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = 7
@@ -119,7 +119,9 @@ def test_label_is_the_tube_around_the_written_centrelines(written):
     out, paths, _ = written
     for pdir in paths:
         trees = load_centerlines(pdir / CENTERLINES_FILE)
-        spacing = np.asarray(json.loads((pdir / CENTERLINES_FILE).read_text())["spacing_mm"])
+        meta = json.loads((pdir / CENTERLINES_FILE).read_text())
+        spacing, rim = np.asarray(meta["spacing_mm"]), float(meta["label_rim_mm"])
+        assert rim == LABEL_RIM_MM
         for name in TREE_NAMES:
             mask = _read_pydicom(pdir / "MASKS_DICOM" / name)[0] > 0
             tree = trees[name]
@@ -130,7 +132,8 @@ def test_label_is_the_tube_around_the_written_centrelines(written):
             margin = np.full(mask.shape, np.inf)
             for a, b in tree.edges:
                 p0, p1 = tree.positions[a], tree.positions[b]
-                r_lo, r_hi = sorted((tree.radius[a], tree.radius[b]))
+                # the label reaches hypot(r, rim); r is linear along the segment
+                r_lo, r_hi = sorted(float(np.hypot(r, rim)) for r in (tree.radius[a], tree.radius[b]))
                 lo = np.maximum(np.floor((np.minimum(p0, p1) - r_hi - 2 * diag) / spacing).astype(int), 0)
                 hi = np.minimum(np.ceil((np.maximum(p0, p1) + r_hi + 2 * diag) / spacing).astype(int) + 1, mask.shape)
                 box = tuple(slice(l, h) for l, h in zip(lo, hi))
@@ -411,3 +414,11 @@ def test_rasterise_edge_weight_scales_occupancy_not_label():
     assert occ[15, 10, 7] == pytest.approx(0.5) and occ[15, 10, 8] == pytest.approx(0.0)  # clip((2 - d) / 1 + 1/2)
     with pytest.raises(ValueError, match="edge_weight"):
         rasterise_tree(tree, shape, spacing, edge_weight=np.array([1.0, 1.0]))
+    # an annotator's rim: radius 2 with a rim of sqrt(5) labels out to hypot = 3 mm; the
+    # occupancy (the image) stays that of the lumen
+    lab_r, occ_r = rasterise_tree(tree, shape, spacing, label_rim=float(np.sqrt(5.0)))
+    np.testing.assert_array_equal(occ_r, occ)
+    assert lab_r[15, 10, 8] == 1 and lab_r[15, 10, 9] == 0 and lab_r[15, 13, 5] == 1 and lab[15, 13, 5] == 0
+    assert (lab_r >= lab).all()
+    with pytest.raises(ValueError, match="label_rim"):
+        rasterise_tree(tree, shape, spacing, label_rim=-0.1)
