@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from phantom.generator import PRESETS, make_phantoms
+from phantom.generator import LABEL_RIM_MM, PRESETS, make_phantoms
 from utils.logging_setup import setup_logging
 
 log = logging.getLogger("make_phantoms")
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1; output does not depend on it)")
     p.add_argument("--zip", action="store_true", help="nested PATIENT_DICOM.zip / MASKS_DICOM.zip, as some downloads")
     p.add_argument("--overwrite", action="store_true", help="replace patients in a non-empty --out")
+    p.add_argument("--label_rim", type=float, default=LABEL_RIM_MM,
+                   help=f"vessel labels reach hypot(r, RIM) mm from the centreline, like an annotator's "
+                        f"(default {LABEL_RIM_MM}; 0: the exact lumen, the phantoms before 2026-12-05)")
     return p
 
 
@@ -42,7 +45,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     try:
         make_phantoms(args.out, args.cases, args.preset, args.seed, workers=args.workers,
-                      zip_output=args.zip, overwrite=args.overwrite)
+                      zip_output=args.zip, overwrite=args.overwrite, label_rim=args.label_rim)
     except ValueError as e:
         print(f"make_phantoms.py: error: {e}", file=sys.stderr)
         return 2

@@ -131,6 +131,7 @@ class PhantomPatient:
     preset: str = ""
     seed: int = 0
     info: dict = field(default_factory=dict)
+    label_rim: float = LABEL_RIM_MM  # mm: the label reaches hypot(r, label_rim)
 
 
 # ----------------------------------------------------------------------------- presets
@@ -791,7 +792,8 @@ def _grow_vessels(allowed, liver_c, liver_semi, spacing, rng) -> dict[str, Tree]
     return trees
 
 
-def _vessel_contrast(trees: dict[str, Tree], shape, spacing, par_mean: float, rng: np.random.Generator):
+def _vessel_contrast(trees: dict[str, Tree], shape, spacing, par_mean: float, rng: np.random.Generator,
+                     label_rim: float = LABEL_RIM_MM):
     """Labels and the contrast image of the trees.
 
     Each tree gets a blood enhancement over the parenchyma (portal-venous phase: portal vein
@@ -811,7 +813,7 @@ def _vessel_contrast(trees: dict[str, Tree], shape, spacing, par_mean: float, rn
         t = trees[name]
         r_edge = (t.radius[t.edges[:, 0]] + t.radius[t.edges[:, 1]]) / 2 if len(t.edges) else np.zeros(0)
         factor = 1.0 - (1.0 - trunk) * np.clip((r_edge - ra) / (rb - ra), 0.0, 1.0)
-        lab, occ = rasterise_tree(t, shape, spacing, edge_weight=factor, label_rim=LABEL_RIM_MM)
+        lab, occ = rasterise_tree(t, shape, spacing, edge_weight=factor, label_rim=label_rim)
         np.maximum(contrast, occ * np.float32(enhance[name]), out=contrast)
         masks[name] = lab
     box = _bbox(contrast > 0, 1) if (contrast > 0).any() else tuple(slice(0, 1) for _ in range(3))
@@ -836,20 +838,24 @@ def _scanner(hu: np.ndarray, spacing, rng: np.random.Generator) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- patient
-def generate_patient(index: int, seed: int, preset: str) -> PhantomPatient:
+def generate_patient(index: int, seed: int, preset: str, label_rim: float = LABEL_RIM_MM) -> PhantomPatient:
     """Generate patient ``index`` (1-based, folder ``3Dircadb1.<index>``) of a phantom set.
 
     Deterministic in (index, seed, preset). Every third patient (index % 3 == 0) is marked
-    ``unsigned_intercept`` (uint16 pixels, intercept -1024 when written).
+    ``unsigned_intercept`` (uint16 pixels, intercept -1024 when written). ``label_rim`` (mm):
+    the vessel labels reach hypot(r, label_rim) from the centreline (0: the exact lumen);
+    the image does not depend on it.
     """
     pr = _check_preset(preset)
     if index < 1:
         raise ValueError(f"index must be >= 1, got {index}")
+    if not 0 <= label_rim <= 3.0:
+        raise ValueError(f"label_rim must be between 0 and 3 mm, got {label_rim}")
     rng = np.random.default_rng([int(seed), int(index)])
     shape, spacing = _grid(pr, rng)
     hu, liver, tumours, allowed, info = _anatomy(shape, spacing, pr, rng)
     trees = _grow_vessels(allowed, info["liver_centre_mm"], info["liver_semi_mm"], spacing, rng)
-    masks, contrast, blood = _vessel_contrast(trees, shape, spacing, info["parenchyma_mean_hu"], rng)
+    masks, contrast, blood = _vessel_contrast(trees, shape, spacing, info["parenchyma_mean_hu"], rng, label_rim)
     vessel_any = np.zeros(shape, dtype=bool)
     for name in TREE_NAMES:
         vessel_any |= masks[name] > 0
@@ -866,7 +872,8 @@ def generate_patient(index: int, seed: int, preset: str) -> PhantomPatient:
         masks[f"livertumor{k:02d}"] = tm.astype(np.uint8)
     info.update(n_tumours=len(tumours), blood_hu=blood)
     return PhantomPatient(index=index, hu=out, masks=masks, spacing=tuple(float(s) for s in spacing), trees=trees,
-                          unsigned_intercept=(index % 3 == 0), preset=preset, seed=seed, info=info)
+                          unsigned_intercept=(index % 3 == 0), preset=preset, seed=seed, info=info,
+                          label_rim=float(label_rim))
 
 
 # ----------------------------------------------------------------------------- centreline JSON
@@ -877,7 +884,7 @@ def centerlines_json(patient: PhantomPatient) -> dict:
         "spacing_mm": list(patient.spacing),
         "shape": list(patient.hu.shape),
         "label_trees": list(LABEL_TREES),
-        "label_rim_mm": LABEL_RIM_MM,
+        "label_rim_mm": float(patient.label_rim),
         "trees": [patient.trees[n].to_json() for n in TREE_NAMES],
     }
 
@@ -898,9 +905,10 @@ def patient_dir(out: str | Path, index: int) -> Path:
     return Path(out) / f"{PATIENT_PREFIX}{index}"
 
 
-def _make_one(out: str, index: int, seed: int, preset: str, zip_output: bool, overwrite: bool) -> dict:
+def _make_one(out: str, index: int, seed: int, preset: str, zip_output: bool, overwrite: bool,
+              label_rim: float = LABEL_RIM_MM) -> dict:
     t0 = time.perf_counter()
-    p = generate_patient(index, seed, preset)
+    p = generate_patient(index, seed, preset, label_rim)
     t1 = time.perf_counter()
     final = patient_dir(out, index)
     with atomic_dir(final, overwrite=overwrite) as tmp:
@@ -955,24 +963,28 @@ def make_phantoms(
     workers: int = 1,
     zip_output: bool = False,
     overwrite: bool = False,
+    label_rim: float = LABEL_RIM_MM,
 ) -> list[Path]:
     """Write ``cases`` patients ``<out>/3Dircadb1.<n>`` (n = 1..cases) in the 3D-IRCADb layout.
 
     Each patient folder holds PATIENT_DICOM and MASKS_DICOM (or the two nested zips with
     ``zip_output``) and ``centerlines.json``; it is written to a temporary folder and
-    renamed when complete. ``<out>/phantom_manifest.json`` records preset, seed and
-    per-patient grid and timings. Raises ValueError on bad input (unknown preset,
-    cases <= 0, workers <= 0, ``out`` not empty without ``overwrite``, ``out`` not writable)
-    before anything is written. Returns the patient folders in order.
+    renamed when complete. ``<out>/phantom_manifest.json`` records preset, seed, label rim
+    and per-patient grid and timings. ``label_rim``: see :func:`generate_patient`. Raises
+    ValueError on bad input (unknown preset, cases <= 0, workers <= 0, a rim outside 0-3 mm,
+    ``out`` not empty without ``overwrite``, ``out`` not writable) before anything is written. Returns the patient folders in order.
     """
     _check_preset(preset)
     if int(cases) != cases or cases <= 0:
         raise ValueError(f"cases must be a positive integer, got {cases}")
     if workers <= 0:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if not 0 <= label_rim <= 3.0:
+        raise ValueError(f"label_rim must be between 0 and 3 mm, got {label_rim}")
     out = Path(out)
     _check_out(out, overwrite)
-    args = [(str(out), n, int(seed), preset, bool(zip_output), bool(overwrite)) for n in range(1, cases + 1)]
+    args = [(str(out), n, int(seed), preset, bool(zip_output), bool(overwrite), float(label_rim))
+            for n in range(1, cases + 1)]
     results: list[dict] = []
     t0 = time.perf_counter()
     with tqdm(total=cases, desc=f"phantoms ({preset})", unit="patient") as bar:
@@ -993,7 +1005,7 @@ def make_phantoms(
         for p in stale:
             log.info("removing stale patient %s (--overwrite, only %d cases now)", p, cases)
             shutil.rmtree(p)
-    manifest = {"preset": preset, "seed": int(seed), "cases": cases, "zip": bool(zip_output),
+    manifest = {"preset": preset, "seed": int(seed), "cases": cases, "zip": bool(zip_output), "label_rim_mm": float(label_rim),
                 "generator_sha256": generator_fingerprint(),
                 "wall_s": time.perf_counter() - t0, "workers": workers, "patients": results}
     with atomic_path(out / MANIFEST_FILE) as tmp:

@@ -212,6 +212,21 @@ def test_zip_output_same_pixels_and_workers_do_not_matter(written, tmp_path):
                     np.testing.assert_array_equal(a, b)
 
 
+def test_label_rim_changes_the_labels_not_the_image(tmp_path, capsys):
+    # the same patient with exact-lumen labels (--label_rim 0) and the default rim: one
+    # image, the rim's labels hold the lumen's and more, and each file records its rim
+    lumen, rim = generate_patient(2, SEED, "tiny", label_rim=0.0), generate_patient(2, SEED, "tiny")
+    np.testing.assert_array_equal(lumen.hu, rim.hu)
+    for name in TREE_NAMES:
+        assert (rim.masks[name] >= lumen.masks[name]).all()
+    assert rim.masks["portalvein"].sum() > lumen.masks["portalvein"].sum()
+    code, err = _run_cli(["--out", str(tmp_path / "o"), "--preset", "tiny", "--cases", "1", "--label_rim", "0"], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "o" / "3Dircadb1.1" / CENTERLINES_FILE).read_text())
+    assert meta["label_rim_mm"] == 0.0 and LABEL_RIM_MM > 0
+    assert json.loads((tmp_path / "o" / "phantom_manifest.json").read_text())["label_rim_mm"] == 0.0
+
+
 def _run_cli(argv, capsys) -> tuple[int, str]:
     try:
         code = cli.main(argv)
@@ -222,7 +237,8 @@ def _run_cli(argv, capsys) -> tuple[int, str]:
 
 def test_cli_bad_input_exit_2_and_nothing_written(tmp_path, capsys):
     target = tmp_path / "new"
-    for argv in (["--preset", "huge"], ["--cases", "0"], ["--cases", "-3"], ["--cases", "two"]):
+    for argv in (["--preset", "huge"], ["--cases", "0"], ["--cases", "-3"], ["--cases", "two"],
+                 ["--preset", "tiny", "--label_rim", "-0.5"]):
         code, err = _run_cli(["--out", str(target), *argv], capsys)
         assert code == 2, argv
         assert len(err.strip().splitlines()) == 1 and "error" in err, err
