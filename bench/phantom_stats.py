@@ -51,7 +51,7 @@ import torch
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.salience_quality import REAL_PATIENTS, REAL_ROOT, local_radius_mm, roc_auc  # noqa: E402
+from bench.salience_quality import REAL_PATIENTS, REAL_ROOT, centreline_fields, local_radius_mm, roc_auc  # noqa: E402
 from dataloaders.transforms import resize_planes, spacing_size  # noqa: E402
 from evaluation.metrics import skeleton  # noqa: E402
 from phantom.generator import make_phantoms  # noqa: E402
@@ -103,7 +103,8 @@ def correlation_length(highpass: np.ndarray, mask: np.ndarray, max_lag: int = MA
     return float(np.mean(lengths))
 
 
-def centreline_radius_mm(label: np.ndarray, spacing, window_mm: float = WINDOW_MM) -> tuple[np.ndarray, np.ndarray]:
+def centreline_radius_mm(label: np.ndarray, spacing, window_mm: float = WINDOW_MM,
+                         fields: Optional[tuple] = None) -> tuple[np.ndarray, np.ndarray]:
     """Radius (mm) along the label's centreline from its cross-section area, not its distance
     transform: r = sqrt(V / (pi L)), with V the label volume (mm^3) whose nearest centreline
     voxel lies within a ``window_mm`` box of a centreline voxel and L the centreline length
@@ -113,7 +114,8 @@ def centreline_radius_mm(label: np.ndarray, spacing, window_mm: float = WINDOW_M
     voxel: on a 0.9 x 0.9 x 1.6 mm grid it reads 0.9, 1.27 or 1.6 mm for any vessel thinner
     than about 1.3 mm, whatever its calibre (the slice spacing is the median radius of both
     real patients). Area over length averages those steps out, so labels on different grids
-    can be compared. ``label`` (H, W, D) mask, spacing mm (row, col, slice). Returns (skeleton
+    can be compared. ``label`` (H, W, D) mask, spacing mm (row, col, slice); ``fields``: its
+    :func:`~bench.salience_quality.centreline_fields` when already computed. Returns (skeleton
     (H, W, D) bool, radius (H, W, D) float: NaN off the skeleton or where the box holds no
     centreline length).
     """
@@ -121,11 +123,10 @@ def centreline_radius_mm(label: np.ndarray, spacing, window_mm: float = WINDOW_M
     spacing = np.asarray(spacing, dtype=np.float64)
     if label.ndim != 3 or spacing.shape != (3,):
         raise ValueError(f"centreline_radius_mm needs a (H, W, D) mask and 3 spacings, got {label.shape} / {tuple(spacing)}")
-    skel = skeleton(label)
+    _, skel, idx = fields if fields is not None else centreline_fields(label, spacing)
     radius = np.full(label.shape, np.nan)
-    if not skel.any():
+    if idx is None:
         return skel, radius
-    _, idx = ndimage.distance_transform_edt(~skel, sampling=spacing, return_indices=True)
     owner = np.ravel_multi_index(tuple(i[label] for i in idx), label.shape)
     volume = np.bincount(owner, minlength=label.size).reshape(label.shape) * float(np.prod(spacing))
     # length: half the step (mm) to every 26-neighbour on the skeleton, summed per voxel
@@ -167,7 +168,8 @@ def volume_figures(hu: np.ndarray, label: np.ndarray, liver: np.ndarray, spacing
     out["noise HU"] = float(highpass[par].std())
     out["noise corr. length vox"] = correlation_length(highpass, par)
     vessel = label & liver
-    radius = local_radius_mm(label, spacing)
+    fields = centreline_fields(label, spacing)  # one distance transform and skeleton for every radius
+    radius = local_radius_mm(label, spacing, fields)
     for (lo, hi), name in zip(BINS, BIN_NAMES):
         sel = vessel & (radius >= lo) & (radius < hi)
         out[f"contrast r {name} mm HU"] = float(hu[sel].mean()) - out["parenchyma mean HU"] if sel.any() else float("nan")
@@ -179,8 +181,8 @@ def volume_figures(hu: np.ndarray, label: np.ndarray, liver: np.ndarray, spacing
     out["edge / core contrast"] = (float((hu[edge].mean() - out["parenchyma mean HU"])
                                          / (hu[core].mean() - out["parenchyma mean HU"]))
                                    if edge.any() and core.any() else float("nan"))
-    edt = ndimage.distance_transform_edt(label, sampling=spacing)
-    skel, r_area = centreline_radius_mm(label, spacing)
+    edt = fields[0]
+    skel, r_area = centreline_radius_mm(label, spacing, fields=fields)
     r_skel = edt[skel & liver]
     for q, v in zip((10, 50, 90), np.percentile(r_skel, [10, 50, 90]) if r_skel.size else [np.nan] * 3):
         out[f"radius p{q} mm"] = float(v)

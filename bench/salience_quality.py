@@ -66,14 +66,23 @@ def roc_auc(score: np.ndarray, positive: np.ndarray) -> float:
     return float((r[positive].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
 
 
-def local_radius_mm(vessel: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
-    """Per vessel voxel: the vessel's distance transform (mm) at the nearest skeleton voxel; 0 outside."""
+def centreline_fields(vessel: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """The vessel mask's (H, W, D) distance transform (mm), its skeleton (bool) and, for every
+    voxel, the index (3, H, W, D) of its nearest skeleton voxel (None when the skeleton is
+    empty): computed once, shared by every radius measure."""
+    vessel = np.asarray(vessel) > 0
     edt = ndimage.distance_transform_edt(vessel, sampling=spacing)
     skel = skeleton(vessel)
-    if not skel.any():
-        return np.where(vessel > 0, edt, 0.0)
-    _, idx = ndimage.distance_transform_edt(~skel, sampling=spacing, return_indices=True)
-    radius = edt[tuple(idx)]
+    idx = ndimage.distance_transform_edt(~skel, sampling=spacing, return_indices=True)[1] if skel.any() else None
+    return edt, skel, idx
+
+
+def local_radius_mm(vessel: np.ndarray, spacing: tuple[float, float, float],
+                    fields: Optional[tuple] = None) -> np.ndarray:
+    """Per vessel voxel: the vessel's distance transform (mm) at the nearest skeleton voxel; 0 outside.
+    ``fields``: :func:`centreline_fields` of ``vessel`` when already computed."""
+    edt, _, idx = fields if fields is not None else centreline_fields(vessel, spacing)
+    radius = edt if idx is None else edt[tuple(idx)]
     return np.where(vessel > 0, radius, 0.0)
 
 

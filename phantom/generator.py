@@ -77,6 +77,7 @@ TRUNK_RAMP_MM = (3.5, 4.0)
 # the label reaches hypot(r, LABEL_RIM_MM) from the centreline (mm): the blurred rim an
 # annotator takes in (about the PSF's in-plane sigma); 0 labels the exact lumen
 LABEL_RIM_MM = 0.7
+MAX_LABEL_RIM_MM = 3.0
 # scanner noise std (HU) at 0.9 mm pixels, drawn per patient, before its in-plane correlation
 NOISE_HU = (10.0, 12.5)
 # Positions and radii are rounded to this many decimals before rasterising, so the
@@ -152,6 +153,11 @@ _PRESETS = {
     "full": _Preset("full", (512, 512, 0), (0.0, 0.0, 0.0), False,
                     depth_range=(100, 160), inplane_range=(0.57, 0.87), slice_range=(1.6, 2.0)),
 }
+
+
+def _check_label_rim(label_rim: float) -> None:
+    if not 0 <= label_rim <= MAX_LABEL_RIM_MM:
+        raise ValueError(f"label_rim must be between 0 and {MAX_LABEL_RIM_MM:g} mm, got {label_rim}")
 
 
 def _check_preset(preset: str) -> _Preset:
@@ -262,8 +268,7 @@ def rasterise_tree(tree: Tree, shape: tuple[int, int, int], spacing, soft_width:
     """
     if edge_weight is not None and len(edge_weight) != len(tree.edges):
         raise ValueError(f"edge_weight has {len(edge_weight)} values for {len(tree.edges)} edges")
-    if not label_rim >= 0:
-        raise ValueError(f"label_rim must be >= 0 mm, got {label_rim}")
+    _check_label_rim(label_rim)
     spacing = np.asarray(spacing, dtype=np.float64)
     w = float(soft_width) if soft_width is not None else float(spacing[:2].mean())
     label = np.zeros(shape, dtype=bool)
@@ -275,7 +280,7 @@ def rasterise_tree(tree: Tree, shape: tuple[int, int, int], spacing, soft_width:
         if box is None:
             continue
         d, r = _segment_distance(box, p0, p1, r0, r1, spacing)
-        label[box] |= d <= (np.hypot(r, label_rim) if label_rim > 0 else r)
+        label[box] |= d <= np.hypot(r, label_rim)
         o = np.clip((r - d) / w + 0.5, 0.0, 1.0).astype(np.float32)
         if edge_weight is not None:
             o *= np.float32(edge_weight[e])
@@ -849,8 +854,7 @@ def generate_patient(index: int, seed: int, preset: str, label_rim: float = LABE
     pr = _check_preset(preset)
     if index < 1:
         raise ValueError(f"index must be >= 1, got {index}")
-    if not 0 <= label_rim <= 3.0:
-        raise ValueError(f"label_rim must be between 0 and 3 mm, got {label_rim}")
+    _check_label_rim(label_rim)
     rng = np.random.default_rng([int(seed), int(index)])
     shape, spacing = _grid(pr, rng)
     hu, liver, tumours, allowed, info = _anatomy(shape, spacing, pr, rng)
@@ -979,8 +983,7 @@ def make_phantoms(
         raise ValueError(f"cases must be a positive integer, got {cases}")
     if workers <= 0:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if not 0 <= label_rim <= 3.0:
-        raise ValueError(f"label_rim must be between 0 and 3 mm, got {label_rim}")
+    _check_label_rim(label_rim)
     out = Path(out)
     _check_out(out, overwrite)
     args = [(str(out), n, int(seed), preset, bool(zip_output), bool(overwrite), float(label_rim))
