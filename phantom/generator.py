@@ -22,7 +22,7 @@ What one patient holds (calibrated on the real patients of ``../shared/real`` wi
   0.6 and 7 mm (twigs end at 0.72-1.1 mm), nearly straight branches whose length grows
   with their calibre (4 + 1.5 r mm), kept inside the liver and away from each other and
   from tumours; grown thickest first (10 % jitter) until the lumen fills ~4 % of the liver;
-* portal-venous-phase enhancement (34-76 HU over the parenchyma; in trunks thicker than
+* portal-venous-phase enhancement (34-76 HU over the parenchyma, x1.1 in ``full``; in trunks thicker than
   3.5-4 mm it falls to x0-0.35, inflow of unenhanced blood; varying smoothly in space);
   partial volume: a fractional vessel occupancy times the enhancement is added to the
   tissue and the image is blurred with the scanner PSF (sigma 0.78 mm in-plane, 1.04 mm
@@ -145,13 +145,19 @@ class _Preset:
     depth_range: Optional[tuple[int, int]] = None
     inplane_range: Optional[tuple[float, float]] = None
     slice_range: Optional[tuple[float, float]] = None
+    # blood enhancement x this: each preset is calibrated on the real patients at its own grid
+    # (bench/phantom_stats.py); full's 1.6-2.0 mm slices show ~10% less contrast per labelled
+    # voxel than the demo's grid at the same enhancement (not its finer pixels: resampled
+    # in-plane to 0.9 mm the contrast stays put)
+    enhance_gain: float = 1.0
 
 
 _PRESETS = {
     "tiny": _Preset("tiny", (64, 64, 16), (1.5, 1.5, 2.5), True),
     "demo": _Preset("demo", (192, 192, 48), (0.9, 0.9, 1.6), True),
     "full": _Preset("full", (512, 512, 0), (0.0, 0.0, 0.0), False,
-                    depth_range=(100, 160), inplane_range=(0.57, 0.87), slice_range=(1.6, 2.0)),
+                    depth_range=(100, 160), inplane_range=(0.57, 0.87), slice_range=(1.6, 2.0),
+                    enhance_gain=1.1),
 }
 
 
@@ -798,18 +804,21 @@ def _grow_vessels(allowed, liver_c, liver_semi, spacing, rng) -> dict[str, Tree]
 
 
 def _vessel_contrast(trees: dict[str, Tree], shape, spacing, par_mean: float, rng: np.random.Generator,
-                     label_rim: float = LABEL_RIM_MM):
+                     label_rim: float = LABEL_RIM_MM, gain: float = 1.0):
     """Labels and the contrast image of the trees.
 
     Each tree gets a blood enhancement over the parenchyma (portal-venous phase: portal vein
     and hepatic veins 34-76 HU, the artery more); the thickest segments (the trunks near the
     IVC and the hilum) carry less: from a mean radius of TRUNK_RAMP_MM[0] to TRUNK_RAMP_MM[1]
     mm the enhancement falls linearly to x0-0.35 (inflow of unenhanced blood); and it varies
-    smoothly in space (x(1 +- ~0.35), features ~12 mm: mixing).
+    smoothly in space (x(1 +- ~0.35), features ~12 mm: mixing). Every blood enhancement is
+    scaled by ``gain`` (the preset's calibration), after the draws, so the trees, the trunk
+    factor and the mixing field do not depend on it.
     Returns (masks name -> uint8 (H, W, D), contrast float32 (H, W, D) HU to add inside the liver,
     blood enhancement per tree in HU).
     """
     enhance = {"portalvein": rng.uniform(42, 76), "venoussystem": rng.uniform(34, 70), "artery": rng.uniform(70, 120)}
+    enhance = {k: gain * v for k, v in enhance.items()}
     trunk = rng.uniform(0.0, 0.35)
     ra, rb = TRUNK_RAMP_MM
     masks: dict[str, np.ndarray] = {}
@@ -859,7 +868,8 @@ def generate_patient(index: int, seed: int, preset: str, label_rim: float = LABE
     shape, spacing = _grid(pr, rng)
     hu, liver, tumours, allowed, info = _anatomy(shape, spacing, pr, rng)
     trees = _grow_vessels(allowed, info["liver_centre_mm"], info["liver_semi_mm"], spacing, rng)
-    masks, contrast, blood = _vessel_contrast(trees, shape, spacing, info["parenchyma_mean_hu"], rng, label_rim)
+    masks, contrast, blood = _vessel_contrast(trees, shape, spacing, info["parenchyma_mean_hu"], rng, label_rim,
+                                             pr.enhance_gain)
     vessel_any = np.zeros(shape, dtype=bool)
     for name in TREE_NAMES:
         vessel_any |= masks[name] > 0

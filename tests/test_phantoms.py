@@ -438,3 +438,33 @@ def test_rasterise_edge_weight_scales_occupancy_not_label():
     assert (lab_r >= lab).all()
     with pytest.raises(ValueError, match="label_rim"):
         rasterise_tree(tree, shape, spacing, label_rim=-0.1)
+
+
+def test_enhancement_gain_scales_the_contrast_and_nothing_else(monkeypatch):
+    import dataclasses
+
+    import phantom.generator as gen
+    tree = Tree("portalvein", np.array([[5.0, 10.0, 5.0], [25.0, 10.0, 5.0]]), np.array([2.0, 1.5]), np.array([[0, 1]]))
+    empty = Tree("x", np.zeros((0, 3)), np.zeros(0), np.zeros((0, 2), dtype=np.int64))
+    trees = {"portalvein": tree, "venoussystem": empty, "artery": empty}
+    runs = [gen._vessel_contrast(trees, (30, 20, 10), (1.0, 1.0, 1.0), 100.0, np.random.default_rng(3), gain=g)
+            for g in (1.0, 1.1)]
+    (m1, c1, b1), (m2, c2, b2) = runs
+    for name in TREE_NAMES:
+        np.testing.assert_array_equal(m1[name], m2[name])
+    assert c1.max() > 20.0
+    np.testing.assert_allclose(c2, 1.1 * c1, rtol=1e-5, atol=1e-4)  # the same draws, scaled
+    assert b2["portalvein"] - 100.0 == pytest.approx(1.1 * (b1["portalvein"] - 100.0))
+    assert b2["trunk_factor"] == b1["trunk_factor"]
+    # generate_patient applies its preset's gain: the same patient, vessels brighter by it
+    base = generate_patient(1, SEED, "tiny")
+    monkeypatch.setitem(gen._PRESETS, "tiny", dataclasses.replace(gen._PRESETS["tiny"], enhance_gain=1.5))
+    bright = generate_patient(1, SEED, "tiny")
+    for name in ("portalvein", "venoussystem"):
+        np.testing.assert_array_equal(bright.masks[name], base.masks[name])
+        assert bright.info["blood_hu"][name] - base.info["parenchyma_mean_hu"] == pytest.approx(
+            1.5 * (base.info["blood_hu"][name] - base.info["parenchyma_mean_hu"]))
+    vessel = (base.masks["portalvein"] | base.masks["venoussystem"]) > 0
+    assert (bright.hu[vessel].astype(float) - base.hu[vessel]).mean() > 5.0
+    far = ~ndimage.binary_dilation(base.masks["liver"] > 0, iterations=3)  # beyond the PSF's reach
+    np.testing.assert_array_equal(bright.hu[far], base.hu[far])
