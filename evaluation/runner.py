@@ -29,7 +29,7 @@ from evaluation.reports import (
 )
 from inference import predict_volume, stitch_device, vessel_mask
 from utils.atomic import atomic_dir
-from utils.h5io import DatasetPaths, read_list, read_volume
+from utils.h5io import DatasetPaths, read_list, read_volume, salience_weights_sha256
 
 log = logging.getLogger("test")  # messages read as coming from test.py
 
@@ -123,6 +123,22 @@ def spacing_warning(case: str, spacing: Sequence[float], plane: Sequence[int], c
     return None
 
 
+def salience_warning(case: str, salience_path: Path, ckpt: dict) -> Optional[str]:
+    """A warning when an offline model meets salience maps made by other generator weights than the
+    maps it was trained on (checkpoint ``head_sha256`` against the file's ``weights_sha256``): its
+    third channel then differs from what it learnt, and so do its scores. None when they agree or
+    either is unrecorded."""
+    trained = ckpt.get("head_sha256")
+    if ckpt.get("salience") != "offline" or not trained:
+        return None
+    made = salience_weights_sha256(salience_path)
+    if not made or made == trained:
+        return None
+    return (f"{case}: salience made by weights sha256 {made[:12]}..., the model was trained on maps from "
+            f"{trained[:12]}... ({salience_path}); run salience_generation.py --weights <the model's head> "
+            f"--overwrite for scores of this model")
+
+
 def default_output(model_path: Path, split: str, eval_roi: str, tta: bool) -> Path:
     name = f"eval_{split}" + (f"_roi-{eval_roi}" if eval_roi != "none" else "") + ("_tta" if tta else "")
     return model_path.parent / name
@@ -149,15 +165,20 @@ def e2e_salience_2d(model: torch.nn.Module, image: np.ndarray, device: str, batc
     return out
 
 
-def _preflight(paths: DatasetPaths, cases: Sequence[str], salience_mode: str) -> None:
-    """Fail before any work if a volume or (for offline salience) a salience file is missing."""
+def _preflight(paths: DatasetPaths, cases: Sequence[str], ckpt: dict) -> None:
+    """Fail before any work if a volume or (for offline salience) a salience file is missing; warn
+    when the salience was made by other weights than the model's maps (:func:`salience_warning`)."""
     for case in cases:
         if not paths.volume(case).is_file():
             raise FileNotFoundError(f"{paths.volume(case)}: volume file not found (listed in the split)")
-        if salience_mode == "offline" and not paths.salience(case).is_file():
-            raise FileNotFoundError(
-                f"{paths.salience(case)}: not found, but the checkpoint takes 3 channels (salience 'offline'); "
-                f"run salience_generation.py for this dataset")
+        if ckpt["salience"] == "offline":
+            if not paths.salience(case).is_file():
+                raise FileNotFoundError(
+                    f"{paths.salience(case)}: not found, but the checkpoint takes 3 channels (salience 'offline'); "
+                    f"run salience_generation.py for this dataset")
+            warning = salience_warning(case, paths.salience(case), ckpt)
+            if warning:
+                log.warning("%s", warning)
 
 
 @dataclass
@@ -220,7 +241,7 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
         log.warning("--img_size is ignored for a 3-D model (it runs on patches of %s)", ckpt.get("patch_size"))
     elif img_size is not None and ckpt.get("img_size") and list(img_size) != list(ckpt["img_size"]):
         log.warning("running at --img_size %s although the model was trained at %s", list(img_size), ckpt["img_size"])
-    _preflight(paths, cases, mode)
+    _preflight(paths, cases, ckpt)
     settings = inference_settings(ckpt, min_component_mm3=min_component_mm3)
     return _Evaluation(paths, model, ckpt, mode, dims, run_img_size, device, overlap, tta, batch_size, eval_roi,
                        settings["threshold"], settings["min_component_mm3"])

@@ -289,6 +289,38 @@ def test_pixel_resize_checkpoint_warns_when_mm_per_pixel_differs(tiny_dataset, t
     assert not [r for r in caplog.records if "mm/pixel" in r.getMessage()]
 
 
+def test_offline_model_on_maps_from_other_weights_warns_per_case(tiny_dataset, tmp_path, caplog):
+    """An offline checkpoint records the weights its training maps were made by; test.py warns for
+    every case whose salience file records other weights, and not when they agree or are unknown."""
+    import logging
+
+    from utils.h5io import read_salience, salience_weights_sha256, write_salience
+
+    ds = tiny_dataset
+    cases = _two_case_test_split(ds)
+    ours, other = "a" * 64, "b" * 64
+    for case, sha in zip(cases, (ours, other)):  # the second case's maps were made by other weights
+        path = ds.paths.salience(case)
+        write_salience(path, read_salience(path), generator="bank", weights_sha256=sha)
+        assert salience_weights_sha256(path) == sha
+    runs = {}
+    for name, head in (("ours", ours), ("unknown", None), ("theirs", "c" * 64)):
+        runs[name] = _save_ckpt(tmp_path / name / "best_model.pth", "unet", "offline", TINY_2D, img_size=[24, 24],
+                                head_sha256=head)
+
+    def warned(model_path: Path) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run_evaluation(dataset=ds.dataset, root_path=ds.root_path, list_dir=ds.list_dir, model_path=model_path,
+                           device="cpu", overwrite=True)
+        return [r.getMessage() for r in caplog.records if "the model was trained on maps from" in r.getMessage()]
+
+    msgs = warned(runs["ours"])
+    assert len(msgs) == 1 and msgs[0].startswith("case0005: salience made by weights sha256 bbbbbbbbbbbb")
+    assert warned(runs["unknown"]) == []
+    assert len(warned(runs["theirs"])) == 2
+
+
 def test_checkpoint_min_component_setting_is_applied_and_can_be_overridden(tiny_dataset, tmp_path):
     """The checkpoint's min_component_mm3 post-processes every case before scoring (the saved
     mask too); test.py's --min_component_mm3 replaces it; the report records the value used."""

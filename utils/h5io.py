@@ -183,6 +183,12 @@ def write_salience(
             f.attrs["weights_sha256"] = weights_sha256
 
 
+def salience_weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 of the generator weights that made the salience file at ``path`` ("" if not recorded)."""
+    with h5py.File(path, "r") as f:
+        return str(f.attrs.get("weights_sha256", ""))
+
+
 def read_salience(path: str | os.PathLike) -> np.ndarray:
     """Read a (3, H, W, D) salience map."""
     path = Path(path)
