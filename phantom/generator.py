@@ -146,9 +146,9 @@ class _Preset:
     inplane_range: Optional[tuple[float, float]] = None
     slice_range: Optional[tuple[float, float]] = None
     # blood enhancement x this: each preset is calibrated on the real patients at its own grid
-    # (bench/phantom_stats.py); full's 1.6-2.0 mm slices show ~10% less contrast per labelled
-    # voxel than the demo's grid at the same enhancement (not its finer pixels: resampled
-    # in-plane to 0.9 mm the contrast stays put)
+    # (bench/phantom_stats.py); at the same enhancement full shows 5-10% less contrast per
+    # labelled voxel than demo, likely from its 1.6-2.0 mm slices (not its finer pixels:
+    # resampled in-plane to 0.9 mm its contrast stays put)
     enhance_gain: float = 1.0
 
 
