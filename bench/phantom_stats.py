@@ -53,7 +53,6 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.salience_quality import REAL_PATIENTS, REAL_ROOT, centreline_fields, local_radius_mm, roc_auc  # noqa: E402
 from dataloaders.transforms import resize_planes, spacing_size  # noqa: E402
-from evaluation.metrics import skeleton  # noqa: E402
 from phantom.generator import make_phantoms  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
 from preprocessing.pipeline import DEFAULT_VESSELS  # noqa: E402

@@ -66,6 +66,7 @@ LABEL_TREES = ("portalvein", "venoussystem")
 TREE_NAMES = ("portalvein", "venoussystem", "artery")
 CENTERLINES_FILE = "centerlines.json"
 CENTERLINES_FORMAT = "phantom-centerlines-v2"  # v2: with label_rim_mm (v1: 0, the exact lumen)
+CENTERLINES_FORMATS_READ = (CENTERLINES_FORMAT, "phantom-centerlines-v1")  # v1: no rim recorded, same trees
 MANIFEST_FILE = "phantom_manifest.json"
 PATIENT_PREFIX = "3Dircadb1."
 R_MIN_MM, R_MAX_MM = 0.6, 7.0
@@ -908,7 +909,7 @@ def load_centerlines(path: str | Path) -> dict[str, Tree]:
     path = Path(path)
     try:
         d = json.loads(path.read_text())
-        if d.get("format") not in (CENTERLINES_FORMAT, "phantom-centerlines-v1"):  # v1: no rim, same trees
+        if d.get("format") not in CENTERLINES_FORMATS_READ:
             raise KeyError("format")
         return {t["name"]: Tree.from_json(t) for t in d["trees"]}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
