@@ -5,7 +5,8 @@
 # 3D-IRCADb patients, at a millimetre-matched scale (--target_spacing).
 #
 #   bash scripts/sim_to_real.sh                       # defaults: seed 0 on a CPU, seeds 0 1 2 on a GPU
-#   SEEDS="0 1 2" bash scripts/sim_to_real.sh         # three seeds on the CPU (about 1.5 hours on 2 cores)
+#   SEEDS="0 1 2" bash scripts/sim_to_real.sh         # three seeds on the CPU (about 3 hours on 2 cores)
+#   MODES="none offline" bash scripts/sim_to_real.sh  # without e2e (about 40 minutes a seed on 2 cores)
 #
 # Scenarios (rows of the table), for each salience mode:
 #   phantom      the demo-settings phantom model (lib_runs.sh), tested on both real patients
@@ -34,7 +35,7 @@ MODEL_KW=${MODEL_KW:-'{"base_channels": 16}'}
 source scripts/lib_runs.sh
 REAL_SRC=${REAL_SRC:-../shared/real}
 S2R=${S2R_DATA:-$DATA/s2r}
-# one seed on a CPU-only machine (about 30 minutes on 2 cores), three where CUDA is present
+# one seed on a CPU-only machine (about an hour on 2 cores, e2e a third of it), three where CUDA is present
 SEEDS=${SEEDS:-$($PY -c "import torch; print('0 1 2' if torch.cuda.is_available() else '0')")}
 MODES=${MODES:-"none offline e2e"}
 FT_ITERS=${FT_ITERS:-150}
