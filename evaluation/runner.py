@@ -278,6 +278,12 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
     pred = vessel_mask(prob if roi is None else np.where(roi, prob, 0.0), vol.spacing, ev.threshold,
                        ev.min_component_mm3).astype(bool)
     row: dict[str, Any] = {"case": case, **evaluate_case(pred, vol.label, vol.spacing, roi)}
+    if row["empty_pred"] and not row["empty_true"]:
+        # a collapsed model reads as Dice 0 in a pooled table; name it where it happens
+        scored = prob if roi is None else prob[roi]
+        log.warning("%s: the model predicts no vessel (highest probability %.3f, threshold %.2f; the label "
+                    "holds %d voxels)", case, float(scored.max()) if scored.size else float("nan"),
+                    ev.threshold, row["voxels_true"])
     row["seconds_inference"] = t1 - t0
     row["seconds_metrics"] = time.perf_counter() - t1
     if save_pred is not None:

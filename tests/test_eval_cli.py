@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import math
 import os
 import sys
@@ -209,7 +210,7 @@ def test_summary_statistics_and_table():
     assert lines[0] == "| Case | Dice |" and "| c3 | n/a |" in lines and lines[-2] == "| **mean ± std** | 2.00 ± 1.00 |"
 
 
-def test_empty_prediction_is_reported_not_fatal(tiny_dataset, tmp_path):
+def test_empty_prediction_is_reported_not_fatal(tiny_dataset, tmp_path, caplog):
     ds = tiny_dataset
     _two_case_test_split(ds)
     kwargs = {"base_channels": 2, "depth": 2}
@@ -220,9 +221,13 @@ def test_empty_prediction_is_reported_not_fatal(tiny_dataset, tmp_path):
     ck = tmp_path / "run" / "best_model.pth"
     checkpoint.save_checkpoint(ck, model, model_name="unet", model_kwargs=kwargs, salience="none", config={},
                                epoch=0, iteration=0, best_metric=0.0, img_size=[32, 32])
-    res = run_evaluation(dataset=ds.dataset, root_path=ds.root_path, list_dir=ds.list_dir, model_path=ck,
-                         device="cpu")
+    with caplog.at_level(logging.WARNING, logger="test"):
+        res = run_evaluation(dataset=ds.dataset, root_path=ds.root_path, list_dir=ds.list_dir, model_path=ck,
+                             device="cpu")
     assert all(r["empty_pred"] == 1 and r["dice"] == 0.0 and math.isnan(r["hd95_mm"]) for r in res.rows)
+    warned = [m for m in caplog.messages if "predicts no vessel" in m]
+    assert len(warned) == 2 and all(f"holds {r['voxels_true']} voxels" in w for r, w in zip(res.rows, warned))
+    assert all(r["case"] in w for r, w in zip(res.rows, warned))
     assert res.summary["hd95_mm"]["n_nan"] == 2 and res.summary["dice"]["n"] == 2
     summ = json.loads((res.output / "summary.json").read_text())
     assert summ["meta"]["n_empty_pred"] == 2 and summ["metrics"]["hd95_mm"]["mean"] is None
