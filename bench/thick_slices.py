@@ -20,7 +20,7 @@ inside the liver on:
   available for a real thick scan: the most any choice of salience grid could recover).
 
 The salience comes from the model file's own generator (``--head`` replaces it). Nothing is
-written outside ``--work`` (default: a temporary folder, removed at the end).
+written outside ``--work`` (a new folder; default: a temporary one, removed at the end).
 """
 from __future__ import annotations
 
@@ -107,6 +107,8 @@ def run(model: Path, root_path: Path, dataset: str, list_dir: Path, split: str, 
     generator = generator_from_checkpoint(ckpt, model, head)
     kind = ckpt["generator"]["kind"] if isinstance(ckpt.get("generator"), dict) else "bank"
     sha = generator.weights_sha256
+    if work is not None and work.exists() and any(work.iterdir()):
+        raise ValueError(f"{work}: --work is not empty; give a new folder (its variants would be overwritten)")
     src = DatasetPaths.of(root_path, dataset, list_dir)
     cases = read_list(src.list_file(f"vol_{split}"))
     tmp = Path(tempfile.mkdtemp(prefix="thick_slices_")) if work is None else work
@@ -164,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--list_dir", required=True, type=Path)
     p.add_argument("--split", default="test")
     p.add_argument("--factor", type=int, default=2, help="slices averaged into one (default 2: 1.6 -> 3.2 mm)")
-    p.add_argument("--work", type=Path, default=None, help="keep the variants' data and reports here")
+    p.add_argument("--work", type=Path, default=None, help="keep the variants' data and reports in this new folder")
     p.add_argument("--head", type=Path, default=None, help="salience generator weights replacing the model file's")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)

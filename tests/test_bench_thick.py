@@ -89,6 +89,8 @@ def test_factor_two_scores_the_thick_copy(tiny_dataset, offline_model, tmp_path,
     assert sal[0].shape[-1] == 12 and all(s.shape[-1] == 6 for s in sal[1:])
     np.testing.assert_allclose(sal[3], group_mean(sal[0], 2), atol=1e-6)  # the oracle: the fine maps averaged
     assert not np.allclose(sal[1], sal[2])  # the thick grid's maps differ from the interpolated grid's
+    with pytest.raises(ValueError, match="not empty"):  # a second run would overwrite the first
+        run(offline_model, ds.root_path, ds.dataset, ds.list_dir, "test", 2, work, None, "cpu")
 
 
 def test_a_model_without_offline_salience_is_refused(tiny_dataset, tmp_path, capsys):
