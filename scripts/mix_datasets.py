@@ -47,7 +47,8 @@ def phantom_name(name: str, prefix: str = "ph") -> str:
     return prefix + name[len("case"):]
 
 
-def _link(src: Path, dst: Path) -> None:
+def link_file(src: Path, dst: Path) -> None:
+    """An absolute symbolic link ``dst`` -> ``src``; an existing ``dst`` must already point there."""
     if dst.is_symlink() or dst.exists():
         if dst.resolve() == src.resolve():
             return
@@ -85,7 +86,7 @@ def build_mix(out: DatasetPaths, real: DatasetPaths, real_slices: Sequence[str],
     for folder in (out.slice_data, out.vol_data, out.vol_salience):
         folder.mkdir(parents=True, exist_ok=True)
     for src, dst in links:
-        _link(src, dst)
+        link_file(src, dst)
     names = train_real + [phantom_name(n) for n in picked]
     write_list(out.list_file("slice_train"), names)
     for split in splits:

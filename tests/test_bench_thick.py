@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.thick_slices import VARIANTS, group_mean, interpolate_slices, main, run, table, thicken
+from bench.thick_slices import VARIANTS, main, run, table
+from preprocessing.thickness import group_mean, interpolate_slices, thicken
 from networks.checkpoint import generator_record, save_checkpoint
 from networks.e2e import build_segmenter
 from tests.conftest import tiny_volume
