@@ -56,6 +56,18 @@ def link_file(src: Path, dst: Path) -> None:
     dst.symlink_to(src.resolve())
 
 
+def link_dataset_files(links: Sequence[tuple[Path, Path]], out: DatasetPaths) -> None:
+    """Link every (source, destination) pair into ``out``'s folders; every source is checked
+    (FileNotFoundError naming it) before anything is written."""
+    for src, _ in links:
+        if not src.is_file():
+            raise FileNotFoundError(f"{src}: file not found")
+    for folder in (out.slice_data, out.vol_data, out.vol_salience):
+        folder.mkdir(parents=True, exist_ok=True)
+    for src, dst in links:
+        link_file(src, dst)
+
+
 def build_mix(out: DatasetPaths, real: DatasetPaths, real_slices: Sequence[str], phantom: DatasetPaths) -> list[str]:
     """Write the mixed dataset folder ``out.root`` and its lists in ``out.list_dir``; returns the
     training slice names.
@@ -79,14 +91,7 @@ def build_mix(out: DatasetPaths, real: DatasetPaths, real_slices: Sequence[str],
     links += [(phantom.volume(c), out.volume(phantom_name(c))) for c in read_list(phantom.list_file("vol_train"))]
     links += [(real.slice(n), out.slice(n)) for n in train_real]
     links += [(phantom.slice(n), out.slice(phantom_name(n))) for n in picked]
-    # every source checked before anything is written
-    for src, _ in links:
-        if not src.is_file():
-            raise FileNotFoundError(f"{src}: file not found")
-    for folder in (out.slice_data, out.vol_data, out.vol_salience):
-        folder.mkdir(parents=True, exist_ok=True)
-    for src, dst in links:
-        link_file(src, dst)
+    link_dataset_files(links, out)
     names = train_real + [phantom_name(n) for n in picked]
     write_list(out.list_file("slice_train"), names)
     for split in splits:

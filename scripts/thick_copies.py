@@ -29,7 +29,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from networks.salience import GENERATORS, make_generator, salience_3d  # noqa: E402
 from preprocessing.thickness import thicken  # noqa: E402
-from scripts.mix_datasets import link_file  # noqa: E402
+from scripts.mix_datasets import link_dataset_files  # noqa: E402
 from utils.h5io import (  # noqa: E402
     DatasetPaths,
     parse_slice_name,
@@ -71,13 +71,7 @@ def build_thick_copies(src: DatasetPaths, out: DatasetPaths, factors: Sequence[i
         if src.salience(case).is_file():
             links.append((src.salience(case), out.salience(case)))
     links += [(src.slice(n), out.slice(n)) for n in slices]
-    for s, _ in links:  # every source checked before anything is written
-        if not s.is_file():
-            raise FileNotFoundError(f"{s}: file not found")
-    for folder in (out.slice_data, out.vol_data, out.vol_salience):
-        folder.mkdir(parents=True, exist_ok=True)
-    for s, d in links:
-        link_file(s, d)
+    link_dataset_files(links, out)
     train_cases, train_slices = list(splits["vol_train"]), list(slices)
     for case in tqdm(splits["vol_train"], desc="thick copies", unit="case", dynamic_ncols=True):
         vol = read_volume(src.volume(case))
