@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -49,12 +49,13 @@ log = logging.getLogger("thick_slices")
 VARIANTS = ("native", "thick", "thick, salience on an interpolated fine grid", "thick, oracle salience")
 
 
-def _write_case(root: Path, dataset: str, case: str, vol: Volume, sal: np.ndarray, kind: str, sha: str) -> None:
+def _write_case(root: Path, dataset: str, case: str, vol: Volume, sal: np.ndarray, generator: Any) -> None:
     paths = DatasetPaths.of(root, dataset, root / "lists")
     paths.vol_data.mkdir(parents=True, exist_ok=True)
     paths.vol_salience.mkdir(parents=True, exist_ok=True)
     write_volume(paths.volume(case), vol)
-    write_salience(paths.salience(case), sal.astype(np.float32), generator=kind, weights_sha256=sha)
+    write_salience(paths.salience(case), sal.astype(np.float32), generator=generator.name,
+                   weights_sha256=generator.weights_sha256)
 
 
 def run(model: Path, root_path: Path, dataset: str, list_dir: Path, split: str, factor: int,
@@ -64,8 +65,6 @@ def run(model: Path, root_path: Path, dataset: str, list_dir: Path, split: str, 
     if ckpt.get("salience") != "offline":
         raise ValueError(f"{model}: salience {ckpt.get('salience')!r}; this bench compares offline salience grids")
     generator = generator_from_checkpoint(ckpt, model, head)
-    kind = ckpt["generator"]["kind"] if isinstance(ckpt.get("generator"), dict) else "bank"
-    sha = generator.weights_sha256
     if work is not None and work.exists() and any(work.iterdir()):
         raise ValueError(f"{work}: --work is not empty; give a new folder (its variants would be overwritten)")
     src = DatasetPaths.of(root_path, dataset, list_dir)
@@ -88,7 +87,7 @@ def run(model: Path, root_path: Path, dataset: str, list_dir: Path, split: str, 
                     VARIANTS[2]: (thick, interp_sal),
                     VARIANTS[3]: (thick, group_mean(fine_sal, factor))}
             for variant, (v, s) in maps.items():
-                _write_case(roots[variant], dataset, case, v, s, kind, sha)
+                _write_case(roots[variant], dataset, case, v, s, generator)
         results = {}
         for variant, root in roots.items():
             lists = root / "lists" / dataset

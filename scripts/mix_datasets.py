@@ -56,6 +56,17 @@ def link_file(src: Path, dst: Path) -> None:
     dst.symlink_to(src.resolve())
 
 
+def case_links(src: DatasetPaths, out: DatasetPaths, cases: Sequence[str]) -> list[tuple[Path, Path]]:
+    """(source, destination) pairs that carry ``cases`` (volume, and salience where made) from
+    ``src`` into ``out`` under the same names; each case once, in order."""
+    links = []
+    for case in dict.fromkeys(cases):
+        links.append((src.volume(case), out.volume(case)))
+        if src.salience(case).is_file():
+            links.append((src.salience(case), out.salience(case)))
+    return links
+
+
 def link_dataset_files(links: Sequence[tuple[Path, Path]], out: DatasetPaths) -> None:
     """Link every (source, destination) pair into ``out``'s folders; every source is checked
     (FileNotFoundError naming it) before anything is written."""
@@ -83,11 +94,7 @@ def build_mix(out: DatasetPaths, real: DatasetPaths, real_slices: Sequence[str],
     if not train_real:
         raise ValueError(f"{real.list_file('vol_train')}: no slices of {sorted(train_cases)} in the real slice list")
     picked = evenly_spaced(read_list(phantom.list_file("slice_train")), len(train_real))
-    links: list[tuple[Path, Path]] = []
-    for case in dict.fromkeys(c for names in splits.values() for c in names):
-        links.append((real.volume(case), out.volume(case)))
-        if real.salience(case).is_file():
-            links.append((real.salience(case), out.salience(case)))
+    links = case_links(real, out, [c for names in splits.values() for c in names])
     links += [(phantom.volume(c), out.volume(phantom_name(c))) for c in read_list(phantom.list_file("vol_train"))]
     links += [(real.slice(n), out.slice(n)) for n in train_real]
     links += [(phantom.slice(n), out.slice(phantom_name(n))) for n in picked]

@@ -29,10 +29,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from networks.salience import GENERATORS, make_generator, salience_3d  # noqa: E402
 from preprocessing.thickness import thicken  # noqa: E402
-from scripts.mix_datasets import link_dataset_files  # noqa: E402
+from scripts.mix_datasets import case_links, link_dataset_files  # noqa: E402
 from utils.h5io import (  # noqa: E402
     DatasetPaths,
-    parse_slice_name,
     read_list,
     read_volume,
     slice_name,
@@ -58,29 +57,26 @@ def build_thick_copies(src: DatasetPaths, out: DatasetPaths, factors: Sequence[i
     Returns the training slice names. Raises ValueError for a factor < 2 or an ``out`` that
     already holds a list, FileNotFoundError for a missing source file.
     """
-    if not factors or any(int(f) < 2 for f in factors):
-        raise ValueError(f"--factors must be integers >= 2, got {list(factors)}")
+    factors = [int(f) for f in factors]
+    if not factors or min(factors) < 2:
+        raise ValueError(f"--factors must be integers >= 2, got {factors}")
     if out.list_file("vol_train").exists():
         raise ValueError(f"{out.list_file('vol_train')}: exists; write the copies to a new --out_list_dir")
     gen = make_generator(generator, weights)  # a bad weights file fails before anything is written
     splits = {s: read_list(src.list_file(s)) for s in ("vol_train", "vol_val", "vol_test")}
     slices = read_list(src.list_file("slice_train"))
-    links = []
-    for case in dict.fromkeys(c for names in splits.values() for c in names):
-        links.append((src.volume(case), out.volume(case)))
-        if src.salience(case).is_file():
-            links.append((src.salience(case), out.salience(case)))
+    links = case_links(src, out, [c for names in splits.values() for c in names])
     links += [(src.slice(n), out.slice(n)) for n in slices]
     link_dataset_files(links, out)
     train_cases, train_slices = list(splits["vol_train"]), list(slices)
     for case in tqdm(splits["vol_train"], desc="thick copies", unit="case", dynamic_ncols=True):
         vol = read_volume(src.volume(case))
         for f in factors:
-            name = thick_name(case, int(f))
-            thick = thicken(vol, int(f))
+            name = thick_name(case, f)
+            thick = thicken(vol, f)
             sal = salience_3d(thick.image, gen, device=device)
             write_volume(out.volume(name), thick)
-            write_salience(out.salience(name), sal, generator=generator, weights_sha256=gen.weights_sha256)
+            write_salience(out.salience(name), sal, generator=gen.name, weights_sha256=gen.weights_sha256)
             keep = range(thick.image.shape[2]) if thick.liver is None else \
                 [z for z in range(thick.image.shape[2]) if thick.liver[:, :, z].any()]
             for z in keep:
@@ -92,9 +88,9 @@ def build_thick_copies(src: DatasetPaths, out: DatasetPaths, factors: Sequence[i
     write_list(out.list_file("slice_train"), train_slices)
     for split in ("vol_val", "vol_test"):
         shutil.copyfile(src.list_file(split), out.list_file(split))
-    n_thick = sum(parse_slice_name(n)[0] not in splits["vol_train"] for n in train_slices)
     log.info("%s: %d training cases + %d thick copies (x%s), %d + %d slices", out.root, len(splits["vol_train"]),
-             len(train_cases) - len(splits["vol_train"]), ", x".join(str(f) for f in factors), len(slices), n_thick)
+             len(train_cases) - len(splits["vol_train"]), ", x".join(str(f) for f in factors), len(slices),
+             len(train_slices) - len(slices))
     return train_slices
 
 
