@@ -15,7 +15,9 @@ than 20% off), thresholded and post-processed with inference.vessel_mask and sco
 (evaluation.metrics.evaluate_case).
 Reports go to one folder (default ``<run folder>/eval_<split>[_roi-liver][_tta]``), written
 as a whole when every case is done: per_case.csv, summary.json, results.md, and optionally
-predictions/ and figures/. An existing complete report is kept (pass --overwrite).
+predictions/ and figures/. An existing complete report is kept only when it was made by the same
+model file (sha256), options, input files and code version (summary.json's meta.provenance);
+otherwise it is computed again, and the log says what differed. --overwrite always recomputes.
 """
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -503,14 +504,28 @@ def _resume(run: _Run) -> None:
     run.epoch, run.iteration, run.best = int(ckpt["epoch"]), int(ckpt["iteration"]), float(ckpt["best_metric"])
 
 
+def _remove_previous_run(run_dir: Path) -> None:
+    """A fresh start (``--overwrite``) must not leave the previous run's models, reports
+    (test.py's ``eval_*`` folders) or TensorBoard curves looking like this run's."""
+    removed = []
+    for old in (run_dir / "last.pth", run_dir / "best_model.pth"):
+        if old.is_file():
+            old.unlink()
+            removed.append(old.name)
+    for old in sorted(run_dir.glob("eval_*")) + [run_dir / "tensorboard"]:
+        if old.is_dir():
+            shutil.rmtree(old)
+            removed.append(old.name + "/")
+    if removed:
+        log.info("--overwrite: removed the previous run's %s from %s", ", ".join(removed), run_dir)
+
+
 def _start_logging(run: _Run, horizon: int, n_val: int) -> None:
     """Rank 0: run folder, train.log, config.json and the TensorBoard writer."""
     cfg, env = run.cfg, run.env
     run.run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite and not cfg.resume:
-        # a fresh start must not leave the previous run's best model looking like this run's
-        for old in (run.last_path, run.best_path):
-            old.unlink(missing_ok=True)
+        _remove_previous_run(run.run_dir)
     setup_logging(log_file=run.run_dir / "train.log")
     _write_json(run.run_dir / "config.json", {**cfg.to_json(), "device": str(env.device),
                                               "world_size": env.world_size, "torch": torch.__version__,

@@ -4,7 +4,7 @@ See test.py for the command line; :func:`run_evaluation` is the typed entry poin
 """
 from __future__ import annotations
 
-import datetime as _dt
+import hashlib
 import json
 import logging
 import time
@@ -28,6 +28,7 @@ from evaluation.reports import (
     write_summary_json,
 )
 from inference import predict_volume, stitch_device, vessel_mask
+from utils import provenance
 from utils.atomic import atomic_dir
 from utils.h5io import DatasetPaths, read_list, read_volume, salience_weights_sha256
 
@@ -211,17 +212,46 @@ def _check_options(eval_roi: str, save_pred: Optional[str], pred_kind: str, img_
         raise ValueError(f"--img_size needs two positive integers H W, got {img_size}")
 
 
-def _existing_report(out_dir: Path, overwrite: bool) -> Optional[EvalResult]:
-    """A complete report already in ``out_dir`` (kept unless ``overwrite``); error if it is incomplete."""
+def data_fingerprint(paths: DatasetPaths, cases: Sequence[str], offline: bool) -> str:
+    """sha256 over (name, size, mtime) of every input file of ``cases``: a report of data that has
+    been written again since (preprocess.py, salience_generation.py) is not reused."""
+    h = hashlib.sha256()
+    files = [paths.volume(c) for c in cases] + ([paths.salience(c) for c in cases] if offline else [])
+    for f in files:
+        st = f.stat() if f.is_file() else None
+        h.update(f"{f.name}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};".encode())
+    return h.hexdigest()
+
+
+def _existing_report(out_dir: Path, overwrite: bool, wanted: dict, extras: dict) -> Optional[EvalResult]:
+    """The complete report in ``out_dir`` when it was made by what ``wanted`` (a provenance record)
+    describes and holds the ``extras`` asked for (saved predictions of that format and kind,
+    figures); None when there is none, ``overwrite`` is set, or it was made by something else
+    (then it is computed again, and the log says which field differed). An incomplete folder is
+    an error unless ``overwrite``."""
     if not out_dir.exists() or overwrite:
         return None
-    if all((out_dir / f).is_file() for f in REPORT_FILES):
-        log.info("%s: complete report exists, kept (pass --overwrite to redo it)", out_dir)
-        rows = read_per_case_csv(out_dir / "per_case.csv")
-        summary = json.loads((out_dir / "summary.json").read_text())["metrics"]
-        summary = {k: {kk: (float("nan") if vv is None else vv) for kk, vv in v.items()} for k, v in summary.items()}
-        return EvalResult(out_dir, rows, summary, skipped=True)
-    raise FileExistsError(f"{out_dir}: exists but holds no complete report (pass --overwrite to replace it)")
+    if not all((out_dir / f).is_file() for f in REPORT_FILES):
+        raise FileExistsError(f"{out_dir}: exists but holds no complete report (pass --overwrite to replace it)")
+    doc = json.loads((out_dir / "summary.json").read_text())
+    meta = doc.get("meta") or {}
+    differ = provenance.mismatches(meta.get("provenance"), wanted)
+    have = meta.get("outputs") or {}
+    if extras["save_pred"] and (have.get("save_pred"), have.get("pred_kind")) != (extras["save_pred"],
+                                                                                 extras["pred_kind"]):
+        differ.append(f"saved predictions: {have.get('save_pred')}/{have.get('pred_kind')} there, "
+                      f"{extras['save_pred']}/{extras['pred_kind']} asked for")
+    if extras["figures"] and not have.get("figures"):
+        differ.append("figures asked for, none there")
+    if differ:
+        log.warning("%s: the report there was made by something else (%s); computing it again", out_dir,
+                    "; ".join(differ[:4]))
+        return None
+    log.info("%s: complete report of this model and these options exists, kept (pass --overwrite to redo it)",
+             out_dir)
+    rows = read_per_case_csv(out_dir / "per_case.csv")
+    summary = {k: {kk: (float("nan") if vv is None else vv) for kk, vv in v.items()} for k, v in doc["metrics"].items()}
+    return EvalResult(out_dir, rows, summary, skipped=True)
 
 
 def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[str], paths: DatasetPaths,
@@ -307,15 +337,17 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
 
 
 def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys: list[str], *, dataset: str,
-                   split: str, cases: Sequence[str], model_path: Path) -> dict[str, dict[str, float]]:
-    """per_case.csv, summary.json and results.md into ``tmp``; returns the summary."""
-    from networks.salience import file_sha256
+                   split: str, cases: Sequence[str], model_path: Path, record: dict,
+                   extras: dict) -> dict[str, dict[str, float]]:
+    """per_case.csv, summary.json and results.md into ``tmp``; returns the summary.
 
+    ``record``: the :func:`utils.provenance.record` of this evaluation, stored as
+    ``meta.provenance`` (and its model hash and code version in the CSV's first lines)."""
     ckpt, mode = ev.ckpt, ev.mode
     summary = summarize(rows, keys)
     meta = {
         "dataset": dataset, "split": split, "cases": list(cases), "n_cases": len(cases),
-        "model_path": str(model_path), "model_sha256": file_sha256(model_path),
+        "model_path": str(model_path), "model_sha256": record["model_sha256"],
         "model_name": ckpt["model_name"], "model_kwargs": ckpt["model_kwargs"], "salience": mode,
         "spatial_dims": ev.dims, "epoch": ckpt.get("epoch"), "best_metric": ckpt.get("best_metric"),
         "img_size": ev.img_size if ev.dims == 2 else None, "patch_size": ckpt.get("patch_size"),
@@ -324,7 +356,8 @@ def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys:
         "n_empty_true": int(sum(r["empty_true"] for r in rows)),
         "overlap": ev.overlap, "tta": ev.tta, "threshold": ev.threshold,
         "min_component_mm3": ev.min_component_mm3, "eval_roi": ev.eval_roi, "device": ev.device,
-        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "created": record["created"], "code_version": record["code_version"], "provenance": record,
+        "outputs": extras,
         "conventions": "NaN (null in JSON) where a metric is undefined (empty mask / empty bin); "
                        "statistics ignore NaN and count them (n_nan); CI = t-interval over cases",
     }
@@ -369,7 +402,9 @@ def run_evaluation(
     ``min_component_mm3``: post-processing (``inference.vessel_mask``); None: the checkpoint's.
 
     Raises FileNotFoundError / ValueError with a one-line message naming the file on bad input;
-    nothing is written then. An existing complete report is returned unchanged unless ``overwrite``.
+    nothing is written then. An existing complete report is returned unchanged when it was made by the
+    same model file (sha256), options, input files and code version (``meta.provenance`` of its
+    summary.json, :mod:`utils.provenance`); otherwise, or with ``overwrite``, it is computed again.
     """
     _check_options(eval_roi, save_pred, pred_kind, img_size)
     paths = DatasetPaths.of(root_path, dataset, list_dir)
@@ -382,7 +417,12 @@ def run_evaluation(
         model_path = find_checkpoint(Path(checkpoint_root), dataset, backbone, exp=exp, salience=salience)
     model_path = Path(model_path)
     out_dir = Path(output) if output is not None else default_output(model_path, split, eval_roi, tta)
-    existing = _existing_report(out_dir, overwrite)
+    wanted = provenance.record(provenance.file_sha256(model_path), {
+        "dataset": dataset, "split": split, "cases": list(cases), "eval_roi": eval_roi, "tta": tta,
+        "overlap": overlap, "img_size": None if img_size is None else list(img_size),
+        "min_component_mm3": min_component_mm3, "data": data_fingerprint(paths, cases, offline=True)})
+    extras = {"save_pred": save_pred, "pred_kind": pred_kind if save_pred else None, "figures": figures}
+    existing = _existing_report(out_dir, overwrite, wanted, extras)
     if existing is not None:
         return existing
 
@@ -392,10 +432,10 @@ def run_evaluation(
              ev.ckpt["model_name"], ev.dims, ev.mode, ev.ckpt.get("epoch"), model_path, len(cases), split,
              eval_roi, tta)
     keys = list(METRIC_KEYS) + list(EXTRA_KEYS)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=True) as tmp:
         rows = [_evaluate_one(ev, case, tmp, save_pred, pred_kind, figures)
                 for case in tqdm(cases, desc=f"evaluating {split}", unit="case")]
         summary = _write_reports(tmp, ev, rows, keys, dataset=dataset, split=split, cases=cases,
-                                 model_path=model_path)
+                                 model_path=model_path, record=wanted, extras=extras)
     log.info("report written to %s", out_dir)
     return EvalResult(out_dir, rows, summary)

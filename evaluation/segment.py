@@ -19,7 +19,6 @@ so a failure leaves none of them.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import logging
 import os
@@ -42,10 +41,11 @@ from evaluation.runner import resolve_device
 from evaluation.scan_io import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
 from inference import predict_volume, vessel_mask
 from networks.checkpoint import generator_from_checkpoint, inference_settings, load_model
-from networks.salience import file_sha256, salience_3d
+from networks.salience import salience_3d
 from preprocessing.dicom_reader import PatientData
 from preprocessing.errors import PreprocessError
 from preprocessing.pipeline import to_volume
+from utils import provenance
 from utils.h5io import HU_WINDOW
 
 log = logging.getLogger("predict")
@@ -116,7 +116,7 @@ def load_segmenter(path: str | os.PathLike, device: str = "auto", head: Optional
         generator = generator_from_checkpoint(ckpt, path, head)
     elif head is not None:
         log.warning("--head ignored: the model uses salience %r, not offline", ckpt["salience"])
-    return Segmenter(path, model, ckpt, settings, generator, device, file_sha256(path))
+    return Segmenter(path, model, ckpt, settings, generator, device, provenance.file_sha256(path))
 
 
 # ----------------------------------------------------------------------------- salience
@@ -423,16 +423,41 @@ class CaseResult:
     message: str = ""
 
 
+def _stats_mismatches(path: Path, wanted: dict) -> list[str]:
+    """What differs between the provenance in an earlier ``<case>_stats.json`` and ``wanted``."""
+    try:
+        stored = json.loads(path.read_text()).get("provenance")
+    except (OSError, ValueError, AttributeError):
+        return [f"{path.name} unreadable"]
+    return provenance.mismatches(stored, wanted)
+
+
 def segment_case(seg: Segmenter, src: CaseSource, out_dir: Path, *, liver_mask: Optional[str | os.PathLike] = None,
                  prob: bool = False, mesh: Optional[str] = None, figures: bool = False, tta: bool = False,
                  series: Optional[str] = None, batch_size: int = 8, overwrite: bool = False) -> CaseResult:
-    """Read, predict and write one scan; all its outputs appear together or not at all."""
+    """Read, predict and write one scan; all its outputs appear together or not at all.
+
+    Outputs already in ``out_dir`` are kept only when their ``<case>_stats.json`` records the same
+    provenance (model sha256, input, options, code version: :mod:`utils.provenance`); otherwise,
+    or with ``overwrite``, the scan is segmented again and they are replaced.
+    """
     if mesh is not None and mesh not in MESH_FORMATS:
         raise ValueError(f"--mesh must be one of {MESH_FORMATS}, got {mesh!r}")
     names = output_names(src.name, prob, mesh, figures)
+    wanted = provenance.record(seg.sha256, {
+        "input": str(Path(src.path).resolve()), "series": series, "tta": tta,
+        "liver_mask": None if liver_mask is None else provenance.file_sha256(liver_mask)
+        if Path(liver_mask).is_file() else str(Path(liver_mask).resolve()),
+        "min_component_mm3": seg.settings["min_component_mm3"],
+        "generator_sha256": None if seg.generator is None else seg.generator.weights_sha256})
     if not overwrite and all((out_dir / n).is_file() for n in names):
-        log.info("%s: outputs exist in %s, kept (pass --overwrite to redo)", src.name, out_dir)
-        return CaseResult(src.name, "skipped", [out_dir / n for n in names])
+        differ = _stats_mismatches(out_dir / f"{src.name}_stats.json", wanted)
+        if not differ:
+            log.info("%s: outputs of this model and these options exist in %s, kept (pass --overwrite to redo)",
+                     src.name, out_dir)
+            return CaseResult(src.name, "skipped", [out_dir / n for n in names])
+        log.warning("%s: the outputs in %s were made by something else (%s); computing them again", src.name,
+                    out_dir, "; ".join(differ[:4]))
     clock = Stopwatch()
     scan = read_scan(src, series)
     liver = read_mask(liver_mask, scan) if liver_mask is not None else None
@@ -471,7 +496,7 @@ def segment_case(seg: Segmenter, src: CaseSource, out_dir: Path, *, liver_mask: 
             "outputs": [n for n in names if n != f"{src.name}_stats.json"],
             "seconds": {k: round(v, 3) for k, v in clock.wall.items()},
             "cpu_seconds": {k: round(v, 3) for k, v in clock.cpu.items()},
-            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "created": wanted["created"], "code_version": wanted["code_version"], "provenance": wanted,
         }
         (tmp / f"{src.name}_stats.json").write_text(json.dumps(doc, indent=1))
         for n in names:

@@ -45,10 +45,8 @@ Everything stored is plain tensors / numbers / strings, so files load with
 """
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import subprocess
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -75,6 +73,7 @@ from networks.salience import (
 )
 from utils.atomic import atomic_path
 from utils.h5io import HU_WINDOW
+from utils.provenance import code_version
 from utils.torch_io import load_torch_file
 
 log = logging.getLogger(__name__)
@@ -87,17 +86,6 @@ REQUIRED_KEYS = (
     "format", "model_name", "model_kwargs", "in_channels", "out_channels", "spatial_dims", "salience",
     "head_sha256", "img_size", "patch_size", "config", "state_dict", "epoch", "iteration", "best_metric",
 )
-
-
-@functools.lru_cache(maxsize=1)
-def code_version() -> str:
-    """The git commit of this code (``<sha>`` or ``<sha>-dirty``), or "unknown" outside a git checkout."""
-    try:
-        res = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"],
-                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
 
 
 def upgrade_v1(ckpt: dict) -> dict:

@@ -27,7 +27,6 @@ BatchNorm) into one convolution, which is exact on the plane and 2.5x (bank) to 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from utils.provenance import file_sha256
 from utils.torch_io import load_torch_file
 
 log = logging.getLogger(__name__)
@@ -237,14 +237,6 @@ def load_head(path: str | os.PathLike, map_location: str | torch.device = "cpu")
     head = SalienceHead()
     head.load_state_dict(head_state_from(_unwrap_state(obj, path), str(path)), strict=True)
     return head.eval()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- seed fpn

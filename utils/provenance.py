@@ -1,0 +1,80 @@
+"""What made an output: the model file's hash, the options that change a number, the code version.
+
+Every report ``test.py`` writes (``summary.json``) and every ``<case>_stats.json`` of
+``predict.py`` carries a :func:`record` under the key ``"provenance"``. An output is reused
+only when :func:`mismatches` finds nothing between the stored record and the one the current
+command would write; otherwise it is computed again and the log says which field differs.
+The record's ``created`` date is informative and never compared.
+
+No torch here: the stages below the networks import it too.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+#: the keys of a record that must agree for an output to be reused
+COMPARED = ("model_sha256", "options", "code_version")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The git commit of this code (``<sha>`` or ``<sha>-dirty``), or "unknown" outside a git checkout."""
+    try:
+        res = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, paths strings), so that a stored
+    record and a fresh one compare equal when they describe the same thing."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def record(model_sha256: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The provenance of one output: model hash, every number-changing option, code version, date."""
+    return {
+        "model_sha256": str(model_sha256),
+        "options": _plain(options),
+        "code_version": code_version(),
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def mismatches(stored: Optional[dict], wanted: dict) -> list[str]:
+    """Why an output with provenance ``stored`` is not the one ``wanted`` describes ([] when it is).
+
+    An output without a record (written before records existed) never matches. Each item
+    reads "field: stored vs now"; options are compared one by one.
+    """
+    if not isinstance(stored, dict):
+        return ["no provenance record (written by an older version)"]
+    out = []
+    for key in COMPARED:
+        if key == "options":
+            old, new = stored.get("options") or {}, wanted.get("options") or {}
+            for name in sorted(set(old) | set(new)):
+                if old.get(name) != new.get(name):
+                    out.append(f"{name}: {old.get(name)!r} vs {new.get(name)!r} now")
+        elif stored.get(key) != wanted.get(key):
+            a, b = str(stored.get(key)), str(wanted.get(key))
+            out.append(f"{key}: {a[:12]} vs {b[:12]} now")
+    return out
