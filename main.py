@@ -197,7 +197,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, TrainingError) as e:
         err("%s", e)
         return 1
-    if result.main:
+    if result.main and result.stopped_by == "complete":
+        print(f"run complete (iteration {result.iteration}, best val Dice {result.best_metric:.4f}); checkpoints in "
+              f"{result.run_dir}")
+    elif result.main:
         print(f"best val Dice {result.best_metric:.4f}; checkpoints in {result.run_dir}")
     return 0
 

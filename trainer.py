@@ -446,6 +446,7 @@ class _Run:
     last_val_seconds: Optional[float] = None
     trained_since_val: float = 0.0  # seconds of training since the last validation
     saved_at: float = 0.0
+    complete: bool = False  # resumed a run that had already finished: nothing to do
 
     @property
     def last_path(self) -> Path:
@@ -483,17 +484,40 @@ def _offline_generator(cfg: TrainConfig, paths: DatasetPaths, val_names: Sequenc
     return find_offline_generator(paths.salience(val_names[0]), [Path(cfg.output_root) / "salience" / cfg.dataset])
 
 
+def lr_horizon(cfg: TrainConfig, per_epoch: int) -> int:
+    """Iterations the poly schedule decays over: all epochs' batches, or ``max_iterations`` if fewer."""
+    horizon = cfg.max_epochs * per_epoch
+    return min(horizon, cfg.max_iterations) if cfg.max_iterations else horizon
+
+
+def is_complete(cfg: TrainConfig, epoch: int, iteration: int) -> bool:
+    """A run at (``epoch``, ``iteration``) has nothing left to train under ``cfg``."""
+    return epoch >= cfg.max_epochs or bool(cfg.max_iterations and iteration >= cfg.max_iterations)
+
+
 def _resume(run: _Run) -> None:
-    """Load model, optimiser, schedule and counters from ``last.pth``."""
+    """Load model, optimiser, schedule and counters from ``last.pth``, or refuse in one line.
+
+    Only where the run stops may change (``RESUMABLE_OPTIONS``). Another world size is
+    refused: the sampler's shards and the iterations per epoch depend on it, so the batches
+    left to see would be the wrong ones. Another ``max_iterations`` moves the poly schedule's
+    horizon: the learning rate from here on follows the new horizon, and the log says so.
+    """
     cfg = run.cfg
     ckpt = load_checkpoint(run.last_path, map_location="cpu")
     check_compatible(ckpt, run.last_path, backbone=cfg.backbone,
                      model_kwargs=resolve_kwargs(cfg.backbone, **cfg.model_kwargs), salience=cfg.salience)
+    saved = ckpt.get("config") or {}
     # a run resumed with another learning rate, loss or augmentation would be neither run
-    diffs = cfg.differences(ckpt.get("config") or {}, ignore=RESUMABLE_OPTIONS)
+    diffs = cfg.differences(saved, ignore=RESUMABLE_OPTIONS)
     if diffs:
         raise ValueError(f"{run.last_path}: cannot resume with other options ({'; '.join(diffs)}); resume with the "
                          f"run's options (only where it stops may change) or start again with --overwrite")
+    world = int(saved.get("world_size", 1))
+    if world != run.env.world_size:
+        raise ValueError(f"{run.last_path}: trained on {world} process(es), resumed on {run.env.world_size}: the "
+                         f"batches left to see depend on it; resume with torchrun --nproc_per_node {world}"
+                         f"{'' if world > 1 else ' (or without torchrun)'}")
     run.model.load_state_dict(ckpt["state_dict"])
     if ckpt.get("optimizer"):
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -502,6 +526,16 @@ def _resume(run: _Run) -> None:
     if ckpt.get("scaler") and run.scaler.is_enabled():
         run.scaler.load_state_dict(ckpt["scaler"])
     run.epoch, run.iteration, run.best = int(ckpt["epoch"]), int(ckpt["iteration"]), float(ckpt["best_metric"])
+    old = int(saved.get("lr_horizon_iterations") or 0)
+    new = lr_horizon(cfg, run.per_epoch)
+    if old and old != new and not is_complete(cfg, run.epoch, run.iteration):
+        # LambdaLR keeps its counter but not its function: set this iteration's rate by the new horizon
+        factor = max(0.0, 1.0 - run.iteration / new) ** cfg.poly_power
+        for group in run.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        log.warning("%s: the poly schedule's horizon changes from %d to %d iterations (max_iterations %s -> %s): "
+                    "learning rate %.3g at iteration %d, decaying to 0 at %d", run.last_path, old, new,
+                    saved.get("max_iterations"), cfg.max_iterations, cfg.base_lr * factor, run.iteration, new)
 
 
 def _remove_previous_run(run_dir: Path) -> None:
@@ -568,9 +602,7 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
         raise ValueError(f"--freeze_bn: backbone {cfg.backbone} has no BatchNorm layer whose statistics could be kept")
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.base_lr, cfg.weight_decay, cfg.momentum)
     per_epoch = batches_per_epoch(cfg, env, len(train_set))
-    horizon = cfg.max_epochs * per_epoch
-    if cfg.max_iterations:
-        horizon = min(horizon, cfg.max_iterations)
+    horizon = lr_horizon(cfg, per_epoch)
     run_dir = cfg.run_dir()
     run = _Run(cfg, env, dims, run_dir, train_set, Validator(val_cases, cfg, env, dims), model, optimizer,
                poly_scheduler(optimizer, horizon, cfg.poly_power),
@@ -581,6 +613,9 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
                generator=_offline_generator(cfg, paths, val_cases.names))
     if cfg.resume:
         _resume(run)
+        if is_complete(cfg, run.epoch, run.iteration):
+            run.complete = True
+            return run  # nothing to train: no logs, no files touched
     if env.main:
         _start_logging(run, horizon, len(val_cases))
     if env.distributed:
@@ -664,8 +699,10 @@ def _save(run: _Run, path: Path, epoch_done: int) -> None:
     if not run.env.main:
         return
     cfg = run.cfg
+    config = {**cfg.to_json(), "world_size": run.env.world_size,
+              "lr_horizon_iterations": lr_horizon(cfg, run.per_epoch)}
     save_checkpoint(path, run.model, model_name=cfg.backbone, model_kwargs=cfg.model_kwargs,
-                    salience=cfg.salience, config=cfg.to_json(), epoch=epoch_done, iteration=run.iteration,
+                    salience=cfg.salience, config=config, epoch=epoch_done, iteration=run.iteration,
                     best_metric=run.best, head_sha256=run.head_sha, img_size=cfg.img_size, patch_size=cfg.patch_size,
                     target_spacing=cfg.target_spacing, mm_per_pixel=run.mm_per_pixel, generator=run.generator,
                     optimizer=run.optimizer, scheduler=run.scheduler,
@@ -697,6 +734,13 @@ def _stop_reason(run: _Run, deadline: Optional[float]) -> Optional[str]:
 def _train(cfg: TrainConfig, env: Env) -> TrainResult:
     t_start = time.monotonic()
     run = _setup(cfg, env, t_start)
+    if run.complete:
+        if env.main:
+            log.info("%s: the run is complete (epoch %d of %d, iteration %d%s); nothing to train", run.last_path,
+                     run.epoch, cfg.max_epochs, run.iteration,
+                     f" of max_iterations {cfg.max_iterations}" if cfg.max_iterations else "")
+        return TrainResult(env.main, run.run_dir, run.epoch, run.iteration, run.best, [], "complete",
+                           unwrap(run.model))
     deadline = t_start + 60 * cfg.max_minutes if cfg.max_minutes is not None else None
     skip = max(0, run.iteration - run.epoch * run.per_epoch)
     batches = iter(make_loader(cfg, env, run.train_set, run.epoch, skip))

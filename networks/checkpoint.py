@@ -277,7 +277,10 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, model_nam
             raise ValueError(f"{path}: --init_from salience head differs from this run's: {problem}")
         copy.update(src_head)
     missing, unexpected = target.load_state_dict(copy, strict=False)
-    assert not unexpected and all(k in own_head for k in missing), (missing, unexpected)
+    left_out = [k for k in missing if k not in own_head]
+    if unexpected or left_out:  # _fit_report said they fit: only a broken model class gets here
+        raise ValueError(f"{path}: --init_from weights did not load: {len(unexpected)} unexpected "
+                         f"{unexpected[:3]}, {len(left_out)} missing {left_out[:3]}")
     return ckpt
 
 

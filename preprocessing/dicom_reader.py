@@ -55,7 +55,8 @@ class DicomFile:
     def open(self) -> Union[Path, io.BytesIO]:
         if self.path is not None:
             return self.path
-        assert self.archive is not None and self.member is not None
+        if self.archive is None or self.member is None:
+            raise ValueError(f"{self.name}: a DICOM file needs a path, or a zip archive and a member name")
         return io.BytesIO(self.archive.read(self.member))
 
 

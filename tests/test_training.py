@@ -831,3 +831,62 @@ def test_stitch_device_uses_the_gpu_only_when_the_volume_fits(monkeypatch):
     # 512 x 512 x 200 voxels x 4 bytes x (3 input channels + 3) = 1.26 GB <= half of 8 GB
     assert stitch_device((512, 512, 200), 3, "cuda:0") == torch.device("cuda:0")
     assert stitch_device((512, 512, 1000), 3, "cuda:0") == torch.device("cpu")  # 6.3 GB > 4 GB
+
+
+# --------------------------------------------------------------------------- resume: exact or refused
+
+
+def test_resume_of_a_finished_run_says_complete(tiny_dataset, tmp_path, capsys):
+    cfg = cfg_for(tiny_dataset, tmp_path, max_iterations=3)
+    first = train(cfg)
+    last = first.run_dir / "last.pth"
+    stamp = last.stat().st_mtime_ns
+    again = train(cfg_for(tiny_dataset, tmp_path, max_iterations=3, resume=True))
+    assert again.stopped_by == "complete" and again.iteration == 3 and again.losses == []
+    assert last.stat().st_mtime_ns == stamp and torch.load(last, weights_only=True)["iteration"] == 3
+    args = ["--dataset", tiny_dataset.dataset, "--root_path", str(tiny_dataset.root_path), "--list_dir",
+            str(tiny_dataset.list_dir), "--output_root", str(tmp_path / "ckpt"), "--model_kwargs",
+            json.dumps(TINY_2D), "--img_size", "32", "32", "--batch_size", "2", "--num_workers", "0",
+            "--max_epochs", "1", "--val_batch_size", "16", "--max_iterations", "3", "--patch_size", "16", "16", "8",
+            "--patches_per_epoch", "4", "--resume"]
+    assert main_cli.main(args) == 0
+    assert "run complete (iteration 3" in capsys.readouterr().out
+    assert torch.load(last, weights_only=True)["iteration"] == 3
+
+
+def test_resume_with_more_iterations_recomputes_the_schedule(tiny_dataset, tmp_path, monkeypatch):
+    train(cfg_for(tiny_dataset, tmp_path, max_iterations=3, base_lr=0.01))
+    lrs = []
+    step = trainer._train_step
+
+    def recording(run, batch):
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        return step(run, batch)
+
+    monkeypatch.setattr(trainer, "_train_step", recording)
+    more = train(cfg_for(tiny_dataset, tmp_path, max_iterations=6, base_lr=0.01, resume=True))
+    assert more.iteration == 6 and len(lrs) == 3
+    # iterations 3, 4, 5 follow the poly schedule of the new horizon, 6 iterations
+    assert lrs == pytest.approx([0.01 * (1 - i / 6) ** 0.9 for i in (3, 4, 5)], rel=1e-6)
+    saved = torch.load(more.run_dir / "last.pth", weights_only=True)["config"]
+    assert saved["lr_horizon_iterations"] == 6 and saved["world_size"] == 1
+
+
+def test_resume_on_another_world_size_or_batch_size_is_refused(tiny_dataset, tmp_path, capsys):
+    first = train(cfg_for(tiny_dataset, tmp_path, max_iterations=4))
+    last = first.run_dir / "last.pth"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["world_size"] = 2
+    ckpt["iteration"] = 2
+    torch.save(ckpt, last)
+    with pytest.raises(ValueError, match=r"trained on 2 process\(es\), resumed on 1.*--nproc_per_node 2"):
+        train(cfg_for(tiny_dataset, tmp_path, max_iterations=4, resume=True))
+    # another batch size is another run (its folder names it): nothing to resume there, in one line
+    args = ["--dataset", tiny_dataset.dataset, "--root_path", str(tiny_dataset.root_path), "--list_dir",
+            str(tiny_dataset.list_dir), "--output_root", str(tmp_path / "ckpt"), "--model_kwargs",
+            json.dumps(TINY_2D), "--img_size", "32", "32", "--batch_size", "4", "--num_workers", "0",
+            "--max_epochs", "1", "--max_iterations", "4", "--resume"]
+    capsys.readouterr()
+    assert main_cli.main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing to resume" in err[0] and "epo1_bs4_lr0.01" in err[0]
