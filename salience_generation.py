@@ -6,7 +6,17 @@
 Generation writes ``<root>/<dataset>/vol_salience/<case>.h5`` (salience float32 (3, H, W, D)
 in [0, 1]; attrs generator, weights_sha256) for every case of the vol_train/val/test lists,
 and adds ``salience`` (3, H, W) to every ``slice_data/<case>_slice<NNNN>.h5`` of the case.
-Complete outputs are skipped unless ``--overwrite``; every file is written atomically.
+The maps' manifest ``vol_salience/manifest.json`` (utils.manifests) records the generator,
+its parameters, the weights' sha256 and path, the normalisation rule and the dataset.json
+the maps were made from; main.py reads it. Complete outputs made by the same generator,
+weights and normalisation are skipped unless
+``--overwrite``; those made otherwise are computed again (with a warning). Every file is
+written atomically.
+
+``--normalisation fixed`` (bank): every plane is standardised with the same constants and the
+head's output is stored as it is, so a voxel's salience does not depend on how far the scan
+extends (docs/DESIGN.md); ``volume`` is the paper's rule (per-plane statistics, min-max over
+the volume).
 
 ``--fit`` trains the ``bank`` head (or the seed ``fpn``, from scratch or from ``--weights``)
 on planes of all three orientations of the training volumes (target: the vessel mask of
@@ -16,6 +26,7 @@ the plane; loss BCE + soft Dice), saves a self-describing checkpoint under
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import shutil
@@ -33,9 +44,11 @@ from tqdm import tqdm
 from losses import make_loss
 from networks.salience import (
     DEFAULT_MAX_BATCH_VOXELS,
+    FPN_BLOCKS,
     GENERATORS,
     HEAD_FORMAT,
     KERNEL_SIZE,
+    NORMALISATIONS,
     REFERENCE_MARGIN,
     SalienceHead,
     SeedFPN,
@@ -49,12 +62,17 @@ from networks.salience import (
     salience_3d,
     square_wave_bank,
     standardise_planes,
+    standardise_planes_fixed,
 )
+from utils import manifests
 from utils.atomic import atomic_path
 from utils.h5io import SPLITS, DatasetPaths, read_list, read_salience, read_volume, write_salience
 from utils.logging_setup import setup_logging
 
 log = logging.getLogger("salience_generation")
+
+#: the command line's default rule for the bank generator (the others support ``volume`` only)
+DEFAULT_NORMALISATION = "volume"
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -68,6 +86,7 @@ class FitConfig:
     patch: int = 96
     seed: int = 0
     vessel_fraction: float = 0.7
+    normalisation: str = "volume"  # networks.salience.NORMALISATIONS: how the planes are standardised
     extra: dict = field(default_factory=dict)
 
 
@@ -82,7 +101,7 @@ class PlaneSampler:
     """
 
     def __init__(self, volumes: Sequence[tuple[np.ndarray, np.ndarray]], patch: int, vessel_fraction: float,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, normalisation: str = "volume") -> None:
         if not volumes:
             raise ValueError("no training volumes to fit on")
         self.volumes = volumes
@@ -90,6 +109,7 @@ class PlaneSampler:
         self.vessel_fraction = vessel_fraction
         self.rng = rng
         self.vessel_idx = [np.flatnonzero(lab) for _, lab in volumes]
+        self.standardise = standardise_planes if normalisation == "volume" else standardise_planes_fixed
 
     def _plane(self, arr: np.ndarray, orient: int, centre: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int]]:
         h, w, d = centre
@@ -115,7 +135,7 @@ class PlaneSampler:
             orient = int(self.rng.integers(3))
             img, (r, c) = self._plane(image, orient, centre)
             lab, _ = self._plane(label, orient, centre)
-            std = standardise_planes(torch.from_numpy(np.ascontiguousarray(img))[None, None])[0, 0].numpy()
+            std = self.standardise(torch.from_numpy(np.ascontiguousarray(img))[None, None])[0, 0].numpy()
             jitter = self.rng.integers(-p // 4, p // 4 + 1, size=2)
             r0 = int(r + jitter[0]) - p // 2 - m
             c0 = int(c + jitter[1]) - p // 2 - m
@@ -162,7 +182,7 @@ def fit_generator(
     for case in cases:
         vol = read_volume(paths.volume(case), with_liver=False)
         volumes.append((vol.image, vol.label))
-    sampler = PlaneSampler(volumes, config.patch, config.vessel_fraction, rng)
+    sampler = PlaneSampler(volumes, config.patch, config.vessel_fraction, rng, config.normalisation)
     dev = torch.device(device)
     init_sha = ""
     if kind == "bank":
@@ -208,6 +228,7 @@ def fit_generator(
             "iters": config.iters, "lr": config.lr, "batch": config.batch, "patch": config.patch,
             "seed": config.seed, "vessel_fraction": config.vessel_fraction, "optimizer": "Adam",
             "loss": "BCE + soft Dice", "planes": "transverse, coronal, sagittal",
+            "normalisation": config.normalisation,
             "init_weights": str(init_weights) if init_weights else None, "init_sha256": init_sha,
             **config.extra,
         },
@@ -293,9 +314,10 @@ def generate(
     device: str = "cpu",
     overwrite: bool = False,
     max_batch_voxels: int = DEFAULT_MAX_BATCH_VOXELS,
+    normalisation: str = "volume",
 ) -> dict[str, str]:
     """Write vol_salience and slice salience for ``cases``; returns case -> 'written' | 'skipped' | 'slices'."""
-    generator = make_generator(kind, weights)
+    generator = make_generator(kind, weights, normalisation)
     sha = generator.weights_sha256
     status: dict[str, str] = {}
     for case in tqdm(cases, desc=f"salience ({kind})", unit="case", dynamic_ncols=True):
@@ -304,13 +326,20 @@ def generate(
         spath = paths.salience(case)
         slices = case_slices(paths, case)
         vol_done = _salience_ok(spath, (3,) + shape)
-        slices_todo = [(z, f) for z, f in slices if overwrite or not _salience_ok(f, (3,) + shape[:2])]
         if vol_done and not overwrite:
             with h5py.File(spath, "r") as f:
-                old = (str(f.attrs.get("generator", "")), str(f.attrs.get("weights_sha256", "")))
-            if old != (kind, sha):
-                log.warning("%s: kept existing salience made by %s (sha256 %s...), not %s; pass --overwrite to redo",
-                            spath, old[0] or "?", old[1][:12], kind)
+                old = (str(f.attrs.get("generator", "")), str(f.attrs.get("weights_sha256", "")),
+                       str(f.attrs.get("normalisation", "volume")))
+            if old != (kind, sha, normalisation):
+                # maps of another generator must not pass for this one's: make them again
+                log.warning("%s: made by %s (sha256 %s..., normalisation %s), not %s (sha256 %s..., normalisation "
+                            "%s); computing it again", spath, old[0] or "?", old[1][:12], old[2], kind, sha[:12],
+                            normalisation)
+                vol_done = False
+        # a map made again is copied into every slice file; otherwise only slices that lack one
+        slices_todo = [(z, f) for z, f in slices
+                       if overwrite or not vol_done or not _salience_ok(f, (3,) + shape[:2])]
+        if vol_done and not overwrite:
             if not slices_todo:
                 status[case] = "skipped"
                 continue
@@ -319,7 +348,7 @@ def generate(
         else:
             vol = read_volume(vpath, with_liver=False)
             sal = salience_3d(vol.image, generator, device=device, max_batch_voxels=max_batch_voxels)
-            write_salience(spath, sal, generator=kind, weights_sha256=sha, overwrite=True)
+            write_salience(spath, sal, generator=kind, weights_sha256=sha, overwrite=True, normalisation=normalisation)
             status[case] = "written"
         for z, f in slices_todo:
             if z >= shape[2]:
@@ -328,7 +357,35 @@ def generate(
     n = {s: sum(v == s for v in status.values()) for s in ("written", "slices", "skipped")}
     log.info("salience %s: %d written, %d slice-only updates, %d skipped (complete)", kind, n["written"],
              n["slices"], n["skipped"])
+    write_maps_manifest(paths, generator, weights)
     return status
+
+
+def generator_parameters(kind: str) -> dict:
+    """What defines a generator besides its weights, for the maps' manifest."""
+    if kind == "bank":
+        return {"bank": bank_parameters(), "head": "Conv 60->30 3x3, ReLU, Conv 30->30 3x3, ReLU, Conv 30->1, sigmoid"}
+    if kind == "fpn":
+        return {"blocks_sigma_lambda_k_dilation_padding": [list(b) for b in FPN_BLOCKS]}
+    return {"bank": bank_parameters(), "reduce": "max over orientations, rectified, mean over sizes",
+            "scale": "99.9th percentile of the volume"}
+
+
+def write_maps_manifest(paths: DatasetPaths, generator, weights: Optional[Path]) -> Path:
+    """``vol_salience/manifest.json`` for every map in the folder that this generator made
+    (utils.manifests); the dataset.json it was made from is fingerprinted in it."""
+    cases = {}
+    for f in sorted(paths.vol_salience.glob("*.h5")):
+        with h5py.File(f, "r") as h:
+            made = (str(h.attrs.get("generator", "")), str(h.attrs.get("weights_sha256", "")),
+                    str(h.attrs.get("normalisation", "volume")))
+            if made == (generator.name, generator.weights_sha256, generator.normalisation) and "salience" in h:
+                cases[f.stem] = list(h["salience"].shape)
+    dataset = manifests.read_manifest(manifests.dataset_manifest_path(paths), manifests.DATASET_FORMAT)
+    doc = manifests.salience_manifest(kind=generator.name, parameters=generator_parameters(generator.name),
+                                      weights_sha256=generator.weights_sha256, weights_path=weights,
+                                      normalisation=generator.normalisation, dataset=dataset, cases=cases)
+    return manifests.write_salience_manifest(paths, doc)
 
 
 def run(
@@ -344,6 +401,7 @@ def run(
     overwrite: bool = False,
     max_batch_voxels: int = DEFAULT_MAX_BATCH_VOXELS,
     fit_only: bool = False,
+    normalisation: str = "volume",
 ) -> dict[str, str]:
     """Everything the CLI does: validate inputs, fit if asked, generate (unless ``fit_only``).
 
@@ -351,6 +409,10 @@ def run(
     """
     if generator not in GENERATORS:
         raise ValueError(f"unknown generator {generator!r}; valid: {', '.join(GENERATORS)}")
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"unknown --normalisation {normalisation!r}; valid: {', '.join(NORMALISATIONS)}")
+    if normalisation == "fixed" and generator != "bank":
+        raise ValueError(f"--normalisation fixed is for the bank generator (its output is bounded), not {generator!r}")
     paths = DatasetPaths.of(root_path, dataset, list_dir)
     if not paths.vol_data.is_dir():
         raise FileNotFoundError(f"{paths.vol_data}: vol_data folder not found (run preprocess.py first)")
@@ -365,8 +427,9 @@ def run(
             raise ValueError("--fit: the analytic generator has nothing to fit")
         train = read_list(paths.list_file("vol_train"))
         out = Path(checkpoint_dir) / dataset / f"{generator}_fit.pth"
-        wpath = fit_generator(paths, train, generator, out, fit_config or FitConfig(), init_weights=wpath,
-                              device=device, overwrite=overwrite)
+        config = dataclasses.replace(fit_config or FitConfig(), normalisation=normalisation)
+        wpath = fit_generator(paths, train, generator, out, config, init_weights=wpath, device=device,
+                              overwrite=overwrite)
         if fit_only:
             return {}
     elif generator == "bank" and wpath is None:
@@ -378,7 +441,7 @@ def run(
         raise ValueError("--generator fpn needs --weights FILE (the authors' "
                          "dice_best_Wavelet_square_net_vessel_data_size512.pth) or --fit")
     return generate(paths, cases, generator, wpath, device=device, overwrite=overwrite,
-                    max_batch_voxels=max_batch_voxels)
+                    max_batch_voxels=max_batch_voxels, normalisation=normalisation)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -402,6 +465,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max_batch_voxels", type=int, default=DEFAULT_MAX_BATCH_VOXELS,
                    help="pixels per batch of planes (memory bound)")
+    p.add_argument("--normalisation", choices=NORMALISATIONS, default=DEFAULT_NORMALISATION,
+                   help="fixed: every plane standardised with the same constants and the bank head's output kept "
+                        "as it is, so a voxel's salience does not depend on how far the scan extends (bank only); "
+                        "volume: the paper's per-plane standardisation and min-max over the volume")
     p.add_argument("--overwrite", action="store_true", help="redo complete outputs")
     return p.parse_args(argv)
 
@@ -412,7 +479,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = FitConfig(iters=args.iters, lr=args.lr, batch=args.batch, patch=args.patch, seed=args.seed)
     try:
         run(args.dataset, args.root_path, args.list_dir, args.generator, args.weights, args.fit, cfg,
-            args.checkpoint_dir, args.device, args.overwrite, args.max_batch_voxels, args.fit_only)
+            args.checkpoint_dir, args.device, args.overwrite, args.max_batch_voxels, args.fit_only,
+            args.normalisation if args.generator == "bank" else "volume")
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", e)
         return 1

@@ -59,7 +59,7 @@ from inference import predict_volume, stitch_device, vessel_mask
 from losses import make_loss, make_optimizer, poly_scheduler
 from networks.checkpoint import (
     check_compatible,
-    find_offline_generator,
+    generator_record,
     init_from_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -68,8 +68,10 @@ from networks.checkpoint import (
 from networks.e2e import E2ESegmenter, build_segmenter
 from networks.registry import resolve_kwargs, spatial_dims_of
 from train_config import RESUMABLE_OPTIONS, TrainConfig
+from utils import manifests
 from utils.atomic import atomic_path
-from utils.h5io import DatasetPaths
+from utils.h5io import HU_WINDOW, DatasetPaths, read_list
+from utils.provenance import file_sha256
 from utils.logging_setup import setup_logging
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingError", "train"]
@@ -396,21 +398,6 @@ class LossMonitor:
 # --------------------------------------------------------------------------- run state
 
 
-def _head_sha256(cfg: TrainConfig, paths: DatasetPaths, cases: Sequence[str]) -> Optional[str]:
-    """Provenance of the salience: the e2e initial head's hash, or the offline maps' generator weights."""
-    from networks.salience import file_sha256
-
-    if cfg.salience == "e2e":
-        return file_sha256(cfg.head) if cfg.head else None
-    if cfg.salience == "offline" and cases and paths.salience(cases[0]).is_file():
-        import h5py
-
-        with h5py.File(paths.salience(cases[0]), "r") as f:
-            sha = f.attrs.get("weights_sha256", "")
-        return str(sha) or None
-    return None
-
-
 def _write_json(path: Path, obj: dict) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -436,6 +423,7 @@ class _Run:
     monitor: LossMonitor
     mm_per_pixel: Optional[float] = None  # what the 2-D model sees (checkpoints record it for test.py)
     generator: Optional[dict] = None  # offline maps' generator, embedded in checkpoints (predict.py)
+    stage: StageManifests = field(default_factory=lambda: StageManifests(None, None))
     writer: Any = None
     epoch: int = 0
     iteration: int = 0
@@ -476,12 +464,62 @@ def _check_run_folder(cfg: TrainConfig) -> None:
                               f"or --overwrite to start again (or choose another --exp)")
 
 
-def _offline_generator(cfg: TrainConfig, paths: DatasetPaths, val_names: Sequence[str]) -> Optional[dict]:
-    """The generator that made the offline maps (found by the hash the salience files record),
-    embedded in every checkpoint so predict.py needs no other file; None for other modes."""
-    if cfg.salience != "offline" or not val_names:
+@dataclass
+class StageManifests:
+    """The data's manifests (utils.manifests), read once and checked against each other."""
+
+    dataset: Optional[dict]
+    salience: Optional[dict]
+
+    def as_dict(self) -> dict:
+        return {"dataset": self.dataset, "salience": self.salience}
+
+
+def read_stage_manifests(cfg: TrainConfig, paths: DatasetPaths, cases: Sequence[str]) -> StageManifests:
+    """dataset.json and (offline salience) the maps' manifest, checked to agree with each other, with
+    the code's HU window and with ``cases``; ValueError (one line naming the field) when they do not.
+    Data made before manifests existed trains with a warning."""
+    dataset = manifests.read_manifest(manifests.dataset_manifest_path(paths), manifests.DATASET_FORMAT)
+    if dataset is None:
+        log.warning("%s: no dataset manifest (data made before preprocess.py wrote one): its options cannot be "
+                    "checked; run preprocess.py again to record them", manifests.dataset_manifest_path(paths))
+    salience = None
+    if cfg.salience == "offline":
+        salience = manifests.read_manifest(manifests.salience_manifest_path(paths), manifests.SALIENCE_FORMAT)
+        if salience is None:
+            log.warning("%s: no manifest of the salience maps (made before salience_generation.py wrote one): the "
+                        "checkpoint will not embed their generator (predict.py then needs --head FILE)",
+                        manifests.salience_manifest_path(paths))
+    manifests.check_agreement(paths, dataset, salience, cases, HU_WINDOW)
+    return StageManifests(dataset, salience)
+
+
+def offline_generator(salience_manifest: Optional[dict]) -> Optional[dict]:
+    """The generator that made the offline maps, as embedded in checkpoints (predict.py needs no
+    other file), from the maps' manifest: its weights file, checked against the recorded sha256."""
+    if salience_manifest is None:
         return None
-    return find_offline_generator(paths.salience(val_names[0]), [Path(cfg.output_root) / "salience" / cfg.dataset])
+    gen, rule = salience_manifest["generator"], salience_manifest.get("normalisation", "volume")
+    if gen["kind"] == "analytic":
+        return generator_record("analytic", normalisation=rule)
+    where = gen.get("weights_path")
+    if not where or not Path(where).is_file():
+        log.warning("%s: the weights the salience maps were made with are gone: the checkpoint will not embed their "
+                    "generator (predict.py then needs --head FILE)", where)
+        return None
+    if file_sha256(where) != gen["weights_sha256"]:
+        raise ValueError(f"{where}: weights changed since the salience maps were made from them (sha256 "
+                         f"{gen['weights_sha256'][:12]}...); run salience_generation.py again")
+    return generator_record(gen["kind"], where, rule)
+
+
+def salience_sha256(cfg: TrainConfig, stage: StageManifests) -> Optional[str]:
+    """Provenance of the salience: the e2e initial head's hash, or the offline maps' generator weights."""
+    if cfg.salience == "e2e":
+        return file_sha256(cfg.head) if cfg.head else None
+    if cfg.salience == "offline" and stage.salience is not None:
+        return stage.salience["generator"]["weights_sha256"] or None
+    return None
 
 
 def lr_horizon(cfg: TrainConfig, per_epoch: int) -> int:
@@ -513,6 +551,11 @@ def _resume(run: _Run) -> None:
     if diffs:
         raise ValueError(f"{run.last_path}: cannot resume with other options ({'; '.join(diffs)}); resume with the "
                          f"run's options (only where it stops may change) or start again with --overwrite")
+    for key, now in run.stage.as_dict().items():
+        then = (ckpt.get("manifests") or {}).get(key)
+        if then is not None and now is not None and manifests.fingerprint(then) != manifests.fingerprint(now):
+            raise ValueError(f"{run.last_path}: the {key} manifest changed since the run started (the data was made "
+                             f"again); start again with --overwrite")
     world = int(saved.get("world_size", 1))
     if world != run.env.world_size:
         raise ValueError(f"{run.last_path}: trained on {world} process(es), resumed on {run.env.world_size}: the "
@@ -565,6 +608,11 @@ def _start_logging(run: _Run, horizon: int, n_val: int) -> None:
                                               "world_size": env.world_size, "torch": torch.__version__,
                                               "amp_dtype": str(env.amp_dtype), "iterations_per_epoch": run.per_epoch,
                                               "lr_horizon_iterations": horizon})
+    for name, doc in (("dataset.json", run.stage.dataset), ("salience_manifest.json", run.stage.salience)):
+        if doc is not None:
+            _write_json(run.run_dir / name, doc)
+        else:
+            (run.run_dir / name).unlink(missing_ok=True)
     from tensorboardX import SummaryWriter
 
     run.writer = run.monitor.writer = SummaryWriter(str(run.run_dir / "tensorboard"))
@@ -582,6 +630,8 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
     dims = spatial_dims_of(cfg.backbone, **cfg.model_kwargs)  # unknown backbone -> ValueError
     paths = check_dataset(cfg)
     _check_run_folder(cfg)
+    stage = read_stage_manifests(cfg, paths, read_list(paths.list_file("vol_train")) +
+                                 read_list(paths.list_file("vol_val")))
     train_set = build_train_set(cfg, paths, dims)
     val_cases = VolumeDataSet(paths, "val", cfg.salience, lazy=True)  # read at the first validation
     sample = train_set[0]["input"]
@@ -607,10 +657,10 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
     run = _Run(cfg, env, dims, run_dir, train_set, Validator(val_cases, cfg, env, dims), model, optimizer,
                poly_scheduler(optimizer, horizon, cfg.poly_power),
                torch.amp.GradScaler("cuda", enabled=env.amp_dtype == torch.float16),
-               make_loss(cfg.loss, cfg.cldice_iterations), _head_sha256(cfg, paths, val_cases.names), per_epoch,
+               make_loss(cfg.loss, cfg.cldice_iterations), salience_sha256(cfg, stage), per_epoch,
                LossMonitor(env, None, run_dir / "last.pth", t_start), t_start=t_start, saved_at=time.monotonic(),
                mm_per_pixel=train_set.mm_per_pixel() if isinstance(train_set, SliceDataSet) else None,
-               generator=_offline_generator(cfg, paths, val_cases.names))
+               generator=offline_generator(stage.salience), stage=stage)
     if cfg.resume:
         _resume(run)
         if is_complete(cfg, run.epoch, run.iteration):
@@ -707,7 +757,7 @@ def _save(run: _Run, path: Path, epoch_done: int) -> None:
                     target_spacing=cfg.target_spacing, mm_per_pixel=run.mm_per_pixel, generator=run.generator,
                     optimizer=run.optimizer, scheduler=run.scheduler,
                     scaler=run.scaler if run.scaler.is_enabled() else None,
-                    min_component_mm3=cfg.min_component_mm3)
+                    min_component_mm3=cfg.min_component_mm3, manifests=run.stage.as_dict())
     if path == run.last_path:
         run.saved_at = time.monotonic()
 

@@ -27,11 +27,14 @@ lack them and readers use :func:`inference_settings`' defaults:
     generator     offline salience only: the generator that made the training maps, embedded
                   {"kind": "bank" | "fpn" | "analytic", "weights_sha256": str,
                    "source": file name it came from, "state_dict": head (bank, 105 KB) or
-                   fpn (234 KB) weights, None for analytic}; None when unknown (then
+                   fpn (234 KB) weights, None for analytic, "normalisation": "volume" | "fixed"
+                  (absent: "volume")}; None when unknown (then
                   ``predict.py --head FILE`` supplies it)
     hu_window     [lo, hi] HU the image was clipped to before dividing by hi - lo
     threshold     probability at and above which a voxel is vessel
     min_component_mm3  predicted components smaller than this (mm^3) are dropped (0: none)
+    manifests     {"dataset": dataset.json, "salience": the maps' manifest} of the training data
+                  (utils.manifests; None where the data had none)
 
 ``load_model(path)`` rebuilds the model (e2e wrapper included) from the file alone;
 ``check_compatible`` is the one place a checkpoint is checked against what a run asks for
@@ -50,7 +53,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import h5py
 import torch
 import torch.nn as nn
 
@@ -65,7 +67,6 @@ from networks.salience import (
     FPNGenerator,
     SalienceHead,
     SeedFPN,
-    default_head_path,
     file_sha256,
     load_fpn,
     load_head,
@@ -127,10 +128,12 @@ def save_checkpoint(
     hu_window: Sequence[float] = HU_WINDOW,
     threshold: float = THRESHOLD,
     min_component_mm3: float = 0.0,
+    manifests: Optional[dict] = None,
 ) -> None:
     """Write a contract-1 checkpoint atomically (a crash leaves the previous file intact).
 
-    ``generator``: the embedded offline salience generator (:func:`generator_record`).
+    ``generator``: the embedded offline salience generator (:func:`generator_record`);
+    ``manifests``: the training data's stage manifests {"dataset": ..., "salience": ...}.
     """
     dims = spatial_dims_of(model_name, **model_kwargs)
     ckpt = {
@@ -159,6 +162,7 @@ def save_checkpoint(
         "hu_window": [float(v) for v in hu_window],
         "threshold": float(threshold),
         "min_component_mm3": float(min_component_mm3),
+        "manifests": manifests or {"dataset": None, "salience": None},
     }
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
@@ -292,8 +296,9 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
 
 
 # ----------------------------------------------------------------------------- inference settings
-def generator_record(kind: str, weights: Optional[str | os.PathLike] = None) -> dict:
-    """The offline generator as embedded in a checkpoint: kind, weights sha256, source name, weights.
+def generator_record(kind: str, weights: Optional[str | os.PathLike] = None, normalisation: str = "volume") -> dict:
+    """The offline generator as embedded in a checkpoint: kind, weights sha256, source name, weights,
+    normalisation rule (``networks.salience.NORMALISATIONS``; a record without one is ``volume``).
 
     ``bank``: the head's ``out_conv.*`` state dict (from our head checkpoint, a model checkpoint
     or a plain state dict); ``fpn``: the seed network's state dict; ``analytic``: no weights.
@@ -302,47 +307,21 @@ def generator_record(kind: str, weights: Optional[str | os.PathLike] = None) -> 
     if kind not in GENERATORS:
         raise ValueError(f"unknown generator {kind!r}; valid: {', '.join(GENERATORS)}")
     if kind == "analytic":
-        return {"kind": kind, "weights_sha256": "", "source": None, "state_dict": None}
+        AnalyticGenerator().with_normalisation(normalisation)  # ValueError for a rule it lacks
+        return {"kind": kind, "weights_sha256": "", "source": None, "state_dict": None, "normalisation": normalisation}
     if weights is None:
         raise ValueError(f"generator {kind!r} needs a weights file")
     net = load_head(weights) if kind == "bank" else load_fpn(weights)
+    supported = (BankGenerator if kind == "bank" else FPNGenerator).normalisations
+    if normalisation not in supported:
+        raise ValueError(f"generator {kind!r} supports normalisation {', '.join(supported)}, not {normalisation!r}")
     return {
         "kind": kind,
         "weights_sha256": file_sha256(weights),
         "source": Path(weights).name,
         "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+        "normalisation": normalisation,
     }
-
-
-def find_offline_generator(salience_file: str | os.PathLike, search: Sequence[str | os.PathLike]) -> Optional[dict]:
-    """The generator that wrote ``salience_file`` (its attrs ``generator`` / ``weights_sha256``), embedded.
-
-    The weights are found by hash among the ``.pth`` files in ``search`` (files or folders,
-    e.g. the shipped head and ``<output_root>/salience/<dataset>/``). None (and a warning) when
-    the map or its weights cannot be found: the checkpoint then needs ``predict.py --head``.
-    """
-    salience_file = Path(salience_file)
-    if not salience_file.is_file():
-        return None
-    with h5py.File(salience_file, "r") as f:
-        kind, sha = str(f.attrs.get("generator", "")), str(f.attrs.get("weights_sha256", ""))
-    if kind == "analytic":
-        return generator_record(kind)
-    if kind not in ("bank", "fpn") or not sha:
-        log.warning("%s: salience made by %r without a weights hash: the checkpoint will not embed its "
-                    "generator (predict.py then needs --head FILE)", salience_file, kind or "?")
-        return None
-    candidates: list[Path] = []
-    for item in [*search, default_head_path()]:
-        item = Path(item)
-        candidates.extend(sorted(item.glob("*.pth")) if item.is_dir() else [item] if item.is_file() else [])
-    for cand in dict.fromkeys(candidates):
-        if file_sha256(cand) == sha:
-            return generator_record(kind, cand)
-    log.warning("%s: no file with the %s weights (sha256 %s...) in %s: the checkpoint will not embed its "
-                "generator (predict.py then needs --head FILE)", salience_file, kind, sha[:12],
-                ", ".join(str(Path(s)) for s in search) or "-")
-    return None
 
 
 def inference_settings(ckpt: dict, min_component_mm3: Optional[float] = None) -> dict:
@@ -378,16 +357,17 @@ def generator_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint
     if ckpt.get("salience") != "offline":
         raise ValueError(f"{path}: salience mode {ckpt.get('salience')!r} has no offline generator")
     rec = ckpt.get("generator")
+    rule = str(rec.get("normalisation", "volume")) if isinstance(rec, dict) else "volume"
     if head is not None:
         kind = rec["kind"] if isinstance(rec, dict) and rec.get("kind") in ("bank", "fpn") else "bank"
-        return make_generator(kind, head)
+        return make_generator(kind, head, rule)
     if not isinstance(rec, dict):
         raise ValueError(f"{path}: checkpoint does not embed its salience generator (written before it did, "
                          f"or its weights were not found at training time); pass --head FILE "
                          f"(the bank head or fpn weights the training maps were made with)")
     kind, sha = rec.get("kind"), str(rec.get("weights_sha256", ""))
     if kind == "analytic":
-        return AnalyticGenerator()
+        return AnalyticGenerator().with_normalisation(rule)
     net: nn.Module
     if kind == "bank":
         net = SalienceHead()
@@ -400,4 +380,8 @@ def generator_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint
     except (RuntimeError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: embedded {kind} generator weights do not load "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    return BankGenerator(net, sha) if kind == "bank" else FPNGenerator(net, sha)
+    gen = BankGenerator(net, sha) if kind == "bank" else FPNGenerator(net, sha)
+    try:
+        return gen.with_normalisation(rule)
+    except ValueError as e:
+        raise ValueError(f"{path}: embedded generator: {e}") from None

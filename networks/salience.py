@@ -56,6 +56,17 @@ RECEPTIVE_RADIUS = 7
 REFERENCE_MARGIN = 8
 HEAD_FORMAT = "livervessel-salience-v1"
 GENERATORS = ("bank", "fpn", "analytic")
+#: how a plane is standardised and a volume's map normalised (docs/DESIGN.md, "Normalisation"):
+#: ``volume``, the paper's: each plane over its own positive pixels, the map min-max over the
+#: whole volume (both change with how far the scan extends); ``fixed``: every plane with the same
+#: constants, the bank head's sigmoid kept as it is (the same voxel gets the same value whatever
+#: the scan's extent). Checkpoints and maps that do not say are ``volume``.
+NORMALISATIONS = ("volume", "fixed")
+#: ``fixed`` standardisation g' = (g - mean) / std on g > 0, in image units (HU / 400): 100 HU and
+#: 64 HU, the medians over the planes of real 3D-IRCADb patient 1 of the per-plane mean (0.25-0.27)
+#: and std (0.14-0.19) of the positive pixels that ``volume`` uses
+FIXED_MEAN = 100.0 / 400.0
+FIXED_STD = 64.0 / 400.0
 DEFAULT_MAX_BATCH_VOXELS = 1 << 21
 #: padded pixels per :class:`BankGenerator` convolution call on the CPU: its 30-channel
 #: intermediates (block x 30 x 4 bytes, about 8 MB) then stay in the last-level cache
@@ -387,6 +398,23 @@ class _Generator:
     name: str = ""
     margin: int = RECEPTIVE_RADIUS
     weights_sha256: str = ""
+    normalisation: str = "volume"  # NORMALISATIONS; set by make_generator / with_normalisation
+    #: rules this generator supports (``fixed`` needs a bounded output)
+    normalisations: tuple[str, ...] = ("volume",)
+
+    def with_normalisation(self, rule: str) -> "_Generator":
+        """This generator with normalisation ``rule``; ValueError when it does not support it."""
+        if rule not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {rule!r}; valid: {', '.join(NORMALISATIONS)}")
+        if rule not in self.normalisations:
+            raise ValueError(f"generator {self.name!r} supports normalisation {', '.join(self.normalisations)}, "
+                             f"not {rule!r}")
+        self.normalisation = rule
+        return self
+
+    def standardise(self, planes: Tensor) -> Tensor:
+        """Planes (N, 1, H, W) as the generator's filters see them, by its normalisation rule."""
+        return standardise_planes(planes) if self.normalisation == "volume" else standardise_planes_fixed(planes)
 
     def __call__(self, padded: Tensor) -> Tensor:
         raise NotImplementedError
@@ -415,6 +443,7 @@ class _Generator:
             return self(torch.zeros((1, 1, 2 * m + 1, 2 * m + 1), dtype=torch.float32, device=self.device))
 
     def finalize(self, raw: np.ndarray) -> np.ndarray:
+        """The raw (3, H, W, D) map of a whole volume as stored: min-max over the volume (``volume``)."""
         return minmax(raw)
 
 
@@ -436,6 +465,13 @@ class BankGenerator(_Generator):
 
     name = "bank"
     block_pixels: int = BANK_CPU_BLOCK_PIXELS
+    normalisations = NORMALISATIONS
+
+    def finalize(self, raw: np.ndarray) -> np.ndarray:
+        """``volume``: min-max over the volume; ``fixed``: the head's sigmoid as it is, in [0, 1]."""
+        if self.normalisation == "fixed":
+            return np.clip(np.asarray(raw, dtype=np.float32), 0.0, 1.0)
+        return minmax(raw)
 
     def __init__(self, head: SalienceHead, weights_sha256: str = "") -> None:
         head = head.eval()
@@ -586,18 +622,22 @@ class AnalyticGenerator(_Generator):
         return minmax(np.clip(raw / scale, 0.0, 1.0))
 
 
-def make_generator(kind: str, weights: Optional[str | os.PathLike] = None) -> _Generator:
-    """A generator by name; ``bank`` and ``fpn`` need a weights file, ``analytic`` none."""
+def make_generator(kind: str, weights: Optional[str | os.PathLike] = None,
+                   normalisation: str = "volume") -> _Generator:
+    """A generator by name; ``bank`` and ``fpn`` need a weights file, ``analytic`` none.
+
+    ``normalisation``: ``NORMALISATIONS`` (``fixed`` for ``bank`` only); ValueError otherwise.
+    """
     if kind == "analytic":
-        return AnalyticGenerator()
+        return AnalyticGenerator().with_normalisation(normalisation)
     if kind not in GENERATORS:
         raise ValueError(f"unknown generator {kind!r}; valid: {', '.join(GENERATORS)}")
     if weights is None:
         raise ValueError(f"generator {kind!r} needs a weights file")
     sha = file_sha256(weights) if Path(weights).is_file() else ""
     if kind == "bank":
-        return BankGenerator(load_head(weights), sha)
-    return FPNGenerator(load_fpn(weights), sha)
+        return BankGenerator(load_head(weights), sha).with_normalisation(normalisation)
+    return FPNGenerator(load_fpn(weights), sha).with_normalisation(normalisation)
 
 
 # ----------------------------------------------------------------------------- planes / volumes
@@ -635,6 +675,19 @@ def standardise_planes(planes: Tensor) -> Tensor:
     return torch.where(pos & ok, out, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def standardise_planes_fixed(planes: Tensor) -> Tensor:
+    """Every plane g' = (g - FIXED_MEAN) / FIXED_STD on g > 0, 0 elsewhere; (N, 1, H, W).
+
+    The ``fixed`` rule: unlike :func:`standardise_planes` a pixel's value does not depend on
+    the rest of its plane, so a coronal or sagittal plane gives the same values whether the
+    scan stops at the liver or goes on to the pelvis.
+    """
+    if planes.dim() != 4 or planes.shape[1] != 1:
+        raise ValueError(f"planes must be (N, 1, H, W), got {tuple(planes.shape)}")
+    x = planes.float()
+    return torch.where(x > 0, (x - FIXED_MEAN) / FIXED_STD, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _chunks(n: int, per: int) -> Iterator[slice]:
     for s in range(0, n, per):
         yield slice(s, min(n, s + per))
@@ -650,7 +703,8 @@ def salience_2d(
 ) -> Tensor:
     """Raw salience of a batch of planes: (N, 1, H, W) -> (N, 1, H, W) float32, on the generator's device.
 
-    Each plane is standardised (unless ``standardise=False``), zero-padded by the
+    Each plane is standardised by the generator's rule (``generator.standardise``; unless
+    ``standardise=False``), zero-padded by the
     generator's margin and filtered (reference padding semantics); planes are processed
     in batches of at most ``max_batch_voxels`` pixels. The output is the generator's
     raw map, before the volume-level normalisation of :func:`salience_3d`. ``on_batch(k)`` is
@@ -667,7 +721,7 @@ def salience_2d(
         for sl in _chunks(n, per):
             x = planes[sl].to(dev, torch.float32)
             if standardise:
-                x = standardise_planes(x)
+                x = generator.standardise(x)
             out[sl] = generator(F.pad(x, (m, m, m, m)))
             if on_batch is not None:
                 on_batch(sl.stop - sl.start)
@@ -714,8 +768,9 @@ def salience_3d(
     """Three-plane salience of a volume: (H, W, D) image in [0, 1] -> (3, H, W, D) float32 in [0, 1].
 
     Channels (S_t, S_c, S_s) from every transverse V[:, :, d], coronal V[h, :, :] and
-    sagittal V[:, w, :] plane, then the generator's volume normalisation (min-max over
-    the whole array; ``analytic`` first divides by its 99.9th percentile).
+    sagittal V[:, w, :] plane, then the generator's volume normalisation (``generator.finalize``:
+    by its ``normalisation`` rule, ``volume``: min-max over the whole array, ``analytic`` first
+    dividing by its 99.9th percentile; ``fixed``: none, the bank head's sigmoid as it is).
     ``normalise=False`` returns the raw generator maps (for comparisons and benchmarks).
     ``progress``: a tqdm bar over the planes of the three directions.
     """
@@ -1208,6 +1263,7 @@ __all__: Sequence[str] = (
     "AnalyticGenerator",
     "make_generator",
     "standardise_planes",
+    "standardise_planes_fixed",
     "salience_2d",
     "salience_3d",
     "ResidualGate",

@@ -4,7 +4,10 @@ For every case: ``vol_data/<case>.h5`` (image = clip(HU, 0, 400) / 400 float32 (
 label uint8 {0, 1}, liver uint8 when known, attrs spacing / hu_window / crop / source), and for
 training cases ``slice_data/<case>_slice<NNNN>.h5`` for every index NNNN along D of the stored
 (cropped) volume. Lists under ``<list_dir>/<dataset>/``: the vol_* split lists (shipped for
-3D-IRCADb, else a deterministic split) and the generated ``slice_train.txt``.
+3D-IRCADb, else a deterministic split) and the generated ``slice_train.txt``. The stage's
+manifest ``<root>/<dataset>/dataset.json`` (utils.manifests) records the source, the options
+and every case's shape, spacing and crop; a dataset made with other options is refused
+unless ``overwrite``.
 
 A patient whose input is bad fails with a one-line error and gets no output at all; the others
 still run. Complete outputs are skipped unless ``overwrite``.
@@ -26,6 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from preprocessing.dicom_reader import MASKS_FOLDER, PATIENT_SERIES, PatientData, read_dicom_patient
 from preprocessing.errors import PreprocessError
 from preprocessing.nifti_reader import find_nifti_cases, read_nifti_case
+from utils import manifests
 from utils.h5io import HU_WINDOW, SPLITS, DatasetPaths, Volume, read_list, slice_name, write_list, write_slice, write_volume
 
 log = logging.getLogger(__name__)
@@ -374,6 +378,20 @@ def preprocess(
         raise ValueError(f"{src or images}: several inputs give the case name(s) {', '.join(dupes)}")
 
     paths = DatasetPaths.of(root_path, dataset, list_dir)
+    source = str(Path(src).resolve()) if fmt == "dicom" else {
+        "images": str(Path(images).resolve()), "labels": None if labels is None else str(Path(labels).resolve())}
+    classes = list(vessels) if fmt == "dicom" else (
+        [f"label value {v}" for v in label_values] if label_values is not None else ["label value: automatic"])
+    new_manifest = manifests.dataset_manifest(dataset, source=source, input_format=fmt, vessel_classes=classes,
+                                              hu_window=HU_WINDOW, crop=crop, margin=margin, with_masks=with_masks,
+                                              cases={})
+    old_manifest = manifests.read_manifest(manifests.dataset_manifest_path(paths), manifests.DATASET_FORMAT)
+    if old_manifest is not None and not overwrite:
+        differ = manifests.option_differences(old_manifest, new_manifest)
+        if differ:
+            # its complete cases would be kept beside new ones made otherwise
+            raise ValueError(f"{manifests.dataset_manifest_path(paths)}: the dataset there was made with other options "
+                             f"({'; '.join(differ)}); pass --overwrite to make it again, or choose another --dataset")
     splits = resolve_splits(paths, dataset, names, split, split_seed, overwrite)
     train = set(splits["train"])
     jobs = [
@@ -418,6 +436,8 @@ def preprocess(
     slice_list = paths.list_file("slice_train")
     if not slice_list.is_file() or read_list(slice_list) != slices:
         write_list(slice_list, slices)
+    new_manifest["cases"] = {c: manifests.case_record(paths.volume(c)) for c, d in depth.items() if d is not None}
+    manifests.write_dataset_manifest(paths, new_manifest)
     missing = [c for c, d in depth.items() if d is None]
     if missing:
         log.warning("%d listed case(s) have no complete output: %s", len(missing), ", ".join(missing[:10]))

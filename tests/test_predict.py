@@ -403,24 +403,32 @@ def test_checkpoint_embeds_generator(tmp_path):
 
 
 def test_training_embeds_the_generator_of_the_offline_maps(tiny_dataset, tmp_path):
+    """The trainer takes the generator from the maps' manifest (no search by hash), checks its
+    weights and embeds them with the normalisation rule; the run folder keeps the manifest."""
     from trainer import TrainConfig, train
 
-    paths = tiny_dataset.paths
-    head_copy = tmp_path / "ckpt" / "salience" / tiny_dataset.dataset / "bank_fit.pth"
+    head_copy = tmp_path / "heads" / "my_head.pth"
     head_copy.parent.mkdir(parents=True)
     head_copy.write_bytes(default_head_path().read_bytes())
     sha = __import__("hashlib").sha256(head_copy.read_bytes()).hexdigest()
-    for case in sum(tiny_dataset.splits.values(), []):
-        with h5py.File(paths.salience(case), "a") as f:
-            f.attrs["generator"], f.attrs["weights_sha256"] = "bank", sha
+    generate_run = __import__("salience_generation").run
+    generate_run(tiny_dataset.dataset, str(tiny_dataset.root_path), str(tiny_dataset.list_dir), "bank",
+                 str(head_copy), overwrite=True, normalisation="fixed")
     cfg = TrainConfig(dataset=tiny_dataset.dataset, root_path=str(tiny_dataset.root_path),
                       list_dir=str(tiny_dataset.list_dir), output_root=str(tmp_path / "ckpt"), model_kwargs=KW,
                       img_size=(32, 32), batch_size=2, num_workers=0, max_epochs=1, max_iterations=1,
                       salience="offline")
     train(cfg)
     ckpt = load_checkpoint(cfg.run_dir() / "best_model.pth")
-    assert ckpt["generator"]["kind"] == "bank" and ckpt["generator"]["weights_sha256"] == sha
-    assert ckpt["generator"]["source"] == "bank_fit.pth"
+    assert ckpt["generator"]["kind"] == "bank" and ckpt["generator"]["weights_sha256"] == sha == ckpt["head_sha256"]
+    assert ckpt["generator"]["source"] == "my_head.pth" and ckpt["generator"]["normalisation"] == "fixed"
+    assert ckpt["manifests"]["salience"]["generator"]["weights_path"] == str(head_copy.resolve())
+    saved = json.loads((cfg.run_dir() / "salience_manifest.json").read_text())
+    assert saved["normalisation"] == "fixed" and set(saved["cases"]) == set(sum(tiny_dataset.splits.values(), []))
+    # weights changed after the maps were made: refused in one line naming the file
+    head_copy.write_bytes(head_copy.read_bytes() + b"x")
+    with pytest.raises(ValueError, match="my_head.pth: weights changed since the salience maps were made"):
+        train(TrainConfig(**{**cfg.to_json(), "overwrite": True}))
     torch.use_deterministic_algorithms(False)  # train() switches them on process-wide
 
 

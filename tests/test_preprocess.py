@@ -10,6 +10,8 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import json
+
 import h5py
 import numpy as np
 import pydicom
@@ -431,3 +433,73 @@ def test_nifti_label_values():
     np.testing.assert_array_equal(vessel_from_labels("c", Path("l.nii"), msd, (1, 2)), [[0, 1], [1, 1]])
     with pytest.raises(PreprocessError, match=r"c: l.nii: label values \[0, 3, 7\] not recognised"):
         vessel_from_labels("c", Path("l.nii"), np.array([0, 3, 7]), None)
+
+
+# ---------------------------------------------------------------- stage manifests
+
+
+def test_dataset_manifest_records_options_and_cases_and_refuses_other_options(tmp_path):
+    from utils import manifests
+
+    make_patient(tmp_path / "src", 1)
+    make_patient(tmp_path / "src", 4)
+    _, paths = run(tmp_path)
+    doc = json.loads((paths.root / "dataset.json").read_text())
+    assert doc["format"] == manifests.DATASET_FORMAT and doc["input_format"] == "dicom"
+    assert doc["vessel_classes"] == ["portalvein", "venoussystem"] and doc["hu_window"] == [0.0, 400.0]
+    assert doc["crop"] == {"mode": "liver_z", "margin": 0} and doc["source"] == str((tmp_path / "src").resolve())
+    assert set(doc["cases"]) == {"case0001", "case0004"}
+    vol = read_volume(paths.volume("case0001"))
+    c1 = doc["cases"]["case0001"]
+    assert c1["shape"] == list(vol.image.shape) and c1["crop"] == list(vol.crop)
+    assert c1["spacing"] == pytest.approx(list(SPACING))
+    # the same options again: skipped, and the manifest's content (not its date) is the same
+    run(tmp_path)
+    again = json.loads((paths.root / "dataset.json").read_text())
+    assert manifests.fingerprint(again) == manifests.fingerprint(doc)
+    # other options would mix cases made two ways: refused, naming the option; --overwrite redoes it
+    with pytest.raises(ValueError, match=r"dataset.json: the dataset there was made with other options \(crop:"):
+        run(tmp_path, crop="none")
+    run(tmp_path, crop="none", overwrite=True)
+    redone = json.loads((paths.root / "dataset.json").read_text())
+    assert redone["crop"]["mode"] == "none" and redone["cases"]["case0001"]["shape"] == list(SHAPE)
+
+
+def test_training_refuses_manifests_that_disagree(tmp_path, capsys):
+    """Maps made from another dataset.json, or a dataset.json with another HU window, stop main.py
+    with one line naming the file and the field."""
+    import main as main_cli
+    import salience_generation as sg
+    from utils import manifests
+
+    make_patient(tmp_path / "src", 1)
+    make_patient(tmp_path / "src", 7)
+    _, paths = run(tmp_path)
+    lists = {"vol_train": "case0001\n", "vol_val": "case0007\n", "vol_test": ""}  # the lists name 20 patients
+    for name, text in lists.items():
+        (paths.list_dir / f"{name}.txt").write_text(text)
+    sg.run("3D-IRCADb", str(tmp_path / "data"), str(tmp_path / "list"), "analytic")
+    sal = json.loads((paths.vol_salience / "manifest.json").read_text())
+    assert sal["generator"]["kind"] == "analytic" and set(sal["cases"]) == {"case0001", "case0007"}
+    dataset_json = paths.root / "dataset.json"
+    assert sal["dataset_fingerprint"] == manifests.fingerprint(json.loads(dataset_json.read_text()))
+    args = ["--dataset", "3D-IRCADb", "--root_path", str(tmp_path / "data"), "--list_dir", str(tmp_path / "list"),
+            "--output_root", str(tmp_path / "ckpt"), "--model_kwargs", '{"base_channels": 4, "depth": 2}',
+            "--img_size", "32", "32", "--batch_size", "2", "--num_workers", "0", "--max_iterations", "1"]
+    doc = json.loads(dataset_json.read_text())
+
+    def refused() -> str:
+        capsys.readouterr()
+        assert main_cli.main(args) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
+        assert len(errors) == 1
+        return errors[0]
+
+    dataset_json.write_text(json.dumps({**doc, "vessel_classes": ["portalvein"]}))
+    assert "vol_salience/manifest.json: dataset_fingerprint differs" in refused()
+    dataset_json.write_text(json.dumps({**doc, "hu_window": [-100.0, 300.0]}))
+    assert "dataset.json: hu_window [-100.0, 300.0] differs" in refused()
+    dataset_json.write_text(json.dumps(doc))
+    assert main_cli.main(args) == 0
+    run_dir = next((tmp_path / "ckpt").rglob("best_model.pth")).parent
+    assert json.loads((run_dir / "dataset.json").read_text()) == doc

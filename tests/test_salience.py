@@ -13,6 +13,7 @@ from conftest import REAL_SERIES, SEED_WEIGHTS
 from dataloaders.inputs import model_input
 from networks.salience import (
     FPN_BLOCKS,
+    RECEPTIVE_RADIUS,
     AnalyticGenerator,
     BankGenerator,
     FPNGenerator,
@@ -25,6 +26,7 @@ from networks.salience import (
     fpn_kernels,
     load_fpn,
     load_head,
+    make_generator,
     salience_2d,
     salience_3d,
     square_wave_bank,
@@ -630,3 +632,81 @@ def test_salience_module_keeps_its_state_dict_and_loads_the_head(tmp_path):
     again = SalienceModule.from_head_file(path)
     x = torch.rand(2, 1, 7, 9)
     _close(again(x), mod(x))
+
+
+# ----------------------------------------------------------------------------- normalisation rules
+def test_fixed_standardisation_worked_values():
+    from networks.salience import FIXED_MEAN, FIXED_STD, standardise_planes_fixed
+
+    plane = torch.tensor([[0.0, FIXED_MEAN, FIXED_MEAN + FIXED_STD], [FIXED_MEAN - FIXED_STD, 1.0, 0.0]])
+    got = standardise_planes_fixed(plane[None, None])[0, 0].numpy()
+    want = np.array([[0.0, 0.0, 1.0], [-1.0, (1.0 - FIXED_MEAN) / FIXED_STD, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        standardise_planes_fixed(plane)
+
+
+def _with_bone_slab(vol: np.ndarray, n: int) -> np.ndarray:
+    slab = np.where(vol[:, :, -1:] > 0, 1.0, 0.0).astype(np.float32)
+    return np.concatenate([vol, np.repeat(slab, n, axis=2)], axis=2)
+
+
+def test_fixed_rule_salience_does_not_depend_on_the_scan_extent():
+    """Slices added beyond the receptive radius change nothing under ``fixed``; under ``volume``
+    the coronal / sagittal standardisation and the min-max move every voxel."""
+    rng = np.random.default_rng(3)
+    vol = np.clip(0.25 + 0.08 * rng.standard_normal((24, 20, 30)), 0, 1).astype(np.float32)
+    vol[10:13, :, :] = 0.45  # a bright vessel along the columns
+    longer = _with_bone_slab(vol, 12)
+    keep = slice(0, vol.shape[2] - RECEPTIVE_RADIUS)  # slices whose coronal / sagittal field stays inside
+    fixed = make_generator("bank", default_head_path(), "fixed")
+    a, b = salience_3d(vol, fixed), salience_3d(longer, fixed)
+    np.testing.assert_allclose(b[:, :, :, keep], a[:, :, :, keep], atol=1e-6)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    volume = make_generator("bank", default_head_path(), "volume")
+    c, d = salience_3d(vol, volume), salience_3d(longer, volume)
+    assert float(np.abs(d[:, :, :, keep] - c[:, :, :, keep]).max()) > 0.01
+    # ``fixed`` keeps the head's sigmoid: the transverse channel is the 2-D map of each slice
+    one = salience_2d(torch.from_numpy(vol[:, :, 5].copy())[None, None], fixed)[0, 0].numpy()
+    np.testing.assert_allclose(a[0, :, :, 5], one, atol=1e-6)
+
+
+def test_fixed_rule_is_for_the_bank_generator_only(tmp_path):
+    with pytest.raises(ValueError, match="supports normalisation volume, not 'fixed'"):
+        make_generator("analytic", None, "fixed")
+    with pytest.raises(ValueError, match="unknown normalisation 'minmax'"):
+        make_generator("bank", default_head_path(), "minmax")
+    with pytest.raises(ValueError, match="--normalisation fixed is for the bank generator"):
+        sg.run("x", str(tmp_path), str(tmp_path), "analytic", normalisation="fixed")
+
+
+def test_checkpoint_carries_the_normalisation_rule():
+    from networks.checkpoint import generator_from_checkpoint, generator_record
+
+    rec = generator_record("bank", default_head_path(), "fixed")
+    assert rec["normalisation"] == "fixed"
+    gen = generator_from_checkpoint({"salience": "offline", "generator": rec})
+    assert gen.normalisation == "fixed" and gen.weights_sha256 == rec["weights_sha256"]
+    # a checkpoint written before the rule existed made its maps the paper's way
+    old = {k: v for k, v in rec.items() if k != "normalisation"}
+    assert generator_from_checkpoint({"salience": "offline", "generator": old}).normalisation == "volume"
+    # a head file given on the command line keeps the embedded rule
+    assert generator_from_checkpoint({"salience": "offline", "generator": rec},
+                                     head=default_head_path()).normalisation == "fixed"
+
+
+def test_generation_records_the_rule_in_every_map(tiny_dataset):
+    ds = tiny_dataset
+    status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank", overwrite=True)
+    assert set(status.values()) == {"written"}
+    assert sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank") == {c: "skipped" for c in status}
+    # maps of the other rule are made again without --overwrite, and so are their slices
+    status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank", normalisation="fixed")
+    assert set(status.values()) == {"written"}
+    for case in status:
+        with h5py.File(ds.paths.salience(case), "r") as f:
+            assert f.attrs["normalisation"] == "fixed" and f.attrs["generator"] == "bank"
+            vol_map = f["salience"][()]
+        for z, path in sg.case_slices(ds.paths, case):
+            with h5py.File(path, "r") as f:
+                np.testing.assert_array_equal(f["salience"][()], vol_map[:, :, :, z])

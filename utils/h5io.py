@@ -170,9 +170,10 @@ def read_volume(path: str | os.PathLike, with_liver: bool = True) -> Volume:
 
 
 def write_salience(
-    path: str | os.PathLike, salience: np.ndarray, generator: str, weights_sha256: str = "", overwrite: bool = True
+    path: str | os.PathLike, salience: np.ndarray, generator: str, weights_sha256: str = "", overwrite: bool = True,
+    normalisation: str = "volume",
 ) -> None:
-    """Write a (3, H, W, D) salience map atomically."""
+    """Write a (3, H, W, D) salience map atomically; attrs generator, weights_sha256, normalisation."""
     if salience.ndim != 4 or salience.shape[0] != 3:
         raise ValueError(f"salience must be (3, H, W, D), got shape {salience.shape}")
     h, w = salience.shape[1:3]
@@ -181,6 +182,7 @@ def write_salience(
             f.create_dataset("salience", data=salience.astype(np.float32), chunks=(3, h, w, 1), **_COMPRESSION)
             f.attrs["generator"] = generator
             f.attrs["weights_sha256"] = weights_sha256
+            f.attrs["normalisation"] = normalisation
 
 
 def salience_weights_sha256(path: str | os.PathLike) -> str:

@@ -1,0 +1,115 @@
+"""Does a prediction depend on how far the scan extends? (issue 24, point 3)
+
+    python bench/extent_invariance.py --model checkpoint/phantom/unet/epo100_bs4_lr0.003/demo/best_model.pth
+    python bench/extent_invariance.py --model FILE --name extent_invariance_before   # the record's name
+
+For every real 3D-IRCADb patient under ``--real`` (default ``../shared/real``) the model file
+segments three versions of the scan, as ``predict.py`` does (``evaluation.segment.predict_scan``):
+
+- ``whole``: the whole DICOM series, no liver mask (what a new user runs);
+- ``cropped``: with the true liver mask, i.e. the volume cut to the liver's slices as in training;
+- ``padded``: the whole series with 20 extra slices of bone-bright voxels (1000 HU over the body
+  outline of the end slice) above and 20 below.
+
+Inside the true liver it reports the Dice of ``whole`` against ``cropped`` and of ``padded``
+against ``whole`` (1.0: the prediction does not depend on the scan's extent), and each
+version's vessel Dice against the truth. Writes ``results/<name>.json`` (utils.records) and
+prints a table. Real data is read in place and never written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.metrics import dice  # noqa: E402
+from evaluation.scan_io import Scan, find_cases, read_scan  # noqa: E402
+from evaluation.segment import load_segmenter, predict_scan  # noqa: E402
+from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
+from utils.provenance import file_sha256  # noqa: E402
+from utils.records import write_record  # noqa: E402
+
+PAD_SLICES = 20  # at each end: 40 in all
+BONE_HU = 1000.0
+BODY_HU = -300.0  # the body outline of the end slice: voxels above this
+
+
+def pad_with_bone(scan: Scan, n: int = PAD_SLICES) -> Scan:
+    """``scan`` with ``n`` slices of bone-bright body (``BONE_HU``) added at each end of the slice axis."""
+    hu = scan.hu
+    top = np.where(hu[:, :, :1] > BODY_HU, BONE_HU, -1000.0).astype(np.float32)
+    bottom = np.where(hu[:, :, -1:] > BODY_HU, BONE_HU, -1000.0).astype(np.float32)
+    padded = np.concatenate([np.repeat(top, n, axis=2), hu, np.repeat(bottom, n, axis=2)], axis=2)
+    return Scan(scan.case + "_padded", padded, scan.spacing, scan.geometry, scan.output_geometry,
+                description={**scan.description, "padded_slices": 2 * n})
+
+
+def measure_patient(seg, patient: Path) -> dict:
+    src = find_cases(patient)[0]
+    scan = read_scan(src)
+    truth = read_dicom_patient(patient, ["portalvein", "venoussystem"])
+    if truth.hu.shape != scan.hu.shape or not np.array_equal(truth.hu, scan.hu):
+        raise ValueError(f"{patient}: the preprocessing reader and predict.py's reader disagree on the image")
+    liver = truth.liver.astype(bool)
+    label = truth.label.astype(bool) & liver
+    t0 = time.perf_counter()
+    whole = predict_scan(seg, scan).mask
+    t1 = time.perf_counter()
+    cropped = predict_scan(seg, scan, liver).mask
+    t2 = time.perf_counter()
+    padded = predict_scan(seg, pad_with_bone(scan)).mask[:, :, PAD_SLICES:-PAD_SLICES]
+    t3 = time.perf_counter()
+    w, c, p = whole & liver, cropped & liver, padded & liver
+    return {
+        "shape": list(scan.hu.shape), "spacing_mm": [round(float(s), 4) for s in scan.spacing],
+        "liver_slices": [int(i) for i in np.flatnonzero(liver.any(axis=(0, 1)))[[0, -1]]],
+        "dice_whole_vs_cropped": float(dice(w, c)),
+        "dice_padded_vs_whole": float(dice(p, w)),
+        "dice_truth": {"whole": float(dice(w, label)), "cropped": float(dice(c, label)),
+                       "padded": float(dice(p, label))},
+        "vessel_voxels_in_liver": {"whole": int(w.sum()), "cropped": int(c.sum()), "padded": int(p.sum())},
+        "seconds": {"whole": round(t1 - t0, 1), "cropped": round(t2 - t1, 1), "padded": round(t3 - t2, 1)},
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "real"))
+    p.add_argument("--name", default="extent_invariance", help="record name: results/<name>.json")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    patients = sorted(q for q in Path(args.real).glob("3Dircadb1.*") if q.is_dir())
+    if not patients:
+        print(f"{args.real}: no real 3D-IRCADb patient; nothing measured")
+        return 0
+    seg = load_segmenter(args.model, "cpu")
+    rows = {q.name: measure_patient(seg, q) for q in patients}
+    rule = (seg.ckpt.get("generator") or {}).get("normalisation", "volume")
+    print(f"model {args.model} (salience {seg.mode}, normalisation {rule})")
+    print("| patient | Dice whole vs cropped | Dice padded vs whole | truth: whole | cropped | padded |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        t = r["dice_truth"]
+        print(f"| {name} | {r['dice_whole_vs_cropped']:.4f} | {r['dice_padded_vs_whole']:.4f} | {t['whole']:.3f} | "
+              f"{t['cropped']:.3f} | {t['padded']:.3f} |")
+    path = write_record(args.name, {"patients": rows, "normalisation": rule}, description=(
+        "Inside the true liver: Dice between predict.py's masks of the whole scan and of the scan cropped to "
+        "the liver (training's crop), and of the scan padded with 2 x 20 slices of 1000 HU against the whole "
+        "scan; and each against the true vessels (portal + hepatic)."),
+        inputs={"model": str(args.model), "model_sha256": file_sha256(args.model), "real": [q.name for q in patients]})
+    print(f"record: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Stage manifests: what each stage made and how, so the next stage reads it instead of searching.
+
+``preprocess.py`` writes ``<root>/<dataset>/dataset.json``::
+
+    format          "livervessel-dataset-v1"
+    dataset, source input folder(s), input_format ("dicom" | "nifti")
+    vessel_classes  the mask folders whose union is the label (3D-IRCADb) or the label values (NIfTI)
+    label_rule      how the label is made from them
+    hu_window       [lo, hi] HU; image = clip(HU, lo, hi) / (hi - lo)
+    crop            {"mode": "none" | "liver_z" | "liver_box", "margin": voxels}
+    with_masks      whether labels and liver masks were read
+    cases           {case: {"shape": [H, W, D], "spacing": [mm x 3], "crop": [6 ints], "source": str}}
+    code_version, created
+
+``salience_generation.py`` writes ``<root>/<dataset>/vol_salience/manifest.json``::
+
+    format          "livervessel-salience-maps-v1"
+    generator       {"kind": "bank" | "fpn" | "analytic", "parameters": {...},
+                     "weights_sha256": str, "weights_path": absolute path or null}
+    normalisation   "volume" | "fixed" (networks.salience.NORMALISATIONS)
+    dataset_fingerprint  :func:`fingerprint` of the dataset.json the maps were made from
+    cases           {case: [3, H, W, D]}
+    code_version, created
+
+``main.py`` copies both into the run folder and the checkpoint, and refuses data whose
+manifests disagree (:func:`check_agreement`: one line naming the field). No torch here.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import h5py
+
+from utils.atomic import atomic_path
+from utils.h5io import DatasetPaths
+from utils.provenance import code_version
+
+DATASET_MANIFEST = "dataset.json"
+SALIENCE_MANIFEST = "manifest.json"
+DATASET_FORMAT = "livervessel-dataset-v1"
+SALIENCE_FORMAT = "livervessel-salience-maps-v1"
+#: keys that say when and by which commit, not what: left out of fingerprints and comparisons
+VOLATILE = ("created", "code_version")
+#: the options of preprocess.py that change every case: data made with others is another dataset
+DATASET_OPTIONS = ("input_format", "vessel_classes", "label_rule", "hu_window", "crop", "with_masks")
+
+
+def dataset_manifest_path(paths: DatasetPaths) -> Path:
+    return paths.root / DATASET_MANIFEST
+
+
+def salience_manifest_path(paths: DatasetPaths) -> Path:
+    return paths.vol_salience / SALIENCE_MANIFEST
+
+
+def fingerprint(manifest: dict) -> str:
+    """sha256 of a manifest's content, without the keys that only say when it was written."""
+    body = {k: v for k, v in manifest.items() if k not in VOLATILE}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write(path: Path, doc: dict) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def read_manifest(path: str | os.PathLike, fmt: str) -> Optional[dict]:
+    """The manifest at ``path``; None when there is none (data from before manifests);
+    ValueError naming the file when it is unreadable or of another format."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable manifest ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} manifest (format {doc.get('format') if isinstance(doc, dict) else '?'})")
+    return doc
+
+
+def case_record(volume_file: Path) -> dict[str, Any]:
+    """shape, spacing, crop and source of one stored volume, from its HDF5 attributes."""
+    with h5py.File(volume_file, "r") as f:
+        return {"shape": [int(s) for s in f["image"].shape],
+                "spacing": [float(s) for s in f.attrs.get("spacing", ())],
+                "crop": [int(c) for c in f.attrs.get("crop", ())],
+                "source": str(f.attrs.get("source", ""))}
+
+
+def dataset_manifest(dataset: str, *, source: Any, input_format: str, vessel_classes: Sequence[Any],
+                     hu_window: Sequence[float], crop: str, margin: int, with_masks: bool,
+                     cases: dict[str, dict]) -> dict[str, Any]:
+    """The dataset.json document (see the module docstring)."""
+    return {
+        "format": DATASET_FORMAT, "dataset": dataset, "source": source, "input_format": input_format,
+        "vessel_classes": list(vessel_classes),
+        "label_rule": "union of the vessel classes, > 0 -> 1" if with_masks else "none (image only: all zeros)",
+        "hu_window": [float(v) for v in hu_window], "crop": {"mode": crop, "margin": int(margin)},
+        "with_masks": bool(with_masks), "cases": cases,
+        "code_version": code_version(), "created": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def option_differences(old: dict, new: dict) -> list[str]:
+    """The preprocessing options on which two dataset manifests differ, as "name: old vs new"."""
+    return [f"{k}: {old.get(k)!r} there vs {new.get(k)!r} now" for k in DATASET_OPTIONS if old.get(k) != new.get(k)]
+
+
+def write_dataset_manifest(paths: DatasetPaths, doc: dict) -> Path:
+    return _write(dataset_manifest_path(paths), doc)
+
+
+def salience_manifest(*, kind: str, parameters: Optional[dict], weights_sha256: str,
+                      weights_path: Optional[str | os.PathLike], normalisation: str,
+                      dataset: Optional[dict], cases: dict[str, Sequence[int]]) -> dict[str, Any]:
+    """The vol_salience/manifest.json document (see the module docstring)."""
+    return {
+        "format": SALIENCE_FORMAT,
+        "generator": {"kind": kind, "parameters": parameters, "weights_sha256": weights_sha256,
+                      "weights_path": None if weights_path is None else str(Path(weights_path).resolve())},
+        "normalisation": normalisation,
+        "dataset_fingerprint": None if dataset is None else fingerprint(dataset),
+        "cases": {c: [int(s) for s in shape] for c, shape in cases.items()},
+        "code_version": code_version(), "created": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def write_salience_manifest(paths: DatasetPaths, doc: dict) -> Path:
+    return _write(salience_manifest_path(paths), doc)
+
+
+def check_agreement(paths: DatasetPaths, dataset: Optional[dict], salience: Optional[dict],
+                    cases: Sequence[str], hu_window: Sequence[float]) -> None:
+    """ValueError (one line, naming the file and the field) when the manifests disagree with each
+    other, with the code's HU window or with the ``cases`` a run uses; silent when both agree.
+
+    Missing manifests (data from before they existed) are not checked here.
+    """
+    dpath, spath = dataset_manifest_path(paths), salience_manifest_path(paths)
+    if dataset is not None:
+        if [float(v) for v in dataset.get("hu_window", ())] != [float(v) for v in hu_window]:
+            raise ValueError(f"{dpath}: hu_window {dataset.get('hu_window')} differs from the code's "
+                             f"{list(hu_window)}; run preprocess.py --overwrite")
+        missing = [c for c in cases if c not in (dataset.get("cases") or {})]
+        if missing:
+            raise ValueError(f"{dpath}: cases {missing[:3]} of the lists are not in the dataset "
+                             f"({len(missing)} in all); run preprocess.py for them")
+    if salience is None:
+        return
+    if dataset is not None and salience.get("dataset_fingerprint") != fingerprint(dataset):
+        raise ValueError(f"{spath}: dataset_fingerprint differs: the maps were made from another {DATASET_MANIFEST} "
+                         f"(preprocess.py ran since); run salience_generation.py --overwrite")
+    have = salience.get("cases") or {}
+    for c in cases:
+        if c not in have:
+            raise ValueError(f"{spath}: cases: no map of {c}; run salience_generation.py")
+        if dataset is not None:
+            want = [3, *dataset["cases"][c]["shape"]]
+            if list(have[c]) != want:
+                raise ValueError(f"{spath}: cases: {c} has shape {have[c]} there, {DATASET_MANIFEST} says {want}")
