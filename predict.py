@@ -1,4 +1,4 @@
-"""Segment the liver vessels of new CT scans with one model file (DESIGN.md section 6).
+"""Segment the liver vessels of new CT scans with one model file (docs/DESIGN.md section 6).
 
     python predict.py --model FILE --input PATH --output DIR [--device auto] [--liver_mask FILE]
                       [--prob] [--mesh [stl|obj]] [--figures] [--tta] [--series UID] [--head FILE]

@@ -1,4 +1,4 @@
-"""Convert raw CT patients to the project's HDF5 layout (DESIGN.md section 2).
+"""Convert raw CT patients to the project's HDF5 layout (docs/DESIGN.md section 2).
 
     python preprocess.py --dataset 3D-IRCADb --src /path/to/3Dircadb1
     python preprocess.py --dataset phantom --src data/raw/phantom

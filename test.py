@@ -1,4 +1,4 @@
-"""Evaluate a trained model on a split (DESIGN.md section 4).
+"""Evaluate a trained model on a split (docs/DESIGN.md section 4).
 
     python test.py --dataset 3D-IRCADb --backbone unet [--exp NAME] [--salience MODE] [--model_path FILE] [--split test]
                    [--eval_roi liver|none] [--tta] [--overlap 0.5] [--img_size H W]

@@ -22,7 +22,7 @@ their latest release (lzhLab/ConSalience, ``networks/salience_generator.py``) an
   of it, and concatenates the three results along channels.
 
 Two deliberate differences, neither changing the work done: the coronal call permutes the
-input to (B, 1, W, D, H) (planes W x D, DESIGN.md section 1) where their ``transpose(4, 2)``
+input to (B, 1, W, D, H) (planes W x D, docs/DESIGN.md section 1) where their ``transpose(4, 2)``
 gives D x W planes (the head is not symmetric under transposition, so their coronal maps are
 other numbers), and the channels are concatenated (transverse, coronal, sagittal) where they
 concatenate (coronal, sagittal, transverse). With those, both modules compute the same

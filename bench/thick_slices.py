@@ -5,7 +5,7 @@
 
 Training data and real scans rarely share a slice thickness (the demo phantoms have 1.6 mm,
 3D-IRCADb 1-4 mm). The offline salience is computed on the scan's own voxel grid
-(DESIGN.md: every coronal and sagittal plane of V), so on a thick scan its coronal and
+(docs/DESIGN.md: every coronal and sagittal plane of V), so on a thick scan its coronal and
 sagittal planes see vessels squashed along z. For every case of the split (a ``vol_data``
 file with a liver mask) this makes a thick copy by averaging ``--factor`` consecutive slices
 (label and liver kept where at least half of the group is labelled) and scores the model

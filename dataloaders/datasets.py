@@ -1,4 +1,4 @@
-"""Training and validation datasets over the project's HDF5 layout (DESIGN.md section 2).
+"""Training and validation datasets over the project's HDF5 layout (docs/DESIGN.md section 2).
 
 Every item is a dict of tensors:
     ``input``  (C, H, W) or (C, h, w, d) float32: dataloaders.inputs.model_input(image, S, mode)

@@ -4,7 +4,7 @@ One function for training datasets, validation and test.py, so they cannot disag
 
 - ``none``:    1 channel, the image G.
 - ``offline``: 3 channels, the residual gate G + G * S_i for i in (transverse, coronal,
-  sagittal) (DESIGN.md section 1, step 4), from a stored salience map.
+  sagittal) (docs/DESIGN.md section 1, step 4), from a stored salience map.
 - ``e2e``:     1 channel, the image G; the salience module inside the model gates it.
 """
 from __future__ import annotations

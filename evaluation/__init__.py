@@ -1,1 +1,1 @@
-"""Evaluation: metrics (DESIGN.md section 4), reports, prediction files and figures."""
+"""Evaluation: metrics (docs/DESIGN.md section 4), reports, prediction files and figures."""

@@ -1,4 +1,4 @@
-"""Vessel segmentation metrics (DESIGN.md section 4), pure functions on boolean arrays.
+"""Vessel segmentation metrics (docs/DESIGN.md section 4), pure functions on boolean arrays.
 
 Arrays are (H, W, D) = (rows, columns, slices), argument order (pred, target); spacing is
 (row, col, slice) in mm. Overlap metrics do not depend on spacing and do not take it.
@@ -287,7 +287,7 @@ METRIC_KEYS: tuple[str, ...] = (
 def evaluate_case(
     pred: np.ndarray, target: np.ndarray, spacing: Sequence[float], roi: Optional[np.ndarray] = None
 ) -> dict[str, float]:
-    """Every metric of DESIGN.md section 4 for one case, as a flat dict (keys ``METRIC_KEYS``).
+    """Every metric of docs/DESIGN.md section 4 for one case, as a flat dict (keys ``METRIC_KEYS``).
 
     pred, target: (H, W, D) masks (anything nonzero is foreground). roi: optional (H, W, D)
     mask (e.g. the liver): both masks are restricted to it and specificity counts negatives

@@ -1,4 +1,4 @@
-"""The work behind test.py: predict, score and report every case of a split (DESIGN.md section 4).
+"""The work behind test.py: predict, score and report every case of a split (docs/DESIGN.md section 4).
 
 See test.py for the command line; :func:`run_evaluation` is the typed entry point tests call.
 """

@@ -1,4 +1,4 @@
-"""The work behind predict.py: segment new CT scans with one model file (DESIGN.md section 6).
+"""The work behind predict.py: segment new CT scans with one model file (docs/DESIGN.md section 6).
 
 Per scan (:func:`segment_case`): read it (evaluation.scan_io, the preprocessing readers), build
 the network input exactly as for training (``preprocessing.pipeline.to_volume``: HU window and,
@@ -37,7 +37,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
-from evaluation.runner import resolve_device
+from evaluation.runner import resolve_device, spacing_warning
 from evaluation.scan_io import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
 from inference import predict_volume, vessel_mask
 from networks.checkpoint import generator_from_checkpoint, inference_settings, load_model
@@ -270,7 +270,7 @@ def vessel_stats(mask: np.ndarray, spacing: Sequence[float]) -> dict[str, Any]:
         "largest_component_fraction": sizes[0] / sum(sizes) if sizes else None,
         "component_volumes_ml_top5": [s * voxel_ml for s in sizes[:5]],
         "conventions": "26-connectivity; radius = distance transform of the mask at its skeleton (mm); "
-                       "bins as the metrics' centreline recall (DESIGN.md section 4)",
+                       "bins as the metrics' centreline recall (docs/DESIGN.md section 4)",
     }
 
 
@@ -423,6 +423,34 @@ class CaseResult:
     message: str = ""
 
 
+#: warn when a scan's slices are more than this many times thicker than the training data's
+SLICE_THICKNESS_TOLERANCE = 1.5
+
+
+def training_slice_mm(ckpt: dict) -> Optional[float]:
+    """Median slice spacing (mm) of the data a checkpoint was trained on (its dataset manifest);
+    None for checkpoints written before manifests."""
+    dataset = (ckpt.get("manifests") or {}).get("dataset") or {}
+    spacings = [c["spacing"][2] for c in (dataset.get("cases") or {}).values() if len(c.get("spacing", ())) == 3]
+    return float(np.median(spacings)) if spacings else None
+
+
+def scan_warnings(seg: Segmenter, case: str, scan: Scan) -> list[str]:
+    """What makes a scan unlike the model's training data: in-plane spacing more than 20% off
+    (2-D models, ``evaluation.runner.spacing_warning``), slices more than 1.5x thicker (the
+    project measured 0.08-0.12 Dice lost at 2-3x). Each is one line, logged and kept in stats.json."""
+    out = []
+    if seg.dims == 2:
+        w = spacing_warning(case, scan.spacing, scan.hu.shape, seg.ckpt, seg.settings["img_size"])
+        if w:
+            out.append(w)
+    trained = training_slice_mm(seg.ckpt)
+    if trained and scan.spacing[2] > SLICE_THICKNESS_TOLERANCE * trained:
+        out.append(f"{case}: slices {scan.spacing[2]:.3g} mm apart, {scan.spacing[2] / trained:.1f}x the "
+                   f"{trained:.3g} mm of the training data: expect a lower Dice (thin vessels blur across slices)")
+    return out
+
+
 def _stats_mismatches(path: Path, wanted: dict) -> list[str]:
     """What differs between the provenance in an earlier ``<case>_stats.json`` and ``wanted``."""
     try:
@@ -463,6 +491,9 @@ def segment_case(seg: Segmenter, src: CaseSource, out_dir: Path, *, liver_mask: 
     liver = read_mask(liver_mask, scan) if liver_mask is not None else None
     log.info("%s: read %s, %d x %d x %d voxels of %s mm, in %.1f s", src.name, src.path, *scan.hu.shape,
              " x ".join(f"{v:.3g}" for v in scan.spacing), clock.lap("read"))
+    warnings = scan_warnings(seg, src.name, scan)
+    for w in warnings:
+        log.warning("%s", w)
     pred = predict_scan(seg, scan, liver, tta=tta, batch_size=batch_size, clock=clock)
     log.info("%s: salience %.1f s, inference %.1f s", src.name, clock.wall.get("salience", 0.0), clock.wall["inference"])
     stats = vessel_stats(pred.mask, scan.spacing)
@@ -492,7 +523,7 @@ def segment_case(seg: Segmenter, src: CaseSource, out_dir: Path, *, liver_mask: 
         doc = {
             "case": src.name, "input": scan.description, "model": seg.describe(),
             "liver_mask": str(liver_mask) if liver_mask is not None else None,
-            "crop_hwd": list(pred.crop), "tta": tta, "device": seg.device, "stats": stats,
+            "crop_hwd": list(pred.crop), "tta": tta, "device": seg.device, "warnings": warnings, "stats": stats,
             "outputs": [n for n in names if n != f"{src.name}_stats.json"],
             "seconds": {k: round(v, 3) for k, v in clock.wall.items()},
             "cpu_seconds": {k: round(v, 3) for k, v in clock.cpu.items()},

@@ -1,4 +1,4 @@
-"""Connectivity-aware salience (DESIGN.md sections 1 and 1b).
+"""Connectivity-aware salience (docs/DESIGN.md sections 1 and 1b).
 
 Pieces, in the order the method uses them:
 
@@ -52,11 +52,11 @@ BANK_CHANNELS = len(BANK_SIZES) * BANK_ORIENTATIONS  # 60
 KERNEL_SIZE = max(BANK_SIZES)  # 11
 #: receptive radius of bank + head and of the seed's fpn, in pixels
 RECEPTIVE_RADIUS = 7
-#: zeros added around each plane by the reference semantics (DESIGN.md: at least 8)
+#: zeros added around each plane by the reference semantics (docs/DESIGN.md: at least 8)
 REFERENCE_MARGIN = 8
 HEAD_FORMAT = "livervessel-salience-v1"
 GENERATORS = ("bank", "fpn", "analytic")
-#: how a plane is standardised and a volume's map normalised (docs/DESIGN.md, "Normalisation"):
+#: how a plane is standardised and a volume's map normalised (docs/DESIGN.md section 1a):
 #: ``volume``, the paper's: each plane over its own positive pixels, the map min-max over the
 #: whole volume (both change with how far the scan extends); ``fixed``: every plane with the same
 #: constants, the bank head's sigmoid kept as it is (the same voxel gets the same value whatever
@@ -81,7 +81,7 @@ E2E_CPU_BLOCK_PIXELS = 1 << 18
 #: 3x3 convolution of 30 channels is faster in NCHW than channels-last (weight gradient 1.7x)
 E2E_CPU_LAYOUT = torch.contiguous_format
 
-# Seed fpn blocks: (sigma, lambda, kernel k, dilation, padding), DESIGN.md section 1b.
+# Seed fpn blocks: (sigma, lambda, kernel k, dilation, padding), docs/DESIGN.md section 1b.
 FPN_BLOCKS: tuple[tuple[float, float, int, int, int], ...] = (
     (5, 5, 5, 1, 2),
     (5, 2.5, 5, 1, 2),

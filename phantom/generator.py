@@ -1,4 +1,4 @@
-"""Synthetic 3D-IRCADb-style CT patients with known liver vessel trees (DESIGN.md section 5).
+"""Synthetic 3D-IRCADb-style CT patients with known liver vessel trees (docs/DESIGN.md section 5).
 
 Conventions: arrays are (H, W, D) = (rows, columns, slices); spacing and every position
 are in mm in (row, column, slice) order, with voxel ``(i, j, k)`` centred at

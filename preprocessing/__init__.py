@@ -1,4 +1,4 @@
-"""Raw CT (3D-IRCADb-style DICOM or NIfTI) -> the project's HDF5 layout (DESIGN.md section 2)."""
+"""Raw CT (3D-IRCADb-style DICOM or NIfTI) -> the project's HDF5 layout (docs/DESIGN.md section 2)."""
 from preprocessing.dicom_reader import PatientData, read_dicom_patient
 from preprocessing.errors import PreprocessError
 from preprocessing.nifti_reader import read_nifti_case

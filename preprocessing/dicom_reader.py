@@ -1,6 +1,6 @@
 """Read one 3D-IRCADb-style patient (DICOM folders or nested zips) into HU and masks.
 
-Layout (DESIGN.md section 2)::
+Layout (docs/DESIGN.md section 2)::
 
     <patient>/PATIENT_DICOM/image_<i>            or <patient>/PATIENT_DICOM.zip
     <patient>/MASKS_DICOM/<organ>/image_<i>      or <patient>/MASKS_DICOM.zip
@@ -34,7 +34,7 @@ PATIENT_SERIES = "PATIENT_DICOM"
 MASKS_FOLDER = "MASKS_DICOM"
 LIVER = "liver"
 # One vessel can be filed under several folder names; requesting any name of a group takes the union
-# of every folder of that group a patient has (DESIGN.md section 2: venacava is the venous system's
+# of every folder of that group a patient has (docs/DESIGN.md section 2: venacava is the venous system's
 # other name in some cases).
 VESSEL_GROUPS: tuple[tuple[str, ...], ...] = (("venoussystem", "venacava"),)
 

@@ -1,4 +1,4 @@
-"""Raw patients (DICOM or NIfTI) -> the project's HDF5 layout (DESIGN.md section 2).
+"""Raw patients (DICOM or NIfTI) -> the project's HDF5 layout (docs/DESIGN.md section 2).
 
 For every case: ``vol_data/<case>.h5`` (image = clip(HU, 0, 400) / 400 float32 (H, W, D),
 label uint8 {0, 1}, liver uint8 when known, attrs spacing / hu_window / crop / source), and for
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 DEFAULT_VESSELS = ("portalvein", "venoussystem")
 CROP_MODES = ("none", "liver_z", "liver_box")
 FORMATS = ("dicom", "nifti")
-# The authors' first release split 3D-IRCADb this way (DESIGN.md section 2); the repo ships it as lists.
+# The authors' first release split 3D-IRCADb this way (docs/DESIGN.md section 2); the repo ships it as lists.
 SEED_SPLITS: dict[str, dict[str, list[int]]] = {
     "3D-IRCADb": {
         "train": [1, 2, 3, 5, 6, 11, 12, 14, 17, 20],

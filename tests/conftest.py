@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny dataset in the project's HDF5 layout (DESIGN.md section 2).
+"""Shared fixtures: a tiny dataset in the project's HDF5 layout (docs/DESIGN.md section 2).
 
 ``tiny_dataset`` writes, under a temporary root, five 32 x 32 x 12 cases with two
 straight vessels (a tube along the slice axis and a diagonal one), a liver mask,

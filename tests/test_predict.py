@@ -482,3 +482,28 @@ def test_real_series_geometry_matches_itk():
     assert np.allclose(scan.geometry.direction, ref.GetDirection(), atol=1e-6)
     z = ref.GetSize()[2] // 2
     assert np.array_equal(scan.hu[:, :, z], sitk.GetArrayFromImage(ref[:, :, z]).astype(np.float32))
+
+
+def test_scan_unlike_the_training_data_is_warned_in_stats(tmp_path, capsys):
+    """Slices more than 1.5x thicker than the training data's, or a pixel size more than 20% off
+    the model's, are warned about and kept in stats.json; a scan like the training data is not."""
+    torch.manual_seed(0)
+    model = build_segmenter("unet", "offline", 1, KW).eval()
+    dataset = {"cases": {"case0001": {"spacing": [0.8, 0.8, 1.6]}, "case0002": {"spacing": [0.7, 0.7, 1.6]}}}
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, model, model_name="unet", model_kwargs=KW, salience="offline", config={}, epoch=1,
+                    iteration=1, best_metric=0.0, img_size=[48, 48], target_spacing=0.8,
+                    generator=generator_record("analytic"), manifests={"dataset": dataset, "salience": None})
+    rng = np.random.default_rng(2)
+    warnings = {}
+    for name, spacing in (("alike", (0.8, 0.8, 1.6)), ("thick", (0.8, 0.8, 4.0)), ("coarse", (1.2, 1.2, 1.6))):
+        img = sitk.GetImageFromArray(rng.normal(60, 80, size=(6, 32, 32)).astype(np.float32))
+        img.SetSpacing(spacing)
+        sitk.WriteImage(img, str(tmp_path / f"{name}.nii.gz"))
+        assert predict.main(["--model", str(path), "--input", str(tmp_path / f"{name}.nii.gz"), "--output",
+                             str(tmp_path / "o"), "--device", "cpu"]) == 0
+        warnings[name] = json.loads((tmp_path / "o" / f"{name}_stats.json").read_text())["warnings"]
+    assert warnings["alike"] == []
+    assert len(warnings["thick"]) == 1 and "slices 4 mm apart, 2.5x the 1.6 mm of the training data" in \
+        warnings["thick"][0]
+    assert len(warnings["coarse"]) == 1 and "1.2 mm/pixel, 50% off the 0.8 mm/pixel" in warnings["coarse"][0]

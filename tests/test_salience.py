@@ -1,4 +1,4 @@
-"""Connectivity-aware salience (networks/salience.py, salience_generation.py): DESIGN.md sections 1, 1b."""
+"""Connectivity-aware salience (networks/salience.py, salience_generation.py): docs/DESIGN.md sections 1, 1b."""
 from __future__ import annotations
 
 import math

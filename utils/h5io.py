@@ -1,4 +1,4 @@
-"""The project's on-disk HDF5 layout (DESIGN.md section 2), read and written in one place.
+"""The project's on-disk HDF5 layout (docs/DESIGN.md section 2), read and written in one place.
 
 Layout under ``<root>/<dataset>/``::
 
