@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -35,7 +34,20 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
-from preprocessing.dicom_reader import PATIENT_SERIES, DicomFile, PatientSource, read_series
+from preprocessing.dicom_reader import (
+    PATIENT_SERIES,
+    SKIP_FILES,
+    DicomFile,
+    PatientSource,
+    file_index,
+    floats,
+    folder_files,
+    open_zip,
+    read_dataset,
+    read_series,
+    visible,
+    zip_members,
+)
 from preprocessing.errors import PreprocessError
 from preprocessing.nifti_reader import NIFTI_SUFFIXES, nifti_stem, read_nifti_case
 from utils.atomic import atomic_path
@@ -47,7 +59,6 @@ INPUT_KINDS = ("dicom", "dicom-zip", "patient", "nifti")
 CT_MIN_BELOW_HU = -50.0
 #: ... and above this (soft tissue)
 CT_MAX_ABOVE_HU = 50.0
-_SKIP_FILES = {"DICOMDIR"}
 
 
 @dataclass(frozen=True)
@@ -128,7 +139,7 @@ class Scan:
 
 # ----------------------------------------------------------------------------- finding scans
 def _visible(p: Path) -> bool:
-    return not p.name.startswith(".") and not p.name.startswith("__MACOSX")
+    return visible(p.name)
 
 
 def _is_nifti(p: Path) -> bool:
@@ -157,7 +168,7 @@ def _single(path: Path) -> Optional[CaseSource]:
         return CaseSource(path.resolve().name, "patient", path)
     entries = [p for p in path.iterdir() if _visible(p)]
     nested = any(p.is_dir() or _is_nifti(p) or p.name.lower().endswith(".zip") for p in entries)
-    if not nested and any(p.is_file() and p.name not in _SKIP_FILES for p in entries):
+    if not nested and any(p.is_file() and p.name not in SKIP_FILES for p in entries):
         return CaseSource(_series_name(path), "dicom", path)
     return None  # a folder of scans (loose files beside them are skipped)
 
@@ -197,49 +208,14 @@ def _dicom_files(src: CaseSource, stack: contextlib.ExitStack) -> list[DicomFile
         files = stack.enter_context(PatientSource(src.path)).ct_files()
         return [DicomFile(str(src.path / f.name), f.index, f.path, f.archive, f.member) for f in files]
     if src.kind == "dicom":
-        return sorted((DicomFile(str(p), _index(p.name), path=p) for p in src.path.iterdir()
-                       if p.is_file() and _visible(p) and p.name not in _SKIP_FILES), key=lambda f: (f.index, f.name))
-    try:
-        z = zipfile.ZipFile(src.path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise PreprocessError(src.name, str(src.path), f"not a readable zip archive ({e})") from None
+        return folder_files(src.path, f"{src.path}/")
+    z = open_zip(src.name, src.path)
     stack.callback(z.close)
-    files = []
-    for info in z.infolist():
-        parts = [q for q in info.filename.split("/") if q]
-        if info.is_dir() or not parts or parts[-1] in _SKIP_FILES or any(
-                q.startswith(".") or q.startswith("__MACOSX") for q in parts):
-            continue
-        files.append(DicomFile(f"{src.path}:{info.filename}", _index(parts[-1]), archive=z, member=info.filename))
+    files = [DicomFile(f"{src.path}:{member}", file_index(parts[-1]), archive=z, member=member)
+             for parts, member in zip_members(z)]
     if not files:
         raise PreprocessError(src.name, str(src.path), "the zip archive holds no files")
     return sorted(files, key=lambda f: (f.index, f.name))
-
-
-def _index(name: str) -> int:
-    digits = ""
-    for ch in reversed(name):
-        if not ch.isdigit():
-            break
-        digits = ch + digits
-    return int(digits) if digits else -1
-
-
-def _header(case: str, f: DicomFile) -> pydicom.Dataset:
-    try:
-        return pydicom.dcmread(f.open(), stop_before_pixels=True)
-    except Exception as e:  # noqa: BLE001 - pydicom raises many types for damaged files; all mean "unreadable"
-        raise PreprocessError(case, f.name, f"not a readable DICOM file ({type(e).__name__}: "
-                                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
-
-
-def _float_list(ds: pydicom.Dataset, keyword: str, n: int) -> Optional[np.ndarray]:
-    v = getattr(ds, keyword, None)
-    try:
-        arr = np.asarray([float(x) for x in v], dtype=np.float64) if v is not None else None
-    except (TypeError, ValueError):
-        return None
-    return arr if arr is not None and arr.shape == (n,) else None
 
 
 def choose_series(case: str, where: str, files: Sequence[DicomFile], headers: Sequence[pydicom.Dataset],
@@ -265,7 +241,7 @@ def read_dicom_scan(src: CaseSource, series: Optional[str] = None) -> Scan:
         files = _dicom_files(src, stack)
         if not files:
             raise PreprocessError(src.name, str(src.path), "no DICOM files")
-        headers = [_header(src.name, f) for f in files]
+        headers = [read_dataset(src.name, f, pixels=False) for f in files]
         keep = choose_series(src.name, str(src.path), files, headers, series)
         files, headers = [files[i] for i in keep], [headers[i] for i in keep]
         ser = read_series(src.name, files, ct=True)
@@ -274,11 +250,11 @@ def read_dicom_scan(src: CaseSource, series: Optional[str] = None) -> Scan:
         raise PreprocessError(src.name, str(src.path), f"a 2-D image ({h} x {w} x {d} voxels); predict.py needs a "
                                                        "3-D series")
     first = headers[[f.name for f in files].index(ser.files[0])]
-    iop = _float_list(first, "ImageOrientationPatient", 6)
+    iop = floats(first, "ImageOrientationPatient", 6)
     if iop is None:
         iop = np.array([1.0, 0, 0, 0, 1, 0])
     normal = np.cross(iop[:3], iop[3:])
-    ipp = _float_list(first, "ImagePositionPatient", 3)
+    ipp = floats(first, "ImagePositionPatient", 3)
     direction = np.stack([iop[:3], iop[3:], normal], axis=1)  # columns: x (along a row), y, z
     geom = Geometry((w, h, d), (ser.spacing[1], ser.spacing[0], ser.spacing[2]),
                     tuple(float(v) for v in (ipp if ipp is not None else np.zeros(3))),
@@ -382,8 +358,7 @@ def read_mask(path: str | os.PathLike, scan: Scan) -> np.ndarray:
         return np.transpose(sitk.GetArrayFromImage(img), (1, 2, 0)) > 0
     if not path.is_dir():
         raise PreprocessError(scan.case, str(path), "mask must be a .nii / .nii.gz file or a DICOM mask folder")
-    files = sorted((DicomFile(str(p), _index(p.name), path=p) for p in path.iterdir()
-                    if p.is_file() and _visible(p) and p.name not in _SKIP_FILES), key=lambda f: (f.index, f.name))
+    files = folder_files(path, f"{path}/")
     if not files:
         raise PreprocessError(scan.case, str(path), "mask folder holds no files")
     m = read_series(scan.case, files, ct=False, strict=False)

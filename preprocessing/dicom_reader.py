@@ -82,17 +82,60 @@ class PatientData:
     attrs: dict = field(default_factory=dict)
 
 
-def _file_index(name: str) -> int:
+#: files that sit beside a series but are not slices of it
+SKIP_FILES = frozenset({"DICOMDIR"})
+
+
+def file_index(name: str) -> int:
+    """The trailing integer of a file name (``image_12`` -> 12), -1 when there is none."""
     m = re.search(r"(\d+)$", name)
     return int(m.group(1)) if m else -1
 
 
-def _visible(name: str) -> bool:
+def visible(name: str) -> bool:
+    """Not a hidden file nor a macOS resource folder."""
     return not (name.startswith(".") or name.startswith("__MACOSX"))
 
 
 def _sorted_files(files: list[DicomFile]) -> list[DicomFile]:
     return sorted(files, key=lambda f: (f.index, f.name))
+
+
+def folder_files(folder: Path, prefix: str) -> list[DicomFile]:
+    """The slices of a series folder, sorted by file index, each named ``prefix`` + its file name."""
+    return _sorted_files([DicomFile(f"{prefix}{p.name}", file_index(p.name), path=p) for p in folder.iterdir()
+                          if p.is_file() and visible(p.name) and p.name not in SKIP_FILES])
+
+
+def zip_members(z: zipfile.ZipFile, prefix: Optional[str] = None) -> list[tuple[list[str], str]]:
+    """(path parts, member name) of every visible file of an open archive, ``prefix`` (a top
+    folder) taken off the parts where it leads them."""
+    out = []
+    for info in z.infolist():
+        parts = [p for p in info.filename.split("/") if p]
+        if info.is_dir() or not parts or not all(visible(p) for p in parts) or parts[-1] in SKIP_FILES:
+            continue
+        if prefix is not None and parts[0] == prefix:
+            parts = parts[1:]
+        out.append((parts, info.filename))
+    return out
+
+
+def open_zip(case: str, path: Path) -> zipfile.ZipFile:
+    """An open archive, or PreprocessError naming the file when it is not one."""
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise PreprocessError(case, str(path), f"not a readable zip archive ({e})") from None
+
+
+def read_dataset(case: str, f: DicomFile, pixels: bool = True) -> Dataset:
+    """One DICOM file (headers only unless ``pixels``); PreprocessError naming it when unreadable."""
+    try:
+        return pydicom.dcmread(f.open(), stop_before_pixels=not pixels)
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for damaged files; all mean "unreadable"
+        raise PreprocessError(case, f.name, f"not a readable DICOM file ({type(e).__name__}: "
+                                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 class PatientSource:
@@ -110,51 +153,30 @@ class PatientSource:
         for a in self._archives:
             a.close()
 
-    def _open_zip(self, path: Path) -> zipfile.ZipFile:
-        try:
-            z = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, OSError) as e:
-            raise PreprocessError(self.patient, path.name, f"not a readable zip archive ({e})") from None
-        self._archives.append(z)
-        return z
-
     def _zip_members(self, path: Path, prefix: str) -> list[tuple[list[str], str]]:
-        """(path parts below ``prefix``, member name) of every file in the archive."""
-        z = self._open_zip(path)
-        out = []
-        for info in z.infolist():
-            if info.is_dir():
-                continue
-            parts = [p for p in info.filename.split("/") if p]
-            if not parts or not all(_visible(p) for p in parts):
-                continue
-            if parts[0] == prefix:
-                parts = parts[1:]
-            out.append((parts, info.filename))
-        return out
+        """(path parts below ``prefix``, member name) of every file in the archive (kept open)."""
+        z = open_zip(self.patient, path)
+        self._archives.append(z)
+        return zip_members(z, prefix)
 
     def ct_files(self) -> list[DicomFile]:
         if not self.dir.is_dir():
             raise PreprocessError(self.patient, "", f"{self.dir} is not a folder")
         folder, archive = self.dir / PATIENT_SERIES, self.dir / f"{PATIENT_SERIES}.zip"
         if folder.is_dir():
-            files = [
-                DicomFile(f"{PATIENT_SERIES}/{p.name}", _file_index(p.name), path=p)
-                for p in folder.iterdir()
-                if p.is_file() and _visible(p.name)
-            ]
+            files = folder_files(folder, f"{PATIENT_SERIES}/")
             where = PATIENT_SERIES
         elif archive.is_file():
             z_members = self._zip_members(archive, PATIENT_SERIES)
             z = self._archives[-1]
             files = [
-                DicomFile(f"{archive.name}:{m}", _file_index(parts[-1]), archive=z, member=m)
+                DicomFile(f"{archive.name}:{m}", file_index(parts[-1]), archive=z, member=m)
                 for parts, m in z_members
                 if len(parts) == 1
             ]
             where = archive.name
         else:
-            has = sorted(p.name for p in self.dir.iterdir() if _visible(p.name))
+            has = sorted(p.name for p in self.dir.iterdir() if visible(p.name))
             if not has:
                 raise PreprocessError(self.patient, str(self.dir), "empty folder, no PATIENT_DICOM")
             raise PreprocessError(
@@ -169,33 +191,23 @@ class PatientSource:
         folder, archive = self.dir / MASKS_FOLDER, self.dir / f"{MASKS_FOLDER}.zip"
         out: dict[str, list[DicomFile]] = {}
         if folder.is_dir():
-            for organ in sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name)):
-                out[organ.name] = [
-                    DicomFile(f"{MASKS_FOLDER}/{organ.name}/{p.name}", _file_index(p.name), path=p)
-                    for p in organ.iterdir()
-                    if p.is_file() and _visible(p.name)
-                ]
+            for organ in sorted(p for p in folder.iterdir() if p.is_dir() and visible(p.name)):
+                out[organ.name] = folder_files(organ, f"{MASKS_FOLDER}/{organ.name}/")
         elif archive.is_file():
             members = self._zip_members(archive, MASKS_FOLDER)
             z = self._archives[-1]
             for parts, m in members:
                 if len(parts) == 2:
                     out.setdefault(parts[0], []).append(
-                        DicomFile(f"{archive.name}:{m}", _file_index(parts[1]), archive=z, member=m)
+                        DicomFile(f"{archive.name}:{m}", file_index(parts[1]), archive=z, member=m)
                     )
         else:
             return None
         return {k: _sorted_files(v) for k, v in out.items()}
 
 
-def _read_dataset(patient: str, f: DicomFile) -> Dataset:
-    try:
-        return pydicom.dcmread(f.open())
-    except Exception as e:  # pydicom raises many types for damaged files; all mean "unreadable"
-        raise PreprocessError(patient, f.name, f"not a readable DICOM file ({type(e).__name__}: {e})") from None
-
-
-def _floats(ds: Dataset, keyword: str, n: int) -> Optional[np.ndarray]:
+def floats(ds: Dataset, keyword: str, n: int) -> Optional[np.ndarray]:
+    """A multi-valued tag as ``n`` float64 values, None when it is missing or malformed."""
     v = getattr(ds, keyword, None)
     if v is None:
         return None
@@ -215,8 +227,8 @@ def _slice_order(
     geometry tags are less trustworthy) fall back to InstanceNumber / file index with a warning.
     """
     n = len(dsets)
-    ipps = [_floats(ds, "ImagePositionPatient", 3) for ds in dsets]
-    iops = [_floats(ds, "ImageOrientationPatient", 6) for ds in dsets]
+    ipps = [floats(ds, "ImagePositionPatient", 3) for ds in dsets]
+    iops = [floats(ds, "ImageOrientationPatient", 6) for ds in dsets]
     if all(p is not None for p in ipps):
         iop = next((o for o in iops if o is not None), np.array([1.0, 0, 0, 0, 1, 0]))
         for f, o in zip(files, iops):
@@ -260,7 +272,7 @@ def read_series(patient: str, files: Sequence[DicomFile], *, ct: bool, strict: b
     files = list(files)
     if not files:
         raise PreprocessError(patient, "", "empty series")
-    dsets = [_read_dataset(patient, f) for f in files]
+    dsets = [read_dataset(patient, f) for f in files]
     first = dsets[0]
     if ct:
         for f, ds in zip(files, dsets):
@@ -300,7 +312,7 @@ def read_series(patient: str, files: Sequence[DicomFile], *, ct: bool, strict: b
         else:
             buf[k] = arr > 0
     pixels = buf.transpose(1, 2, 0)
-    ps = _floats(first, "PixelSpacing", 2)
+    ps = floats(first, "PixelSpacing", 2)
     if ps is None:
         log.warning("%s: %s: no PixelSpacing, assuming 1 mm", patient, files[0].name)
         ps = np.array([1.0, 1.0])
