@@ -20,7 +20,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from evaluation.segment import MESH_FORMATS, run_predict
+from prediction.segment import MESH_FORMATS, run_predict
 from preprocessing.errors import PreprocessError
 from utils.logging_setup import setup_logging
 

@@ -18,7 +18,7 @@ the chosen cadence and :func:`_save`.
   ``cudnn.benchmark`` is on unless ``deterministic`` (opt-in); ``channels_last`` optional.
 - DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on the CPU; rank 0
   alone logs and writes files.
-- Validation on ``vol_val`` with inference.predict_volume and evaluation.metrics (Dice,
+- Validation on ``vol_val`` with inference.predictor.Predictor and evaluation.metrics (Dice,
   clDice of the masks of inference.vessel_mask: probabilities >= 0.5, components under
   ``min_component_mm3`` dropped; mean over cases; label skeletons computed once); under DDP each rank predicts its share of the cases and the sums are
   all-reduced. Cadence: every ``val_every`` iterations, or (``val_every`` 0) at epoch ends,
@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
 from dataloaders.inputs import input_channels
-from inference import predict_volume, stitch_device, vessel_mask
+from inference.predictor import Predictor
 from losses import make_loss, make_optimizer, poly_scheduler
 from networks.checkpoint import (
     check_compatible,
@@ -256,7 +256,8 @@ def batches_per_epoch(cfg: TrainConfig, env: Env, n_items: int) -> int:
 
 
 class Validator:
-    """Mean Dice and clDice over the validation cases (prediction = inference.vessel_mask(probability)).
+    """Mean Dice and clDice over the validation cases, predicted as test.py and predict.py do
+    (:class:`inference.predictor.Predictor` around the model being trained).
 
     Under DDP rank r predicts cases r, r + world, ...; the sums and counts of the defined
     (non-NaN) per-case values are all-reduced, so every rank returns the same means. The
@@ -284,18 +285,14 @@ class Validator:
         cfg, env, dims = self.cfg, self.env, self.dims
         model = unwrap(model)
         sums = np.zeros(4)  # dice sum, dice count, clDice sum, clDice count
+        predictor = Predictor.for_training(model, cfg, dims, env.device)
         for i in self.mine:
             case = self.cases[i]
             with torch.autocast(env.device.type, dtype=env.amp_dtype or torch.float32,
                                 enabled=env.amp_dtype is not None):
-                prob = predict_volume(
-                    model, case.image, case.salience, salience_mode=cfg.salience, spatial_dims=dims,
-                    img_size=cfg.img_size if dims == 2 else None, patch_size=cfg.patch_size if dims == 3 else None,
-                    target_spacing=cfg.target_spacing, spacing=case.spacing, overlap=cfg.val_overlap, batch_size=cfg.val_batch_size,
-                    device=stitch_device(case.image.shape, input_channels(cfg.salience), env.device),
-                    sw_device=env.device,
-                )
-            pred = vessel_mask(prob, case.spacing, min_component_mm3=cfg.min_component_mm3)
+                prob = predictor.probabilities(case.image, case.spacing, case.salience, overlap=cfg.val_overlap,
+                                               batch_size=cfg.val_batch_size)
+            pred = predictor.mask(prob, case.spacing)
             # cases with an empty truth and prediction give NaN; they carry no information
             for k, value in enumerate((dice_metric(pred, case.label),
                                        cldice_metric(pred, case.label, target_skeleton=self.label_skeleton(i)))):

@@ -4,7 +4,7 @@
     python bench/extent_invariance.py --model FILE --name extent_invariance_before   # the record's name
 
 For every real 3D-IRCADb patient under ``--real`` (default ``../shared/real``) the model file
-segments three versions of the scan, as ``predict.py`` does (``evaluation.segment.predict_scan``):
+segments three versions of the scan, as ``predict.py`` does (``inference.predictor.Predictor.predict_scan``):
 
 - ``whole``: the whole DICOM series, no liver mask (what a new user runs);
 - ``cropped``: with the true liver mask, i.e. the volume cut to the liver's slices as in training;
@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.metrics import dice  # noqa: E402
-from evaluation.scan_io import Scan, find_cases, read_scan  # noqa: E402
-from evaluation.segment import load_segmenter, predict_scan  # noqa: E402
+from inference.scans import Scan, find_cases, read_scan  # noqa: E402
+from inference.predictor import Predictor  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
 from utils.provenance import file_sha256  # noqa: E402
 from utils.records import write_record  # noqa: E402
@@ -51,7 +51,7 @@ def pad_with_bone(scan: Scan, n: int = PAD_SLICES) -> Scan:
                 description={**scan.description, "padded_slices": 2 * n})
 
 
-def measure_patient(seg, patient: Path) -> dict:
+def measure_patient(seg: Predictor, patient: Path) -> dict:
     src = find_cases(patient)[0]
     scan = read_scan(src)
     truth = read_dicom_patient(patient, ["portalvein", "venoussystem"])
@@ -60,11 +60,12 @@ def measure_patient(seg, patient: Path) -> dict:
     liver = truth.liver.astype(bool)
     label = truth.label.astype(bool) & liver
     t0 = time.perf_counter()
-    whole = predict_scan(seg, scan).mask
+    whole = seg.predict_scan(scan.hu, scan.spacing, name=scan.case).mask
     t1 = time.perf_counter()
-    cropped = predict_scan(seg, scan, liver).mask
+    cropped = seg.predict_scan(scan.hu, scan.spacing, liver, name=scan.case).mask
     t2 = time.perf_counter()
-    padded = predict_scan(seg, pad_with_bone(scan)).mask[:, :, PAD_SLICES:-PAD_SLICES]
+    longer = pad_with_bone(scan)
+    padded = seg.predict_scan(longer.hu, longer.spacing, name=longer.case).mask[:, :, PAD_SLICES:-PAD_SLICES]
     t3 = time.perf_counter()
     w, c, p = whole & liver, cropped & liver, padded & liver
     return {
@@ -92,10 +93,10 @@ def main() -> int:
     if not patients:
         print(f"{args.real}: no real 3D-IRCADb patient; nothing measured")
         return 0
-    seg = load_segmenter(args.model, "cpu")
+    seg = Predictor.from_checkpoint(args.model, "cpu")
     rows = {q.name: measure_patient(seg, q) for q in patients}
     rule = (seg.ckpt.get("generator") or {}).get("normalisation", "volume")
-    print(f"model {args.model} (salience {seg.mode}, normalisation {rule})")
+    print(f"model {args.model} (salience {seg.salience_mode}, normalisation {rule})")
     print("| patient | Dice whole vs cropped | Dice padded vs whole | truth: whole | cropped | padded |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():

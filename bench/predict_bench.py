@@ -13,7 +13,7 @@ salience with the shipped head embedded, img_size 192) and random weights whose 
 bias is set so that about 0.5% of its central slices is vessel (speed does not depend on the weights;
 the statistics do depend on the mask's size, so it is kept realistic).
 
-Each run is ``evaluation.segment.run_predict`` (what predict.py calls) with model loading,
+Each run is ``prediction.segment.run_predict`` (what predict.py calls) with model loading,
 reading, HU window, salience, inference, statistics and the NIfTI write, in this process
 with ``--threads`` torch threads. Wall time per stage and in total, and the process CPU
 time, medians of ``--repeats`` runs; the machine and its load average are printed: on a
@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.segment import run_predict  # noqa: E402
+from prediction.segment import run_predict  # noqa: E402
 from inference import predict_volume  # noqa: E402
 from networks.checkpoint import generator_from_checkpoint, generator_record, save_checkpoint  # noqa: E402
 from networks.e2e import build_segmenter  # noqa: E402
@@ -131,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         real = None if args.no_real else real_scan(tmp / "real", args.depth)
         if real is not None:
             scans["real 3Dircadb1.1"] = real
-        from evaluation.scan_io import find_cases, read_scan
+        from inference.scans import find_cases, read_scan
 
         first = read_scan(find_cases(scans["phantom (full preset)"])[0])
         model, what = demo_model(tmp, np.clip(first.hu, 0, 400) / np.float32(400))

@@ -17,7 +17,6 @@ import torch
 from tqdm import tqdm
 
 from dataloaders.datasets import read_case_salience
-from dataloaders.inputs import input_channels
 from evaluation.metrics import METRIC_KEYS, evaluate_case
 from evaluation.predictions import PRED_FORMATS, save_prediction
 from evaluation.reports import (
@@ -27,7 +26,7 @@ from evaluation.reports import (
     write_per_case_csv,
     write_summary_json,
 )
-from inference import predict_volume, stitch_device, vessel_mask
+from inference.predictor import Predictor, spacing_warning
 from utils import provenance
 from utils.atomic import atomic_dir
 from utils.h5io import DatasetPaths, read_list, read_volume, salience_weights_sha256
@@ -37,7 +36,6 @@ log = logging.getLogger("test")  # messages read as coming from test.py
 ROI_CHOICES = ("none", "liver")
 REPORT_FILES = ("per_case.csv", "summary.json", "results.md")
 EXTRA_KEYS = ("seconds_inference", "seconds_metrics")
-SPACING_TOLERANCE = 0.2  # warn when a case's mm per pixel differs by more than this from training's
 
 
 @dataclass
@@ -97,33 +95,6 @@ def find_checkpoint(checkpoint_root: Path, dataset: str, backbone: str, exp: Opt
     return found[0]
 
 
-def spacing_warning(case: str, spacing: Sequence[float], plane: Sequence[int], ckpt: dict,
-                    img_size: Optional[Sequence[int]]) -> Optional[str]:
-    """A warning when ``case`` (in-plane ``spacing`` mm, plane (H, W)) is more than 20% off the mm per
-    pixel the 2-D model was trained at; None otherwise or when that is unknown.
-
-    With a checkpoint ``target_spacing`` t the case is resampled to t, and the warning says how far
-    (a big factor blurs or invents detail); with a pixel resize the model sees
-    row spacing x H / img_size H mm per pixel, compared with the checkpoint's ``mm_per_pixel``.
-    """
-    native = float(spacing[0])
-    target = ckpt.get("target_spacing")
-    if target:
-        if abs(native / target - 1) > SPACING_TOLERANCE:
-            return (f"{case}: {native:.3g} mm/pixel, {abs(native / target - 1):.0%} off the {target:.3g} mm/pixel "
-                    f"the model was trained at; resampled to it")
-        return None
-    trained = ckpt.get("mm_per_pixel")
-    if not trained:
-        return None
-    seen = native * (plane[0] / img_size[0] if img_size else 1.0)
-    if abs(seen / trained - 1) > SPACING_TOLERANCE:
-        return (f"{case}: the model sees {seen:.3g} mm/pixel ({native:.3g} mm x {plane[0]}/"
-                f"{img_size[0] if img_size else plane[0]} px), {abs(seen / trained - 1):.0%} off the "
-                f"{trained:.3g} mm/pixel it was trained at (train with --target_spacing to resample by millimetres)")
-    return None
-
-
 def salience_warning(case: str, salience_path: Path, ckpt: dict) -> Optional[str]:
     """A warning when an offline model meets salience maps made by other generator weights than the
     maps it was trained on (checkpoint ``head_sha256`` against the file's ``weights_sha256``): its
@@ -143,14 +114,6 @@ def salience_warning(case: str, salience_path: Path, ckpt: dict) -> Optional[str
 def default_output(model_path: Path, split: str, eval_roi: str, tta: bool) -> Path:
     name = f"eval_{split}" + (f"_roi-{eval_roi}" if eval_roi != "none" else "") + ("_tta" if tta else "")
     return model_path.parent / name
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return device
 
 
 @torch.no_grad()
@@ -187,18 +150,15 @@ class _Evaluation:
     """What every case of one evaluation shares (built by :func:`_load_model`)."""
 
     paths: DatasetPaths
-    model: torch.nn.Module
-    ckpt: dict
-    mode: str
-    dims: int
-    img_size: Optional[list[int]]
-    device: str
+    predictor: Predictor
     overlap: float
     tta: bool
     batch_size: int
     eval_roi: str
-    threshold: float
-    min_component_mm3: float
+
+    @property
+    def ckpt(self) -> dict:
+        return self.predictor.ckpt or {}
 
 
 def _check_options(eval_roi: str, save_pred: Optional[str], pred_kind: str, img_size: Optional[Sequence[int]]) -> None:
@@ -258,33 +218,31 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
                 cases: Sequence[str],
                 img_size: Optional[Sequence[int]], device: str, overlap: float, tta: bool, batch_size: int,
                 eval_roi: str, min_component_mm3: Optional[float]) -> _Evaluation:
-    """Rebuild the model from its checkpoint, check it against the options and the data."""
-    # imported here so the metrics/report code paths work without the training package
-    from networks.checkpoint import check_compatible, inference_settings, load_model
+    """The model file as a :class:`Predictor` (its offline maps are the stored ones), checked
+    against the options and the data."""
+    from networks.checkpoint import check_compatible  # the metrics and reports work without torch models
 
-    device = resolve_device(device)
-    model, ckpt = load_model(model_path, device=device)
+    pred = Predictor.from_checkpoint(model_path, device, min_component_mm3=min_component_mm3, img_size=img_size,
+                                     with_generator=False)
+    ckpt = pred.ckpt or {}
     check_compatible(ckpt, model_path, backbone=backbone, salience=salience)
-    mode, dims = ckpt["salience"], int(ckpt["spatial_dims"])
-    run_img_size = list(img_size) if img_size is not None else ckpt.get("img_size")
-    if img_size is not None and dims == 3:
+    if img_size is not None and pred.spatial_dims == 3:
         log.warning("--img_size is ignored for a 3-D model (it runs on patches of %s)", ckpt.get("patch_size"))
     elif img_size is not None and ckpt.get("img_size") and list(img_size) != list(ckpt["img_size"]):
         log.warning("running at --img_size %s although the model was trained at %s", list(img_size), ckpt["img_size"])
     _preflight(paths, cases, ckpt)
-    settings = inference_settings(ckpt, min_component_mm3=min_component_mm3)
-    return _Evaluation(paths, model, ckpt, mode, dims, run_img_size, device, overlap, tta, batch_size, eval_roi,
-                       settings["threshold"], settings["min_component_mm3"])
+    return _Evaluation(paths, pred, overlap, tta, batch_size, eval_roi)
 
 
 def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str], pred_kind: str,
                   figures: bool) -> dict[str, Any]:
     """Predict and score one case; write its prediction and figures into ``tmp`` when asked."""
-    paths, mode, dims = ev.paths, ev.mode, ev.dims
+    paths, pr = ev.paths, ev.predictor
+    mode, dims = pr.salience_mode, pr.spatial_dims
     vol = read_volume(paths.volume(case))
     sal = read_case_salience(paths, case, vol.image.shape) if mode == "offline" else None
     if dims == 2:
-        warning = spacing_warning(case, vol.spacing, vol.image.shape, ev.ckpt, ev.img_size)
+        warning = spacing_warning(case, vol.spacing, vol.image.shape, ev.ckpt, pr.img_size)
         if warning:
             log.warning("%s", warning)
     roi = None
@@ -293,27 +251,18 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
             raise ValueError(f"{paths.volume(case)}: no 'liver' mask, needed by --eval_roi liver")
         roi = vol.liver.astype(bool)
     t0 = time.perf_counter()
-    prob = predict_volume(
-        ev.model, vol.image, sal, salience_mode=mode, spatial_dims=dims,
-        img_size=ev.img_size if dims == 2 else None,
-        target_spacing=ev.ckpt.get("target_spacing") if dims == 2 else None, spacing=vol.spacing,
-        patch_size=ev.ckpt.get("patch_size") if dims == 3 else None,
-        overlap=ev.overlap, tta=ev.tta, batch_size=ev.batch_size,
-        # windows on the chosen device, stitched there when the volume fits (else in host memory)
-        device=stitch_device(vol.image.shape, input_channels(mode), ev.device), sw_device=ev.device,
-    )
+    prob = pr.probabilities(vol.image, vol.spacing, sal, tta=ev.tta, overlap=ev.overlap, batch_size=ev.batch_size)
     t1 = time.perf_counter()
     # post-processed inside the ROI, as predict.py --liver_mask does: a component's size is
     # what lies in the scored region
-    pred = vessel_mask(prob if roi is None else np.where(roi, prob, 0.0), vol.spacing, ev.threshold,
-                       ev.min_component_mm3).astype(bool)
+    pred = pr.mask(prob, vol.spacing, roi)
     row: dict[str, Any] = {"case": case, **evaluate_case(pred, vol.label, vol.spacing, roi)}
     if row["empty_pred"] and not row["empty_true"]:
         # a collapsed model reads as Dice 0 in a pooled table; name it where it happens
         scored = prob if roi is None else prob[roi]
         log.warning("%s: the model predicts no vessel (highest probability %.3f, threshold %.2f; the label "
                     "holds %d voxels)", case, float(scored.max()) if scored.size else float("nan"),
-                    ev.threshold, row["voxels_true"])
+                    pr.threshold, row["voxels_true"])
     row["seconds_inference"] = t1 - t0
     row["seconds_metrics"] = time.perf_counter() - t1
     if save_pred is not None:
@@ -326,7 +275,7 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
         (tmp / "figures").mkdir(exist_ok=True)
         shown_sal = sal
         if mode == "e2e" and dims == 2:
-            shown_sal = e2e_salience_2d(ev.model, vol.image, ev.device, ev.batch_size)
+            shown_sal = e2e_salience_2d(pr.model, vol.image, pr.device, ev.batch_size)
         title = f"{case}: Dice {row['dice']:.3f}, clDice {row['cldice']:.3f}"
         shown = roi if roi is not None else np.ones_like(pred)
         overlay_figure(tmp / "figures" / f"{case}_overlay.png", vol.image, pred & shown,
@@ -343,19 +292,20 @@ def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys:
 
     ``record``: the :func:`utils.provenance.record` of this evaluation, stored as
     ``meta.provenance`` (and its model hash and code version in the CSV's first lines)."""
-    ckpt, mode = ev.ckpt, ev.mode
+    ckpt, pr = ev.ckpt, ev.predictor
+    mode = pr.salience_mode
     summary = summarize(rows, keys)
     meta = {
         "dataset": dataset, "split": split, "cases": list(cases), "n_cases": len(cases),
         "model_path": str(model_path), "model_sha256": record["model_sha256"],
         "model_name": ckpt["model_name"], "model_kwargs": ckpt["model_kwargs"], "salience": mode,
-        "spatial_dims": ev.dims, "epoch": ckpt.get("epoch"), "best_metric": ckpt.get("best_metric"),
-        "img_size": ev.img_size if ev.dims == 2 else None, "patch_size": ckpt.get("patch_size"),
-        "target_spacing": ckpt.get("target_spacing") if ev.dims == 2 else None,
+        "spatial_dims": pr.spatial_dims, "epoch": ckpt.get("epoch"), "best_metric": ckpt.get("best_metric"),
+        "img_size": pr.img_size if pr.spatial_dims == 2 else None, "patch_size": ckpt.get("patch_size"),
+        "target_spacing": ckpt.get("target_spacing") if pr.spatial_dims == 2 else None,
         "n_empty_pred": int(sum(r["empty_pred"] for r in rows)),
         "n_empty_true": int(sum(r["empty_true"] for r in rows)),
-        "overlap": ev.overlap, "tta": ev.tta, "threshold": ev.threshold,
-        "min_component_mm3": ev.min_component_mm3, "eval_roi": ev.eval_roi, "device": ev.device,
+        "overlap": ev.overlap, "tta": ev.tta, "threshold": pr.threshold,
+        "min_component_mm3": pr.min_component_mm3, "eval_roi": ev.eval_roi, "device": pr.device,
         "created": record["created"], "code_version": record["code_version"], "provenance": record,
         "outputs": extras,
         "conventions": "NaN (null in JSON) where a metric is undefined (empty mask / empty bin); "
@@ -364,8 +314,8 @@ def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys:
     write_per_case_csv(tmp / "per_case.csv", rows, keys)
     write_summary_json(tmp / "summary.json", summary, meta)
     header = (f"**{ckpt['model_name']}** (salience {mode}) on {dataset} / {split}, {len(cases)} cases, "
-              f"ROI {ev.eval_roi}, TTA {'on' if ev.tta else 'off'}, threshold {ev.threshold}, "
-              f"components under {ev.min_component_mm3:g} mm^3 dropped; "
+              f"ROI {ev.eval_roi}, TTA {'on' if ev.tta else 'off'}, threshold {pr.threshold}, "
+              f"components under {pr.min_component_mm3:g} mm^3 dropped; "
               f"checkpoint `{model_path}` (epoch {ckpt.get('epoch')}).\n"
               "Distances in mm; CLrec = centreline recall by vessel radius (mm); CC = connected components "
               "(26-connectivity); n/a = undefined (empty mask or bin).\n\n")
@@ -429,7 +379,7 @@ def run_evaluation(
     ev = _load_model(model_path, backbone, salience, paths, cases, img_size, device, overlap, tta, batch_size, eval_roi,
                      min_component_mm3)
     log.info("model %s (%d-D, salience %s, epoch %s) from %s; %d %s cases; roi %s; tta %s",
-             ev.ckpt["model_name"], ev.dims, ev.mode, ev.ckpt.get("epoch"), model_path, len(cases), split,
+             ev.ckpt["model_name"], ev.predictor.spatial_dims, ev.predictor.salience_mode, ev.ckpt.get("epoch"), model_path, len(cases), split,
              eval_roi, tta)
     keys = list(METRIC_KEYS) + list(EXTRA_KEYS)
     with atomic_dir(out_dir, overwrite=True) as tmp:

@@ -57,7 +57,6 @@ import torch
 import torch.nn as nn
 
 from dataloaders.inputs import input_channels
-from inference import THRESHOLD
 from networks.e2e import build_segmenter
 from networks.registry import resolve_kwargs, spatial_dims_of
 from networks.salience import (
@@ -80,6 +79,8 @@ from utils.torch_io import load_torch_file
 log = logging.getLogger(__name__)
 
 FORMAT = "livervessel-ckpt-v2"
+#: probability at and above which a voxel is vessel, recorded in checkpoints (inference.core.vessel_mask)
+THRESHOLD = 0.5
 # format v1: model_kwargs as given, and "unet"/"unet3d" meant today's *_bilinear networks
 LEGACY_FORMAT_V1 = "livervessel-ckpt-v1"
 _V1_RENAMES = {"unet": "unet_bilinear", "unet3d": "unet3d_bilinear"}

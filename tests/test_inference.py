@@ -1,4 +1,4 @@
-"""Volume inference (inference.py): exact answers with known predictors."""
+"""Volume inference (inference.core and inference.predictor): exact answers with known predictors."""
 from __future__ import annotations
 
 import numpy as np
@@ -227,3 +227,37 @@ def test_target_spacing_offline_gates_after_resampling():
     gated = (planes[:, :1] * (1 + planes[:, 1:])).mean(1, keepdim=True)
     ref = resize_planes(torch.sigmoid(gated), (10, 12))[:, 0].numpy()
     np.testing.assert_allclose(p, np.moveaxis(ref, 0, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_predictor_is_one_path_for_validation_test_and_predict(tiny_dataset, tmp_path):
+    """The model being trained (validation) and its checkpoint (test.py, predict.py) give the same
+    probabilities and masks through :class:`inference.predictor.Predictor`."""
+    from networks.checkpoint import save_checkpoint
+    from networks.e2e import build_segmenter
+    from inference.predictor import Predictor
+    from train_config import TrainConfig
+    from utils.h5io import read_salience, read_volume
+
+    kw = {"base_channels": 4, "depth": 2}
+    torch.manual_seed(0)
+    model = build_segmenter("unet", "offline", 1, kw).eval()
+    cfg = TrainConfig(dataset="tiny", model_kwargs=kw, img_size=(24, 24), min_component_mm3=2.0)
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, model, model_name="unet", model_kwargs=kw, salience="offline", config=cfg.to_json(),
+                    epoch=1, iteration=1, best_metric=0.0, img_size=cfg.img_size, min_component_mm3=2.0)
+    vol = read_volume(tiny_dataset.paths.volume("case0004"))
+    sal = read_salience(tiny_dataset.paths.salience("case0004"))
+    live = Predictor.for_training(model, cfg, 2, "cpu")
+    stored = Predictor.from_checkpoint(path, "cpu", with_generator=False)
+    assert stored.img_size == [24, 24] and stored.min_component_mm3 == 2.0 and stored.threshold == THRESHOLD
+    a = live.probabilities(vol.image, vol.spacing, sal)
+    b = stored.probabilities(vol.image, vol.spacing, sal)
+    np.testing.assert_array_equal(a, b)
+    direct = predict_volume(model, vol.image, sal, salience_mode="offline", spatial_dims=2, img_size=[24, 24])
+    np.testing.assert_array_equal(a, direct)
+    roi = vol.liver.astype(bool)
+    np.testing.assert_array_equal(stored.mask(b, vol.spacing, roi),
+                                  remove_small_components(binarize(np.where(roi, b, 0.0)), vol.spacing, 2.0))
+    # an offline model file without a generator cannot make its own maps
+    with pytest.raises(ValueError, match="no salience generator"):
+        stored.probabilities(vol.image, vol.spacing)

@@ -15,10 +15,9 @@ import torch
 
 import predict
 from evaluation.runner import run_evaluation
-from evaluation.scan_io import CaseSource, Geometry, find_cases, read_dicom_scan, read_nifti_scan, to_image, write_nifti
-from evaluation.segment import (
+from inference.scans import CaseSource, Geometry, find_cases, read_dicom_scan, read_nifti_scan, to_image, write_nifti
+from prediction.segment import (
     centreline_length_mm,
-    offline_salience,
     read_stl,
     vessel_mesh,
     vessel_stats,
@@ -32,6 +31,7 @@ from preprocessing.dicom_reader import read_dicom_patient
 from preprocessing.pipeline import preprocess
 from salience_generation import generate
 from inference import predict_volume
+from inference.predictor import offline_salience
 from utils.h5io import DatasetPaths, read_salience, read_volume, write_list
 
 KW = {"base_channels": 4, "depth": 2}

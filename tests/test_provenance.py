@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from evaluation.runner import run_evaluation
-from evaluation.segment import run_predict
+from prediction.segment import run_predict
 from trainer import TrainConfig, train
 from utils import provenance
 

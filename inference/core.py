@@ -42,11 +42,11 @@ from tqdm import tqdm
 
 from dataloaders.inputs import input_channels, model_input
 from dataloaders.transforms import resize_planes, spacing_size
+from networks.checkpoint import THRESHOLD
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
+WindowFn = Callable[[torch.Tensor], torch.Tensor]
 
-THRESHOLD = 0.5
-"""Probabilities >= THRESHOLD are vessel: the project's one threshold rule."""
+# probabilities >= THRESHOLD are vessel: the project's one threshold rule (checkpoints record it)
 
 
 def binarize(prob: np.ndarray | torch.Tensor, threshold: float = THRESHOLD) -> np.ndarray:
@@ -118,7 +118,7 @@ def flip_sets(spatial_dims: int, tta: bool) -> list[tuple[int, ...]]:
     return [(), (2,), (3,), (4,)]
 
 
-def _with_tta(predictor: Predictor, flips: Sequence[tuple[int, ...]]) -> Predictor:
+def _with_tta(predictor: WindowFn, flips: Sequence[tuple[int, ...]]) -> WindowFn:
     """Average ``predictor`` over flipped copies of its input, each output flipped back."""
     if len(flips) == 1 and flips[0] == ():
         return predictor
@@ -135,7 +135,7 @@ def _with_tta(predictor: Predictor, flips: Sequence[tuple[int, ...]]) -> Predict
 
 
 def sliding_window_volume(
-    predictor: Predictor,
+    predictor: WindowFn,
     x: torch.Tensor,
     patch_size: Sequence[int],
     *,
@@ -234,7 +234,7 @@ def _check_model_device(model: torch.nn.Module, device: torch.device) -> None:
 
 
 def _predict_2d(
-    predictor: Predictor,
+    predictor: WindowFn,
     image: np.ndarray,
     salience: Optional[np.ndarray],
     salience_mode: str,
@@ -267,7 +267,7 @@ def _predict_2d(
 
 
 def predict_volume(
-    model: torch.nn.Module | Predictor,
+    model: torch.nn.Module | WindowFn,
     image: np.ndarray,
     salience: Optional[np.ndarray],
     *,

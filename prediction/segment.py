@@ -1,12 +1,10 @@
 """The work behind predict.py: segment new CT scans with one model file (docs/DESIGN.md section 6).
 
-Per scan (:func:`segment_case`): read it (evaluation.scan_io, the preprocessing readers), build
-the network input exactly as for training (``preprocessing.pipeline.to_volume``: HU window and,
-with a liver mask, the training crop to the liver's slices; the offline salience from the
-generator embedded in the checkpoint, ``networks.salience.salience_3d``), predict
-(``inference.predict_volume`` with the checkpoint's resize rule), threshold at the checkpoint's
-threshold, drop components under its ``min_component_mm3`` (``inference.vessel_mask``) and put
-the mask back on the input grid. Outputs, all in the input's geometry:
+Per scan (:func:`segment_case`): read it (:mod:`inference.scans`, the preprocessing readers) and
+segment it with :meth:`inference.predictor.Predictor.predict_scan` (HU window and, with a liver
+mask, the training crop to the liver's slices; the offline salience from the generator embedded
+in the checkpoint; the checkpoint's resize rule, threshold and smallest component), the mask
+back on the input grid. Outputs, all in the input's geometry:
 
     <case>_vessels.nii.gz   uint8 {0, 1}
     <case>_prob.nii.gz      float32 probabilities (--prob)
@@ -30,21 +28,15 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
 from scipy import ndimage, sparse
 from skimage import measure
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
-from evaluation.runner import resolve_device, spacing_warning
-from evaluation.scan_io import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
-from inference import predict_volume, vessel_mask
-from networks.checkpoint import generator_from_checkpoint, inference_settings, load_model
-from networks.salience import salience_3d
-from preprocessing.dicom_reader import PatientData
+from inference.predictor import Predictor, spacing_warning
+from inference.scans import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
 from preprocessing.errors import PreprocessError
-from preprocessing.pipeline import to_volume
 from utils import provenance
 from utils.h5io import HU_WINDOW
 
@@ -55,98 +47,6 @@ MESH_FORMATS = ("stl", "obj")
 MESH_SMOOTH_ITERATIONS = 5
 #: the generator is run on the bounding box of the non-zero image when that saves at least this fraction
 SALIENCE_ROI_MIN_SAVING = 0.1
-
-
-# ----------------------------------------------------------------------------- the model
-@dataclass
-class Segmenter:
-    """A model file loaded for prediction: the network, its settings and its salience generator."""
-
-    path: Path
-    model: torch.nn.Module
-    ckpt: dict
-    settings: dict
-    generator: Any
-    device: str
-    sha256: str
-
-    @property
-    def mode(self) -> str:
-        return str(self.ckpt["salience"])
-
-    @property
-    def dims(self) -> int:
-        return int(self.ckpt["spatial_dims"])
-
-    def describe(self) -> dict:
-        gen = self.settings["generator"]
-        return {
-            "path": str(self.path), "sha256": self.sha256, "model_name": self.ckpt["model_name"],
-            "model_kwargs": self.ckpt["model_kwargs"], "spatial_dims": self.dims, "salience": self.mode,
-            "generator": None if self.generator is None else {
-                "kind": self.generator.name, "weights_sha256": self.generator.weights_sha256,
-                "embedded": isinstance(gen, dict)},
-            "hu_window": list(self.settings["hu_window"]), "threshold": self.settings["threshold"],
-            "min_component_mm3": self.settings["min_component_mm3"],
-            "img_size": self.settings["img_size"], "patch_size": self.settings["patch_size"],
-            "target_spacing": self.settings["target_spacing"], "epoch": self.ckpt.get("epoch"),
-        }
-
-
-def load_segmenter(path: str | os.PathLike, device: str = "auto", head: Optional[str | os.PathLike] = None,
-                   min_component_mm3: Optional[float] = None) -> Segmenter:
-    """Load a model file (``networks.checkpoint.load_model``) and its offline generator.
-
-    ``head`` replaces (or, for checkpoints that do not embed it, supplies) the generator weights;
-    ``min_component_mm3`` the model file's post-processing (``inference_settings``).
-    """
-    path = Path(path)
-    device = resolve_device(device)
-    model, ckpt = load_model(path, device=device)
-    if int(ckpt["out_channels"]) != 1:
-        raise ValueError(f"{path}: model has {ckpt['out_channels']} output channels; predict.py needs 1 logit")
-    settings = inference_settings(ckpt, min_component_mm3=min_component_mm3)
-    if tuple(settings["hu_window"]) != tuple(HU_WINDOW):
-        raise ValueError(f"{path}: model was trained on HU window {settings['hu_window']}, but the preprocessing "
-                         f"code windows to {HU_WINDOW}")
-    if int(ckpt["spatial_dims"]) == 3 and not settings["patch_size"]:
-        raise ValueError(f"{path}: 3-D checkpoint without patch_size")
-    generator = None
-    if ckpt["salience"] == "offline":
-        generator = generator_from_checkpoint(ckpt, path, head)
-    elif head is not None:
-        log.warning("--head ignored: the model uses salience %r, not offline", ckpt["salience"])
-    return Segmenter(path, model, ckpt, settings, generator, device, provenance.file_sha256(path))
-
-
-# ----------------------------------------------------------------------------- salience
-def offline_salience(image: np.ndarray, generator: Any, device: str = "cpu", progress: bool = False) -> np.ndarray:
-    """Three-plane salience (3, H, W, D) in [0, 1] of ``image`` (H, W, D), equal to ``salience_3d``.
-
-    Only the bounding box of the non-zero image, widened by the generator's receptive radius,
-    is filtered: every plane keeps all its positive pixels (so its standardisation is the
-    same), and outside the box the plane is zero within the receptive radius, where the
-    generator gives one constant (its ``zero_value()``). The volume normalisation then
-    runs on the whole array as in ``salience_3d``. Air and fat are 0 after the HU window, so on
-    a whole-abdomen scan this skips a large part of the work.
-    """
-    nz = image > 0
-    if not nz.any():
-        return salience_3d(image, generator, device=device, progress=progress)
-    m = generator.margin
-    box = []
-    for ax in range(3):
-        idx = np.flatnonzero(nz.any(axis=tuple(a for a in range(3) if a != ax)))
-        box.append(slice(max(int(idx[0]) - m, 0), min(int(idx[-1]) + 1 + m, image.shape[ax])))
-    box_t = tuple(box)
-    kept = float(np.prod([s.stop - s.start for s in box_t])) / image.size
-    if kept > 1.0 - SALIENCE_ROI_MIN_SAVING:
-        return salience_3d(image, generator, device=device, progress=progress)
-    generator.to(device)
-    raw = np.full((3,) + image.shape, float(generator.zero_value()), dtype=np.float32)
-    raw[(slice(None),) + box_t] = salience_3d(np.ascontiguousarray(image[box_t]), generator, device=device,
-                                              normalise=False, progress=progress)
-    return generator.finalize(raw)
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -164,53 +64,6 @@ class Stopwatch:
         self.cpu[name] = self.cpu.get(name, 0.0) + c - self._c
         self._t, self._c = t, c
         return self.wall[name]
-
-
-@dataclass
-class Prediction:
-    """Probabilities float32 and mask bool, (H, W, D) on the scan's grid; the stages' times."""
-
-    prob: np.ndarray
-    mask: np.ndarray
-    crop: tuple[int, ...]
-
-
-def predict_scan(seg: Segmenter, scan: Scan, liver: Optional[np.ndarray] = None, *, tta: bool = False,
-                 batch_size: int = 8, overlap: float = 0.5, clock: Optional[Stopwatch] = None) -> Prediction:
-    """Vessel probabilities and mask of ``scan``.
-
-    With ``liver`` (bool (H, W, D)) the volume is cropped to the liver's slices as in training
-    (``preprocess.py``'s default ``liver_z`` crop), and both outputs are zero outside the liver.
-    ``clock`` gets the laps window, salience and inference.
-    """
-    clock = clock if clock is not None else Stopwatch()
-    data = PatientData(scan.hu, scan.spacing, None, None if liver is None else liver.astype(np.uint8),
-                       str(scan.description.get("path", scan.case)))
-    vol = to_volume(data, "liver_z" if liver is not None else "none", 0, warn_no_liver=True)
-    if liver is not None and not liver.any():
-        log.warning("%s: the liver mask is empty: the output is empty", scan.case)
-    sal = None
-    clock.lap("window")
-    if seg.mode == "offline":
-        sal = offline_salience(vol.image, seg.generator, device=seg.device, progress=True)
-    clock.lap("salience")
-    s = seg.settings
-    prob_c = predict_volume(
-        seg.model, vol.image, sal, salience_mode=seg.mode, spatial_dims=seg.dims,
-        img_size=s["img_size"] if seg.dims == 2 else None,
-        target_spacing=s["target_spacing"], spacing=scan.spacing if s["target_spacing"] is not None else None,
-        patch_size=s["patch_size"] if seg.dims == 3 else None, overlap=overlap, tta=tta, batch_size=batch_size,
-        # 3-D: windows on the chosen device, stitching in host memory (as test.py)
-        device=seg.device if seg.dims == 2 else "cpu", sw_device=seg.device, progress=True,
-    )
-    clock.lap("inference")
-    c = vol.crop
-    prob = np.zeros(scan.hu.shape, dtype=np.float32)
-    prob[c[0]:c[1], c[2]:c[3], c[4]:c[5]] = prob_c
-    if liver is not None:
-        prob[~liver] = 0.0
-    mask = vessel_mask(prob, scan.spacing, s["threshold"], s["min_component_mm3"]).astype(bool)
-    return Prediction(prob, mask, tuple(c))
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -427,21 +280,21 @@ class CaseResult:
 SLICE_THICKNESS_TOLERANCE = 1.5
 
 
-def training_slice_mm(ckpt: dict) -> Optional[float]:
+def training_slice_mm(ckpt: Optional[dict]) -> Optional[float]:
     """Median slice spacing (mm) of the data a checkpoint was trained on (its dataset manifest);
     None for checkpoints written before manifests."""
-    dataset = (ckpt.get("manifests") or {}).get("dataset") or {}
+    dataset = ((ckpt or {}).get("manifests") or {}).get("dataset") or {}
     spacings = [c["spacing"][2] for c in (dataset.get("cases") or {}).values() if len(c.get("spacing", ())) == 3]
     return float(np.median(spacings)) if spacings else None
 
 
-def scan_warnings(seg: Segmenter, case: str, scan: Scan) -> list[str]:
+def scan_warnings(seg: Predictor, case: str, scan: Scan) -> list[str]:
     """What makes a scan unlike the model's training data: in-plane spacing more than 20% off
     (2-D models, ``evaluation.runner.spacing_warning``), slices more than 1.5x thicker (the
     project measured 0.08-0.12 Dice lost at 2-3x). Each is one line, logged and kept in stats.json."""
     out = []
-    if seg.dims == 2:
-        w = spacing_warning(case, scan.spacing, scan.hu.shape, seg.ckpt, seg.settings["img_size"])
+    if seg.spatial_dims == 2:
+        w = spacing_warning(case, scan.spacing, scan.hu.shape, seg.ckpt or {}, seg.img_size)
         if w:
             out.append(w)
     trained = training_slice_mm(seg.ckpt)
@@ -460,7 +313,7 @@ def _stats_mismatches(path: Path, wanted: dict) -> list[str]:
     return provenance.mismatches(stored, wanted)
 
 
-def segment_case(seg: Segmenter, src: CaseSource, out_dir: Path, *, liver_mask: Optional[str | os.PathLike] = None,
+def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: Optional[str | os.PathLike] = None,
                  prob: bool = False, mesh: Optional[str] = None, figures: bool = False, tta: bool = False,
                  series: Optional[str] = None, batch_size: int = 8, overwrite: bool = False) -> CaseResult:
     """Read, predict and write one scan; all its outputs appear together or not at all.
@@ -476,7 +329,7 @@ def segment_case(seg: Segmenter, src: CaseSource, out_dir: Path, *, liver_mask: 
         "input": str(Path(src.path).resolve()), "series": series, "tta": tta,
         "liver_mask": None if liver_mask is None else provenance.file_sha256(liver_mask)
         if Path(liver_mask).is_file() else str(Path(liver_mask).resolve()),
-        "min_component_mm3": seg.settings["min_component_mm3"],
+        "min_component_mm3": seg.min_component_mm3,
         "generator_sha256": None if seg.generator is None else seg.generator.weights_sha256})
     if not overwrite and all((out_dir / n).is_file() for n in names):
         differ = _stats_mismatches(out_dir / f"{src.name}_stats.json", wanted)
@@ -494,7 +347,7 @@ def segment_case(seg: Segmenter, src: CaseSource, out_dir: Path, *, liver_mask: 
     warnings = scan_warnings(seg, src.name, scan)
     for w in warnings:
         log.warning("%s", w)
-    pred = predict_scan(seg, scan, liver, tta=tta, batch_size=batch_size, clock=clock)
+    pred = seg.predict_scan(scan.hu, scan.spacing, liver, name=src.name, tta=tta, batch_size=batch_size, clock=clock)
     log.info("%s: salience %.1f s, inference %.1f s", src.name, clock.wall.get("salience", 0.0), clock.wall["inference"])
     stats = vessel_stats(pred.mask, scan.spacing)
     clock.lap("stats")
@@ -554,11 +407,12 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     cases = find_cases(input_path)
     if liver_mask is not None and len(cases) > 1:
         raise ValueError(f"{input_path}: --liver_mask needs a single scan, found {len(cases)}")
-    seg = load_segmenter(model, device, head, min_component_mm3)
+    seg = Predictor.from_checkpoint(model, device, head, min_component_mm3)
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output exists and is not a folder")
-    log.info("model %s (%d-D, salience %s%s) from %s; %d scan(s)", seg.ckpt["model_name"], seg.dims, seg.mode,
+    log.info("model %s (%d-D, salience %s%s) from %s; %d scan(s)", seg.ckpt["model_name"], seg.spatial_dims,
+             seg.salience_mode,
              f", generator {seg.generator.name}" if seg.generator is not None else "", seg.path, len(cases))
     kw = dict(liver_mask=liver_mask, prob=prob, mesh=mesh, figures=figures, tta=tta, series=series,
               batch_size=batch_size, overwrite=overwrite)
