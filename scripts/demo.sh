@@ -34,7 +34,7 @@ $PY main.py "${RUN_ARGS[@]}" --reuse  # a model trained with other options stops
 
 step "5/5 test.py on the test phantoms"
 $PY test.py --dataset phantom --root_path "$DATA" --backbone unet --model_path "$RUN_DIR/best_model.pth" \
-    --eval_roi liver --figures --output "$RUN_DIR/eval_test" --overwrite
+    --eval_roi liver --figures --output "$RUN_DIR/eval_test"
 echo
 echo "demo done in $(( $(date +%s) - T0 )) s"
 echo "results table: $RUN_DIR/eval_test/results.md"
@@ -48,13 +48,9 @@ if [ ! -f "$NEW_RAW/phantom_manifest.json" ]; then
   $PY make_phantoms.py --out "$NEW_RAW" --cases 1 --preset demo --seed 101 --overwrite
 fi
 PRED_DIR=$RUN_DIR/predict_new_scan
-HEAD_ARG=()  # a model trained before checkpoints embedded the salience generator needs its head file
-if ! $PY -c "import sys, torch; sys.exit(0 if torch.load(sys.argv[1], weights_only=True).get('generator') else 1)" \
-    "$RUN_DIR/best_model.pth"; then
-  HEAD_ARG=(--head "$CKPT/salience/phantom/bank_fit.pth")
-fi
+# the model file embeds its salience generator (main.py took it from the maps' manifest)
 $PY predict.py --model "$RUN_DIR/best_model.pth" --input "$NEW_RAW/3Dircadb1.1/PATIENT_DICOM" \
-    --output "$PRED_DIR" --mesh --figures --overwrite "${HEAD_ARG[@]}"
+    --output "$PRED_DIR" --mesh --figures
 echo
 echo "new scan segmented in $(( $(date +%s) - T0 )) s since the demo started"
 echo "vessel mask (NIfTI): $PRED_DIR/3Dircadb1.1_vessels.nii.gz"

@@ -19,7 +19,8 @@ SEED=${SEED:-0}
 TARGET_SPACING=${TARGET_SPACING:-0.9}
 DOMAIN_AUG=${DOMAIN_AUG:-1}         # the demo's settings: intensity randomisation on,
 MIN_COMPONENT=${MIN_COMPONENT:-20}  # components under 20 mm^3 dropped
-HEAD=${HEAD:-$CKPT/salience/$DATASET/bank_fit.pth}  # e2e head initialisation
+NORM=${DEMO_NORMALISATION:-fixed}  # prepare_phantom.sh's salience rule: its head lives by it
+HEAD=${HEAD:-$CKPT/salience/$([ "$NORM" = volume ] || echo "$NORM/")$DATASET/bank_fit.pth}  # e2e head initialisation
 RUNS=()
 
 # The phantom dataset is made (or reused) by prepare_phantom.sh; others must be prepared.
@@ -44,10 +45,8 @@ train_and_test() {
   run_dir=$($PY main.py "${args[@]}" --print_run_dir)
   echo; echo "== $backbone, salience $mode, $ITERS iterations -> $run_dir"
   $PY main.py "${args[@]}" --reuse
-  # a report older than the model is one of a run trained again since
-  if [ ! -f "$run_dir/eval_test/summary.json" ] || [ "$run_dir/best_model.pth" -nt "$run_dir/eval_test/summary.json" ]; then
-    $PY test.py --dataset "$DATASET" --root_path "$DATA" --backbone "$backbone" \
-        --model_path "$run_dir/best_model.pth" --eval_roi liver --output "$run_dir/eval_test" --overwrite
-  fi
+  # test.py keeps the report only when this model file, these options and this code made it
+  $PY test.py --dataset "$DATASET" --root_path "$DATA" --backbone "$backbone" \
+      --model_path "$run_dir/best_model.pth" --eval_roi liver --output "$run_dir/eval_test"
   RUNS+=("$backbone/$mode=$run_dir/eval_test")
 }

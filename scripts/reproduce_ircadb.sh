@@ -59,5 +59,5 @@ fi
 
 step "5/5 test on the seed's test cases (4, 8, 13, 16, 18)"
 $PY test.py --dataset $DS --root_path "$DATA" --backbone "$BACKBONE" --model_path "$RUN_DIR/best_model.pth" \
-    --eval_roi liver --figures --save_pred nifti --output "$RUN_DIR/eval_test" --overwrite
+    --eval_roi liver --figures --save_pred nifti --output "$RUN_DIR/eval_test"
 echo "results table: $RUN_DIR/eval_test/results.md"

@@ -507,3 +507,32 @@ def test_scan_unlike_the_training_data_is_warned_in_stats(tmp_path, capsys):
     assert len(warnings["thick"]) == 1 and "slices 4 mm apart, 2.5x the 1.6 mm of the training data" in \
         warnings["thick"][0]
     assert len(warnings["coarse"]) == 1 and "1.2 mm/pixel, 50% off the 0.8 mm/pixel" in warnings["coarse"][0]
+
+
+def test_fixed_rule_prediction_does_not_depend_on_slices_added_to_the_scan(tmp_path):
+    """A scan with 20 bone-bright slices added at each end gives the same probabilities on the
+    slices beyond the generator's receptive radius under the ``fixed`` rule (issue 24 point 3);
+    under ``volume`` the same scan moves them."""
+    from inference.predictor import Predictor
+    from networks.salience import RECEPTIVE_RADIUS
+
+    rng = np.random.default_rng(5)
+    hu = rng.normal(100, 20, size=(40, 36, 24)).astype(np.float32)
+    hu[18:21, :, :] += 80  # a vessel
+    hu[:3] = -1000.0
+    bone = np.where(hu[:, :, :1] > -300, 1000.0, -1000.0).astype(np.float32)
+    longer = np.concatenate([np.repeat(bone, 20, axis=2), hu, np.repeat(bone, 20, axis=2)], axis=2)
+    inner = slice(RECEPTIVE_RADIUS, hu.shape[2] - RECEPTIVE_RADIUS)
+    spread = {}
+    for rule in ("fixed", "volume"):
+        model = tiny_model(tmp_path / f"{rule}.pth", generator_record("bank", default_head_path(), rule))
+        pr = Predictor.from_checkpoint(model, "cpu")
+        assert pr.generator.normalisation == rule
+        a = pr.predict_scan(hu, (0.8, 0.8, 1.6)).prob[:, :, inner]
+        b = pr.predict_scan(longer, (0.8, 0.8, 1.6)).prob[:, :, 20:-20][:, :, inner]
+        window = lambda v: np.clip(v, 0, 400) / np.float32(400)  # noqa: E731
+        sa = pr.salience(window(hu))[..., inner]
+        sb = pr.salience(window(longer))[..., 20:-20][..., inner]
+        spread[rule] = (float(np.abs(a - b).max()), float(np.abs(sa - sb).max()))
+    assert spread["fixed"][0] < 1e-6 and spread["fixed"][1] < 1e-6
+    assert spread["volume"][0] > 1e-5 and spread["volume"][1] > 0.01
