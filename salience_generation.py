@@ -71,8 +71,14 @@ from utils.logging_setup import setup_logging
 
 log = logging.getLogger("salience_generation")
 
-#: the command line's default rule for the bank generator (the others support ``volume`` only)
-DEFAULT_NORMALISATION = "volume"
+#: the default rule for the bank generator (the others support ``volume`` only): ``fixed``, so that
+#: the maps of a scan do not depend on how far it extends (docs/DESIGN.md section 1a; measured in
+#: results/extent_invariance_*.json); ``--normalisation volume`` is the paper's rule
+DEFAULT_NORMALISATION = "fixed"
+
+
+def default_normalisation(generator: str) -> str:
+    return DEFAULT_NORMALISATION if generator == "bank" else "volume"
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -401,7 +407,7 @@ def run(
     overwrite: bool = False,
     max_batch_voxels: int = DEFAULT_MAX_BATCH_VOXELS,
     fit_only: bool = False,
-    normalisation: str = "volume",
+    normalisation: Optional[str] = None,
 ) -> dict[str, str]:
     """Everything the CLI does: validate inputs, fit if asked, generate (unless ``fit_only``).
 
@@ -409,6 +415,7 @@ def run(
     """
     if generator not in GENERATORS:
         raise ValueError(f"unknown generator {generator!r}; valid: {', '.join(GENERATORS)}")
+    normalisation = normalisation or default_normalisation(generator)
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"unknown --normalisation {normalisation!r}; valid: {', '.join(NORMALISATIONS)}")
     if normalisation == "fixed" and generator != "bank":
@@ -465,10 +472,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max_batch_voxels", type=int, default=DEFAULT_MAX_BATCH_VOXELS,
                    help="pixels per batch of planes (memory bound)")
-    p.add_argument("--normalisation", choices=NORMALISATIONS, default=DEFAULT_NORMALISATION,
+    p.add_argument("--normalisation", choices=NORMALISATIONS, default=None,
                    help="fixed: every plane standardised with the same constants and the bank head's output kept "
                         "as it is, so a voxel's salience does not depend on how far the scan extends (bank only); "
-                        "volume: the paper's per-plane standardisation and min-max over the volume")
+                        "volume: the paper's per-plane standardisation and min-max over the volume (default: "
+                        f"{DEFAULT_NORMALISATION} for bank, volume for the others)")
     p.add_argument("--overwrite", action="store_true", help="redo complete outputs")
     return p.parse_args(argv)
 
@@ -480,7 +488,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         run(args.dataset, args.root_path, args.list_dir, args.generator, args.weights, args.fit, cfg,
             args.checkpoint_dir, args.device, args.overwrite, args.max_batch_voxels, args.fit_only,
-            args.normalisation if args.generator == "bank" else "volume")
+            args.normalisation)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", e)
         return 1

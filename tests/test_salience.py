@@ -697,11 +697,13 @@ def test_checkpoint_carries_the_normalisation_rule():
 
 def test_generation_records_the_rule_in_every_map(tiny_dataset):
     ds = tiny_dataset
-    status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank", overwrite=True)
+    status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank", overwrite=True, normalisation="volume")
     assert set(status.values()) == {"written"}
-    assert sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank") == {c: "skipped" for c in status}
-    # maps of the other rule are made again without --overwrite, and so are their slices
-    status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank", normalisation="fixed")
+    assert sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank",
+                  normalisation="volume") == {c: "skipped" for c in status}
+    # maps of the other rule (the bank's default, fixed) are made again without --overwrite, and so
+    # are their slices
+    status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank")
     assert set(status.values()) == {"written"}
     for case in status:
         with h5py.File(ds.paths.salience(case), "r") as f:
