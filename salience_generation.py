@@ -66,7 +66,7 @@ from networks.salience import (
 )
 from utils import manifests
 from utils.atomic import atomic_path
-from utils.h5io import SPLITS, DatasetPaths, read_list, read_salience, read_volume, write_salience
+from utils.h5io import SPLITS, DatasetPaths, read_list, read_salience, read_volume, salience_made_by, write_salience
 from utils.logging_setup import setup_logging
 
 log = logging.getLogger("salience_generation")
@@ -333,9 +333,7 @@ def generate(
         slices = case_slices(paths, case)
         vol_done = _salience_ok(spath, (3,) + shape)
         if vol_done and not overwrite:
-            with h5py.File(spath, "r") as f:
-                old = (str(f.attrs.get("generator", "")), str(f.attrs.get("weights_sha256", "")),
-                       str(f.attrs.get("normalisation", "volume")))
+            old = salience_made_by(spath)
             if old != (kind, sha, normalisation):
                 # maps of another generator must not pass for this one's: make them again
                 log.warning("%s: made by %s (sha256 %s..., normalisation %s), not %s (sha256 %s..., normalisation "
@@ -382,11 +380,10 @@ def write_maps_manifest(paths: DatasetPaths, generator, weights: Optional[Path])
     (utils.manifests); the dataset.json it was made from is fingerprinted in it."""
     cases = {}
     for f in sorted(paths.vol_salience.glob("*.h5")):
-        with h5py.File(f, "r") as h:
-            made = (str(h.attrs.get("generator", "")), str(h.attrs.get("weights_sha256", "")),
-                    str(h.attrs.get("normalisation", "volume")))
-            if made == (generator.name, generator.weights_sha256, generator.normalisation) and "salience" in h:
-                cases[f.stem] = list(h["salience"].shape)
+        if salience_made_by(f) == (generator.name, generator.weights_sha256, generator.normalisation):
+            with h5py.File(f, "r") as h:
+                if "salience" in h:
+                    cases[f.stem] = list(h["salience"].shape)
     dataset = manifests.read_manifest(manifests.dataset_manifest_path(paths), manifests.DATASET_FORMAT)
     doc = manifests.salience_manifest(kind=generator.name, parameters=generator_parameters(generator.name),
                                       weights_sha256=generator.weights_sha256, weights_path=weights,

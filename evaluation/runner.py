@@ -29,7 +29,7 @@ from evaluation.reports import (
 from inference.predictor import Predictor, spacing_warning
 from utils import provenance
 from utils.atomic import atomic_dir
-from utils.h5io import DatasetPaths, read_list, read_volume, salience_weights_sha256
+from utils.h5io import DatasetPaths, read_list, read_volume, salience_made_by
 
 log = logging.getLogger("test")  # messages read as coming from test.py
 
@@ -103,7 +103,7 @@ def salience_warning(case: str, salience_path: Path, ckpt: dict) -> Optional[str
     trained = ckpt.get("head_sha256")
     if ckpt.get("salience") != "offline" or not trained:
         return None
-    made = salience_weights_sha256(salience_path)
+    made = salience_made_by(salience_path)[1]
     if not made or made == trained:
         return None
     return (f"{case}: salience made by weights sha256 {made[:12]}..., the model was trained on maps from "

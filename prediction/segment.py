@@ -38,7 +38,7 @@ from inference.predictor import Predictor, spacing_warning
 from inference.scans import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
 from preprocessing.errors import PreprocessError
 from utils import provenance
-from utils.h5io import HU_WINDOW
+from utils.h5io import apply_hu_window
 
 log = logging.getLogger("predict")
 
@@ -367,9 +367,7 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
                              "taubin_iterations": MESH_SMOOTH_ITERATIONS}
             clock.lap("mesh")
         if figures:
-            lo, hi = HU_WINDOW
-            image = np.clip(scan.hu, lo, hi) / np.float32(hi - lo)
-            scan_figures(tmp / f"{src.name}_mip.png", tmp / f"{src.name}_3d.png", image, pred.mask, scan.spacing,
+            scan_figures(tmp / f"{src.name}_mip.png", tmp / f"{src.name}_3d.png", apply_hu_window(scan.hu), pred.mask, scan.spacing,
                          scan.geometry, title=f"{src.name}: {stats['vessel_volume_ml']:.1f} mL, "
                                               f"{stats['connected_components']} components")
             clock.lap("figures")

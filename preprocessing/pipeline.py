@@ -30,7 +30,8 @@ from preprocessing.dicom_reader import MASKS_FOLDER, PATIENT_SERIES, PatientData
 from preprocessing.errors import PreprocessError
 from preprocessing.nifti_reader import find_nifti_cases, read_nifti_case
 from utils import manifests
-from utils.h5io import HU_WINDOW, SPLITS, DatasetPaths, Volume, read_list, slice_name, write_list, write_slice, write_volume
+from utils.h5io import (HU_WINDOW, SPLITS, DatasetPaths, Volume, apply_hu_window, read_list, slice_name, write_list,
+                        write_slice, write_volume)
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,7 @@ def to_volume(data: PatientData, crop: str, margin: int, warn_no_liver: bool = T
         )
     box = crop_box(data.liver, shape, crop, margin)
     sl = (slice(box[0], box[1]), slice(box[2], box[3]), slice(box[4], box[5]))
-    lo, hi = HU_WINDOW
-    image = np.clip(data.hu[sl], np.float32(lo), np.float32(hi)) / np.float32(hi - lo)
+    image = apply_hu_window(data.hu[sl])
     label = data.label[sl] if data.label is not None else np.zeros(image.shape, dtype=np.uint8)
     liver = data.liver[sl] if data.liver is not None else None
     attrs = dict(data.attrs)

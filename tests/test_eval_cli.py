@@ -299,7 +299,7 @@ def test_offline_model_on_maps_from_other_weights_warns_per_case(tiny_dataset, t
     every case whose salience file records other weights, and not when they agree or are unknown."""
     import logging
 
-    from utils.h5io import read_salience, salience_weights_sha256, write_salience
+    from utils.h5io import read_salience, salience_made_by, write_salience
 
     ds = tiny_dataset
     cases = _two_case_test_split(ds)
@@ -307,7 +307,7 @@ def test_offline_model_on_maps_from_other_weights_warns_per_case(tiny_dataset, t
     for case, sha in zip(cases, (ours, other)):  # the second case's maps were made by other weights
         path = ds.paths.salience(case)
         write_salience(path, read_salience(path), generator="bank", weights_sha256=sha)
-        assert salience_weights_sha256(path) == sha
+        assert salience_made_by(path)[1] == sha
     runs = {}
     for name, head in (("ours", ours), ("unknown", None), ("theirs", "c" * 64)):
         runs[name] = _save_ckpt(tmp_path / name / "best_model.pth", "unet", "offline", TINY_2D, img_size=[24, 24],

@@ -185,10 +185,18 @@ def write_salience(
             f.attrs["normalisation"] = normalisation
 
 
-def salience_weights_sha256(path: str | os.PathLike) -> str:
-    """sha256 of the generator weights that made the salience file at ``path`` ("" if not recorded)."""
+def salience_made_by(path: str | os.PathLike) -> tuple[str, str, str]:
+    """(generator, weights sha256, normalisation) recorded in the salience file at ``path``
+    ("" where not recorded; normalisation "volume" for files from before the rule was recorded)."""
     with h5py.File(path, "r") as f:
-        return str(f.attrs.get("weights_sha256", ""))
+        return (str(f.attrs.get("generator", "")), str(f.attrs.get("weights_sha256", "")),
+                str(f.attrs.get("normalisation", "volume")))
+
+
+def apply_hu_window(hu: np.ndarray, window: Sequence[float] = HU_WINDOW) -> np.ndarray:
+    """The network's image: HU clipped to ``window`` and divided by its width, float32 in [0, 1]."""
+    lo, hi = (float(v) for v in window)
+    return np.clip(hu, np.float32(lo), np.float32(hi)) / np.float32(hi - lo)
 
 
 def read_salience(path: str | os.PathLike) -> np.ndarray:
