@@ -138,8 +138,10 @@ def check_reuse(cfg: TrainConfig) -> tuple[int, str]:
     """Can ``--reuse`` keep the run in ``cfg.run_dir()`` instead of training? (status, message).
 
     REUSE: its ``last.pth`` reached ``max_iterations`` (or ``max_epochs``) and was trained with
-    the options of ``cfg`` (``TrainConfig.differences`` of the config saved in the checkpoint).
-    NO_RUN: no ``last.pth``, or a run that stopped early (time limit, interruption): train it.
+    the options of ``cfg`` (``TrainConfig.differences`` of the config saved in the checkpoint) on
+    the same data (its stage manifests, :func:`data_changes`).
+    NO_RUN: no ``last.pth``, a run that stopped early (time limit, interruption), or one trained
+    on other data: train it (again).
     OTHER_OPTIONS: a finished run made with other options, which must not be passed off as
     this one's nor overwritten unasked; the message names the file and the options (it is
     also the exit status of ``--reuse`` then).
@@ -164,7 +166,30 @@ def check_reuse(cfg: TrainConfig) -> tuple[int, str]:
     if diffs:
         return OTHER_OPTIONS, (f"{last}: trained with other options ({'; '.join(diffs)}); delete the run folder, "
                                f"change --exp, or train with --overwrite")
-    return REUSE, f"{last}: finished, same options"
+    changed = data_changes(cfg, ckpt.get("manifests") or {})
+    if changed:
+        return NO_RUN, f"{last}: trained on other data ({'; '.join(changed)}): training again"
+    return REUSE, f"{last}: finished, same options, same data"
+
+
+def data_changes(cfg: TrainConfig, trained_on: dict) -> list[str]:
+    """Which of the data's stage manifests (utils.manifests) differ from those a run was trained on:
+    a finished run on other data (preprocessed or salience made again since) is not this run."""
+    from utils import manifests
+    from utils.h5io import DatasetPaths
+
+    paths = DatasetPaths.of(cfg.root_path, cfg.dataset, cfg.list_dir)
+    now = {"dataset": manifests.read_manifest(manifests.dataset_manifest_path(paths), manifests.DATASET_FORMAT)}
+    if cfg.salience == "offline":
+        now["salience"] = manifests.read_manifest(manifests.salience_manifest_path(paths), manifests.SALIENCE_FORMAT)
+    out = []
+    for key, doc in now.items():
+        then = trained_on.get(key)
+        if doc is None and then is None:
+            continue
+        if doc is None or then is None or manifests.fingerprint(doc) != manifests.fingerprint(then):
+            out.append(f"{key} manifest {'missing then' if then is None else 'changed'}")
+    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -500,6 +500,17 @@ def test_reuse_keeps_finished_same_options_retrains_early_stops_and_refuses_othe
     assert main_cli.check_reuse(cfg)[0] == main_cli.NO_RUN
     assert _cli(tiny_dataset, tmp_path, *base, "--reuse") == 0
     assert torch.load(last, weights_only=True)["iteration"] == 2
+    # a finished run on data made again since (its manifest changed) is trained again
+    from utils import manifests
+
+    doc = manifests.salience_manifest(kind="bank", parameters=None, weights_sha256="ab" * 32, weights_path=None,
+                                      normalisation="fixed", dataset=None,
+                                      cases={c: [3, 32, 32, 12] for c in sum(tiny_dataset.splits.values(), [])})
+    manifests.write_salience_manifest(tiny_dataset.paths, doc)
+    status, message = main_cli.check_reuse(cfg)
+    assert status == main_cli.NO_RUN and "trained on other data (salience manifest missing then)" in message
+    assert _cli(tiny_dataset, tmp_path, *base, "--reuse") == 0
+    assert main_cli.check_reuse(cfg)[0] == main_cli.REUSE  # the new run knows its data
     # a run that went to the end of its epochs counts as finished without max_iterations
     cfg = cfg_for(tiny_dataset, tmp_path, max_epochs=1, exp="e")
     train(cfg)
