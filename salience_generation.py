@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from inference.predictor import resolve_device
 from losses import make_loss
 from networks.salience import (
     DEFAULT_MAX_BATCH_VOXELS,
@@ -78,6 +79,7 @@ DEFAULT_NORMALISATION = "fixed"
 
 
 def default_normalisation(generator: str) -> str:
+    """The normalisation rule a generator gets when none is asked for."""
     return DEFAULT_NORMALISATION if generator == "bank" else "volume"
 
 
@@ -448,7 +450,7 @@ def run(
                     max_batch_voxels=max_batch_voxels, normalisation=normalisation)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", required=True)
@@ -466,7 +468,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, default=FitConfig.patch, help="side of the training plane patches (pixels)")
     p.add_argument("--seed", type=int, default=FitConfig.seed)
     p.add_argument("--checkpoint_dir", default="checkpoint/salience")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--max_batch_voxels", type=int, default=DEFAULT_MAX_BATCH_VOXELS,
                    help="pixels per batch of planes (memory bound)")
     p.add_argument("--normalisation", choices=NORMALISATIONS, default=None,
@@ -475,7 +477,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "volume: the paper's per-plane standardisation and min-max over the volume (default: "
                         f"{DEFAULT_NORMALISATION} for bank, volume for the others)")
     p.add_argument("--overwrite", action="store_true", help="redo complete outputs")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -483,6 +489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     cfg = FitConfig(iters=args.iters, lr=args.lr, batch=args.batch, patch=args.patch, seed=args.seed)
     try:
+        args.device = resolve_device(args.device)
         run(args.dataset, args.root_path, args.list_dir, args.generator, args.weights, args.fit, cfg,
             args.checkpoint_dir, args.device, args.overwrite, args.max_batch_voxels, args.fit_only,
             args.normalisation)

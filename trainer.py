@@ -215,6 +215,7 @@ class RunBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 def check_dataset(cfg: TrainConfig) -> DatasetPaths:
+    """The dataset's folders; FileNotFoundError naming the one that is missing."""
     paths = DatasetPaths.of(cfg.root_path, cfg.dataset, cfg.list_dir)
     if not paths.root.is_dir():
         raise FileNotFoundError(f"{paths.root}: dataset folder not found (unknown --dataset {cfg.dataset!r}? "
@@ -225,6 +226,7 @@ def check_dataset(cfg: TrainConfig) -> DatasetPaths:
 
 
 def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int) -> torch.utils.data.Dataset:
+    """2-D: the training slices (``slice_train``); 3-D: random patches of the training volumes."""
     if dims == 2:
         return SliceDataSet(paths, cfg.salience, img_size=cfg.img_size, augment=cfg.augment,
                             jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing,
@@ -248,6 +250,7 @@ def make_loader(cfg: TrainConfig, env: Env, dataset: Any, start_epoch: int, skip
 
 
 def batches_per_epoch(cfg: TrainConfig, env: Env, n_items: int) -> int:
+    """Optimiser steps in one epoch of ``n_items`` on this rank."""
     return RunBatchSampler(n_items, cfg.batch_size, 0, 0, 1, 0, env.rank, env.world_size,
                            env.distributed).batches_per_epoch()
 

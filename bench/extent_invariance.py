@@ -13,8 +13,9 @@ segments three versions of the scan, as ``predict.py`` does (``inference.predict
 
 Inside the true liver it reports the Dice of ``whole`` against ``cropped`` and of ``padded``
 against ``whole`` (1.0: the prediction does not depend on the scan's extent), and each
-version's vessel Dice against the truth. Writes ``results/<name>.json`` (utils.records) and
-prints a table. Real data is read in place and never written.
+version's vessel Dice against the truth. Writes ``results/<name>.json`` (utils.records: Dice
+values and seconds only, nothing of the scans themselves) and prints a table. Real data is
+read in place and never written.
 """
 from __future__ import annotations
 
@@ -69,13 +70,10 @@ def measure_patient(seg: Predictor, patient: Path) -> dict:
     t3 = time.perf_counter()
     w, c, p = whole & liver, cropped & liver, padded & liver
     return {
-        "shape": list(scan.hu.shape), "spacing_mm": [round(float(s), 4) for s in scan.spacing],
-        "liver_slices": [int(i) for i in np.flatnonzero(liver.any(axis=(0, 1)))[[0, -1]]],
         "dice_whole_vs_cropped": float(dice(w, c)),
         "dice_padded_vs_whole": float(dice(p, w)),
         "dice_truth": {"whole": float(dice(w, label)), "cropped": float(dice(c, label)),
                        "padded": float(dice(p, label))},
-        "vessel_voxels_in_liver": {"whole": int(w.sum()), "cropped": int(c.sum()), "padded": int(p.sum())},
         "seconds": {"whole": round(t1 - t0, 1), "cropped": round(t2 - t1, 1), "padded": round(t3 - t2, 1)},
     }
 

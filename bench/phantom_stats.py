@@ -322,6 +322,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="measure every patient resampled in-plane to this many mm per pixel (the grid a "
                         "--target_spacing model sees; the demo trains at 0.9); default: each on its own grid")
     p.add_argument("--figure", type=Path, default=None, help="write the side-by-side PNG here (e.g. imgs/phantom_vs_real.png)")
+    p.add_argument("--record", default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
     a = p.parse_args(argv)
     setup_logging(logging.WARNING)
     cases = a.cases * len(a.presets) if len(a.cases) == 1 else a.cases
@@ -355,6 +356,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     for preset, (n, walls) in timing.items():
         print(f"\nmake_phantoms {preset}: {n} patients, {a.workers} workers: median {statistics.median(walls):.1f} s over "
               f"{len(walls)} run(s) ({', '.join(f'{w:.1f}' for w in walls)})")
+    if a.record:
+        from utils.records import write_record
+
+        table = format_table(columns, real_cols).splitlines()
+        path = write_record(a.record, {"table_markdown": table, "patients": {c: len(v) for c, v in columns.items()},
+                                       "make_phantoms_seconds": {p_: statistics.median(w) for p_, (_, w) in
+                                                                 timing.items()}},
+                            description="phantom figures beside real CT, inside the liver (mean over patients); ok = "
+                                        f"within {REL_TOL:.0%} of the real mean ({AUC_TOL} for the AUC)",
+                            inputs={"presets": a.presets, "cases": cases, "seed": a.seed, "grid_mm": a.grid_mm,
+                                    "real": real_cols})
+        print(f"record: {path}")
     return 0
 
 

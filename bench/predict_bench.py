@@ -121,6 +121,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--depth", type=int, default=120, help="slices of the 512 x 512 scan")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-real", action="store_true", help="skip the real patient even when present")
+    p.add_argument("--record", default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
     args = p.parse_args(argv)
     setup_logging()
     torch.set_num_threads(args.threads)
@@ -156,6 +157,14 @@ def main(argv: Optional[list[str]] = None) -> int:
               + f" | {r['cpu']:.1f} | |")
     print("\n# process CPU = CPU seconds of all threads; on an idle machine the wall time of a stage lies between "
           "CPU / threads (perfectly parallel) and CPU (serial)")
+    if args.record:
+        from utils.records import write_record
+
+        path = write_record(args.record, {"stages": list(STAGES), "scans": results, "load_average": list(load)},
+                            description="predict.py end to end: wall and process CPU seconds per stage",
+                            inputs={"depth": args.depth, "repeats": args.repeats, "threads": args.threads,
+                                    "device": args.device, "model": what})
+        print(f"record: {path}")
     return 0
 
 

@@ -40,6 +40,8 @@ EXTRA_KEYS = ("seconds_inference", "seconds_metrics")
 
 @dataclass
 class EvalResult:
+    """A test.py report: its folder, per-case rows, summary (metric -> statistics); ``skipped`` when
+    an existing report of the same model and options was returned."""
     output: Path
     rows: list[dict[str, Any]]
     summary: dict[str, dict[str, float]]
@@ -112,6 +114,7 @@ def salience_warning(case: str, salience_path: Path, ckpt: dict) -> Optional[str
 
 
 def default_output(model_path: Path, split: str, eval_roi: str, tta: bool) -> Path:
+    """``<run folder>/eval_<split>[_roi-liver][_tta]``."""
     name = f"eval_{split}" + (f"_roi-{eval_roi}" if eval_roi != "none" else "") + ("_tta" if tta else "")
     return model_path.parent / name
 

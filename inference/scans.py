@@ -302,6 +302,8 @@ def read_nifti_scan(src: CaseSource) -> Scan:
 
 
 def read_scan(src: CaseSource, series: Optional[str] = None) -> Scan:
+    """A scan as ``hu`` float32 (H, W, D) in HU with spacing (row, col, slice) mm and its geometry:
+    DICOM (folder, zip, patient folder; ``series`` picks a SeriesInstanceUID) or NIfTI."""
     if src.kind == "nifti":
         if series is not None:
             log.warning("%s: --series ignored for a NIfTI file", src.path)

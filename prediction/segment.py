@@ -255,6 +255,7 @@ def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.
 
 # ----------------------------------------------------------------------------- one case, many cases
 def output_names(case: str, prob: bool, mesh: Optional[str], figures: bool) -> list[str]:
+    """The file names ``predict.py`` writes for ``case`` with these options (stats.json included)."""
     names = [f"{case}_vessels.nii.gz", f"{case}_stats.json"]
     if prob:
         names.append(f"{case}_prob.nii.gz")
@@ -267,6 +268,8 @@ def output_names(case: str, prob: bool, mesh: Optional[str], figures: bool) -> l
 
 @dataclass
 class CaseResult:
+    """How one scan went: ``status`` written / skipped (outputs of this model and options kept) /
+    failed (``message``), its files, statistics and the seconds (wall, CPU) of each stage."""
     case: str
     status: str  # "written" | "skipped" | "failed"
     files: list[Path] = field(default_factory=list)

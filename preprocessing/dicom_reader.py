@@ -160,6 +160,7 @@ class PatientSource:
         return zip_members(z, prefix)
 
     def ct_files(self) -> list[DicomFile]:
+        """The CT series' files (PATIENT_DICOM folder or zip), sorted by file index."""
         if not self.dir.is_dir():
             raise PreprocessError(self.patient, "", f"{self.dir} is not a folder")
         folder, archive = self.dir / PATIENT_SERIES, self.dir / f"{PATIENT_SERIES}.zip"

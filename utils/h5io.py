@@ -74,6 +74,7 @@ class DatasetPaths:
 
 
 def slice_name(case: str, index: int) -> str:
+    """``<case>_slice<NNNN>``: the slice file of index ``index`` along D of the stored volume."""
     return f"{case}_slice{index:04d}"
 
 
@@ -243,5 +244,6 @@ def read_list(path: str | os.PathLike) -> list[str]:
 
 
 def write_list(path: str | os.PathLike, names: Sequence[str], overwrite: bool = True) -> None:
+    """A list file: one name a line, written atomically."""
     with atomic_path(path, overwrite=overwrite) as tmp:
         tmp.write_text("".join(f"{n}\n" for n in names))

@@ -38,7 +38,7 @@ import h5py
 
 from utils.atomic import atomic_path
 from utils.h5io import DatasetPaths
-from utils.provenance import code_version
+from utils.provenance import code_version, read_json_doc
 
 DATASET_MANIFEST = "dataset.json"
 SALIENCE_MANIFEST = "manifest.json"
@@ -51,10 +51,12 @@ DATASET_OPTIONS = ("input_format", "vessel_classes", "label_rule", "hu_window", 
 
 
 def dataset_manifest_path(paths: DatasetPaths) -> Path:
+    """``<root>/<dataset>/dataset.json``."""
     return paths.root / DATASET_MANIFEST
 
 
 def salience_manifest_path(paths: DatasetPaths) -> Path:
+    """``<root>/<dataset>/vol_salience/manifest.json``."""
     return paths.vol_salience / SALIENCE_MANIFEST
 
 
@@ -74,15 +76,7 @@ def read_manifest(path: str | os.PathLike, fmt: str) -> Optional[dict]:
     """The manifest at ``path``; None when there is none (data from before manifests);
     ValueError naming the file when it is unreadable or of another format."""
     path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable manifest ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != fmt:
-        raise ValueError(f"{path}: not a {fmt} manifest (format {doc.get('format') if isinstance(doc, dict) else '?'})")
-    return doc
+    return read_json_doc(path, fmt, "manifest") if path.is_file() else None
 
 
 def case_record(volume_file: Path) -> dict[str, Any]:
@@ -114,6 +108,7 @@ def option_differences(old: dict, new: dict) -> list[str]:
 
 
 def write_dataset_manifest(paths: DatasetPaths, doc: dict) -> Path:
+    """Write dataset.json atomically; returns its path."""
     return _write(dataset_manifest_path(paths), doc)
 
 
@@ -133,6 +128,7 @@ def salience_manifest(*, kind: str, parameters: Optional[dict], weights_sha256: 
 
 
 def write_salience_manifest(paths: DatasetPaths, doc: dict) -> Path:
+    """Write the maps' manifest atomically; returns its path."""
     return _write(salience_manifest_path(paths), doc)
 
 

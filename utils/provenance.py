@@ -43,6 +43,19 @@ def code_version() -> str:
     return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
 
 
+def read_json_doc(path: str | os.PathLike, fmt: str, what: str) -> dict:
+    """The JSON object at ``path`` whose ``format`` is ``fmt``; ValueError naming the file when it
+    is unreadable or of another format (``what`` names the kind of file in the message)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable JSON {what} ({e})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} {what}")
+    return doc
+
+
 def _plain(value: Any) -> Any:
     """``value`` as it reads back from JSON (tuples become lists, paths strings), so that a stored
     record and a fresh one compare equal when they describe the same thing."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from utils.atomic import atomic_path
-from utils.provenance import code_version
+from utils.provenance import code_version, read_json_doc
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 RECORD_FORMAT = "livervessel-record-v1"
@@ -37,19 +37,20 @@ def machine() -> dict[str, Any]:
 
 
 def write_record(name: str, numbers: dict[str, Any], *, description: str, inputs: Optional[dict] = None,
-                 command: Optional[str] = None, folder: Path = RESULTS_DIR) -> Path:
+                 command: Optional[str] = None, folder: Path = RESULTS_DIR, code: Optional[str] = None) -> Path:
     """Write ``<folder>/<name>.json`` atomically; returns its path.
 
     ``numbers``: the measured values (JSON-able), ``description``: one sentence saying what
     was measured, ``inputs``: what it was measured on (model file hash, data), ``command``:
-    defaults to this process's command line.
+    defaults to this process's command line; ``code``: the code version that measured them
+    (default: this checkout's, ``utils.provenance.code_version``).
     """
     doc = {
         "format": RECORD_FORMAT,
         "name": name,
         "description": description,
         "command": command if command is not None else " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "code_version": code_version(),
+        "code_version": code or code_version(),
         "machine": machine(),
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "inputs": inputs or {},
@@ -63,11 +64,4 @@ def write_record(name: str, numbers: dict[str, Any], *, description: str, inputs
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
     """A record written by :func:`write_record`; ValueError naming the file when it is not one."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable JSON record ({e})") from None
-    if not isinstance(doc, dict) or doc.get("format") != RECORD_FORMAT:
-        raise ValueError(f"{path}: not a {RECORD_FORMAT} record")
-    return doc
+    return read_json_doc(path, RECORD_FORMAT, "record")

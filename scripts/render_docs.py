@@ -1,0 +1,207 @@
+"""Render the documentation's tables from the result records and the command lines' parsers.
+
+    python scripts/render_docs.py           # rewrite the rendered blocks of README.md and docs/*.md
+    python scripts/render_docs.py --check   # exit 1, naming each document that is not up to date
+
+A rendered block sits between two markers in a Markdown file::
+
+    <!-- render:NAME -->
+    ... replaced by RENDERERS[NAME]() ...
+    <!-- /render:NAME -->
+
+Figures come only from ``results/<name>.json`` (utils.records: the command, code version,
+machine and date beside the numbers; every table names its record), flag tables only from
+each command's ``build_parser()``. Nothing in a block is typed by hand, and the test suite
+fails when a committed document differs from what this script renders.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils.records import RESULTS_DIR, read_record  # noqa: E402
+
+DOCUMENTS = ("README.md", "docs/USAGE.md", "docs/RESULTS.md", "docs/BENCHMARKS.md", "docs/PHANTOMS.md", "docs/GPU.md",
+             "docs/DESIGN.md")
+BLOCK = re.compile(r"(<!-- render:([\w-]+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
+#: the command lines whose flags docs/USAGE.md lists, by module
+COMMANDS = ("make_phantoms", "preprocess", "salience_generation", "main", "test", "predict")
+
+
+def record(name: str) -> dict:
+    return read_record(RESULTS_DIR / f"{name}.json")
+
+
+def source(*names: str) -> str:
+    """The line under a table that says where its figures come from."""
+    parts = []
+    for n in names:
+        r = record(n)
+        m = r["machine"]
+        where = f"{m.get('cpu_count')} CPU cores" + (f", {m['gpu']}" if m.get("gpu") else ", no GPU")
+        parts.append(f"[`results/{n}.json`](../results/{n}.json) (`{r['command']}`, commit "
+                     f"`{r['code_version'][:10]}`, {where}, {r['date'][:10]})")
+    return "*Measured: " + "; ".join(parts) + ".*"
+
+
+def _fmt(v: Optional[float], digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- renderers
+def extent_invariance() -> str:
+    rows = ["| salience rule | patient | Dice whole vs cropped | Dice padded vs whole | vessel Dice: whole scan | "
+            "liver-cropped | padded |", "|---|---|---|---|---|---|---|"]
+    names = ("extent_invariance_volume_rule", "extent_invariance_fixed_rule")
+    for name in names:
+        r = record(name)
+        rule = r["numbers"]["normalisation"]
+        for patient, p in r["numbers"]["patients"].items():
+            t = p["dice_truth"]
+            rows.append(f"| `{rule}` | {patient} | {p['dice_whole_vs_cropped']:.4f} | {p['dice_padded_vs_whole']:.4f} "
+                        f"| {t['whole']:.3f} | {t['cropped']:.3f} | {t['padded']:.3f} |")
+    return "\n".join(rows) + "\n\n" + source(*names) + "\n"
+
+
+def _real_ct_dice(name: str = "extent_invariance_fixed_rule") -> dict[str, float]:
+    return {p: v["dice_truth"]["whole"] for p, v in record(name)["numbers"]["patients"].items()}
+
+
+def demo_phantom() -> str:
+    r = record("demo_phantom")["numbers"]
+    keys = (("dice", "Dice"), ("cldice", "clDice"), ("sensitivity", "sensitivity"), ("precision", "precision"),
+            ("hd95_mm", "HD95 mm"), ("assd_mm", "ASSD mm"), ("components_pred", "pieces (truth: 1)"))
+    rows = ["| metric | mean | 95% CI |", "|---|---|---|"]
+    for k, label in keys:
+        m = r["metrics"][k]
+        ci = f"[{m['ci95_low']:.3f}, {m['ci95_high']:.3f}]" if m.get("ci95_low") is not None else "n/a"
+        rows.append(f"| {label} | {_fmt(m['mean'])} | {ci} |")
+    return (f"{r['n_cases']} phantom test patients, inside the liver, the `make demo` model "
+            f"(salience {r['salience']}, normalisation {r['normalisation']}).\n\n" + "\n".join(rows) + "\n\n"
+            + source("demo_phantom") + "\n")
+
+
+def headline() -> str:
+    real = _real_ct_dice()
+    demo = record("demo_phantom")["numbers"]
+    mean_real = sum(real.values()) / len(real)
+    per = ", ".join(f"{p.replace('3Dircadb1.', 'patient ')} {v:.3f}" for p, v in real.items())
+    return (f"| the `make demo` model (phantoms only, 2 CPU cores, {demo['iterations']} iterations) | Dice |\n"
+            f"|---|---|\n"
+            f"| {demo['n_cases']} phantom test patients, inside the liver | {demo['metrics']['dice']['mean']:.3f} |\n"
+            f"| real 3D-IRCADb patients, `predict.py` on the whole scan, scored inside the liver | "
+            f"{mean_real:.3f} ({per}) |\n\n"
+            f"Sources: [`results/demo_phantom.json`](results/demo_phantom.json), "
+            f"[`results/extent_invariance_fixed_rule.json`](results/extent_invariance_fixed_rule.json) "
+            f"(rendered by `scripts/render_docs.py`; how they were measured: [docs/RESULTS.md](docs/RESULTS.md)).\n")
+
+
+def predict_speed() -> str:
+    r = record("predict_bench")
+    n = r["numbers"]
+    stages = n["stages"]
+    rows = ["| scan | clock | " + " | ".join(stages) + " | total |", "|---" * (len(stages) + 3) + "|"]
+    for scan, v in n["scans"].items():
+        rows.append(f"| {scan} | wall | " + " | ".join(f"{v[s]:.1f}" for s in stages) + f" | {v['total']:.1f} |")
+        rows.append(f"| {scan} | process CPU | " + " | ".join(f"{v['cpu_' + s]:.1f}" for s in stages)
+                    + f" | {v['cpu']:.1f} |")
+    return (f"`predict.py` end to end on a 512 x 512 x {r['inputs']['depth']} DICOM series, seconds, median of "
+            f"{r['inputs']['repeats']} runs, {r['inputs']['threads']} torch threads, model: {r['inputs']['model']}.\n\n"
+            + "\n".join(rows) + "\n\n" + source("predict_bench") + "\n")
+
+
+def _flag_table(module: str) -> str:
+    parser: argparse.ArgumentParser = importlib.import_module(module).build_parser()
+    rows = ["| flag | default | what |", "|---|---|---|"]
+    for a in parser._actions:
+        if isinstance(a, argparse._HelpAction):
+            continue
+        flag = ", ".join(a.option_strings) or a.dest
+        if a.nargs not in (None, 0) and a.metavar:
+            flag += " " + (" ".join(a.metavar) if isinstance(a.metavar, tuple) else str(a.metavar))
+        elif a.choices:
+            flag += " {" + ",".join(str(c) for c in a.choices) + "}"
+        unset = a.default is None or a.default is False or a.default == argparse.SUPPRESS
+        default = "required" if a.required else ("" if unset else
+                                                  f"`{a.default}`" if not isinstance(a.default, list) else
+                                                  f"`{' '.join(str(x) for x in a.default)}`")
+        what = " ".join((a.help or "").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").split())
+        rows.append(f"| `{flag}` | {default} | {what} |")
+    return "\n".join(rows) + "\n"
+
+
+def table_record(name: str) -> str:
+    """A record that carries its own Markdown table (``numbers.table_markdown``, a list of lines)."""
+    r = record(name)
+    return r["description"][0].upper() + r["description"][1:] + ".\n\n" + "\n".join(r["numbers"]["table_markdown"]) \
+        + "\n\n" + source(name) + "\n"
+
+
+def gpu_records() -> str:
+    """The records measured on a machine with a GPU; says so when there is none."""
+    rows = []
+    for path in sorted(RESULTS_DIR.glob("*.json")):
+        r = read_record(path)
+        if r["machine"].get("gpu"):
+            rows.append(f"| [`{path.name}`](../results/{path.name}) | {r['machine']['gpu']} | {r['date'][:10]} | "
+                        f"{r['description']} |")
+    if not rows:
+        return ("None yet: no record in `results/` was measured on a GPU. The CUDA, AMP and nccl paths are tested "
+                "on the CPU only (`SMOKE_DEVICE=cpu bash scripts/gpu_smoke.sh` and the test suite); run the two "
+                "scripts above on a GPU box and publish what they print.\n")
+    return "| record | GPU | date | what |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
+
+
+RENDERERS: dict[str, Callable[[], str]] = {
+    "gpu-records": gpu_records,
+    "phantom-calibration": lambda: table_record("phantom_calibration"),
+    "extent-invariance": extent_invariance,
+    "demo-phantom": demo_phantom,
+    "headline": headline,
+    "predict-speed": predict_speed,
+    **{f"flags-{m}": (lambda m=m: _flag_table(m)) for m in COMMANDS},
+}
+
+
+def render_text(text: str, where: str = "document") -> str:
+    """``text`` with every rendered block replaced; ValueError for an unknown block name."""
+    def fill(m: re.Match) -> str:
+        name = m.group(2)
+        if name not in RENDERERS:
+            raise ValueError(f"{where}: unknown rendered block {name!r}; known: {', '.join(sorted(RENDERERS))}")
+        return m.group(1) + RENDERERS[name]() + m.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="only check: exit 1 when a document is not up to date")
+    args = p.parse_args(argv)
+    stale = []
+    for rel in DOCUMENTS:
+        path = ROOT / rel
+        if not path.is_file():
+            continue
+        old = path.read_text()
+        new = render_text(old, rel)
+        if new != old:
+            stale.append(rel)
+            if not args.check:
+                path.write_text(new)
+    if args.check and stale:
+        print(f"not up to date (run python scripts/render_docs.py): {', '.join(stale)}")
+        return 1
+    print(("rendered: " + ", ".join(stale)) if stale and not args.check else "documents up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

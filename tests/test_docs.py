@@ -1,0 +1,101 @@
+"""The documentation is part of the product: rendered from records, short where users start, linked."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from utils.records import RECORD_FORMAT, RESULTS_DIR, read_record, write_record
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("render_docs", ROOT / "scripts" / "render_docs.py")
+render_docs = importlib.util.module_from_spec(_spec)
+sys.modules["render_docs"] = render_docs
+_spec.loader.exec_module(render_docs)
+
+
+@pytest.mark.parametrize("doc", render_docs.DOCUMENTS)
+def test_committed_documents_equal_what_the_records_render(doc):
+    path = ROOT / doc
+    assert path.is_file(), doc
+    text = path.read_text()
+    assert render_docs.render_text(text, doc) == text, f"{doc} is stale: run python scripts/render_docs.py"
+
+
+def test_every_rendered_block_is_known_and_every_record_reads():
+    for doc in render_docs.DOCUMENTS:
+        for m in render_docs.BLOCK.finditer((ROOT / doc).read_text()):
+            assert m.group(2) in render_docs.RENDERERS, (doc, m.group(2))
+    records = sorted(RESULTS_DIR.glob("*.json"))
+    assert records
+    for path in records:
+        r = read_record(path)
+        assert r["name"] == path.stem and r["code_version"] and r["machine"]["cpu_count"] and r["numbers"]
+
+
+def test_readme_is_short_and_reaches_predict_early():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 210
+    first = next(i for i, line in enumerate(lines) if "python predict.py" in line)
+    assert first < 100
+
+
+def test_local_links_resolve():
+    for doc in render_docs.DOCUMENTS:
+        path = ROOT / doc
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", path.read_text()):
+            if "://" in target:
+                continue
+            assert (path.parent / target).exists(), f"{doc}: link to {target} does not resolve"
+
+
+def test_unknown_block_and_stale_text_are_reported(tmp_path):
+    with pytest.raises(ValueError, match="unknown rendered block 'nope'"):
+        render_docs.render_text("<!-- render:nope -->\nx\n<!-- /render:nope -->", "t.md")
+    stale = "<!-- render:flags-predict -->\nold\n<!-- /render:flags-predict -->"
+    fresh = render_docs.render_text(stale)
+    assert fresh != stale and "| `--model` | required |" in fresh
+
+
+def test_record_round_trip_and_bad_records(tmp_path):
+    path = write_record("x", {"dice": 0.5}, description="a test", inputs={"n": 1}, command="cmd", folder=tmp_path)
+    r = read_record(path)
+    assert r["format"] == RECORD_FORMAT and r["numbers"] == {"dice": 0.5} and r["command"] == "cmd"
+    assert r["machine"]["cpu_count"] >= 1 and r["date"][:2] == "20"
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="bad.json: not a livervessel-record-v1 record"):
+        read_record(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json: not a readable JSON record"):
+        read_record(tmp_path / "broken.json")
+
+
+def test_record_report_publishes_a_test_report(tiny_dataset, tmp_path, one_thread):
+    """scripts/record_report.py: the record holds the report's summary, the model's hash and
+    iterations and the code version of the report's provenance, not of the publishing run."""
+    from evaluation.runner import run_evaluation
+    from trainer import TrainConfig, train
+
+    spec = importlib.util.spec_from_file_location("record_report", ROOT / "scripts" / "record_report.py")
+    record_report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record_report)
+    ds = tiny_dataset
+    train(TrainConfig(dataset=ds.dataset, root_path=str(ds.root_path), list_dir=str(ds.list_dir),
+                      output_root=str(tmp_path / "ckpt"), model_kwargs={"base_channels": 4, "depth": 2},
+                      img_size=(32, 32), batch_size=2, num_workers=0, max_epochs=1, max_iterations=2, salience="none"))
+    rep = run_evaluation(dataset=ds.dataset, backbone="unet", root_path=ds.root_path, list_dir=ds.list_dir,
+                         checkpoint_root=tmp_path / "ckpt", device="cpu")
+    summary = json.loads((rep.output / "summary.json").read_text())
+    summary["meta"]["provenance"]["code_version"] = "abc123"
+    (rep.output / "summary.json").write_text(json.dumps(summary))
+    path = record_report.record_report("tiny_test", rep.output, "pytest", folder=tmp_path / "results")
+    r = read_record(path)
+    assert r["code_version"] == "abc123" and r["command"] == "pytest"
+    assert r["numbers"]["metrics"]["dice"] == summary["metrics"]["dice"] and r["numbers"]["iterations"] == 2
+    assert r["inputs"]["model_sha256"] == summary["meta"]["model_sha256"] and r["numbers"]["salience"] == "none"
+    with pytest.raises(FileExistsError, match="tiny_test.json: exists"):
+        record_report.record_report("tiny_test", rep.output, "pytest", folder=tmp_path / "results")
