@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.records import run_recorded  # noqa: E402
 
 from networks.registry import build_model, spatial_dims_of  # noqa: E402
 
@@ -69,4 +70,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recorded(main, "backbone parameters and forward + backward time"))

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.records import run_recorded  # noqa: E402
 
 from phantom.dicom_io import write_patient  # noqa: E402
 from preprocessing.pipeline import CROP_MODES, preprocess  # noqa: E402
@@ -115,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recorded(main, "preprocess.py time per patient, seconds"))

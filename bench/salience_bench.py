@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.records import run_recorded  # noqa: E402
 
 from networks.salience import (  # noqa: E402
     BANK_ORIENTATIONS,
@@ -261,4 +262,4 @@ def _index(orientation: int, i: int) -> tuple:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recorded(main, "salience_3d speed against the straightforward bank + head, seconds per volume"))

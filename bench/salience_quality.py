@@ -31,6 +31,7 @@ from scipy.stats import rankdata
 from skimage.filters import frangi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.records import run_recorded  # noqa: E402
 
 from evaluation.metrics import skeleton  # noqa: E402
 
@@ -215,4 +216,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recorded(main, "ROC-AUC of the salience maps inside the liver, vessel against other liver voxels"))

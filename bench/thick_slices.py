@@ -36,6 +36,7 @@ from typing import Any, Optional
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.records import run_recorded  # noqa: E402
 
 from evaluation.runner import run_evaluation  # noqa: E402
 from networks.checkpoint import generator_from_checkpoint, load_checkpoint  # noqa: E402
@@ -142,4 +143,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recorded(main, "the model on thicker slices: Dice and clDice per variant"))

@@ -36,6 +36,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from utils.records import run_recorded  # noqa: E402
 
 from losses import make_loss, make_optimizer, poly_scheduler  # noqa: E402
 from networks.e2e import build_segmenter  # noqa: E402
@@ -168,4 +169,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_recorded(main, "training throughput: trainer.train against an in-memory loop, iterations per second"))

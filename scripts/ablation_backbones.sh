@@ -33,5 +33,6 @@ for backbone in $BACKBONES; do
 done
 OUT=$CKPT/$DATASET/ablation_backbones_it${ITERS}_seed${SEED}.md
 echo
-$PY scripts/compare_runs.py --out "$OUT" "${RUNS[@]}"
+# RECORD=NAME also writes results/NAME.json, the record docs/RESULTS.md renders
+$PY scripts/compare_runs.py --out "$OUT" "${RUNS[@]}" ${RECORD:+--record "$RECORD"}
 echo "comparison table: $OUT"

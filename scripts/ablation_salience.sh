@@ -19,5 +19,6 @@ for MODE in none offline e2e; do
 done
 OUT=$CKPT/$DATASET/ablation_salience_${BACKBONE/:/_}_it${ITERS}_seed${SEED}.md
 echo
-$PY scripts/compare_runs.py --out "$OUT" "${RUNS[@]}"
+# RECORD=NAME also writes results/NAME.json, the record docs/RESULTS.md renders
+$PY scripts/compare_runs.py --out "$OUT" "${RUNS[@]}" ${RECORD:+--record "$RECORD"}
 echo "comparison table: $OUT"

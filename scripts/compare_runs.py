@@ -4,6 +4,8 @@
     python scripts/compare_runs.py --ci offline=seed0/eval,seed1/eval,seed2/eval
 
 Several comma-separated folders under one label pool their per-case rows (seeds, directions).
+``--record NAME`` also writes the table as ``results/NAME.json`` (utils.records.run_recorded),
+which the documentation renders; the ablation and sim-to-real scripts pass ``RECORD``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.compare import compare_table  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
+from utils.records import run_recorded  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -43,4 +46,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_recorded(main, "test.py reports side by side (compare_runs.py): Dice, clDice and the other metrics"))

@@ -3,7 +3,8 @@
     python scripts/render_docs.py           # rewrite the rendered blocks of README.md and docs/*.md
     python scripts/render_docs.py --check   # exit 1, naming each document that is not up to date
 
-A rendered block sits between two markers in a Markdown file::
+A rendered block sits between two markers in a Markdown file (``table-<record>`` renders the
+Markdown table a bench script printed, kept by its ``--record``)::
 
     <!-- render:NAME -->
     ... replaced by RENDERERS[NAME]() ...
@@ -161,7 +162,6 @@ def gpu_records() -> str:
 
 RENDERERS: dict[str, Callable[[], str]] = {
     "gpu-records": gpu_records,
-    "phantom-calibration": lambda: table_record("phantom_calibration"),
     "extent-invariance": extent_invariance,
     "demo-phantom": demo_phantom,
     "headline": headline,
@@ -174,6 +174,8 @@ def render_text(text: str, where: str = "document") -> str:
     """``text`` with every rendered block replaced; ValueError for an unknown block name."""
     def fill(m: re.Match) -> str:
         name = m.group(2)
+        if name.startswith("table-"):  # any record that carries its own table (bench scripts' --record)
+            return m.group(1) + table_record(name[len("table-"):]) + m.group(4)
         if name not in RENDERERS:
             raise ValueError(f"{where}: unknown rendered block {name!r}; known: {', '.join(sorted(RENDERERS))}")
         return m.group(1) + RENDERERS[name]() + m.group(4)

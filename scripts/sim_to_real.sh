@@ -150,4 +150,5 @@ for scen in phantom real phantom+real "phantom+real mixed"; do
 done
 OUT=$CKPT/s2r/sim_to_real_${BACKBONE/:/_}_it${ITERS}_ft${FT_ITERS}_lr${FT_LR}${FBN}_${MODES// /-}_seeds${SEEDS// /}.md
 step "table (mean [95% CI] over test cases x seeds) -> $OUT"
-$PY scripts/compare_runs.py --ci --out "$OUT" "${ROWS[@]}"
+# RECORD=NAME also writes results/NAME.json, the record docs/RESULTS.md renders
+$PY scripts/compare_runs.py --ci --out "$OUT" "${ROWS[@]}" ${RECORD:+--record "$RECORD"}

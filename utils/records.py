@@ -7,12 +7,15 @@ are rendered from these files, never typed by hand.
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
+import io
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from utils.atomic import atomic_path
 from utils.provenance import code_version, read_json_doc
@@ -45,6 +48,8 @@ def write_record(name: str, numbers: dict[str, Any], *, description: str, inputs
     defaults to this process's command line; ``code``: the code version that measured them
     (default: this checkout's, ``utils.provenance.code_version``).
     """
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"record name {name!r}: use letters, digits, '_', '-' and '.' (it becomes results/<name>.json)")
     doc = {
         "format": RECORD_FORMAT,
         "name": name,
@@ -65,3 +70,57 @@ def write_record(name: str, numbers: dict[str, Any], *, description: str, inputs
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
     """A record written by :func:`write_record`; ValueError naming the file when it is not one."""
     return read_json_doc(path, RECORD_FORMAT, "record")
+
+
+class _Tee(io.TextIOBase):
+    """Writes to ``stream`` and keeps a copy."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.parts = stream, []
+
+    def write(self, s: str) -> int:
+        self.parts.append(s)
+        return self.stream.write(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def run_recorded(main_fn: Callable[..., Any], description: str, argv: Optional[list[str]] = None,
+                 folder: Optional[Path] = None) -> int:
+    """Run a bench script's ``main`` and, when the command line has ``--record NAME``, write what it
+    printed as ``results/NAME.json``: its Markdown table lines (``numbers.table_markdown``, what the
+    docs render) and every printed line (``numbers.printed``).
+
+    ``--record NAME`` is taken off the command line before ``main_fn`` parses it; ``main_fn`` is
+    called with the rest (as ``main_fn(argv)`` when it takes an argument, else with ``sys.argv`` set).
+    Nothing is written when the script fails or prints no table.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = None
+    if "--record" in argv:
+        i = argv.index("--record")
+        if i + 1 >= len(argv):
+            raise SystemExit("--record needs a NAME (results/NAME.json)")
+        name = argv[i + 1]
+        del argv[i:i + 2]
+    takes_argv = bool(inspect.signature(main_fn).parameters)
+    tee = _Tee(sys.stdout)
+    old_argv, old_stdout = sys.argv, sys.stdout
+    sys.argv, sys.stdout = [sys.argv[0], *argv], tee
+    try:
+        rc = main_fn(argv) if takes_argv else main_fn()
+    finally:
+        sys.argv, sys.stdout = old_argv, old_stdout
+    rc = int(rc or 0)
+    if name and rc == 0:
+        printed = "".join(tee.parts).splitlines()
+        table = [line for line in printed if line.startswith("|")]
+        if not table:
+            print(f"--record {name}: the script printed no table; nothing recorded", file=sys.stderr)
+            return 1
+        path = write_record(name, {"table_markdown": table, "printed": printed}, description=description,
+                            inputs={"argv": argv}, command=" ".join([Path(old_argv[0]).name, *old_argv[1:]]),
+                            folder=folder or RESULTS_DIR)
+        print(f"record: {path}")
+    return rc
