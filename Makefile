@@ -16,7 +16,7 @@ $(STAMP): requirements.txt Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -r requirements.txt
-	$(PY) -c "import torch, monai, h5py, SimpleITK, pydicom, skimage, medpy; print('setup ok: torch', torch.__version__)"
+	$(PY) -c "import torch, monai, h5py, SimpleITK, pydicom, skimage, medpy, skan, networkx, vtk, highdicom; print('setup ok: torch', torch.__version__)"
 	touch $(STAMP)
 
 test: setup

@@ -1,14 +1,17 @@
 """Segment the liver vessels of new CT scans with one model file (docs/DESIGN.md section 6).
 
     python predict.py --model FILE --input PATH --output DIR [--device auto] [--liver_mask FILE]
-                      [--prob] [--mesh [stl|obj]] [--figures] [--tta] [--series UID] [--head FILE]
+                      [--prob] [--mesh [stl|obj]] [--figures] [--graph] [--dicom_seg] [--tta] [--series UID]
+                      [--head FILE]
                       [--batch_size 8] [--min_component_mm3 MM3] [--overwrite]
 
 PATH: a DICOM series folder, a zip of one (3D-IRCADb's PATIENT_DICOM.zip), a 3D-IRCADb patient
 folder, a .nii / .nii.gz file, or a folder of several of those (one output set each). Writes
 ``<case>_vessels.nii.gz`` (uint8, in the input's exact geometry) and ``<case>_stats.json``;
 ``--prob`` adds ``<case>_prob.nii.gz``, ``--mesh`` ``<case>_vessels.stl`` (or .obj) in patient
-millimetres, ``--figures`` ``<case>_mip.png`` and ``<case>_3d.png``. The model file carries
+millimetres, ``--figures`` ``<case>_mip.png`` and ``<case>_3d.png``, ``--graph``
+``<case>_graph.graphml`` and ``<case>_graph.vtp`` (the branch graph), ``--dicom_seg``
+``<case>_seg.dcm`` (a DICOM Segmentation referencing the source series). The model file carries
 everything else (network, salience generator, HU window, resize rule, threshold, smallest component kept); ``--head``
 supplies the generator weights for checkpoints that do not embed them.
 Bad input: a one-line error naming the file, exit code 1, no output for that scan.
@@ -39,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", nargs="?", const="stl", choices=MESH_FORMATS, default=None,
                    help="also write the vessel surface (default stl)")
     p.add_argument("--figures", action="store_true", help="MIPs with the vessels overlaid and a 3-D rendering")
+    p.add_argument("--dicom_seg", action="store_true",
+                   help="also write <case>_seg.dcm, a DICOM Segmentation of the mask referencing the source series "
+                        "(for a PACS, OHIF or 3D Slicer's DICOM browser); DICOM input only")
+    p.add_argument("--graph", action="store_true",
+                   help="also write the branch graph: <case>_graph.graphml (networkx; nodes and branches with length "
+                        "and radius in mm) and <case>_graph.vtp (polylines with the radius, for 3D Slicer / ParaView)")
     p.add_argument("--tta", action="store_true", help="average over flips")
     p.add_argument("--series", default=None, help="SeriesInstanceUID to use when a folder mixes several series")
     p.add_argument("--head", default=None, help="salience generator weights for a model file that lacks them")
@@ -55,6 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         results = run_predict(args.model, args.input, args.output, device=args.device, head=args.head,
                               liver_mask=args.liver_mask, prob=args.prob, mesh=args.mesh, figures=args.figures,
+                              graph=args.graph, dicom_seg=args.dicom_seg,
                               tta=args.tta, series=args.series, batch_size=args.batch_size, overwrite=args.overwrite,
                               min_component_mm3=args.min_component_mm3)
     except (PreprocessError, FileNotFoundError, FileExistsError, ValueError) as e:

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_pred", choices=PRED_FORMATS, default=None)
     p.add_argument("--pred_kind", choices=("prob", "mask"), default="prob", help="what --save_pred writes")
     p.add_argument("--figures", action="store_true", help="PNG overlays and MIPs per case")
+    p.add_argument("--graph", action="store_true",
+                   help="branch graphs of prediction and truth (graphs/*.graphml) and graph scores per case: branch "
+                        "points found within 3 mm, branches found by radius, pieces of the largest true tree")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass")
     p.add_argument("--output", default=None, help="report folder (default: eval_<split>... in the run folder)")
@@ -75,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             overlap=args.overlap, tta=args.tta, img_size=args.img_size, eval_roi=args.eval_roi,
             save_pred=args.save_pred, pred_kind=args.pred_kind, figures=args.figures, device=args.device,
             batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
-            min_component_mm3=args.min_component_mm3,
+            min_component_mm3=args.min_component_mm3, graph=args.graph,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", str(e).splitlines()[0] if str(e) else type(e).__name__)

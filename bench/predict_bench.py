@@ -52,6 +52,8 @@ REAL = ROOT.parent / "shared" / "real" / "3Dircadb1.1" / "PATIENT_DICOM"
 DEMO_KW = {"base_channels": 16}
 DEMO_IMG = [192, 192]
 STAGES = ("read", "window", "salience", "inference", "stats", "write_nifti")
+#: with --extras: the branch graph (GraphML + VTK) and the DICOM-SEG
+EXTRA_STAGES = ("dicom_seg", "graph")
 
 
 def phantom_scan(folder: Path, depth: int) -> Path:
@@ -99,18 +101,19 @@ def demo_model(out: Path, scan_hu_image: np.ndarray) -> tuple[Path, str]:
     return path, "demo settings (unet base 16, offline bank, img 192), random weights"
 
 
-def time_runs(model: Path, scan: Path, out: Path, repeats: int, device: str) -> dict[str, float]:
+def time_runs(model: Path, scan: Path, out: Path, repeats: int, device: str, extras: bool = False) -> dict[str, float]:
     rows = []
+    stages = STAGES + EXTRA_STAGES if extras else STAGES
     for i in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
-        (res,) = run_predict(model, scan, out, device=device, overwrite=True)
+        (res,) = run_predict(model, scan, out, device=device, overwrite=True, graph=extras, dicom_seg=extras)
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
-        row = {**{k: res.seconds.get(k, 0.0) for k in STAGES}, **{f"cpu_{k}": res.cpu_seconds.get(k, 0.0)
-                                                                   for k in STAGES},
+        row = {**{k: res.seconds.get(k, 0.0) for k in stages}, **{f"cpu_{k}": res.cpu_seconds.get(k, 0.0)
+                                                                   for k in stages},
                "total": total, "cpu": cpu, "vessel_ml": res.stats["vessel_volume_ml"]}
         rows.append(row)
         log.info("run %d/%d: %.1f s wall (%s), %.1f s CPU", i + 1, repeats, total,
-                 ", ".join(f"{k} {row[k]:.1f}" for k in STAGES), cpu)
+                 ", ".join(f"{k} {row[k]:.1f}" for k in stages), cpu)
     return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
 
 
@@ -122,6 +125,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-real", action="store_true", help="skip the real patient even when present")
     p.add_argument("--record", default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
+    p.add_argument("--extras", action="store_true", help="also write the branch graph and the DICOM-SEG (--graph "
+                                                          "--dicom_seg) and time them")
     args = p.parse_args(argv)
     setup_logging()
     torch.set_num_threads(args.threads)
@@ -139,7 +144,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results = {}
         for name, scan in scans.items():
             log.info("%s: %d runs ...", name, args.repeats)
-            results[name] = time_runs(model, scan, tmp / "out", args.repeats, args.device)
+            results[name] = time_runs(model, scan, tmp / "out", args.repeats, args.device, args.extras)
     load = os.getloadavg()
     print(f"\n# predict.py end to end, 512 x 512 x {args.depth} DICOM series, model: {what}")
     print(f"# machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch threads "
@@ -147,20 +152,21 @@ def main(argv: Optional[list[str]] = None) -> int:
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
           + f"; load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end (shared machine when > threads)")
     print(f"# medians of {args.repeats} runs, seconds; total includes loading the model file\n")
-    head = "| scan | clock | " + " | ".join(STAGES) + " | total | vessel mL |"
+    stages = STAGES + EXTRA_STAGES if args.extras else STAGES
+    head = "| scan | clock | " + " | ".join(stages) + " | total | vessel mL |"
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
     for name, r in results.items():
-        print(f"| {name} | wall | " + " | ".join(f"{r[k]:.1f}" for k in STAGES)
+        print(f"| {name} | wall | " + " | ".join(f"{r[k]:.1f}" for k in stages)
               + f" | {r['total']:.1f} | {r['vessel_ml']:.1f} |")
-        print(f"| {name} | process CPU | " + " | ".join(f"{r['cpu_' + k]:.1f}" for k in STAGES)
+        print(f"| {name} | process CPU | " + " | ".join(f"{r['cpu_' + k]:.1f}" for k in stages)
               + f" | {r['cpu']:.1f} | |")
     print("\n# process CPU = CPU seconds of all threads; on an idle machine the wall time of a stage lies between "
           "CPU / threads (perfectly parallel) and CPU (serial)")
     if args.record:
         from utils.records import write_record
 
-        path = write_record(args.record, {"stages": list(STAGES), "scans": results, "load_average": list(load)},
+        path = write_record(args.record, {"stages": list(stages), "scans": results, "load_average": list(load)},
                             description="predict.py end to end: wall and process CPU seconds per stage",
                             inputs={"depth": args.depth, "repeats": args.repeats, "threads": args.threads,
                                     "device": args.device, "model": what})

@@ -129,3 +129,31 @@ def mip_figure(
             axes[r, 3].set_title(f"mean salience, {name}", fontsize=9)
     _finish(fig, axes, title, path)
     return path
+
+
+def graph_figure(path: Path, mask: np.ndarray, spacing: Sequence[float], graph, title: str = "") -> Path:
+    """The branch graph drawn over the axial MIP of the mask: branches coloured by mean radius (mm),
+    branch points as red dots, end points as small white ones.
+
+    mask: bool (H, W, D); spacing (row, col, slice) mm; graph: an ``evaluation.graph.VesselGraph``
+    whose paths are in index x spacing mm (``vessel_graph`` without ``to_patient``).
+    """
+    sp = np.asarray(spacing, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(7, 7 * mask.shape[0] * sp[0] / max(mask.shape[1] * sp[1], 1e-6)))
+    ax.imshow(mask.max(axis=2), cmap="gray", vmin=0, vmax=2.5, interpolation="nearest",
+              extent=(0, mask.shape[1] * sp[1], mask.shape[0] * sp[0], 0))
+    cmap = plt.get_cmap("viridis")
+    top = max([b.mean_radius_mm for b in graph.branches] + [1.0])
+    for b in graph.branches:
+        ax.plot(b.path_mm[:, 1], b.path_mm[:, 0], color=cmap(b.mean_radius_mm / top), linewidth=1.2)
+    for kind, colour, size in (("branch point", "red", 14), ("end point", "white", 5)):
+        pts = np.array([v["position_mm"] for v in graph.nodes.values() if v["kind"] == kind]).reshape(-1, 3)
+        ax.scatter(pts[:, 1], pts[:, 0], s=size, c=colour, edgecolors="none", label=f"{kind}s ({len(pts)})")
+    sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, top))
+    fig.colorbar(sm, ax=ax, fraction=0.04, label="branch mean radius (mm)")
+    ax.legend(loc="lower right", fontsize=7, facecolor="0.3", labelcolor="white")
+    ax.set_xlabel("mm (columns)")
+    ax.set_ylabel("mm (rows)")
+    ax.set_title((title + "\n" if title else "") + f"{len(graph.branches)} branches over the axial MIP", fontsize=9)
+    _save(fig, path)
+    return path

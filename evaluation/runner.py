@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from dataloaders.datasets import read_case_salience
+from evaluation.graph import GRAPH_KEYS
 from evaluation.metrics import METRIC_KEYS, evaluate_case
 from evaluation.predictions import PRED_FORMATS, save_prediction
 from evaluation.reports import (
@@ -206,6 +207,8 @@ def _existing_report(out_dir: Path, overwrite: bool, wanted: dict, extras: dict)
                       f"{extras['save_pred']}/{extras['pred_kind']} asked for")
     if extras["figures"] and not have.get("figures"):
         differ.append("figures asked for, none there")
+    if extras.get("graph") and not have.get("graph"):
+        differ.append("graph scores asked for, none there")
     if differ:
         log.warning("%s: the report there was made by something else (%s); computing it again", out_dir,
                     "; ".join(differ[:4]))
@@ -238,7 +241,7 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
 
 
 def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str], pred_kind: str,
-                  figures: bool) -> dict[str, Any]:
+                  figures: bool, graph: bool = False) -> dict[str, Any]:
     """Predict and score one case; write its prediction and figures into ``tmp`` when asked."""
     paths, pr = ev.paths, ev.predictor
     mode, dims = pr.salience_mode, pr.spatial_dims
@@ -266,6 +269,8 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
         log.warning("%s: the model predicts no vessel (highest probability %.3f, threshold %.2f; the label "
                     "holds %d voxels)", case, float(scored.max()) if scored.size else float("nan"),
                     pr.threshold, row["voxels_true"])
+    if graph:
+        row.update(_graph_scores(tmp, case, pred, vol.label.astype(bool), vol.spacing, roi))
     row["seconds_inference"] = t1 - t0
     row["seconds_metrics"] = time.perf_counter() - t1
     if save_pred is not None:
@@ -286,6 +291,21 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
         mip_figure(tmp / "figures" / f"{case}_mip.png", pred & shown, vol.label.astype(bool) & shown,
                    vol.spacing, salience=shown_sal, title=title)
     return row
+
+
+def _graph_scores(tmp: Path, case: str, pred: np.ndarray, label: np.ndarray, spacing: Sequence[float],
+                  roi: Optional[np.ndarray]) -> dict[str, float]:
+    """Branch graphs of the prediction and the truth (inside ``roi``), written to ``graphs/`` as
+    GraphML, and the graph scores (``evaluation.graph.graph_scores``)."""
+    from evaluation.graph import graph_scores, vessel_graph, write_graphml  # skan: only when asked
+
+    if roi is not None:
+        pred, label = pred & roi, label & roi
+    gp, gt = vessel_graph(pred, spacing), vessel_graph(label, spacing)
+    (tmp / "graphs").mkdir(exist_ok=True)
+    write_graphml(gp, tmp / "graphs" / f"{case}_pred.graphml")
+    write_graphml(gt, tmp / "graphs" / f"{case}_true.graphml")
+    return graph_scores(pred, label, spacing, gp, gt)
 
 
 def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys: list[str], *, dataset: str,
@@ -349,10 +369,13 @@ def run_evaluation(
     output: Optional[str | Path] = None,
     overwrite: bool = False,
     min_component_mm3: Optional[float] = None,
+    graph: bool = False,
 ) -> EvalResult:
     """Predict and score every case of ``split``; write the report folder; return rows and summary.
 
     ``min_component_mm3``: post-processing (``inference.vessel_mask``); None: the checkpoint's.
+    ``graph``: also the branch graphs of prediction and truth (``graphs/*.graphml``) and the graph
+    scores (``evaluation.graph.GRAPH_KEYS``) per case.
 
     Raises FileNotFoundError / ValueError with a one-line message naming the file on bad input;
     nothing is written then. An existing complete report is returned unchanged when it was made by the
@@ -374,7 +397,8 @@ def run_evaluation(
         "dataset": dataset, "split": split, "cases": list(cases), "eval_roi": eval_roi, "tta": tta,
         "overlap": overlap, "img_size": None if img_size is None else list(img_size),
         "min_component_mm3": min_component_mm3, "data": data_fingerprint(paths, cases, offline=True)})
-    extras = {"save_pred": save_pred, "pred_kind": pred_kind if save_pred else None, "figures": figures}
+    extras = {"save_pred": save_pred, "pred_kind": pred_kind if save_pred else None, "figures": figures,
+              "graph": graph}
     existing = _existing_report(out_dir, overwrite, wanted, extras)
     if existing is not None:
         return existing
@@ -384,9 +408,9 @@ def run_evaluation(
     log.info("model %s (%d-D, salience %s, epoch %s) from %s; %d %s cases; roi %s; tta %s",
              ev.ckpt["model_name"], ev.predictor.spatial_dims, ev.predictor.salience_mode, ev.ckpt.get("epoch"), model_path, len(cases), split,
              eval_roi, tta)
-    keys = list(METRIC_KEYS) + list(EXTRA_KEYS)
+    keys = list(METRIC_KEYS) + (list(GRAPH_KEYS) if graph else []) + list(EXTRA_KEYS)
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        rows = [_evaluate_one(ev, case, tmp, save_pred, pred_kind, figures)
+        rows = [_evaluate_one(ev, case, tmp, save_pred, pred_kind, figures, graph)
                 for case in tqdm(cases, desc=f"evaluating {split}", unit="case")]
         summary = _write_reports(tmp, ev, rows, keys, dataset=dataset, split=split, cases=cases,
                                  model_path=model_path, record=wanted, extras=extras)

@@ -135,6 +135,8 @@ class Scan:
     reorient: Optional[str] = None
     positions: Optional[np.ndarray] = None
     description: dict = field(default_factory=dict)
+    #: DICOM input: the series' headers (no pixel data) in slice order, headers[k] <-> hu[:, :, k]
+    dicom_headers: Optional[list] = None
 
 
 # ----------------------------------------------------------------------------- finding scans
@@ -265,7 +267,9 @@ def read_dicom_scan(src: CaseSource, series: Optional[str] = None) -> Scan:
         "modality": str(getattr(first, "Modality", "")), "description": str(getattr(first, "SeriesDescription", "")),
         "shape_hwd": [h, w, d], "spacing_rcs_mm": list(ser.spacing), **geom.describe(),
     }
-    return Scan(src.name, ser.pixels, ser.spacing, geom, geom, None, ser.positions, desc)
+    by_name = {f.name: hdr for f, hdr in zip(files, headers)}
+    return Scan(src.name, ser.pixels, ser.spacing, geom, geom, None, ser.positions, desc,
+                [by_name[name] for name in ser.files])
 
 
 # ----------------------------------------------------------------------------- NIfTI

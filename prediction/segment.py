@@ -9,6 +9,11 @@ back on the input grid. Outputs, all in the input's geometry:
     <case>_vessels.nii.gz   uint8 {0, 1}
     <case>_prob.nii.gz      float32 probabilities (--prob)
     <case>_vessels.stl|obj  vessel surface in patient (LPS) millimetres (--mesh)
+    <case>_seg.dcm          DICOM-SEG of the mask referencing the source series (--dicom_seg, DICOM input)
+    <case>_graph.png        with --graph --figures: the graph drawn over the axial MIP of the mask
+    <case>_graph.graphml, <case>_graph.vtp   the branch graph (--graph): nodes and branches with
+                            length and radius in mm, for networkx; polylines with the radius for
+                            3D Slicer / ParaView (evaluation.graph)
     <case>_mip.png, <case>_3d.png   MIPs with the vessels overlaid, a 3-D rendering (--figures)
     <case>_stats.json       volume, centreline length, radius histogram, components, provenance
 
@@ -254,13 +259,20 @@ def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.
 
 
 # ----------------------------------------------------------------------------- one case, many cases
-def output_names(case: str, prob: bool, mesh: Optional[str], figures: bool) -> list[str]:
+def output_names(case: str, prob: bool, mesh: Optional[str], figures: bool, graph: bool = False,
+                 dicom_seg: bool = False) -> list[str]:
     """The file names ``predict.py`` writes for ``case`` with these options (stats.json included)."""
     names = [f"{case}_vessels.nii.gz", f"{case}_stats.json"]
     if prob:
         names.append(f"{case}_prob.nii.gz")
     if mesh:
         names.append(f"{case}_vessels.{mesh}")
+    if graph:
+        names += [f"{case}_graph.graphml", f"{case}_graph.vtp"]
+    if graph and figures:
+        names.append(f"{case}_graph.png")
+    if dicom_seg:
+        names.append(f"{case}_seg.dcm")
     if figures:
         names += [f"{case}_mip.png", f"{case}_3d.png"]
     return names
@@ -317,7 +329,8 @@ def _stats_mismatches(path: Path, wanted: dict) -> list[str]:
 
 
 def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: Optional[str | os.PathLike] = None,
-                 prob: bool = False, mesh: Optional[str] = None, figures: bool = False, tta: bool = False,
+                 prob: bool = False, mesh: Optional[str] = None, figures: bool = False, graph: bool = False,
+                 dicom_seg: bool = False, tta: bool = False,
                  series: Optional[str] = None, batch_size: int = 8, overwrite: bool = False) -> CaseResult:
     """Read, predict and write one scan; all its outputs appear together or not at all.
 
@@ -327,7 +340,7 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     """
     if mesh is not None and mesh not in MESH_FORMATS:
         raise ValueError(f"--mesh must be one of {MESH_FORMATS}, got {mesh!r}")
-    names = output_names(src.name, prob, mesh, figures)
+    names = output_names(src.name, prob, mesh, figures, graph, dicom_seg)
     wanted = provenance.record(seg.sha256, {
         "input": str(Path(src.path).resolve()), "series": series, "tta": tta,
         "liver_mask": None if liver_mask is None else provenance.file_sha256(liver_mask)
@@ -369,6 +382,29 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
             stats["mesh"] = {"vertices": int(len(verts)), "faces": int(len(faces)), "units": "mm", "frame": "LPS",
                              "taubin_iterations": MESH_SMOOTH_ITERATIONS}
             clock.lap("mesh")
+        if dicom_seg:
+            from prediction.dicom_seg import write_dicom_seg
+
+            if scan.dicom_headers is None:
+                raise ValueError(f"{src.path}: --dicom_seg needs a DICOM series as input")
+            write_dicom_seg(tmp / f"{src.name}_seg.dcm", pred.mask.astype(np.uint8), scan.dicom_headers,
+                            software_version=provenance.code_version())
+            clock.lap("dicom_seg")
+        if graph:
+            from evaluation.graph import in_patient_mm, vessel_graph, write_graphml, write_vtk_polylines
+
+            grid_graph = vessel_graph(pred.mask, scan.spacing)  # paths in index x spacing mm
+            g = in_patient_mm(grid_graph, scan.spacing, scan.geometry.physical)
+            write_graphml(g, tmp / f"{src.name}_graph.graphml")
+            write_vtk_polylines(g, tmp / f"{src.name}_graph.vtp")
+            if figures:
+                from evaluation.figures import graph_figure
+
+                graph_figure(tmp / f"{src.name}_graph.png", pred.mask, scan.spacing, grid_graph, title=src.name)
+            stats["graph"] = {"branch_points": len(g.branch_points), "end_points": len(g.end_points),
+                              "branches": len(g.branches), "loops": sum(b.kind == "loop" for b in g.branches),
+                              "units": "mm", "frame": "LPS"}
+            clock.lap("graph")
         if figures:
             scan_figures(tmp / f"{src.name}_mip.png", tmp / f"{src.name}_3d.png", apply_hu_window(scan.hu), pred.mask, scan.spacing,
                          scan.geometry, title=f"{src.name}: {stats['vessel_volume_ml']:.1f} mL, "
@@ -394,8 +430,10 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
 def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike, *,
                 device: str = "auto", head: Optional[str | os.PathLike] = None,
                 liver_mask: Optional[str | os.PathLike] = None, prob: bool = False, mesh: Optional[str] = None,
-                figures: bool = False, tta: bool = False, series: Optional[str] = None, batch_size: int = 8,
-                overwrite: bool = False, min_component_mm3: Optional[float] = None) -> list[CaseResult]:
+                figures: bool = False, graph: bool = False, dicom_seg: bool = False, tta: bool = False,
+                series: Optional[str] = None,
+                batch_size: int = 8, overwrite: bool = False,
+                min_component_mm3: Optional[float] = None) -> list[CaseResult]:
     """Segment every scan under ``input_path`` with ``model``; one result per case.
 
     ``min_component_mm3``: drop predicted components under this volume (mm^3); None: the
@@ -406,6 +444,11 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     the others still run.
     """
     cases = find_cases(input_path)
+    if dicom_seg:
+        nifti = [c for c in cases if c.kind == "nifti"]
+        if nifti:
+            raise ValueError(f"{nifti[0].path}: --dicom_seg needs a DICOM input (the segmentation references the "
+                             f"source series); this is a NIfTI file")
     if liver_mask is not None and len(cases) > 1:
         raise ValueError(f"{input_path}: --liver_mask needs a single scan, found {len(cases)}")
     seg = Predictor.from_checkpoint(model, device, head, min_component_mm3)
@@ -415,7 +458,8 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     log.info("model %s (%d-D, salience %s%s) from %s; %d scan(s)", seg.ckpt["model_name"], seg.spatial_dims,
              seg.salience_mode,
              f", generator {seg.generator.name}" if seg.generator is not None else "", seg.path, len(cases))
-    kw = dict(liver_mask=liver_mask, prob=prob, mesh=mesh, figures=figures, tta=tta, series=series,
+    kw = dict(liver_mask=liver_mask, prob=prob, mesh=mesh, figures=figures, graph=graph, dicom_seg=dicom_seg, tta=tta,
+              series=series,
               batch_size=batch_size, overwrite=overwrite)
     if len(cases) == 1:
         return [segment_case(seg, cases[0], out_dir, **kw)]

@@ -104,8 +104,8 @@ def headline() -> str:
             f"(rendered by `scripts/render_docs.py`; how they were measured: [docs/RESULTS.md](docs/RESULTS.md)).\n")
 
 
-def predict_speed() -> str:
-    r = record("predict_bench")
+def predict_speed(name: str = "predict_bench") -> str:
+    r = record(name)
     n = r["numbers"]
     stages = n["stages"]
     rows = ["| scan | clock | " + " | ".join(stages) + " | total |", "|---" * (len(stages) + 3) + "|"]
@@ -115,7 +115,7 @@ def predict_speed() -> str:
                     + f" | {v['cpu']:.1f} |")
     return (f"`predict.py` end to end on a 512 x 512 x {r['inputs']['depth']} DICOM series, seconds, median of "
             f"{r['inputs']['repeats']} runs, {r['inputs']['threads']} torch threads, model: {r['inputs']['model']}.\n\n"
-            + "\n".join(rows) + "\n\n" + source("predict_bench") + "\n")
+            + "\n".join(rows) + "\n\n" + source(name) + "\n")
 
 
 def _flag_table(module: str) -> str:
@@ -166,6 +166,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "demo-phantom": demo_phantom,
     "headline": headline,
     "predict-speed": predict_speed,
+    "predict-speed-extras": lambda: predict_speed("predict_bench_extras"),
     **{f"flags-{m}": (lambda m=m: _flag_table(m)) for m in COMMANDS},
 }
 

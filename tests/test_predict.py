@@ -536,3 +536,56 @@ def test_fixed_rule_prediction_does_not_depend_on_slices_added_to_the_scan(tmp_p
         spread[rule] = (float(np.abs(a - b).max()), float(np.abs(sa - sb).max()))
     assert spread["fixed"][0] < 1e-6 and spread["fixed"][1] < 1e-6
     assert spread["volume"][0] > 1e-5 and spread["volume"][1] > 0.01
+
+
+def test_graph_option_writes_a_graph_of_the_mask_in_patient_mm(phantom_case, tmp_path):
+    pytest.importorskip("skan")
+    import networkx as nx
+
+    pat = phantom_case["patient"]
+    assert predict.main(["--model", str(phantom_case["model"]), "--input", str(pat), "--output", str(tmp_path),
+                         "--device", "cpu", "--graph", "--figures", "--liver_mask", str(pat / "MASKS_DICOM" / "liver")]) == 0
+    stats = json.loads((tmp_path / "3Dircadb1.1_stats.json").read_text())
+    g = nx.read_graphml(tmp_path / "3Dircadb1.1_graph.graphml")
+    assert g.number_of_edges() == stats["stats"]["graph"]["branches"] > 0
+    kinds = [d["kind"] for _, d in g.nodes(data=True)]
+    assert kinds.count("branch point") == stats["stats"]["graph"]["branch_points"]
+    # every node lies inside the scan's physical box (LPS mm)
+    img = series_geometry(pat / "PATIENT_DICOM")
+    corners = np.array([img.TransformIndexToPhysicalPoint([int(i), int(j), int(k)])
+                        for i in (0, img.GetSize()[0] - 1) for j in (0, img.GetSize()[1] - 1)
+                        for k in (0, img.GetSize()[2] - 1)])
+    xyz = np.array([[d["x_mm"], d["y_mm"], d["z_mm"]] for _, d in g.nodes(data=True)])
+    assert np.all(xyz >= corners.min(0) - 1e-3) and np.all(xyz <= corners.max(0) + 1e-3)
+    assert (tmp_path / "3Dircadb1.1_graph.vtp").stat().st_size > 200
+    assert (tmp_path / "3Dircadb1.1_graph.png").stat().st_size > 5000
+
+
+def test_dicom_seg_references_the_series_and_equals_the_nifti_mask(phantom_case, tmp_path, capsys):
+    hd = pytest.importorskip("highdicom")
+
+    pat = phantom_case["patient"]
+    assert predict.main(["--model", str(phantom_case["model"]), "--input", str(pat / "PATIENT_DICOM"), "--output",
+                         str(tmp_path), "--device", "cpu", "--dicom_seg"]) == 0
+    seg = hd.seg.segread(str(tmp_path / "3Dircadb1.1_seg.dcm"))
+    nifti = sitk.ReadImage(str(tmp_path / "3Dircadb1.1_vessels.nii.gz"))
+    mask_zyx = sitk.GetArrayFromImage(nifti)
+    assert mask_zyx.any()
+    series = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted((pat / "PATIENT_DICOM").iterdir())]
+    uids = {str(ds.SOPInstanceUID) for ds in series}
+    referenced = {str(item.ReferencedSOPInstanceUID)
+                  for s in seg.ReferencedSeriesSequence for item in s.ReferencedInstanceSequence}
+    assert referenced == uids and str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID) == str(series[0].SeriesInstanceUID)
+    assert seg.SegmentSequence[0].SegmentLabel == "liver vessels"
+    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "59820001"  # blood vessel
+    for ds in series:
+        k = nifti.TransformPhysicalPointToIndex([float(v) for v in ds.ImagePositionPatient])[2]
+        frame = seg.get_pixels_by_source_instance(source_sop_instance_uids=[str(ds.SOPInstanceUID)],
+                                                  segment_numbers=[1])[0, :, :, 0]
+        np.testing.assert_array_equal(frame.astype(bool), mask_zyx[k].astype(bool))
+    # a NIfTI input cannot be referenced: one line, nothing written
+    img = sitk.GetImageFromArray(np.full((4, 16, 16), 40.0, dtype=np.float32))
+    sitk.WriteImage(img, str(tmp_path / "n.nii.gz"))
+    msg = run_bad(["--model", str(phantom_case["model"]), "--input", str(tmp_path / "n.nii.gz"), "--dicom_seg"],
+                  tmp_path / "o2", capsys)
+    assert "n.nii.gz: --dicom_seg needs a DICOM input" in msg
