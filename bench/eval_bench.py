@@ -127,10 +127,9 @@ def main() -> None:
           f"phantom generated in {t_make:.1f} s")
     print(f"dice {case['dice']:.4f} cldice {case['cldice']:.4f} hd95 {case['hd95_mm']:.3f} mm assd {case['assd_mm']:.3f} mm"
           + ("" if ref is None else f" | medpy hd95 {ref[0]:.3f} mm assd {ref[1]:.3f} mm"))
-    w = max(len(r[0]) for r in rows)
-    print(f"{'step'.ljust(w)}  {'runs':>4}  {'median s':>9}  {'min s':>8}  {'max s':>8}")
+    print("\n| step | runs | median s | min s | max s |\n|---|---:|---:|---:|---:|")
     for name, ts in rows:
-        print(f"{name.ljust(w)}  {len(ts):>4}  {statistics.median(ts):>9.2f}  {min(ts):>8.2f}  {max(ts):>8.2f}")
+        print(f"| {name} | {len(ts)} | {statistics.median(ts):.2f} | {min(ts):.2f} | {max(ts):.2f} |")
 
 
 if __name__ == "__main__":

@@ -107,12 +107,12 @@ def main() -> None:
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, load avg "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; python {platform.python_version()}; single worker")
     print(f"source: {rows[0]['source']}; crop {args.crop}; {args.runs} runs each")
-    print(f"{'case role':<10} {'stored (H,W,D)':<16} {'median s':>9} {'min s':>7} {'max s':>7} {'CPU s':>6} "
-          f"{'vol MB':>8} {'slices MB':>10}")
+    print("\n| case role | stored (H, W, D) | median s | min s | max s | CPU s | volume MB | slices MB |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        shape = "x".join(str(s) for s in r["stored"])
-        print(f"{r['role']:<10} {shape:<16} {r['median']:>9.2f} {r['min']:>7.2f} {r['max']:>7.2f} {r['cpu']:>6.2f} "
-              f"{r['vol_mb']:>8.1f} {r['slice_mb']:>10.1f}")
+        shape = " x ".join(str(s) for s in r["stored"])
+        print(f"| {r['role']} | {shape} | {r['median']:.2f} | {r['min']:.2f} | {r['max']:.2f} | {r['cpu']:.2f} | "
+              f"{r['vol_mb']:.1f} | {r['slice_mb']:.1f} |")
 
 
 if __name__ == "__main__":
