@@ -141,7 +141,7 @@ def _flag_table(module: str) -> str:
 def table_record(name: str) -> str:
     """A record that carries its own Markdown table (``numbers.table_markdown``, a list of lines)."""
     r = record(name)
-    return r["description"][0].upper() + r["description"][1:] + ".\n\n" + "\n".join(r["numbers"]["table_markdown"]) \
+    return "What: " + r["description"] + ".\n\n" + "\n".join(r["numbers"]["table_markdown"]) \
         + "\n\n" + source(name) + "\n"
 
 
