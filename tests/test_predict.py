@@ -589,3 +589,27 @@ def test_dicom_seg_references_the_series_and_equals_the_nifti_mask(phantom_case,
     msg = run_bad(["--model", str(phantom_case["model"]), "--input", str(tmp_path / "n.nii.gz"), "--dicom_seg"],
                   tmp_path / "o2", capsys)
     assert "n.nii.gz: --dicom_seg needs a DICOM input" in msg
+
+
+def test_dicom_seg_of_two_trees_has_one_segment_each(phantom_case, tmp_path):
+    """The two-tree form (1 portal vein, 2 hepatic veins), ready for a two-tree model: a segment
+    per tree with its SNOMED CT code, frames equal to each tree's mask."""
+    hd = pytest.importorskip("highdicom")
+    from inference.scans import find_cases, read_scan
+    from prediction.dicom_seg import write_dicom_seg
+
+    scan = read_scan(find_cases(phantom_case["patient"] / "PATIENT_DICOM")[0])
+    labels = np.zeros(scan.hu.shape, np.uint8)
+    labels[10:20, 10:30, 1:4] = 1
+    labels[30:40, 5:15, 2:6] = 2
+    path = write_dicom_seg(tmp_path / "trees.dcm", labels, scan.dicom_headers, kind="trees")
+    seg = hd.seg.segread(str(path))
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["portal vein", "hepatic veins"]
+    assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence] == ["32764006", "8993003"]
+    uids = [str(h.SOPInstanceUID) for h in scan.dicom_headers]
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1, 2])
+    for k in range(labels.shape[2]):
+        for s in (1, 2):
+            np.testing.assert_array_equal(frames[k, :, :, s - 1].astype(bool), labels[:, :, k] == s)
+    with pytest.raises(ValueError, match="slices in the mask but"):
+        write_dicom_seg(tmp_path / "bad.dcm", labels[:, :, :-1], scan.dicom_headers)
