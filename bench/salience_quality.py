@@ -151,6 +151,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max_cases", type=int, default=0)
     p.add_argument("--generators", nargs="+", default=["bank", "fpn", "analytic"], choices=["bank", "fpn", "analytic"])
     p.add_argument("--no_frangi", action="store_true", help="skip the Frangi row (slow on real volumes)")
+    p.add_argument("--normalisation", default="volume", choices=("volume", "fixed"),
+                   help="the bank generator's normalisation rule (docs/DESIGN.md section 1a)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.real is not None:
@@ -172,7 +174,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         where = f"{args.dataset} {args.split} split"
     generators = {}
     if "bank" in args.generators:
-        generators["bank"] = BankGenerator(load_head(args.head))
+        generators["bank"] = BankGenerator(load_head(args.head)).with_normalisation(args.normalisation)
     if "analytic" in args.generators:
         generators["analytic"] = AnalyticGenerator()
     if "fpn" in args.generators and Path(args.fpn_weights).is_file():
@@ -201,7 +203,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 log.info("%s %s: AUC %.3f, thin %.3f", case, key, val[0], val[1])
     n = len(next(iter(rows.values()))) if rows else 0
     print(f"\nROC-AUC inside the liver, vessel vs other liver voxels; {where}, "
-          f"mean over {n} case(s); thin = local radius < {THIN_MM} mm; head {args.head}\n")
+          f"mean over {n} case(s); thin = local radius < {THIN_MM} mm; head {args.head}, normalisation "
+          f"{args.normalisation}\n")
     print("| map | S_t | S_c | S_s | mean | thin S_t | thin S_c | thin S_s | thin mean |")
     print("|---|---|---|---|---|---|---|---|---|")
     names = [g for g in ("bank", "fpn", "analytic") if g in generators] + ["intensity"] + ([] if args.no_frangi else ["frangi"])
