@@ -34,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "MSD labels, 255 for 0/255 masks)")
     p.add_argument("--vessels", default=",".join(DEFAULT_VESSELS),
                    help="mask folders whose union is the label (venacava = venoussystem)")
+    p.add_argument("--vessel_classes", default="",
+                   help="also store a class map beside the binary label: these mask folders, in label order "
+                        "(e.g. portalvein,venoussystem: 1 portal vein, 2 hepatic veins; a voxel both claim goes to "
+                        "the first); DICOM only")
     p.add_argument("--no-masks", dest="with_masks", action="store_false",
                    help="image only: label all zeros, no liver mask, no liver crop")
     p.add_argument("--crop", choices=CROP_MODES, default="liver_z")
@@ -57,6 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             vessels=[v for v in args.vessels.split(",") if v.strip()], with_masks=args.with_masks,
             crop=args.crop, margin=args.margin, workers=args.workers, overwrite=args.overwrite,
             split_seed=args.split_seed, split=parse_split(args.split), label_values=label_values,
+            vessel_classes=[c for c in args.vessel_classes.split(",") if c.strip()],
         )
     except (OSError, ValueError) as e:
         log.error("%s", " ".join(str(e).split()))

@@ -80,6 +80,8 @@ class PatientData:
     liver: Optional[np.ndarray]
     source: str
     attrs: dict = field(default_factory=dict)
+    #: uint8 class map (0 background, i = the i-th of the requested classes) or None
+    classes: Optional[np.ndarray] = None
 
 
 #: files that sit beside a series but are not slices of it
@@ -330,6 +332,10 @@ def read_series(patient: str, files: Sequence[DicomFile], *, ct: bool, strict: b
     return Series(pixels, (float(ps[0]), float(ps[1]), float(step)), positions, [files[i].name for i in order])
 
 
+#: which class a voxel claimed by two class masks gets
+CLASS_OVERLAP_RULE = "a voxel two masks claim goes to the class listed first"
+
+
 def vessel_groups(vessels: Sequence[str]) -> list[tuple[str, ...]]:
     """Requested vessel names -> groups of folder names (aliases merged, duplicates dropped)."""
     groups: list[tuple[str, ...]] = []
@@ -361,12 +367,15 @@ def _read_mask(patient: str, organ: str, files: list[DicomFile], ct: Series) -> 
     return m.pixels
 
 
-def read_dicom_patient(patient_dir: str | Path, vessels: Sequence[str], with_masks: bool = True) -> PatientData:
+def read_dicom_patient(patient_dir: str | Path, vessels: Sequence[str], with_masks: bool = True,
+                       classes: Sequence[str] = ()) -> PatientData:
     """Read ``patient_dir``: HU (H, W, D), spacing (row, col, slice) mm, vessel label and liver mask.
 
     Label = union (> 0) of the masks of every requested vessel group; a group the patient lacks
     is a warning listing the folders it has. Without ``with_masks`` or without MASKS_DICOM the
-    label and liver are None.
+    label and liver are None. ``classes`` (e.g. ``portalvein, venoussystem``): also a class map,
+    uint8, 0 background and i where the i-th class's mask is; a voxel two masks claim goes to
+    the class listed first (``CLASS_OVERLAP_RULE``).
     """
     patient_dir = Path(patient_dir)
     patient = patient_dir.name
@@ -391,8 +400,21 @@ def read_dicom_patient(patient_dir: str | Path, vessels: Sequence[str], with_mas
                         label |= _read_mask(patient, organ, masks[organ], ct)
                         used.append(organ)
                 attrs["label_masks"] = ",".join(used)
+                if classes:
+                    cmap = np.zeros_like(ct.pixels, dtype=np.uint8)
+                    names = []
+                    for i, group in enumerate(vessel_groups(classes), start=1):
+                        found = [by_lower[g] for g in group if g in by_lower]
+                        if not found:
+                            log.warning("%s: class %d: no mask folder %s; the patient has: %s", patient, i,
+                                        " / ".join(group), have)
+                        for organ in found:
+                            cmap[(_read_mask(patient, organ, masks[organ], ct) > 0) & (cmap == 0)] = i
+                        names.append(group[0])
+                    attrs["class_names"] = ",".join(names)
                 if LIVER in by_lower:
                     liver = _read_mask(patient, by_lower[LIVER], masks[by_lower[LIVER]], ct)
                 else:
                     log.warning("%s: no %s mask folder; the patient has: %s", patient, LIVER, have)
-    return PatientData(ct.pixels, ct.spacing, label, liver, str(patient_dir), attrs)
+    return PatientData(ct.pixels, ct.spacing, label, liver, str(patient_dir), attrs,
+                       cmap if (with_masks and classes and label is not None) else None)

@@ -26,7 +26,8 @@ import numpy as np
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from preprocessing.dicom_reader import MASKS_FOLDER, PATIENT_SERIES, PatientData, read_dicom_patient
+from preprocessing.dicom_reader import (MASKS_FOLDER, PATIENT_SERIES, PatientData, read_dicom_patient,
+                                       vessel_groups)
 from preprocessing.errors import PreprocessError
 from preprocessing.nifti_reader import find_nifti_cases, read_nifti_case
 from utils import manifests
@@ -175,6 +176,7 @@ def to_volume(data: PatientData, crop: str, margin: int, warn_no_liver: bool = T
     image = apply_hu_window(data.hu[sl])
     label = data.label[sl] if data.label is not None else np.zeros(image.shape, dtype=np.uint8)
     liver = data.liver[sl] if data.liver is not None else None
+    classes = data.classes[sl] if data.classes is not None else None
     attrs = dict(data.attrs)
     attrs["source_shape"] = np.asarray(shape, dtype=np.int64)
     return Volume(
@@ -185,6 +187,7 @@ def to_volume(data: PatientData, crop: str, margin: int, warn_no_liver: bool = T
         crop=box,
         source=data.source,
         attrs=attrs,
+        classes=classes,
     )
 
 
@@ -205,6 +208,7 @@ class CaseJob:
     margin: int
     label_values: Optional[tuple[int, ...]]
     overwrite: bool
+    vessel_classes: tuple[str, ...] = ()
 
     @property
     def paths(self) -> DatasetPaths:
@@ -259,7 +263,7 @@ def output_depth(paths: DatasetPaths, case: str, train: bool) -> Optional[int]:
 
 def _read_case(job: CaseJob) -> PatientData:
     if job.fmt == "dicom":
-        return read_dicom_patient(job.source, job.vessels, with_masks=job.with_masks)
+        return read_dicom_patient(job.source, job.vessels, with_masks=job.with_masks, classes=job.vessel_classes)
     return read_nifti_case(job.case, job.source, job.label if job.with_masks else None, job.label_values)
 
 
@@ -276,7 +280,8 @@ def _write_case(job: CaseJob, vol: Volume) -> None:
         if job.train:
             for z in range(d):
                 p = paths.slice(slice_name(job.case, z))
-                write_slice(p, vol.image[:, :, z], vol.label[:, :, z])
+                write_slice(p, vol.image[:, :, z], vol.label[:, :, z],
+                            classes=None if vol.classes is None else vol.classes[:, :, z])
                 written.append(p)
         write_volume(paths.volume(job.case), vol)
     except BaseException:
@@ -344,11 +349,14 @@ def preprocess(
     split_seed: int = 0,
     split: Sequence[float] = (0.6, 0.2, 0.2),
     label_values: Optional[Sequence[int]] = None,
+    vessel_classes: Sequence[str] = (),
 ) -> Summary:
     """Convert a dataset to ``<root_path>/<dataset>/`` and its lists to ``<list_dir>/<dataset>/``.
 
     ``fmt="dicom"``: ``src`` holds 3D-IRCADb-style patient folders (3Dircadb1.<n> -> case%04d).
     ``fmt="nifti"``: ``images`` / ``labels`` folders of NIfTI files, case names from file names.
+    ``vessel_classes`` (DICOM only, e.g. ``("portalvein", "venoussystem")``): also store a class map
+    (0 background, 1.. the classes in that order; ``CLASS_OVERLAP_RULE``) beside the binary label.
     Returns the summary; failed patients leave no output.
     """
     if fmt not in FORMATS:
@@ -359,6 +367,9 @@ def preprocess(
         raise ValueError(f"margin must be >= 0, got {margin}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    vessel_classes = tuple(c.strip() for c in vessel_classes if c.strip())
+    if vessel_classes and (fmt != "dicom" or not with_masks):
+        raise ValueError("--vessel_classes needs DICOM input with masks (3D-IRCADb's mask folders name the trees)")
     sources: list[tuple[str, Path, Optional[Path]]]
     if fmt == "dicom":
         if src is None:
@@ -384,7 +395,7 @@ def preprocess(
         [f"label value {v}" for v in label_values] if label_values is not None else ["label value: automatic"])
     new_manifest = manifests.dataset_manifest(dataset, source=source, input_format=fmt, vessel_classes=classes,
                                               hu_window=HU_WINDOW, crop=crop, margin=margin, with_masks=with_masks,
-                                              cases={})
+                                              cases={}, class_map=[g[0] for g in vessel_groups(vessel_classes)])
     old_manifest = manifests.read_manifest(manifests.dataset_manifest_path(paths), manifests.DATASET_FORMAT)
     if old_manifest is not None and not overwrite:
         differ = manifests.option_differences(old_manifest, new_manifest)
@@ -399,6 +410,7 @@ def preprocess(
             case=c, fmt=fmt, source=s, label=lab, train=c in train, root=paths.root, list_dir=paths.list_dir,
             vessels=tuple(vessels), with_masks=with_masks, crop=crop, margin=margin,
             label_values=None if label_values is None else tuple(int(v) for v in label_values), overwrite=overwrite,
+            vessel_classes=vessel_classes,
         )
         for c, s, lab in sources
     ]

@@ -503,3 +503,29 @@ def test_training_refuses_manifests_that_disagree(tmp_path, capsys):
     assert main_cli.main(args) == 0
     run_dir = next((tmp_path / "ckpt").rglob("best_model.pth")).parent
     assert json.loads((run_dir / "dataset.json").read_text()) == doc
+
+
+def test_vessel_classes_store_a_class_map_beside_the_binary_label(tmp_path):
+    """--vessel_classes portalvein,venoussystem: 1 portal, 2 hepatic, the portal vein winning a voxel
+    both masks claim; the binary label stays their union; slices and the manifest carry it."""
+    p = make_patient(tmp_path / "src", 1)
+    _, paths = run(tmp_path, vessel_classes=["portalvein", "venoussystem"])
+    vol = read_volume(paths.volume("case0001"))
+    z = slice(*LIVER_Z)
+    pv, vs = p["masks"]["portalvein"][:, :, z] > 0, p["masks"]["venoussystem"][:, :, z] > 0
+    assert (pv & vs).any()  # the synthetic masks overlap: the rule decides those voxels
+    np.testing.assert_array_equal(vol.classes, np.where(pv, 1, np.where(vs, 2, 0)))
+    np.testing.assert_array_equal(vol.label, (pv | vs).astype(np.uint8))
+    assert vol.attrs["class_names"] == "portalvein,venoussystem"
+    with h5py.File(paths.slice(slice_name("case0001", 3)), "r") as f:
+        np.testing.assert_array_equal(f["classes"][()], vol.classes[:, :, 3])
+    doc = json.loads((paths.root / "dataset.json").read_text())
+    assert doc["class_map"]["classes"] == ["portalvein", "venoussystem"] and doc["class_map"]["background"] == 0
+    # the binary default is another dataset: refused unless --overwrite, which stores no class map
+    with pytest.raises(ValueError, match="class_map"):
+        run(tmp_path)
+    run(tmp_path, overwrite=True)
+    assert read_volume(paths.volume("case0001")).classes is None
+    with pytest.raises(ValueError, match="--vessel_classes needs DICOM input"):
+        preprocess("x", None, tmp_path / "d2", tmp_path / "l2", fmt="nifti", images=tmp_path, labels=tmp_path,
+                   vessel_classes=["portalvein"])

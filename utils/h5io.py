@@ -101,11 +101,13 @@ class Volume:
     source: str = ""
     hu_window: tuple[float, float] = HU_WINDOW
     attrs: dict = field(default_factory=dict)
+    #: uint8 (H, W, D) class map (0 background, 1.. the classes of attrs["class_names"]) or None
+    classes: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         if self.image.ndim != 3:
             raise ValueError(f"image must be (H, W, D), got shape {self.image.shape}")
-        for name in ("label", "liver"):
+        for name in ("label", "liver", "classes"):
             arr = getattr(self, name)
             if arr is not None and arr.shape != self.image.shape:
                 raise ValueError(f"{name} shape {arr.shape} differs from image shape {self.image.shape}")
@@ -120,6 +122,8 @@ def write_volume(path: str | os.PathLike, vol: Volume, overwrite: bool = True) -
             arrays = {"image": vol.image.astype(np.float32), "label": vol.label.astype(np.uint8)}
             if vol.liver is not None:
                 arrays["liver"] = vol.liver.astype(np.uint8)
+            if vol.classes is not None:
+                arrays["classes"] = vol.classes.astype(np.uint8)
             for name, arr in arrays.items():
                 dset = f.create_dataset(name, shape=arr.shape, dtype=arr.dtype, chunks=chunks, **_COMPRESSION)
                 # one chunk at a time: h5py then skips a full-array copy into chunk order
@@ -146,6 +150,7 @@ def read_volume(path: str | os.PathLike, with_liver: bool = True) -> Volume:
             image = f["image"][()].astype(np.float32)
             label = f["label"][()].astype(np.uint8)
             liver = f["liver"][()].astype(np.uint8) if (with_liver and "liver" in f) else None
+            classes = f["classes"][()].astype(np.uint8) if "classes" in f else None
             attrs = dict(f.attrs)
     except OSError as e:
         raise ValueError(f"{path}: not a readable HDF5 file ({e})") from None
@@ -167,6 +172,7 @@ def read_volume(path: str | os.PathLike, with_liver: bool = True) -> Volume:
         source=str(attrs.pop("source", "")),
         hu_window=tuple(float(x) for x in attrs.pop("hu_window", HU_WINDOW)),
         attrs=attrs,
+        classes=classes,
     )
 
 
@@ -220,8 +226,10 @@ def write_slice(
     label: np.ndarray,
     salience: Optional[np.ndarray] = None,
     overwrite: bool = True,
+    classes: Optional[np.ndarray] = None,
 ) -> None:
-    """Write one 2-D training slice: image (H, W), label (H, W), salience (3, H, W) optional."""
+    """Write one 2-D training slice: image (H, W), label (H, W), salience (3, H, W) and class map
+    (H, W) optional."""
     if image.ndim != 2 or label.shape != image.shape:
         raise ValueError(f"slice image/label must be (H, W) of one shape, got {image.shape} / {label.shape}")
     if salience is not None and salience.shape != (3,) + image.shape:
@@ -232,6 +240,8 @@ def write_slice(
             f.create_dataset("label", data=label.astype(np.uint8), **_COMPRESSION)
             if salience is not None:
                 f.create_dataset("salience", data=salience.astype(np.float32), **_COMPRESSION)
+            if classes is not None:
+                f.create_dataset("classes", data=classes.astype(np.uint8), **_COMPRESSION)
 
 
 def read_list(path: str | os.PathLike) -> list[str]:

@@ -9,6 +9,8 @@
     hu_window       [lo, hi] HU; image = clip(HU, lo, hi) / (hi - lo)
     crop            {"mode": "none" | "liver_z" | "liver_box", "margin": voxels}
     with_masks      whether labels and liver masks were read
+    class_map       {"classes": [names, label 1, 2, ...], "background": 0, "overlap": rule} when a
+                    class map is stored beside the binary label (``--vessel_classes``), else null
     cases           {case: {"shape": [H, W, D], "spacing": [mm x 3], "crop": [6 ints], "source": str}}
     code_version, created
 
@@ -47,7 +49,7 @@ SALIENCE_FORMAT = "livervessel-salience-maps-v1"
 #: keys that say when and by which commit, not what: left out of fingerprints and comparisons
 VOLATILE = ("created", "code_version")
 #: the options of preprocess.py that change every case: data made with others is another dataset
-DATASET_OPTIONS = ("input_format", "vessel_classes", "label_rule", "hu_window", "crop", "with_masks")
+DATASET_OPTIONS = ("input_format", "vessel_classes", "label_rule", "hu_window", "crop", "with_masks", "class_map")
 
 
 def dataset_manifest_path(paths: DatasetPaths) -> Path:
@@ -90,14 +92,18 @@ def case_record(volume_file: Path) -> dict[str, Any]:
 
 def dataset_manifest(dataset: str, *, source: Any, input_format: str, vessel_classes: Sequence[Any],
                      hu_window: Sequence[float], crop: str, margin: int, with_masks: bool,
-                     cases: dict[str, dict]) -> dict[str, Any]:
-    """The dataset.json document (see the module docstring)."""
+                     cases: dict[str, dict], class_map: Sequence[str] = ()) -> dict[str, Any]:
+    """The dataset.json document (see the module docstring). ``class_map``: the classes of the
+    stored class map, in label order (1, 2, ...); empty when only the binary label is stored."""
     return {
         "format": DATASET_FORMAT, "dataset": dataset, "source": source, "input_format": input_format,
         "vessel_classes": list(vessel_classes),
         "label_rule": "union of the vessel classes, > 0 -> 1" if with_masks else "none (image only: all zeros)",
         "hu_window": [float(v) for v in hu_window], "crop": {"mode": crop, "margin": int(margin)},
-        "with_masks": bool(with_masks), "cases": cases,
+        "with_masks": bool(with_masks),
+        "class_map": {"classes": list(class_map), "background": 0,
+                      "overlap": "a voxel two masks claim goes to the class listed first"} if class_map else None,
+        "cases": cases,
         "code_version": code_version(), "created": _dt.datetime.now().isoformat(timespec="seconds"),
     }
 
