@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU benchmark, one command on a fresh GPU box with the repository's requirements installed
-# (about 5 minutes on one H100; nothing is downloaded):
+# (sized to take minutes on one GPU, not yet timed on one; nothing is downloaded):
 #   1. makes its own phantom data (4 demo-preset and 2 full-preset patients, analytic salience
 #      on the GPU) under $BENCH_DATA (default: a temporary folder, removed at the end);
 #   2. prints the trainer-vs-in-memory table of bench/train_bench.py for the seed's settings:
