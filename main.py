@@ -179,17 +179,9 @@ def data_changes(cfg: TrainConfig, trained_on: dict) -> list[str]:
     from utils.h5io import DatasetPaths
 
     paths = DatasetPaths.of(cfg.root_path, cfg.dataset, cfg.list_dir)
-    now = {"dataset": manifests.read_manifest(manifests.dataset_manifest_path(paths), manifests.DATASET_FORMAT)}
-    if cfg.salience == "offline":
-        now["salience"] = manifests.read_manifest(manifests.salience_manifest_path(paths), manifests.SALIENCE_FORMAT)
-    out = []
-    for key, doc in now.items():
-        then = trained_on.get(key)
-        if doc is None and then is None:
-            continue
-        if doc is None or then is None or manifests.fingerprint(doc) != manifests.fingerprint(then):
-            out.append(f"{key} manifest {'missing then' if then is None else 'changed'}")
-    return out
+    now = manifests.read_stage(paths, with_salience=cfg.salience == "offline")
+    return [f"{key} manifest {'changed' if why == 'missing now' else why}"
+            for key, why in manifests.changes(trained_on, now).items()]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

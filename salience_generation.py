@@ -328,9 +328,11 @@ def generate(
     generator = make_generator(kind, weights, normalisation)
     sha = generator.weights_sha256
     status: dict[str, str] = {}
+    shapes: dict[str, list[int]] = {}
     for case in tqdm(cases, desc=f"salience ({kind})", unit="case", dynamic_ncols=True):
         vpath = paths.volume(case)
         shape = _volume_shape(vpath)
+        shapes[case] = [3, *shape]  # its map is this generator's once the loop is through
         spath = paths.salience(case)
         slices = case_slices(paths, case)
         vol_done = _salience_ok(spath, (3,) + shape)
@@ -363,7 +365,7 @@ def generate(
     n = {s: sum(v == s for v in status.values()) for s in ("written", "slices", "skipped")}
     log.info("salience %s: %d written, %d slice-only updates, %d skipped (complete)", kind, n["written"],
              n["slices"], n["skipped"])
-    write_maps_manifest(paths, generator, weights)
+    write_maps_manifest(paths, generator, weights, shapes)
     return status
 
 
@@ -377,15 +379,10 @@ def generator_parameters(kind: str) -> dict:
             "scale": "99.9th percentile of the volume"}
 
 
-def write_maps_manifest(paths: DatasetPaths, generator, weights: Optional[Path]) -> Path:
-    """``vol_salience/manifest.json`` for every map in the folder that this generator made
-    (utils.manifests); the dataset.json it was made from is fingerprinted in it."""
-    cases = {}
-    for f in sorted(paths.vol_salience.glob("*.h5")):
-        if salience_made_by(f) == (generator.name, generator.weights_sha256, generator.normalisation):
-            with h5py.File(f, "r") as h:
-                if "salience" in h:
-                    cases[f.stem] = list(h["salience"].shape)
+def write_maps_manifest(paths: DatasetPaths, generator, weights: Optional[Path], cases: dict[str, list[int]]) -> Path:
+    """``vol_salience/manifest.json`` for the maps ``generate`` made or kept with this generator,
+    ``cases`` {case: [3, H, W, D]} (utils.manifests); the dataset.json they were made from is
+    fingerprinted in it."""
     dataset = manifests.read_manifest(manifests.dataset_manifest_path(paths), manifests.DATASET_FORMAT)
     doc = manifests.salience_manifest(kind=generator.name, parameters=generator_parameters(generator.name),
                                       weights_sha256=generator.weights_sha256, weights_path=weights,

@@ -479,17 +479,15 @@ def read_stage_manifests(cfg: TrainConfig, paths: DatasetPaths, cases: Sequence[
     """dataset.json and (offline salience) the maps' manifest, checked to agree with each other, with
     the code's HU window and with ``cases``; ValueError (one line naming the field) when they do not.
     Data made before manifests existed trains with a warning."""
-    dataset = manifests.read_manifest(manifests.dataset_manifest_path(paths), manifests.DATASET_FORMAT)
+    docs = manifests.read_stage(paths, with_salience=cfg.salience == "offline")
+    dataset, salience = docs["dataset"], docs.get("salience")
     if dataset is None:
         log.warning("%s: no dataset manifest (data made before preprocess.py wrote one): its options cannot be "
                     "checked; run preprocess.py again to record them", manifests.dataset_manifest_path(paths))
-    salience = None
-    if cfg.salience == "offline":
-        salience = manifests.read_manifest(manifests.salience_manifest_path(paths), manifests.SALIENCE_FORMAT)
-        if salience is None:
-            log.warning("%s: no manifest of the salience maps (made before salience_generation.py wrote one): the "
-                        "checkpoint will not embed their generator (predict.py then needs --head FILE)",
-                        manifests.salience_manifest_path(paths))
+    if cfg.salience == "offline" and salience is None:
+        log.warning("%s: no manifest of the salience maps (made before salience_generation.py wrote one): the "
+                    "checkpoint will not embed their generator (predict.py then needs --head FILE)",
+                    manifests.salience_manifest_path(paths))
     manifests.check_agreement(paths, dataset, salience, cases, HU_WINDOW)
     return StageManifests(dataset, salience)
 
@@ -551,9 +549,8 @@ def _resume(run: _Run) -> None:
     if diffs:
         raise ValueError(f"{run.last_path}: cannot resume with other options ({'; '.join(diffs)}); resume with the "
                          f"run's options (only where it stops may change) or start again with --overwrite")
-    for key, now in run.stage.as_dict().items():
-        then = (ckpt.get("manifests") or {}).get(key)
-        if then is not None and now is not None and manifests.fingerprint(then) != manifests.fingerprint(now):
+    for key, why in manifests.changes(ckpt.get("manifests") or {}, run.stage.as_dict()).items():
+        if why == "changed":
             raise ValueError(f"{run.last_path}: the {key} manifest changed since the run started (the data was made "
                              f"again); start again with --overwrite")
     world = int(saved.get("world_size", 1))

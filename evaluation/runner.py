@@ -176,11 +176,12 @@ def _check_options(eval_roi: str, save_pred: Optional[str], pred_kind: str, img_
         raise ValueError(f"--img_size needs two positive integers H W, got {img_size}")
 
 
-def data_fingerprint(paths: DatasetPaths, cases: Sequence[str], offline: bool) -> str:
-    """sha256 over (name, size, mtime) of every input file of ``cases``: a report of data that has
-    been written again since (preprocess.py, salience_generation.py) is not reused."""
+def data_fingerprint(paths: DatasetPaths, cases: Sequence[str]) -> str:
+    """sha256 over (name, size, mtime) of the volume and salience files of ``cases`` (-1 for one that
+    is missing): a report of data written again since (preprocess.py, salience_generation.py) is
+    not reused."""
     h = hashlib.sha256()
-    files = [paths.volume(c) for c in cases] + ([paths.salience(c) for c in cases] if offline else [])
+    files = [paths.volume(c) for c in cases] + [paths.salience(c) for c in cases]
     for f in files:
         st = f.stat() if f.is_file() else None
         h.update(f"{f.name}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1};".encode())
@@ -223,13 +224,13 @@ def _existing_report(out_dir: Path, overwrite: bool, wanted: dict, extras: dict)
 def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[str], paths: DatasetPaths,
                 cases: Sequence[str],
                 img_size: Optional[Sequence[int]], device: str, overlap: float, tta: bool, batch_size: int,
-                eval_roi: str, min_component_mm3: Optional[float]) -> _Evaluation:
+                eval_roi: str, min_component_mm3: Optional[float], model_sha256: str) -> _Evaluation:
     """The model file as a :class:`Predictor` (its offline maps are the stored ones), checked
     against the options and the data."""
     from networks.checkpoint import check_compatible  # the metrics and reports work without torch models
 
     pred = Predictor.from_checkpoint(model_path, device, min_component_mm3=min_component_mm3, img_size=img_size,
-                                     with_generator=False)
+                                     with_generator=False, sha256=model_sha256)
     ckpt = pred.ckpt or {}
     check_compatible(ckpt, model_path, backbone=backbone, salience=salience)
     if img_size is not None and pred.spatial_dims == 3:
@@ -393,10 +394,11 @@ def run_evaluation(
         model_path = find_checkpoint(Path(checkpoint_root), dataset, backbone, exp=exp, salience=salience)
     model_path = Path(model_path)
     out_dir = Path(output) if output is not None else default_output(model_path, split, eval_roi, tta)
-    wanted = provenance.record(provenance.file_sha256(model_path), {
+    model_sha256 = provenance.file_sha256(model_path)
+    wanted = provenance.record(model_sha256, {
         "dataset": dataset, "split": split, "cases": list(cases), "eval_roi": eval_roi, "tta": tta,
         "overlap": overlap, "img_size": None if img_size is None else list(img_size),
-        "min_component_mm3": min_component_mm3, "data": data_fingerprint(paths, cases, offline=True)})
+        "min_component_mm3": min_component_mm3, "data": data_fingerprint(paths, cases)})
     extras = {"save_pred": save_pred, "pred_kind": pred_kind if save_pred else None, "figures": figures,
               "graph": graph}
     existing = _existing_report(out_dir, overwrite, wanted, extras)
@@ -404,7 +406,7 @@ def run_evaluation(
         return existing
 
     ev = _load_model(model_path, backbone, salience, paths, cases, img_size, device, overlap, tta, batch_size, eval_roi,
-                     min_component_mm3)
+                     min_component_mm3, model_sha256)
     log.info("model %s (%d-D, salience %s, epoch %s) from %s; %d %s cases; roi %s; tta %s",
              ev.ckpt["model_name"], ev.predictor.spatial_dims, ev.predictor.salience_mode, ev.ckpt.get("epoch"), model_path, len(cases), split,
              eval_roi, tta)

@@ -151,13 +151,14 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", head: Optional[str | os.PathLike] = None,
                         min_component_mm3: Optional[float] = None, img_size: Optional[Sequence[int]] = None,
-                        with_generator: bool = True) -> "Predictor":
+                        with_generator: bool = True, sha256: Optional[str] = None) -> "Predictor":
         """Everything from one model file (``networks.checkpoint``).
 
         ``head`` replaces (or, for checkpoints that do not embed it, supplies) the offline
         generator's weights; ``min_component_mm3`` and ``img_size`` replace the file's settings;
         ``with_generator=False``: the caller passes stored maps (test.py), so an offline model
-        needs no generator. ValueError naming the file when it cannot be used.
+        needs no generator; ``sha256``: the file's hash when the caller has it already.
+        ValueError naming the file when it cannot be used.
         """
         path = Path(path)
         device = resolve_device(device)
@@ -179,7 +180,7 @@ class Predictor:
                    patch_size=settings["patch_size"], target_spacing=settings["target_spacing"],
                    threshold=settings["threshold"], min_component_mm3=settings["min_component_mm3"],
                    hu_window=tuple(settings["hu_window"]), generator=generator, device=device, path=path,
-                   ckpt=ckpt, sha256=file_sha256(path))
+                   ckpt=ckpt, sha256=sha256 or file_sha256(path))
 
     @classmethod
     def for_training(cls, model: torch.nn.Module, cfg: Any, spatial_dims: int, device: str | torch.device) -> "Predictor":

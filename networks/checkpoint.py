@@ -308,14 +308,12 @@ def generator_record(kind: str, weights: Optional[str | os.PathLike] = None, nor
     if kind not in GENERATORS:
         raise ValueError(f"unknown generator {kind!r}; valid: {', '.join(GENERATORS)}")
     if kind == "analytic":
-        AnalyticGenerator().with_normalisation(normalisation)  # ValueError for a rule it lacks
+        AnalyticGenerator.check_normalisation(normalisation)
         return {"kind": kind, "weights_sha256": "", "source": None, "state_dict": None, "normalisation": normalisation}
     if weights is None:
         raise ValueError(f"generator {kind!r} needs a weights file")
     net = load_head(weights) if kind == "bank" else load_fpn(weights)
-    supported = (BankGenerator if kind == "bank" else FPNGenerator).normalisations
-    if normalisation not in supported:
-        raise ValueError(f"generator {kind!r} supports normalisation {', '.join(supported)}, not {normalisation!r}")
+    (BankGenerator if kind == "bank" else FPNGenerator).check_normalisation(normalisation)
     return {
         "kind": kind,
         "weights_sha256": file_sha256(weights),

@@ -402,13 +402,18 @@ class _Generator:
     #: rules this generator supports (``fixed`` needs a bounded output)
     normalisations: tuple[str, ...] = ("volume",)
 
-    def with_normalisation(self, rule: str) -> "_Generator":
-        """This generator with normalisation ``rule``; ValueError when it does not support it."""
+    @classmethod
+    def check_normalisation(cls, rule: str) -> None:
+        """ValueError when generators of this kind do not support normalisation ``rule``."""
         if rule not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation {rule!r}; valid: {', '.join(NORMALISATIONS)}")
-        if rule not in self.normalisations:
-            raise ValueError(f"generator {self.name!r} supports normalisation {', '.join(self.normalisations)}, "
+        if rule not in cls.normalisations:
+            raise ValueError(f"generator {cls.name!r} supports normalisation {', '.join(cls.normalisations)}, "
                              f"not {rule!r}")
+
+    def with_normalisation(self, rule: str) -> "_Generator":
+        """This generator with normalisation ``rule``; ValueError when it does not support it."""
+        self.check_normalisation(rule)
         self.normalisation = rule
         return self
 

@@ -81,6 +81,31 @@ def read_manifest(path: str | os.PathLike, fmt: str) -> Optional[dict]:
     return read_json_doc(path, fmt, "manifest") if path.is_file() else None
 
 
+def read_stage(paths: DatasetPaths, with_salience: bool) -> dict[str, Optional[dict]]:
+    """{"dataset": dataset.json, "salience": the maps' manifest (only ``with_salience``)}, None where
+    a file is missing (data from before manifests)."""
+    docs = {"dataset": read_manifest(dataset_manifest_path(paths), DATASET_FORMAT)}
+    if with_salience:
+        docs["salience"] = read_manifest(salience_manifest_path(paths), SALIENCE_FORMAT)
+    return docs
+
+
+def changes(then: dict, now: dict) -> dict[str, str]:
+    """Which stage manifests differ between ``then`` (e.g. a checkpoint's) and ``now`` (the data's),
+    by key of ``now``: "changed" (fingerprints differ), "missing then" or "missing now"; keys whose
+    manifest is missing on both sides are equal."""
+    out = {}
+    for key, doc in now.items():
+        old = then.get(key)
+        if doc is None and old is None:
+            continue
+        if old is None or doc is None:
+            out[key] = "missing then" if old is None else "missing now"
+        elif fingerprint(old) != fingerprint(doc):
+            out[key] = "changed"
+    return out
+
+
 def case_record(volume_file: Path) -> dict[str, Any]:
     """shape, spacing, crop and source of one stored volume, from its HDF5 attributes."""
     with h5py.File(volume_file, "r") as f:
