@@ -613,3 +613,41 @@ def test_dicom_seg_of_two_trees_has_one_segment_each(phantom_case, tmp_path):
             np.testing.assert_array_equal(frames[k, :, :, s - 1].astype(bool), labels[:, :, k] == s)
     with pytest.raises(ValueError, match="slices in the mask but"):
         write_dicom_seg(tmp_path / "bad.dcm", labels[:, :, :-1], scan.dicom_headers)
+
+
+REAL_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "real"
+
+
+@pytest.mark.skipif(not (REAL_ROOT / "3Dircadb1.1").is_dir(), reason="real 3D-IRCADb patients not available")
+@pytest.mark.parametrize("patient", ["3Dircadb1.1", "3Dircadb1.7"])
+def test_real_scan_prediction_does_not_depend_on_its_extent(patient, tmp_path):
+    """Issue 24 point 3 on real CT: inside the liver, the whole scan and the scan cropped to the
+    liver's slices (training's crop) agree at Dice >= 0.98, and the scan with 2 x 20 slices of
+    1000 HU body added agrees with the whole one at Dice >= 0.99 (fixed-rule salience; a model
+    with random weights calibrated to mark about 15% of the liver). In-plane the scan is cut to
+    the liver's box plus 16 pixels, beyond the filters' 7-pixel reach, to keep the test short."""
+    from evaluation.metrics import dice
+    from inference.predictor import Predictor
+
+    if not (REAL_ROOT / patient).is_dir():
+        pytest.skip(f"{patient} not available")
+    torch.set_num_threads(2)  # real volumes: threads pay here (the module's one_thread fixture restores it)
+    data = read_dicom_patient(REAL_ROOT / patient, ["portalvein", "venoussystem"])
+    liver = data.liver.astype(bool)
+    rows, cols = np.flatnonzero(liver.any(axis=(1, 2))), np.flatnonzero(liver.any(axis=(0, 2)))
+    box = (slice(max(rows[0] - 16, 0), rows[-1] + 17), slice(max(cols[0] - 16, 0), cols[-1] + 17))
+    hu, liver = data.hu[box], liver[box]
+    gen = make_generator("bank", default_head_path(), "fixed")
+    z = np.flatnonzero(liver.any(axis=(0, 1)))
+    image = np.clip(hu[:, :, z[0]:z[-1] + 1], 0, 400) / np.float32(400)
+    model = tiny_model(tmp_path / "m.pth", generator_record("bank", default_head_path(), "fixed"),
+                       calibrate=(image, salience_3d(image, gen), liver[:, :, z[0]:z[-1] + 1]))
+    pr = Predictor.from_checkpoint(model, "cpu")
+    whole = pr.predict_scan(hu, data.spacing).mask & liver
+    cropped = pr.predict_scan(hu, data.spacing, liver).mask & liver
+    bone = lambda end: np.repeat(np.where(end > -300, 1000.0, -1000.0).astype(np.float32), 20, axis=2)  # noqa: E731
+    longer = np.concatenate([bone(hu[:, :, :1]), hu, bone(hu[:, :, -1:])], axis=2)
+    padded = pr.predict_scan(longer, data.spacing).mask[:, :, 20:-20] & liver
+    assert whole.sum() > 0.02 * liver.sum()
+    assert dice(whole, cropped) >= 0.98
+    assert dice(padded, whole) >= 0.99
