@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min_component_mm3", type=float, default=d.min_component_mm3, metavar="MM3",
                    help="post-processing recorded in the checkpoint and used by validation, test.py and "
                         "predict.py: drop predicted components smaller than MM3 mm^3 (0: keep all)")
+    p.add_argument("--classes", type=lambda v: v.split(","), default=None, metavar="A,B",
+                   help="one output per vessel tree of the data's class map (preprocess.py --vessel_classes), "
+                        "e.g. portal,hepatic; default: one binary vessel output")
     p.add_argument("--max_iterations", type=int, default=None, help="stop after this many iterations in all")
     p.add_argument("--max_minutes", type=float, default=None, help="stop after this wall time (minutes)")
     p.add_argument("--stop_after_epochs", type=int, default=None,

@@ -1,6 +1,7 @@
 """Segment the liver vessels of new CT scans with one model file (docs/DESIGN.md section 6).
 
-    python predict.py --model FILE --input PATH --output DIR [--device auto] [--liver_mask FILE]
+    python predict.py --model FILE --input PATH --output DIR [--device auto]
+                      [--liver_model FILE [--liver_margin 5] | --liver_mask FILE]
                       [--prob] [--mesh [stl|obj]] [--figures] [--graph] [--dicom_seg] [--tta] [--series UID]
                       [--head FILE]
                       [--batch_size 8] [--min_component_mm3 MM3] [--overwrite]
@@ -11,7 +12,9 @@ folder, a .nii / .nii.gz file, or a folder of several of those (one output set e
 ``--prob`` adds ``<case>_prob.nii.gz``, ``--mesh`` ``<case>_vessels.stl`` (or .obj) in patient
 millimetres, ``--figures`` ``<case>_mip.png`` and ``<case>_3d.png``, ``--graph``
 ``<case>_graph.graphml`` and ``<case>_graph.vtp`` (the branch graph), ``--dicom_seg``
-``<case>_seg.dcm`` (a DICOM Segmentation referencing the source series). The model file carries
+``<case>_seg.dcm`` (a DICOM Segmentation referencing the source series), ``--liver_model``
+``<case>_liver.nii.gz`` (the liver it found; vessels farther than ``--liver_margin`` mm from it
+are removed). The model file carries
 everything else (network, salience generator, HU window, resize rule, threshold, smallest component kept); ``--head``
 supplies the generator weights for checkpoints that do not embed them.
 Bad input: a one-line error naming the file, exit code 1, no output for that scan.
@@ -23,6 +26,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from inference.liver import DEFAULT_MARGIN_MM
 from prediction.segment import MESH_FORMATS, run_predict
 from preprocessing.errors import PreprocessError
 from utils.logging_setup import setup_logging
@@ -37,7 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="DICOM folder, zip, .nii/.nii.gz, or a folder of several")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--liver_mask", default=None, help="NIfTI file or DICOM mask folder: keep vessels inside it")
+    p.add_argument("--liver_mask", default=None,
+                   help="NIfTI file or DICOM mask folder: keep vessels inside it (overrides --liver_model)")
+    p.add_argument("--liver_model", default=None,
+                   help="liver model file (scripts/train_liver.sh): segment the liver first, keep vessels near it "
+                        "and write <case>_liver.nii.gz")
+    p.add_argument("--liver_margin", type=float, default=DEFAULT_MARGIN_MM, metavar="MM",
+                   help="with --liver_model: keep vessels up to MM mm outside the liver (the hilum)")
     p.add_argument("--prob", action="store_true", help="also write the probability map")
     p.add_argument("--mesh", nargs="?", const="stl", choices=MESH_FORMATS, default=None,
                    help="also write the vessel surface (default stl)")
@@ -63,7 +73,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     setup_logging()
     try:
         results = run_predict(args.model, args.input, args.output, device=args.device, head=args.head,
-                              liver_mask=args.liver_mask, prob=args.prob, mesh=args.mesh, figures=args.figures,
+                              liver_mask=args.liver_mask, liver_model=args.liver_model,
+                              liver_margin_mm=args.liver_margin, prob=args.prob, mesh=args.mesh, figures=args.figures,
                               graph=args.graph, dicom_seg=args.dicom_seg,
                               tta=args.tta, series=args.series, batch_size=args.batch_size, overwrite=args.overwrite,
                               min_component_mm3=args.min_component_mm3)

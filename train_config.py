@@ -57,6 +57,7 @@ class TrainConfig:
     scale_aug: float = 0.0  # 2-D: zoom each training slice by a log-uniform factor in [1/(1+s), 1+s] (0: off)
     blur_aug: float = 0.0  # half the items blurred in-plane, sigma U(0.3, s) pixels (dataloaders.transforms.gaussian_blur)
     min_component_mm3: float = 0.0  # inference post-processing recorded in the checkpoint (0: none)
+    classes: Optional[list] = None  # one output per class of the class map, e.g. ["portal", "hepatic"]; None: binary
     max_iterations: Optional[int] = None
     max_minutes: Optional[float] = None
     stop_after_epochs: Optional[int] = None
@@ -100,6 +101,10 @@ class TrainConfig:
         if self.freeze_bn and not self.init_from:
             raise ValueError("--freeze_bn keeps the statistics of the --init_from weights: give --init_from")
         input_channels(self.salience)
+        if self.classes is not None:
+            self.classes = [str(c).strip().lower() for c in self.classes if str(c).strip()]
+            if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"--classes needs two or more different classes, e.g. portal,hepatic; got {self.classes}")
         if self.exp is None:
             self.exp = self.salience
 

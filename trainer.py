@@ -225,19 +225,22 @@ def check_dataset(cfg: TrainConfig) -> DatasetPaths:
     return paths
 
 
-def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int) -> torch.utils.data.Dataset:
-    """2-D: the training slices (``slice_train``); 3-D: random patches of the training volumes."""
+def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int,
+                    class_values: Optional[Sequence[int]] = None) -> torch.utils.data.Dataset:
+    """2-D: the training slices (``slice_train``); 3-D: random patches of the training volumes.
+    ``class_values``: the class-map values of ``cfg.classes`` (one target channel each)."""
     if dims == 2:
         return SliceDataSet(paths, cfg.salience, img_size=cfg.img_size, augment=cfg.augment,
                             jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing,
                             cache=cfg.cache_data, domain=cfg.domain_aug, scale_aug=cfg.scale_aug,
-                            blur_aug=cfg.blur_aug)
+                            blur_aug=cfg.blur_aug, classes=class_values)
     if cfg.scale_aug:
         raise ValueError(f"--scale_aug is for 2-D backbones; {cfg.backbone} trains on 3-D patches")
-    volumes = VolumeDataSet(paths, "train", cfg.salience)  # volumes are always held in memory
+    # volumes are always held in memory
+    volumes = VolumeDataSet(paths, "train", cfg.salience, classes=class_values is not None)
     return PatchDataSet(volumes, cfg.patch_size, cfg.patches_per_epoch, fg_fraction=cfg.fg_fraction,
                         augment=cfg.augment, jitter=cfg.intensity_jitter, seed=cfg.seed, domain=cfg.domain_aug,
-                        blur_aug=cfg.blur_aug)
+                        blur_aug=cfg.blur_aug, classes=class_values)
 
 
 def make_loader(cfg: TrainConfig, env: Env, dataset: Any, start_epoch: int, skip_batches: int) -> DataLoader:
@@ -262,13 +265,19 @@ class Validator:
     """Mean Dice and clDice over the validation cases, predicted as test.py and predict.py do
     (:class:`inference.predictor.Predictor` around the model being trained).
 
+    With classes (``class_values``, the class-map values of ``cfg.classes``; the cases' labels are
+    then class maps): "dice" is the mean over classes of each class's Dice (the label map of
+    :meth:`Predictor.labels` against the class map), clDice that of the union.
+
     Under DDP rank r predicts cases r, r + world, ...; the sums and counts of the defined
     (non-NaN) per-case values are all-reduced, so every rank returns the same means. The
     label skeletons (clDice) are computed once, on first use.
     """
 
-    def __init__(self, cases: VolumeDataSet, cfg: TrainConfig, env: Env, dims: int) -> None:
+    def __init__(self, cases: VolumeDataSet, cfg: TrainConfig, env: Env, dims: int,
+                 class_values: Optional[Sequence[int]] = None) -> None:
         self.cases, self.cfg, self.env, self.dims = cases, cfg, env, dims
+        self.class_values = None if class_values is None else list(class_values)
         self.mine = list(range(env.rank, len(cases), env.world_size)) if env.distributed else list(range(len(cases)))
         self._skeletons: dict[int, np.ndarray] = {}
 
@@ -276,7 +285,7 @@ class Validator:
         from evaluation.metrics import skeleton
 
         if i not in self._skeletons:
-            self._skeletons[i] = skeleton(self.cases[i].label)
+            self._skeletons[i] = skeleton(self.cases[i].label > 0)
         return self._skeletons[i]
 
     @torch.no_grad()
@@ -295,10 +304,17 @@ class Validator:
                                 enabled=env.amp_dtype is not None):
                 prob = predictor.probabilities(case.image, case.spacing, case.salience, overlap=cfg.val_overlap,
                                                batch_size=cfg.val_batch_size)
-            pred = predictor.mask(prob, case.spacing)
+            if self.class_values is None:
+                pred = predictor.mask(prob, case.spacing)
+                score = dice_metric(pred, case.label)
+            else:
+                labels = predictor.labels(prob, case.spacing)
+                pred = labels > 0
+                per_class = [dice_metric(labels == k + 1, case.label == v) for k, v in enumerate(self.class_values)]
+                score = float(np.nanmean(per_class)) if not all(map(math.isnan, per_class)) else math.nan
             # cases with an empty truth and prediction give NaN; they carry no information
-            for k, value in enumerate((dice_metric(pred, case.label),
-                                       cldice_metric(pred, case.label, target_skeleton=self.label_skeleton(i)))):
+            for k, value in enumerate((score,
+                                       cldice_metric(pred, case.label > 0, target_skeleton=self.label_skeleton(i)))):
                 if not math.isnan(value):
                     sums[2 * k] += value
                     sums[2 * k + 1] += 1
@@ -326,7 +342,9 @@ def image_grid(model: nn.Module, batch: dict, logits: torch.Tensor, salience_mod
             sal = model.salience(image.to(next(model.parameters()).device))[:, 0].float().cpu()
     else:
         sal = torch.zeros_like(image[:, 0])
-    cols = [image[:, 0], sal, torch.sigmoid(logits[:1, 0].detach().float().cpu()), batch["label"][:1, 0].float()]
+    # several classes: the largest probability, and the union of the labels
+    cols = [image[:, 0], sal, torch.sigmoid(logits[:1].detach().float().cpu()).amax(dim=1),
+            batch["label"][:1].float().amax(dim=1)]
     if image.ndim == 5:
         cols = [c[..., c.shape[-1] // 2] for c in cols]
     return torch.cat([c.clamp(0, 1) for c in cols], dim=-1).numpy()
@@ -629,8 +647,12 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
     _check_run_folder(cfg)
     stage = read_stage_manifests(cfg, paths, read_list(paths.list_file("vol_train")) +
                                  read_list(paths.list_file("vol_val")))
-    train_set = build_train_set(cfg, paths, dims)
-    val_cases = VolumeDataSet(paths, "val", cfg.salience, lazy=True)  # read at the first validation
+    class_values = None
+    if cfg.classes:
+        class_values = manifests.class_values(cfg.classes, stage.dataset, manifests.dataset_manifest_path(paths))
+    train_set = build_train_set(cfg, paths, dims, class_values)
+    # read at the first validation
+    val_cases = VolumeDataSet(paths, "val", cfg.salience, lazy=True, classes=class_values is not None)
     sample = train_set[0]["input"]
     if sample.shape[0] != input_channels(cfg.salience) or sample.ndim - 1 != dims:
         raise ValueError(f"channel mismatch: data gives input {tuple(sample.shape)}, model {cfg.backbone} "
@@ -639,7 +661,8 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
         env.memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
 
     torch.manual_seed(cfg.seed)
-    model = build_segmenter(cfg.backbone, cfg.salience, 1, cfg.model_kwargs, head_path=cfg.head)
+    model = build_segmenter(cfg.backbone, cfg.salience, len(cfg.classes) if cfg.classes else 1, cfg.model_kwargs,
+                            head_path=cfg.head)
     model = model.to(env.device, memory_format=env.memory_format)
     if cfg.init_from and not cfg.resume:
         src = init_from_checkpoint(model, cfg.init_from, model_name=cfg.backbone, salience=cfg.salience)
@@ -651,7 +674,7 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
     per_epoch = batches_per_epoch(cfg, env, len(train_set))
     horizon = lr_horizon(cfg, per_epoch)
     run_dir = cfg.run_dir()
-    run = _Run(cfg, env, dims, run_dir, train_set, Validator(val_cases, cfg, env, dims), model, optimizer,
+    run = _Run(cfg, env, dims, run_dir, train_set, Validator(val_cases, cfg, env, dims, class_values), model, optimizer,
                poly_scheduler(optimizer, horizon, cfg.poly_power),
                torch.amp.GradScaler("cuda", enabled=env.amp_dtype == torch.float16),
                make_loss(cfg.loss, cfg.cldice_iterations), salience_sha256(cfg, stage), per_epoch,
@@ -749,7 +772,7 @@ def _save(run: _Run, path: Path, epoch_done: int) -> None:
     config = {**cfg.to_json(), "world_size": run.env.world_size,
               "lr_horizon_iterations": lr_horizon(cfg, run.per_epoch)}
     save_checkpoint(path, run.model, model_name=cfg.backbone, model_kwargs=cfg.model_kwargs,
-                    salience=cfg.salience, config=config, epoch=epoch_done, iteration=run.iteration,
+                    salience=cfg.salience, config=config, out_channels=len(cfg.classes) if cfg.classes else 1, epoch=epoch_done, iteration=run.iteration,
                     best_metric=run.best, head_sha256=run.head_sha, img_size=cfg.img_size, patch_size=cfg.patch_size,
                     target_spacing=cfg.target_spacing, mm_per_pixel=run.mm_per_pixel, generator=run.generator,
                     optimizer=run.optimizer, scheduler=run.scheduler,

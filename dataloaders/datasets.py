@@ -4,7 +4,9 @@ Every item is a dict of tensors:
     ``input``  (C, H, W) or (C, h, w, d) float32: dataloaders.inputs.model_input(image, S, mode)
     ``image``  (1, ...) the raw image G in [0, 1] (for the TensorBoard grid)
     ``label``  (1, ...) float32 in [0, 1]: {0, 1} where no resizing happened, a soft target
-               where a slice was resized (dataloaders.transforms: one geometry for all planes)
+               where a slice was resized (dataloaders.transforms: one geometry for all planes);
+               (K, ...) with ``classes`` (K values of the stored class map, e.g. (1, 2): portal
+               vein, hepatic veins): channel k is 1 where the class map holds ``classes[k]``
 C is 3 for ``--salience offline`` ((1 + S_i) * G) and 1 for ``none`` / ``e2e``.
 
 - :class:`SliceDataSet`: the seed's 2-D training set, one ``slice_data/<case>_sliceNNNN.h5``
@@ -80,10 +82,21 @@ def _case_geometry(paths: DatasetPaths, case: str) -> tuple[tuple[float, float, 
     return tuple(float(s) for s in spacing), shape
 
 
+def label_target(raw: np.ndarray, classes: Optional[Sequence[int]]) -> np.ndarray:
+    """Training target float32 of a stored label: ``raw > 0`` (same shape) for a binary model;
+    with ``classes`` (values of the stored class map) one channel per class, (K, *raw.shape)."""
+    if classes is None:
+        return (raw > 0).astype(np.float32)
+    return np.stack([raw == c for c in classes]).astype(np.float32)
+
+
 class _Augmenting(Dataset):
     def __init__(self, salience_mode: str, augment: bool, jitter: bool, seed: int, domain: bool = False,
-                 blur_aug: float = 0.0) -> None:
+                 blur_aug: float = 0.0, classes: Optional[Sequence[int]] = None) -> None:
         input_channels(salience_mode)
+        self.classes = None if classes is None else tuple(int(c) for c in classes)
+        if self.classes is not None and (not self.classes or min(self.classes) < 1):
+            raise ValueError(f"classes must be class-map values >= 1, got {classes}")
         self.salience_mode = salience_mode
         self.augment = augment
         self.jitter = jitter
@@ -117,12 +130,16 @@ class _Augmenting(Dataset):
             image = intensity_domain(image, rng)
         return image, label, sal
 
+    def _target(self, raw: np.ndarray) -> np.ndarray:
+        return label_target(raw, self.classes)
+
     def _item(self, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray]) -> dict:
         x = model_input(image, sal if self.salience_mode == "offline" else None, self.salience_mode)
+        lab = torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))
         return {
             "input": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
-            "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))[None],
+            "label": lab if label.ndim > image.ndim else lab[None],
         }
 
 
@@ -153,8 +170,8 @@ class SliceDataSet(_Augmenting):
     def __init__(self, paths: DatasetPaths, salience_mode: str, img_size: Optional[Sequence[int]] = None,
                  list_name: str = "slice_train", augment: bool = True, jitter: bool = False, seed: int = 0,
                  target_spacing: Optional[float] = None, cache: bool = False, domain: bool = False,
-                 scale_aug: float = 0.0, blur_aug: float = 0.0) -> None:
-        super().__init__(salience_mode, augment, jitter, seed, domain, blur_aug)
+                 scale_aug: float = 0.0, blur_aug: float = 0.0, classes: Optional[Sequence[int]] = None) -> None:
+        super().__init__(salience_mode, augment, jitter, seed, domain, blur_aug, classes)
         self.paths = paths
         self.img_size = None if img_size is None else (int(img_size[0]), int(img_size[1]))
         self.scale_aug = check_scale_aug(scale_aug)
@@ -193,11 +210,11 @@ class SliceDataSet(_Augmenting):
             if square and image.shape[0] == image.shape[1]:
                 # the un-augmented item from the arrays just read (no second read of the file)
                 item_rng = self._rng(0, i)
-                image, label, sal = self._geometry(self.names[i], image, (label > 0).astype(np.float32), sal,
-                                                   item_rng)
+                image, label, sal = self._geometry(self.names[i], image, self._target(label), sal, item_rng)
                 item = self._item(image, label, sal)
+                lab = item["label"] if self.classes is not None else item["label"][0]
                 cached.append(("resized", item["input"].numpy().astype(np.float16),
-                               item["image"][0].numpy().astype(np.float16), item["label"][0].numpy().astype(np.float16)))
+                               item["image"][0].numpy().astype(np.float16), lab.numpy().astype(np.float16)))
             else:
                 cached.append(("stored", image.astype(np.float16), label.astype(np.uint8),
                                None if sal is None else sal.astype(np.float16)))
@@ -213,8 +230,9 @@ class SliceDataSet(_Augmenting):
             # offline input channels are G (1 + S_i): rot_flip swaps channels 1 and 2 as it does S_c, S_s
             image, label, x3 = rot_flip(image, label, x if x.shape[0] == 3 else None, rng)
             x = x3 if x3 is not None else image[None]
+        lab = torch.from_numpy(np.ascontiguousarray(label))
         return {"input": torch.from_numpy(np.ascontiguousarray(x)), "image": torch.from_numpy(image)[None],
-                "label": torch.from_numpy(label)[None]}
+                "label": lab if label.ndim > image.ndim else lab[None]}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -256,7 +274,8 @@ class SliceDataSet(_Augmenting):
 
     def _geometry(self, name: str, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray],
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """Resize / resample + pad-or-crop image (H, W), label (H, W) and salience (3, H, W) together.
+        """Resize / resample + pad-or-crop image (H, W), label (H, W) or (K, H, W) and salience (3, H, W)
+        together.
 
         With ``scale_aug`` s (training), the plane is first zoomed by a log-uniform factor in
         [1 / (1 + s), 1 + s] (its mm per pixel divided by it), then padded or cropped to
@@ -272,8 +291,10 @@ class SliceDataSet(_Augmenting):
         if size is not None:
             planes, label = resize_2d(planes, label, size)
         if self.img_size is not None and tuple(planes.shape[1:]) != self.img_size:
-            both, _ = pad_or_crop(np.concatenate([planes, label[None]]), self.img_size, rng)
-            planes, label = both[:-1], both[-1]
+            n = planes.shape[0]
+            both, _ = pad_or_crop(np.concatenate([planes, label if label.ndim == 3 else label[None]]), self.img_size,
+                                  rng)
+            planes, label = both[:n], (both[n:] if label.ndim == 3 else both[n])
         return planes[0], label, (None if sal is None else planes[1:])
 
     def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
@@ -283,7 +304,9 @@ class SliceDataSet(_Augmenting):
         try:
             with h5py.File(path, "r") as f:
                 image = f["image"][()].astype(np.float32)
-                label = f["label"][()]
+                if self.classes is not None and "classes" not in f:
+                    raise ValueError(f"{path}: no class map (preprocess.py --vessel_classes makes one)")
+                label = f["classes" if self.classes is not None else "label"][()]
                 sal = f["salience"][()].astype(np.float32) if "salience" in f else None
         except (OSError, KeyError) as e:
             raise ValueError(f"{path}: unreadable slice file ({e})") from None
@@ -308,14 +331,15 @@ class SliceDataSet(_Augmenting):
         else:
             image, label, sal = self._read(index)
         item_rng = self._rng(epoch, index)
-        image, label, sal = self._geometry(self.names[index], image, (label > 0).astype(np.float32), sal, item_rng)
+        image, label, sal = self._geometry(self.names[index], image, self._target(label), sal, item_rng)
         image, label, sal = self._augment(image, label, sal, item_rng)
         return self._item(image, label, sal)
 
 
 @dataclass
 class CaseData:
-    """One case: image (H, W, D) float32, label (H, W, D) uint8, salience (3, H, W, D) or None."""
+    """One case: image (H, W, D) float32, label (H, W, D) uint8, salience (3, H, W, D) or None;
+    ``label`` is the class map (0 background, 1, 2, ...) when the dataset was read with ``classes``."""
 
     name: str
     image: np.ndarray
@@ -335,8 +359,9 @@ class VolumeDataSet(Dataset):
     """
 
     def __init__(self, paths: DatasetPaths, split: str, salience_mode: str, cache: bool = True,
-                 lazy: bool = False) -> None:
+                 lazy: bool = False, classes: bool = False) -> None:
         input_channels(salience_mode)
+        self.classes = classes
         self.paths = paths
         self.salience_mode = salience_mode
         self.names = read_list(paths.list_file(f"vol_{split}"))
@@ -360,7 +385,12 @@ class VolumeDataSet(Dataset):
         name = self.names[index]
         vol = read_volume(self.paths.volume(name))
         sal = read_case_salience(self.paths, name, vol.image.shape) if self.salience_mode == "offline" else None
-        return CaseData(name, vol.image, vol.label, sal, vol.spacing, vol.liver)
+        label = vol.label
+        if self.classes:
+            if vol.classes is None:
+                raise ValueError(f"{self.paths.volume(name)}: no class map (preprocess.py --vessel_classes makes one)")
+            label = vol.classes
+        return CaseData(name, vol.image, label, sal, vol.spacing, vol.liver)
 
     def __getitem__(self, index: int) -> CaseData:
         if not self.cache:
@@ -381,8 +411,11 @@ class PatchDataSet(_Augmenting):
 
     def __init__(self, volumes: VolumeDataSet, patch_size: Sequence[int], samples_per_epoch: int,
                  fg_fraction: float = 1 / 3, augment: bool = True, jitter: bool = False, seed: int = 0,
-                 max_fg_points: int = 20000, domain: bool = False, blur_aug: float = 0.0) -> None:
-        super().__init__(volumes.salience_mode, augment, jitter, seed, domain, blur_aug)
+                 max_fg_points: int = 20000, domain: bool = False, blur_aug: float = 0.0,
+                 classes: Optional[Sequence[int]] = None) -> None:
+        super().__init__(volumes.salience_mode, augment, jitter, seed, domain, blur_aug, classes)
+        if classes is not None and not volumes.classes:
+            raise ValueError("patches with classes need a VolumeDataSet read with classes=True")
         if len(patch_size) != 3 or min(patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive ints (h, w, d), got {patch_size}")
         if not 0 <= fg_fraction <= 1:
@@ -427,7 +460,7 @@ class PatchDataSet(_Augmenting):
         else:
             centre = np.array([rng.integers(s) for s in shape])
         start = [int(np.clip(c - p // 2, 0, max(0, s - p))) for c, p, s in zip(centre, self.patch_size, shape)]
-        image, label = self._crop(case.image, start), (self._crop(case.label, start) > 0).astype(np.float32)
+        image, label = self._crop(case.image, start), self._target(self._crop(case.label, start))
         sal = self._crop(case.salience, start) if case.salience is not None else None
         image, label, sal = self._augment(image, label, sal, rng)
         return self._item(image, label, sal)

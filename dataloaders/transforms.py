@@ -48,13 +48,15 @@ Arrays = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]
 
 def rot_flip(image: np.ndarray, label: np.ndarray, salience: Optional[np.ndarray],
              rng: np.random.Generator) -> Arrays:
-    """Seed's random rot90 + flip in the H-W plane (2-D slices and 3-D patches); shapes are kept."""
+    """Seed's random rot90 + flip in the H-W plane (2-D slices and 3-D patches); shapes are kept.
+    ``label`` is shaped like ``image`` or has a leading class axis (K, ...)."""
     k = int(rng.integers(0, 4))
     axis = int(rng.integers(0, 2))
     if image.shape[0] != image.shape[1]:
         k -= k % 2  # a quarter turn would swap h and w of a non-square patch
     image = np.flip(np.rot90(image, k, axes=(0, 1)), axis=axis)
-    label = np.flip(np.rot90(label, k, axes=(0, 1)), axis=axis)
+    lead = label.ndim - image.ndim  # 1 with a class axis
+    label = np.flip(np.rot90(label, k, axes=(lead, lead + 1)), axis=axis + lead)
     if salience is not None:
         salience = np.flip(np.rot90(salience, k, axes=(1, 2)), axis=axis + 1)
         if k % 2 == 1:
@@ -140,16 +142,22 @@ def resize_planes(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def resize_2d(x: np.ndarray, label: np.ndarray, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Resize planes x (C, H, W) and the label (H, W) to ``size`` with one geometry.
+    """Resize planes x (C, H, W) and the label (H, W), or one channel per class (K, H, W), to
+    ``size`` with one geometry.
 
-    Returns (x float32 (C, H', W'), label float32 (H', W') soft in [0, 1]); no-op (label as
-    float32) if the size already matches.
+    Returns (x float32 (C, H', W'), label float32 (H', W') or (K, H', W') soft in [0, 1]);
+    no-op (label as float32) if the size already matches.
     """
-    if x.ndim != 3 or label.ndim != 2 or x.shape[1:] != label.shape:
-        raise ValueError(f"resize_2d needs x (C, H, W) and label (H, W) of one plane, got {x.shape} / {label.shape}")
-    both = np.concatenate([np.asarray(x, dtype=np.float32), np.asarray(label, dtype=np.float32)[None]])
+    lab = np.asarray(label, dtype=np.float32)
+    lab = lab[None] if lab.ndim == 2 else lab
+    if x.ndim != 3 or lab.ndim != 3 or x.shape[1:] != lab.shape[1:]:
+        raise ValueError(f"resize_2d needs x (C, H, W) and label (H, W) or (K, H, W) of one plane, got "
+                         f"{x.shape} / {label.shape}")
+    n = x.shape[0]
+    both = np.concatenate([np.asarray(x, dtype=np.float32), lab])
     out = resize_planes(torch.from_numpy(both)[None], size)[0].numpy()
-    return out[:-1], np.clip(out[-1], 0.0, 1.0)
+    out_lab = np.clip(out[n:], 0.0, 1.0)
+    return out[:n], (out_lab[0] if label.ndim == 2 else out_lab)
 
 
 def spacing_size(shape: Sequence[int], spacing: Sequence[float], target_spacing: float) -> tuple[int, int]:

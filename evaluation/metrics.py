@@ -284,6 +284,21 @@ METRIC_KEYS: tuple[str, ...] = (
 )
 
 
+def wrong_tree_share(pred_labels: np.ndarray, true_labels: np.ndarray, roi: Optional[np.ndarray] = None) -> float:
+    """Of the true vessel voxels a model found (both label maps > 0, inside ``roi``), the share it
+    gave another tree (labels differ); NaN when it found none. Label maps: (H, W, D) integers,
+    0 background, 1, 2, ... the trees, numbered alike in both."""
+    pred_labels, true_labels = np.asarray(pred_labels), np.asarray(true_labels)
+    if pred_labels.shape != true_labels.shape:
+        raise ValueError(f"label maps differ in shape: {pred_labels.shape} vs {true_labels.shape}")
+    found = (pred_labels > 0) & (true_labels > 0)
+    roi = _roi(roi, pred_labels.shape)
+    if roi is not None:
+        found &= roi
+    n = int(np.count_nonzero(found))
+    return float(np.count_nonzero(pred_labels[found] != true_labels[found]) / n) if n else float("nan")
+
+
 def evaluate_case(
     pred: np.ndarray, target: np.ndarray, spacing: Sequence[float], roi: Optional[np.ndarray] = None
 ) -> dict[str, float]:

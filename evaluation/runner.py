@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dataloaders.datasets import read_case_salience
 from evaluation.graph import GRAPH_KEYS
-from evaluation.metrics import METRIC_KEYS, evaluate_case
+from evaluation.metrics import METRIC_KEYS, evaluate_case, wrong_tree_share
 from evaluation.predictions import PRED_FORMATS, save_prediction
 from evaluation.reports import (
     markdown_table,
@@ -159,6 +159,8 @@ class _Evaluation:
     tta: bool
     batch_size: int
     eval_roi: str
+    #: the class-map values of the model's classes, in its output order (None: a binary model)
+    class_values: Optional[list[int]] = None
 
     @property
     def ckpt(self) -> dict:
@@ -238,7 +240,21 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
     elif img_size is not None and ckpt.get("img_size") and list(img_size) != list(ckpt["img_size"]):
         log.warning("running at --img_size %s although the model was trained at %s", list(img_size), ckpt["img_size"])
     _preflight(paths, cases, ckpt)
-    return _Evaluation(paths, pred, overlap, tta, batch_size, eval_roi)
+    values = None
+    if pred.classes:
+        from utils.manifests import class_values, dataset_manifest_path, read_stage
+
+        # the class map of the data the model learnt from (its manifest), else of the test data
+        doc = (ckpt.get("manifests") or {}).get("dataset") or read_stage(paths, with_salience=False)["dataset"]
+        values = class_values(pred.classes, doc, dataset_manifest_path(paths))
+    return _Evaluation(paths, pred, overlap, tta, batch_size, eval_roi, values)
+
+
+def tree_keys(classes: Sequence[str]) -> list[str]:
+    """Report columns of a model of classes beyond the union's: every metric per class
+    (``<class>_<metric>``) and the shares of found vessel voxels given the other tree, after the
+    one-tree-per-piece step (what predict.py writes) and voxel by voxel before it."""
+    return [f"{c}_{k}" for c in classes for k in METRIC_KEYS] + ["wrong_tree_share", "wrong_tree_share_voxelwise"]
 
 
 def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str], pred_kind: str,
@@ -262,8 +278,27 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
     t1 = time.perf_counter()
     # post-processed inside the ROI, as predict.py --liver_mask does: a component's size is
     # what lies in the scored region
-    pred = pr.mask(prob, vol.spacing, roi)
-    row: dict[str, Any] = {"case": case, **evaluate_case(pred, vol.label, vol.spacing, roi)}
+    truth = vol.label
+    if ev.class_values is None:
+        pred = pr.mask(prob, vol.spacing, roi)
+        tree_row: dict[str, Any] = {}
+    else:
+        if vol.classes is None:
+            raise ValueError(f"{paths.volume(case)}: no class map, needed to score a model of classes "
+                             f"{pr.classes} (preprocess.py --vessel_classes)")
+        from inference.trees import consistent_trees
+
+        true_labels = np.zeros(vol.classes.shape, np.uint8)
+        for k, v in enumerate(ev.class_values):
+            true_labels[vol.classes == v] = k + 1
+        voxelwise = pr.labels(prob, vol.spacing, roi, consistent=False)
+        labels = consistent_trees(voxelwise)
+        pred, truth = labels > 0, true_labels > 0
+        tree_row = {f"{c}_{key}": value for k, c in enumerate(pr.classes)
+                    for key, value in evaluate_case(labels == k + 1, true_labels == k + 1, vol.spacing, roi).items()}
+        tree_row["wrong_tree_share"] = wrong_tree_share(labels, true_labels, roi)
+        tree_row["wrong_tree_share_voxelwise"] = wrong_tree_share(voxelwise, true_labels, roi)
+    row: dict[str, Any] = {"case": case, **evaluate_case(pred, truth, vol.spacing, roi), **tree_row}
     if row["empty_pred"] and not row["empty_true"]:
         # a collapsed model reads as Dice 0 in a pooled table; name it where it happens
         scored = prob if roi is None else prob[roi]
@@ -271,12 +306,15 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
                     "holds %d voxels)", case, float(scored.max()) if scored.size else float("nan"),
                     pr.threshold, row["voxels_true"])
     if graph:
-        row.update(_graph_scores(tmp, case, pred, vol.label.astype(bool), vol.spacing, roi))
+        row.update(_graph_scores(tmp, case, pred, truth.astype(bool), vol.spacing, roi))
     row["seconds_inference"] = t1 - t0
     row["seconds_metrics"] = time.perf_counter() - t1
     if save_pred is not None:
         (tmp / "predictions").mkdir(exist_ok=True)
-        save_prediction(tmp / "predictions", case, prob, vol.spacing, save_pred, as_mask=pred_kind == "mask", mask=pred,
+        # a model of classes: the largest class probability, and the label map as the mask (0, 1, 2, ...)
+        saved = prob if ev.class_values is None else prob.max(axis=0)
+        save_prediction(tmp / "predictions", case, saved, vol.spacing, save_pred, as_mask=pred_kind == "mask",
+                        mask=pred if ev.class_values is None else labels,
                         image=vol.image, crop=vol.crop)
     if figures:
         from evaluation.figures import mip_figure, overlay_figure  # matplotlib: only when drawing
@@ -288,8 +326,8 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
         title = f"{case}: Dice {row['dice']:.3f}, clDice {row['cldice']:.3f}"
         shown = roi if roi is not None else np.ones_like(pred)
         overlay_figure(tmp / "figures" / f"{case}_overlay.png", vol.image, pred & shown,
-                       vol.label.astype(bool) & shown, vol.spacing, salience=shown_sal, title=title)
-        mip_figure(tmp / "figures" / f"{case}_mip.png", pred & shown, vol.label.astype(bool) & shown,
+                       truth.astype(bool) & shown, vol.spacing, salience=shown_sal, title=title)
+        mip_figure(tmp / "figures" / f"{case}_mip.png", pred & shown, truth.astype(bool) & shown,
                    vol.spacing, salience=shown_sal, title=title)
     return row
 
@@ -410,7 +448,8 @@ def run_evaluation(
     log.info("model %s (%d-D, salience %s, epoch %s) from %s; %d %s cases; roi %s; tta %s",
              ev.ckpt["model_name"], ev.predictor.spatial_dims, ev.predictor.salience_mode, ev.ckpt.get("epoch"), model_path, len(cases), split,
              eval_roi, tta)
-    keys = list(METRIC_KEYS) + (list(GRAPH_KEYS) if graph else []) + list(EXTRA_KEYS)
+    keys = (list(METRIC_KEYS) + (tree_keys(ev.predictor.classes) if ev.predictor.classes else [])
+            + (list(GRAPH_KEYS) if graph else []) + list(EXTRA_KEYS))
     with atomic_dir(out_dir, overwrite=True) as tmp:
         rows = [_evaluate_one(ev, case, tmp, save_pred, pred_kind, figures, graph)
                 for case in tqdm(cases, desc=f"evaluating {split}", unit="case")]

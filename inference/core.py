@@ -246,10 +246,11 @@ def _predict_2d(
     out_device: torch.device,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Probabilities (H, W, D) on ``out_device``: planes resampled to ``grid``, the model run on
-    ``tile``-sized sliding windows (None: on the whole plane), the result resampled back."""
+    """Probabilities (K, H, W, D) on ``out_device`` (K: the model's output channels): planes
+    resampled to ``grid``, the model run on ``tile``-sized sliding windows (None: on the whole
+    plane), the result resampled back."""
     h, w, d = image.shape
-    out = torch.empty((d, h, w), dtype=torch.float32, device=out_device)
+    out: Optional[torch.Tensor] = None
     for z0 in tqdm(range(0, d, batch_size), desc="inference", unit="batch", disable=not progress, leave=False):
         z1 = min(z0 + batch_size, d)
         raw = np.moveaxis(image[:, :, z0:z1], 2, 0)[:, None]  # (B, 1, H, W)
@@ -262,8 +263,10 @@ def _predict_2d(
             p = predictor(x)  # (B, 1, H', W') probabilities
         else:
             p = sliding_window_volume(predictor, x, tile, overlap=overlap, batch_size=batch_size, device=device)
-        out[z0:z1] = resize_planes(p, (h, w))[:, 0].to(out_device)
-    return out.permute(1, 2, 0)  # (H, W, D)
+        if out is None:
+            out = torch.empty((d, p.shape[1], h, w), dtype=torch.float32, device=out_device)
+        out[z0:z1] = resize_planes(p, (h, w)).to(out_device)
+    return out.permute(1, 2, 3, 0)  # (K, H, W, D)
 
 
 def predict_volume(
@@ -284,10 +287,11 @@ def predict_volume(
     sw_device: Optional[str | torch.device] = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """Vessel probabilities float32 (H, W, D) in [0, 1] on the stored grid of ``image``.
+    """Vessel probabilities float32 (H, W, D) in [0, 1] on the stored grid of ``image``; (K, H, W, D)
+    for a model with K > 1 output channels (one sigmoid per class, ``main.py --classes``).
 
-    model: returns logits (B, 1, H, W) for input (B, C, H, W) when ``spatial_dims`` is 2,
-        (B, 1, H, W, D) for (B, C, H, W, D) when 3; C = ``input_channels(salience_mode)``.
+    model: returns logits (B, K, H, W) for input (B, C, H, W) when ``spatial_dims`` is 2,
+        (B, K, H, W, D) for (B, C, H, W, D) when 3; C = ``input_channels(salience_mode)``.
         It must already be on ``sw_device or device``; it is put in eval mode for the
         call and its previous mode restored.
     image: (H, W, D) in [0, 1]. salience: (3, H, W, D) in [0, 1], or None unless
@@ -350,7 +354,9 @@ def predict_volume(
                     raise ValueError(f"a 3-D model needs patch_size (h, w, d), got {patch_size}")
                 x = torch.from_numpy(model_input(image, salience, salience_mode))[None]  # (1, C, H, W, D)
                 out = sliding_window_volume(predictor, x, patch_size, overlap=overlap, batch_size=batch_size,
-                                            device=out_device, sw_device=run_device, progress=progress)[0, 0]
+                                            device=out_device, sw_device=run_device, progress=progress)[0]
+            if out.shape[0] == 1:
+                out = out[0]
     finally:
         if is_module:
             for m, training in modes:

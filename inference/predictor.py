@@ -109,12 +109,15 @@ def offline_salience(image: np.ndarray, generator: Any, device: str = "cpu", pro
 
 @dataclass
 class Prediction:
-    """Probabilities float32 and mask bool, (H, W, D) on the scan's grid; the crop (6 ints, the
-    start / stop per axis of the part the model saw)."""
+    """Probabilities float32 ((H, W, D), or (K, H, W, D) for a model of K classes) and mask bool
+    (H, W, D, the union of the classes) on the scan's grid; the crop (6 ints, the start / stop per
+    axis of the part the model saw); ``labels`` uint8 (H, W, D), 0 background and k + 1 for class
+    k (:mod:`inference.trees`), for a model of classes, else None."""
 
     prob: np.ndarray
     mask: np.ndarray
     crop: tuple[int, ...]
+    labels: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -123,7 +126,8 @@ class Predictor:
 
     ``device``: where the model runs; ``generator``: the offline salience generator
     (``networks.salience``), None for the other modes; ``path`` / ``ckpt`` / ``sha256``: the
-    model file, when built from one.
+    model file, when built from one; ``classes``: the class names of a model with one output
+    per class (``main.py --classes``), None for a binary model.
     """
 
     model: torch.nn.Module
@@ -140,6 +144,7 @@ class Predictor:
     path: Optional[Path] = None
     ckpt: Optional[dict] = None
     sha256: str = ""
+    classes: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -163,8 +168,10 @@ class Predictor:
         path = Path(path)
         device = resolve_device(device)
         model, ckpt = load_model(path, device=device)
-        if int(ckpt["out_channels"]) != 1:
-            raise ValueError(f"{path}: model has {ckpt['out_channels']} output channels; 1 logit is expected")
+        classes = (ckpt.get("config") or {}).get("classes")
+        if int(ckpt["out_channels"]) != (len(classes) if classes else 1):
+            raise ValueError(f"{path}: model has {ckpt['out_channels']} output channels; "
+                             f"{len(classes) if classes else 1} expected (classes {classes})")
         settings = inference_settings(ckpt, min_component_mm3=min_component_mm3)
         if tuple(settings["hu_window"]) != tuple(HU_WINDOW):
             raise ValueError(f"{path}: model was trained on HU window {settings['hu_window']}, but the "
@@ -180,7 +187,7 @@ class Predictor:
                    patch_size=settings["patch_size"], target_spacing=settings["target_spacing"],
                    threshold=settings["threshold"], min_component_mm3=settings["min_component_mm3"],
                    hu_window=tuple(settings["hu_window"]), generator=generator, device=device, path=path,
-                   ckpt=ckpt, sha256=sha256 or file_sha256(path))
+                   ckpt=ckpt, sha256=sha256 or file_sha256(path), classes=list(classes) if classes else None)
 
     @classmethod
     def for_training(cls, model: torch.nn.Module, cfg: Any, spatial_dims: int, device: str | torch.device) -> "Predictor":
@@ -189,7 +196,8 @@ class Predictor:
         return cls(model, cfg.salience, spatial_dims, img_size=cfg.img_size if spatial_dims == 2 else None,
                    patch_size=cfg.patch_size if spatial_dims == 3 else None,
                    target_spacing=cfg.target_spacing if spatial_dims == 2 else None,
-                   min_component_mm3=cfg.min_component_mm3, device=str(device))
+                   min_component_mm3=cfg.min_component_mm3, device=str(device),
+                   classes=list(cfg.classes) if getattr(cfg, "classes", None) else None)
 
     # ------------------------------------------------------------------ the three steps
     def salience(self, image: np.ndarray, progress: bool = False) -> Optional[np.ndarray]:
@@ -224,10 +232,23 @@ class Predictor:
 
     def mask(self, prob: np.ndarray, spacing: Sequence[float], roi: Optional[np.ndarray] = None) -> np.ndarray:
         """The vessel mask bool (H, W, D): threshold, then components under ``min_component_mm3``
-        dropped, all inside ``roi`` when given (a component's size is what lies in it)."""
+        dropped, all inside ``roi`` when given (a component's size is what lies in it). For class
+        probabilities (K, H, W, D): the union of the classes (:func:`inference.trees.tree_labels`)."""
+        if np.ndim(prob) == 4:
+            return self.labels(prob, spacing, roi, consistent=False) > 0
         if roi is not None:
             prob = np.where(roi, prob, 0.0)
         return vessel_mask(prob, spacing, self.threshold, self.min_component_mm3).astype(bool)
+
+    def labels(self, prob: np.ndarray, spacing: Sequence[float], roi: Optional[np.ndarray] = None,
+               consistent: bool = True) -> np.ndarray:
+        """Label map uint8 (H, W, D) of class probabilities (K, H, W, D): 0 background, k + 1 for
+        class k (:func:`inference.trees.tree_labels`), each connected piece made one tree where
+        it is mostly one (``consistent``, :func:`inference.trees.consistent_trees`)."""
+        from inference.trees import consistent_trees, tree_labels
+
+        lab = tree_labels(prob, spacing, self.threshold, self.min_component_mm3, roi)
+        return consistent_trees(lab) if consistent else lab
 
     # ------------------------------------------------------------------ a whole scan
     def predict_scan(self, hu: np.ndarray, spacing: Sequence[float], liver: Optional[np.ndarray] = None, *,
@@ -251,10 +272,13 @@ class Predictor:
                                     progress=True)
         lap("inference")
         c = vol.crop
-        prob = np.zeros(hu.shape, dtype=np.float32)
-        prob[c[0]:c[1], c[2]:c[3], c[4]:c[5]] = prob_c
+        prob = np.zeros(prob_c.shape[:-3] + tuple(hu.shape), dtype=np.float32)
+        prob[..., c[0]:c[1], c[2]:c[3], c[4]:c[5]] = prob_c
         if liver is not None:
-            prob[~liver] = 0.0
+            prob[..., ~liver] = 0.0
+        if prob.ndim == 4:
+            labels = self.labels(prob, spacing)
+            return Prediction(prob, labels > 0, tuple(c), labels)
         return Prediction(prob, self.mask(prob, spacing), tuple(c))
 
     def describe(self) -> dict:
@@ -270,4 +294,5 @@ class Predictor:
             "hu_window": list(self.hu_window), "threshold": self.threshold,
             "min_component_mm3": self.min_component_mm3, "img_size": self.img_size, "patch_size": self.patch_size,
             "target_spacing": self.target_spacing, "epoch": (self.ckpt or {}).get("epoch"),
+            "classes": self.classes,
         }

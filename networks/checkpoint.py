@@ -8,7 +8,8 @@ A checkpoint is ``torch.save`` of a dict::
                   (networks.registry.resolve_kwargs), so a changed default cannot change it
     code_version  git commit of the code that wrote it ("<sha>[-dirty]", or "unknown")
     in_channels   channels of the model input (dataloaders.inputs.input_channels(salience))
-    out_channels  1: one logit channel, sigmoid outside
+    out_channels  1: one logit channel, sigmoid outside; K: one logit per class of
+                  ``config["classes"]`` (main.py --classes), each with its own sigmoid
     spatial_dims  2 or 3
     salience      "none" | "offline" | "e2e"
     head_sha256   sha256 of the salience head file used (str) or None
@@ -219,8 +220,10 @@ def check_compatible(
         if differ:
             raise ValueError(f"{path}: checkpoint is for {ckpt['model_name']} {stored}, not "
                              f"{backbone or ckpt['model_name']} {model_kwargs} (differ: {differ})")
-    if int(ckpt["out_channels"]) != 1:
-        raise ValueError(f"{path}: checkpoint has {ckpt['out_channels']} output channels; 1 logit is expected")
+    classes = (ckpt.get("config") or {}).get("classes")
+    if int(ckpt["out_channels"]) != (len(classes) if classes else 1):
+        raise ValueError(f"{path}: checkpoint has {ckpt['out_channels']} output channels; "
+                         f"{len(classes) if classes else 1} logit(s) expected (classes {classes})")
     if int(ckpt["spatial_dims"]) == 3 and not ckpt.get("patch_size"):
         raise ValueError(f"{path}: 3-D checkpoint without patch_size")
 

@@ -7,6 +7,11 @@ in the checkpoint; the checkpoint's resize rule, threshold and smallest componen
 back on the input grid. Outputs, all in the input's geometry:
 
     <case>_vessels.nii.gz   uint8 {0, 1}
+    <case>_liver.nii.gz     uint8 {0, 1}, the liver mask of --liver_model (inference.liver)
+    <case>_trees.nii.gz     uint8 label map of a model of classes (main.py --classes): 0 background,
+                            k + 1 for its k-th class (1 portal vein, 2 hepatic veins for portal,hepatic),
+                            one tree per connected piece (inference.trees); <case>_vessels is their union
+    <case>_<class>.stl|obj  with --mesh and a model of classes: one surface per tree
     <case>_prob.nii.gz      float32 probabilities (--prob)
     <case>_vessels.stl|obj  vessel surface in patient (LPS) millimetres (--mesh)
     <case>_seg.dcm          DICOM-SEG of the mask referencing the source series (--dicom_seg, DICOM input)
@@ -39,6 +44,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
+from inference.liver import DEFAULT_MARGIN_MM, check_target, near_liver, segment_liver
+from inference.liver import model_target as _target_of
 from inference.predictor import Predictor, spacing_warning
 from inference.scans import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
 from preprocessing.errors import PreprocessError
@@ -214,11 +221,33 @@ def read_stl(path: Path) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- figures
+#: colours of the trees in figures, as in the DICOM-SEG (prediction.dicom_seg.SEGMENTS): label 1 (portal
+#: vein) red, 2 (hepatic veins) blue, then others
+TREE_COLOURS = ((0.86, 0.16, 0.16), (0.16, 0.35, 0.90), (0.20, 0.75, 0.30), (0.85, 0.65, 0.10))
+_COLOUR_NAMES = ("red", "blue", "green", "yellow")
+#: where the light of the 3-D rendering comes from (view direction, patient LPS): front, above, right
+LIGHT = np.array([-0.3, -1.0, 0.6])
+
+
+def shaded_colours(verts: np.ndarray, faces: np.ndarray, colour: Sequence[float]) -> np.ndarray:
+    """RGB (M, 3) of each face of a surface lit from ``LIGHT``: ambient 0.35 plus Lambert's diffuse
+    term 0.65 |n . l| (two-sided, so a face seen from inside is lit as well)."""
+    tri = verts[faces]
+    n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
+    light = LIGHT / np.linalg.norm(LIGHT)
+    k = 0.35 + 0.65 * np.abs(n @ light)
+    return np.clip(k[:, None] * np.asarray(colour, dtype=np.float64)[None], 0.0, 1.0)
+
+
 def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.ndarray,
-                 spacing: Sequence[float], geometry: Geometry, title: str = "") -> list[Path]:
-    """Axial and coronal MIPs of the windowed scan with the vessel MIP overlaid; a 3-D rendering.
+                 spacing: Sequence[float], geometry: Geometry, title: str = "",
+                 labels: Optional[np.ndarray] = None, names: Sequence[str] = ()) -> list[Path]:
+    """Axial and coronal MIPs of the windowed scan with the vessel MIP overlaid; a shaded 3-D surface.
 
     image: (H, W, D) in [0, 1] (HU window); mask bool (H, W, D); spacing (row, col, slice) mm.
+    ``labels`` (H, W, D) uint8 with class ``names`` (a model of classes): each tree in its colour
+    (``TREE_COLOURS``), in the MIPs and the rendering.
     """
     from evaluation.figures import _save, error_rgb, plt
 
@@ -226,47 +255,80 @@ def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.
     up = -1 if geometry.direction[8] > 0 else 1
     views = [("axial MIP", lambda a: a.max(axis=2), spacing[0] / spacing[1]),
              ("coronal MIP", lambda a: a.max(axis=0).T[::up], spacing[2] / spacing[1])]
+    trees = [] if labels is None else [(k + 1, name, TREE_COLOURS[k % len(TREE_COLOURS)]) for k, name in
+                                       enumerate(names)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), squeeze=False)
     for ax, (name, proj, aspect) in zip(axes[0], views):
-        m = proj(mask)
-        ax.imshow(error_rgb(proj(image), m, m, alpha=0.75), aspect=aspect, interpolation="nearest")
-        ax.set_title(f"{name}: scan, vessels in green", fontsize=9)
+        if not trees:
+            m = proj(mask)
+            ax.imshow(error_rgb(proj(image), m, m, alpha=0.75), aspect=aspect, interpolation="nearest")
+            ax.set_title(f"{name}: scan, vessels in green", fontsize=9)
+        else:
+            g = proj(image)
+            rgb = np.repeat(((g - g.min()) / max(float(np.ptp(g)), 1e-6))[..., None], 3, axis=2)
+            # the tree nearer the front of the projection wins where both project
+            for value, _, colour in trees[::-1]:
+                m = proj(labels == value)
+                rgb[m] = 0.25 * rgb[m] + 0.75 * np.asarray(colour)
+            ax.imshow(rgb, aspect=aspect, interpolation="nearest")
+            ax.set_title(f"{name}: " + ", ".join(f"{n} {c}" for n, c in zip(
+                [t[1] for t in trees], _COLOUR_NAMES)), fontsize=9)
         ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=10)
     _save(fig, mip_path)
 
-    fig = plt.figure(figsize=(6, 6))
+    fig = plt.figure(figsize=(6.4, 6.4))
     ax = fig.add_subplot(projection="3d")
-    verts, faces = vessel_mesh(mask, geometry, step=2 if mask.sum() > 200_000 else 1)
-    if len(faces):
-        from mpl_toolkits.mplot3d.art3d import Poly3DCollection
+    parts = [(mask, (0.80, 0.22, 0.20), "vessels")] if not trees else [
+        (labels == value, colour, name) for value, name, colour in trees]
+    budget = 60_000 // max(len(parts), 1)
+    lo_all, hi_all = [], []
+    from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
-        keep = faces if len(faces) <= 60_000 else faces[np.random.default_rng(0).choice(len(faces), 60_000, False)]
-        ax.add_collection3d(Poly3DCollection(verts[keep], facecolor=(0.8, 0.2, 0.2), edgecolor="none", alpha=0.9))
-        lo, hi = verts.min(0), verts.max(0)
+    for part, colour, _ in parts:
+        verts, faces = vessel_mesh(part, geometry, step=2 if part.sum() > 200_000 else 1)
+        if not len(faces):
+            continue
+        keep = faces if len(faces) <= budget else faces[np.random.default_rng(0).choice(len(faces), budget, False)]
+        ax.add_collection3d(Poly3DCollection(verts[keep], facecolors=shaded_colours(verts, keep, colour),
+                                             edgecolor="none"))
+        lo_all.append(verts.min(0))
+        hi_all.append(verts.max(0))
+    if lo_all:
+        lo, hi = np.min(lo_all, axis=0), np.max(hi_all, axis=0)
         c, r = (lo + hi) / 2, float((hi - lo).max()) / 2 + 1e-3
         ax.set_xlim(c[0] - r, c[0] + r)
         ax.set_ylim(c[1] - r, c[1] + r)
         ax.set_zlim(c[2] - r, c[2] + r)
-        ax.view_init(elev=10, azim=-90)
+        # anterior view, patient's right on the left of the image, superior up (radiological)
+        ax.view_init(elev=15, azim=-90)
     ax.set_xlabel("x (mm, R->L)")
     ax.set_ylabel("y (mm, A->P)")
     ax.set_zlabel("z (mm, I->S)")
-    ax.set_title((title + "\n" if title else "") + "vessel surface (patient mm)", fontsize=9)
+    what = "vessel surface" if not trees else " and ".join(
+        f"{t[1]} ({c})" for t, c in zip(trees, _COLOUR_NAMES))
+    ax.set_title((title + "\n" if title else "") + f"{what}, patient mm", fontsize=9)
     _save(fig, render_path)
     return [mip_path, render_path]
 
 
 # ----------------------------------------------------------------------------- one case, many cases
 def output_names(case: str, prob: bool, mesh: Optional[str], figures: bool, graph: bool = False,
-                 dicom_seg: bool = False) -> list[str]:
-    """The file names ``predict.py`` writes for ``case`` with these options (stats.json included)."""
+                 dicom_seg: bool = False, liver: bool = False, classes: Sequence[str] = ()) -> list[str]:
+    """The file names ``predict.py`` writes for ``case`` with these options (stats.json included);
+    ``liver``: the liver model runs (no ``--liver_mask``), so its mask is written; ``classes``: the
+    model's classes (a label map and, with ``mesh``, one surface per tree)."""
     names = [f"{case}_vessels.nii.gz", f"{case}_stats.json"]
+    if classes:
+        names.append(f"{case}_trees.nii.gz")
+    if liver:
+        names.append(f"{case}_liver.nii.gz")
     if prob:
         names.append(f"{case}_prob.nii.gz")
     if mesh:
         names.append(f"{case}_vessels.{mesh}")
+        names += [f"{case}_{c}.{mesh}" for c in classes]
     if graph:
         names += [f"{case}_graph.graphml", f"{case}_graph.vtp"]
     if graph and figures:
@@ -329,6 +391,7 @@ def _stats_mismatches(path: Path, wanted: dict) -> list[str]:
 
 
 def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: Optional[str | os.PathLike] = None,
+                 liver_model: Optional[Predictor] = None, liver_margin_mm: float = DEFAULT_MARGIN_MM,
                  prob: bool = False, mesh: Optional[str] = None, figures: bool = False, graph: bool = False,
                  dicom_seg: bool = False, tta: bool = False,
                  series: Optional[str] = None, batch_size: int = 8, overwrite: bool = False) -> CaseResult:
@@ -337,14 +400,22 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     Outputs already in ``out_dir`` are kept only when their ``<case>_stats.json`` records the same
     provenance (model sha256, input, options, code version: :mod:`utils.provenance`); otherwise,
     or with ``overwrite``, the scan is segmented again and they are replaced.
+
+    The liver: ``liver_mask`` (a file) is used as given: vessels are kept inside it. Without one,
+    ``liver_model`` (a liver model's Predictor, :mod:`inference.liver`) segments it, vessels are
+    kept within ``liver_margin_mm`` of it, and its mask is written. With neither, the whole scan.
     """
     if mesh is not None and mesh not in MESH_FORMATS:
         raise ValueError(f"--mesh must be one of {MESH_FORMATS}, got {mesh!r}")
-    names = output_names(src.name, prob, mesh, figures, graph, dicom_seg)
+    use_liver_model = liver_model is not None and liver_mask is None
+    classes = seg.classes or []
+    names = output_names(src.name, prob, mesh, figures, graph, dicom_seg, liver=use_liver_model, classes=classes)
     wanted = provenance.record(seg.sha256, {
         "input": str(Path(src.path).resolve()), "series": series, "tta": tta,
         "liver_mask": None if liver_mask is None else provenance.file_sha256(liver_mask)
         if Path(liver_mask).is_file() else str(Path(liver_mask).resolve()),
+        "liver_model": liver_model.sha256 if use_liver_model else None,
+        "liver_margin_mm": float(liver_margin_mm) if use_liver_model else None,
         "min_component_mm3": seg.min_component_mm3,
         "generator_sha256": None if seg.generator is None else seg.generator.weights_sha256})
     if not overwrite and all((out_dir / n).is_file() for n in names):
@@ -363,9 +434,24 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     warnings = scan_warnings(seg, src.name, scan)
     for w in warnings:
         log.warning("%s", w)
-    pred = seg.predict_scan(scan.hu, scan.spacing, liver, name=src.name, tta=tta, batch_size=batch_size, clock=clock)
+    region = liver
+    if use_liver_model:
+        liver = segment_liver(liver_model, scan.hu, scan.spacing, name=src.name, batch_size=batch_size)
+        region = near_liver(liver, scan.spacing, liver_margin_mm)
+        log.info("%s: liver model %.1f s", src.name, clock.lap("liver"))
+        if not liver.any():
+            warnings.append(f"{src.name}: the liver model found no liver: no vessels kept")
+    pred = seg.predict_scan(scan.hu, scan.spacing, region, name=src.name, tta=tta, batch_size=batch_size,
+                            clock=clock)
     log.info("%s: salience %.1f s, inference %.1f s", src.name, clock.wall.get("salience", 0.0), clock.wall["inference"])
     stats = vessel_stats(pred.mask, scan.spacing)
+    if classes:
+        stats["trees"] = {c: vessel_stats(pred.labels == k + 1, scan.spacing) for k, c in enumerate(classes)}
+        stats["trees_label_values"] = {c: k + 1 for k, c in enumerate(classes)}
+    if liver is not None:
+        stats["liver"] = {"source": "model" if use_liver_model else "mask",
+                          "volume_ml": float(liver.sum()) * float(np.prod(scan.spacing)) / 1000.0,
+                          "margin_mm": float(liver_margin_mm) if use_liver_model else 0.0}
     clock.lap("stats")
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -373,12 +459,19 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     tmp.mkdir()
     try:
         write_nifti(tmp / f"{src.name}_vessels.nii.gz", to_image(pred.mask.astype(np.uint8), scan))
+        if use_liver_model:
+            write_nifti(tmp / f"{src.name}_liver.nii.gz", to_image(liver.astype(np.uint8), scan))
+        if classes:
+            write_nifti(tmp / f"{src.name}_trees.nii.gz", to_image(pred.labels, scan))
         if prob:
-            write_nifti(tmp / f"{src.name}_prob.nii.gz", to_image(pred.prob, scan))
+            # a model of classes: the largest class probability (the one the union mask thresholds)
+            write_nifti(tmp / f"{src.name}_prob.nii.gz", to_image(pred.prob if not classes else pred.prob.max(0), scan))
         clock.lap("write_nifti")
         if mesh:
             verts, faces = vessel_mesh(pred.mask, scan.geometry)
             write_mesh(tmp / f"{src.name}_vessels.{mesh}", verts, faces)
+            for k, c in enumerate(classes):
+                write_mesh(tmp / f"{src.name}_{c}.{mesh}", *vessel_mesh(pred.labels == k + 1, scan.geometry))
             stats["mesh"] = {"vertices": int(len(verts)), "faces": int(len(faces)), "units": "mm", "frame": "LPS",
                              "taubin_iterations": MESH_SMOOTH_ITERATIONS}
             clock.lap("mesh")
@@ -387,7 +480,9 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
 
             if scan.dicom_headers is None:
                 raise ValueError(f"{src.path}: --dicom_seg needs a DICOM series as input")
-            write_dicom_seg(tmp / f"{src.name}_seg.dcm", pred.mask.astype(np.uint8), scan.dicom_headers,
+            two_trees = classes == ["portal", "hepatic"]  # the SEG's coded segments (portal vein, hepatic veins)
+            write_dicom_seg(tmp / f"{src.name}_seg.dcm", pred.labels if two_trees else pred.mask.astype(np.uint8),
+                            scan.dicom_headers, kind="trees" if two_trees else "vessels",
                             software_version=provenance.code_version())
             clock.lap("dicom_seg")
         if graph:
@@ -408,11 +503,13 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         if figures:
             scan_figures(tmp / f"{src.name}_mip.png", tmp / f"{src.name}_3d.png", apply_hu_window(scan.hu), pred.mask, scan.spacing,
                          scan.geometry, title=f"{src.name}: {stats['vessel_volume_ml']:.1f} mL, "
-                                              f"{stats['connected_components']} components")
+                                              f"{stats['connected_components']} components",
+                         labels=pred.labels, names=classes)
             clock.lap("figures")
         doc = {
             "case": src.name, "input": scan.description, "model": seg.describe(),
             "liver_mask": str(liver_mask) if liver_mask is not None else None,
+            "liver_model": liver_model.describe() if use_liver_model else None,
             "crop_hwd": list(pred.crop), "tta": tta, "device": seg.device, "warnings": warnings, "stats": stats,
             "outputs": [n for n in names if n != f"{src.name}_stats.json"],
             "seconds": {k: round(v, 3) for k, v in clock.wall.items()},
@@ -429,7 +526,8 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
 
 def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike, *,
                 device: str = "auto", head: Optional[str | os.PathLike] = None,
-                liver_mask: Optional[str | os.PathLike] = None, prob: bool = False, mesh: Optional[str] = None,
+                liver_mask: Optional[str | os.PathLike] = None, liver_model: Optional[str | os.PathLike] = None,
+                liver_margin_mm: float = DEFAULT_MARGIN_MM, prob: bool = False, mesh: Optional[str] = None,
                 figures: bool = False, graph: bool = False, dicom_seg: bool = False, tta: bool = False,
                 series: Optional[str] = None,
                 batch_size: int = 8, overwrite: bool = False,
@@ -437,7 +535,9 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     """Segment every scan under ``input_path`` with ``model``; one result per case.
 
     ``min_component_mm3``: drop predicted components under this volume (mm^3); None: the
-    model file's setting (``inference.vessel_mask``).
+    model file's setting (``inference.vessel_mask``). ``liver_model``: a liver model file
+    (``scripts/train_liver.sh``) run on every scan without ``liver_mask``; vessels farther than
+    ``liver_margin_mm`` from its liver are removed (:func:`segment_case`).
 
     Bad model files and inputs raise ValueError / FileNotFoundError before anything is written.
     With several scans, one that fails is reported (status "failed", a one-line message) and
@@ -451,14 +551,24 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
                              f"source series); this is a NIfTI file")
     if liver_mask is not None and len(cases) > 1:
         raise ValueError(f"{input_path}: --liver_mask needs a single scan, found {len(cases)}")
+    if liver_margin_mm < 0:
+        raise ValueError(f"--liver_margin must be >= 0 mm, got {liver_margin_mm}")
     seg = Predictor.from_checkpoint(model, device, head, min_component_mm3)
+    if seg.ckpt is not None and _target_of(seg.ckpt) == "liver":
+        raise ValueError(f"{seg.path}: this is a liver model; pass it as --liver_model and a vessel model as --model")
+    liver_seg = None
+    if liver_model is not None:
+        liver_seg = Predictor.from_checkpoint(liver_model, device)
+        check_target(liver_seg.ckpt, str(liver_seg.path), "liver")
+        if liver_mask is not None:
+            log.info("--liver_mask given: the liver model is not run")
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output exists and is not a folder")
     log.info("model %s (%d-D, salience %s%s) from %s; %d scan(s)", seg.ckpt["model_name"], seg.spatial_dims,
              seg.salience_mode,
              f", generator {seg.generator.name}" if seg.generator is not None else "", seg.path, len(cases))
-    kw = dict(liver_mask=liver_mask, prob=prob, mesh=mesh, figures=figures, graph=graph, dicom_seg=dicom_seg, tta=tta,
+    kw = dict(liver_mask=liver_mask, liver_model=liver_seg, liver_margin_mm=liver_margin_mm, prob=prob, mesh=mesh, figures=figures, graph=graph, dicom_seg=dicom_seg, tta=tta,
               series=series,
               batch_size=batch_size, overwrite=overwrite)
     if len(cases) == 1:

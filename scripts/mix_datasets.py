@@ -7,9 +7,11 @@
 Used by ``scripts/sim_to_real.sh`` for the "phantom+real, mixed" fine-tune. Nothing is
 copied: ``<out>/{slice_data,vol_data,vol_salience}`` hold symbolic links (absolute) to the
 real patients' files under their own names and to the phantom training cases' files renamed
-``ph<NNNN>`` (``case0003`` -> ``ph0003``), so the two sets cannot collide. The training list
+``ph<NNNN>`` (``case0003`` -> ``ph0003``), so the two sets cannot collide. Where both sets have a
+``dataset.json``, the mixed folder gets one too (the real one's options, both sets' cases, and
+the fingerprints of the two); sets labelled differently (e.g. liver and vessels) are refused. The training list
 holds the real training patient's slices (those of ``--real_slices`` whose case is in
-``<real_list_dir>/vol_train.txt``) and as many phantom slices, evenly spaced through the
+``<real_list_dir>/vol_train.txt``) and ``--phantom_ratio`` times as many phantom slices (default 1), evenly spaced through the
 phantoms' ``slice_train.txt``; ``vol_{train,val,test}.txt`` are copied from
 ``--real_list_dir``, so validation and testing stay on real patients.
 """
@@ -24,6 +26,9 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.h5io import DatasetPaths, parse_slice_name, read_list, write_list  # noqa: E402
+from utils.manifests import (  # noqa: E402
+    DATASET_FORMAT, dataset_manifest_path, fingerprint, read_manifest, write_dataset_manifest,
+)
 from utils.logging_setup import setup_logging  # noqa: E402
 
 log = logging.getLogger("mix_datasets")
@@ -79,27 +84,62 @@ def link_dataset_files(links: Sequence[tuple[Path, Path]], out: DatasetPaths) ->
         link_file(src, dst)
 
 
-def build_mix(out: DatasetPaths, real: DatasetPaths, real_slices: Sequence[str], phantom: DatasetPaths) -> list[str]:
+#: dataset.json fields both sets must share: they say what the label and the image mean
+SHARED_OPTIONS = ("vessel_classes", "label_rule", "hu_window", "class_map")
+
+
+def mixed_manifest(out: DatasetPaths, real: DatasetPaths, phantom: DatasetPaths, real_cases: Sequence[str],
+                   phantom_cases: Sequence[str], phantom_ratio: float) -> Optional[dict]:
+    """The mixed folder's dataset.json: the real set's, with the cases of both (phantoms renamed)
+    and the fingerprints of the two it was mixed from; None when either set has no manifest.
+    ValueError naming both files when they disagree on what the label or the image is (a
+    liver-labelled set mixed with a vessel-labelled one would train on contradicting targets)."""
+    rpath, ppath = dataset_manifest_path(real), dataset_manifest_path(phantom)
+    rdoc, pdoc = read_manifest(rpath, DATASET_FORMAT), read_manifest(ppath, DATASET_FORMAT)
+    if rdoc is None or pdoc is None:
+        log.warning("%s: no dataset.json to merge (%s), the mixed set gets none", out.root,
+                    rpath if rdoc is None else ppath)
+        return None
+    for k in SHARED_OPTIONS:
+        if rdoc.get(k) != pdoc.get(k):
+            raise ValueError(f"{ppath}: {k} {pdoc.get(k)!r} differs from {rpath}'s {rdoc.get(k)!r}: "
+                             f"these sets cannot be mixed")
+    cases = {c: rdoc["cases"][c] for c in real_cases if c in rdoc.get("cases", {})}
+    cases.update({phantom_name(c): pdoc["cases"][c] for c in phantom_cases if c in pdoc.get("cases", {})})
+    return {**rdoc, "dataset": out.root.name, "source": {"real": rdoc.get("source"), "phantom": pdoc.get("source")},
+            "mixed_from": {"real": fingerprint(rdoc), "phantom": fingerprint(pdoc), "phantom_ratio": phantom_ratio},
+            "cases": cases}
+
+
+def build_mix(out: DatasetPaths, real: DatasetPaths, real_slices: Sequence[str], phantom: DatasetPaths,
+              phantom_ratio: float = 1.0) -> list[str]:
     """Write the mixed dataset folder ``out.root`` and its lists in ``out.list_dir``; returns the
     training slice names.
 
     ``real.list_dir`` holds vol_{train,val,test}.txt (every case named there is linked, the
     training patient's slices of ``real_slices`` are trained on); ``phantom.list_dir`` holds
     the phantoms' vol_train.txt and slice_train.txt. Raises FileNotFoundError for a missing
-    source file and ValueError when the training patient has no slices.
+    source file and ValueError when the training patient has no slices. ``phantom_ratio``: phantom
+    slices per real training slice (0: none; all the phantoms' slices at most).
     """
+    if phantom_ratio < 0:
+        raise ValueError(f"phantom_ratio must be >= 0, got {phantom_ratio}")
     splits = {s: read_list(real.list_file(s)) for s in ("vol_train", "vol_val", "vol_test")}
     train_cases = set(splits["vol_train"])
     train_real = [s for s in real_slices if parse_slice_name(s)[0] in train_cases]
     if not train_real:
         raise ValueError(f"{real.list_file('vol_train')}: no slices of {sorted(train_cases)} in the real slice list")
-    picked = evenly_spaced(read_list(phantom.list_file("slice_train")), len(train_real))
+    picked = evenly_spaced(read_list(phantom.list_file("slice_train")), round(phantom_ratio * len(train_real)))
     links = case_links(real, out, [c for names in splits.values() for c in names])
     links += [(phantom.volume(c), out.volume(phantom_name(c))) for c in read_list(phantom.list_file("vol_train"))]
     links += [(real.slice(n), out.slice(n)) for n in train_real]
     links += [(phantom.slice(n), out.slice(phantom_name(n))) for n in picked]
     link_dataset_files(links, out)
     names = train_real + [phantom_name(n) for n in picked]
+    doc = mixed_manifest(out, real, phantom, [c for names_ in splits.values() for c in names_],
+                         read_list(phantom.list_file("vol_train")), phantom_ratio)
+    if doc is not None:
+        write_dataset_manifest(out, doc)
     write_list(out.list_file("slice_train"), names)
     for split in splits:
         shutil.copyfile(real.list_file(split), out.list_file(split))
@@ -115,13 +155,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--real_slices", type=Path, required=True, help="slice list holding the training patient's slices")
     p.add_argument("--phantom_root", type=Path, required=True)
     p.add_argument("--phantom_list_dir", type=Path, required=True, help="holds vol_train.txt and slice_train.txt")
+    p.add_argument("--phantom_ratio", type=float, default=1.0,
+                   help="phantom slices per real training slice (default 1: as many; 0: none)")
     p.add_argument("--out", type=Path, required=True, help="mixed dataset folder to write")
     p.add_argument("--out_list_dir", type=Path, required=True)
     args = p.parse_args(argv)
     setup_logging()
     try:
         build_mix(DatasetPaths(args.out, args.out_list_dir), DatasetPaths(args.real_root, args.real_list_dir),
-                  read_list(args.real_slices), DatasetPaths(args.phantom_root, args.phantom_list_dir))
+                  read_list(args.real_slices), DatasetPaths(args.phantom_root, args.phantom_list_dir),
+                  args.phantom_ratio)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -70,6 +70,20 @@ def test_build_mix_links_real_and_renamed_phantom_files(tmp_path, two_sets):
         _build(tmp_path, real, phantom, lists)
 
 
+@pytest.mark.parametrize("ratio,expected", [(0.0, 0), (0.5, 6), (2.0, 24), (10.0, 36)])
+def test_phantom_ratio_sets_the_phantom_share(tmp_path, two_sets, ratio, expected):
+    real, phantom, lists = two_sets
+    out = DatasetPaths(tmp_path / "mix" / "tiny", tmp_path / "mixlists" / "tiny")
+    names = build_mix(out, DatasetPaths(real.paths.root, lists), read_list(real.paths.list_file("slice_train")),
+                      phantom.paths, phantom_ratio=ratio)
+    # 12 real slices; the phantoms have 36 in all, so a share past 3x takes every one of them
+    assert sum(n.startswith("case") for n in names) == 12
+    assert sum(n.startswith("ph") for n in names) == expected
+    with pytest.raises(ValueError, match="phantom_ratio"):
+        build_mix(out, DatasetPaths(real.paths.root, lists), read_list(real.paths.list_file("slice_train")),
+                  phantom.paths, phantom_ratio=-1)
+
+
 def test_training_runs_on_the_mixed_folder(tmp_path, two_sets):
     real, phantom, lists = two_sets
     out, _ = _build(tmp_path, real, phantom, lists)
@@ -91,3 +105,36 @@ def test_cli_missing_source_exits_2(tmp_path, two_sets, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere" in err and err.count("\n") == 1
     assert not (tmp_path / "m").exists() and not (tmp_path / "ml").exists()  # nothing half-written
+
+
+def _manifest(ds, classes):
+    from utils.manifests import case_record, dataset_manifest, write_dataset_manifest
+
+    cases = {c: case_record(ds.paths.volume(c)) for names in ds.splits.values() for c in names}
+    write_dataset_manifest(ds.paths, dataset_manifest(
+        "tiny", source=str(ds.paths.root), input_format="dicom", vessel_classes=classes, hu_window=(0, 400),
+        crop="none", margin=0, with_masks=True, cases=cases))
+
+
+def test_mixed_folder_gets_a_merged_manifest_and_refuses_other_labels(tmp_path, two_sets):
+    import json
+
+    from utils.manifests import fingerprint
+
+    real, phantom, lists = two_sets
+    _manifest(real, ["liver"])
+    _manifest(phantom, ["liver"])
+    out, _ = _build(tmp_path, real, phantom, lists)
+    doc = json.loads((out / "dataset.json").read_text())
+    real_doc = json.loads((real.paths.root / "dataset.json").read_text())
+    assert doc["vessel_classes"] == ["liver"] and doc["dataset"] == "tiny"
+    # the real cases of the lists under their names, the phantom training cases renamed
+    assert sorted(doc["cases"]) == ["case0002", "case0004", "ph0001", "ph0002", "ph0003"]
+    assert doc["cases"]["ph0003"] == json.loads((phantom.paths.root / "dataset.json").read_text())["cases"]["case0003"]
+    assert doc["mixed_from"]["real"] == fingerprint(real_doc)
+    # a vessel-labelled phantom set cannot be mixed into a liver-labelled real one
+    _manifest(phantom, ["portalvein", "venoussystem"])
+    with pytest.raises(ValueError, match="vessel_classes .* cannot be mixed"):
+        build_mix(DatasetPaths(tmp_path / "mix2" / "tiny", tmp_path / "mixlists2" / "tiny"),
+                  DatasetPaths(real.paths.root, lists), read_list(real.paths.list_file("slice_train")),
+                  phantom.paths)

@@ -133,6 +133,31 @@ def dataset_manifest(dataset: str, *, source: Any, input_format: str, vessel_cla
     }
 
 
+#: names ``main.py --classes`` accepts for the class map's mask folders (3D-IRCADb names)
+CLASS_ALIASES = {"portal": ("portalvein",), "hepatic": ("venoussystem", "venacava"), "artery": ("artery",)}
+
+
+def class_values(names: Sequence[str], dataset: Optional[dict], where: str | os.PathLike) -> list[int]:
+    """The class-map values (1, 2, ...) of the classes ``names`` (``portal``, ``hepatic``, ``artery`` or
+    a mask folder name) in the dataset manifest ``dataset``; ValueError naming ``where`` when the
+    data has no class map or not that class."""
+    cmap = (dataset or {}).get("class_map")
+    if not cmap:
+        raise ValueError(f"{where}: no class map in this dataset; make one with preprocess.py --vessel_classes "
+                         f"portalvein,venoussystem (--overwrite)")
+    stored = [str(c).lower() for c in cmap["classes"]]
+    out = []
+    for name in names:
+        folders = CLASS_ALIASES.get(name.lower(), (name.lower(),))
+        hit = [i for i, c in enumerate(stored, start=1) if c in folders]
+        if not hit:
+            raise ValueError(f"{where}: class {name!r} is not in the class map {stored}")
+        out.append(hit[0])
+    if len(set(out)) != len(out):
+        raise ValueError(f"{where}: classes {list(names)} name one class twice")
+    return out
+
+
 def option_differences(old: dict, new: dict) -> list[str]:
     """The preprocessing options on which two dataset manifests differ, as "name: old vs new"."""
     return [f"{k}: {old.get(k)!r} there vs {new.get(k)!r} now" for k in DATASET_OPTIONS if old.get(k) != new.get(k)]

@@ -1,0 +1,142 @@
+"""The automatic liver on real CT (issue 26, point 1): liver Dice, where the vessels land, and time.
+
+    python bench/liver_bench.py --liver_model 1=L1.pth --liver_model 7=L7.pth --model VESSELS.pth --record liver_bench
+
+``--liver_model N=FILE`` names the liver model to use on real patient N: give each patient a model
+trained *without* it (``scripts/train_liver.sh`` with ``REAL_SRC`` holding only the other patients),
+so the Dice is a held-out one. For every real 3D-IRCADb patient under ``--real`` (default
+``../shared/real``) that has one, the script runs what ``predict.py --liver_model`` runs
+(:func:`inference.liver.segment_liver`, :func:`inference.liver.near_liver`,
+``Predictor.predict_scan``) and reports:
+
+- the liver Dice of the automatic liver against the true one, and the seconds it took;
+- the vessel model ``--model`` on the whole scan three ways: no liver at all (what a new scan got
+  before), the automatic liver with ``--margin`` mm, the true liver mask. For each: the share of
+  predicted vessel voxels within 10 mm of the true liver, the vessel Dice inside the true liver
+  (truth: portal + hepatic veins), the predicted volume (mL) and its number of pieces.
+
+Writes ``results/<record>.json`` (utils.records: numbers only, nothing of the scans) and prints
+a table. Real data is read in place and never written.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evaluation.metrics import dice, n_components  # noqa: E402
+from inference.liver import DEFAULT_MARGIN_MM, check_target, near_liver, segment_liver  # noqa: E402
+from inference.predictor import Predictor  # noqa: E402
+from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
+from utils.provenance import file_sha256  # noqa: E402
+from utils.records import write_record  # noqa: E402
+
+NEAR_MM = 10.0  # the issue's "within 10 mm of the true liver"
+
+
+def parse_models(items: list[str]) -> dict[str, str]:
+    """``["1=a.pth", "7=b.pth"]`` -> {"3Dircadb1.1": "a.pth", "3Dircadb1.7": "b.pth"}."""
+    out = {}
+    for it in items:
+        if "=" not in it:
+            raise ValueError(f"--liver_model must look like N=FILE, got {it!r}")
+        n, f = it.split("=", 1)
+        out[f"3Dircadb1.{int(n)}"] = f
+    return out
+
+
+def vessel_row(mask: np.ndarray, truth_vessels: np.ndarray, liver: np.ndarray, near_true: np.ndarray,
+               spacing) -> dict:
+    n = int(mask.sum())
+    return {"share_within_10mm": float((mask & near_true).sum() / n) if n else None,
+            "dice_in_liver": float(dice(mask & liver, truth_vessels & liver)),
+            "volume_ml": n * float(np.prod(spacing)) / 1000.0, "pieces": int(n_components(mask))}
+
+
+def measure_patient(liver_seg: Predictor, seg: Predictor, patient: Path, margin_mm: float) -> dict:
+    truth = read_dicom_patient(patient, ["portalvein", "venoussystem"])
+    hu, spacing = truth.hu, truth.spacing
+    liver_true = truth.liver.astype(bool)
+    vessels_true = truth.label.astype(bool)
+    t0 = time.perf_counter()
+    liver = segment_liver(liver_seg, hu, spacing, name=patient.name)
+    t_liver = time.perf_counter() - t0
+    region = near_liver(liver, spacing, margin_mm)
+    t_region = time.perf_counter() - t0 - t_liver
+    dist_out = ndimage.distance_transform_edt(~liver_true, sampling=spacing)
+    near_true = dist_out <= NEAR_MM
+    rows, secs = {}, {}
+    for name, roi in (("no_liver", None), ("auto_liver", region), ("true_liver", liver_true)):
+        t = time.perf_counter()
+        mask = seg.predict_scan(hu, spacing, roi, name=patient.name).mask
+        secs[name] = round(time.perf_counter() - t, 1)
+        rows[name] = vessel_row(mask, vessels_true, liver_true, near_true, spacing)
+    return {"liver_dice": float(dice(liver, liver_true)),
+            "liver_ml": {"auto": float(liver.sum() * np.prod(spacing) / 1000), "true": float(
+                liver_true.sum() * np.prod(spacing) / 1000)},
+            "liver_seconds": round(t_liver, 2), "margin_seconds": round(t_region, 2), "vessels": rows,
+            "vessel_seconds": secs, "shape": list(hu.shape), "spacing": [float(s) for s in spacing]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--liver_model", action="append", required=True, metavar="N=FILE",
+                   help="liver model for real patient N (trained without it); repeat per patient")
+    p.add_argument("--model", required=True, help="vessel model file")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN_MM, help="predict.py --liver_margin (mm)")
+    p.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "real"))
+    p.add_argument("--record", default=None, help="record name: results/<name>.json")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    models = parse_models(args.liver_model)
+    patients = [q for q in sorted(Path(args.real).glob("3Dircadb1.*")) if q.is_dir() and q.name in models]
+    if not patients:
+        print(f"{args.real}: no real 3D-IRCADb patient with a liver model; nothing measured")
+        return 0
+    seg = Predictor.from_checkpoint(args.model, "cpu")
+    rows, trained = {}, {}
+    for q in patients:
+        liver_seg = Predictor.from_checkpoint(models[q.name], "cpu")
+        check_target(liver_seg.ckpt, models[q.name], "liver")
+        cfg = liver_seg.ckpt.get("config") or {}
+        trained[q.name] = {
+            "path": models[q.name], "sha256": liver_seg.sha256,
+            "trained_on": sorted(((liver_seg.ckpt.get("manifests") or {}).get("dataset") or {}).get("cases", {})),
+            **{k: cfg.get(k) for k in ("backbone", "model_kwargs", "target_spacing", "img_size", "max_iterations",
+                                       "augment", "scale_aug", "intensity_jitter", "loss", "base_lr", "seed")}}
+        rows[q.name] = measure_patient(liver_seg, seg, q, args.margin)
+    table = ["| patient | liver Dice | liver model s | vessel mask | voxels within 10 mm of the true liver | "
+             "vessel Dice in the liver | mL | pieces |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        for k, v in r["vessels"].items():
+            share = "-" if v["share_within_10mm"] is None else f"{v['share_within_10mm']:.1%}"
+            table.append(f"| {name} | {r['liver_dice']:.3f} | {r['liver_seconds']:.1f} | {k.replace('_', ' ')} | "
+                         f"{share} | {v['dice_in_liver']:.3f} | {v['volume_ml']:.1f} | {v['pieces']} |")
+    print(f"vessel model {args.model}; liver margin {args.margin:g} mm; {args.threads} CPU threads")
+    print("\n".join(table))
+    if args.record:
+        path = write_record(args.record, {"patients": rows, "margin_mm": args.margin, "table_markdown": table},
+                            description=(
+            "predict.py's automatic liver on real 3D-IRCADb patients, each with a liver model trained without "
+            "it: liver Dice and seconds; the vessel model's mask on the whole scan with no liver, the automatic "
+            "liver (+ margin) and the true liver: share of vessel voxels within 10 mm of the true liver, vessel "
+            "Dice inside the true liver, volume and pieces"),
+            inputs={"model": str(args.model), "model_sha256": file_sha256(args.model),
+                    "liver_models": trained,
+                    "real": [q.name for q in patients]})
+        print(f"record: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

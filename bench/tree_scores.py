@@ -1,0 +1,76 @@
+"""Two trees against one binary mask (issue 26): a table from test.py reports.
+
+    python bench/tree_scores.py --binary REPORT_DIR --trees REPORT_DIR [--trees REPORT_DIR ...] \
+        --label "phantom test" --record tree_scores_phantom
+
+``--binary``: the report (``test.py --output``) of a binary model on the same cases; each
+``--trees``: a report of a model trained with ``main.py --classes portal,hepatic``. Per row: the
+union's Dice and clDice, each tree's Dice, and the share of found vessel voxels given the other
+tree, voxel by voxel (``wrong_tree_share_voxelwise``) and after the one-tree-per-piece step
+(``wrong_tree_share``, what predict.py writes). Means over the report's cases. Prints a Markdown
+table; ``--record NAME`` writes ``results/NAME.json`` (utils.records).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.records import write_record  # noqa: E402
+
+
+def _mean(summary: dict, key: str) -> float:
+    m = summary["metrics"].get(key)
+    return float("nan") if m is None or m.get("mean") is None else float(m["mean"])
+
+
+def row_of(report: Path) -> dict:
+    doc = json.loads((Path(report) / "summary.json").read_text())
+    meta = doc["meta"]
+    out = {"report": str(report), "model_sha256": meta["model_sha256"], "salience": meta["salience"],
+           "cases": meta["cases"], "eval_roi": meta["eval_roi"], "dice": _mean(doc, "dice"),
+           "cldice": _mean(doc, "cldice")}
+    for k in ("portal_dice", "hepatic_dice", "wrong_tree_share_voxelwise", "wrong_tree_share"):
+        out[k] = _mean(doc, k)
+    return out
+
+
+def fmt(v: float, pct: bool = False) -> str:
+    if v != v:  # NaN
+        return "-"
+    return f"{v:.1%}" if pct else f"{v:.3f}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--binary", required=True, help="test.py report folder of the binary model")
+    p.add_argument("--trees", action="append", required=True, help="test.py report folder of a two-tree model")
+    p.add_argument("--names", default=None, help="comma-separated row names of the --trees reports")
+    p.add_argument("--label", default="", help="what the cases are, for the record's description")
+    p.add_argument("--record", default=None)
+    args = p.parse_args()
+    names = args.names.split(",") if args.names else [f"two trees {i + 1}" for i in range(len(args.trees))]
+    rows = {"binary": row_of(Path(args.binary))}
+    rows.update({n: row_of(Path(r)) for n, r in zip(names, args.trees)})
+    table = ["| model | union Dice | union clDice | portal Dice | hepatic Dice | wrong tree, voxel by voxel | "
+             "wrong tree, one per piece |", "|---|---|---|---|---|---|---|"]
+    for n, r in rows.items():
+        table.append(f"| {n} | {fmt(r['dice'])} | {fmt(r['cldice'])} | {fmt(r['portal_dice'])} | "
+                     f"{fmt(r['hepatic_dice'])} | {fmt(r['wrong_tree_share_voxelwise'], True)} | "
+                     f"{fmt(r['wrong_tree_share'], True)} |")
+    print("\n".join(table))
+    if args.record:
+        path = write_record(args.record, {"rows": rows, "table_markdown": table}, description=(
+            f"two-tree models (main.py --classes portal,hepatic) against the binary model on {args.label}: "
+            "means over cases of test.py's union and per-tree scores (eval_roi in each row) and the share of "
+            "found vessel voxels given the other tree"),
+            inputs={"binary": args.binary, "trees": args.trees})
+        print(f"record: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

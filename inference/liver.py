@@ -1,0 +1,141 @@
+"""The liver, found automatically: a liver model's mask and the region vessels are kept in.
+
+A *liver model* is an ordinary checkpoint of ``main.py`` trained on a dataset whose label is the
+liver mask (``preprocess.py --vessels liver --crop none``: whole scans, so the model learns where
+the liver ends); ``scripts/train_liver.sh`` makes one. It runs through the same
+:class:`inference.predictor.Predictor` as a vessel model. Here:
+
+- :func:`model_target`: what a checkpoint was trained to segment ("liver" or "vessels"), from
+  the dataset manifest it carries, so a vessel model given as a liver model (or the reverse) is
+  refused in one line instead of giving a silent nonsense mask.
+- :func:`liver_from_probabilities`: the liver mask of the model's probabilities: threshold, the
+  largest 26-connected component (the liver is one organ; spleen or heart false positives are
+  separate pieces), holes filled (vessels and lesions inside the liver are liver).
+- :func:`near_liver`: the voxels within ``margin_mm`` millimetres of the liver, where predicted
+  vessels are kept (a margin keeps the portal vein and hepatic veins at the hilum, which the
+  liver mask cuts).
+- :func:`segment_liver`: a whole scan in HU -> liver mask, through a liver model's Predictor.
+
+Arrays are (H, W, D) (rows, columns, slices); spacing is (row, col, slice) in mm.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+log = logging.getLogger("predict")
+
+#: the dataset label that makes a checkpoint a liver model (preprocess.py --vessels liver)
+LIVER_LABEL = ["liver"]
+#: predicted vessels farther than this from the predicted liver are removed (mm); the hilum's
+#: vessels run a few millimetres outside the liver mask before they enter it
+DEFAULT_MARGIN_MM = 5.0
+
+
+def model_target(ckpt: dict) -> Optional[str]:
+    """"liver" when ``ckpt``'s training data were labelled with the liver mask, "vessels" when with
+    vessel masks, None when the checkpoint carries no dataset manifest (trained before manifests
+    or on a dataset without one)."""
+    dataset = ((ckpt or {}).get("manifests") or {}).get("dataset")
+    if not dataset:
+        return None
+    classes = [str(c).lower() for c in dataset.get("vessel_classes") or []]
+    return "liver" if classes == LIVER_LABEL else "vessels"
+
+
+def check_target(ckpt: dict, path: str, want: str) -> None:
+    """ValueError naming ``path`` when the model was trained for the other target than ``want``
+    ("liver" or "vessels"); a model without a manifest is let through with a warning."""
+    got = model_target(ckpt)
+    if got is None:
+        log.warning("%s: the model file does not say what it was trained on (no dataset manifest); "
+                    "assuming a %s model", path, want)
+    elif got != want:
+        raise ValueError(f"{path}: this is a {got} model (its training labels were "
+                         f"{ckpt['manifests']['dataset'].get('vessel_classes')}), not a {want} model")
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of ``mask`` (bool, any 3-D shape); empty stays empty."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return mask.copy()
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 1:
+        return mask.copy()
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+def liver_from_probabilities(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Liver mask bool (H, W, D) of liver probabilities (H, W, D): prob >= ``threshold``, the
+    largest 26-connected component, holes filled in 3-D and then slice by slice (a vessel
+    running through the liver leaves a hole open to the outside in 3-D but closed in its slice)."""
+    prob = np.asarray(prob)
+    if prob.ndim != 3:
+        raise ValueError(f"liver probabilities must be (H, W, D), got shape {prob.shape}")
+    out = np.zeros(prob.shape, dtype=bool)
+    box = _bbox(prob >= np.float32(threshold))
+    if box is None:
+        return out
+    # the work runs on bounding boxes: a whole 512 x 512 x 150 scan is 40 M voxels
+    liver = largest_component(prob[box] >= np.float32(threshold))
+    inner = _bbox(liver, pad=1)
+    sub = ndimage.binary_fill_holes(liver[inner])
+    for z in np.flatnonzero(sub.any(axis=(0, 1))):
+        sub[:, :, z] = ndimage.binary_fill_holes(sub[:, :, z])
+    liver[inner] = sub
+    out[box] = liver
+    return out
+
+
+def _bbox(mask: np.ndarray, pad: int = 0) -> Optional[tuple[slice, ...]]:
+    """The bounding box of ``mask`` (3-D) widened by ``pad`` voxels within the array; None if empty."""
+    if not mask.any():
+        return None
+    box = []
+    for ax in range(3):
+        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
+        box.append(slice(max(int(idx[0]) - pad, 0), min(int(idx[-1]) + 1 + pad, mask.shape[ax])))
+    return tuple(box)
+
+
+def near_liver(liver: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
+    """bool (H, W, D): the voxels whose centre lies within ``margin_mm`` mm of a liver voxel's
+    centre (the liver itself included); the Euclidean distance in mm is computed only on the
+    liver's bounding box widened by the margin, so a whole scan costs little."""
+    liver = np.asarray(liver, dtype=bool)
+    if liver.ndim != 3 or len(spacing) != 3:
+        raise ValueError(f"liver must be (H, W, D) with 3 spacings, got {liver.shape} and {tuple(spacing)}")
+    if margin_mm < 0:
+        raise ValueError(f"margin must be >= 0 mm, got {margin_mm}")
+    if margin_mm == 0 or not liver.any():
+        return liver.copy()
+    box = []
+    for ax, sl in enumerate(_bbox(liver)):
+        pad = int(np.ceil(margin_mm / float(spacing[ax])))
+        box.append(slice(max(sl.start - pad, 0), min(sl.stop + pad, liver.shape[ax])))
+    sub = liver[tuple(box)]
+    dist = ndimage.distance_transform_edt(~sub, sampling=[float(s) for s in spacing])
+    out = np.zeros_like(liver)
+    out[tuple(box)] = dist <= margin_mm
+    return out
+
+
+def segment_liver(predictor, hu: np.ndarray, spacing: Sequence[float], *, name: str = "scan",
+                  batch_size: int = 8) -> np.ndarray:
+    """Liver mask bool (H, W, D) of a scan ``hu`` (H, W, D) in HU with a liver model's
+    :class:`inference.predictor.Predictor` (its HU window and resampling, the whole scan)."""
+    pred = predictor.predict_scan(hu, spacing, None, name=name, batch_size=batch_size)
+    liver = liver_from_probabilities(pred.prob, predictor.threshold)
+    if not liver.any():
+        log.warning("%s: the liver model found no liver", name)
+    else:
+        ml = float(liver.sum()) * float(np.prod(spacing)) / 1000.0
+        log.info("%s: liver model: %.0f mL in slices %d-%d", name, ml,
+                 *(lambda z: (int(z[0]), int(z[-1])))(np.flatnonzero(liver.any(axis=(0, 1)))))
+    return liver

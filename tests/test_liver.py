@@ -1,0 +1,155 @@
+"""The automatic liver (issue 26, point 1): inference.liver and predict.py --liver_model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import predict
+from inference.liver import (
+    check_target,
+    largest_component,
+    liver_from_probabilities,
+    model_target,
+    near_liver,
+)
+from networks.checkpoint import save_checkpoint
+from networks.registry import build_model
+from preprocessing.dicom_reader import read_dicom_patient
+from test_predict import phantom_case  # noqa: F401  (a module fixture: a tiny phantom patient and a model)
+from utils.h5io import apply_hu_window
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def ball(shape, centre, radius, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    g = np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij")
+    return sum((x - c * s) ** 2 for x, c, s in zip(g, centre, spacing)) <= radius ** 2
+
+
+def test_largest_component_keeps_the_bigger_blob():
+    m = ball((30, 30, 30), (10, 10, 10), 6) | ball((30, 30, 30), (24, 24, 24), 3)
+    out = largest_component(m)
+    assert np.array_equal(out, ball((30, 30, 30), (10, 10, 10), 6))
+    assert not largest_component(np.zeros((4, 4, 4), bool)).any()
+
+
+def test_liver_from_probabilities_fills_vessels_and_drops_other_organs():
+    shape = (40, 40, 30)
+    organ = ball(shape, (20, 20, 15), 12.5)  # its end slices are disks wider than the vessel
+    # a "vessel" through the liver along the slice axis: a hole open to the outside in 3-D,
+    # closed in every slice; and a separate "spleen"
+    tube = np.zeros(shape, bool)
+    tube[19:22, 19:22, 8:] = True  # open to the outside at the top
+    spleen = ball(shape, (3, 3, 3), 2)
+    prob = np.where((organ & ~tube) | spleen, 0.9, 0.1).astype(np.float32)
+    liver = liver_from_probabilities(prob)
+    assert np.array_equal(liver, organ)
+    with pytest.raises(ValueError, match="must be"):
+        liver_from_probabilities(prob[0])
+
+
+@pytest.mark.parametrize("spacing,margin", [((1.0, 1.0, 1.0), 3.0), ((0.7, 0.7, 2.5), 5.0), ((0.8, 0.8, 1.6), 0.0)])
+def test_near_liver_is_the_set_within_the_margin_in_mm(spacing, margin):
+    shape = (50, 50, 24)
+    liver = ball(shape, (25, 25, 12), 6.0, spacing) & (np.arange(shape[0])[:, None, None] < 27)
+    got = near_liver(liver, spacing, margin)
+    # brute force: distance in mm from every voxel centre to the nearest liver voxel centre
+    pts = np.argwhere(liver) * np.array(spacing)
+    allp = np.argwhere(np.ones(shape, bool)) * np.array(spacing)
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(pts).query(allp)
+    expected = (d <= margin + 1e-9).reshape(shape)
+    assert np.array_equal(got, expected)
+    assert got[liver].all()
+    with pytest.raises(ValueError, match=">= 0"):
+        near_liver(liver, spacing, -1)
+
+
+def test_model_target_reads_the_training_label():
+    assert model_target({"manifests": {"dataset": {"vessel_classes": ["liver"]}}}) == "liver"
+    assert model_target({"manifests": {"dataset": {"vessel_classes": ["portalvein", "venoussystem"]}}}) == "vessels"
+    assert model_target({"manifests": {}}) is None
+    vessel = {"manifests": {"dataset": {"vessel_classes": ["portalvein"]}}}
+    with pytest.raises(ValueError, match="m.pth: this is a vessels model"):
+        check_target(vessel, "m.pth", "liver")
+
+
+# ----------------------------------------------------------------------------- predict.py --liver_model
+THRESHOLD_IMAGE = 0.2  # the stand-in liver model: liver where the windowed image >= 0.2 (80 HU)
+SLOPE = 60.0
+
+
+def intensity_liver_model(path: Path, target=("liver",)) -> Path:
+    """A one-layer example_fcn checkpoint whose logit is SLOPE * (image - THRESHOLD_IMAGE), native
+    grid (no resize), labelled as trained on ``target`` masks: a liver model with a known output."""
+    kw = {"width": 1, "layers": 1}
+    model = build_model("example_fcn", in_channels=1, out_channels=1, **kw).eval()
+    conv, bn, _, last = model
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 1, 1] = 1.0
+        conv.bias.zero_()
+        bn.running_mean.zero_(), bn.running_var.fill_(1.0 - bn.eps), bn.weight.fill_(1.0), bn.bias.zero_()
+        last.weight.fill_(SLOPE)
+        last.bias.fill_(-SLOPE * THRESHOLD_IMAGE)
+    save_checkpoint(path, model, model_name="example_fcn", model_kwargs=kw, salience="none", config={}, epoch=1,
+                    iteration=1, best_metric=0.0, manifests={"dataset": {"vessel_classes": list(target)}})
+    return path
+
+
+def test_predict_with_a_liver_model_writes_its_liver_and_keeps_vessels_near_it(phantom_case, tmp_path, capsys):
+    pat = phantom_case["patient"]
+    lm = intensity_liver_model(tmp_path / "liver.pth")
+    out = tmp_path / "out"
+    margin = 2.0
+    rc = predict.main(["--model", str(phantom_case["model"]), "--input", str(pat), "--output", str(out),
+                       "--liver_model", str(lm), "--liver_margin", str(margin), "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    case = "3Dircadb1.1"
+    assert (out / f"{case}_liver.nii.gz").is_file()
+    data = read_dicom_patient(pat, ("portalvein",))
+    liver = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_liver.nii.gz"))), (1, 2, 0))
+    # the stand-in model's liver, worked out without it: threshold, largest piece, holes filled
+    image = apply_hu_window(data.hu)
+    expected = liver_from_probabilities((image >= THRESHOLD_IMAGE).astype(np.float32))
+    assert 0 < expected.sum() < expected.size
+    assert np.array_equal(liver.astype(bool), expected)
+    vessels = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_vessels.nii.gz"))), (1, 2, 0))
+    assert vessels.any()
+    assert not vessels[~near_liver(expected, data.spacing, margin)].any()
+    stats = json.loads((out / f"{case}_stats.json").read_text())
+    assert stats["stats"]["liver"]["source"] == "model" and stats["stats"]["liver"]["margin_mm"] == margin
+    assert stats["stats"]["liver"]["volume_ml"] == pytest.approx(expected.sum() * np.prod(data.spacing) / 1000)
+    assert stats["provenance"]["options"]["liver_model"] == stats["liver_model"]["sha256"]
+
+    # another margin is another output: recomputed, and never more vessels outside the liver
+    assert predict.main(["--model", str(phantom_case["model"]), "--input", str(pat), "--output", str(out),
+                         "--liver_model", str(lm), "--liver_margin", "0", "--device", "cpu"]) == 0
+    v0 = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_vessels.nii.gz"))), (1, 2, 0))
+    assert not v0[~expected].any() and v0.sum() <= vessels.sum()
+
+    # --liver_mask overrides: the given mask is used as it is and no liver file is written
+    out2 = tmp_path / "out2"
+    assert predict.main(["--model", str(phantom_case["model"]), "--input", str(pat), "--output", str(out2),
+                         "--liver_model", str(lm), "--liver_mask", str(pat / "MASKS_DICOM" / "liver"),
+                         "--device", "cpu"]) == 0
+    assert not (out2 / f"{case}_liver.nii.gz").exists()
+    assert json.loads((out2 / f"{case}_stats.json").read_text())["stats"]["liver"]["source"] == "mask"
+
+
+def test_models_given_for_the_wrong_job_are_refused(phantom_case, tmp_path, capsys):
+    pat = str(phantom_case["patient"])
+    vessel_labelled = intensity_liver_model(tmp_path / "v.pth", target=("portalvein", "venoussystem"))
+    liver = intensity_liver_model(tmp_path / "l.pth")
+    for args, needle in ((["--model", str(phantom_case["model"]), "--liver_model", str(vessel_labelled)],
+                          "v.pth: this is a vessels model"),
+                         (["--model", str(liver)], "l.pth: this is a liver model")):
+        rc = predict.main(args + ["--input", pat, "--output", str(tmp_path / "o"), "--device", "cpu"])
+        assert rc == 1 and needle in capsys.readouterr().err
+        assert not (tmp_path / "o").exists()

@@ -1,0 +1,203 @@
+"""Two vessel trees (issue 26, point 2): label maps, consistent pieces, class targets, training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dataloaders.datasets import SliceDataSet, label_target
+from dataloaders.transforms import rot_flip
+from inference.predictor import Predictor
+from inference.trees import consistent_trees, tree_labels
+from phantom.generator import make_phantoms
+from preprocessing.pipeline import preprocess
+from trainer import TrainConfig, train
+from utils.h5io import DatasetPaths, read_volume
+from utils.manifests import class_values
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_tree_labels_take_the_most_probable_class_inside_the_union():
+    prob = np.zeros((2, 4, 4, 1), np.float32)
+    prob[0, 0, 0] = 0.9                      # portal only
+    prob[1, 1, 1] = 0.7                      # hepatic only
+    prob[:, 2, 2] = [[0.6], [0.8]]           # both above: the larger wins
+    prob[:, 3, 3] = [[0.4], [0.45]]          # neither reaches 0.5: background, like a binary model
+    lab = tree_labels(prob, (1, 1, 1))
+    expected = np.zeros((4, 4, 1), np.uint8)
+    expected[0, 0], expected[1, 1], expected[2, 2] = 1, 2, 2
+    assert np.array_equal(lab, expected)
+    roi = np.ones((4, 4, 1), bool)
+    roi[0, 0] = False
+    assert tree_labels(prob, (1, 1, 1), roi=roi)[0, 0, 0] == 0
+    with pytest.raises(ValueError, match="K, H, W, D"):
+        tree_labels(prob[0], (1, 1, 1))
+
+
+def tube_along_d(shape, r0, c0, radius=1.5) -> np.ndarray:
+    r, c = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    disk = (r - r0) ** 2 + (c - c0) ** 2 <= radius ** 2
+    return np.repeat(disk[:, :, None], shape[2], axis=2)
+
+
+def test_consistent_trees_fix_stretches_given_the_other_tree_and_keep_touching_trees_apart():
+    shape = (20, 30, 40)
+    portal, hepatic = tube_along_d(shape, 5, 6), tube_along_d(shape, 14, 22)
+    lab = np.zeros(shape, np.uint8)
+    lab[portal], lab[hepatic] = 1, 2
+    swapped = lab.copy()
+    swapped[:, :, 10:14][portal[:, :, 10:14]] = 2   # a stretch of the portal vein called hepatic (10 %)
+    swapped[:, :, 30:33][hepatic[:, :, 30:33]] = 1
+    assert np.array_equal(consistent_trees(swapped), lab)
+
+    # two trees that touch: a portal tube (30 slices) joined end to end to a hepatic tube (10),
+    # each with a short stray stretch of the other label; no class is 80% of the piece
+    joined = np.zeros(shape, np.uint8)
+    t = tube_along_d(shape, 10, 15)
+    joined[t & (np.arange(40) < 24)] = 1
+    joined[t & (np.arange(40) >= 24)] = 2
+    noisy = joined.copy()
+    noisy[t & (np.arange(40) >= 5) & (np.arange(40) < 7)] = 2   # hepatic inside the portal stretch
+    noisy[t & (np.arange(40) >= 33) & (np.arange(40) < 35)] = 1  # portal inside the hepatic stretch
+    assert np.array_equal(consistent_trees(noisy), joined)
+    assert np.array_equal(consistent_trees(noisy) > 0, noisy > 0)  # the union never changes
+
+
+def test_class_targets_and_rot_flip_keep_channels_aligned():
+    rng = np.random.default_rng(0)
+    cmap = rng.integers(0, 3, (6, 6)).astype(np.uint8)
+    target = label_target(cmap, (1, 2))
+    assert target.shape == (2, 6, 6)
+    assert np.array_equal(target[0], cmap == 1) and np.array_equal(target[1], cmap == 2)
+    assert np.array_equal(label_target(cmap, None), (cmap > 0).astype(np.float32))
+    image = rng.random((6, 6)).astype(np.float32)
+    for seed in range(8):
+        im2, lab2, _ = rot_flip(image, target, None, np.random.default_rng(seed))
+        im1, lab1, _ = rot_flip(image, target[1], None, np.random.default_rng(seed))
+        assert np.array_equal(im1, im2) and np.array_equal(lab2[1], lab1)
+
+
+def test_class_values_resolve_names_against_the_class_map(tmp_path):
+    doc = {"class_map": {"classes": ["portalvein", "venoussystem"]}}
+    assert class_values(["portal", "hepatic"], doc, "d.json") == [1, 2]
+    assert class_values(["hepatic", "portal"], doc, "d.json") == [2, 1]
+    with pytest.raises(ValueError, match="d.json: class 'artery' is not in the class map"):
+        class_values(["portal", "artery"], doc, "d.json")
+    with pytest.raises(ValueError, match="d.json: no class map"):
+        class_values(["portal", "hepatic"], {"class_map": None}, "d.json")
+
+
+@pytest.fixture(scope="module")
+def tree_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trees")
+    make_phantoms(root / "raw", 3, "tiny", 5)
+    assert preprocess("phantom", root / "raw", root / "data", root / "list",
+                      vessel_classes=("portalvein", "venoussystem"), split=(0.34, 0.33, 0.33)).ok
+    return root
+
+
+@pytest.mark.parametrize("backbone,salience", [("unet", "none"), ("unet", "e2e"), ("unet3d", "none")])
+def test_training_with_classes_gives_one_output_per_tree(tree_data, tmp_path, backbone, salience):
+    kw = {"base_channels": 4, "depth": 2}
+    cfg = TrainConfig(dataset="phantom", root_path=str(tree_data / "data"), list_dir=str(tree_data / "list"),
+                      output_root=str(tmp_path / "ckpt"), backbone=backbone, model_kwargs=kw, salience=salience,
+                      img_size=(32, 32), patch_size=(16, 16, 8), patches_per_epoch=4, batch_size=2, num_workers=0,
+                      max_iterations=2, classes=["portal", "hepatic"], seed=0)
+    train(cfg)
+    pred = Predictor.from_checkpoint(cfg.run_dir() / "best_model.pth", "cpu")
+    assert pred.classes == ["portal", "hepatic"] and pred.ckpt["out_channels"] == 2
+    paths = DatasetPaths.of(tree_data / "data", "phantom", tree_data / "list")
+    vol = read_volume(paths.volume("case0001"))
+    prob = pred.probabilities(vol.image, vol.spacing)
+    assert prob.shape == (2,) + vol.image.shape
+    labels = pred.labels(prob, vol.spacing)
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    # the union is the binary rule on the largest class probability
+    assert np.array_equal(pred.mask(prob, vol.spacing), prob.max(axis=0) >= 0.5)
+
+
+def test_binary_training_on_data_with_a_class_map_stays_binary(tree_data, tmp_path):
+    paths = DatasetPaths.of(tree_data / "data", "phantom", tree_data / "list")
+    ds = SliceDataSet(paths, "none", img_size=(32, 32), augment=False)
+    two = SliceDataSet(paths, "none", img_size=(32, 32), augment=False, classes=(1, 2))
+    for i in range(0, len(ds), 7):
+        a, b = ds[i]["label"], two[i]["label"]
+        assert a.shape == (1, 32, 32) and b.shape == (2, 32, 32)
+        # the binary label is the union of the two trees' targets (resized the same way)
+        assert torch.allclose(a[0], (b[0] + b[1]).clamp(max=1), atol=1e-5)
+
+
+def test_wrong_tree_share_worked_example():
+    from evaluation.metrics import wrong_tree_share
+
+    true = np.array([1, 1, 1, 1, 2, 2, 0, 0])[:, None, None]
+    pred = np.array([1, 1, 2, 0, 2, 1, 1, 0])[:, None, None]
+    # found: positions 0, 1, 2, 4, 5 (5 voxels); given the other tree: 2 and 5
+    assert wrong_tree_share(pred, true) == pytest.approx(2 / 5)
+    roi = np.ones_like(true, bool)
+    roi[5] = False
+    assert wrong_tree_share(pred, true, roi) == pytest.approx(1 / 4)
+    assert np.isnan(wrong_tree_share(np.zeros_like(true), true))
+
+
+def test_test_py_reports_every_metric_per_tree_and_the_union(tree_data, tmp_path):
+    from evaluation.runner import run_evaluation
+    from evaluation.metrics import METRIC_KEYS
+
+    cfg = TrainConfig(dataset="phantom", root_path=str(tree_data / "data"), list_dir=str(tree_data / "list"),
+                      output_root=str(tmp_path / "ckpt"), model_kwargs={"base_channels": 4, "depth": 2},
+                      salience="none", img_size=(32, 32), batch_size=2, num_workers=0, max_iterations=2,
+                      classes=["portal", "hepatic"], seed=0)
+    train(cfg)
+    res = run_evaluation(dataset="phantom", root_path=tree_data / "data", list_dir=tree_data / "list",
+                         model_path=cfg.run_dir() / "best_model.pth", device="cpu", output=tmp_path / "eval",
+                         save_pred="h5", pred_kind="mask")
+    row = res.rows[0]
+    for c in ("portal", "hepatic"):
+        assert all(f"{c}_{k}" in row for k in METRIC_KEYS)
+    # the union's voxels are the two trees' voxels; the truth's likewise
+    assert row["voxels_pred"] == row["portal_voxels_pred"] + row["hepatic_voxels_pred"]
+    assert row["voxels_true"] == row["portal_voxels_true"] + row["hepatic_voxels_true"]
+    assert "wrong_tree_share" in res.summary and "wrong_tree_share_voxelwise" in res.summary
+    import h5py
+
+    with h5py.File(tmp_path / "eval" / "predictions" / f"{row['case']}_pred.h5", "r") as f:
+        saved = f["mask"][()]
+    assert set(np.unique(saved)) <= {0, 1, 2} and int((saved > 0).sum()) == row["voxels_pred"]
+
+
+def test_predict_writes_a_label_map_a_mesh_and_statistics_per_tree(tree_data, tmp_path, capsys):
+    import json
+
+    import SimpleITK as sitk
+
+    import predict
+
+    cfg = TrainConfig(dataset="phantom", root_path=str(tree_data / "data"), list_dir=str(tree_data / "list"),
+                      output_root=str(tmp_path / "ckpt"), model_kwargs={"base_channels": 4, "depth": 2},
+                      salience="none", img_size=(32, 32), batch_size=2, num_workers=0, max_iterations=2,
+                      classes=["portal", "hepatic"], seed=0)
+    train(cfg)
+    out = tmp_path / "out"
+    rc = predict.main(["--model", str(cfg.run_dir() / "best_model.pth"), "--input",
+                       str(tree_data / "raw" / "3Dircadb1.1"), "--output", str(out), "--device", "cpu",
+                       "--mesh", "--figures", "--dicom_seg", "--min_component_mm3", "0"])
+    assert rc == 0, capsys.readouterr().err
+    case = "3Dircadb1.1"
+    for name in ("_trees.nii.gz", "_portal.stl", "_hepatic.stl", "_vessels.stl", "_3d.png", "_mip.png", "_seg.dcm"):
+        assert (out / f"{case}{name}").is_file(), name
+    trees = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_trees.nii.gz")))
+    vessels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_vessels.nii.gz")))
+    assert set(np.unique(trees)) <= {0, 1, 2} and np.array_equal(trees > 0, vessels > 0)
+    stats = json.loads((out / f"{case}_stats.json").read_text())
+    assert stats["stats"]["trees_label_values"] == {"portal": 1, "hepatic": 2}
+    for k, c in ((1, "portal"), (2, "hepatic")):
+        assert stats["stats"]["trees"][c]["vessel_voxels"] == int((trees == k).sum())
+    assert stats["model"]["classes"] == ["portal", "hepatic"]
+    import pydicom
+
+    seg = pydicom.dcmread(out / f"{case}_seg.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["portal vein", "hepatic veins"]
