@@ -89,7 +89,15 @@ def demo_phantom() -> str:
             + source("demo_phantom") + "\n")
 
 
+def _mean_per(patients: dict, value) -> str:
+    """"mean (patient 1 v1, patient 7 v7)" of ``value(row)`` over a record's patients."""
+    vals = {p: float(value(r)) for p, r in patients.items()}
+    per = ", ".join(f"{p.replace('3Dircadb1.', 'patient ')} {v:.3f}" for p, v in vals.items())
+    return f"{sum(vals.values()) / len(vals):.3f} ({per})"
+
+
 def headline() -> str:
+    liver = record("liver_bench")["numbers"]["patients"]
     real = _real_ct_dice()
     demo = record("demo_phantom")["numbers"]
     mean_real = sum(real.values()) / len(real)
@@ -98,9 +106,13 @@ def headline() -> str:
             f"|---|---|\n"
             f"| {demo['n_cases']} phantom test patients, inside the liver | {demo['metrics']['dice']['mean']:.3f} |\n"
             f"| real 3D-IRCADb patients, `predict.py` on the whole scan, scored inside the liver | "
-            f"{mean_real:.3f} ({per}) |\n\n"
+            f"{mean_real:.3f} ({per}) |\n"
+            f"| the same with the automatic liver (`--liver_model`, trained on the other patient and phantoms) | "
+            f"{_mean_per(liver, lambda r: r['vessels']['auto_liver']['dice_in_liver'])} |\n"
+            f"| the automatic liver itself: liver Dice | {_mean_per(liver, lambda r: r['liver_dice'])} |\n\n"
             f"Sources: [`results/demo_phantom.json`](results/demo_phantom.json), "
-            f"[`results/extent_invariance_fixed_rule.json`](results/extent_invariance_fixed_rule.json) "
+            f"[`results/extent_invariance_fixed_rule.json`](results/extent_invariance_fixed_rule.json), "
+            f"[`results/liver_bench.json`](results/liver_bench.json) "
             f"(rendered by `scripts/render_docs.py`; how they were measured: [docs/RESULTS.md](docs/RESULTS.md)).\n")
 
 

@@ -15,9 +15,8 @@
 #      phantom slices (without real patients: the phantoms alone).
 #   4. main.py: a 2-D U-Net (base_channels LIVER_WIDTH) at LIVER_SPACING mm per pixel on
 #      LIVER_SIZE px planes, salience none, BCE + Dice, AdamW; no rotations or flips (the liver
-#      is on the patient's right: on real patient 7 the held-out liver Dice was 0.82 with the
-#      vessel models' rot/flip augmentation and 0.90 without), zooms of up to 15% and
-#      intensity jitter instead. No patient is left to select a model by: validation runs
+#      is on the patient's right, and a trial with them segmented held-out patient 7 clearly
+#      worse), zooms of up to 15% and intensity jitter instead. No patient is left to select a model by: validation runs
 #      once, at the end, and best_model.pth is the last weights.
 # Ends by printing "liver model: <path to best_model.pth>".
 #
