@@ -240,6 +240,14 @@ def shaded_colours(verts: np.ndarray, faces: np.ndarray, colour: Sequence[float]
     return np.clip(k[:, None] * np.asarray(colour, dtype=np.float64)[None], 0.0, 1.0)
 
 
+def figure_mesh_step(mask: np.ndarray, budget: int) -> int:
+    """The marching-cubes step that keeps the surface of ``mask`` near ``budget`` triangles: about
+    two per boundary voxel at step 1, and a step of s divides them by s squared."""
+    mask = np.asarray(mask, dtype=bool)
+    boundary = int(np.count_nonzero(mask & ~ndimage.binary_erosion(mask)))
+    return max(1, int(np.ceil(np.sqrt(2.0 * boundary / max(budget, 1)))))
+
+
 def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.ndarray,
                  spacing: Sequence[float], geometry: Geometry, title: str = "",
                  labels: Optional[np.ndarray] = None, names: Sequence[str] = ()) -> list[Path]:
@@ -282,16 +290,16 @@ def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.
     ax = fig.add_subplot(projection="3d")
     parts = [(mask, (0.80, 0.22, 0.20), "vessels")] if not trees else [
         (labels == value, colour, name) for value, name, colour in trees]
-    budget = 60_000 // max(len(parts), 1)
+    budget = 80_000 // max(len(parts), 1)
     lo_all, hi_all = [], []
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
     for part, colour, _ in parts:
-        verts, faces = vessel_mesh(part, geometry, step=2 if part.sum() > 200_000 else 1)
+        # a coarser marching-cubes step rather than dropped faces: a surface with holes reads as a wireframe
+        verts, faces = vessel_mesh(part, geometry, step=figure_mesh_step(part, budget))
         if not len(faces):
             continue
-        keep = faces if len(faces) <= budget else faces[np.random.default_rng(0).choice(len(faces), budget, False)]
-        ax.add_collection3d(Poly3DCollection(verts[keep], facecolors=shaded_colours(verts, keep, colour),
+        ax.add_collection3d(Poly3DCollection(verts[faces], facecolors=shaded_colours(verts, faces, colour),
                                              edgecolor="none"))
         lo_all.append(verts.min(0))
         hi_all.append(verts.max(0))

@@ -201,3 +201,23 @@ def test_predict_writes_a_label_map_a_mesh_and_statistics_per_tree(tree_data, tm
 
     seg = pydicom.dcmread(out / f"{case}_seg.dcm")
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["portal vein", "hepatic veins"]
+
+
+def test_figure_shading_and_mesh_step_worked_values():
+    from prediction.segment import LIGHT, figure_mesh_step, shaded_colours
+
+    light = LIGHT / np.linalg.norm(LIGHT)
+    # a triangle whose normal is the light direction: full brightness; one edge-on to it: ambient only
+    e1 = np.cross(light, [1.0, 0.0, 0.0])
+    e1 /= np.linalg.norm(e1)
+    e2 = np.cross(light, e1)
+    facing = np.array([[0, 0, 0], e1, e2])
+    edge_on = np.array([[0, 0, 0], light, e1])
+    verts = np.concatenate([facing, edge_on])
+    rgb = shaded_colours(verts, np.array([[0, 1, 2], [3, 4, 5]]), (1.0, 0.5, 0.0))
+    assert np.allclose(rgb[0], [1.0, 0.5, 0.0]) and np.allclose(rgb[1], [0.35, 0.175, 0.0])
+    # a 10^3 cube has 10^3 - 8^3 = 488 boundary voxels: about 976 triangles at step 1
+    cube = np.zeros((14, 14, 14), bool)
+    cube[2:12, 2:12, 2:12] = True
+    assert figure_mesh_step(cube, 1000) == 1 and figure_mesh_step(cube, 976 // 4) == 2
+    assert figure_mesh_step(cube, 100) == int(np.ceil(np.sqrt(976 / 100)))
