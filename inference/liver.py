@@ -8,7 +8,9 @@ the liver ends); ``scripts/train_liver.sh`` makes one. It runs through the same
 - :func:`model_target`: what a checkpoint was trained to segment ("liver" or "vessels"), from
   the dataset manifest it carries, so a vessel model given as a liver model (or the reverse) is
   refused in one line instead of giving a silent nonsense mask.
-- :func:`liver_from_probabilities`: the liver mask of the model's probabilities: threshold, the
+- :func:`liver_from_probabilities`: the liver mask of the model's probabilities: threshold, an
+  opening with a ball of ``opening_mm`` (the liver is a smooth organ: this cuts thin bridges to
+  the portal vein, the IVC or the stomach at the hilum, where the model errs most), the
   largest 26-connected component (the liver is one organ; spleen or heart false positives are
   separate pieces), holes filled (vessels and lesions inside the liver are liver).
 - :func:`near_liver`: the voxels within ``margin_mm`` millimetres of the liver, where predicted
@@ -33,6 +35,9 @@ LIVER_LABEL = ["liver"]
 #: predicted vessels farther than this from the predicted liver are removed (mm); the hilum's
 #: vessels run a few millimetres outside the liver mask before they enter it
 DEFAULT_MARGIN_MM = 5.0
+#: radius (mm) of the opening of the predicted liver: on real patients 1 and 7 (liver models
+#: trained on the other one) 3, 5 and 8 mm raised the liver Dice by 0.003-0.008, 5 mm most
+DEFAULT_OPENING_MM = 5.0
 
 
 def model_target(ckpt: dict) -> Optional[str]:
@@ -71,19 +76,28 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == int(np.argmax(sizes))
 
 
-def liver_from_probabilities(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Liver mask bool (H, W, D) of liver probabilities (H, W, D): prob >= ``threshold``, the
+def liver_from_probabilities(prob: np.ndarray, threshold: float = 0.5, spacing: Optional[Sequence[float]] = None,
+                             opening_mm: float = 0.0) -> np.ndarray:
+    """Liver mask bool (H, W, D) of liver probabilities (H, W, D): prob >= ``threshold``, opened
+    with a ball of ``opening_mm`` mm (needs ``spacing``, (row, col, slice) mm; 0: no opening), the
     largest 26-connected component, holes filled in 3-D and then slice by slice (a vessel
     running through the liver leaves a hole open to the outside in 3-D but closed in its slice)."""
     prob = np.asarray(prob)
     if prob.ndim != 3:
         raise ValueError(f"liver probabilities must be (H, W, D), got shape {prob.shape}")
+    if opening_mm < 0 or (opening_mm > 0 and (spacing is None or len(spacing) != 3)):
+        raise ValueError(f"an opening of {opening_mm} mm needs opening_mm >= 0 and three spacings, got {spacing}")
     out = np.zeros(prob.shape, dtype=bool)
     box = _bbox(prob >= np.float32(threshold))
     if box is None:
         return out
     # the work runs on bounding boxes: a whole 512 x 512 x 150 scan is 40 M voxels
-    liver = largest_component(prob[box] >= np.float32(threshold))
+    liver = prob[box] >= np.float32(threshold)
+    if opening_mm > 0:
+        liver = opening(liver, spacing, opening_mm)
+    liver = largest_component(liver)
+    if not liver.any():
+        return out
     inner = _bbox(liver, pad=1)
     sub = ndimage.binary_fill_holes(liver[inner])
     for z in np.flatnonzero(sub.any(axis=(0, 1))):
@@ -91,6 +105,18 @@ def liver_from_probabilities(prob: np.ndarray, threshold: float = 0.5) -> np.nda
     liver[inner] = sub
     out[box] = liver
     return out
+
+
+def opening(mask: np.ndarray, spacing: Sequence[float], radius_mm: float) -> np.ndarray:
+    """Morphological opening of ``mask`` (bool (H, W, D)) with a ball of ``radius_mm`` in mm, by
+    two Euclidean distance transforms (exact for a ball, and fast for radii of many voxels):
+    the erosion keeps voxels farther than the radius from the background (outside the array is
+    background), the dilation of that takes back every voxel within the radius of it."""
+    sp = [float(s) for s in spacing]
+    eroded = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=sp)[1:-1, 1:-1, 1:-1] > radius_mm
+    if not eroded.any():
+        return eroded
+    return ndimage.distance_transform_edt(~eroded, sampling=sp) <= radius_mm
 
 
 def _bbox(mask: np.ndarray, pad: int = 0) -> Optional[tuple[slice, ...]]:
@@ -127,11 +153,12 @@ def near_liver(liver: np.ndarray, spacing: Sequence[float], margin_mm: float) ->
 
 
 def segment_liver(predictor, hu: np.ndarray, spacing: Sequence[float], *, name: str = "scan",
-                  batch_size: int = 8) -> np.ndarray:
+                  batch_size: int = 8, opening_mm: float = DEFAULT_OPENING_MM) -> np.ndarray:
     """Liver mask bool (H, W, D) of a scan ``hu`` (H, W, D) in HU with a liver model's
-    :class:`inference.predictor.Predictor` (its HU window and resampling, the whole scan)."""
+    :class:`inference.predictor.Predictor` (its HU window and resampling, the whole scan), then
+    :func:`liver_from_probabilities` with an opening of ``opening_mm``."""
     pred = predictor.predict_scan(hu, spacing, None, name=name, batch_size=batch_size)
-    liver = liver_from_probabilities(pred.prob, predictor.threshold)
+    liver = liver_from_probabilities(pred.prob, predictor.threshold, spacing, opening_mm)
     if not liver.any():
         log.warning("%s: the liver model found no liver", name)
     else:

@@ -11,11 +11,13 @@ import torch
 
 import predict
 from inference.liver import (
+    DEFAULT_OPENING_MM,
     check_target,
     largest_component,
     liver_from_probabilities,
     model_target,
     near_liver,
+    opening,
 )
 from networks.checkpoint import save_checkpoint
 from networks.registry import build_model
@@ -51,6 +53,24 @@ def test_liver_from_probabilities_fills_vessels_and_drops_other_organs():
     assert np.array_equal(liver, organ)
     with pytest.raises(ValueError, match="must be"):
         liver_from_probabilities(prob[0])
+
+
+def test_opening_cuts_thin_bridges_and_small_pieces_and_keeps_a_big_ball():
+    sp = (1.0, 1.0, 2.0)
+    shape = (70, 40, 20)
+    big = ball(shape, (20, 20, 10), 12.0, sp)
+    small = ball(shape, (58, 20, 10), 3.0, sp)          # radius 3 mm < 5: gone
+    bridge = np.zeros(shape, bool)
+    bridge[30:56, 19:21, 9:11] = True                   # 2 mm thick: gone
+    got = opening(big | small | bridge, sp, 5.0)
+    assert not got[small].any() and not got[45:50].any()
+    # the big ball (radius 12 mm) comes back whole up to the voxel grid
+    inter = (got & big).sum()
+    assert 2 * inter / (got.sum() + big.sum()) > 0.97 and not (got & ~ball(shape, (20, 20, 10), 13.0, sp)).any()
+    prob = (big | small | bridge).astype(np.float32)
+    assert np.array_equal(liver_from_probabilities(prob, 0.5, sp, 5.0), got)
+    with pytest.raises(ValueError, match="three spacings"):
+        liver_from_probabilities(prob, 0.5, None, 5.0)
 
 
 @pytest.mark.parametrize("spacing,margin", [((1.0, 1.0, 1.0), 3.0), ((0.7, 0.7, 2.5), 5.0), ((0.8, 0.8, 1.6), 0.0)])
@@ -117,7 +137,8 @@ def test_predict_with_a_liver_model_writes_its_liver_and_keeps_vessels_near_it(p
     liver = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_liver.nii.gz"))), (1, 2, 0))
     # the stand-in model's liver, worked out without it: threshold, largest piece, holes filled
     image = apply_hu_window(data.hu)
-    expected = liver_from_probabilities((image >= THRESHOLD_IMAGE).astype(np.float32))
+    expected = liver_from_probabilities((image >= THRESHOLD_IMAGE).astype(np.float32), 0.5, data.spacing,
+                                        DEFAULT_OPENING_MM)
     assert 0 < expected.sum() < expected.size
     assert np.array_equal(liver.astype(bool), expected)
     vessels = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_vessels.nii.gz"))), (1, 2, 0))
