@@ -9,7 +9,9 @@ copied: ``<out>/{slice_data,vol_data,vol_salience}`` hold symbolic links (absolu
 real patients' files under their own names and to the phantom training cases' files renamed
 ``ph<NNNN>`` (``case0003`` -> ``ph0003``), so the two sets cannot collide. Where both sets have a
 ``dataset.json``, the mixed folder gets one too (the real one's options, both sets' cases, and
-the fingerprints of the two); sets labelled differently (e.g. liver and vessels) are refused. The training list
+the fingerprints of the two); sets labelled differently (e.g. liver and vessels) are refused.
+Where both sets' maps were made by one generator, the maps' manifest is merged too, so a model
+trained on the mix carries its generator. The training list
 holds the real training patient's slices (those of ``--real_slices`` whose case is in
 ``<real_list_dir>/vol_train.txt``) and ``--phantom_ratio`` times as many phantom slices (default 1), evenly spaced through the
 phantoms' ``slice_train.txt``; ``vol_{train,val,test}.txt`` are copied from
@@ -27,7 +29,8 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.h5io import DatasetPaths, parse_slice_name, read_list, write_list  # noqa: E402
 from utils.manifests import (  # noqa: E402
-    DATASET_FORMAT, dataset_manifest_path, fingerprint, read_manifest, write_dataset_manifest,
+    DATASET_FORMAT, SALIENCE_FORMAT, dataset_manifest_path, fingerprint, read_manifest, salience_manifest_path,
+    write_dataset_manifest, write_salience_manifest,
 )
 from utils.logging_setup import setup_logging  # noqa: E402
 
@@ -111,6 +114,27 @@ def mixed_manifest(out: DatasetPaths, real: DatasetPaths, phantom: DatasetPaths,
             "cases": cases}
 
 
+def mixed_salience_manifest(out: DatasetPaths, real: DatasetPaths, phantom: DatasetPaths, dataset_doc: dict,
+                            real_cases: Sequence[str], phantom_cases: Sequence[str]) -> Optional[dict]:
+    """The mixed folder's maps' manifest, when both sets' maps were made by one generator (kind,
+    weights sha256, normalisation): so a model trained on the mix embeds that generator and
+    predict.py needs nothing else. None (with a warning) when a set has no manifest; ValueError
+    naming both files when the generators differ (the model would learn from two kinds of map)."""
+    rpath, ppath = salience_manifest_path(real), salience_manifest_path(phantom)
+    rdoc, pdoc = read_manifest(rpath, SALIENCE_FORMAT), read_manifest(ppath, SALIENCE_FORMAT)
+    if rdoc is None or pdoc is None:
+        log.warning("%s: no maps' manifest to merge (%s)", out.root, rpath if rdoc is None else ppath)
+        return None
+    for key, a, b in (("generator kind", rdoc["generator"]["kind"], pdoc["generator"]["kind"]),
+                      ("generator weights", rdoc["generator"]["weights_sha256"], pdoc["generator"]["weights_sha256"]),
+                      ("normalisation", rdoc.get("normalisation"), pdoc.get("normalisation"))):
+        if a != b:
+            raise ValueError(f"{ppath}: {key} {b!r} differs from {rpath}'s {a!r}: these maps cannot be mixed")
+    cases = {c: rdoc["cases"][c] for c in real_cases if c in rdoc.get("cases", {})}
+    cases.update({phantom_name(c): pdoc["cases"][c] for c in phantom_cases if c in pdoc.get("cases", {})})
+    return {**rdoc, "dataset_fingerprint": fingerprint(dataset_doc), "cases": cases}
+
+
 def build_mix(out: DatasetPaths, real: DatasetPaths, real_slices: Sequence[str], phantom: DatasetPaths,
               phantom_ratio: float = 1.0) -> list[str]:
     """Write the mixed dataset folder ``out.root`` and its lists in ``out.list_dir``; returns the
@@ -140,6 +164,10 @@ def build_mix(out: DatasetPaths, real: DatasetPaths, real_slices: Sequence[str],
                          read_list(phantom.list_file("vol_train")), phantom_ratio)
     if doc is not None:
         write_dataset_manifest(out, doc)
+        sal = mixed_salience_manifest(out, real, phantom, doc, [c for names_ in splits.values() for c in names_],
+                                      read_list(phantom.list_file("vol_train")))
+        if sal is not None:
+            write_salience_manifest(out, sal)
     write_list(out.list_file("slice_train"), names)
     for split in splits:
         shutil.copyfile(real.list_file(split), out.list_file(split))

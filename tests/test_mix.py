@@ -138,3 +138,32 @@ def test_mixed_folder_gets_a_merged_manifest_and_refuses_other_labels(tmp_path, 
         build_mix(DatasetPaths(tmp_path / "mix2" / "tiny", tmp_path / "mixlists2" / "tiny"),
                   DatasetPaths(real.paths.root, lists), read_list(real.paths.list_file("slice_train")),
                   phantom.paths)
+
+
+def test_mixed_folder_carries_one_generator_or_refuses_two(tmp_path, two_sets):
+    import json
+
+    from utils.manifests import fingerprint, salience_manifest, write_salience_manifest
+
+    real, phantom, lists = two_sets
+    _manifest(real, ["portalvein", "venoussystem"])
+    _manifest(phantom, ["portalvein", "venoussystem"])
+    for ds in (real, phantom):
+        doc = json.loads((ds.paths.root / "dataset.json").read_text())
+        write_salience_manifest(ds.paths, salience_manifest(
+            kind="bank", parameters={}, weights_sha256="abc", weights_path=None, normalisation="fixed", dataset=doc,
+            cases={c: [3, 8, 8, 4] for c in doc["cases"]}))
+    out, _ = _build(tmp_path, real, phantom, lists)
+    sal = json.loads((out / "vol_salience" / "manifest.json").read_text())
+    mixed = json.loads((out / "dataset.json").read_text())
+    assert sal["dataset_fingerprint"] == fingerprint(mixed) and sal["generator"]["weights_sha256"] == "abc"
+    assert sorted(sal["cases"]) == sorted(mixed["cases"])
+    # maps of another head: refused, naming both manifests
+    doc = json.loads((phantom.paths.root / "dataset.json").read_text())
+    write_salience_manifest(phantom.paths, salience_manifest(
+        kind="bank", parameters={}, weights_sha256="other", weights_path=None, normalisation="fixed", dataset=doc,
+        cases={c: [3, 8, 8, 4] for c in doc["cases"]}))
+    with pytest.raises(ValueError, match="generator weights 'other' differs"):
+        build_mix(DatasetPaths(tmp_path / "mix3" / "tiny", tmp_path / "mixlists3" / "tiny"),
+                  DatasetPaths(real.paths.root, lists), read_list(real.paths.list_file("slice_train")),
+                  phantom.paths)
