@@ -172,7 +172,18 @@ def gpu_records() -> str:
     return "| record | GPU | date | what |\n|---|---|---|---|\n" + "\n".join(rows) + "\n"
 
 
+def real_recipe(name: str = "train_real_1to7") -> str:
+    """One test.py report of a model trained by scripts/train_real.sh on one real patient."""
+    r = record(name)["numbers"]
+    m = r["metrics"]
+    return ("| trained on | tested on | Dice | clDice | pieces predicted / true |\n|---|---|---|---|---|\n"
+            f"| real patient 1 + as many phantom slices | {', '.join(r['cases'])} (inside the liver) | "
+            f"{_fmt(m['dice']['mean'])} | {_fmt(m['cldice']['mean'])} | "
+            f"{m['components_pred']['mean']:.0f} / {m['components_true']['mean']:.0f} |\n\n" + source(name) + "\n")
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "real-recipe": real_recipe,
     "gpu-records": gpu_records,
     "extent-invariance": extent_invariance,
     "demo-phantom": demo_phantom,
