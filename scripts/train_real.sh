@@ -24,7 +24,8 @@
 #
 # Environment: REAL_SRC (default ../shared/real), REAL_DATA (data/real), REAL_CKPT
 # (checkpoint/real), PHANTOM_RATIO (1), ITERS (1500 on a CPU, 6000 with CUDA), BATCH (4; 16 with
-# CUDA), WIDTH (base channels: 16; 32 with CUDA), LR (0.003), SEED (0), PY (.venv/bin/python).
+# CUDA), WIDTH (base channels: 16; 32 with CUDA), LR (0.003), SALIENCE (offline | none; default
+# offline), SEED (0), PY (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -37,6 +38,7 @@ ITERS=${ITERS:-$([ "$CUDA" = 1 ] && echo 6000 || echo 1500)}
 BATCH=${BATCH:-$([ "$CUDA" = 1 ] && echo 16 || echo 4)}
 WIDTH=${WIDTH:-$([ "$CUDA" = 1 ] && echo 32 || echo 16)}
 LR=${LR:-0.003}
+SALIENCE=${SALIENCE:-offline}
 SEED=${SEED:-0}
 REAL=ircadb_real  # not "3D-IRCADb": that name brings the authors' seed split of 20 patients
 HEAD=${DEMO_CKPT:-checkpoint}/salience/fixed/phantom/bank_fit.pth
@@ -69,12 +71,12 @@ $PY scripts/mix_datasets.py --real_root "$DATA/$REAL" --real_list_dir "$LISTS" \
     --phantom_list_dir list/phantom --phantom_ratio "$RATIO" --out "$DATA/mix/$REAL" \
     --out_list_dir "$DATA/lists/mix/$REAL" >&2
 
-step "4/4 train: 2-D U-Net ($WIDTH channels), offline salience, $ITERS iterations, batch $BATCH"
+step "4/4 train: 2-D U-Net ($WIDTH channels), salience $SALIENCE, $ITERS iterations, batch $BATCH"
 ARGS=(--dataset $REAL --root_path "$DATA/mix" --list_dir "$DATA/lists/mix" --output_root "$CKPT"
-      --backbone unet --model_kwargs "{\"base_channels\": $WIDTH}" --salience offline
+      --backbone unet --model_kwargs "{\"base_channels\": $WIDTH}" --salience "$SALIENCE"
       --target_spacing 0.9 --img_size 192 192 --batch_size "$BATCH" --optimizer adamw --base_lr "$LR"
       --loss bce+dice --max_epochs 1000 --max_iterations "$ITERS" --val_every "$ITERS" --domain_aug 1
-      --min_component_mm3 20 --seed "$SEED" --exp "real_r${RATIO}_it${ITERS}_s${SEED}")
+      --min_component_mm3 20 --seed "$SEED" --exp "real_${SALIENCE}_w${WIDTH}_r${RATIO}_it${ITERS}_s${SEED}")
 RUN=$($PY main.py "${ARGS[@]}" --print_run_dir)
 $PY main.py "${ARGS[@]}" --reuse >&2
 echo "model: $RUN/best_model.pth"
