@@ -131,15 +131,17 @@ class _Augmenting(Dataset):
         return image, label, sal
 
     def _target(self, raw: np.ndarray) -> np.ndarray:
-        return label_target(raw, self.classes)
+        """The item's target with its channel axis, (K, ...) (K = 1 for a binary model): every step
+        after this (resize, pad or crop, rot/flip, the cache) handles one layout."""
+        target = label_target(raw, self.classes)
+        return target if self.classes is not None else target[None]
 
     def _item(self, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray]) -> dict:
         x = model_input(image, sal if self.salience_mode == "offline" else None, self.salience_mode)
-        lab = torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32))
         return {
             "input": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
-            "label": lab if label.ndim > image.ndim else lab[None],
+            "label": torch.from_numpy(np.ascontiguousarray(label, dtype=np.float32)),
         }
 
 
@@ -212,9 +214,8 @@ class SliceDataSet(_Augmenting):
                 item_rng = self._rng(0, i)
                 image, label, sal = self._geometry(self.names[i], image, self._target(label), sal, item_rng)
                 item = self._item(image, label, sal)
-                lab = item["label"] if self.classes is not None else item["label"][0]
                 cached.append(("resized", item["input"].numpy().astype(np.float16),
-                               item["image"][0].numpy().astype(np.float16), lab.numpy().astype(np.float16)))
+                               item["image"][0].numpy().astype(np.float16), item["label"].numpy().astype(np.float16)))
             else:
                 cached.append(("stored", image.astype(np.float16), label.astype(np.uint8),
                                None if sal is None else sal.astype(np.float16)))
@@ -230,9 +231,8 @@ class SliceDataSet(_Augmenting):
             # offline input channels are G (1 + S_i): rot_flip swaps channels 1 and 2 as it does S_c, S_s
             image, label, x3 = rot_flip(image, label, x if x.shape[0] == 3 else None, rng)
             x = x3 if x3 is not None else image[None]
-        lab = torch.from_numpy(np.ascontiguousarray(label))
         return {"input": torch.from_numpy(np.ascontiguousarray(x)), "image": torch.from_numpy(image)[None],
-                "label": lab if label.ndim > image.ndim else lab[None]}
+                "label": torch.from_numpy(np.ascontiguousarray(label))}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -274,8 +274,7 @@ class SliceDataSet(_Augmenting):
 
     def _geometry(self, name: str, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray],
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """Resize / resample + pad-or-crop image (H, W), label (H, W) or (K, H, W) and salience (3, H, W)
-        together.
+        """Resize / resample + pad-or-crop image (H, W), label (K, H, W) and salience (3, H, W) together.
 
         With ``scale_aug`` s (training), the plane is first zoomed by a log-uniform factor in
         [1 / (1 + s), 1 + s] (its mm per pixel divided by it), then padded or cropped to
@@ -292,9 +291,8 @@ class SliceDataSet(_Augmenting):
             planes, label = resize_2d(planes, label, size)
         if self.img_size is not None and tuple(planes.shape[1:]) != self.img_size:
             n = planes.shape[0]
-            both, _ = pad_or_crop(np.concatenate([planes, label if label.ndim == 3 else label[None]]), self.img_size,
-                                  rng)
-            planes, label = both[:n], (both[n:] if label.ndim == 3 else both[n])
+            both, _ = pad_or_crop(np.concatenate([planes, label]), self.img_size, rng)
+            planes, label = both[:n], both[n:]
         return planes[0], label, (None if sal is None else planes[1:])
 
     def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:

@@ -29,6 +29,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.morphology import skeletonize
 
+from utils.boxes import bounding_box
+
 RADIUS_BINS_MM: tuple[tuple[float, float], ...] = ((0.0, 1.0), (1.0, 2.0), (2.0, 3.0), (3.0, float("inf")))
 RADIUS_BIN_NAMES: tuple[str, ...] = ("lt1", "1to2", "2to3", "ge3")
 _NAN = float("nan")
@@ -62,18 +64,6 @@ def _roi(roi: Optional[np.ndarray], shape: tuple[int, ...]) -> Optional[np.ndarr
 
 def _ratio(num: float, den: float) -> float:
     return float(num) / float(den) if den else _NAN
-
-
-def _bbox(mask: np.ndarray, margin: int = 0) -> Optional[tuple[slice, ...]]:
-    """Bounding box of ``mask`` grown by ``margin`` voxels and clipped to the array; None if empty."""
-    if not mask.any():
-        return None
-    box = []
-    for ax in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != ax)
-        idx = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(max(idx[0] - margin, 0), min(idx[-1] + 1 + margin, mask.shape[ax])))
-    return tuple(box)
 
 
 # ---------------------------------------------------------------- overlap
@@ -127,7 +117,7 @@ def skeleton(mask: np.ndarray) -> np.ndarray:
     """Hard skeleton (skimage ``skeletonize``: Lee's method in 3-D), computed on the mask's bounding box."""
     mask = np.asarray(mask, dtype=bool)
     out = np.zeros_like(mask)
-    box = _bbox(mask, margin=1)
+    box = bounding_box(mask, margin=1)
     if box is not None:
         out[box] = skeletonize(mask[box])
     return out
@@ -230,7 +220,7 @@ def surface_distances(pred: np.ndarray, target: np.ndarray, spacing: Sequence[fl
     sp = _spacing(spacing, pred.ndim)
     if not pred.any() or not target.any():
         raise ValueError("surface distances need two non-empty masks")
-    box = _bbox(pred | target, margin=1)
+    box = bounding_box(pred | target, margin=1)
     p, t = pred[box], target[box]
     sp_, st_ = _surface(p), _surface(t)
     d_pt = ndimage.distance_transform_edt(~st_, sampling=sp)[sp_]
@@ -310,7 +300,7 @@ def evaluate_case(
 
     Every value comes from the single metric functions above; the work they share (skeletons,
     surface distances) is computed once and passed in, and each of them crops to the masks'
-    bounding box (``_bbox``), so a 512 x 512 x 120 volume is cheap.
+    bounding box (``utils.boxes.bounding_box``), so a 512 x 512 x 120 volume is cheap.
     """
     pred, target = _as_bool(pred, target)
     _spacing(spacing, pred.ndim)

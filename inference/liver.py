@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from utils.boxes import bounding_box
+
 log = logging.getLogger("predict")
 
 #: the dataset label that makes a checkpoint a liver model (preprocess.py --vessels liver)
@@ -88,7 +90,7 @@ def liver_from_probabilities(prob: np.ndarray, threshold: float = 0.5, spacing: 
     if opening_mm < 0 or (opening_mm > 0 and (spacing is None or len(spacing) != 3)):
         raise ValueError(f"an opening of {opening_mm} mm needs opening_mm >= 0 and three spacings, got {spacing}")
     out = np.zeros(prob.shape, dtype=bool)
-    box = _bbox(prob >= np.float32(threshold))
+    box = bounding_box(prob >= np.float32(threshold))
     if box is None:
         return out
     # the work runs on bounding boxes: a whole 512 x 512 x 150 scan is 40 M voxels
@@ -98,7 +100,7 @@ def liver_from_probabilities(prob: np.ndarray, threshold: float = 0.5, spacing: 
     liver = largest_component(liver)
     if not liver.any():
         return out
-    inner = _bbox(liver, pad=1)
+    inner = bounding_box(liver, margin=1)
     sub = ndimage.binary_fill_holes(liver[inner])
     for z in np.flatnonzero(sub.any(axis=(0, 1))):
         sub[:, :, z] = ndimage.binary_fill_holes(sub[:, :, z])
@@ -119,17 +121,6 @@ def opening(mask: np.ndarray, spacing: Sequence[float], radius_mm: float) -> np.
     return ndimage.distance_transform_edt(~eroded, sampling=sp) <= radius_mm
 
 
-def _bbox(mask: np.ndarray, pad: int = 0) -> Optional[tuple[slice, ...]]:
-    """The bounding box of ``mask`` (3-D) widened by ``pad`` voxels within the array; None if empty."""
-    if not mask.any():
-        return None
-    box = []
-    for ax in range(3):
-        idx = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
-        box.append(slice(max(int(idx[0]) - pad, 0), min(int(idx[-1]) + 1 + pad, mask.shape[ax])))
-    return tuple(box)
-
-
 def near_liver(liver: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
     """bool (H, W, D): the voxels whose centre lies within ``margin_mm`` mm of a liver voxel's
     centre (the liver itself included); the Euclidean distance in mm is computed only on the
@@ -141,14 +132,10 @@ def near_liver(liver: np.ndarray, spacing: Sequence[float], margin_mm: float) ->
         raise ValueError(f"margin must be >= 0 mm, got {margin_mm}")
     if margin_mm == 0 or not liver.any():
         return liver.copy()
-    box = []
-    for ax, sl in enumerate(_bbox(liver)):
-        pad = int(np.ceil(margin_mm / float(spacing[ax])))
-        box.append(slice(max(sl.start - pad, 0), min(sl.stop + pad, liver.shape[ax])))
-    sub = liver[tuple(box)]
-    dist = ndimage.distance_transform_edt(~sub, sampling=[float(s) for s in spacing])
+    box = bounding_box(liver, margin=[int(np.ceil(margin_mm / float(s))) for s in spacing])
+    dist = ndimage.distance_transform_edt(~liver[box], sampling=[float(s) for s in spacing])
     out = np.zeros_like(liver)
-    out[tuple(box)] = dist <= margin_mm
+    out[box] = dist <= margin_mm
     return out
 
 

@@ -235,7 +235,7 @@ class Predictor:
         dropped, all inside ``roi`` when given (a component's size is what lies in it). For class
         probabilities (K, H, W, D): the union of the classes (:func:`inference.trees.tree_labels`)."""
         if np.ndim(prob) == 4:
-            return self.labels(prob, spacing, roi, consistent=False) > 0
+            prob = np.asarray(prob).max(axis=0)  # the union: the binary rule on the largest class probability
         if roi is not None:
             prob = np.where(roi, prob, 0.0)
         return vessel_mask(prob, spacing, self.threshold, self.min_component_mm3).astype(bool)

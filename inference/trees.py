@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from inference.core import remove_small_components
+from inference.core import vessel_mask
 
 #: a connected piece whose voxels are at least this share one class becomes that class entirely
 MAJORITY = 0.8
@@ -40,12 +40,11 @@ def tree_labels(prob: np.ndarray, spacing: Sequence[float], threshold: float = 0
         raise ValueError(f"class probabilities must be (K, H, W, D), got shape {prob.shape}")
     if prob.shape[0] > 254:
         raise ValueError(f"at most 254 classes fit a uint8 label map, got {prob.shape[0]}")
+    # the union: the binary rule (inference.core.vessel_mask) on the largest class probability
     best = prob.max(axis=0)
-    union = best >= np.float32(threshold)
     if roi is not None:
-        union &= np.asarray(roi, dtype=bool)
-    if min_component_mm3 > 0:
-        union = remove_small_components(union, spacing, min_component_mm3).astype(bool)
+        best = np.where(roi, best, 0.0)
+    union = vessel_mask(best, spacing, threshold, min_component_mm3).astype(bool)
     labels = (prob.argmax(axis=0) + 1).astype(np.uint8)
     labels[~union] = 0
     return labels

@@ -44,8 +44,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
-from inference.liver import DEFAULT_MARGIN_MM, check_target, near_liver, segment_liver
-from inference.liver import model_target as _target_of
+from inference.liver import DEFAULT_MARGIN_MM, check_target, model_target, near_liver, segment_liver
 from inference.predictor import Predictor, spacing_warning
 from inference.scans import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
 from preprocessing.errors import PreprocessError
@@ -562,7 +561,7 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     if liver_margin_mm < 0:
         raise ValueError(f"--liver_margin must be >= 0 mm, got {liver_margin_mm}")
     seg = Predictor.from_checkpoint(model, device, head, min_component_mm3)
-    if seg.ckpt is not None and _target_of(seg.ckpt) == "liver":
+    if model_target(seg.ckpt) == "liver":
         raise ValueError(f"{seg.path}: this is a liver model; pass it as --liver_model and a vessel model as --model")
     liver_seg = None
     if liver_model is not None:
@@ -576,9 +575,9 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     log.info("model %s (%d-D, salience %s%s) from %s; %d scan(s)", seg.ckpt["model_name"], seg.spatial_dims,
              seg.salience_mode,
              f", generator {seg.generator.name}" if seg.generator is not None else "", seg.path, len(cases))
-    kw = dict(liver_mask=liver_mask, liver_model=liver_seg, liver_margin_mm=liver_margin_mm, prob=prob, mesh=mesh, figures=figures, graph=graph, dicom_seg=dicom_seg, tta=tta,
-              series=series,
-              batch_size=batch_size, overwrite=overwrite)
+    kw = dict(liver_mask=liver_mask, liver_model=liver_seg, liver_margin_mm=liver_margin_mm, prob=prob, mesh=mesh,
+              figures=figures, graph=graph, dicom_seg=dicom_seg, tta=tta, series=series, batch_size=batch_size,
+              overwrite=overwrite)
     if len(cases) == 1:
         return [segment_case(seg, cases[0], out_dir, **kw)]
     results = []

@@ -88,7 +88,30 @@ def link_dataset_files(links: Sequence[tuple[Path, Path]], out: DatasetPaths) ->
 
 
 #: dataset.json fields both sets must share: they say what the label and the image mean
-SHARED_OPTIONS = ("vessel_classes", "label_rule", "hu_window", "class_map")
+SHARED_OPTIONS = {k: (lambda doc, k=k: doc.get(k)) for k in ("vessel_classes", "label_rule", "hu_window", "class_map")}
+#: maps' manifest fields both sets must share: one generator made both
+SHARED_GENERATOR = {"generator kind": lambda doc: doc["generator"]["kind"],
+                    "generator weights": lambda doc: doc["generator"]["weights_sha256"],
+                    "normalisation": lambda doc: doc.get("normalisation")}
+
+
+def _merge_pair(out: DatasetPaths, rpath: Path, ppath: Path, fmt: str, shared: dict, what: str,
+                real_cases: Sequence[str], phantom_cases: Sequence[str]) -> Optional[tuple[dict, dict, dict]]:
+    """The real and phantom manifests at ``rpath`` / ``ppath`` and their cases merged (phantoms
+    renamed); None (with a warning) when either is missing; ValueError naming both files where a
+    ``shared`` field differs."""
+    rdoc, pdoc = read_manifest(rpath, fmt), read_manifest(ppath, fmt)
+    if rdoc is None or pdoc is None:
+        log.warning("%s: no %s to merge (%s), the mixed set gets none", out.root, rpath.name,
+                    rpath if rdoc is None else ppath)
+        return None
+    for name, get in shared.items():
+        if get(rdoc) != get(pdoc):
+            raise ValueError(f"{ppath}: {name} {get(pdoc)!r} differs from {rpath}'s {get(rdoc)!r}: these {what} "
+                             f"cannot be mixed")
+    cases = {c: rdoc["cases"][c] for c in real_cases if c in rdoc.get("cases", {})}
+    cases.update({phantom_name(c): pdoc["cases"][c] for c in phantom_cases if c in pdoc.get("cases", {})})
+    return rdoc, pdoc, cases
 
 
 def mixed_manifest(out: DatasetPaths, real: DatasetPaths, phantom: DatasetPaths, real_cases: Sequence[str],
@@ -97,18 +120,11 @@ def mixed_manifest(out: DatasetPaths, real: DatasetPaths, phantom: DatasetPaths,
     and the fingerprints of the two it was mixed from; None when either set has no manifest.
     ValueError naming both files when they disagree on what the label or the image is (a
     liver-labelled set mixed with a vessel-labelled one would train on contradicting targets)."""
-    rpath, ppath = dataset_manifest_path(real), dataset_manifest_path(phantom)
-    rdoc, pdoc = read_manifest(rpath, DATASET_FORMAT), read_manifest(ppath, DATASET_FORMAT)
-    if rdoc is None or pdoc is None:
-        log.warning("%s: no dataset.json to merge (%s), the mixed set gets none", out.root,
-                    rpath if rdoc is None else ppath)
+    pair = _merge_pair(out, dataset_manifest_path(real), dataset_manifest_path(phantom), DATASET_FORMAT,
+                       SHARED_OPTIONS, "sets", real_cases, phantom_cases)
+    if pair is None:
         return None
-    for k in SHARED_OPTIONS:
-        if rdoc.get(k) != pdoc.get(k):
-            raise ValueError(f"{ppath}: {k} {pdoc.get(k)!r} differs from {rpath}'s {rdoc.get(k)!r}: "
-                             f"these sets cannot be mixed")
-    cases = {c: rdoc["cases"][c] for c in real_cases if c in rdoc.get("cases", {})}
-    cases.update({phantom_name(c): pdoc["cases"][c] for c in phantom_cases if c in pdoc.get("cases", {})})
+    rdoc, pdoc, cases = pair
     return {**rdoc, "dataset": out.root.name, "source": {"real": rdoc.get("source"), "phantom": pdoc.get("source")},
             "mixed_from": {"real": fingerprint(rdoc), "phantom": fingerprint(pdoc), "phantom_ratio": phantom_ratio},
             "cases": cases}
@@ -120,18 +136,11 @@ def mixed_salience_manifest(out: DatasetPaths, real: DatasetPaths, phantom: Data
     weights sha256, normalisation): so a model trained on the mix embeds that generator and
     predict.py needs nothing else. None (with a warning) when a set has no manifest; ValueError
     naming both files when the generators differ (the model would learn from two kinds of map)."""
-    rpath, ppath = salience_manifest_path(real), salience_manifest_path(phantom)
-    rdoc, pdoc = read_manifest(rpath, SALIENCE_FORMAT), read_manifest(ppath, SALIENCE_FORMAT)
-    if rdoc is None or pdoc is None:
-        log.warning("%s: no maps' manifest to merge (%s)", out.root, rpath if rdoc is None else ppath)
+    pair = _merge_pair(out, salience_manifest_path(real), salience_manifest_path(phantom), SALIENCE_FORMAT,
+                       SHARED_GENERATOR, "maps", real_cases, phantom_cases)
+    if pair is None:
         return None
-    for key, a, b in (("generator kind", rdoc["generator"]["kind"], pdoc["generator"]["kind"]),
-                      ("generator weights", rdoc["generator"]["weights_sha256"], pdoc["generator"]["weights_sha256"]),
-                      ("normalisation", rdoc.get("normalisation"), pdoc.get("normalisation"))):
-        if a != b:
-            raise ValueError(f"{ppath}: {key} {b!r} differs from {rpath}'s {a!r}: these maps cannot be mixed")
-    cases = {c: rdoc["cases"][c] for c in real_cases if c in rdoc.get("cases", {})}
-    cases.update({phantom_name(c): pdoc["cases"][c] for c in phantom_cases if c in pdoc.get("cases", {})})
+    rdoc, _, cases = pair
     return {**rdoc, "dataset_fingerprint": fingerprint(dataset_doc), "cases": cases}
 
 

@@ -98,15 +98,12 @@ def _mean_per(patients: dict, value) -> str:
 
 def headline() -> str:
     liver = record("liver_bench")["numbers"]["patients"]
-    real = _real_ct_dice()
     demo = record("demo_phantom")["numbers"]
-    mean_real = sum(real.values()) / len(real)
-    per = ", ".join(f"{p.replace('3Dircadb1.', 'patient ')} {v:.3f}" for p, v in real.items())
     return (f"| the `make demo` model (phantoms only, 2 CPU cores, {demo['iterations']} iterations) | Dice |\n"
             f"|---|---|\n"
             f"| {demo['n_cases']} phantom test patients, inside the liver | {demo['metrics']['dice']['mean']:.3f} |\n"
             f"| real 3D-IRCADb patients, `predict.py` on the whole scan, scored inside the liver | "
-            f"{mean_real:.3f} ({per}) |\n"
+            f"{_mean_per(_real_ct_dice(), float)} |\n"
             f"| the same with the automatic liver (`--liver_model`, trained on the other patient and phantoms) | "
             f"{_mean_per(liver, lambda r: r['vessels']['auto_liver']['dice_in_liver'])} |\n"
             f"| the automatic liver itself: liver Dice | {_mean_per(liver, lambda r: r['liver_dice'])} |\n\n"
