@@ -1,7 +1,7 @@
 """Segment the liver vessels of new CT scans with one model file (docs/DESIGN.md section 6).
 
     python predict.py --model FILE --input PATH --output DIR [--device auto]
-                      [--liver_model FILE [--liver_margin 5] | --liver_mask FILE]
+                      [--liver_model FILE [--liver_margin 5] | --liver_mask FILE | --no_liver_model]
                       [--prob] [--mesh [stl|obj]] [--figures] [--graph] [--dicom_seg] [--tta] [--series UID]
                       [--head FILE]
                       [--batch_size 8] [--min_component_mm3 MM3] [--overwrite]
@@ -14,7 +14,8 @@ millimetres, ``--figures`` ``<case>_mip.png`` and ``<case>_3d.png``, ``--graph``
 ``<case>_graph.graphml`` and ``<case>_graph.vtp`` (the branch graph), ``--dicom_seg``
 ``<case>_seg.dcm`` (a DICOM Segmentation referencing the source series), ``--liver_model``
 ``<case>_liver.nii.gz`` (the liver it found; vessels farther than ``--liver_margin`` mm from it
-are removed). The model file carries
+are removed; a model file with a liver model embedded by ``scripts/embed_liver.py`` does the same
+without ``--liver_model``, unless ``--no_liver_model``). The model file carries
 everything else (network, salience generator, HU window, resize rule, threshold, smallest component kept); ``--head``
 supplies the generator weights for checkpoints that do not embed them.
 Bad input: a one-line error naming the file, exit code 1, no output for that scan.
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liver_model", default=None,
                    help="liver model file (scripts/train_liver.sh): segment the liver first, keep vessels near it "
                         "and write <case>_liver.nii.gz")
+    p.add_argument("--no_liver_model", action="store_true",
+                   help="ignore a liver model embedded in --model (scripts/embed_liver.py): the whole scan")
     p.add_argument("--liver_margin", type=float, default=DEFAULT_MARGIN_MM, metavar="MM",
                    help="with --liver_model: keep vessels up to MM mm outside the liver (the hilum)")
     p.add_argument("--prob", action="store_true", help="also write the probability map")
@@ -74,7 +77,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         results = run_predict(args.model, args.input, args.output, device=args.device, head=args.head,
                               liver_mask=args.liver_mask, liver_model=args.liver_model,
-                              liver_margin_mm=args.liver_margin, prob=args.prob, mesh=args.mesh, figures=args.figures,
+                              liver_margin_mm=args.liver_margin, use_embedded_liver=not args.no_liver_model,
+                              prob=args.prob, mesh=args.mesh, figures=args.figures,
                               graph=args.graph, dicom_seg=args.dicom_seg,
                               tta=args.tta, series=args.series, batch_size=args.batch_size, overwrite=args.overwrite,
                               min_component_mm3=args.min_component_mm3)

@@ -27,7 +27,7 @@ import torch
 
 from dataloaders.inputs import input_channels
 from inference.core import THRESHOLD, predict_volume, stitch_device, vessel_mask
-from networks.checkpoint import generator_from_checkpoint, inference_settings, load_model
+from networks.checkpoint import generator_from_checkpoint, inference_settings, load_checkpoint, model_from_checkpoint
 from networks.salience import salience_3d
 from preprocessing.dicom_reader import PatientData
 from preprocessing.pipeline import to_volume
@@ -166,8 +166,20 @@ class Predictor:
         ValueError naming the file when it cannot be used.
         """
         path = Path(path)
+        return cls.from_checkpoint_dict(load_checkpoint(path), path, device, head, min_component_mm3, img_size,
+                                        with_generator, sha256 or file_sha256(path))
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict, path: str | os.PathLike, device: str = "auto",
+                             head: Optional[str | os.PathLike] = None, min_component_mm3: Optional[float] = None,
+                             img_size: Optional[Sequence[int]] = None, with_generator: bool = True,
+                             sha256: str = "") -> "Predictor":
+        """:meth:`from_checkpoint` of a checkpoint dict already read (``networks.checkpoint.
+        load_checkpoint``), e.g. a liver model embedded in a vessel model file; ``path`` names it
+        in messages, ``sha256`` is the hash of the file it came from."""
+        path = Path(path)
         device = resolve_device(device)
-        model, ckpt = load_model(path, device=device)
+        model = model_from_checkpoint(ckpt, path).to(device).eval()
         classes = (ckpt.get("config") or {}).get("classes")
         if int(ckpt["out_channels"]) != (len(classes) if classes else 1):
             raise ValueError(f"{path}: model has {ckpt['out_channels']} output channels; "
@@ -187,7 +199,7 @@ class Predictor:
                    patch_size=settings["patch_size"], target_spacing=settings["target_spacing"],
                    threshold=settings["threshold"], min_component_mm3=settings["min_component_mm3"],
                    hu_window=tuple(settings["hu_window"]), generator=generator, device=device, path=path,
-                   ckpt=ckpt, sha256=sha256 or file_sha256(path), classes=list(classes) if classes else None)
+                   ckpt=ckpt, sha256=sha256, classes=list(classes) if classes else None)
 
     @classmethod
     def for_training(cls, model: torch.nn.Module, cfg: Any, spatial_dims: int, device: str | torch.device) -> "Predictor":

@@ -44,7 +44,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
-from inference.liver import DEFAULT_MARGIN_MM, check_target, model_target, near_liver, segment_liver
+from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_model, model_target, near_liver,
+                             segment_liver)
 from inference.predictor import Predictor, spacing_warning
 from inference.scans import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
 from preprocessing.errors import PreprocessError
@@ -534,7 +535,8 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
 def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike, *,
                 device: str = "auto", head: Optional[str | os.PathLike] = None,
                 liver_mask: Optional[str | os.PathLike] = None, liver_model: Optional[str | os.PathLike] = None,
-                liver_margin_mm: float = DEFAULT_MARGIN_MM, prob: bool = False, mesh: Optional[str] = None,
+                liver_margin_mm: float = DEFAULT_MARGIN_MM, use_embedded_liver: bool = True,
+                prob: bool = False, mesh: Optional[str] = None,
                 figures: bool = False, graph: bool = False, dicom_seg: bool = False, tta: bool = False,
                 series: Optional[str] = None,
                 batch_size: int = 8, overwrite: bool = False,
@@ -544,7 +546,9 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     ``min_component_mm3``: drop predicted components under this volume (mm^3); None: the
     model file's setting (``inference.vessel_mask``). ``liver_model``: a liver model file
     (``scripts/train_liver.sh``) run on every scan without ``liver_mask``; vessels farther than
-    ``liver_margin_mm`` from its liver are removed (:func:`segment_case`).
+    ``liver_margin_mm`` from its liver are removed (:func:`segment_case`); without one, the liver
+    model embedded in ``model`` (``scripts/embed_liver.py``) is used unless ``use_embedded_liver``
+    is False.
 
     Bad model files and inputs raise ValueError / FileNotFoundError before anything is written.
     With several scans, one that fails is reported (status "failed", a one-line message) and
@@ -569,6 +573,10 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
         check_target(liver_seg.ckpt, str(liver_seg.path), "liver")
         if liver_mask is not None:
             log.info("--liver_mask given: the liver model is not run")
+    elif liver_mask is None and use_embedded_liver:
+        liver_seg = embedded_liver_model(seg.ckpt, seg.path, device)
+        if liver_seg is not None:
+            log.info("the liver model embedded in %s finds the liver", seg.path)
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output exists and is not a folder")

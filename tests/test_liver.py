@@ -174,3 +174,52 @@ def test_models_given_for_the_wrong_job_are_refused(phantom_case, tmp_path, caps
         rc = predict.main(args + ["--input", pat, "--output", str(tmp_path / "o"), "--device", "cpu"])
         assert rc == 1 and needle in capsys.readouterr().err
         assert not (tmp_path / "o").exists()
+
+
+def read_nifti(path: Path) -> np.ndarray:
+    return np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(path))), (1, 2, 0))
+
+
+def test_a_vessel_model_with_its_liver_model_embedded_predicts_as_the_two_files(phantom_case, tmp_path, capsys):
+    from scripts import embed_liver
+    from utils.provenance import file_sha256
+    pat, case = str(phantom_case["patient"]), "3Dircadb1.1"
+    lm = intensity_liver_model(tmp_path / "liver.pth")
+    both = tmp_path / "both.pth"
+    assert embed_liver.main(["--model", str(phantom_case["model"]), "--liver_model", str(lm),
+                             "--out", str(both)]) == 0
+    assert f"model: {both}" in capsys.readouterr().out
+    common = ["--input", pat, "--liver_margin", "2", "--device", "cpu"]
+    assert predict.main(["--model", str(phantom_case["model"]), "--liver_model", str(lm),
+                         "--output", str(tmp_path / "two"), *common]) == 0
+    assert predict.main(["--model", str(both), "--output", str(tmp_path / "one"), *common]) == 0
+    for name in (f"{case}_liver.nii.gz", f"{case}_vessels.nii.gz"):
+        assert np.array_equal(read_nifti(tmp_path / "one" / name), read_nifti(tmp_path / "two" / name)), name
+    stats = json.loads((tmp_path / "one" / f"{case}_stats.json").read_text())
+    assert stats["provenance"]["options"]["liver_model"] == file_sha256(lm)
+    assert stats["stats"]["liver"]["source"] == "model"
+
+    # --no_liver_model: the whole scan, as the vessel model alone gives it
+    assert predict.main(["--model", str(both), "--no_liver_model", "--output", str(tmp_path / "none"), *common]) == 0
+    assert predict.main(["--model", str(phantom_case["model"]), "--output", str(tmp_path / "plain"), *common]) == 0
+    assert not (tmp_path / "none" / f"{case}_liver.nii.gz").exists()
+    assert np.array_equal(read_nifti(tmp_path / "none" / f"{case}_vessels.nii.gz"),
+                          read_nifti(tmp_path / "plain" / f"{case}_vessels.nii.gz"))
+
+
+def test_embedding_refuses_wrong_jobs_and_existing_outputs(phantom_case, tmp_path, capsys):
+    from scripts import embed_liver
+    lm = intensity_liver_model(tmp_path / "liver.pth")
+    vessel_labelled = intensity_liver_model(tmp_path / "v.pth", target=("portalvein", "venoussystem"))
+    out = tmp_path / "both.pth"
+    for model, liver, needle in ((lm, lm, "liver.pth: this is a liver model"),
+                                 (phantom_case["model"], vessel_labelled, "v.pth: this is a vessels model")):
+        assert embed_liver.main(["--model", str(model), "--liver_model", str(liver), "--out", str(out)]) == 1
+        assert needle in capsys.readouterr().err
+        assert not out.exists() and not list(tmp_path.glob(".both.pth*"))
+    out.write_bytes(b"earlier")
+    assert embed_liver.main(["--model", str(phantom_case["model"]), "--liver_model", str(lm), "--out", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == b"earlier"
+    assert embed_liver.main(["--model", str(phantom_case["model"]), "--liver_model", str(lm), "--out", str(out),
+                             "--overwrite"]) == 0
+    assert out.read_bytes() != b"earlier"
