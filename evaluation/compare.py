@@ -53,6 +53,48 @@ def pooled_rows(folders: Sequence[Path]) -> list[dict]:
     return rows
 
 
+#: the per-case values a comparison record keeps for each report (what curves and plots need)
+RECORD_KEYS: tuple[str, ...] = ("dice", "cldice", "sensitivity", "precision", "hd95_mm", "cl_recall_lt1",
+                                "cl_recall_1to2", "components_pred", "components_true", "components_ratio")
+
+
+def _plain(v: object) -> object:
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+def report_values(runs: Sequence[tuple[str, Path | Sequence[Path]]],
+                  keys: Sequence[str] = RECORD_KEYS) -> list[dict]:
+    """The per-case values behind :func:`compare_table`, kept apart by report folder:
+    ``[{"label", "reports": [{"folder", "cases": [{"case", key: value (None for NaN)}]}]}]``, so a
+    record can be re-plotted per seed or train/test direction without the folders."""
+    out = []
+    for label, folders in runs:
+        folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+        reports = []
+        for folder in folders:
+            rows = pooled_rows([folder])
+            reports.append({"folder": str(folder),
+                            "cases": [{"case": r["case"], **{k: _plain(r[k]) for k in keys if k in r}} for r in rows]})
+        out.append({"label": label, "reports": reports})
+    return out
+
+
+def by_test_case(rows: Sequence[dict], key: str) -> list[tuple[str, dict[str, list[float]], list[float]]]:
+    """Per row of :func:`report_values` (as a record keeps it): (label, {test case: the values of
+    ``key`` over the row's reports (seeds)}, every value pooled), NaN / None left out. The
+    learning-curve tables and plot read one train/test direction per test case from it."""
+    out = []
+    for row in rows:
+        per_case: dict[str, list[float]] = {}
+        for rep in row["reports"]:
+            for c in rep["cases"]:
+                v = c.get(key)
+                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                    per_case.setdefault(str(c["case"]), []).append(float(v))
+        out.append((row["label"], per_case, [v for vals in per_case.values() for v in vals]))
+    return out
+
+
 def compare_table(runs: Sequence[tuple[str, Path | Sequence[Path]]], ci: bool = False,
                   columns: Sequence[tuple[str, str, str]] = COMPARE_COLUMNS) -> str:
     """Markdown table, one row per (label, report folder or folders).

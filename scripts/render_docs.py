@@ -187,7 +187,60 @@ def real_recipe() -> str:
     return "\n".join(rows) + "\n\n" + source(*names) + "\n"
 
 
+#: scripts/real_curves.sh's axes: record suffix -> what the rows vary (and what stays fixed)
+CURVE_AXES = {
+    "iterations": "iterations (16 channels, as many phantom slices as real ones, offline salience)",
+    "width": "base channels (1500 iterations)",
+    "phantoms": "phantom slices per real slice (1500 iterations)",
+    "salience": "salience (1500 iterations; seeds pooled)",
+}
+
+
+def _test_patient(case: str) -> str:
+    m = re.fullmatch(r"case0*(\d+)", case)
+    return m.group(1) if m else case
+
+
+def real_curves() -> str:
+    """scripts/real_curves.sh's records (results/real_curves_<axis>.json): per setting, Dice, clDice
+    and pieces on each real patient (trained on the other), and both pooled with their 95% CI."""
+    from evaluation.compare import by_test_case
+    from evaluation.reports import summarize
+    out, names = [], []
+    for axis, what in CURVE_AXES.items():
+        name = f"real_curves_{axis}"
+        if not (RESULTS_DIR / f"{name}.json").is_file():
+            continue
+        names.append(name)
+        rows = record(name)["numbers"]["rows"]
+        dice, cl = by_test_case(rows, "dice"), by_test_case(rows, "cldice")
+        pred, true = by_test_case(rows, "components_pred"), by_test_case(rows, "components_true")
+        cases = sorted({c for _, per, _ in dice for c in per}, key=lambda c: (len(c), c))
+        on = [f"on {_test_patient(c)}" for c in cases]
+        head = ([what] + [f"Dice {o}" for o in on] + ["Dice, both [95% CI]"] + [f"clDice {o}" for o in on]
+                + ["clDice, both [95% CI]"] + [f"pieces {o} (truth)" for o in on])
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for (label, d_per, d_all), (_, c_per, c_all), (_, p_per, _), (_, t_per, _) in zip(dice, cl, pred, true):
+            def both(vals: list) -> str:
+                st = summarize([{"v": v} for v in vals], ["v"])["v"]
+                ci = f" [{st['ci95_low']:.3f}, {st['ci95_high']:.3f}]" if st["n"] > 1 else ""
+                return f"{st['mean']:.3f}{ci}" if st["n"] else "n/a"
+
+            def mean(per: dict, c: str, digits: int = 3) -> str:
+                return f"{sum(per[c]) / len(per[c]):.{digits}f}" if per.get(c) else "n/a"
+
+            cells = ([label] + [mean(d_per, c) for c in cases] + [both(d_all)] + [mean(c_per, c) for c in cases]
+                     + [both(c_all)] + [f"{mean(p_per, c, 0)} ({mean(t_per, c, 0)})" for c in cases])
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append("\n".join(lines) + "\n")
+    if not names:
+        return ("Not measured yet: `RECORD=real_curves bash scripts/real_curves.sh` writes "
+                "`results/real_curves_<axis>.json`.\n")
+    return "\n".join(out) + "\n" + source(*names) + "\n"
+
+
 RENDERERS: dict[str, Callable[[], str]] = {
+    "real-curves": real_curves,
     "real-recipe": real_recipe,
     "gpu-records": gpu_records,
     "extent-invariance": extent_invariance,
