@@ -96,7 +96,7 @@ fi
 
 step "4/4 train: 2-D U-Net, ${SPACING} mm/pixel, $ITERS iterations"
 ARGS=("${TRAIN[@]}" --backbone unet --model_kwargs "{\"base_channels\": $WIDTH}" --salience none
-      --output_root "$CKPT" --exp "liver_r${RATIO}_s${SEED}" --batch_size 4 --base_lr 1e-3 --optimizer adamw
+      --output_root "$CKPT" --exp "liver_w${WIDTH}_${SPACING}mm_r${RATIO}_it${ITERS}_s${SEED}" --batch_size 4 --base_lr 1e-3 --optimizer adamw
       --loss bce+dice --target_spacing "$SPACING" --img_size "$SIZE" "$SIZE" --max_iterations "$ITERS"
       --augment 0 --scale_aug 0.15 --intensity_jitter 1 --val_every "$ITERS" --cache_data 1 --seed "$SEED")
 RUN=$($PY main.py "${ARGS[@]}" --print_run_dir)
