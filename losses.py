@@ -36,11 +36,16 @@ def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of ``logits`` against ``target`` in {0, 1}, both (B, C, H, W) or
+    (B, C, H, W, D) and of one shape, computed in float32 (AMP-safe); a scalar."""
     _check(logits, target)
     return F.binary_cross_entropy_with_logits(logits.float(), target.float())
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice of sigmoid(``logits``) against ``target``, both (B, C, H, W) or (B, C, H, W, D),
+    summed over the whole batch and every channel (one Dice, not a mean of per-image ones);
+    ``smooth`` keeps an empty target finite. A scalar in [0, 1]."""
     _check(logits, target)
     p, t = torch.sigmoid(logits.float()), target.float()
     return 1.0 - (2.0 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)
@@ -80,6 +85,10 @@ def soft_skeleton(x: torch.Tensor, iterations: int = 5) -> torch.Tensor:
 
 def soft_cldice_loss(logits: torch.Tensor, target: torch.Tensor, iterations: int = 5,
                      smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft clDice (Shit et al., 2021): the harmonic mean of topology precision (soft skeleton
+    of the prediction inside the target) and sensitivity (the target's skeleton inside the
+    prediction), over the whole batch; shapes as :func:`soft_dice_loss`; ``iterations`` of the
+    soft skeleton should reach the largest vessel radius in voxels. A scalar in [0, 1]."""
     _check(logits, target)
     p, t = torch.sigmoid(logits.float()), target.float()
     skel_p, skel_t = soft_skeleton(p, iterations), soft_skeleton(t, iterations)
@@ -109,6 +118,8 @@ def make_loss(name: str, cldice_iterations: int = 5) -> Callable[[torch.Tensor, 
 
 def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 1e-4,
                    momentum: float = 0.9) -> torch.optim.Optimizer:
+    """The optimiser of ``--optimizer``: ``sgd`` (with ``momentum``) or ``adamw``, both with
+    ``weight_decay``; ValueError naming the valid ones for another name."""
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":

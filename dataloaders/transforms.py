@@ -66,6 +66,8 @@ def rot_flip(image: np.ndarray, label: np.ndarray, salience: Optional[np.ndarray
 
 
 def intensity_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``image`` (*spatial, in [0, 1]) scaled by U(0.9, 1.1) and shifted by U(-0.05, 0.05) (of the
+    HU window's width: 20 HU), clipped back to [0, 1]; float32, same shape."""
     scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.05, 0.05)
     return np.clip(image * scale + shift, 0.0, 1.0).astype(np.float32)
 

@@ -57,10 +57,12 @@ class VesselGraph:
 
     @property
     def branch_points(self) -> list[int]:
+        """Node ids of the skeleton's branch points (three or more neighbours)."""
         return [n for n, v in self.nodes.items() if v["kind"] == "branch point"]
 
     @property
     def end_points(self) -> list[int]:
+        """Node ids of the skeleton's end points (a branch's free end: fewer than three neighbours)."""
         return [n for n, v in self.nodes.items() if v["kind"] == "end point"]
 
 

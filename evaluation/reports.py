@@ -84,11 +84,14 @@ def _fmt_csv(v: Any) -> str:
 
 
 def read_per_case_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``per_case.csv``: ``case`` a string, every other column a float (NaN kept)."""
     with open(path, newline="") as f:
         return [{k: (v if k == "case" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def write_summary_json(path: Path, summary: dict, meta: dict) -> None:
+    """``summary.json``: ``meta`` (model, options, cases), the case count and the per-metric
+    :func:`summarize` statistics; NaN written as null so any JSON reader accepts the file."""
     n_cases = meta.get("n_cases")
     doc = {"meta": meta, "n_cases": n_cases, "metrics": summary}
     path.write_text(json.dumps(_json_safe(doc), indent=2, allow_nan=False) + "\n")
