@@ -301,7 +301,8 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
     row: dict[str, Any] = {"case": case, **evaluate_case(pred, truth, vol.spacing, roi), **tree_row}
     if row["empty_pred"] and not row["empty_true"]:
         # a collapsed model reads as Dice 0 in a pooled table; name it where it happens
-        scored = prob if roi is None else prob[roi]
+        union = prob if ev.class_values is None else prob.max(axis=0)  # (K, H, W, D): the largest class
+        scored = union if roi is None else union[roi]
         log.warning("%s: the model predicts no vessel (highest probability %.3f, threshold %.2f; the label "
                     "holds %d voxels)", case, float(scored.max()) if scored.size else float("nan"),
                     pr.threshold, row["voxels_true"])

@@ -169,6 +169,29 @@ def test_test_py_reports_every_metric_per_tree_and_the_union(tree_data, tmp_path
     assert set(np.unique(saved)) <= {0, 1, 2} and int((saved > 0).sum()) == row["voxels_pred"]
 
 
+def test_test_py_names_a_two_tree_model_that_predicts_nothing(tree_data, tmp_path, caplog):
+    """A collapsed class model (every output far below the threshold) scored inside the liver:
+    the warning reads the largest class probability, (K, H, W, D) reduced to (H, W, D)."""
+    from evaluation.runner import run_evaluation
+    from networks.checkpoint import save_checkpoint
+    from networks.e2e import build_segmenter
+
+    kwargs = {"base_channels": 4, "depth": 2}
+    model = build_segmenter("unet", "none", 2, kwargs)
+    out_bias = [k for k, v in model.state_dict().items() if k.endswith("bias") and tuple(v.shape) == (2,)][-1]
+    with torch.no_grad():
+        model.state_dict()[out_bias].fill_(-60.0)
+    ckpt = tmp_path / "silent.pth"
+    save_checkpoint(ckpt, model, model_name="unet", model_kwargs=kwargs, salience="none",
+                    config={"classes": ["portal", "hepatic"]}, out_channels=2, epoch=0, iteration=0,
+                    best_metric=0.0, img_size=[32, 32])
+    with caplog.at_level("WARNING", logger="test"):
+        res = run_evaluation(dataset="phantom", root_path=tree_data / "data", list_dir=tree_data / "list",
+                             model_path=ckpt, device="cpu", output=tmp_path / "eval", eval_roi="liver")
+    assert all(r["empty_pred"] and not r["empty_true"] for r in res.rows)
+    assert len([m for m in caplog.messages if "predicts no vessel (highest probability 0.000" in m]) == len(res.rows)
+
+
 def test_predict_writes_a_label_map_a_mesh_and_statistics_per_tree(tree_data, tmp_path, capsys):
     import json
 
