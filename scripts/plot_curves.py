@@ -53,7 +53,7 @@ def plot_curves(records: dict[str, list[dict]], out: str | Path) -> dict[str, di
     import matplotlib.pyplot as plt
 
     drawn: dict[str, dict] = {}
-    fig, axes = plt.subplots(1, len(records), figsize=(4.2 * len(records), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(records), figsize=(max(6.0, 4.2 * len(records)), 4.2), squeeze=False)
     colours = ("tab:blue", "tab:orange", "tab:green", "tab:red")
     for ax, (axis, rows) in zip(axes[0], records.items()):
         drawn[axis] = {}
@@ -63,16 +63,17 @@ def plot_curves(records: dict[str, list[dict]], out: str | Path) -> dict[str, di
             x = list(range(len(labels)))
             for colour, (case, ys) in zip(colours, per_case.items()):
                 ax.plot(x, ys, style, marker="o", color=colour, alpha=0.7,
-                        label=f"{name} on {case.replace('case000', 'patient ')}")
+                        label=f"{name}, tested on {case.replace('case000', 'patient ')}")
             ax.plot(x, pooled, style, marker="s", color="black", label=f"{name}, both")
             ax.set_xticks(x, labels, rotation=20, fontsize=8)
         ax.set_title(axis)
         ax.set_ylim(0.3, 0.9)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("score inside the liver")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("Trained on one real 3D-IRCADb patient + phantoms, tested on the other", fontsize=10)
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=3)
+    fig.suptitle("Trained on one real patient + phantoms, tested on the other", fontsize=10)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     out = Path(out)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
