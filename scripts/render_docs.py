@@ -175,7 +175,7 @@ REAL_RECIPE_RECORDS = {"train_real_1to7": "real patient 1", "train_real_7to1": "
 
 def real_recipe() -> str:
     """test.py reports of models trained by scripts/train_real.sh on one real patient (those recorded)."""
-    rows = ["| trained on (+ as many phantom slices) | tested on, inside the liver | Dice | clDice | "
+    rows = ["| trained on (+ 3x as many phantom slices) | tested on, inside the liver | Dice | clDice | "
             "pieces predicted / true |", "|---|---|---|---|---|"]
     names = [n for n in REAL_RECIPE_RECORDS if (RESULTS_DIR / f"{n}.json").is_file()]
     for n in names:
