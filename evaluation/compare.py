@@ -59,7 +59,7 @@ RECORD_KEYS: tuple[str, ...] = ("dice", "cldice", "sensitivity", "precision", "h
 
 
 def _plain(v: object) -> object:
-    return None if isinstance(v, float) and math.isnan(v) else v
+    return v if _finite(v) else None
 
 
 def report_values(runs: Sequence[tuple[str, Path | Sequence[Path]]],
@@ -89,10 +89,20 @@ def by_test_case(rows: Sequence[dict], key: str) -> list[tuple[str, dict[str, li
         for rep in row["reports"]:
             for c in rep["cases"]:
                 v = c.get(key)
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                if _finite(v):
                     per_case.setdefault(str(c["case"]), []).append(float(v))
         out.append((row["label"], per_case, [v for vals in per_case.values() for v in vals]))
     return out
+
+
+def curve_series(rows: Sequence[dict], key: str) -> tuple[list[str], dict[str, list[float]], list[list[float]]]:
+    """One learning curve of a record's ``numbers.rows`` (:func:`by_test_case`) for metric ``key``:
+    (setting labels, {test case, in name order: the mean over seeds per setting, NaN where it has
+    none}, every setting's pooled values). The curves' tables and plot both read it."""
+    series = by_test_case(rows, key)
+    cases = sorted({c for _, per, _ in series for c in per})
+    per_case = {c: [sum(per[c]) / len(per[c]) if per.get(c) else math.nan for _, per, _ in series] for c in cases}
+    return [label for label, _, _ in series], per_case, [pooled for _, _, pooled in series]
 
 
 def compare_table(runs: Sequence[tuple[str, Path | Sequence[Path]]], ci: bool = False,

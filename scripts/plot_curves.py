@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaluation.compare import by_test_case  # noqa: E402
+from evaluation.compare import curve_series  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.logging_setup import setup_logging  # noqa: E402
 from utils.records import RESULTS_DIR, read_record  # noqa: E402
@@ -33,19 +33,10 @@ def _mean(vals: list[float]) -> float:
     return sum(vals) / len(vals) if vals else math.nan
 
 
-def curve_series(rows: list[dict], key: str) -> tuple[list[str], dict[str, list[float]], list[float]]:
-    """(setting labels, {test case: mean over seeds per setting (NaN where absent)}, the pooled
-    mean per setting) of one record's ``numbers.rows`` for metric ``key``."""
-    series = by_test_case(rows, key)
-    labels = [label for label, _, _ in series]
-    cases = sorted({c for _, per, _ in series for c in per})
-    per_case = {c: [_mean(per.get(c, [])) for _, per, _ in series] for c in cases}
-    return labels, per_case, [_mean(pooled) for _, _, pooled in series]
-
-
 def plot_curves(records: dict[str, list[dict]], out: str | Path) -> dict[str, dict]:
     """Draw one panel per axis of ``records`` ({axis: numbers.rows}) into the PNG ``out`` (written
-    atomically); returns what each panel plots: {axis: {metric: curve_series(...)}}."""
+    atomically); returns what each panel plots: {axis: {metric: (setting labels, {test case: the
+    means over seeds}, the pooled means)}} (evaluation.compare.curve_series)."""
     if not records:
         raise ValueError("no learning-curve records to plot")
     import matplotlib
@@ -58,7 +49,8 @@ def plot_curves(records: dict[str, list[dict]], out: str | Path) -> dict[str, di
     for ax, (axis, rows) in zip(axes[0], records.items()):
         drawn[axis] = {}
         for key, name, style in METRICS:
-            labels, per_case, pooled = curve_series(rows, key)
+            labels, per_case, pooled_values = curve_series(rows, key)
+            pooled = [_mean(v) for v in pooled_values]
             drawn[axis][key] = (labels, per_case, pooled)
             x = list(range(len(labels)))
             for colour, (case, ys) in zip(colours, per_case.items()):

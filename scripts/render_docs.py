@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import re
 import sys
 from pathlib import Path
@@ -101,7 +102,7 @@ def _recipe_headline() -> str:
     tested = {}
     for n in REAL_RECIPE_RECORDS:
         r = record(n)["numbers"]
-        tested[", ".join(r["cases"]).replace("case000", "3Dircadb1.")] = r["metrics"]
+        tested[", ".join(f"3Dircadb1.{_test_patient(c)}" for c in r["cases"])] = r["metrics"]
     return ("| `scripts/train_real.sh` (one real patient + phantoms, 2 CPU cores) | Dice | clDice |\n|---|---|---|\n"
             f"| the other real patient, inside the liver | {_mean_per(tested, lambda m: m['dice']['mean'])} | "
             f"{_mean_per(tested, lambda m: m['cldice']['mean'])} |\n\n")
@@ -217,8 +218,17 @@ def _test_patient(case: str) -> str:
 def real_curves() -> str:
     """scripts/real_curves.sh's records (results/real_curves_<axis>.json): per setting, Dice, clDice
     and pieces on each real patient (trained on the other), and both pooled with their 95% CI."""
-    from evaluation.compare import by_test_case
+    from evaluation.compare import curve_series
     from evaluation.reports import summarize
+
+    def both(vals: list) -> str:
+        st = summarize([{"v": v} for v in vals], ["v"])["v"]
+        ci = f" [{st['ci95_low']:.3f}, {st['ci95_high']:.3f}]" if st["n"] > 1 else ""
+        return f"{st['mean']:.3f}{ci}" if st["n"] else "n/a"
+
+    def cell(v: float, digits: int = 3) -> str:
+        return "n/a" if v != v else f"{v:.{digits}f}"
+
     out, names = [], []
     for axis, what in CURVE_AXES.items():
         name = f"real_curves_{axis}"
@@ -226,24 +236,20 @@ def real_curves() -> str:
             continue
         names.append(name)
         rows = record(name)["numbers"]["rows"]
-        dice, cl = by_test_case(rows, "dice"), by_test_case(rows, "cldice")
-        pred, true = by_test_case(rows, "components_pred"), by_test_case(rows, "components_true")
-        cases = sorted({c for _, per, _ in dice for c in per}, key=lambda c: (len(c), c))
+        labels, dice, dice_all = curve_series(rows, "dice")
+        _, cl, cl_all = curve_series(rows, "cldice")
+        _, pred, _ = curve_series(rows, "components_pred")
+        _, true, _ = curve_series(rows, "components_true")
+        cases = list(dice)
         on = [f"on {_test_patient(c)}" for c in cases]
         head = ([what] + [f"Dice {o}" for o in on] + ["Dice, both [95% CI]"] + [f"clDice {o}" for o in on]
                 + ["clDice, both [95% CI]"] + [f"pieces {o} (truth)" for o in on])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for (label, d_per, d_all), (_, c_per, c_all), (_, p_per, _), (_, t_per, _) in zip(dice, cl, pred, true):
-            def both(vals: list) -> str:
-                st = summarize([{"v": v} for v in vals], ["v"])["v"]
-                ci = f" [{st['ci95_low']:.3f}, {st['ci95_high']:.3f}]" if st["n"] > 1 else ""
-                return f"{st['mean']:.3f}{ci}" if st["n"] else "n/a"
-
-            def mean(per: dict, c: str, digits: int = 3) -> str:
-                return f"{sum(per[c]) / len(per[c]):.{digits}f}" if per.get(c) else "n/a"
-
-            cells = ([label] + [mean(d_per, c) for c in cases] + [both(d_all)] + [mean(c_per, c) for c in cases]
-                     + [both(c_all)] + [f"{mean(p_per, c, 0)} ({mean(t_per, c, 0)})" for c in cases])
+        for i, label in enumerate(labels):
+            cells = ([label] + [cell(dice[c][i]) for c in cases] + [both(dice_all[i])]
+                     + [cell(cl.get(c, [math.nan] * len(labels))[i]) for c in cases] + [both(cl_all[i])]
+                     + [f"{cell(pred.get(c, [math.nan] * len(labels))[i], 0)} "
+                        f"({cell(true.get(c, [math.nan] * len(labels))[i], 0)})" for c in cases])
             lines.append("| " + " | ".join(cells) + " |")
         out.append("\n".join(lines) + "\n")
     if not names:
