@@ -2,9 +2,11 @@
 # Learning curves on real CT (issue 27): scripts/train_real.sh trained on one real patient (plus
 # phantoms), tested inside the liver on the other, both ways (1 -> 7 and 7 -> 1), against
 #   iterations      ITERS_LIST   (default "400 1500 5000"; width 16, phantom share 1, offline)
-#   model width     WIDTH_LIST   (default "16 32"; 1500 iterations)
 #   phantom share   RATIO_LIST   (default "0 1 3": none, as many slices as real ones, three times)
-#   salience        none vs offline over SEEDS (default "0 1 2"), 1500 iterations
+#   model width     WIDTH_LIST   (default "16 32"; at the chosen setting)
+#   salience        none vs offline over SEEDS (default "0 1 2"), at the chosen setting
+# The chosen setting is what the first two axes picked and scripts/train_real.sh uses on a CPU:
+# 1500 iterations, CHOSEN_RATIO (default 3) phantom slices per real slice, width 16.
 # One table each (mean [95% CI] over both directions and seeds, scripts/compare_runs.py); with
 # RECORD=<prefix> also results/<prefix>_{iterations,width,phantoms,salience}.json for the docs.
 #
@@ -13,7 +15,7 @@
 #
 # Environment: REAL_SRC (holds 3Dircadb1.1 and 3Dircadb1.7; default ../shared/real), CURVES_DATA
 # (default data/curves), AXES (default "iterations width phantoms salience"), the lists above,
-# PY. Complete stages and finished runs are reused (main.py --reuse, test.py's provenance).
+# CHOSEN_RATIO, PY. Complete stages and finished runs are reused (main.py --reuse, test.py's provenance).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -24,6 +26,7 @@ ITERS_LIST=${ITERS_LIST:-"400 1500 5000"}
 WIDTH_LIST=${WIDTH_LIST:-"16 32"}
 RATIO_LIST=${RATIO_LIST:-"0 1 3"}
 SEEDS=${SEEDS:-"0 1 2"}
+CHOSEN_RATIO=${CHOSEN_RATIO:-3}
 REAL=ircadb_real
 HEAD=${DEMO_CKPT:-checkpoint}/salience/fixed/phantom/bank_fit.pth
 T0=$(date +%s)
@@ -79,13 +82,13 @@ for axis in $AXES; do
   rows=()
   case "$axis" in
     iterations) for it in $ITERS_LIST; do rows+=("$it iterations=$(both_ways ITERS=$it WIDTH=16 PHANTOM_RATIO=1)"); done ;;
-    width) for w in $WIDTH_LIST; do rows+=("$w channels=$(both_ways ITERS=1500 WIDTH=$w PHANTOM_RATIO=1)"); done ;;
+    width) for w in $WIDTH_LIST; do rows+=("$w channels=$(both_ways ITERS=1500 WIDTH=$w PHANTOM_RATIO=$CHOSEN_RATIO)"); done ;;
     phantoms) for r in $RATIO_LIST; do rows+=("phantoms ${r}x=$(both_ways ITERS=1500 WIDTH=16 PHANTOM_RATIO=$r)"); done ;;
     salience)
       for mode in none offline; do
         pooled=""
         for seed in $SEEDS; do
-          pooled+="$(both_ways ITERS=1500 WIDTH=16 PHANTOM_RATIO=1 SALIENCE=$mode SEED=$seed),"
+          pooled+="$(both_ways ITERS=1500 WIDTH=16 PHANTOM_RATIO=$CHOSEN_RATIO SALIENCE=$mode SEED=$seed),"
         done
         rows+=("$mode=${pooled%,}")
       done ;;
