@@ -3,7 +3,7 @@
     python scripts/plot_curves.py                       # results/real_curves_*.json -> imgs/real_curves.png
     python scripts/plot_curves.py --prefix real_curves --out imgs/real_curves.png
 
-One panel per axis recorded (iterations, width, phantoms, salience, in that order): Dice (solid)
+One panel per axis recorded (iterations, phantoms, width, salience, in that order): Dice (solid)
 and clDice (dashed) on each real patient, trained on the other (mean over seeds), and the two
 pooled (black). The figures come only from the records (``numbers.rows``, written by
 ``scripts/compare_runs.py --record``), so the plot can be redrawn without the runs' folders.
@@ -25,7 +25,7 @@ from utils.records import RESULTS_DIR, read_record  # noqa: E402
 
 log = logging.getLogger("plot_curves")
 
-AXES = ("iterations", "width", "phantoms", "salience")
+AXES = ("iterations", "phantoms", "width", "salience")
 METRICS = (("dice", "Dice", "-"), ("cldice", "clDice", "--"))
 
 
@@ -59,8 +59,13 @@ def plot_curves(records: dict[str, list[dict]], out: str | Path) -> dict[str, di
             ax.plot(x, pooled, style, marker="s", color="black", label=f"{name}, both")
             ax.set_xticks(x, labels, rotation=20, fontsize=8)
         ax.set_title(axis)
-        ax.set_ylim(0.3, 0.9)
         ax.grid(alpha=0.3)
+    # one score scale on every panel, wide enough for every point (no point drawn off the axes)
+    finite = [v for d in drawn.values() for _, per_case, pooled in d.values()
+              for v in [*pooled, *(y for ys in per_case.values() for y in ys)] if v == v]
+    low = min([0.3, *finite])
+    for ax in axes[0]:
+        ax.set_ylim(0.1 * int(low * 10), 0.9)
     axes[0][0].set_ylabel("score inside the liver")
     handles, names = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, names, fontsize=7, loc="lower center", ncol=3)

@@ -204,9 +204,9 @@ def real_recipe() -> str:
 #: scripts/real_curves.sh's axes: record suffix -> what the rows vary (and what stays fixed)
 CURVE_AXES = {
     "iterations": "iterations (16 channels, as many phantom slices as real ones, offline salience)",
-    "width": "base channels (1500 iterations)",
     "phantoms": "phantom slices per real slice (1500 iterations)",
-    "salience": "salience (1500 iterations; seeds pooled)",
+    "width": "base channels (the chosen setting: 1500 iterations, 3x phantoms)",
+    "salience": "salience (the chosen setting; seeds 0, 1, 2 averaged per patient, pooled in \"both\")",
 }
 
 
