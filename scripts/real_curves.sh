@@ -8,20 +8,21 @@
 # The chosen setting is what the first two axes picked and scripts/train_real.sh uses on a CPU:
 # 1500 iterations, CHOSEN_RATIO (default 3) phantom slices per real slice, width 16.
 # One table each (mean [95% CI] over both directions and seeds, scripts/compare_runs.py); with
-# RECORD=<prefix> also results/<prefix>_{iterations,width,phantoms,salience}.json for the docs.
+# RECORD=<prefix> also results/<prefix>_{iterations,phantoms,width,salience}.json for the docs.
 #
 #   bash scripts/real_curves.sh                      # about 20 runs of 5-30 minutes on 2 CPU cores
 #   AXES="iterations" RECORD=real_curves bash scripts/real_curves.sh
 #
 # Environment: REAL_SRC (holds 3Dircadb1.1 and 3Dircadb1.7; default ../shared/real), CURVES_DATA
-# (default data/curves), AXES (default "iterations width phantoms salience"), the lists above,
-# CHOSEN_RATIO, PY. Complete stages and finished runs are reused (main.py --reuse, test.py's provenance).
+# (default data/curves), AXES (default "iterations phantoms width salience": the last two run at
+# what the first two chose), the lists above, CHOSEN_RATIO, PY. Complete stages and finished runs
+# are reused (main.py --reuse, test.py's provenance).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 REAL_SRC=${REAL_SRC:-../shared/real}
 OUT=${CURVES_DATA:-data/curves}
-AXES=${AXES:-"iterations width phantoms salience"}
+AXES=${AXES:-"iterations phantoms width salience"}
 ITERS_LIST=${ITERS_LIST:-"400 1500 5000"}
 WIDTH_LIST=${WIDTH_LIST:-"16 32"}
 RATIO_LIST=${RATIO_LIST:-"0 1 3"}

@@ -245,11 +245,13 @@ def real_curves() -> str:
         head = ([what] + [f"Dice {o}" for o in on] + ["Dice, both [95% CI]"] + [f"clDice {o}" for o in on]
                 + ["clDice, both [95% CI]"] + [f"pieces {o} (truth)" for o in on])
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        def at(per: dict, c: str, i: int) -> float:  # a case without any value of this metric: NaN
+            return per[c][i] if c in per else math.nan
+
         for i, label in enumerate(labels):
             cells = ([label] + [cell(dice[c][i]) for c in cases] + [both(dice_all[i])]
-                     + [cell(cl.get(c, [math.nan] * len(labels))[i]) for c in cases] + [both(cl_all[i])]
-                     + [f"{cell(pred.get(c, [math.nan] * len(labels))[i], 0)} "
-                        f"({cell(true.get(c, [math.nan] * len(labels))[i], 0)})" for c in cases])
+                     + [cell(at(cl, c, i)) for c in cases] + [both(cl_all[i])]
+                     + [f"{cell(at(pred, c, i), 0)} ({cell(at(true, c, i), 0)})" for c in cases])
             lines.append("| " + " | ".join(cells) + " |")
         out.append("\n".join(lines) + "\n")
     if not names:

@@ -10,8 +10,7 @@
 # (400-5000 are flat pooled, and more iterations learn the training patient's annotation, not
 # vessels), PHANTOM_RATIO 3 (without phantoms the model trained on patient 7 fell to Dice 0.27
 # on patient 1), 16 channels (32 were no better and 2.6 times slower), lr 3e-3 from scratch,
-# offline bank salience (over three seeds pooled Dice 0.621 against 0.593 without, clDice 0.679
-# against 0.634, and fewer spurious pieces).
+# offline bank salience (better than none over three seeds, with fewer spurious pieces).
 #
 # Steps, each through the project's commands (complete stages are reused):
 #   1. scripts/prepare_phantom.sh: the make-demo phantoms, the bank head fine-tuned on them
