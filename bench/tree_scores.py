@@ -4,7 +4,10 @@
         --label "phantom test" --record tree_scores_phantom
 
 ``--binary``: the report (``test.py --output``) of a binary model on the same cases; each
-``--trees``: a report of a model trained with ``main.py --classes portal,hepatic``. Per row: the
+``--trees``: a report of a model trained with ``main.py --classes portal,hepatic``. Give one
+``--binary`` for all rows, or one per ``--trees`` (in the same order) when the rows test different
+cases, e.g. each direction of a two-patient cross test has its own binary model; each two-tree row
+then follows the row of its binary model. Per row: the
 union's Dice and clDice, each tree's Dice, and the share of found vessel voxels given the other
 tree, voxel by voxel (``wrong_tree_share_voxelwise``) and after the one-tree-per-piece step
 (``wrong_tree_share``, what predict.py writes). Means over the report's cases. Prints a Markdown
@@ -16,6 +19,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,8 +32,13 @@ def _mean(summary: dict, key: str) -> float:
 
 
 def row_of(report: Path) -> dict:
-    doc = json.loads((Path(report) / "summary.json").read_text())
-    meta = doc["meta"]
+    """One row of scores from a test.py report folder (its summary.json)."""
+    path = Path(report) / "summary.json"
+    try:
+        doc = json.loads(path.read_text())
+        meta = doc["meta"]
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: not a test.py report ({e})") from None
     out = {"report": str(report), "model_sha256": meta["model_sha256"], "salience": meta["salience"],
            "cases": meta["cases"], "eval_roi": meta["eval_roi"], "dice": _mean(doc, "dice"),
            "cldice": _mean(doc, "cldice")}
@@ -44,17 +53,38 @@ def fmt(v: float, pct: bool = False) -> str:
     return f"{v:.1%}" if pct else f"{v:.3f}"
 
 
+def table_rows(binary: Sequence[str], trees: Sequence[str], names: Sequence[str]) -> dict[str, dict]:
+    """Rows by name: one binary report for all, "binary", then the two-tree rows; or one binary
+    report per two-tree report, each "binary (<name>)" before its two-tree row."""
+    if len(binary) == 1:
+        rows = {"binary": row_of(Path(binary[0]))}
+        rows.update({n: row_of(Path(t)) for n, t in zip(names, trees)})
+        return rows
+    if len(binary) != len(trees):
+        raise ValueError(f"give one --binary or one per --trees, got {len(binary)} and {len(trees)}")
+    rows = {}
+    for b, t, n in zip(binary, trees, names):
+        rows[f"binary ({n})"] = row_of(Path(b))
+        rows[n] = row_of(Path(t))
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--binary", required=True, help="test.py report folder of the binary model")
+    p.add_argument("--binary", action="append", required=True,
+                   help="test.py report folder of the binary model: once, or once per --trees")
     p.add_argument("--trees", action="append", required=True, help="test.py report folder of a two-tree model")
     p.add_argument("--names", default=None, help="comma-separated row names of the --trees reports")
     p.add_argument("--label", default="", help="what the cases are, for the record's description")
     p.add_argument("--record", default=None)
     args = p.parse_args()
     names = args.names.split(",") if args.names else [f"two trees {i + 1}" for i in range(len(args.trees))]
-    rows = {"binary": row_of(Path(args.binary))}
-    rows.update({n: row_of(Path(r)) for n, r in zip(names, args.trees)})
+    if len(names) != len(args.trees):
+        p.error(f"--names gives {len(names)} names for {len(args.trees)} --trees reports")
+    try:
+        rows = table_rows(args.binary, args.trees, names)
+    except ValueError as e:
+        p.error(str(e))
     table = ["| model | union Dice | union clDice | portal Dice | hepatic Dice | wrong tree, voxel by voxel | "
              "wrong tree, one per piece |", "|---|---|---|---|---|---|---|"]
     for n, r in rows.items():

@@ -1,0 +1,46 @@
+"""bench/tree_scores.py: rows from test.py reports, one binary model for all rows or one per row."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.tree_scores import table_rows
+
+
+def _report(folder: Path, dice: float, portal: float = None) -> str:
+    folder.mkdir(parents=True)
+    metrics = {"dice": {"mean": dice}, "cldice": {"mean": dice + 0.05}}
+    if portal is not None:
+        metrics.update(portal_dice={"mean": portal}, hepatic_dice={"mean": 0.5},
+                       wrong_tree_share_voxelwise={"mean": 0.2}, wrong_tree_share={"mean": 0.1})
+    meta = {"model_sha256": f"sha{dice}", "salience": "offline", "cases": ["case0001"], "eval_roi": "liver"}
+    (folder / "summary.json").write_text(json.dumps({"meta": meta, "metrics": metrics}))
+    return str(folder)
+
+
+def test_one_binary_report_heads_the_rows(tmp_path):
+    b = _report(tmp_path / "b", 0.6)
+    t1, t2 = _report(tmp_path / "t1", 0.55, 0.1), _report(tmp_path / "t2", 0.5, 0.2)
+    rows = table_rows([b], [t1, t2], ["a", "c"])
+    assert list(rows) == ["binary", "a", "c"]
+    assert rows["binary"]["dice"] == 0.6 and rows["binary"]["portal_dice"] != rows["binary"]["portal_dice"]  # NaN
+    assert rows["c"]["portal_dice"] == 0.2
+
+
+def test_one_binary_report_per_row_is_paired_in_order(tmp_path):
+    b1, b2 = _report(tmp_path / "b1", 0.61), _report(tmp_path / "b2", 0.62)
+    t1, t2 = _report(tmp_path / "t1", 0.55, 0.1), _report(tmp_path / "t2", 0.5, 0.2)
+    rows = table_rows([b1, b2], [t1, t2], ["1 to 7", "7 to 1"])
+    assert list(rows) == ["binary (1 to 7)", "1 to 7", "binary (7 to 1)", "7 to 1"]
+    assert rows["binary (7 to 1)"]["dice"] == 0.62 and rows["7 to 1"]["dice"] == 0.5
+
+
+def test_mismatched_counts_and_missing_reports_are_refused(tmp_path):
+    b = [_report(tmp_path / f"b{i}", 0.6) for i in range(2)]
+    t = [_report(tmp_path / f"t{i}", 0.5, 0.1) for i in range(3)]
+    with pytest.raises(ValueError, match="one per --trees"):
+        table_rows(b, t, ["x", "y", "z"])
+    with pytest.raises(ValueError, match="summary.json: not a test.py report"):
+        table_rows([b[0]], [str(tmp_path / "nowhere")], ["x"])
