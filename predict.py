@@ -3,7 +3,7 @@
     python predict.py --model FILE --input PATH --output DIR [--device auto]
                       [--liver_model FILE [--liver_margin 5] | --liver_mask FILE | --no_liver_model]
                       [--prob] [--mesh [stl|obj]] [--figures] [--graph] [--dicom_seg] [--tta] [--series UID]
-                      [--head FILE]
+                      [--tree_model FILE] [--head FILE]
                       [--batch_size 8] [--min_component_mm3 MM3] [--overwrite]
 
 PATH: a DICOM series folder, a zip of one (3D-IRCADb's PATIENT_DICOM.zip), a 3D-IRCADb patient
@@ -15,7 +15,9 @@ millimetres, ``--figures`` ``<case>_mip.png`` and ``<case>_3d.png``, ``--graph``
 ``<case>_seg.dcm`` (a DICOM Segmentation referencing the source series), ``--liver_model``
 ``<case>_liver.nii.gz`` (the liver it found; vessels farther than ``--liver_margin`` mm from it
 are removed; a model file with a liver model embedded by ``scripts/embed_liver.py`` does the same
-without ``--liver_model``, unless ``--no_liver_model``). The model file carries
+without ``--liver_model``, unless ``--no_liver_model``), ``--tree_model`` (with a binary model)
+``<case>_trees.nii.gz`` (1 portal vein, 2 hepatic veins) and, with ``--mesh``, a surface per tree.
+The model file carries
 everything else (network, salience generator, HU window, resize rule, threshold, smallest component kept); ``--head``
 supplies the generator weights for checkpoints that do not embed them.
 Bad input: a one-line error naming the file, exit code 1, no output for that scan.
@@ -51,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore a liver model embedded in --model (scripts/embed_liver.py): the whole scan")
     p.add_argument("--liver_margin", type=float, default=DEFAULT_MARGIN_MM, metavar="MM",
                    help="with --liver_model: keep vessels up to MM mm outside the liver (the hilum)")
+    p.add_argument("--tree_model", default=None, metavar="FILE",
+                   help="a tree model (train_tree_model.py): label a binary model's vessels portal vein (1) or "
+                        "hepatic veins (2): <case>_trees.nii.gz, a surface and statistics per tree")
     p.add_argument("--prob", action="store_true", help="also write the probability map")
     p.add_argument("--mesh", nargs="?", const="stl", choices=MESH_FORMATS, default=None,
                    help="also write the vessel surface (default stl)")
@@ -81,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               prob=args.prob, mesh=args.mesh, figures=args.figures,
                               graph=args.graph, dicom_seg=args.dicom_seg,
                               tta=args.tta, series=args.series, batch_size=args.batch_size, overwrite=args.overwrite,
-                              min_component_mm3=args.min_component_mm3)
+                              min_component_mm3=args.min_component_mm3, tree_model=args.tree_model)
     except (PreprocessError, FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", " ".join(str(e).split()) or type(e).__name__)
         return 1

@@ -3,7 +3,7 @@
     python test.py --dataset 3D-IRCADb --backbone unet [--exp NAME] [--salience MODE] [--model_path FILE] [--split test]
                    [--eval_roi liver|none] [--tta] [--overlap 0.5] [--img_size H W]
                    [--save_pred h5|nifti] [--figures] [--device auto] [--output DIR]
-                   [--min_component_mm3 MM3] [--overwrite]
+                   [--min_component_mm3 MM3] [--tree_model FILE] [--overwrite]
 
 The model is rebuilt from its checkpoint alone (networks.checkpoint.load_model); by default
 the one ``best_model.pth`` under ``checkpoint/<dataset>/<backbone>/`` whose run matches
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", action="store_true",
                    help="branch graphs of prediction and truth (graphs/*.graphml) and graph scores per case: branch "
                         "points found within 3 mm, branches found by radius, pieces of the largest true tree")
+    p.add_argument("--tree_model", default=None, metavar="FILE",
+                   help="a tree model (train_tree_model.py) that labels this binary model's mask with its trees: "
+                        "every metric per tree and the share of found vessel voxels given the other tree")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass")
     p.add_argument("--output", default=None, help="report folder (default: eval_<split>... in the run folder)")
@@ -78,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             overlap=args.overlap, tta=args.tta, img_size=args.img_size, eval_roi=args.eval_roi,
             save_pred=args.save_pred, pred_kind=args.pred_kind, figures=args.figures, device=args.device,
             batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
-            min_component_mm3=args.min_component_mm3, graph=args.graph,
+            min_component_mm3=args.min_component_mm3, graph=args.graph, tree_model=args.tree_model,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", str(e).splitlines()[0] if str(e) else type(e).__name__)

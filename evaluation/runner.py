@@ -161,6 +161,13 @@ class _Evaluation:
     eval_roi: str
     #: the class-map values of the model's classes, in its output order (None: a binary model)
     class_values: Optional[list[int]] = None
+    #: a tree model (inference.tree_model) that labels a binary model's mask with its trees
+    trees: Optional[Any] = None
+
+    @property
+    def classes(self) -> list[str]:
+        """The trees scored: the model's classes, or the tree model's; [] for one binary mask."""
+        return list(self.predictor.classes or (self.trees.classes if self.trees is not None else []))
 
     @property
     def ckpt(self) -> dict:
@@ -226,9 +233,10 @@ def _existing_report(out_dir: Path, overwrite: bool, wanted: dict, extras: dict)
 def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[str], paths: DatasetPaths,
                 cases: Sequence[str],
                 img_size: Optional[Sequence[int]], device: str, overlap: float, tta: bool, batch_size: int,
-                eval_roi: str, min_component_mm3: Optional[float], model_sha256: str) -> _Evaluation:
+                eval_roi: str, min_component_mm3: Optional[float], model_sha256: str,
+                tree_model: Optional[Path] = None) -> _Evaluation:
     """The model file as a :class:`Predictor` (its offline maps are the stored ones), checked
-    against the options and the data."""
+    against the options and the data; ``tree_model``: a tree model file for a binary model."""
     from networks.checkpoint import check_compatible  # the metrics and reports work without torch models
 
     pred = Predictor.from_checkpoint(model_path, device, min_component_mm3=min_component_mm3, img_size=img_size,
@@ -240,14 +248,23 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
     elif img_size is not None and ckpt.get("img_size") and list(img_size) != list(ckpt["img_size"]):
         log.warning("running at --img_size %s although the model was trained at %s", list(img_size), ckpt["img_size"])
     _preflight(paths, cases, ckpt)
-    values = None
-    if pred.classes:
+    values, trees = None, None
+    if tree_model is not None and pred.classes:
+        raise ValueError(f"{tree_model}: --tree_model labels a binary model's mask, but {model_path} already "
+                         f"has the classes {pred.classes}")
+    if pred.classes or tree_model is not None:
         from utils.manifests import class_values, dataset_manifest_path, read_stage
 
-        # the class map of the data the model learnt from (its manifest), else of the test data
-        doc = (ckpt.get("manifests") or {}).get("dataset") or read_stage(paths, with_salience=False)["dataset"]
-        values = class_values(pred.classes, doc, dataset_manifest_path(paths))
-    return _Evaluation(paths, pred, overlap, tta, batch_size, eval_roi, values)
+        if tree_model is not None:
+            from inference.tree_model import load_tree_model
+
+            trees = load_tree_model(tree_model, pred.device)
+            doc = read_stage(paths, with_salience=False)["dataset"]
+        else:
+            # the class map of the data the model learnt from (its manifest), else of the test data
+            doc = (ckpt.get("manifests") or {}).get("dataset") or read_stage(paths, with_salience=False)["dataset"]
+        values = class_values(pred.classes or trees.classes, doc, dataset_manifest_path(paths))
+    return _Evaluation(paths, pred, overlap, tta, batch_size, eval_roi, values, trees)
 
 
 def tree_keys(classes: Sequence[str]) -> list[str]:
@@ -284,24 +301,29 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
         tree_row: dict[str, Any] = {}
     else:
         if vol.classes is None:
-            raise ValueError(f"{paths.volume(case)}: no class map, needed to score a model of classes "
-                             f"{pr.classes} (preprocess.py --vessel_classes)")
+            raise ValueError(f"{paths.volume(case)}: no class map, needed to score the trees "
+                             f"{ev.classes} (preprocess.py --vessel_classes)")
         from inference.trees import consistent_trees
 
         true_labels = np.zeros(vol.classes.shape, np.uint8)
         for k, v in enumerate(ev.class_values):
             true_labels[vol.classes == v] = k + 1
-        voxelwise = pr.labels(prob, vol.spacing, roi, consistent=False)
-        labels = consistent_trees(voxelwise)
+        if ev.trees is None:
+            voxelwise = pr.labels(prob, vol.spacing, roi, consistent=False)
+            labels = consistent_trees(voxelwise)
+        else:
+            # a tree model decides in 3-D already; the one-tree-per-piece step, made for slice-by-slice
+            # decisions, would hand its largest part of a piece where both trees touch to one tree
+            voxelwise = labels = ev.trees.classify(vol.image, pr.mask(prob, vol.spacing, roi), vol.spacing)
         pred, truth = labels > 0, true_labels > 0
-        tree_row = {f"{c}_{key}": value for k, c in enumerate(pr.classes)
+        tree_row = {f"{c}_{key}": value for k, c in enumerate(ev.classes)
                     for key, value in evaluate_case(labels == k + 1, true_labels == k + 1, vol.spacing, roi).items()}
         tree_row["wrong_tree_share"] = wrong_tree_share(labels, true_labels, roi)
         tree_row["wrong_tree_share_voxelwise"] = wrong_tree_share(voxelwise, true_labels, roi)
     row: dict[str, Any] = {"case": case, **evaluate_case(pred, truth, vol.spacing, roi), **tree_row}
     if row["empty_pred"] and not row["empty_true"]:
         # a collapsed model reads as Dice 0 in a pooled table; name it where it happens
-        union = prob if ev.class_values is None else prob.max(axis=0)  # (K, H, W, D): the largest class
+        union = prob if prob.ndim == 3 else prob.max(axis=0)  # (K, H, W, D): the largest class
         scored = union if roi is None else union[roi]
         log.warning("%s: the model predicts no vessel (highest probability %.3f, threshold %.2f; the label "
                     "holds %d voxels)", case, float(scored.max()) if scored.size else float("nan"),
@@ -313,7 +335,7 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
     if save_pred is not None:
         (tmp / "predictions").mkdir(exist_ok=True)
         # a model of classes: the largest class probability, and the label map as the mask (0, 1, 2, ...)
-        saved = prob if ev.class_values is None else prob.max(axis=0)
+        saved = prob if prob.ndim == 3 else prob.max(axis=0)
         save_prediction(tmp / "predictions", case, saved, vol.spacing, save_pred, as_mask=pred_kind == "mask",
                         mask=pred if ev.class_values is None else labels,
                         image=vol.image, crop=vol.crop)
@@ -369,6 +391,7 @@ def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys:
         "n_empty_true": int(sum(r["empty_true"] for r in rows)),
         "overlap": ev.overlap, "tta": ev.tta, "threshold": pr.threshold,
         "min_component_mm3": pr.min_component_mm3, "eval_roi": ev.eval_roi, "device": pr.device,
+        "tree_model": None if ev.trees is None else {"path": ev.trees.path, "sha256": ev.trees.sha256},
         "created": record["created"], "code_version": record["code_version"], "provenance": record,
         "outputs": extras,
         "conventions": "NaN (null in JSON) where a metric is undefined (empty mask / empty bin); "
@@ -410,12 +433,15 @@ def run_evaluation(
     overwrite: bool = False,
     min_component_mm3: Optional[float] = None,
     graph: bool = False,
+    tree_model: Optional[str | Path] = None,
 ) -> EvalResult:
     """Predict and score every case of ``split``; write the report folder; return rows and summary.
 
     ``min_component_mm3``: post-processing (``inference.vessel_mask``); None: the checkpoint's.
     ``graph``: also the branch graphs of prediction and truth (``graphs/*.graphml``) and the graph
-    scores (``evaluation.graph.GRAPH_KEYS``) per case.
+    scores (``evaluation.graph.GRAPH_KEYS``) per case. ``tree_model``: a tree model file
+    (``train_tree_model.py``) that labels the binary model's mask with its trees, scored per tree
+    as a model of classes is.
 
     Raises FileNotFoundError / ValueError with a one-line message naming the file on bad input;
     nothing is written then. An existing complete report is returned unchanged when it was made by the
@@ -437,7 +463,8 @@ def run_evaluation(
     wanted = provenance.record(model_sha256, {
         "dataset": dataset, "split": split, "cases": list(cases), "eval_roi": eval_roi, "tta": tta,
         "overlap": overlap, "img_size": None if img_size is None else list(img_size),
-        "min_component_mm3": min_component_mm3, "data": data_fingerprint(paths, cases)})
+        "min_component_mm3": min_component_mm3, "data": data_fingerprint(paths, cases),
+        "tree_model": None if tree_model is None else provenance.file_sha256(tree_model)})
     extras = {"save_pred": save_pred, "pred_kind": pred_kind if save_pred else None, "figures": figures,
               "graph": graph}
     existing = _existing_report(out_dir, overwrite, wanted, extras)
@@ -445,11 +472,11 @@ def run_evaluation(
         return existing
 
     ev = _load_model(model_path, backbone, salience, paths, cases, img_size, device, overlap, tta, batch_size, eval_roi,
-                     min_component_mm3, model_sha256)
+                     min_component_mm3, model_sha256, None if tree_model is None else Path(tree_model))
     log.info("model %s (%d-D, salience %s, epoch %s) from %s; %d %s cases; roi %s; tta %s",
              ev.ckpt["model_name"], ev.predictor.spatial_dims, ev.predictor.salience_mode, ev.ckpt.get("epoch"), model_path, len(cases), split,
              eval_roi, tta)
-    keys = (list(METRIC_KEYS) + (tree_keys(ev.predictor.classes) if ev.predictor.classes else [])
+    keys = (list(METRIC_KEYS) + (tree_keys(ev.classes) if ev.classes else [])
             + (list(GRAPH_KEYS) if graph else []) + list(EXTRA_KEYS))
     with atomic_dir(out_dir, overwrite=True) as tmp:
         rows = [_evaluate_one(ev, case, tmp, save_pred, pred_kind, figures, graph)

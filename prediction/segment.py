@@ -8,7 +8,8 @@ back on the input grid. Outputs, all in the input's geometry:
 
     <case>_vessels.nii.gz   uint8 {0, 1}
     <case>_liver.nii.gz     uint8 {0, 1}, the liver mask of --liver_model (inference.liver)
-    <case>_trees.nii.gz     uint8 label map of a model of classes (main.py --classes): 0 background,
+    <case>_trees.nii.gz     uint8 label map of a model of classes (main.py --classes) or of a binary
+                            model with a tree model (--tree_model, inference.tree_model): 0 background,
                             k + 1 for its k-th class (1 portal vein, 2 hepatic veins for portal,hepatic),
                             one tree per connected piece (inference.trees); <case>_vessels is their union
     <case>_<class>.stl|obj  with --mesh and a model of classes: one surface per tree
@@ -33,7 +34,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -48,6 +49,7 @@ from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_mod
                              segment_liver)
 from inference.predictor import Predictor, spacing_warning
 from inference.scans import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
+from inference.tree_model import TreeModel, load_tree_model
 from preprocessing.errors import PreprocessError
 from utils import provenance
 from utils.h5io import apply_hu_window
@@ -402,7 +404,8 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
                  liver_model: Optional[Predictor] = None, liver_margin_mm: float = DEFAULT_MARGIN_MM,
                  prob: bool = False, mesh: Optional[str] = None, figures: bool = False, graph: bool = False,
                  dicom_seg: bool = False, tta: bool = False,
-                 series: Optional[str] = None, batch_size: int = 8, overwrite: bool = False) -> CaseResult:
+                 series: Optional[str] = None, batch_size: int = 8, overwrite: bool = False,
+                 tree_model: Optional[TreeModel] = None) -> CaseResult:
     """Read, predict and write one scan; all its outputs appear together or not at all.
 
     Outputs already in ``out_dir`` are kept only when their ``<case>_stats.json`` records the same
@@ -412,11 +415,17 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     The liver: ``liver_mask`` (a file) is used as given: vessels are kept inside it. Without one,
     ``liver_model`` (a liver model's Predictor, :mod:`inference.liver`) segments it, vessels are
     kept within ``liver_margin_mm`` of it, and its mask is written. With neither, the whole scan.
+
+    ``tree_model`` (:mod:`inference.tree_model`, for a binary ``seg``): labels the vessel mask with
+    its trees, as a model of classes does.
     """
     if mesh is not None and mesh not in MESH_FORMATS:
         raise ValueError(f"--mesh must be one of {MESH_FORMATS}, got {mesh!r}")
     use_liver_model = liver_model is not None and liver_mask is None
-    classes = seg.classes or []
+    if tree_model is not None and seg.classes:
+        raise ValueError(f"{tree_model.path}: a tree model labels a binary model's mask, but {seg.path} already has "
+                         f"the classes {seg.classes}")
+    classes = seg.classes or (tree_model.classes if tree_model is not None else [])
     names = output_names(src.name, prob, mesh, figures, graph, dicom_seg, liver=use_liver_model, classes=classes)
     wanted = provenance.record(seg.sha256, {
         "input": str(Path(src.path).resolve()), "series": series, "tta": tta,
@@ -424,6 +433,7 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         if Path(liver_mask).is_file() else str(Path(liver_mask).resolve()),
         "liver_model": liver_model.sha256 if use_liver_model else None,
         "liver_margin_mm": float(liver_margin_mm) if use_liver_model else None,
+        "tree_model": tree_model.sha256 if tree_model is not None else None,
         "min_component_mm3": seg.min_component_mm3,
         "generator_sha256": None if seg.generator is None else seg.generator.weights_sha256})
     if not overwrite and all((out_dir / n).is_file() for n in names):
@@ -452,6 +462,10 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     pred = seg.predict_scan(scan.hu, scan.spacing, region, name=src.name, tta=tta, batch_size=batch_size,
                             clock=clock)
     log.info("%s: salience %.1f s, inference %.1f s", src.name, clock.wall.get("salience", 0.0), clock.wall["inference"])
+    if tree_model is not None:
+        # as decided, without the one-tree-per-piece step (inference.tree_model says why)
+        pred = replace(pred, labels=tree_model.classify(apply_hu_window(scan.hu), pred.mask, scan.spacing))
+        log.info("%s: tree model %.1f s", src.name, clock.lap("trees"))
     stats = vessel_stats(pred.mask, scan.spacing)
     if classes:
         stats["trees"] = {c: vessel_stats(pred.labels == k + 1, scan.spacing) for k, c in enumerate(classes)}
@@ -518,6 +532,9 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
             "case": src.name, "input": scan.description, "model": seg.describe(),
             "liver_mask": str(liver_mask) if liver_mask is not None else None,
             "liver_model": liver_model.describe() if use_liver_model else None,
+            "tree_model": None if tree_model is None else {"path": tree_model.path, "sha256": tree_model.sha256,
+                                                           "classes": tree_model.classes,
+                                                           "trained_on": tree_model.info.get("cases")},
             "crop_hwd": list(pred.crop), "tta": tta, "device": seg.device, "warnings": warnings, "stats": stats,
             "outputs": [n for n in names if n != f"{src.name}_stats.json"],
             "seconds": {k: round(v, 3) for k, v in clock.wall.items()},
@@ -540,7 +557,8 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
                 figures: bool = False, graph: bool = False, dicom_seg: bool = False, tta: bool = False,
                 series: Optional[str] = None,
                 batch_size: int = 8, overwrite: bool = False,
-                min_component_mm3: Optional[float] = None) -> list[CaseResult]:
+                min_component_mm3: Optional[float] = None,
+                tree_model: Optional[str | os.PathLike] = None) -> list[CaseResult]:
     """Segment every scan under ``input_path`` with ``model``; one result per case.
 
     ``min_component_mm3``: drop predicted components under this volume (mm^3); None: the
@@ -548,7 +566,8 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     (``scripts/train_liver.sh``) run on every scan without ``liver_mask``; vessels farther than
     ``liver_margin_mm`` from its liver are removed (:func:`segment_case`); without one, the liver
     model embedded in ``model`` (``scripts/embed_liver.py``) is used unless ``use_embedded_liver``
-    is False.
+    is False. ``tree_model``: a tree model file (``train_tree_model.py``) that labels a binary
+    model's vessels with their trees (a label map, a surface and statistics per tree).
 
     Bad model files and inputs raise ValueError / FileNotFoundError before anything is written.
     With several scans, one that fails is reported (status "failed", a one-line message) and
@@ -577,6 +596,12 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
         liver_seg = embedded_liver_model(seg.ckpt, seg.path, device)
         if liver_seg is not None:
             log.info("the liver model embedded in %s finds the liver", seg.path)
+    trees = None
+    if tree_model is not None:
+        if seg.classes:
+            raise ValueError(f"{tree_model}: a tree model labels a binary model's mask, but {seg.path} already "
+                             f"has the classes {seg.classes}")
+        trees = load_tree_model(tree_model, seg.device)
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output exists and is not a folder")
@@ -585,7 +610,7 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
              f", generator {seg.generator.name}" if seg.generator is not None else "", seg.path, len(cases))
     kw = dict(liver_mask=liver_mask, liver_model=liver_seg, liver_margin_mm=liver_margin_mm, prob=prob, mesh=mesh,
               figures=figures, graph=graph, dicom_seg=dicom_seg, tta=tta, series=series, batch_size=batch_size,
-              overwrite=overwrite)
+              overwrite=overwrite, tree_model=trees)
     if len(cases) == 1:
         return [segment_case(seg, cases[0], out_dir, **kw)]
     results = []

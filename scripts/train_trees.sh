@@ -11,10 +11,8 @@
 # "Two trees"); this script is the one command for a longer or GPU run, which scales by itself.
 #
 # Steps, each through the project's commands (complete stages are reused):
-#   1. scripts/prepare_phantom.sh: the make-demo phantoms and the bank head fitted on them.
-#   2. preprocess.py --vessel_classes portalvein,venoussystem on the same phantoms, with make
-#      demo's split (so the test cases are the binary demo model's), and their maps.
-#   3. the real patients under REAL_SRC with their class maps and maps from the same head.
+#   1-3. scripts/prepare_trees.sh: the make-demo phantoms and the real patients under REAL_SRC,
+#      preprocessed with class maps, and their salience maps.
 #   4. MIX_REAL=1: scripts/mix_datasets.py, every real patient's slices + PHANTOM_RATIO times as
 #      many phantom slices; else the phantoms alone.
 #   5. main.py --classes portal,hepatic (one sigmoid output per tree), no rotations or flips
@@ -44,39 +42,10 @@ BATCH=${BATCH:-$([ "$CUDA" = 1 ] && [ "$BACKBONE" != unet3d ] && echo 16 || echo
 WIDTH=${WIDTH:-$([ "$CUDA" = 1 ] && echo 32 || echo 16)}
 PATCH=${PATCH:-$([ "$CUDA" = 1 ] && echo "96 96 64" || echo "64 64 32")}
 SEED=${SEED:-0}
-HEAD=${DEMO_CKPT:-checkpoint}/salience/fixed/phantom/bank_fit.pth
-CLASSES=portalvein,venoussystem
-PH=phantom_trees
-REAL=ircadb_trees
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 )) s] $*" >&2; }
 
-step "1/6 phantoms and the fitted head (scripts/prepare_phantom.sh)"
-DEMO_NORMALISATION=fixed bash scripts/prepare_phantom.sh >&2
-
-step "2/6 the phantoms with a class map -> $DATA/$PH (make demo's split)"
-mkdir -p "$DATA/lists/$PH"
-for s in train val test; do cp "list/phantom/vol_$s.txt" "$DATA/lists/$PH/vol_$s.txt"; done
-$PY preprocess.py --dataset $PH --src "${DEMO_DATA:-data}/raw/phantom" --root_path "$DATA" --list_dir "$DATA/lists" \
-    --vessel_classes $CLASSES --workers 2 >&2
-$PY salience_generation.py --dataset $PH --root_path "$DATA" --list_dir "$DATA/lists" --generator bank \
-    --weights "$HEAD" --normalisation fixed >&2
-
-HAVE_REAL=0
-if [ -n "$REAL_SRC" ] && ls -d "$REAL_SRC"/3Dircadb1.* >/dev/null 2>&1; then
-  HAVE_REAL=1
-  step "3/6 real patients under $REAL_SRC with their class maps"
-  $PY preprocess.py --dataset $REAL --src "$REAL_SRC" --root_path "$DATA" --list_dir "$DATA/lists/all" \
-      --vessel_classes $CLASSES --workers 2 --split 100/0/0 >&2
-  $PY salience_generation.py --dataset $REAL --root_path "$DATA" --list_dir "$DATA/lists/all" --generator bank \
-      --weights "$HEAD" --normalisation fixed >&2
-  mkdir -p "$DATA/lists/test_real/$REAL"
-  cp "$DATA/lists/all/$REAL/vol_train.txt" "$DATA/lists/test_real/$REAL/vol_test.txt"
-  : > "$DATA/lists/test_real/$REAL/vol_train.txt"
-  : > "$DATA/lists/test_real/$REAL/vol_val.txt"
-else
-  step "3/6 no real patient under '${REAL_SRC}'"
-fi
+source scripts/prepare_trees.sh  # steps 1-3: sets PH, REAL, HAVE_REAL
 
 if [ "$MIX" = 1 ]; then
   [ "$HAVE_REAL" = 1 ] || { echo "error: MIX_REAL=1 needs real patients under REAL_SRC" >&2; exit 2; }

@@ -1,0 +1,266 @@
+"""A tree model: which tree, portal vein or hepatic veins, each voxel of a vessel mask belongs to.
+
+Which tree a vessel belongs to is a 3-D question: where it connects, towards the hilum or towards
+the vena cava. A 2-D two-tree model (``main.py --classes portal,hepatic``) sees one slice and,
+within CPU budgets, gave every vessel to the more frequent tree (docs/RESULTS.md, "Two trees").
+A tree model instead sees the whole vessel mask of a scan at once, coarsely:
+
+- input (2, h, w, d): the image (HU window of :data:`utils.h5io.HU_WINDOW`, in [0, 1]) and the
+  vessel mask (the union of the trees, from any binary model, or the truth in training), both
+  resampled to ``grid_mm`` millimetres per voxel (linear: the mask becomes a vessel fraction) on
+  the mask's bounding box widened by ``context_mm``;
+- a small 3-D U-Net (the registry's ``unet3d``) with two outputs, the portal and the hepatic logit;
+- on the full grid: the difference of the two logits, resampled back (linear), decides each
+  voxel of the mask (> 0: hepatic). The labels are used as they are: the one-tree-per-piece step
+  of :func:`inference.trees.consistent_trees`, made for a 2-D model's slice-by-slice decisions,
+  hands whole parts of a tree to the other where both trees touch in one connected piece, as
+  they do in a predicted mask.
+
+Training (:func:`train_tree_model`) uses the true union as the mask and a loss only where there
+are vessels: binary cross-entropy of the logit difference against each coarse voxel's hepatic
+share of its vessel, weighted by its vessel fraction. A random shift of the volume within the
+padded grid and a random contrast / level change are the augmentations; no flips or rotations
+(the trees' roots, the hilum and the vena cava, are where they are).
+
+Arrays are (H, W, D) (rows, columns, slices); spacing (row, col, slice) in mm.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import ndimage
+
+from networks.registry import build_model
+from utils.atomic import atomic_path
+from utils.boxes import bounding_box
+from utils.h5io import HU_WINDOW
+from utils.provenance import file_sha256
+from utils.torch_io import load_torch_file
+
+log = logging.getLogger("trees")
+
+FORMAT = "livervessel-tree-model-v1"
+#: the label values of the output: 1 portal vein, 2 hepatic veins (as a two-tree model's)
+CLASSES = ("portal", "hepatic")
+
+
+@dataclass
+class TreeModelConfig:
+    """How a tree model is built and trained; saved in its file."""
+
+    grid_mm: float = 2.0
+    context_mm: float = 30.0
+    base_channels: int = 8
+    depth: int = 4
+    iterations: int = 1200
+    lr: float = 3e-3
+    max_shift_voxels: int = 6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.grid_mm <= 0 or self.context_mm < 0:
+            raise ValueError(f"grid_mm must be > 0 and context_mm >= 0, got {self.grid_mm}, {self.context_mm}")
+        if self.iterations < 1 or self.depth < 1 or self.base_channels < 1:
+            raise ValueError("iterations, depth and base_channels must be >= 1")
+
+
+def build_tree_network(cfg: TreeModelConfig) -> nn.Module:
+    """The tree model's network: ``unet3d``, 2 inputs (image, vessel mask), 2 logits (portal, hepatic)."""
+    return build_model("unet3d", 2, len(CLASSES), base_channels=cfg.base_channels, depth=cfg.depth)
+
+
+def _check(image: np.ndarray, union: np.ndarray, spacing: Sequence[float]) -> None:
+    if np.ndim(image) != 3 or np.shape(union) != np.shape(image) or len(spacing) != 3:
+        raise ValueError(f"image and vessel mask must be (H, W, D) of one shape with 3 spacings, got "
+                         f"{np.shape(image)}, {np.shape(union)} and {tuple(spacing)}")
+
+
+def context_box(union: np.ndarray, spacing: Sequence[float], context_mm: float) -> Optional[tuple[slice, ...]]:
+    """The bounding box of ``union`` widened by ``context_mm`` on every side (clipped to the
+    array), or None for an empty mask."""
+    return bounding_box(union, margin=[int(np.ceil(context_mm / float(s))) for s in spacing])
+
+
+def coarse(a: np.ndarray, spacing: Sequence[float], grid_mm: float) -> np.ndarray:
+    """``a`` (H, W, D) resampled linearly to ``grid_mm`` mm per voxel, float32."""
+    zoom = [float(s) / grid_mm for s in spacing]
+    return ndimage.zoom(np.asarray(a, dtype=np.float32), zoom, order=1, grid_mode=True, mode="nearest")
+
+
+def _pad(a: np.ndarray, multiple: int, extra: int = 0) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Zero-pad the last three axes of ``a`` at their end to a multiple of ``multiple`` with at
+    least ``extra`` more voxels; returns the padded array and the original spatial shape."""
+    shape = a.shape[-3:]
+    target = [int(np.ceil((n + extra) / multiple) * multiple) for n in shape]
+    pad = [(0, 0)] * (a.ndim - 3) + [(0, t - n) for t, n in zip(target, shape)]
+    return np.pad(a, pad), tuple(shape)
+
+
+def coarse_inputs(image: np.ndarray, union: np.ndarray, spacing: Sequence[float], grid_mm: float) -> np.ndarray:
+    """The network input (2, h, w, d) float32: image and vessel fraction at ``grid_mm``."""
+    return np.stack([coarse(image, spacing, grid_mm), coarse(union, spacing, grid_mm)])
+
+
+def coarse_targets(labels: np.ndarray, spacing: Sequence[float], grid_mm: float) -> np.ndarray:
+    """The training target (2, h, w, d) float32: each coarse voxel's portal and hepatic fractions
+    of a label map (1 portal, 2 hepatic)."""
+    return np.stack([coarse(labels == k + 1, spacing, grid_mm) for k in range(len(CLASSES))])
+
+
+def tree_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of hepatic minus portal logit against the hepatic share of the vessel,
+    weighted by the vessel fraction (portal + hepatic); logits and target (B, 2, h, w, d)."""
+    if logits.shape != target.shape or logits.ndim != 5 or logits.shape[1] != len(CLASSES):
+        raise ValueError(f"logits and target must be (B, 2, h, w, d) alike, got {tuple(logits.shape)}, "
+                         f"{tuple(target.shape)}")
+    weight = target.sum(1)
+    hepatic_share = target[:, 1] / weight.clamp_min(1e-6)
+    per_voxel = F.binary_cross_entropy_with_logits(logits[:, 1] - logits[:, 0], hepatic_share, reduction="none")
+    return (per_voxel * weight).sum() / weight.sum().clamp_min(1e-6)
+
+
+@dataclass
+class TreeCase:
+    """One training case: the image in [0, 1], the label map (1 portal, 2 hepatic), spacing mm."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+@dataclass
+class TreeModel:
+    """A trained tree model: its network (eval mode), configuration and file hash."""
+
+    network: nn.Module
+    config: TreeModelConfig
+    sha256: str = ""
+    path: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(CLASSES)
+
+    def hepatic_minus_portal(self, image: np.ndarray, union: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """float32 (H, W, D): the hepatic minus the portal logit, on the full grid; 0 outside the
+        mask's context box."""
+        _check(image, union, spacing)
+        union = np.asarray(union, dtype=bool)
+        out = np.zeros(union.shape, dtype=np.float32)
+        box = context_box(union, spacing, self.config.context_mm)
+        if box is None:
+            return out
+        x, shape = _pad(coarse_inputs(image[box], union[box], spacing, self.config.grid_mm), 2 ** (self.config.depth - 1))
+        device = next(self.network.parameters()).device
+        with torch.no_grad():
+            logits = self.network(torch.from_numpy(x)[None].to(device))[0].float().cpu().numpy()
+        diff = logits[1, :shape[0], :shape[1], :shape[2]] - logits[0, :shape[0], :shape[1], :shape[2]]
+        sub = out[box]
+        zoom = [n / m for n, m in zip(sub.shape, diff.shape)]
+        full = ndimage.zoom(diff, zoom, order=1, grid_mode=True, mode="nearest")
+        out[box] = full[:sub.shape[0], :sub.shape[1], :sub.shape[2]]
+        return out
+
+    def classify(self, image: np.ndarray, union: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """Label map uint8 (H, W, D) of the vessel mask ``union``: 1 portal, 2 hepatic, 0 elsewhere."""
+        union = np.asarray(union, dtype=bool)
+        diff = self.hepatic_minus_portal(image, union, spacing)
+        return np.where(union, np.where(diff > 0, 2, 1), 0).astype(np.uint8)
+
+
+def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, max_shift: int) -> tuple[np.ndarray, np.ndarray]:
+    x = x.copy()
+    x[0] = x[0] * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)
+    if max_shift:
+        shift = tuple(int(s) for s in rng.integers(-max_shift, max_shift + 1, 3))
+        x = np.roll(x, shift, axis=(1, 2, 3))
+        y = np.roll(y, shift, axis=(1, 2, 3))
+    return x, y
+
+
+def prepare_case(case: TreeCase, cfg: TreeModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(input, target) of a training case on its padded coarse grid: the true union's context box,
+    as at inference, with room for the shifts."""
+    union = case.labels > 0
+    box = context_box(union, case.spacing, cfg.context_mm)
+    if box is None:
+        raise ValueError(f"{case.name}: no vessel in the label map")
+    x = coarse_inputs(case.image[box], union[box], case.spacing, cfg.grid_mm)
+    y = coarse_targets(case.labels[box], case.spacing, cfg.grid_mm)
+    multiple = 2 ** (cfg.depth - 1)
+    return _pad(x, multiple, cfg.max_shift_voxels)[0], _pad(y, multiple, cfg.max_shift_voxels)[0]
+
+
+def train_tree_model(cases: Sequence[TreeCase], cfg: TreeModelConfig, device: str = "cpu",
+                     progress: bool = True) -> tuple[TreeModel, list[float]]:
+    """Train a tree model on ``cases`` (one whole case per step, in a seeded random order) for
+    ``cfg.iterations`` steps of AdamW with the poly schedule; returns the model and the losses."""
+    from tqdm import tqdm
+
+    if not cases:
+        raise ValueError("no training case")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    data = [prepare_case(c, cfg) for c in cases]
+    net = build_tree_network(cfg).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: (1 - it / cfg.iterations) ** 0.9)
+    losses: list[float] = []
+    net.train()
+    bar = tqdm(range(cfg.iterations), desc="tree model", disable=not progress)
+    for _ in bar:
+        x, y = data[int(rng.integers(len(data)))]
+        x, y = _augment(x, y, rng, cfg.max_shift_voxels)
+        logits = net(torch.from_numpy(x)[None].to(device))
+        loss = tree_loss(logits, torch.from_numpy(y)[None].to(device))
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"tree model: loss is {loss.item()} at step {len(losses) + 1}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.item()))
+        if len(losses) % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+    net.eval()
+    return TreeModel(net, cfg), losses
+
+
+def save_tree_model(path: str | os.PathLike, model: TreeModel, info: dict, overwrite: bool = False) -> Path:
+    """Write the tree model file (format, config, the network's weights, ``info``: what it was
+    trained on), atomically; an existing file is kept unless ``overwrite``."""
+    state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
+    doc = {"format": FORMAT, "classes": list(CLASSES), "hu_window": list(HU_WINDOW),
+           "config": asdict(model.config), "state_dict": state, "info": info}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        torch.save(doc, tmp)
+    return Path(path)
+
+
+def load_tree_model(path: str | os.PathLike, device: str = "cpu") -> TreeModel:
+    """Read a tree model file; ValueError naming the file when it is not one or does not fit."""
+    path = Path(path)
+    doc = load_torch_file(path, "tree model")
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a tree model (format {doc.get('format') if isinstance(doc, dict) else None!r}, "
+                         f"want {FORMAT!r}; train one with train_tree_model.py)")
+    if tuple(doc["hu_window"]) != tuple(HU_WINDOW):
+        raise ValueError(f"{path}: trained on HU window {doc['hu_window']}, the code windows to {list(HU_WINDOW)}")
+    cfg = TreeModelConfig(**doc["config"])
+    net = build_tree_network(cfg)
+    try:
+        net.load_state_dict(doc["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit its configuration ({str(e).splitlines()[0]})") from None
+    net.to(device).eval()
+    return TreeModel(net, cfg, file_sha256(path), str(path), doc.get("info", {}))

@@ -1,0 +1,40 @@
+# Sourced by scripts/train_trees.sh and scripts/train_tree_model.sh: the data with class maps
+# (portal vein 1, hepatic veins 2), each stage through the project's commands and reused when
+# complete. Needs PY, DATA, REAL_SRC and step(); sets PH, REAL (dataset names), HEAD (the fitted
+# salience head) and HAVE_REAL (1 when real patients were found under REAL_SRC).
+#   a. scripts/prepare_phantom.sh: the make-demo phantoms and the bank head fitted on them.
+#   b. preprocess.py --vessel_classes portalvein,venoussystem on the same phantoms, with make
+#      demo's split (so the test cases are the binary demo model's), and their maps.
+#   c. the real patients under REAL_SRC with their class maps and maps from the same head; their
+#      lists: $DATA/lists/all (every patient in vol_train) and $DATA/lists/test_real (in vol_test).
+HEAD=${DEMO_CKPT:-checkpoint}/salience/fixed/phantom/bank_fit.pth
+CLASSES=portalvein,venoussystem
+PH=phantom_trees
+REAL=ircadb_trees
+
+step "data a. phantoms and the fitted head (scripts/prepare_phantom.sh)"
+DEMO_NORMALISATION=fixed bash scripts/prepare_phantom.sh >&2
+
+step "data b. the phantoms with a class map -> $DATA/$PH (make demo's split)"
+mkdir -p "$DATA/lists/$PH"
+for s in train val test; do cp "list/phantom/vol_$s.txt" "$DATA/lists/$PH/vol_$s.txt"; done
+$PY preprocess.py --dataset $PH --src "${DEMO_DATA:-data}/raw/phantom" --root_path "$DATA" --list_dir "$DATA/lists" \
+    --vessel_classes $CLASSES --workers 2 >&2
+$PY salience_generation.py --dataset $PH --root_path "$DATA" --list_dir "$DATA/lists" --generator bank \
+    --weights "$HEAD" --normalisation fixed >&2
+
+HAVE_REAL=0
+if [ -n "$REAL_SRC" ] && ls -d "$REAL_SRC"/3Dircadb1.* >/dev/null 2>&1; then
+  HAVE_REAL=1
+  step "data c. real patients under $REAL_SRC with their class maps"
+  $PY preprocess.py --dataset $REAL --src "$REAL_SRC" --root_path "$DATA" --list_dir "$DATA/lists/all" \
+      --vessel_classes $CLASSES --workers 2 --split 100/0/0 >&2
+  $PY salience_generation.py --dataset $REAL --root_path "$DATA" --list_dir "$DATA/lists/all" --generator bank \
+      --weights "$HEAD" --normalisation fixed >&2
+  mkdir -p "$DATA/lists/test_real/$REAL"
+  cp "$DATA/lists/all/$REAL/vol_train.txt" "$DATA/lists/test_real/$REAL/vol_test.txt"
+  : > "$DATA/lists/test_real/$REAL/vol_train.txt"
+  : > "$DATA/lists/test_real/$REAL/vol_val.txt"
+else
+  step "data c. no real patient under '${REAL_SRC}'"
+fi

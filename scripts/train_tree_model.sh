@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Train a tree model (inference/tree_model.py, issue 26): it labels a binary vessel model's mask
+# portal vein or hepatic veins, seeing the whole mask and the image at 2 mm per voxel in 3-D.
+#
+#   bash scripts/train_tree_model.sh              # phantoms (make demo's train + val cases, and more)
+#   MIX_REAL=1 bash scripts/train_tree_model.sh   # + every real patient under REAL_SRC
+#
+# Ends with "tree model: <path>"; then
+#   python predict.py --model VESSELS.pth --tree_model TREE.pth --input SCAN --output OUT --mesh
+# writes <case>_trees.nii.gz (1 portal, 2 hepatic), a surface and statistics per tree.
+#
+# Steps (complete stages are reused):
+#   1. scripts/prepare_trees.sh: the make-demo phantoms and the real patients under REAL_SRC,
+#      preprocessed with class maps (its steps a-c); and EXTRA_PHANTOMS more phantom patients
+#      (seed 200) with class maps: ten are too few to learn where the trees run.
+#   2. train_tree_model.py on the true masks of the phantoms' train and val cases, the extra
+#      phantoms (and with MIX_REAL=1 every real patient): no vessel model is needed to train it.
+#   3. test.py with make demo's binary vessel model and the tree model, per tree and for the
+#      union, inside the liver: the phantom test cases, and the real patients not trained on.
+#
+# Environment: TREES_DATA (data/trees), TREES_CKPT (checkpoint/trees), REAL_SRC (default
+# ../shared/real where it exists; empty: none), MIX_REAL (0), EXTRA_PHANTOMS (36), ITERS (1200), GRID_MM (2),
+# SEED (0), VESSEL_MODEL (make demo's model), PY (.venv/bin/python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+if [ -z "${REAL_SRC+x}" ]; then
+  REAL_SRC=$([ -d ../shared/real ] && echo ../shared/real || echo "")
+fi
+DATA=${TREES_DATA:-data/trees}
+CKPT=${TREES_CKPT:-checkpoint/trees}
+MIX=${MIX_REAL:-0}
+ITERS=${ITERS:-1200}
+EXTRA=${EXTRA_PHANTOMS:-36}
+GRID_MM=${GRID_MM:-2}
+SEED=${SEED:-0}
+VESSEL_MODEL=${VESSEL_MODEL:-${DEMO_CKPT:-checkpoint}/phantom/unet/epo100_bs4_lr0.003/demo/best_model.pth}
+T0=$(date +%s)
+step() { echo "== [$(( $(date +%s) - T0 )) s] $*" >&2; }
+
+source scripts/prepare_trees.sh  # sets PH, REAL, HAVE_REAL
+
+DATA_ARGS=(--data "$DATA" $PH "$DATA/lists")
+TAG=phantoms_x$EXTRA
+if [ "$EXTRA" -gt 0 ]; then
+  XP=phantom_extra$EXTRA
+  step "1/3 $EXTRA more phantom patients with class maps -> $DATA/$XP"
+  if ! { [ -f "$DATA/raw/$XP/phantom_manifest.json" ] && $PY -c "import sys; from phantom.generator import manifest_is_current
+sys.exit(not manifest_is_current(sys.argv[1]))" "$DATA/raw/$XP"; }; then
+    rm -rf "$DATA/raw/$XP" "${DATA:?}/$XP"
+    $PY make_phantoms.py --out "$DATA/raw/$XP" --cases "$EXTRA" --preset demo --seed 200 --workers 2 --overwrite >&2
+  fi
+  $PY preprocess.py --dataset $XP --src "$DATA/raw/$XP" --root_path "$DATA" --list_dir "$DATA/lists" \
+      --vessel_classes $CLASSES --workers 2 --split 100/0/0 >&2
+  DATA_ARGS+=(--data "$DATA" $XP "$DATA/lists")
+fi
+if [ "$MIX" = 1 ]; then
+  [ "$HAVE_REAL" = 1 ] || { echo "error: MIX_REAL=1 needs real patients under REAL_SRC" >&2; exit 2; }
+  DATA_ARGS+=(--data "$DATA" $REAL "$DATA/lists/all")
+  TAG=mixed_x$EXTRA
+fi
+OUT=$CKPT/tree_model/${TAG}_grid${GRID_MM}_it${ITERS}_s${SEED}/tree_model.pth
+if [ -f "$OUT" ]; then
+  step "2/3 reusing $OUT (delete it to train again)"
+else
+  step "2/3 train_tree_model.py: $ITERS iterations, $GRID_MM mm grid"
+  $PY train_tree_model.py "${DATA_ARGS[@]}" --splits train,val --iterations "$ITERS" --grid_mm "$GRID_MM" \
+      --seed "$SEED" --out "$OUT" >&2
+fi
+
+if [ -f "$VESSEL_MODEL" ]; then
+  step "3/3 test.py: $VESSEL_MODEL + the tree model, inside the liver"
+  RUN=$(dirname "$OUT")
+  $PY test.py --dataset $PH --root_path "$DATA" --list_dir "$DATA/lists" --model_path "$VESSEL_MODEL" \
+      --tree_model "$OUT" --eval_roi liver --output "$RUN/eval_phantom_test" >&2
+  if [ "$HAVE_REAL" = 1 ] && [ "$MIX" != 1 ]; then
+    $PY test.py --dataset $REAL --root_path "$DATA" --list_dir "$DATA/lists/test_real" --model_path "$VESSEL_MODEL" \
+        --tree_model "$OUT" --eval_roi liver --output "$RUN/eval_real" >&2
+  fi
+else
+  step "3/3 no vessel model at $VESSEL_MODEL (make demo makes one): not tested"
+fi
+echo "tree model: $OUT"

@@ -1,0 +1,175 @@
+"""inference/tree_model.py and train_tree_model.py: a coarse 3-D model that tells a vessel mask's
+trees apart (issue 26): grids, the loss, learning a worked example, the file, test.py and predict.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from inference.tree_model import (TreeCase, TreeModelConfig, coarse, coarse_inputs, load_tree_model, save_tree_model,
+                                  train_tree_model, tree_loss)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = dict(base_channels=4, depth=2, context_mm=4.0, max_shift_voxels=1)
+
+
+def test_coarse_grid_has_the_size_of_the_field_of_view_in_grid_voxels():
+    a = np.ones((60, 40, 30), np.float32)
+    assert coarse(a, (1.0, 1.0, 2.0), 2.0).shape == (30, 20, 30)
+    assert coarse(a, (0.5, 0.5, 1.0), 2.0).shape == (15, 10, 15)
+    # a vessel fraction: the mean of a half-filled volume survives the resampling
+    half = np.zeros((40, 40, 40), bool)
+    half[:20] = True
+    x = coarse_inputs(np.zeros_like(half, np.float32), half, (1.0, 1.0, 1.0), 2.0)
+    assert x.shape == (2, 20, 20, 20) and x[1].mean() == pytest.approx(0.5, abs=0.03)
+
+
+def test_tree_loss_is_the_vessel_weighted_bce_of_the_logit_difference():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2, 3, 3, 2, generator=g)
+    target = torch.rand(1, 2, 3, 3, 2, generator=g) / 2
+    target[:, :, 0] = 0  # no vessel in these voxels: they must not count
+    w = target.sum(1)
+    share = target[:, 1] / w.clamp_min(1e-6)
+    ref = (F.binary_cross_entropy_with_logits(logits[:, 1] - logits[:, 0], share, reduction="none") * w).sum() / w.sum()
+    assert tree_loss(logits, target).item() == pytest.approx(ref.item(), rel=1e-6)
+    moved = logits.clone()
+    moved[:, :, 0] += 5.0
+    assert tree_loss(moved, target).item() == pytest.approx(ref.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="B, 2"):
+        tree_loss(logits[:, :1], target[:, :1])
+
+
+def two_tree_case(seed: int, shape=(40, 40, 24)) -> TreeCase:
+    """Two straight tubes along the slices: the portal one in the front rows, the hepatic one at
+    the back, at random columns; the image is bright in both (position tells them apart)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint8)
+    rr, cc = np.mgrid[:shape[0], :shape[1]]
+    for value, row in ((1, rng.integers(6, 12)), (2, rng.integers(28, 34))):
+        col = rng.integers(10, 30)
+        labels[((rr - row) ** 2 + (cc - col) ** 2 <= 9)[..., None].repeat(shape[2], 2)] = value
+    image = np.where(labels > 0, 0.8, 0.3).astype(np.float32) + rng.normal(0, 0.02, shape).astype(np.float32)
+    return TreeCase(f"case{seed}", image, labels, (1.0, 1.0, 1.0))
+
+
+def test_a_tree_model_learns_which_tree_a_tube_is_from_where_it_lies():
+    cfg = TreeModelConfig(grid_mm=2.0, iterations=120, lr=1e-2, seed=0, **TINY)
+    model, losses = train_tree_model([two_tree_case(s) for s in range(4)], cfg, progress=False)
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+    case = two_tree_case(99)
+    labels = model.classify(case.image, case.labels > 0, case.spacing)
+    assert np.array_equal(labels > 0, case.labels > 0)  # the mask is kept, only its trees are told
+    wrong = np.mean(labels[case.labels > 0] != case.labels[case.labels > 0])
+    assert wrong < 0.05
+    assert not model.classify(case.image, np.zeros_like(case.labels, bool), case.spacing).any()
+
+
+def test_the_model_file_round_trips_and_refuses_what_is_not_one(tmp_path):
+    cfg = TreeModelConfig(iterations=2, **TINY)
+    model, _ = train_tree_model([two_tree_case(0)], cfg, progress=False)
+    path = save_tree_model(tmp_path / "t.pth", model, {"cases": ["case0"]})
+    back = load_tree_model(path)
+    case = two_tree_case(5)
+    a = model.hepatic_minus_portal(case.image, case.labels > 0, case.spacing)
+    b = back.hepatic_minus_portal(case.image, case.labels > 0, case.spacing)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    assert back.config == cfg and back.info == {"cases": ["case0"]} and len(back.sha256) == 64
+    with pytest.raises(FileExistsError):
+        save_tree_model(path, model, {})
+    torch.save({"format": "livervessel-checkpoint-v1"}, tmp_path / "vessel.pth")
+    with pytest.raises(ValueError, match="vessel.pth: not a tree model"):
+        load_tree_model(tmp_path / "vessel.pth")
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.pth: not a readable torch file"):
+        load_tree_model(tmp_path / "junk.pth")
+
+
+@pytest.fixture(scope="module")
+def tree_data(tmp_path_factory):
+    from phantom.generator import make_phantoms
+    from preprocessing.pipeline import preprocess
+
+    root = tmp_path_factory.mktemp("treemodel")
+    make_phantoms(root / "raw", 3, "tiny", 5)
+    assert preprocess("phantom", root / "raw", root / "data", root / "list",
+                      vessel_classes=("portalvein", "venoussystem"), split=(0.34, 0.33, 0.33)).ok
+    return root
+
+
+def test_train_tree_model_cli_writes_the_model_and_keeps_an_existing_one(tree_data, tmp_path, capsys):
+    import train_tree_model
+
+    out = tmp_path / "m" / "tree.pth"
+    args = ["--data", str(tree_data / "data"), "phantom", str(tree_data / "list"), "--out", str(out),
+            "--iterations", "2", "--base_channels", "4", "--splits", "train,val", "--device", "cpu"]
+    assert train_tree_model.main(args) == 0
+    assert f"tree model: {out}" in capsys.readouterr().out
+    side = json.loads(out.with_suffix(".pth.json").read_text())
+    listed = [f"phantom/{c}" for split in ("train", "val")
+              for c in (tree_data / "list" / "phantom" / f"vol_{split}.txt").read_text().split()]
+    assert side["info"]["cases"] == listed and len(listed) == 2 and len(side["losses"]) == 2
+    before = out.read_bytes()
+    assert train_tree_model.main(args) == 2
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == before
+    # data without a class map: one line naming the manifest
+    assert train_tree_model.main(["--data", str(tmp_path), "nothing", str(tmp_path), "--out", str(tmp_path / "x.pth")]) == 2
+    assert "no dataset manifest" in capsys.readouterr().err and not (tmp_path / "x.pth").exists()
+
+
+def everywhere_model(path):
+    """A binary vessel model that calls every voxel a vessel (its output bias +60): a mask with
+    both trees in it for the tree model to label."""
+    from networks.checkpoint import save_checkpoint
+    from networks.e2e import build_segmenter
+
+    kwargs = {"base_channels": 4, "depth": 2}
+    model = build_segmenter("unet", "none", 1, kwargs)
+    out_bias = [k for k, v in model.state_dict().items() if k.endswith("bias") and tuple(v.shape) == (1,)][-1]
+    with torch.no_grad():
+        model.state_dict()[out_bias].fill_(60.0)
+    save_checkpoint(path, model, model_name="unet", model_kwargs=kwargs, salience="none", config={}, out_channels=1,
+                    epoch=0, iteration=0, best_metric=0.0, img_size=[32, 32])
+    return path
+
+
+def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(tree_data, tmp_path, capsys):
+    import SimpleITK as sitk
+
+    import predict
+    from evaluation.runner import run_evaluation
+
+    binary = everywhere_model(tmp_path / "everywhere.pth")
+    tree, _ = train_tree_model([two_tree_case(0)], TreeModelConfig(iterations=2, **TINY), progress=False)
+    tree_file = save_tree_model(tmp_path / "tree.pth", tree, {"cases": ["case0"]})
+    res = run_evaluation(dataset="phantom", root_path=tree_data / "data", list_dir=tree_data / "list",
+                         model_path=binary, device="cpu", output=tmp_path / "eval", tree_model=tree_file,
+                         min_component_mm3=0)
+    plain = run_evaluation(dataset="phantom", root_path=tree_data / "data", list_dir=tree_data / "list",
+                           model_path=binary, device="cpu", output=tmp_path / "eval_plain", min_component_mm3=0)
+    row, ref = res.rows[0], plain.rows[0]
+    # the union is the binary model's mask, scored as before; the trees split it
+    assert row["dice"] == pytest.approx(ref["dice"]) and row["voxels_pred"] == ref["voxels_pred"]
+    assert row["voxels_pred"] == row["portal_voxels_pred"] + row["hepatic_voxels_pred"]
+    assert row["voxels_pred"] > 0 and row["portal_voxels_pred"] > 0 and row["hepatic_voxels_pred"] > 0
+    assert 0.0 <= row["wrong_tree_share"] <= 1.0 and row["wrong_tree_share"] == row["wrong_tree_share_voxelwise"]
+    meta = json.loads((tmp_path / "eval" / "summary.json").read_text())["meta"]
+    assert meta["tree_model"]["sha256"] == load_tree_model(tree_file).sha256
+
+    out = tmp_path / "out"
+    rc = predict.main(["--model", str(binary), "--input", str(tree_data / "raw" / "3Dircadb1.1"), "--output", str(out),
+                       "--device", "cpu", "--mesh", "--tree_model", str(tree_file), "--min_component_mm3", "0"])
+    assert rc == 0, capsys.readouterr().err
+    case = "3Dircadb1.1"
+    trees = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_trees.nii.gz")))
+    vessels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_vessels.nii.gz")))
+    assert set(np.unique(trees)) <= {0, 1, 2} and np.array_equal(trees > 0, vessels > 0)
+    for name in ("_portal.stl", "_hepatic.stl"):
+        assert (out / f"{case}{name}").is_file()
+    stats = json.loads((out / f"{case}_stats.json").read_text())
+    assert stats["tree_model"]["sha256"] == load_tree_model(tree_file).sha256
+    assert stats["stats"]["trees_label_values"] == {"portal": 1, "hepatic": 2}
