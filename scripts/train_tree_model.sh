@@ -19,7 +19,8 @@
 #      union, inside the liver: the phantom test cases, and the real patients not trained on.
 #
 # Environment: TREES_DATA (data/trees), TREES_CKPT (checkpoint/trees), REAL_SRC (default
-# ../shared/real where it exists; empty: none), MIX_REAL (0), EXTRA_PHANTOMS (36), ITERS (1200), GRID_MM (2),
+# ../shared/real where it exists; empty: none), MIX_REAL (0), REAL_REPEAT (8: each real patient's
+# share of the training steps, as that many cases), EXTRA_PHANTOMS (36), ITERS (1200), GRID_MM (2),
 # SEED (0), VESSEL_MODEL (make demo's model), PY (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,7 @@ CKPT=${TREES_CKPT:-checkpoint/trees}
 MIX=${MIX_REAL:-0}
 ITERS=${ITERS:-1200}
 EXTRA=${EXTRA_PHANTOMS:-36}
+REPEAT=${REAL_REPEAT:-8}
 GRID_MM=${GRID_MM:-2}
 SEED=${SEED:-0}
 VESSEL_MODEL=${VESSEL_MODEL:-${DEMO_CKPT:-checkpoint}/phantom/unet/epo100_bs4_lr0.003/demo/best_model.pth}
@@ -56,8 +58,9 @@ sys.exit(not manifest_is_current(sys.argv[1]))" "$DATA/raw/$XP"; }; then
 fi
 if [ "$MIX" = 1 ]; then
   [ "$HAVE_REAL" = 1 ] || { echo "error: MIX_REAL=1 needs real patients under REAL_SRC" >&2; exit 2; }
-  DATA_ARGS+=(--data "$DATA" $REAL "$DATA/lists/all")
-  TAG=mixed_x$EXTRA
+  # each real patient REAL_REPEAT times: among 46 phantoms one patient would be 1 step in 47
+  for _ in $(seq "$REPEAT"); do DATA_ARGS+=(--data "$DATA" $REAL "$DATA/lists/all"); done
+  TAG=mixed_x${EXTRA}_r$REPEAT
 fi
 OUT=$CKPT/tree_model/${TAG}_grid${GRID_MM}_it${ITERS}_s${SEED}/tree_model.pth
 if [ -f "$OUT" ]; then
