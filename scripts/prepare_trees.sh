@@ -1,12 +1,19 @@
 # Sourced by scripts/train_trees.sh and scripts/train_tree_model.sh: the data with class maps
 # (portal vein 1, hepatic veins 2), each stage through the project's commands and reused when
-# complete. Needs PY, DATA, REAL_SRC and step(); sets PH, REAL (dataset names), HEAD (the fitted
-# salience head) and HAVE_REAL (1 when real patients were found under REAL_SRC).
+# complete. Needs PY and step(); sets the settings both scripts share from the environment (REAL_SRC,
+# DATA from TREES_DATA, CKPT from TREES_CKPT, MIX from MIX_REAL), PH, REAL (dataset names), HEAD
+# (the fitted salience head) and HAVE_REAL (1 when real patients were found under REAL_SRC).
 #   a. scripts/prepare_phantom.sh: the make-demo phantoms and the bank head fitted on them.
 #   b. preprocess.py --vessel_classes portalvein,venoussystem on the same phantoms, with make
 #      demo's split (so the test cases are the binary demo model's), and their maps.
 #   c. the real patients under REAL_SRC with their class maps and maps from the same head; their
 #      lists: $DATA/lists/all (every patient in vol_train) and $DATA/lists/test_real (in vol_test).
+if [ -z "${REAL_SRC+x}" ]; then
+  REAL_SRC=$([ -d ../shared/real ] && echo ../shared/real || echo "")
+fi
+DATA=${TREES_DATA:-data/trees}
+CKPT=${TREES_CKPT:-checkpoint/trees}
+MIX=${MIX_REAL:-0}
 HEAD=${DEMO_CKPT:-checkpoint}/salience/fixed/phantom/bank_fit.pth
 CLASSES=portalvein,venoussystem
 PH=phantom_trees

@@ -25,12 +25,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-if [ -z "${REAL_SRC+x}" ]; then
-  REAL_SRC=$([ -d ../shared/real ] && echo ../shared/real || echo "")
-fi
-DATA=${TREES_DATA:-data/trees}
-CKPT=${TREES_CKPT:-checkpoint/trees}
-MIX=${MIX_REAL:-0}
 ITERS=${ITERS:-1200}
 EXTRA=${EXTRA_PHANTOMS:-36}
 REPEAT=${REAL_REPEAT:-8}
@@ -40,7 +34,7 @@ VESSEL_MODEL=${VESSEL_MODEL:-${DEMO_CKPT:-checkpoint}/phantom/unet/epo100_bs4_lr
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 )) s] $*" >&2; }
 
-source scripts/prepare_trees.sh  # sets PH, REAL, HAVE_REAL
+source scripts/prepare_trees.sh  # sets REAL_SRC, DATA, CKPT, MIX, PH, REAL, HAVE_REAL
 
 DATA_ARGS=(--data "$DATA" $PH "$DATA/lists")
 TAG=phantoms_x$EXTRA

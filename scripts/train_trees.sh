@@ -28,12 +28,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-if [ -z "${REAL_SRC+x}" ]; then
-  REAL_SRC=$([ -d ../shared/real ] && echo ../shared/real || echo "")
-fi
-DATA=${TREES_DATA:-data/trees}
-CKPT=${TREES_CKPT:-checkpoint/trees}
-MIX=${MIX_REAL:-0}
 RATIO=${PHANTOM_RATIO:-1}
 BACKBONE=${BACKBONE:-unet}
 CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
@@ -45,7 +39,7 @@ SEED=${SEED:-0}
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 )) s] $*" >&2; }
 
-source scripts/prepare_trees.sh  # steps 1-3: sets PH, REAL, HAVE_REAL
+source scripts/prepare_trees.sh  # steps 1-3; sets REAL_SRC, DATA, CKPT, MIX, PH, REAL, HAVE_REAL
 
 if [ "$MIX" = 1 ]; then
   [ "$HAVE_REAL" = 1 ] || { echo "error: MIX_REAL=1 needs real patients under REAL_SRC" >&2; exit 2; }

@@ -93,3 +93,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tree_data(tmp_path_factory) -> Path:
+    """Three tiny phantom patients preprocessed with a class map (1 portal vein, 2 hepatic veins)
+    under ``<root>/data`` and ``<root>/list`` (one case per split); their DICOM under ``<root>/raw``."""
+    from phantom.generator import make_phantoms
+    from preprocessing.pipeline import preprocess
+
+    root = tmp_path_factory.mktemp("trees")
+    make_phantoms(root / "raw", 3, "tiny", 5)
+    assert preprocess("phantom", root / "raw", root / "data", root / "list",
+                      vessel_classes=("portalvein", "venoussystem"), split=(0.34, 0.33, 0.33)).ok
+    return root

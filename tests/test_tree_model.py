@@ -89,18 +89,6 @@ def test_the_model_file_round_trips_and_refuses_what_is_not_one(tmp_path):
         load_tree_model(tmp_path / "junk.pth")
 
 
-@pytest.fixture(scope="module")
-def tree_data(tmp_path_factory):
-    from phantom.generator import make_phantoms
-    from preprocessing.pipeline import preprocess
-
-    root = tmp_path_factory.mktemp("treemodel")
-    make_phantoms(root / "raw", 3, "tiny", 5)
-    assert preprocess("phantom", root / "raw", root / "data", root / "list",
-                      vessel_classes=("portalvein", "venoussystem"), split=(0.34, 0.33, 0.33)).ok
-    return root
-
-
 def test_train_tree_model_cli_writes_the_model_and_keeps_an_existing_one(tree_data, tmp_path, capsys):
     import train_tree_model
 

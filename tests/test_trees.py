@@ -1,8 +1,6 @@
 """Two vessel trees (issue 26, point 2): label maps, consistent pieces, class targets, training."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -11,8 +9,6 @@ from dataloaders.datasets import SliceDataSet, label_target
 from dataloaders.transforms import rot_flip
 from inference.predictor import Predictor
 from inference.trees import consistent_trees, tree_labels
-from phantom.generator import make_phantoms
-from preprocessing.pipeline import preprocess
 from trainer import TrainConfig, train
 from utils.h5io import DatasetPaths, read_volume
 from utils.manifests import class_values
@@ -88,15 +84,6 @@ def test_class_values_resolve_names_against_the_class_map(tmp_path):
         class_values(["portal", "artery"], doc, "d.json")
     with pytest.raises(ValueError, match="d.json: no class map"):
         class_values(["portal", "hepatic"], {"class_map": None}, "d.json")
-
-
-@pytest.fixture(scope="module")
-def tree_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trees")
-    make_phantoms(root / "raw", 3, "tiny", 5)
-    assert preprocess("phantom", root / "raw", root / "data", root / "list",
-                      vessel_classes=("portalvein", "venoussystem"), split=(0.34, 0.33, 0.33)).ok
-    return root
 
 
 @pytest.mark.parametrize("backbone,salience", [("unet", "none"), ("unet", "e2e"), ("unet3d", "none")])
