@@ -9,8 +9,9 @@
 cases, e.g. each direction of a two-patient cross test has its own binary model; each two-tree row
 then follows the row of its binary model. Per row: the
 union's Dice and clDice, each tree's Dice, and the share of found vessel voxels given the other
-tree, voxel by voxel (``wrong_tree_share_voxelwise``) and after the one-tree-per-piece step
-(``wrong_tree_share``, what predict.py writes). Means over the report's cases. Prints a Markdown
+tree, voxel by voxel (``wrong_tree_share_voxelwise``) and as written (``wrong_tree_share``, what
+predict.py writes: after the one-tree-per-piece step for a two-tree model; a tree model's labels
+are written as they are, so its two columns agree). Means over the report's cases. Prints a Markdown
 table; ``--record NAME`` writes ``results/NAME.json`` (utils.records).
 """
 from __future__ import annotations
@@ -86,7 +87,7 @@ def main() -> int:
     except ValueError as e:
         p.error(str(e))
     table = ["| model | union Dice | union clDice | portal Dice | hepatic Dice | wrong tree, voxel by voxel | "
-             "wrong tree, one per piece |", "|---|---|---|---|---|---|---|"]
+             "wrong tree, as written |", "|---|---|---|---|---|---|---|"]
     for n, r in rows.items():
         table.append(f"| {n} | {fmt(r['dice'])} | {fmt(r['cldice'])} | {fmt(r['portal_dice'])} | "
                      f"{fmt(r['hepatic_dice'])} | {fmt(r['wrong_tree_share_voxelwise'], True)} | "
