@@ -6,8 +6,8 @@
 ``--binary``: the report (``test.py --output``) of a binary model on the same cases; each
 ``--trees``: a report of a model trained with ``main.py --classes portal,hepatic``. Give one
 ``--binary`` for all rows, or one per ``--trees`` (in the same order) when the rows test different
-cases, e.g. each direction of a two-patient cross test has its own binary model; each two-tree row
-then follows the row of its binary model. Per row: the
+cases, e.g. each direction of a two-patient cross test; each two-tree row then follows the row of
+its binary model, "binary (<cases>)", which rows on the same cases share. Per row: the
 union's Dice and clDice, each tree's Dice, and the share of found vessel voxels given the other
 tree, voxel by voxel (``wrong_tree_share_voxelwise``) and as written (``wrong_tree_share``, what
 predict.py writes: after the one-tree-per-piece step for a two-tree model; a tree model's labels
@@ -56,7 +56,7 @@ def fmt(v: float, pct: bool = False) -> str:
 
 def table_rows(binary: Sequence[str], trees: Sequence[str], names: Sequence[str]) -> dict[str, dict]:
     """Rows by name: one binary report for all, "binary", then the two-tree rows; or one binary
-    report per two-tree report, each "binary (<name>)" before its two-tree row."""
+    report per two-tree report, "binary (<its cases>)" before the first two-tree row it pairs."""
     if len(binary) == 1:
         rows = {"binary": row_of(Path(binary[0]))}
         rows.update({n: row_of(Path(t)) for n, t in zip(names, trees)})
@@ -65,7 +65,10 @@ def table_rows(binary: Sequence[str], trees: Sequence[str], names: Sequence[str]
         raise ValueError(f"give one --binary or one per --trees, got {len(binary)} and {len(trees)}")
     rows = {}
     for b, t, n in zip(binary, trees, names):
-        rows[f"binary ({n})"] = row_of(Path(b))
+        base = row_of(Path(b))
+        name = f"binary ({', '.join(base['cases'])})"
+        if name not in rows:  # rows on the same cases share their binary row
+            rows[name] = base
         rows[n] = row_of(Path(t))
     return rows
 

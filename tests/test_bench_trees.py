@@ -3,19 +3,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 from bench.tree_scores import table_rows
 
 
-def _report(folder: Path, dice: float, portal: float = None) -> str:
+def _report(folder: Path, dice: float, portal: Optional[float] = None, cases: tuple = ("case0001",)) -> str:
     folder.mkdir(parents=True)
     metrics = {"dice": {"mean": dice}, "cldice": {"mean": dice + 0.05}}
     if portal is not None:
         metrics.update(portal_dice={"mean": portal}, hepatic_dice={"mean": 0.5},
                        wrong_tree_share_voxelwise={"mean": 0.2}, wrong_tree_share={"mean": 0.1})
-    meta = {"model_sha256": f"sha{dice}", "salience": "offline", "cases": ["case0001"], "eval_roi": "liver"}
+    meta = {"model_sha256": f"sha{dice}", "salience": "offline", "cases": list(cases), "eval_roi": "liver"}
     (folder / "summary.json").write_text(json.dumps({"meta": meta, "metrics": metrics}))
     return str(folder)
 
@@ -30,11 +31,12 @@ def test_one_binary_report_heads_the_rows(tmp_path):
 
 
 def test_one_binary_report_per_row_is_paired_in_order(tmp_path):
-    b1, b2 = _report(tmp_path / "b1", 0.61), _report(tmp_path / "b2", 0.62)
-    t1, t2 = _report(tmp_path / "t1", 0.55, 0.1), _report(tmp_path / "t2", 0.5, 0.2)
-    rows = table_rows([b1, b2], [t1, t2], ["1 to 7", "7 to 1"])
-    assert list(rows) == ["binary (1 to 7)", "1 to 7", "binary (7 to 1)", "7 to 1"]
-    assert rows["binary (7 to 1)"]["dice"] == 0.62 and rows["7 to 1"]["dice"] == 0.5
+    b7, b1 = _report(tmp_path / "b7", 0.61, cases=["case0007"]), _report(tmp_path / "b1", 0.62)
+    t = [_report(tmp_path / f"t{i}", 0.5 + i / 100, 0.1) for i in range(3)]
+    rows = table_rows([b7, b7, b1], t, ["a on 7", "b on 7", "a on 1"])
+    # rows on the same cases share one binary row
+    assert list(rows) == ["binary (case0007)", "a on 7", "b on 7", "binary (case0001)", "a on 1"]
+    assert rows["binary (case0001)"]["dice"] == 0.62 and rows["a on 1"]["dice"] == 0.52
 
 
 def test_mismatched_counts_and_missing_reports_are_refused(tmp_path):
