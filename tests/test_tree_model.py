@@ -161,3 +161,22 @@ def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(t
     stats = json.loads((out / f"{case}_stats.json").read_text())
     assert stats["tree_model"]["sha256"] == load_tree_model(tree_file).sha256
     assert stats["stats"]["trees_label_values"] == {"portal": 1, "hepatic": 2}
+
+
+def test_a_tree_model_with_a_model_of_classes_is_refused_in_one_line(tree_data, tmp_path, capsys):
+    import predict
+    from networks.checkpoint import save_checkpoint
+    from networks.e2e import build_segmenter
+
+    kwargs = {"base_channels": 4, "depth": 2}
+    two = tmp_path / "two.pth"
+    save_checkpoint(two, build_segmenter("unet", "none", 2, kwargs), model_name="unet", model_kwargs=kwargs,
+                    salience="none", config={"classes": ["portal", "hepatic"]}, out_channels=2, epoch=0,
+                    iteration=0, best_metric=0.0, img_size=[32, 32])
+    tree, _ = train_tree_model([two_tree_case(0)], TreeModelConfig(iterations=1, **TINY), progress=False)
+    tree_file = save_tree_model(tmp_path / "tree.pth", tree, {})
+    out = tmp_path / "out"
+    rc = predict.main(["--model", str(two), "--input", str(tree_data / "raw" / "3Dircadb1.1"), "--output", str(out),
+                       "--device", "cpu", "--tree_model", str(tree_file)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "already has the classes ['portal', 'hepatic']" in err and not out.exists()
