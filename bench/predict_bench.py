@@ -103,7 +103,8 @@ def demo_model(out: Path, scan_hu_image: np.ndarray) -> tuple[Path, str]:
 
 
 def bench_stages(extras: bool, tree_model: Optional[Path]) -> tuple[str, ...]:
-    """The timed stages: predict.py's, then the optional ones in the order they run."""
+    """The timed stages: predict.py's, then the optional ones (the tree model runs before the
+    statistics, the extras after the NIfTI write)."""
     return STAGES + (("trees",) if tree_model is not None else ()) + (EXTRA_STAGES if extras else ())
 
 

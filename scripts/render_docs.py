@@ -269,6 +269,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "headline": headline,
     "predict-speed": predict_speed,
     "predict-speed-extras": lambda: predict_speed("predict_bench_extras"),
+    "predict-speed-trees": lambda: predict_speed("predict_bench_trees"),
     **{f"flags-{m}": (lambda m=m: _flag_table(m)) for m in COMMANDS},
 }
 
