@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from inference.predictor import Predictor, spacing_warning
 from utils import provenance
 from utils.atomic import atomic_dir
 from utils.h5io import DatasetPaths, read_list, read_volume, salience_made_by
+
+if TYPE_CHECKING:
+    from inference.tree_model import TreeModel
 
 log = logging.getLogger("test")  # messages read as coming from test.py
 
@@ -162,7 +165,7 @@ class _Evaluation:
     #: the class-map values of the model's classes, in its output order (None: a binary model)
     class_values: Optional[list[int]] = None
     #: a tree model (inference.tree_model) that labels a binary model's mask with its trees
-    trees: Optional[Any] = None
+    trees: Optional["TreeModel"] = None
 
     @property
     def classes(self) -> list[str]:
