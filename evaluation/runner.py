@@ -252,15 +252,13 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
         log.warning("running at --img_size %s although the model was trained at %s", list(img_size), ckpt["img_size"])
     _preflight(paths, cases, ckpt)
     values, trees = None, None
-    if tree_model is not None and pred.classes:
-        raise ValueError(f"{tree_model}: --tree_model labels a binary model's mask, but {model_path} already "
-                         f"has the classes {pred.classes}")
     if pred.classes or tree_model is not None:
         from utils.manifests import class_values, dataset_manifest_path, read_stage
 
         if tree_model is not None:
-            from inference.tree_model import load_tree_model
+            from inference.tree_model import check_binary, load_tree_model
 
+            check_binary(tree_model, model_path, pred.classes)
             trees = load_tree_model(tree_model, pred.device)
             doc = read_stage(paths, with_salience=False)["dataset"]
         else:

@@ -72,6 +72,14 @@ class TreeModelConfig:
             raise ValueError("iterations, depth and base_channels must be >= 1")
 
 
+def check_binary(tree_model: str | os.PathLike, model: str | os.PathLike, classes: Optional[Sequence[str]]) -> None:
+    """ValueError naming both files when the vessel model ``model`` already has ``classes``: a
+    tree model labels a binary model's mask."""
+    if classes:
+        raise ValueError(f"{tree_model}: a tree model labels a binary model's mask, but {model} already has the "
+                         f"classes {list(classes)}")
+
+
 def build_tree_network(cfg: TreeModelConfig) -> nn.Module:
     """The tree model's network: ``unet3d``, 2 inputs (image, vessel mask), 2 logits (portal, hepatic)."""
     return build_model("unet3d", 2, len(CLASSES), base_channels=cfg.base_channels, depth=cfg.depth)

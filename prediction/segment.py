@@ -49,7 +49,7 @@ from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_mod
                              segment_liver)
 from inference.predictor import Predictor, spacing_warning
 from inference.scans import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
-from inference.tree_model import TreeModel, load_tree_model
+from inference.tree_model import TreeModel, check_binary, load_tree_model
 from preprocessing.errors import PreprocessError
 from utils import provenance
 from utils.h5io import apply_hu_window
@@ -422,9 +422,8 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     if mesh is not None and mesh not in MESH_FORMATS:
         raise ValueError(f"--mesh must be one of {MESH_FORMATS}, got {mesh!r}")
     use_liver_model = liver_model is not None and liver_mask is None
-    if tree_model is not None and seg.classes:
-        raise ValueError(f"{tree_model.path}: a tree model labels a binary model's mask, but {seg.path} already has "
-                         f"the classes {seg.classes}")
+    if tree_model is not None:
+        check_binary(tree_model.path, seg.path, seg.classes)
     classes = seg.classes or (tree_model.classes if tree_model is not None else [])
     names = output_names(src.name, prob, mesh, figures, graph, dicom_seg, liver=use_liver_model, classes=classes)
     wanted = provenance.record(seg.sha256, {
@@ -598,9 +597,7 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
             log.info("the liver model embedded in %s finds the liver", seg.path)
     trees = None
     if tree_model is not None:
-        if seg.classes:
-            raise ValueError(f"{tree_model}: a tree model labels a binary model's mask, but {seg.path} already "
-                             f"has the classes {seg.classes}")
+        check_binary(tree_model, seg.path, seg.classes)
         trees = load_tree_model(tree_model, seg.device)
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
