@@ -15,7 +15,7 @@ What one patient holds (calibrated on the real patients of ``../shared/real`` wi
   stomach with a gas cap. ``full`` shows the whole abdomen; ``demo`` and ``tiny`` a window on
   the liver and its medial neighbours (spine, aorta, IVC, right kidney, stomach, bowel);
 * a liver (~106-126 HU) with low-frequency texture (features ~14 and ~4 mm), 0-3 hypodense
-  tumours; in ``full`` with a left lateral lobe of drawn length over the stomach;
+  tumours;
 * a portal-vein tree and a hepatic-vein tree (the label, ``portalvein`` and
   ``venoussystem``) and a small hepatic-artery tree (``artery``), each grown by
   recursive branching with Murray's law radii (r_parent^3 = r_1^3 + r_2^3) between
@@ -151,10 +151,6 @@ class _Preset:
     # labelled voxel than demo, likely from its 1.6-2.0 mm slices (not its finer pixels:
     # resampled in-plane to 0.9 mm its contrast stays put)
     enhance_gain: float = 1.0
-    # a left lateral lobe of drawn length reaching over the stomach towards the spleen (whole-abdomen
-    # views: real livers' left lobes run from barely past the midline to the spleen, and a liver
-    # model that only saw a right-sided blob missed them on real CT)
-    left_lobe: bool = False
 
 
 _PRESETS = {
@@ -162,7 +158,7 @@ _PRESETS = {
     "demo": _Preset("demo", (192, 192, 48), (0.9, 0.9, 1.6), True),
     "full": _Preset("full", (512, 512, 0), (0.0, 0.0, 0.0), False,
                     depth_range=(100, 160), inplane_range=(0.57, 0.87), slice_range=(1.6, 2.0),
-                    enhance_gain=1.1, left_lobe=True),
+                    enhance_gain=1.1),
 }
 
 
@@ -539,41 +535,6 @@ class _Forest:
 
 
 # ----------------------------------------------------------------------------- anatomy
-#: the left lobe in liver-normalised coordinates (offset from the liver's centre / its semi-axes):
-#: it leaves the body at column LOBE_START, its root's cross-section (row, slice) is centred at
-#: LOBE_CENTRE with semi-axes LOBE_SEMI, and it tapers to LOBE_TIP_SCALE of that at its tip
-LOBE_START = 0.55
-LOBE_CENTRE = (-0.62, 0.2)
-LOBE_SEMI = (0.32, 0.45)
-LOBE_TIP_SCALE = 0.4
-#: the lobe's length past LOBE_START, drawn in this range (liver semi-axes along the columns)
-LOBE_LENGTH = (0.4, 1.5)
-
-
-def left_lobe_mask(shape, spacing, centre, semi, length: float) -> np.ndarray:
-    """bool (H, W, D): the left lateral lobe of a liver centred at ``centre`` (mm) with semi-axes
-    ``semi`` (mm): anterior and superior, from column ``centre + LOBE_START * semi`` towards the
-    patient's left (+column) for ``length`` column semi-axes, its elliptical cross-section
-    tapering linearly to LOBE_TIP_SCALE and rounded over the last fifth."""
-    centre, semi = np.asarray(centre, dtype=float), np.asarray(semi, dtype=float)
-    if length <= 0:
-        raise ValueError(f"lobe length must be > 0, got {length}")
-    mid = centre + semi * np.array([LOBE_CENTRE[0], LOBE_START + length / 2, LOBE_CENTRE[1]])
-    half = semi * np.array([LOBE_SEMI[0], length / 2, LOBE_SEMI[1]])
-    box, _ = _ellipsoid_box(shape, spacing, mid, half)
-    mask = np.zeros(shape, dtype=bool)
-    if box is None:
-        return mask
-    ax = [np.arange(b.start, b.stop, dtype=np.float32) * s for b, s in zip(box, spacing)]
-    r = (ax[0][:, None, None] - mid[0]) / half[0]
-    t = (ax[1][None, :, None] - (mid[1] - half[1])) / (2 * half[1])  # 0 at the root, 1 at the tip
-    z = (ax[2][None, None, :] - mid[2]) / half[2]
-    scale = 1.0 - (1.0 - LOBE_TIP_SCALE) * np.clip(t, 0, 1)
-    tip = np.clip((t - 0.8) / 0.2, 0, None)
-    mask[box] = ((r / scale) ** 2 + (z / scale) ** 2 + tip**2 <= 1.0) & (t >= 0)
-    return mask
-
-
 def _liver_mask(shape, spacing, centre, semi, rng) -> np.ndarray:
     """A lobed liver: an ellipsoid whose left lobe (towards +col) thins, with a smooth
     random boundary; evaluated in its bounding box."""
@@ -674,12 +635,10 @@ def _put_ellipsoid(hu, clutter, shape, spacing, centre, semi, value) -> Optional
     return box, m
 
 
-def _clutter(hu, shape, spacing, fr: _Frame, wall: tuple[float, float],
-             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _clutter(hu, shape, spacing, fr: _Frame, wall: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
     """Bright and soft structures outside the liver, painted into ``hu``: back muscles, spine
     (cancellous core, cortical rim), aorta, IVC, ribs, both kidneys (enhancing cortex),
-    spleen, pancreas, stomach with a gas cap. Returns the clutter mask and the stomach's, (H, W, D)
-    bool (a left lobe lies over the stomach)."""
+    spleen, pancreas, stomach with a gas cap. Returns the clutter mask (H, W, D) bool."""
     clutter = np.zeros(shape, dtype=bool)
     s_in, s_z, at = fr.s_in, fr.s_z, fr.at
     _put_ellipse(hu, clutter, shape, spacing, at(95, 5), (32 * s_in, 60 * s_in), 50.0, gap=0)
@@ -713,27 +672,19 @@ def _clutter(hu, shape, spacing, fr: _Frame, wall: tuple[float, float],
                    np.array([12, 45, 25]) * scale, rng.uniform(90, 120))                           # pancreas
     sc = np.array([*at(-50, 60), zc + 0.2 * zs])
     got = _put_ellipsoid(hu, clutter, shape, spacing, sc, np.array([38, 42, 40]) * scale, 20.0)    # stomach
-    stomach = np.zeros(shape, dtype=bool)
     if got is not None:
         box, m = got
-        stomach[box] = m
         rows = np.arange(box[0].start, box[0].stop) * spacing[0]
         hu[box][m & (rows < sc[0] - 12 * s_in)[:, None, None]] = -950.0
-    return clutter, stomach
+    return clutter
 
 
-def _liver(hu, shape, spacing, fr: _Frame, clutter, stomach, inner, left_lobe: bool, rng: np.random.Generator):
-    """The liver (largest piece of a lobed shape minus clutter, inside the wall; with
-    ``left_lobe`` a left lateral lobe, which displaces the stomach) with its parenchyma: a mean
-    HU and a low-frequency texture. Returns (liver bool, its bounding box, parenchyma mean HU,
-    texture float32 (H, W, D))."""
+def _liver(hu, shape, spacing, fr: _Frame, clutter, inner, rng: np.random.Generator):
+    """The liver (largest piece of a lobed shape minus clutter, inside the wall) with its
+    parenchyma: a mean HU and a low-frequency texture. Returns (liver bool, its bounding
+    box, parenchyma mean HU, texture float32 (H, W, D))."""
     liver = _liver_mask(shape, spacing, fr.liver_c, fr.liver_semi, rng)
     liver &= ~clutter
-    if left_lobe:
-        # drawn only here, so the presets without a lobe keep their patients as they were
-        length = rng.uniform(*LOBE_LENGTH)
-        centre = fr.liver_c + rng.uniform(-0.05, 0.05, 3) * fr.liver_semi
-        liver |= left_lobe_mask(shape, spacing, centre, fr.liver_semi, length) & ~(clutter & ~stomach)
     liver &= inner[:, :, None]
     lb = _bbox(liver, 2)
     sub = ndimage.binary_opening(liver[lb], iterations=1)
@@ -793,8 +744,8 @@ def _anatomy(shape, spacing, preset: _Preset, rng: np.random.Generator):
     spacing = tuple(float(s) for s in spacing)
     fr = _frame(shape, spacing, preset, rng)
     hu, inner, wall = _body(shape, spacing, fr, rng)
-    clutter, stomach = _clutter(hu, shape, spacing, fr, wall, rng)
-    liver, lb, par_mean, texture = _liver(hu, shape, spacing, fr, clutter, stomach, inner, preset.left_lobe, rng)
+    clutter = _clutter(hu, shape, spacing, fr, wall, rng)
+    liver, lb, par_mean, texture = _liver(hu, shape, spacing, fr, clutter, inner, rng)
     tumours, allowed = _tumours(hu, shape, spacing, fr, liver, lb, par_mean, texture, rng)
     info = {"parenchyma_mean_hu": par_mean, "anatomy_scale": [fr.s_in, fr.s_z],
             "liver_centre_mm": fr.liver_c.tolist(), "liver_semi_mm": fr.liver_semi.tolist()}

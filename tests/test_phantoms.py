@@ -19,7 +19,6 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 import make_phantoms as cli
-import phantom.generator as gen
 from phantom.generator import (CENTERLINES_FILE, LABEL_RIM_MM, R_MAX_MM, R_MIN_MM, TREE_NAMES, Tree,
                                generate_patient, load_centerlines, make_phantoms, rasterise_tree)
 
@@ -444,6 +443,7 @@ def test_rasterise_edge_weight_scales_occupancy_not_label():
 def test_enhancement_gain_scales_the_contrast_and_nothing_else(monkeypatch):
     import dataclasses
 
+    import phantom.generator as gen
     tree = Tree("portalvein", np.array([[5.0, 10.0, 5.0], [25.0, 10.0, 5.0]]), np.array([2.0, 1.5]), np.array([[0, 1]]))
     empty = Tree("x", np.zeros((0, 3)), np.zeros(0), np.zeros((0, 2), dtype=np.int64))
     trees = {"portalvein": tree, "venoussystem": empty, "artery": empty}
@@ -468,24 +468,3 @@ def test_enhancement_gain_scales_the_contrast_and_nothing_else(monkeypatch):
     assert (bright.hu[vessel].astype(float) - base.hu[vessel]).mean() > 5.0
     far = ~ndimage.binary_dilation(base.masks["liver"] > 0, iterations=3)  # beyond the PSF's reach
     np.testing.assert_array_equal(bright.hu[far], base.hu[far])
-
-
-@pytest.mark.parametrize("length", [0.5, 1.2])
-def test_left_lobe_spans_its_drawn_length_and_tapers(length):
-    # 1 mm voxels; a liver centred at (100, 100, 60) mm with semi-axes (80, 60, 50) mm
-    centre, semi = np.array([100.0, 100.0, 60.0]), np.array([80.0, 60.0, 50.0])
-    lobe = gen.left_lobe_mask((200, 260, 120), (1.0, 1.0, 1.0), centre, semi, length)
-    cols = np.flatnonzero(lobe.any(axis=(0, 2)))
-    start, stop = centre[1] + gen.LOBE_START * semi[1], centre[1] + (gen.LOBE_START + length) * semi[1]
-    assert abs(cols[0] - start) <= 1 and abs(cols[-1] - stop) <= 1
-    # anterior (rows < the liver's centre) and superior (slices > it), as a left lateral lobe lies
-    rows = np.flatnonzero(lobe.any(axis=(1, 2)))
-    assert rows[-1] < centre[0] and np.flatnonzero(lobe.any(axis=(0, 1))).mean() > centre[2]
-    # at its root the cross-section's row extent is 2 LOBE_SEMI[0] row semi-axes; halfway, x0.7
-    root = int(round(start)) + 1
-    half = int(round((start + stop) / 2))
-    extent = lambda c: np.ptp(np.flatnonzero(lobe[:, c].any(axis=1)))
-    assert abs(extent(root) - 2 * gen.LOBE_SEMI[0] * semi[0]) <= 2.5
-    assert abs(extent(half) - 2 * gen.LOBE_SEMI[0] * semi[0] * (1 + gen.LOBE_TIP_SCALE) / 2) <= 2
-    with pytest.raises(ValueError, match="length"):
-        gen.left_lobe_mask((10, 10, 10), (1.0, 1.0, 1.0), centre, semi, 0.0)
