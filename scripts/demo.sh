@@ -3,10 +3,16 @@
 # (2 cores): phantoms -> HDF5 -> salience head fit + three-plane salience -> U-Net with
 # offline salience -> test.py. A second run reuses every stage that is complete.
 #
+# Then predict.py on two new scans: a demo phantom with the vessel model alone, and a whole-abdomen
+# phantom, whole (issue 26): its liver found by a liver model and its vessels split into the portal
+# and the hepatic tree by a tree model, both trained here at demo size, on phantoms only.
+#
 # Environment: DEMO_ITERS (training iterations, default 400), DEMO_SPACING (mm per pixel the
 # slices are resampled to, default 0.9: the demo phantoms' own spacing, so a 192 x 192 tile
 # covers their 173 mm field of view as before; real CT at 0.57-0.87 mm is resampled to it by
-# test.py), and those of prepare_phantom.sh.
+# test.py), DEMO_WHOLE (0 skips the whole-abdomen scan), DEMO_LIVER_ITERS (300) and
+# DEMO_TREE_ITERS (300): the demo-sized liver and tree models' iterations (scripts/train_liver.sh
+# and scripts/train_tree_model.sh train full-size ones), and those of prepare_phantom.sh.
 # --domain_aug 1 randomises contrast, level and noise so the phantom-trained model transfers to
 # real CT; --min_component_mm3 20 drops specks under 20 mm^3 (a 1 mm vessel 6 mm long) from its
 # masks (README, "Phantoms to real CT").
@@ -57,3 +63,30 @@ echo "vessel mask (NIfTI): $PRED_DIR/3Dircadb1.1_vessels.nii.gz"
 echo "surface mesh (STL):  $PRED_DIR/3Dircadb1.1_vessels.stl"
 echo "figures:             $PRED_DIR/3Dircadb1.1_mip.png, $PRED_DIR/3Dircadb1.1_3d.png"
 echo "statistics:          $PRED_DIR/3Dircadb1.1_stats.json"
+
+# --- a new scan, whole: a whole-abdomen phantom (512 x 512, kidneys, spleen, spine, bowel around
+# the liver) with no mask given. A liver model keeps the vessels to the liver, a tree model splits
+# them into the two trees. Both are demo-sized (a few minutes of CPU, phantoms only): the full-size
+# commands are scripts/train_liver.sh and scripts/train_tree_model.sh (docs/USAGE.md).
+[ "${DEMO_WHOLE:-1}" = 1 ] || exit 0
+step "liver model, demo size (scripts/train_liver.sh, phantoms only, ${DEMO_LIVER_ITERS:-300} iterations)"
+LIVER_MODEL=$(REAL_SRC= LIVER_PHANTOMS=4 LIVER_ITERS=${DEMO_LIVER_ITERS:-300} LIVER_DATA="$DATA/liver" \
+    LIVER_CKPT="$CKPT/liver" bash scripts/train_liver.sh | sed -n 's/^liver model: //p')
+step "tree model, demo size (scripts/train_tree_model.sh, the demo phantoms, ${DEMO_TREE_ITERS:-300} iterations)"
+TREE_MODEL=$(REAL_SRC= EXTRA_PHANTOMS=0 ITERS=${DEMO_TREE_ITERS:-300} GRID_MM=3 TREES_DATA="$DATA/trees" \
+    TREES_CKPT="$CKPT/trees" VESSEL_MODEL="$RUN_DIR/best_model.pth" bash scripts/train_tree_model.sh \
+    | sed -n 's/^tree model: //p')
+WHOLE_RAW=$DATA/raw/phantom_whole
+step "predict.py on a whole-abdomen scan: liver, vessels, two trees"
+if [ ! -f "$WHOLE_RAW/phantom_manifest.json" ]; then
+  $PY make_phantoms.py --out "$WHOLE_RAW" --cases 1 --preset full --seed 102 --overwrite
+fi
+WHOLE_DIR=$RUN_DIR/predict_whole_scan
+$PY predict.py --model "$RUN_DIR/best_model.pth" --input "$WHOLE_RAW/3Dircadb1.1/PATIENT_DICOM" \
+    --liver_model "$LIVER_MODEL" --tree_model "$TREE_MODEL" --output "$WHOLE_DIR" --mesh --figures
+echo
+echo "whole scan segmented in $(( $(date +%s) - T0 )) s since the demo started"
+echo "liver mask:          $WHOLE_DIR/3Dircadb1.1_liver.nii.gz"
+echo "two trees:           $WHOLE_DIR/3Dircadb1.1_trees.nii.gz (1 portal vein, 2 hepatic veins)"
+echo "figures:             $WHOLE_DIR/3Dircadb1.1_mip.png, $WHOLE_DIR/3Dircadb1.1_3d.png"
+echo "statistics:          $WHOLE_DIR/3Dircadb1.1_stats.json"
