@@ -1,0 +1,26 @@
+"""Every shell script the docs point users to parses (``bash -n``): the long ones (make demo, the
+training scripts) run for minutes and are not run by the suite, so a syntax slip would only show
+on a user's machine."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "scripts").glob("*.sh")) + sorted((ROOT / "pretrained").glob("*.sh"))
+
+
+def test_there_are_scripts_to_check():
+    assert any(p.name == "demo.sh" for p in SCRIPTS)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_parses(script, tmp_path):
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    # and the check itself catches a slip: the same script with an unclosed 'if' fails
+    broken = tmp_path / script.name
+    broken.write_text(script.read_text() + "\nif true; then\n")
+    assert subprocess.run(["bash", "-n", str(broken)], capture_output=True).returncode != 0
