@@ -76,6 +76,9 @@ step "tree model, demo size (scripts/train_tree_model.sh, the demo phantoms, ${D
 TREE_MODEL=$(REAL_SRC= EXTRA_PHANTOMS=0 ITERS=${DEMO_TREE_ITERS:-300} GRID_MM=3 TREES_DATA="$DATA/trees" \
     TREES_CKPT="$CKPT/trees" VESSEL_MODEL="$RUN_DIR/best_model.pth" bash scripts/train_tree_model.sh \
     | sed -n 's/^tree model: //p')
+for m in "$LIVER_MODEL" "$TREE_MODEL"; do
+  [ -n "$m" ] && [ -f "$m" ] || { echo "error: the liver or the tree model was not made ('$m')" >&2; exit 1; }
+done
 WHOLE_RAW=$DATA/raw/phantom_whole
 step "predict.py on a whole-abdomen scan: liver, vessels, two trees"
 if [ ! -f "$WHOLE_RAW/phantom_manifest.json" ]; then
