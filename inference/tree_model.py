@@ -56,11 +56,11 @@ CLASSES = ("portal", "hepatic")
 class TreeModelConfig:
     """How a tree model is built and trained; saved in its file."""
 
-    grid_mm: float = 2.0
+    grid_mm: float = 3.0
     context_mm: float = 30.0
     base_channels: int = 8
     depth: int = 4
-    iterations: int = 1200
+    iterations: int = 400
     lr: float = 3e-3
     max_shift_voxels: int = 6
     seed: int = 0

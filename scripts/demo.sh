@@ -73,7 +73,7 @@ step "liver model, demo size (scripts/train_liver.sh, phantoms only, ${DEMO_LIVE
 LIVER_MODEL=$(REAL_SRC= LIVER_PHANTOMS=4 LIVER_ITERS=${DEMO_LIVER_ITERS:-300} LIVER_DATA="$DATA/liver" \
     LIVER_CKPT="$CKPT/liver" bash scripts/train_liver.sh | sed -n 's/^liver model: //p')
 step "tree model, demo size (scripts/train_tree_model.sh, the demo phantoms, ${DEMO_TREE_ITERS:-300} iterations)"
-TREE_MODEL=$(REAL_SRC= EXTRA_PHANTOMS=0 ITERS=${DEMO_TREE_ITERS:-300} GRID_MM=3 TREES_DATA="$DATA/trees" \
+TREE_MODEL=$(REAL_SRC= EXTRA_PHANTOMS=0 ITERS=${DEMO_TREE_ITERS:-300} TREES_DATA="$DATA/trees" \
     TREES_CKPT="$CKPT/trees" VESSEL_MODEL="$RUN_DIR/best_model.pth" bash scripts/train_tree_model.sh \
     | sed -n 's/^tree model: //p')
 for m in "$LIVER_MODEL" "$TREE_MODEL"; do

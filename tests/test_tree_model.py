@@ -180,3 +180,18 @@ def test_a_tree_model_with_a_model_of_classes_is_refused_in_one_line(tree_data, 
                        "--device", "cpu", "--tree_model", str(tree_file)])
     err = capsys.readouterr().err
     assert rc == 1 and "already has the classes ['portal', 'hepatic']" in err and not out.exists()
+
+
+def test_the_cli_defaults_are_the_configs():
+    # train_tree_model.py keeps torch out of --help, so its defaults are written out: they must
+    # stay those of TreeModelConfig, which a model trained from Python gets
+    from dataclasses import fields
+
+    from train_tree_model import build_parser
+
+    args = vars(build_parser().parse_args(["--data", "r", "d", "l", "--out", "x"]))
+    cfg = TreeModelConfig()
+    shared = [f.name for f in fields(cfg) if f.name in args]
+    assert {"grid_mm", "iterations", "context_mm", "base_channels", "lr", "seed"} <= set(shared)
+    for name in shared:
+        assert args[name] == getattr(cfg, name), name
