@@ -2,7 +2,7 @@
 
     python train_tree_model.py --data data phantom_trees list/phantom \
         [--data data/real ircadb_trees data/real/lists/all ...] --out checkpoint/tree_model/model.pth \
-        [--splits train,val] [--iterations 400] [--grid_mm 3] [--seed 0] [--overwrite]
+        [--splits train,val] [--iterations 800] [--grid_mm 3] [--seed 0] [--overwrite]
 
 Each ``--data ROOT DATASET LIST_DIR`` names preprocessed data with a class map
 (``preprocess.py --vessel_classes portalvein,venoussystem``); the cases of ``--splits`` of every
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="preprocessed data with a class map (repeat for several datasets)")
     p.add_argument("--out", required=True, help="the tree model file to write")
     p.add_argument("--splits", default="train", help="comma-separated lists whose cases train (train, val)")
-    p.add_argument("--iterations", type=int, default=400, help="training steps, one whole case each")
+    p.add_argument("--iterations", type=int, default=800, help="training steps, one whole case each")
     p.add_argument("--grid_mm", type=float, default=3.0, help="mm per voxel the model sees")
     p.add_argument("--context_mm", type=float, default=30.0, help="around the vessel mask's bounding box")
     p.add_argument("--base_channels", type=int, default=8, help="width of the 3-D U-Net")

@@ -60,7 +60,7 @@ class TreeModelConfig:
     context_mm: float = 30.0
     base_channels: int = 8
     depth: int = 4
-    iterations: int = 400
+    iterations: int = 800
     lr: float = 3e-3
     max_shift_voxels: int = 6
     seed: int = 0
