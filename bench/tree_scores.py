@@ -98,7 +98,8 @@ def main() -> int:
     print("\n".join(table))
     if args.record:
         path = write_record(args.record, {"rows": rows, "table_markdown": table}, description=(
-            f"two-tree models (main.py --classes portal,hepatic) against the binary model on {args.label}: "
+            f"two trees (a two-tree model, main.py --classes portal,hepatic, or the binary model with a tree "
+            f"model, test.py --tree_model) against the binary model on {args.label}: "
             "means over cases of test.py's union and per-tree scores (eval_roi in each row) and the share of "
             "found vessel voxels given the other tree"),
             inputs={"binary": args.binary, "trees": args.trees})
