@@ -146,3 +146,31 @@ def test_outputs_without_a_record_are_recomputed(tiny_dataset, tmp_path):
     del doc["meta"]["provenance"]
     (rep.output / "summary.json").write_text(json.dumps(doc))
     assert not run_evaluation(**kw).skipped
+
+
+def test_version_is_dirty_for_changed_code_not_for_written_records(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    assert provenance.version_of(tmp_path) == "unknown"  # not a checkout
+    git("init", "-q")
+    git("config", "user.email", "t@example.org")
+    git("config", "user.name", "t")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "results" / "r.json").write_text("{}")
+    (tmp_path / "docs" / "RESULTS.md").write_text("a")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert provenance.version_of(tmp_path) == sha
+    # a record written and its document rendered: the code is still the commit's
+    (tmp_path / "results" / "r.json").write_text('{"n": 1}')
+    (tmp_path / "docs" / "RESULTS.md").write_text("b")
+    (tmp_path / "untracked.txt").write_text("scratch")
+    assert provenance.version_of(tmp_path) == sha
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert provenance.version_of(tmp_path) == sha + "-dirty"

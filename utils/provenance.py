@@ -32,15 +32,34 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+#: what the repository keeps of its outputs (measured records, the documents rendered from them):
+#: writing a record must not make the code that measured the next one read as changed
+OUTPUT_PATHS = ("results", "docs", "README.md")
+
+
+def version_of(root: str | os.PathLike) -> str:
+    """The git commit checked out at ``root`` (``<sha>``), with ``-dirty`` when a tracked file
+    outside :data:`OUTPUT_PATHS` differs from it; "unknown" outside a git checkout."""
+    def git(*args: str) -> Optional[str]:
+        try:
+            res = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return res.stdout.strip() if res.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                  *[f":(exclude){p}" for p in OUTPUT_PATHS])
+    return sha + ("-dirty" if changed is None or changed else "")
+
+
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The git commit of this code (``<sha>`` or ``<sha>-dirty``), or "unknown" outside a git checkout."""
-    try:
-        res = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40"],
-                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return res.stdout.strip() if res.returncode == 0 and res.stdout.strip() else "unknown"
+    """The git commit of this code (``<sha>`` or ``<sha>-dirty``, see :func:`version_of`), or
+    "unknown" outside a git checkout."""
+    return version_of(Path(__file__).resolve().parents[1])
 
 
 def read_json_doc(path: str | os.PathLike, fmt: str, what: str) -> dict:
