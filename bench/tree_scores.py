@@ -69,6 +69,9 @@ def table_rows(binary: Sequence[str], trees: Sequence[str], names: Sequence[str]
         name = f"binary ({', '.join(base['cases'])})"
         if name not in rows:  # rows on the same cases share their binary row
             rows[name] = base
+        elif rows[name]["model_sha256"] != base["model_sha256"]:
+            raise ValueError(f"{b}: another binary model on the cases of {rows[name]['report']} "
+                             "(rows on the same cases share one binary row)")
         rows[n] = row_of(Path(t))
     return rows
 

@@ -416,14 +416,12 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     ``liver_model`` (a liver model's Predictor, :mod:`inference.liver`) segments it, vessels are
     kept within ``liver_margin_mm`` of it, and its mask is written. With neither, the whole scan.
 
-    ``tree_model`` (:mod:`inference.tree_model`, for a binary ``seg``): labels the vessel mask with
-    its trees, as a model of classes does.
+    ``tree_model`` (:mod:`inference.tree_model`, for a binary ``seg``: :func:`run_predict` checks that
+    once, before loading it): labels the vessel mask with its trees, as a model of classes does.
     """
     if mesh is not None and mesh not in MESH_FORMATS:
         raise ValueError(f"--mesh must be one of {MESH_FORMATS}, got {mesh!r}")
     use_liver_model = liver_model is not None and liver_mask is None
-    if tree_model is not None:
-        check_binary(tree_model.path, seg.path, seg.classes)
     classes = seg.classes or (tree_model.classes if tree_model is not None else [])
     names = output_names(src.name, prob, mesh, figures, graph, dicom_seg, liver=use_liver_model, classes=classes)
     wanted = provenance.record(seg.sha256, {

@@ -39,6 +39,14 @@ def test_one_binary_report_per_row_is_paired_in_order(tmp_path):
     assert rows["binary (case0001)"]["dice"] == 0.62 and rows["a on 1"]["dice"] == 0.52
 
 
+def test_two_binary_models_on_the_same_cases_are_refused(tmp_path):
+    # the shared row could only show one of them: the other's rows would sit under the wrong one
+    b, other = _report(tmp_path / "b", 0.61), _report(tmp_path / "o", 0.64)
+    t = [_report(tmp_path / f"t{i}", 0.5, 0.1) for i in range(2)]
+    with pytest.raises(ValueError, match="another binary model"):
+        table_rows([b, other], t, ["x", "y"])
+
+
 def test_mismatched_counts_and_missing_reports_are_refused(tmp_path):
     b = [_report(tmp_path / f"b{i}", 0.6) for i in range(2)]
     t = [_report(tmp_path / f"t{i}", 0.5, 0.1) for i in range(3)]
