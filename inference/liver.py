@@ -17,6 +17,8 @@ the liver ends); ``scripts/train_liver.sh`` makes one. It runs through the same
   vessels are kept (a margin keeps the portal vein and hepatic veins at the hilum, which the
   liver mask cuts).
 - :func:`segment_liver`: a whole scan in HU -> liver mask, through a liver model's Predictor.
+- :func:`liver_warnings`: what a user should check in a liver mask before trusting the vessel
+  statistics computed in it (a volume no adult liver has, a liver the scan cuts off).
 - :func:`embed_liver_model` / :func:`embedded_liver_model`: one vessel model file that carries
   its liver model (``scripts/embed_liver.py``), so ``predict.py --model`` alone finds the liver.
 
@@ -54,6 +56,11 @@ _TRAINING_STATE = ("optimizer", "scheduler", "scaler")
 #: radius (mm) of the opening of the predicted liver: on real patients 1 and 7 (liver models
 #: trained on the other one) 3, 5 and 8 mm raised the liver Dice by 0.003-0.008, 5 mm most
 DEFAULT_OPENING_MM = 5.0
+#: liver volumes (mL) outside this range are reported as implausible for an adult: healthy adult
+#: livers hold about 1,000-2,500 mL (3D-IRCADb's patients 1 and 7: 1,489 and 1,142 mL); the
+#: range is wide so that enlarged and resected livers pass and a model that found a kidney or
+#: half a liver does not
+PLAUSIBLE_LIVER_ML = (700.0, 3500.0)
 
 
 def model_target(ckpt: dict) -> Optional[str]:
@@ -167,6 +174,31 @@ def segment_liver(predictor: Predictor, hu: np.ndarray, spacing: Sequence[float]
         log.info("%s: liver model: %.0f mL in slices %d-%d", name, ml,
                  *(lambda z: (int(z[0]), int(z[-1])))(np.flatnonzero(liver.any(axis=(0, 1)))))
     return liver
+
+
+def liver_warnings(liver: np.ndarray, spacing: Sequence[float], case: str, *, check_volume: bool = True) -> list[str]:
+    """One-line warnings about a liver mask bool (H, W, D) (spacing (row, col, slice) mm) of scan
+    ``case``; empty when there is nothing to check. A liver in the scan's first or last slice is
+    cut off by the scan's extent, so the vessel statistics describe part of it (any mask);
+    with ``check_volume`` (a model's liver), a volume outside :data:`PLAUSIBLE_LIVER_ML`. An
+    empty mask gives no warning here (the caller says that the model found no liver)."""
+    liver = np.asarray(liver, dtype=bool)
+    if liver.ndim != 3 or len(spacing) != 3:
+        raise ValueError(f"liver must be (H, W, D) with 3 spacings, got {liver.shape} and {tuple(spacing)}")
+    out: list[str] = []
+    z = np.flatnonzero(liver.any(axis=(0, 1)))
+    if z.size == 0:
+        return out
+    ends = [name for name, k in (("first", 0), ("last", liver.shape[2] - 1)) if k in (z[0], z[-1])]
+    if ends:
+        out.append(f"{case}: the liver reaches the scan's {' and '.join(ends)} slice: the scan may not hold the "
+                   f"whole liver, and the vessel statistics would describe part of it")
+    ml = float(liver.sum()) * float(np.prod([float(s) for s in spacing])) / 1000.0
+    lo, hi = PLAUSIBLE_LIVER_ML
+    if check_volume and not lo <= ml <= hi:
+        out.append(f"{case}: the liver model's liver holds {ml:.0f} mL, outside the {lo:.0f}-{hi:.0f} mL of "
+                   f"adult livers: check {case}_liver.nii.gz before the vessel statistics")
+    return out
 
 
 def embed_liver_model(model: str | os.PathLike, liver_model: str | os.PathLike, out: str | os.PathLike, *,

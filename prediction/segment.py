@@ -45,7 +45,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
-from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_model, model_target, near_liver,
+from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_model, liver_warnings, model_target, near_liver,
                              segment_liver)
 from inference.predictor import Predictor, spacing_warning
 from inference.scans import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
@@ -456,6 +456,10 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         log.info("%s: liver model %.1f s", src.name, clock.lap("liver"))
         if not liver.any():
             warnings.append(f"{src.name}: the liver model found no liver: no vessels kept")
+    if liver is not None:
+        for w in liver_warnings(liver, scan.spacing, src.name, check_volume=use_liver_model):
+            log.warning("%s", w)
+            warnings.append(w)
     pred = seg.predict_scan(scan.hu, scan.spacing, region, name=src.name, tta=tta, batch_size=batch_size,
                             clock=clock)
     log.info("%s: salience %.1f s, inference %.1f s", src.name, clock.wall.get("salience", 0.0), clock.wall["inference"])

@@ -13,8 +13,10 @@ import predict
 from inference.liver import (
     DEFAULT_OPENING_MM,
     check_target,
+    PLAUSIBLE_LIVER_ML,
     largest_component,
     liver_from_probabilities,
+    liver_warnings,
     model_target,
     near_liver,
     opening,
@@ -91,6 +93,32 @@ def test_near_liver_is_the_set_within_the_margin_in_mm(spacing, margin):
         near_liver(liver, spacing, -1)
 
 
+def test_liver_warnings_flag_implausible_volumes_and_livers_the_scan_cuts_off():
+    sp = (2.0, 2.0, 2.5)
+    shape = (100, 100, 60)
+    # a ball of radius 70 mm holds 4/3 pi 70^3 = 1437 mL (voxelised: within 2%)
+    liver = ball(shape, (50, 50, 30), 70.0, sp)
+    assert liver.sum() * np.prod(sp) / 1000 == pytest.approx(4 / 3 * np.pi * 70 ** 3 / 1000, rel=0.02)
+    assert liver_warnings(liver, sp, "p") == []
+    # 40 mm: 268 mL, under the range; only a model's liver is judged by its volume
+    small = ball(shape, (50, 50, 30), 40.0, sp)
+    ml = small.sum() * np.prod(sp) / 1000
+    assert ml == pytest.approx(4 / 3 * np.pi * 40 ** 3 / 1000, rel=0.02)
+    (w,) = liver_warnings(small, sp, "p")
+    assert w.startswith("p: ") and f"{ml:.0f} mL" in w and f"{PLAUSIBLE_LIVER_ML[0]:.0f}-{PLAUSIBLE_LIVER_ML[1]:.0f}" in w
+    assert liver_warnings(small, sp, "p", check_volume=False) == []
+    # the same 1437 mL ball moved to the last slice: cut off by the scan (and smaller, still in range)
+    cut = ball(shape, (50, 50, 52), 70.0, sp)
+    assert cut.sum() * np.prod(sp) / 1000 > PLAUSIBLE_LIVER_ML[0]
+    (w,) = liver_warnings(cut, sp, "p", check_volume=False)
+    assert "last slice" in w and "first" not in w
+    both = np.ones(shape, bool)  # 1500 mL, every slice
+    assert "first and last slice" in liver_warnings(both, sp, "p")[0]
+    assert liver_warnings(np.zeros(shape, bool), sp, "p") == []
+    with pytest.raises(ValueError, match="must be"):
+        liver_warnings(liver[0], sp, "p")
+
+
 def test_model_target_reads_the_training_label():
     assert model_target({"manifests": {"dataset": {"vessel_classes": ["liver"]}}}) == "liver"
     assert model_target({"manifests": {"dataset": {"vessel_classes": ["portalvein", "venoussystem"]}}}) == "vessels"
@@ -148,6 +176,8 @@ def test_predict_with_a_liver_model_writes_its_liver_and_keeps_vessels_near_it(p
     assert stats["stats"]["liver"]["source"] == "model" and stats["stats"]["liver"]["margin_mm"] == margin
     assert stats["stats"]["liver"]["volume_ml"] == pytest.approx(expected.sum() * np.prod(data.spacing) / 1000)
     assert stats["provenance"]["options"]["liver_model"] == stats["liver_model"]["sha256"]
+    expected_warnings = liver_warnings(expected, data.spacing, case)
+    assert expected_warnings and set(expected_warnings) <= set(stats["warnings"])
 
     # another margin is another output: recomputed, and never more vessels outside the liver
     assert predict.main(["--model", str(phantom_case["model"]), "--input", str(pat), "--output", str(out),
@@ -161,7 +191,9 @@ def test_predict_with_a_liver_model_writes_its_liver_and_keeps_vessels_near_it(p
                          "--liver_model", str(lm), "--liver_mask", str(pat / "MASKS_DICOM" / "liver"),
                          "--device", "cpu"]) == 0
     assert not (out2 / f"{case}_liver.nii.gz").exists()
-    assert json.loads((out2 / f"{case}_stats.json").read_text())["stats"]["liver"]["source"] == "mask"
+    stats2 = json.loads((out2 / f"{case}_stats.json").read_text())
+    assert stats2["stats"]["liver"]["source"] == "mask"
+    assert not any("mL, outside" in w for w in stats2["warnings"])  # a given mask's volume is the user's
 
 
 def test_models_given_for_the_wrong_job_are_refused(phantom_case, tmp_path, capsys):
