@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU smoke test, a few minutes on one GPU: AMP training steps for unet and unet3d with
-# e2e salience, e2e salience generation, and torchrun with one process. Tiny synthetic
-# data in the project's HDF5 layout (the tests' tiny_dataset, 5 cases of 32 x 32 x 12),
-# written to a temporary folder. Prints what it did; exits non-zero on the first failure.
+# e2e salience, e2e salience generation, torchrun with one process, and predict.py on a
+# phantom scan with a tree model trained on the GPU. Tiny synthetic data in the project's
+# HDF5 layout (the tests' tiny_dataset, 5 cases of 32 x 32 x 12) and 3 demo phantoms, written
+# to a temporary folder. Prints what it did; exits non-zero on the first failure.
 #
 #   bash scripts/gpu_smoke.sh                     # from the repository root
 #   SMOKE_DEVICE=cpu bash scripts/gpu_smoke.sh    # dry run of the same steps on the CPU (no AMP)
@@ -76,6 +77,40 @@ $PY main.py "${COMMON[@]}" --backbone unet --salience offline --img_size 64 64 \
 step "torchrun --nproc_per_node 1 (DDP code path, nccl)"
 $TORCHRUN --standalone --nproc_per_node 1 main.py "${COMMON[@]}" --backbone unet --salience e2e \
     --img_size 64 64 --model_kwargs '{"base_channels": 16}' --exp smoke_ddp
+
+step "predict.py on the GPU: 3 demo phantoms with class maps, a tree model trained 5 steps, the offline model"
+$PY make_phantoms.py --out "$WORK/raw" --cases 3 --preset demo --seed 7 --workers 2 --overwrite
+$PY preprocess.py --dataset smoke_trees --src "$WORK/raw" --root_path "$WORK/data" --list_dir "$WORK/list" \
+    --vessel_classes portalvein,venoussystem --workers 2 --split 100/0/0
+$PY train_tree_model.py --data "$WORK/data" smoke_trees "$WORK/list" --out "$WORK/tree_model.pth" \
+    --iterations 5 --device "$DEVICE"
+# the tree network on the device, on a true vessel mask (the 6-step vessel model below may find none)
+$PY - "$WORK/tree_model.pth" "$WORK/data/smoke_trees/vol_data" "$DEVICE" <<'EOF'
+import sys
+from pathlib import Path
+import h5py
+from evaluation.metrics import wrong_tree_share
+from inference.tree_model import load_tree_model
+tm = load_tree_model(sys.argv[1], sys.argv[3])
+f = sorted(Path(sys.argv[2]).glob("*.h5"))[0]
+with h5py.File(f, "r") as h:
+    image, classes, spacing = h["image"][:], h["classes"][:], tuple(h.attrs["spacing"])
+labels = tm.classify(image, classes > 0, spacing)
+print(f"tree model on {next(tm.network.parameters()).device}: {f.name}, {int((classes > 0).sum())} vessel voxels, "
+      f"{wrong_tree_share(labels, classes):.1%} in the wrong tree after 5 steps")
+EOF
+MODEL=$(find "$WORK/ckpt" -path '*smoke_offline*' -name best_model.pth | head -1)
+$PY predict.py --model "$MODEL" --input "$WORK/raw/3Dircadb1.1" --output "$WORK/pred" \
+    --liver_mask "$WORK/raw/3Dircadb1.1/MASKS_DICOM/liver" --tree_model "$WORK/tree_model.pth" \
+    --device "$DEVICE" --mesh --figures
+$PY - "$WORK/pred/3Dircadb1.1_stats.json" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+trees = s["stats"].get("trees", {})
+print(f"predict.py on {s['device']}: {s['stats']['vessel_volume_ml']:.2f} mL of vessels, "
+      + ", ".join(f"{k} {v['vessel_volume_ml']:.2f} mL" for k, v in trees.items())
+      + f"; seconds {s['seconds']}")
+EOF
 
 step "done"
 find "$WORK/ckpt" -name '*.pth' | sed "s|$WORK/||" | sort
