@@ -1,12 +1,15 @@
-"""bench/tree_scores.py: rows from test.py reports, one binary model for all rows or one per row."""
+"""bench/tree_scores.py: rows from test.py reports, one binary model for all rows or one per row;
+bench/tree_contacts.py: pieces and contact places of two trees worked out on lines of voxels."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pytest
 
+from bench.tree_contacts import table, tree_contacts
 from bench.tree_scores import table_rows
 
 
@@ -54,3 +57,39 @@ def test_mismatched_counts_and_missing_reports_are_refused(tmp_path):
         table_rows(b, t, ["x", "y", "z"])
     with pytest.raises(ValueError, match="summary.json: not a test.py report"):
         table_rows([b[0]], [str(tmp_path / "nowhere")], ["x"])
+
+
+
+def test_tree_contacts_counts_pieces_and_the_places_where_two_trees_touch():
+    c = np.zeros((40, 40, 20), np.uint8)
+    c[5:35, 10, 10] = 1  # a portal line along the rows: 30 voxels
+    c[20, 3:30, 10] = 2  # a hepatic line across it ...
+    c[20, 10, 10] = 1    # ... whose crossing voxel both claim: portal (the overlap rule)
+    r = tree_contacts(c)
+    assert (r["portal_voxels"], r["hepatic_voxels"]) == (30, 26)
+    assert (r["portal_pieces"], r["hepatic_pieces"]) == (1, 2)  # the crossing cuts the hepatic line
+    assert r["union_pieces"] == 1 and r["mixed_pieces"] == 1
+    # portal (19..21, 10) and hepatic (20, 9), (20, 11) are 26-adjacent across the crossing: one place
+    assert r["contact_places"] == 1 and r["contact_voxels"] == 5
+    assert r["piece_rule_wrong"] == pytest.approx(26 / 56)  # the one piece goes portal
+    # a hepatic line in another slice touches nothing: a piece of its own, one tree only
+    c[5:35, 12, 14] = 2
+    r = tree_contacts(c)
+    assert (r["union_pieces"], r["mixed_pieces"], r["contact_places"]) == (2, 1, 1)
+    assert r["piece_rule_wrong"] == pytest.approx(26 / 86)
+    # a hepatic branch ending beside the portal line at row 30: a second place, 3 + 1 more voxels
+    c[30, 3:10, 10] = 2
+    r = tree_contacts(c)
+    assert r["contact_places"] == 2 and r["contact_voxels"] == 9 and r["union_pieces"] == 2
+    # separate trees: no contact, every piece one tree
+    sep = np.zeros_like(c)
+    sep[5:35, 10, 10], sep[5:35, 20, 10] = 1, 2
+    assert tree_contacts(sep)["contact_places"] == 0 and tree_contacts(sep)["piece_rule_wrong"] == 0.0
+    lines = table({"phantom 1": r, "phantom 2": tree_contacts(sep), "real 1": r})
+    # r: 4 hepatic pieces, and its mixed piece now holds 33 hepatic voxels to 30 portal: 30 / 93 wrong
+    assert r["hepatic_pieces"] == 4 and r["piece_rule_wrong"] == pytest.approx(30 / 93)
+    assert len(lines) == 6 and lines[-1] == "| phantoms, mean of 2 | 1 | 2.5 | 2 | 0.5 | 1 | 4.5 | 16.1% |"
+    with pytest.raises(ValueError, match=r"\(H, W, D\)"):
+        tree_contacts(c[0])
+    with pytest.raises(ValueError, match="0, 1 and 2"):
+        tree_contacts(c + 1)

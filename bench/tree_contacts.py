@@ -1,0 +1,147 @@
+"""Where the portal vein and the hepatic veins touch in the truth (issue 26): why one label per
+connected piece cannot tell the trees apart, on phantoms and on real CT alike.
+
+    python bench/tree_contacts.py [--phantoms 10 --seed 300] [--real ../shared/real] [--record NAME]
+
+Every patient is read with the project's DICOM reader and its class map (``portalvein``,
+``venoussystem``; a voxel both masks claim is portal, ``CLASS_OVERLAP_RULE``), the whole
+annotated masks (not only inside the liver). Per patient (:func:`tree_contacts`):
+
+* the pieces (26-connected) of each tree and of their union, and how many union pieces hold both;
+* the share of the union's voxels that the best one-label-per-piece rule puts in the wrong tree
+  (each piece given its majority tree, with the truth's own labels): the floor of any step that
+  makes each connected piece one tree, before any model errs;
+* contact voxels (a voxel of one tree 26-adjacent to one of the other) and contact places
+  (26-connected groups of them): where a method has to cut the union to separate the trees.
+
+The phantoms are ``--phantoms`` demo-preset patients made with ``--seed`` (default: the 10
+held-out phantoms of ``tree_scores_phantom10``, seed 300) in a temporary folder; the real
+patients are those of :data:`bench.salience_quality.REAL_PATIENTS` under ``--real`` (skipped when
+absent). Prints a Markdown table; ``--record NAME`` writes ``results/NAME.json`` (utils.records).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.salience_quality import REAL_PATIENTS, REAL_ROOT  # noqa: E402
+from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
+from utils.logging_setup import setup_logging  # noqa: E402
+
+CLASSES = ("portalvein", "venoussystem")
+_CUBE = np.ones((3, 3, 3), dtype=bool)
+log = logging.getLogger("bench")
+
+
+def tree_contacts(classes: np.ndarray) -> dict[str, float]:
+    """Connectivity of two trees in a class map (H, W, D) (0 background, 1 and 2 the trees).
+
+    Returns: ``portal_voxels``, ``hepatic_voxels``; ``portal_pieces``, ``hepatic_pieces``,
+    ``union_pieces`` and ``mixed_pieces`` (union pieces holding both trees), all 26-connected;
+    ``piece_rule_wrong``: the share of the union's voxels in the wrong tree when each union
+    piece is given its majority tree; ``contact_voxels``: voxels of either tree 26-adjacent to
+    a voxel of the other; ``contact_places``: 26-connected groups of contact voxels.
+    """
+    classes = np.asarray(classes)
+    if classes.ndim != 3:
+        raise ValueError(f"a class map must be (H, W, D), got shape {classes.shape}")
+    if not set(np.unique(classes).tolist()) <= {0, 1, 2}:
+        raise ValueError(f"a class map holds 0, 1 and 2 only, got values {np.unique(classes)[:8].tolist()}")
+    portal, hepatic = classes == 1, classes == 2
+    union = portal | hepatic
+    _, n_portal = ndimage.label(portal, _CUBE)
+    _, n_hepatic = ndimage.label(hepatic, _CUBE)
+    pieces, n_union = ndimage.label(union, _CUBE)
+    index = np.arange(1, n_union + 1)
+    per_portal = np.asarray(ndimage.sum(portal, pieces, index)) if n_union else np.zeros(0)
+    per_hepatic = np.asarray(ndimage.sum(hepatic, pieces, index)) if n_union else np.zeros(0)
+    contact = (portal & ndimage.binary_dilation(hepatic, _CUBE)) | (hepatic & ndimage.binary_dilation(portal, _CUBE))
+    _, n_places = ndimage.label(contact, _CUBE)
+    n = int(union.sum())
+    return {"portal_voxels": int(portal.sum()), "hepatic_voxels": int(hepatic.sum()),
+            "portal_pieces": int(n_portal), "hepatic_pieces": int(n_hepatic), "union_pieces": int(n_union),
+            "mixed_pieces": int(np.count_nonzero((per_portal > 0) & (per_hepatic > 0))),
+            "piece_rule_wrong": float(np.minimum(per_portal, per_hepatic).sum() / n) if n else float("nan"),
+            "contact_voxels": int(contact.sum()), "contact_places": int(n_places)}
+
+
+def patient_contacts(patient_dir: Path) -> dict[str, float]:
+    """:func:`tree_contacts` of a 3D-IRCADb-style patient folder (or one of its zips)."""
+    data = read_dicom_patient(patient_dir, CLASSES, classes=CLASSES)
+    if data.classes is None:
+        raise ValueError(f"{patient_dir}: no vessel masks to make a class map of")
+    return tree_contacts(data.classes)
+
+
+COLUMNS = (("portal_pieces", "portal pieces", "d"), ("hepatic_pieces", "hepatic pieces", "d"),
+           ("union_pieces", "union pieces", "d"), ("mixed_pieces", "pieces holding both", "d"),
+           ("contact_places", "places where they touch", "d"), ("contact_voxels", "contact voxels", "d"),
+           ("piece_rule_wrong", "wrong tree, one label per piece", "%"))
+
+
+def table(rows: dict[str, dict]) -> list[str]:
+    """Markdown lines: one row per patient, then the mean of the phantoms' rows when several."""
+    out = ["| patient | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+
+    def cell(v: float, kind: str) -> str:
+        return f"{v:.1%}" if kind == "%" else (f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}")
+
+    phantoms = [r for n, r in rows.items() if n.startswith("phantom")]
+    shown = dict(rows)
+    if len(phantoms) > 1:
+        shown[f"phantoms, mean of {len(phantoms)}"] = {k: float(np.mean([r[k] for r in phantoms])) for k, _, _ in COLUMNS}
+    for name, r in shown.items():
+        out.append(f"| {name} | " + " | ".join(cell(r[k], kind) for k, _, kind in COLUMNS) + " |")
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--phantoms", type=int, default=10, help="demo-preset phantoms to make (0: none)")
+    p.add_argument("--seed", type=int, default=300, help="their seed (300: tree_scores_phantom10's held-out set)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--real", type=Path, default=REAL_ROOT, help="folder holding the real 3D-IRCADb patients")
+    p.add_argument("--record", default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
+    a = p.parse_args(argv)
+    setup_logging(logging.WARNING)
+    rows: dict[str, dict] = {}
+    if a.phantoms > 0:
+        from phantom.generator import make_phantoms
+
+        with tempfile.TemporaryDirectory(prefix="tree_contacts_") as tmp:
+            for d in make_phantoms(Path(tmp), a.phantoms, "demo", a.seed, workers=a.workers):
+                rows[f"phantom {d.name.split('.')[-1]}"] = patient_contacts(d)
+    real = []
+    for name in REAL_PATIENTS:
+        d = a.real / name
+        if not d.is_dir():
+            log.warning("%s absent: skipped", d)
+            continue
+        rows[f"real {name.split('.')[-1]}"] = patient_contacts(d)
+        real.append(name)
+    if not rows:
+        p.error("nothing to measure: --phantoms 0 and no real patient")
+    lines = table(rows)
+    print("\n".join(lines))
+    if a.record:
+        from utils.records import write_record
+
+        path = write_record(a.record, {"patients": rows, "table_markdown": lines}, description=(
+            f"where the true portal and hepatic trees touch (whole annotated masks, 26-connectivity): pieces, "
+            f"contact places and the wrong-tree share of one label per connected piece; {a.phantoms} demo "
+            f"phantoms of seed {a.seed} and real 3D-IRCADb patients"),
+            inputs={"phantoms": a.phantoms, "seed": a.seed, "preset": "demo", "real": real})
+        print(f"record: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
