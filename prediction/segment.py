@@ -45,8 +45,8 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
-from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_model, liver_warnings, model_target, near_liver,
-                             segment_liver)
+from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_model, liver_warnings, model_target,
+                             near_liver, segment_liver)
 from inference.predictor import Predictor, spacing_warning
 from inference.scans import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
 from inference.tree_model import TreeModel, check_binary, load_tree_model
