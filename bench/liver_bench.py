@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.metrics import dice, n_components  # noqa: E402
-from inference.liver import DEFAULT_MARGIN_MM, check_target, near_liver, segment_liver  # noqa: E402
+from inference.liver import DEFAULT_MARGIN_MM, check_target, near_liver, segment_liver, volume_ml  # noqa: E402
 from inference.predictor import Predictor  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
 from utils.provenance import file_sha256  # noqa: E402
@@ -78,8 +78,7 @@ def measure_patient(liver_seg: Predictor, seg: Predictor, patient: Path, margin_
         secs[name] = round(time.perf_counter() - t, 1)
         rows[name] = vessel_row(mask, vessels_true, liver_true, near_true, spacing)
     return {"liver_dice": float(dice(liver, liver_true)),
-            "liver_ml": {"auto": float(liver.sum() * np.prod(spacing) / 1000), "true": float(
-                liver_true.sum() * np.prod(spacing) / 1000)},
+            "liver_ml": {"auto": volume_ml(liver, spacing), "true": volume_ml(liver_true, spacing)},
             "liver_seconds": round(t_liver, 2), "margin_seconds": round(t_region, 2), "vessels": rows,
             "vessel_seconds": secs, "shape": list(hu.shape), "spacing": [float(s) for s in spacing]}
 

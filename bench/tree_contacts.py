@@ -61,8 +61,8 @@ def tree_contacts(classes: np.ndarray) -> dict[str, float]:
     _, n_hepatic = ndimage.label(hepatic, _CUBE)
     pieces, n_union = ndimage.label(union, _CUBE)
     index = np.arange(1, n_union + 1)
-    per_portal = np.asarray(ndimage.sum(portal, pieces, index)) if n_union else np.zeros(0)
-    per_hepatic = np.asarray(ndimage.sum(hepatic, pieces, index)) if n_union else np.zeros(0)
+    per_portal = np.asarray(ndimage.sum(portal, pieces, index))  # (n_union,), empty without vessels
+    per_hepatic = np.asarray(ndimage.sum(hepatic, pieces, index))
     contact = (portal & ndimage.binary_dilation(hepatic, _CUBE)) | (hepatic & ndimage.binary_dilation(portal, _CUBE))
     _, n_places = ndimage.label(contact, _CUBE)
     n = int(union.sum())

@@ -160,6 +160,11 @@ def near_liver(liver: np.ndarray, spacing: Sequence[float], margin_mm: float) ->
     return out
 
 
+def volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """Volume in mL of a mask (H, W, D) with voxel spacing (row, col, slice) in mm."""
+    return float(np.count_nonzero(mask)) * float(np.prod([float(s) for s in spacing])) / 1000.0
+
+
 def segment_liver(predictor: Predictor, hu: np.ndarray, spacing: Sequence[float], *, name: str = "scan",
                   batch_size: int = 8, opening_mm: float = DEFAULT_OPENING_MM) -> np.ndarray:
     """Liver mask bool (H, W, D) of a scan ``hu`` (H, W, D) in HU with a liver model's
@@ -170,8 +175,7 @@ def segment_liver(predictor: Predictor, hu: np.ndarray, spacing: Sequence[float]
     if not liver.any():
         log.warning("%s: the liver model found no liver", name)
     else:
-        ml = float(liver.sum()) * float(np.prod(spacing)) / 1000.0
-        log.info("%s: liver model: %.0f mL in slices %d-%d", name, ml,
+        log.info("%s: liver model: %.0f mL in slices %d-%d", name, volume_ml(liver, spacing),
                  *(lambda z: (int(z[0]), int(z[-1])))(np.flatnonzero(liver.any(axis=(0, 1)))))
     return liver
 
@@ -193,7 +197,7 @@ def liver_warnings(liver: np.ndarray, spacing: Sequence[float], case: str, *, ch
     if ends:
         out.append(f"{case}: the liver reaches the scan's {' and '.join(ends)} slice: the scan may not hold the "
                    f"whole liver, and the vessel statistics would describe part of it")
-    ml = float(liver.sum()) * float(np.prod([float(s) for s in spacing])) / 1000.0
+    ml = volume_ml(liver, spacing)
     lo, hi = PLAUSIBLE_LIVER_ML
     if check_volume and not lo <= ml <= hi:
         out.append(f"{case}: the liver model's liver holds {ml:.0f} mL, outside the {lo:.0f}-{hi:.0f} mL of "

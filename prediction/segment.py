@@ -46,7 +46,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
 from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_model, liver_warnings, model_target,
-                             near_liver, segment_liver)
+                             near_liver, segment_liver, volume_ml)
 from inference.predictor import Predictor, spacing_warning
 from inference.scans import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
 from inference.tree_model import TreeModel, check_binary, load_tree_model
@@ -473,7 +473,7 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         stats["trees_label_values"] = {c: k + 1 for k, c in enumerate(classes)}
     if liver is not None:
         stats["liver"] = {"source": "model" if use_liver_model else "mask",
-                          "volume_ml": float(liver.sum()) * float(np.prod(scan.spacing)) / 1000.0,
+                          "volume_ml": volume_ml(liver, scan.spacing),
                           "margin_mm": float(liver_margin_mm) if use_liver_model else 0.0}
     clock.lap("stats")
 

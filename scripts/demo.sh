@@ -48,11 +48,13 @@ echo "figures:       $RUN_DIR/eval_test/figures/"
 
 # --- segment a new scan (predict.py): a phantom patient the model has never seen, read as a
 # plain DICOM series (its masks are not used), with the model file as the only other input
+# one phantom patient in folder $1 (preset $2, seed $3), made unless it is there
+new_scan() {
+  [ -f "$1/phantom_manifest.json" ] || $PY make_phantoms.py --out "$1" --cases 1 --preset "$2" --seed "$3" --overwrite
+}
 NEW_RAW=$DATA/raw/phantom_new
 step "predict.py on a new scan without labels"
-if [ ! -f "$NEW_RAW/phantom_manifest.json" ]; then
-  $PY make_phantoms.py --out "$NEW_RAW" --cases 1 --preset demo --seed 101 --overwrite
-fi
+new_scan "$NEW_RAW" demo 101
 PRED_DIR=$RUN_DIR/predict_new_scan
 # the model file embeds its salience generator (main.py took it from the maps' manifest)
 $PY predict.py --model "$RUN_DIR/best_model.pth" --input "$NEW_RAW/3Dircadb1.1/PATIENT_DICOM" \
@@ -81,9 +83,7 @@ for m in "$LIVER_MODEL" "$TREE_MODEL"; do
 done
 WHOLE_RAW=$DATA/raw/phantom_whole
 step "predict.py on a whole-abdomen scan: liver, vessels, two trees"
-if [ ! -f "$WHOLE_RAW/phantom_manifest.json" ]; then
-  $PY make_phantoms.py --out "$WHOLE_RAW" --cases 1 --preset full --seed 102 --overwrite
-fi
+new_scan "$WHOLE_RAW" full 102
 WHOLE_DIR=$RUN_DIR/predict_whole_scan
 $PY predict.py --model "$RUN_DIR/best_model.pth" --input "$WHOLE_RAW/3Dircadb1.1/PATIENT_DICOM" \
     --liver_model "$LIVER_MODEL" --tree_model "$TREE_MODEL" --output "$WHOLE_DIR" --mesh --figures
