@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch_size", type=int, nargs=3, default=list(d.patch_size), metavar=("H", "W", "D"))
     p.add_argument("--patches_per_epoch", type=int, default=d.patches_per_epoch)
     p.add_argument("--fg_fraction", type=float, default=d.fg_fraction)
-    p.add_argument("--augment", type=_bool, default=d.augment)
+    p.add_argument("--augment", type=_bool, default=d.augment,
+                   help="random quarter turns and flips of half the training items (the seed's); the zoom, blur "
+                        "and intensity augmentations have their own options and do not depend on this one")
     p.add_argument("--intensity_jitter", type=_bool, default=d.intensity_jitter)
     p.add_argument("--domain_aug", type=_bool, default=d.domain_aug,
                    help="randomise contrast (x0.5-1.5), level (+-24 HU) and noise (up to 8 HU) of the training "

@@ -51,7 +51,7 @@ class TrainConfig:
     patch_size: Sequence[int] = (64, 64, 64)
     patches_per_epoch: int = 250
     fg_fraction: float = 1 / 3
-    augment: bool = True
+    augment: bool = True  # rot90 and flips of half the training items; the other augmentations have their own fields
     intensity_jitter: bool = False
     domain_aug: bool = False  # sim-to-real intensity randomisation (dataloaders.transforms.intensity_domain)
     scale_aug: float = 0.0  # 2-D: zoom each training slice by a log-uniform factor in [1/(1+s), 1+s] (0: off)

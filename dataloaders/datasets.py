@@ -91,6 +91,11 @@ def label_target(raw: np.ndarray, classes: Optional[Sequence[int]]) -> np.ndarra
 
 
 class _Augmenting(Dataset):
+    """A training set's items, augmented from (seed, epoch, index): ``augment`` switches the
+    random quarter turns and flips (``--augment``) only; the zoom (``scale_aug``), the blur
+    (``blur_aug``), ``jitter`` and ``domain`` are each switched by their own value, so
+    ``--augment 0 --scale_aug 0.15`` (the liver model's: no flips, zooms) zooms."""
+
     def __init__(self, salience_mode: str, augment: bool, jitter: bool, seed: int, domain: bool = False,
                  blur_aug: float = 0.0, classes: Optional[Sequence[int]] = None) -> None:
         input_channels(salience_mode)
@@ -124,7 +129,7 @@ class _Augmenting(Dataset):
             image, label, sal = rot_flip(image, label, sal, rng)
         if self.jitter:
             image = intensity_jitter(image, rng)
-        if self.augment and self.blur:
+        if self.blur:
             image = gaussian_blur(image, rng, self.blur)
         if self.domain:
             image = intensity_domain(image, rng)
@@ -283,7 +288,7 @@ class SliceDataSet(_Augmenting):
         size = self.img_size
         if self.target_spacing is not None:
             size = spacing_size(image.shape, self.spacings[self._case(name)], self.target_spacing)
-        if self.scale_aug and self.augment:
+        if self.scale_aug:
             zoom = float(np.exp(rng.uniform(-np.log1p(self.scale_aug), np.log1p(self.scale_aug))))
             size = (max(1, int(round(size[0] * zoom))), max(1, int(round(size[1] * zoom))))
         planes = image[None] if sal is None else np.concatenate([image[None], sal])
