@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.no_liver_model and args.liver_model:
+        parser.error("--no_liver_model ignores a liver model embedded in --model; it does not go with --liver_model")
     setup_logging()
     try:
         results = run_predict(args.model, args.input, args.output, device=args.device, head=args.head,

@@ -477,12 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+#: options that only the fitting (--fit) reads
+FIT_OPTIONS = ("fit_only", "iters", "lr", "batch", "patch", "seed", "checkpoint_dir")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unused = [f"--{k}" for k in FIT_OPTIONS if getattr(args, k) != parser.get_default(k)]
+    if unused and not args.fit:
+        parser.error(f"{', '.join(unused)} only apply with --fit (fitting the generator first)")
     setup_logging()
     cfg = FitConfig(iters=args.iters, lr=args.lr, batch=args.batch, patch=args.patch, seed=args.seed)
     try:

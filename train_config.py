@@ -96,6 +96,11 @@ class TrainConfig:
                              f"{self.log_every}, {self.prefetch_factor}, {self.num_workers}")
         if not 0 < self.val_fraction <= 1:
             raise ValueError(f"--val_fraction must be in (0, 1], got {self.val_fraction}")
+        # checked here, not at the first validation after hours of training
+        if not 0 <= self.val_overlap < 1:
+            raise ValueError(f"--val_overlap must be in [0, 1), got {self.val_overlap}")
+        if self.min_component_mm3 < 0:
+            raise ValueError(f"--min_component_mm3 must be >= 0 mm^3, got {self.min_component_mm3}")
         self.scale_aug = check_scale_aug(self.scale_aug)
         self.blur_aug = check_blur_aug(self.blur_aug)
         if self.freeze_bn and not self.init_from:

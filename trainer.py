@@ -666,6 +666,10 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
     model = model.to(env.device, memory_format=env.memory_format)
     if cfg.init_from and not cfg.resume:
         src = init_from_checkpoint(model, cfg.init_from, model_name=cfg.backbone, salience=cfg.salience)
+        if cfg.head and cfg.salience == "e2e" and src["salience"] == "e2e":
+            # the run would record --head's hash as its salience provenance and train another head
+            raise ValueError(f"--head {cfg.head}: the salience head comes from --init_from {cfg.init_from} (an e2e "
+                             f"run) and replaces it; give --head or an e2e --init_from, not both")
         log.info("weights from %s (%s, salience %s, epoch %s)", cfg.init_from, src["model_name"], src["salience"],
                  src.get("epoch"))
     if cfg.freeze_bn and freeze_norm_statistics(model) == 0:
@@ -673,6 +677,11 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.base_lr, cfg.weight_decay, cfg.momentum)
     per_epoch = batches_per_epoch(cfg, env, len(train_set))
     horizon = lr_horizon(cfg, per_epoch)
+    if cfg.max_iterations and horizon < cfg.max_iterations and env.main:
+        # the loop ends at max_epochs: say so now, not in the last log line of a long run
+        log.warning("--max_epochs %d x %d iterations per epoch stops this run at %d iterations, before "
+                    "--max_iterations %d: raise --max_epochs to train them all", cfg.max_epochs, per_epoch, horizon,
+                    cfg.max_iterations)
     run_dir = cfg.run_dir()
     run = _Run(cfg, env, dims, run_dir, train_set, Validator(val_cases, cfg, env, dims, class_values), model, optimizer,
                poly_scheduler(optimizer, horizon, cfg.poly_power),

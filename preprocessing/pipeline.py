@@ -121,13 +121,19 @@ def resolve_splits(
                 "%s: %d case(s) in no split list (written to vol_data only): %s",
                 paths.list_dir, len(unlisted), ", ".join(unlisted[:10]),
             )
+        log.info("%s: using the split lists there (--split and --split-seed make new lists only; --overwrite "
+                 "rewrites them)", paths.list_dir)
         return splits
     if present and not overwrite:
         raise FileExistsError(
             f"{files[present[0]]}: exists but {', '.join(str(files[s]) for s in SPLITS if s not in present)} "
             "does not; complete the lists or pass --overwrite to rewrite all three"
         )
-    splits = seed_split(dataset) or make_split(cases, fractions, seed)
+    splits = seed_split(dataset)
+    if splits:
+        log.info("%s: the authors' seed split of %s (--split and --split-seed do not apply)", paths.list_dir, dataset)
+    else:
+        splits = make_split(cases, fractions, seed)
     for s in SPLITS:
         write_list(files[s], splits[s])
     log.info(

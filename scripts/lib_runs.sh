@@ -28,16 +28,53 @@ prepare_data() {
   if [ "$DATASET" = phantom ]; then bash scripts/prepare_phantom.sh; fi
 }
 
+# 2 or 3: the dimensionality of BACKBONE (with MODEL_KW) in the registry
+backbone_dims() {
+  $PY -c "import json, sys
+from networks.registry import spatial_dims_of
+try:
+    print(spatial_dims_of(sys.argv[1], **json.loads(sys.argv[2] or '{}')))
+except ValueError as e:
+    sys.exit(f'error: {e}')" "$1" "${MODEL_KW:-}"
+}
+
+# "DIMS EPOCHS" for BACKBONE (MODEL_KW): its dimensionality from the registry (a name pattern
+# missed unet3d_bilinear and 2-D MONAI nets), and --max_epochs: 100, the demo's (the run
+# folder is named by it), or as many epochs of batch 4 as ITERS needs, so that ITERS and
+# not the epoch count ends a run (ITERS=20000 stopped at 100 epochs of the phantoms' slices)
+dims_and_epochs() {
+  $PY -c "import json, math, sys
+from networks.registry import spatial_dims_of
+from utils.h5io import DatasetPaths, read_list
+name, kw, root, dataset, iters = sys.argv[1], json.loads(sys.argv[2] or '{}'), sys.argv[3], sys.argv[4], int(sys.argv[5])
+try:
+    dims = spatial_dims_of(name, **kw)
+    items = 250 if dims == 3 else len(read_list(DatasetPaths.of(root, dataset).list_file('slice_train')))
+except (FileNotFoundError, ValueError) as e:
+    sys.exit(f'error: {e}')
+print(dims, max(100, math.ceil(iters / max(1, items // 4))))" "$1" "${MODEL_KW:-}" "$DATA" "$DATASET" "$ITERS"
+}
+
 train_and_test() {
   local backbone=$1 mode=$2 exp=$3; shift 3
+  local found dims epochs
+  found=$(dims_and_epochs "$backbone") || return 2
+  read -r dims epochs <<< "$found"
   local size_args=(--img_size 192 192 --target_spacing "$TARGET_SPACING")
-  case "$backbone" in unet3d|monai:*) size_args=(--patch_size 64 64 32) ;; esac
+  [ "$dims" = 3 ] && size_args=(--patch_size 64 64 32)
   local extra=()
-  # e2e starts from the same fitted head the offline maps came from
-  if [ "$mode" = e2e ] && [ -f "${HEAD:-}" ]; then extra=(--head "$HEAD"); fi
+  # e2e starts from the same fitted head the offline maps came from; without it, from an
+  # untrained head, which is another experiment
+  if [ "$mode" = e2e ]; then
+    if [ ! -f "${HEAD:-}" ]; then
+      echo "error: e2e starts from the fitted salience head, and there is none at '${HEAD:-}' (set HEAD)" >&2
+      return 2
+    fi
+    extra=(--head "$HEAD")
+  fi
   local args=(--dataset "$DATASET" --root_path "$DATA" --output_root "$CKPT" --backbone "$backbone"
               --salience "$mode" "${size_args[@]}" --batch_size 4 --optimizer adamw --base_lr 0.003
-              --loss bce+dice --max_epochs 100 --max_iterations "$ITERS" --val_every 200
+              --loss bce+dice --max_epochs "$epochs" --max_iterations "$ITERS" --val_every 200
               --domain_aug "$DOMAIN_AUG" --min_component_mm3 "$MIN_COMPONENT"
               --seed "$SEED" --deterministic 1 --exp "$exp" "${extra[@]}" "$@")
   [ -n "${MODEL_KW:-}" ] && args+=(--model_kwargs "$MODEL_KW")

@@ -7,7 +7,8 @@
 #
 # Environment: GENERATOR (bank | fpn | analytic; default bank), FPN_WEIGHTS (the authors'
 # dice_best_Wavelet_square_net_vessel_data_size512.pth, for GENERATOR=fpn), SALIENCE
-# (offline | e2e | none; default offline), BACKBONE (unet), NPROC (GPUs for torchrun; default 1),
+# (offline | e2e | none; default offline: e2e starts from the fitted bank head, so it needs
+# GENERATOR=bank; none makes no maps), BACKBONE (unet), NPROC (GPUs for torchrun; default 1),
 # FIT_ITERS (head fitting iterations, default 2000), DATA (data), CKPT (checkpoint).
 # Splits: list/3D-IRCADb/vol_{train,val,test}.txt (the authors' seed split).
 set -euo pipefail
@@ -23,10 +24,18 @@ NPROC=${NPROC:-1}
 FIT_ITERS=${FIT_ITERS:-2000}
 DS=3D-IRCADb
 step() { echo; echo "== $*"; }
+case "$SALIENCE" in
+  offline) TAG=${SALIENCE}_${GENERATOR} ;;
+  e2e) [ "$GENERATOR" = bank ] || { echo "error: SALIENCE=e2e learns the bank head: use GENERATOR=bank" >&2; exit 2; }
+       TAG=e2e_bank ;;
+  none) TAG=none ;;
+  *) echo "error: SALIENCE must be offline, e2e or none" >&2; exit 2 ;;
+esac
 
 step "1/5 preprocess $SRC -> $DATA/$DS (portal vein + venous system; liver slices)"
 $PY preprocess.py --dataset $DS --src "$SRC" --root_path "$DATA" --workers 4
 
+if [ "$SALIENCE" != none ]; then
 step "2/5 salience generator: $GENERATOR"
 # NORMALISATION: volume (default here) is the paper's salience rule; fixed makes a scan's maps
 # independent of how far it extends (docs/DESIGN.md section 1a), for models meant for predict.py
@@ -47,11 +56,16 @@ esac
 
 step "3/5 three-plane salience for every case"
 $PY salience_generation.py "${GEN_ARGS[@]}"
+else
+  step "2-3/5 no salience maps (SALIENCE=none)"
+fi
 
 step "4/5 train $BACKBONE (salience $SALIENCE), seed defaults, $NPROC GPU(s)"
 TRAIN_ARGS=(--dataset $DS --root_path "$DATA" --output_root "$CKPT" --backbone "$BACKBONE"
             --salience "$SALIENCE" --max_epochs 100 --batch_size 4 --base_lr 0.01 --img_size 256 256
-            --seed 0 --exp "seed_${SALIENCE}_${GENERATOR}")
+            --seed 0 --exp "seed_${TAG}")
+# e2e starts from the head fitted in step 2 (without --head, from an untrained one)
+if [ "$SALIENCE" = e2e ]; then TRAIN_ARGS+=(--head "$HEAD"); fi
 RUN_DIR=$($PY main.py "${TRAIN_ARGS[@]}" --print_run_dir)
 if [ -f "$RUN_DIR/last.pth" ]; then TRAIN_ARGS+=(--resume); fi
 if [ "$NPROC" -gt 1 ]; then

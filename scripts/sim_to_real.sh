@@ -33,6 +33,9 @@ cd "$(dirname "$0")/.."
 BACKBONE=${BACKBONE:-unet}
 MODEL_KW=${MODEL_KW:-'{"base_channels": 16}'}
 source scripts/lib_runs.sh
+# the real-patient runs resample 2-D slices and the mixed data holds phantom slices only
+dims=$(backbone_dims "$BACKBONE")
+[ "$dims" = 2 ] || { echo "error: sim_to_real.sh trains 2-D backbones; $BACKBONE is 3-D" >&2; exit 2; }
 REAL_SRC=${REAL_SRC:-../shared/real}
 S2R=${S2R_DATA:-$DATA/s2r}
 # one seed on a CPU-only machine (about an hour on 2 cores, e2e a third of it), three where CUDA is present
@@ -104,7 +107,11 @@ train_real() {
   local root=$S2R
   if [[ $list == mix* ]]; then root=$S2R/$list; fi
   local extra=()
-  if [ "$mode" = e2e ] && [ -f "${HEAD:-}" ]; then extra=(--head "$HEAD"); fi
+  # e2e from scratch starts from the fitted head; an e2e --init_from brings its own
+  if [ "$mode" = e2e ] && [[ " $* " != *" --init_from "* ]]; then
+    [ -f "${HEAD:-}" ] || { echo "error: e2e starts from the fitted salience head, and there is none at '${HEAD:-}'" >&2; return 2; }
+    extra=(--head "$HEAD")
+  fi
   local args=(--dataset $REAL --root_path "$root" --list_dir "$LISTS/$list" --output_root "$CKPT/s2r"
               --backbone "$BACKBONE" --salience "$mode" --img_size 192 192 --target_spacing "$TARGET_SPACING" --batch_size 4
               --optimizer adamw --loss bce+dice --max_epochs 1000

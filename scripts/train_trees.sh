@@ -31,8 +31,10 @@ PY=${PY:-.venv/bin/python}
 RATIO=${PHANTOM_RATIO:-1}
 BACKBONE=${BACKBONE:-unet}
 CUDA=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
+# 2 or 3 from the registry: a name test took unet3d_bilinear for a 2-D backbone
+DIMS=$($PY -c "import sys; from networks.registry import spatial_dims_of; print(spatial_dims_of(sys.argv[1]))" "$BACKBONE")
 ITERS=${ITERS:-$([ "$CUDA" = 1 ] && echo 10000 || echo 1200)}
-BATCH=${BATCH:-$([ "$CUDA" = 1 ] && [ "$BACKBONE" != unet3d ] && echo 16 || echo 4)}
+BATCH=${BATCH:-$([ "$CUDA" = 1 ] && [ "$DIMS" = 2 ] && echo 16 || echo 4)}
 WIDTH=${WIDTH:-$([ "$CUDA" = 1 ] && echo 32 || echo 16)}
 PATCH=${PATCH:-$([ "$CUDA" = 1 ] && echo "96 96 64" || echo "64 64 32")}
 SEED=${SEED:-0}
@@ -44,7 +46,7 @@ source scripts/prepare_trees.sh  # steps 1-3; sets REAL_SRC, DATA, CKPT, MIX, PH
 if [ "$MIX" = 1 ]; then
   [ "$HAVE_REAL" = 1 ] || { echo "error: MIX_REAL=1 needs real patients under REAL_SRC" >&2; exit 2; }
   # the mixed folder lists the phantoms' slices, not their volumes, which 3-D patches are cut from
-  [ "$BACKBONE" != unet3d ] || { echo "error: MIX_REAL=1 mixes 2-D slices; use a 2-D backbone" >&2; exit 2; }
+  [ "$DIMS" = 2 ] || { echo "error: MIX_REAL=1 mixes 2-D slices; use a 2-D backbone" >&2; exit 2; }
   step "4/6 mix: every real patient + $RATIO x as many phantom slices"
   LISTS=$DATA/lists/train_all/$REAL
   mkdir -p "$LISTS"
@@ -66,7 +68,7 @@ fi
 
 step "5/6 train: $BACKBONE ($WIDTH channels), --classes portal,hepatic, $ITERS iterations"
 SHAPE=(--target_spacing 0.9 --img_size 192 192)
-[ "$BACKBONE" = unet3d ] && read -r -a P <<< "$PATCH" && SHAPE=(--patch_size "${P[@]}")
+[ "$DIMS" = 3 ] && read -r -a P <<< "$PATCH" && SHAPE=(--patch_size "${P[@]}")
 ARGS=("${TRAIN[@]}" --output_root "$CKPT" --backbone "$BACKBONE" --model_kwargs "{\"base_channels\": $WIDTH}"
       --salience offline --classes portal,hepatic "${SHAPE[@]}" --batch_size "$BATCH" --optimizer adamw
       --base_lr 0.003 --loss bce+dice --max_epochs 10000 --max_iterations "$ITERS" --val_every "$ITERS"

@@ -651,3 +651,16 @@ def test_real_scan_prediction_does_not_depend_on_its_extent(patient, tmp_path):
     assert whole.sum() > 0.02 * liver.sum()
     assert dice(whole, cropped) >= 0.98
     assert dice(padded, whole) >= 0.99
+
+
+def test_no_liver_model_with_liver_model_is_a_usage_error(tmp_path, capsys):
+    """--no_liver_model ignores the liver model embedded in --model; with --liver_model it would
+    silently mean nothing, so the command line is refused before any file is read."""
+    import predict as predict_cli
+
+    with pytest.raises(SystemExit) as e:
+        predict_cli.main(["--model", str(tmp_path / "m.pth"), "--input", str(tmp_path), "--output",
+                          str(tmp_path / "out"), "--liver_model", str(tmp_path / "l.pth"), "--no_liver_model"])
+    assert e.value.code == 2
+    assert "--no_liver_model ignores a liver model embedded in --model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -282,7 +282,7 @@ def test_split_deterministic_partition():
     assert [len(v) for v in make_split(cases[:3]).values()] == [1, 1, 1]
 
 
-def test_generated_and_existing_lists(tmp_path):
+def test_generated_and_existing_lists(tmp_path, caplog):
     for n in (1, 2, 3, 4, 5):
         make_patient(tmp_path / "src", n, shape=(8, 8, 10))
     s, paths = run(tmp_path, dataset="phantom", crop="none", split_seed=7)
@@ -297,8 +297,11 @@ def test_generated_and_existing_lists(tmp_path):
     assert read_list(paths.list_file("vol_train")) == make_split([f"case{n:04d}" for n in range(1, 6)], seed=0)["train"]
     for k, v in mine.items():
         write_list(paths.list_file(f"vol_{k}"), v)
-    run(tmp_path, dataset="phantom", crop="none")
+    with caplog.at_level(logging.INFO):
+        run(tmp_path, dataset="phantom", crop="none", split_seed=3)
     assert {k: read_list(paths.list_file(f"vol_{k}")) for k in mine} == mine
+    # the kept lists win over --split-seed: said, not silent
+    assert f"{paths.list_dir}: using the split lists there (--split and --split-seed make new lists only" in caplog.text
     assert read_list(paths.list_file("slice_train")) == [slice_name("case0005", k) for k in range(10)]
 
 

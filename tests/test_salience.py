@@ -712,3 +712,13 @@ def test_generation_records_the_rule_in_every_map(tiny_dataset):
         for z, path in sg.case_slices(ds.paths, case):
             with h5py.File(path, "r") as f:
                 np.testing.assert_array_equal(f["salience"][()], vol_map[:, :, :, z])
+
+
+def test_fitting_options_without_fit_are_a_usage_error(tmp_path, capsys):
+    """--iters, --seed, ... are read only when fitting: without --fit they would do nothing."""
+    import salience_generation as sg
+
+    with pytest.raises(SystemExit) as e:
+        sg.main(["--dataset", "nothing", "--root_path", str(tmp_path), "--iters", "5", "--seed", "3"])
+    assert e.value.code == 2
+    assert "--iters, --seed only apply with --fit" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -648,6 +649,35 @@ def test_scale_aug_run_and_3d_refusal(tiny_dataset, tmp_path):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", scale_aug=0.25, max_iterations=1, exp="z3"))
 
 
+@pytest.mark.parametrize("kw,message", [
+    (dict(val_overlap=1.0), "--val_overlap must be in [0, 1), got 1.0"),
+    (dict(val_overlap=-0.1), "--val_overlap must be in [0, 1), got -0.1"),
+    (dict(min_component_mm3=-5.0), "--min_component_mm3 must be >= 0 mm^3, got -5.0"),
+])
+def test_validation_and_post_processing_options_are_checked_before_training(kw, message):
+    with pytest.raises(ValueError) as e:
+        TrainConfig(dataset="tiny", **kw)
+    assert str(e.value) == message
+
+
+def test_a_run_that_max_epochs_stops_before_max_iterations_says_so_at_the_start(tiny_dataset, tmp_path, caplog):
+    """4 patches per epoch at batch 2 is 2 iterations per epoch: one epoch ends the run at 2,
+    and --max_iterations 5 would silently not be reached; a run that reaches its iterations
+    gets no warning."""
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        result = train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", model_kwargs={"base_channels": 4, "depth": 2},
+                               max_iterations=5, exp="short"))
+    assert result.iteration == 2
+    said = [r.getMessage() for r in caplog.records if "raise --max_epochs" in r.getMessage()]
+    assert said == ["--max_epochs 1 x 2 iterations per epoch stops this run at 2 iterations, before --max_iterations 5: "
+                    "raise --max_epochs to train them all"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", model_kwargs={"base_channels": 4, "depth": 2},
+                      max_iterations=2, exp="enough"))
+    assert not [r for r in caplog.records if "raise --max_epochs" in r.getMessage()]
+
+
 def test_gaussian_blur_spreads_a_line_by_the_drawn_sigma():
     """A one-pixel line across a plane, blurred with sigma s, has a cross profile whose mass
     is 1 and whose variance is s^2 (the Gaussian's); the draw is replayed from the same seed.
@@ -790,6 +820,22 @@ def test_freeze_norm_statistics_freezes_only_the_norms_until_train_mode():
     net(torch.randn(2, 1, 8, 8) + 5)
     assert not torch.equal(net[1].running_mean, before)
     assert trainer.freeze_norm_statistics(torch.nn.Conv2d(1, 1, 1)) == 0
+
+
+def test_head_and_an_e2e_init_from_are_refused_together(tiny_dataset, tmp_path):
+    """An e2e --init_from brings its salience head, which replaces --head's: both given, --head
+    would be a no-op recorded as the run's salience provenance. A non-e2e source keeps --head."""
+    from networks.salience import default_head_path
+
+    src = train(cfg_for(tiny_dataset, tmp_path, salience="e2e", max_iterations=1, exp="src")).run_dir / "last.pth"
+    with pytest.raises(ValueError, match=r"--head .*: the salience head comes from --init_from .*not both"):
+        train(cfg_for(tiny_dataset, tmp_path, salience="e2e", max_iterations=1, exp="both", init_from=str(src),
+                      head=str(default_head_path())))
+    assert not (tmp_path / "ckpt" / "both").exists() and not list((tmp_path / "ckpt").rglob("both/last.pth"))
+    plain = train(cfg_for(tiny_dataset, tmp_path, salience="none", max_iterations=1, exp="plain")).run_dir / "last.pth"
+    run = train(cfg_for(tiny_dataset, tmp_path, salience="e2e", max_iterations=1, exp="mixed", init_from=str(plain),
+                        head=str(default_head_path())))
+    assert run.iteration == 1
 
 
 def test_freeze_bn_needs_init_from(tiny_dataset, tmp_path):

@@ -1,0 +1,73 @@
+"""scripts/lib_runs.sh, the ablation scripts' shared runner: which backbones get 3-D patches,
+how many epochs a run may take, and the e2e head it needs (bash, no training)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lib_runs(cwd: Path, command: str, **env: str) -> subprocess.CompletedProcess:
+    """``command`` in bash after sourcing lib_runs.sh, in ``cwd`` (where main.py's default
+    list folder ``list/`` is looked for)."""
+    full = {**os.environ, "PY": sys.executable, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run(["bash", "-c", f"set -euo pipefail; source '{REPO}/scripts/lib_runs.sh'; {command}"],
+                          cwd=cwd, env=full, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def slice_list(tmp_path: Path) -> Path:
+    """A 2-D training list of 382 slices (the demo phantoms' count): 95 batches of 4."""
+    lst = tmp_path / "list" / "phantom" / "slice_train.txt"
+    lst.parent.mkdir(parents=True)
+    lst.write_text("".join(f"case{i // 40:04d}_slice{i % 40:04d}\n" for i in range(382)))
+    return tmp_path
+
+
+@pytest.mark.parametrize("backbone,iters,want", [
+    ("unet", 400, "2 100"),                 # the demo's: 100 epochs, iterations end it
+    ("unet", 20000, "2 211"),               # ceil(20000 / 95): ITERS, not 100 epochs (9,500 steps), ends it
+    ("unet3d", 20000, "3 323"),             # 250 patches = 62 batches of 4
+    ("unet3d_bilinear", 400, "3 100"),      # 3-D by the registry, not by its name
+])
+def test_dims_and_epochs(slice_list: Path, backbone: str, iters: int, want: str) -> None:
+    out = lib_runs(slice_list, f"dims_and_epochs {backbone}", DATASET="phantom", DEMO_DATA="data", ITERS=str(iters))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == want.split()
+
+
+def test_dims_and_epochs_errors_name_the_problem(tmp_path: Path) -> None:
+    out = lib_runs(tmp_path, "dims_and_epochs unet", DATASET="phantom", ITERS="400")
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines()[-1] == f"error: {Path('list/phantom/slice_train.txt')}: list file not found"
+    out = lib_runs(tmp_path, "dims_and_epochs no_such_net", DATASET="phantom", ITERS="400")
+    assert out.returncode != 0 and "no_such_net" in out.stderr and "unet" in out.stderr
+
+
+@pytest.mark.parametrize("backbone,want", [("unet", "2"), ("unet3d", "3"), ("unet3d_bilinear", "3")])
+def test_backbone_dims_from_the_registry(tmp_path: Path, backbone: str, want: str) -> None:
+    out = lib_runs(tmp_path, f"backbone_dims {backbone}")  # no data needed
+    assert out.returncode == 0 and out.stdout.strip() == want, out.stderr
+
+
+def test_sim_to_real_refuses_a_3d_backbone_before_any_work(tmp_path: Path) -> None:
+    env = {**os.environ, "PY": sys.executable, "PYTHONPATH": str(REPO), "BACKBONE": "unet3d_bilinear",
+           "DEMO_DATA": str(tmp_path / "data"), "DEMO_CKPT": str(tmp_path / "ckpt")}
+    out = subprocess.run(["bash", str(REPO / "scripts" / "sim_to_real.sh")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == "error: sim_to_real.sh trains 2-D backbones; unet3d_bilinear is 3-D"
+    assert not (tmp_path / "data").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_e2e_without_its_fitted_head_stops_before_training(slice_list: Path) -> None:
+    out = lib_runs(slice_list, "train_and_test unet e2e x; echo reached", DATASET="phantom",
+                   HEAD=str(slice_list / "missing_head.pth"))
+    assert out.returncode == 2
+    assert "reached" not in out.stdout
+    assert f"there is none at '{slice_list / 'missing_head.pth'}'" in out.stderr
