@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=d.batch_size)
     p.add_argument("--base_lr", type=float, default=d.base_lr)
     p.add_argument("--optimizer", default=d.optimizer, choices=("sgd", "adamw"))
-    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--momentum", type=float, default=d.momentum, help="--optimizer sgd only")
     p.add_argument("--weight_decay", type=float, default=d.weight_decay)
     p.add_argument("--poly_power", type=float, default=d.poly_power)
     p.add_argument("--loss", default=d.loss, help="bce, dice, cldice or a '+' sum, e.g. bce+dice")
@@ -76,9 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze_bn", type=_bool, default=d.freeze_bn,
                    help="with --init_from: keep its BatchNorm running statistics while training (the affine "
                         "weights still learn); batches of one patient's slices make poor statistics")
-    p.add_argument("--patch_size", type=int, nargs=3, default=list(d.patch_size), metavar=("H", "W", "D"))
-    p.add_argument("--patches_per_epoch", type=int, default=d.patches_per_epoch)
-    p.add_argument("--fg_fraction", type=float, default=d.fg_fraction)
+    p.add_argument("--patch_size", type=int, nargs=3, default=list(d.patch_size), metavar=("H", "W", "D"),
+                   help="3-D: the training patch and the sliding window of validation, test.py and predict.py")
+    p.add_argument("--patches_per_epoch", type=int, default=d.patches_per_epoch,
+                   help="3-D: random patches in one epoch")
+    p.add_argument("--fg_fraction", type=float, default=d.fg_fraction,
+                   help="3-D: share of the patches centred on a vessel voxel (the others anywhere)")
     p.add_argument("--augment", type=_bool, default=d.augment,
                    help="random quarter turns and flips of half the training items (the seed's); the zoom, blur "
                         "and intensity augmentations have their own options and do not depend on this one")
@@ -109,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --val_every 0: skip epoch-end validations that would take more than this "
                         "fraction of the wall time (1: validate every epoch)")
     p.add_argument("--val_batch_size", type=int, default=d.val_batch_size)
-    p.add_argument("--val_overlap", type=float, default=d.val_overlap)
+    p.add_argument("--val_overlap", type=float, default=d.val_overlap,
+                   help="3-D: overlap of the validation's sliding windows, in [0, 1)")
     p.add_argument("--log_every", type=int, default=d.log_every,
                    help="check the loss for NaN/inf and log it every N iterations (one host sync each)")
     p.add_argument("--save_minutes", type=float, default=d.save_minutes,

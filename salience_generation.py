@@ -487,6 +487,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unused = [f"--{k}" for k in FIT_OPTIONS if getattr(args, k) != parser.get_default(k)]
     if unused and not args.fit:
         parser.error(f"{', '.join(unused)} only apply with --fit (fitting the generator first)")
+    if args.weights and args.generator == "analytic":
+        parser.error("--weights: the analytic generator has no weights (its kernels are closed-form)")
     setup_logging()
     cfg = FitConfig(iters=args.iters, lr=args.lr, batch=args.batch, patch=args.patch, seed=args.seed)
     try:

@@ -71,7 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # options that choose or write nothing in this command line: refused, not silently dropped
+    if args.model_path and (args.exp or args.checkpoint_root != parser.get_default("checkpoint_root")):
+        parser.error("--exp and --checkpoint_root choose a run folder; --model_path names the model file itself")
+    if args.pred_kind != parser.get_default("pred_kind") and not args.save_pred:
+        parser.error("--pred_kind says what --save_pred writes; give --save_pred")
     setup_logging()
     try:
         res = run_evaluation(

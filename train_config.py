@@ -96,6 +96,8 @@ class TrainConfig:
                              f"{self.log_every}, {self.prefetch_factor}, {self.num_workers}")
         if not 0 < self.val_fraction <= 1:
             raise ValueError(f"--val_fraction must be in (0, 1], got {self.val_fraction}")
+        if not 0 <= self.fg_fraction <= 1:
+            raise ValueError(f"--fg_fraction must be in [0, 1], got {self.fg_fraction}")
         # checked here, not at the first validation after hours of training
         if not 0 <= self.val_overlap < 1:
             raise ValueError(f"--val_overlap must be in [0, 1), got {self.val_overlap}")

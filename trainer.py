@@ -236,6 +236,10 @@ def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int,
                             blur_aug=cfg.blur_aug, classes=class_values)
     if cfg.scale_aug:
         raise ValueError(f"--scale_aug is for 2-D backbones; {cfg.backbone} trains on 3-D patches")
+    if cfg.target_spacing is not None:
+        # a 3-D model trains and predicts on the stored grid: the millimetres would be silently ignored
+        raise ValueError(f"--target_spacing is for 2-D backbones; {cfg.backbone} trains on 3-D patches of the "
+                         f"stored grid")
     # volumes are always held in memory
     volumes = VolumeDataSet(paths, "train", cfg.salience, classes=class_values is not None)
     return PatchDataSet(volumes, cfg.patch_size, cfg.patches_per_epoch, fg_fraction=cfg.fg_fraction,

@@ -353,3 +353,14 @@ def test_checkpoint_min_component_setting_is_applied_and_can_be_overridden(tiny_
     with pytest.raises(ValueError, match="min_component_mm3"):
         run_evaluation(dataset=ds.dataset, root_path=ds.root_path, list_dir=ds.list_dir, model_path=ckpt,
                        device="cpu", output=tmp_path / "bad", min_component_mm3=-1.0)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--model_path", "m.pth", "--exp", "demo"], "--exp and --checkpoint_root choose a run folder"),
+    (["--model_path", "m.pth", "--checkpoint_root", "ck"], "--exp and --checkpoint_root choose a run folder"),
+    (["--pred_kind", "mask"], "--pred_kind says what --save_pred writes; give --save_pred"),
+])
+def test_options_that_would_do_nothing_are_usage_errors(extra, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--dataset", "d", *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -722,3 +722,12 @@ def test_fitting_options_without_fit_are_a_usage_error(tmp_path, capsys):
         sg.main(["--dataset", "nothing", "--root_path", str(tmp_path), "--iters", "5", "--seed", "3"])
     assert e.value.code == 2
     assert "--iters, --seed only apply with --fit" in capsys.readouterr().err
+
+
+def test_weights_for_the_analytic_generator_are_a_usage_error(tmp_path, capsys):
+    import salience_generation as sg
+
+    with pytest.raises(SystemExit) as e:
+        sg.main(["--dataset", "nothing", "--root_path", str(tmp_path), "--generator", "analytic",
+                 "--weights", str(tmp_path / "w.pth")])
+    assert e.value.code == 2 and "the analytic generator has no weights" in capsys.readouterr().err

@@ -647,12 +647,16 @@ def test_scale_aug_run_and_3d_refusal(tiny_dataset, tmp_path):
     assert result.iteration == 2 and np.isfinite(result.losses).all()
     with pytest.raises(ValueError, match="--scale_aug is for 2-D backbones"):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", scale_aug=0.25, max_iterations=1, exp="z3"))
+    with pytest.raises(ValueError, match="--target_spacing is for 2-D backbones; unet3d_bilinear trains on 3-D"):
+        train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d_bilinear", target_spacing=1.6, max_iterations=1,
+                      exp="mm3"))
 
 
 @pytest.mark.parametrize("kw,message", [
     (dict(val_overlap=1.0), "--val_overlap must be in [0, 1), got 1.0"),
     (dict(val_overlap=-0.1), "--val_overlap must be in [0, 1), got -0.1"),
     (dict(min_component_mm3=-5.0), "--min_component_mm3 must be >= 0 mm^3, got -5.0"),
+    (dict(fg_fraction=1.5), "--fg_fraction must be in [0, 1], got 1.5"),
 ])
 def test_validation_and_post_processing_options_are_checked_before_training(kw, message):
     with pytest.raises(ValueError) as e:
