@@ -51,7 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # options the chosen format or crop does not read: refused, not silently dropped
+    other = (["--images", "--labels", "--label-values"] if args.fmt == "dicom" else ["--src", "--vessels"])
+    given = [o for o in other if getattr(args, o.lstrip("-").replace("-", "_")) != parser.get_default(
+        o.lstrip("-").replace("-", "_"))]
+    if given:
+        parser.error(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to --format {args.fmt}")
+    if args.margin and args.crop == "none":
+        parser.error("--margin widens the liver crop; --crop none keeps the whole scan")
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         label_values = None if args.label_values is None else [int(v) for v in args.label_values.split(",") if v]

@@ -532,3 +532,20 @@ def test_vessel_classes_store_a_class_map_beside_the_binary_label(tmp_path):
     with pytest.raises(ValueError, match="--vessel_classes needs DICOM input"):
         preprocess("x", None, tmp_path / "d2", tmp_path / "l2", fmt="nifti", images=tmp_path, labels=tmp_path,
                    vessel_classes=["portalvein"])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--src", "s", "--images", "i"], "--images does not apply to --format dicom"),
+    (["--src", "s", "--label-values", "1", "--labels", "l"], "--labels, --label-values do not apply to --format dicom"),
+    (["--format", "nifti", "--images", "i", "--labels", "l", "--vessels", "artery"],
+     "--vessels does not apply to --format nifti"),
+    (["--format", "nifti", "--images", "i", "--src", "s"], "--src does not apply to --format nifti"),
+    (["--src", "s", "--crop", "none", "--margin", "4"], "--margin widens the liver crop; --crop none keeps the whole"),
+])
+def test_options_the_format_or_crop_does_not_read_are_usage_errors(extra, message, tmp_path, capsys):
+    import preprocess as cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--dataset", "d", "--root_path", str(tmp_path / "out"), *extra])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
