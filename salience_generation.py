@@ -69,6 +69,7 @@ from utils import manifests
 from utils.atomic import atomic_path
 from utils.h5io import SPLITS, DatasetPaths, read_list, read_salience, read_volume, salience_made_by, write_salience
 from utils.logging_setup import setup_logging
+from utils.torch_io import load_torch_file
 
 log = logging.getLogger("salience_generation")
 
@@ -443,8 +444,22 @@ def run(
     elif generator == "fpn" and wpath is None:
         raise ValueError("--generator fpn needs --weights FILE (the authors' "
                          "dice_best_Wavelet_square_net_vessel_data_size512.pth) or --fit")
+    fitted_under = fitted_normalisation(wpath) if generator == "bank" and wpath is not None else None
+    if fitted_under and fitted_under != normalisation:
+        # the head learnt on planes standardised one way; maps of planes standardised the other
+        # way are not what it was fitted to
+        raise ValueError(f"{wpath}: this head was fitted under --normalisation {fitted_under}, and the maps would "
+                         f"be made under {normalisation}: pass --normalisation {fitted_under}")
     return generate(paths, cases, generator, wpath, device=device, overwrite=overwrite,
                     max_batch_voxels=max_batch_voxels, normalisation=normalisation)
+
+
+def fitted_normalisation(path: str | Path) -> Optional[str]:
+    """The normalisation rule a head checkpoint written by :func:`fit_generator` was fitted under;
+    None for other files (the shipped head, a bare state dict) that do not record one."""
+    obj = load_torch_file(path, "head weights file")
+    fit = obj.get("fit") if isinstance(obj, dict) else None
+    return fit.get("normalisation") if isinstance(fit, dict) else None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -76,7 +76,7 @@ step "prepare: phantom data, real patients -> $S2R, three-plane salience with th
 prepare_data
 write_lists all "${PATIENTS[*]}" "${PATIENTS[*]}"
 $PY preprocess.py --dataset $REAL --src "$REAL_SRC" --root_path "$S2R" --list_dir "$LISTS/all" --workers 2
-$PY salience_generation.py --dataset $REAL --root_path "$S2R" --list_dir "$LISTS/all" --generator bank --weights "$HEAD"
+$PY salience_generation.py --dataset $REAL --root_path "$S2R" --list_dir "$LISTS/all" --generator bank --weights "$HEAD" --normalisation "$NORM"
 write_lists both_test "" "${PATIENTS[*]}"
 write_lists train1 case0001 case0007
 write_lists train7 case0007 case0001

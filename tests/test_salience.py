@@ -731,3 +731,20 @@ def test_weights_for_the_analytic_generator_are_a_usage_error(tmp_path, capsys):
         sg.main(["--dataset", "nothing", "--root_path", str(tmp_path), "--generator", "analytic",
                  "--weights", str(tmp_path / "w.pth")])
     assert e.value.code == 2 and "the analytic generator has no weights" in capsys.readouterr().err
+
+
+def test_a_head_fitted_under_one_normalisation_is_refused_under_the_other(tiny_dataset_no_salience, tmp_path):
+    """A fitted head records its rule; maps made under the other one are not what it learnt,
+    so generation stops before any map is written. The shipped head records none and runs."""
+    ds = tiny_dataset_no_salience
+    ckpt = torch.load(default_head_path(), map_location="cpu", weights_only=True)
+    ckpt["fit"] = {**ckpt["fit"], "normalisation": "volume"}
+    head = tmp_path / "volume_head.pth"
+    torch.save(ckpt, head)
+    assert sg.fitted_normalisation(head) == "volume" and sg.fitted_normalisation(default_head_path()) is None
+    with pytest.raises(ValueError, match=r"fitted under --normalisation volume, and the maps would be made under "
+                                         r"fixed: pass --normalisation volume"):
+        sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank", str(head))
+    assert not any(ds.paths.salience(c).exists() for c in sum(ds.splits.values(), []))
+    status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank", str(head), normalisation="volume")
+    assert set(status.values()) == {"written"}
