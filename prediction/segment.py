@@ -597,6 +597,9 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
         liver_seg = embedded_liver_model(seg.ckpt, seg.path, device)
         if liver_seg is not None:
             log.info("the liver model embedded in %s finds the liver", seg.path)
+    if liver_seg is None and liver_margin_mm != DEFAULT_MARGIN_MM:
+        log.warning("--liver_margin %g mm: no liver model runs (%s), so no margin applies", liver_margin_mm,
+                    "--liver_mask is the region" if liver_mask is not None else "the whole scan is the region")
     trees = None
     if tree_model is not None:
         check_binary(tree_model, seg.path, seg.classes)

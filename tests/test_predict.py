@@ -178,9 +178,12 @@ def test_nifti_input_runs_end_to_end(tmp_path, capsys):
     img.SetOrigin((5, 6, 7))
     sitk.WriteImage(img, str(tmp_path / "p01.nii.gz"))
     model = tiny_model(tmp_path / "m.pth", generator_record("analytic"))
+    # no liver model runs: a margin given would silently apply to nothing, so it is warned about
     rc = predict.main(["--model", str(model), "--input", str(tmp_path / "p01.nii.gz"), "--output",
-                       str(tmp_path / "o"), "--device", "cpu", "--tta"])
-    assert rc == 0, capsys.readouterr().err
+                       str(tmp_path / "o"), "--device", "cpu", "--tta", "--liver_margin", "8"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "--liver_margin 8 mm: no liver model runs (the whole scan is the region), so no margin applies" in err
     back = sitk.ReadImage(str(tmp_path / "o" / "p01_vessels.nii.gz"))
     img = sitk.ReadImage(str(tmp_path / "p01.nii.gz"))
     assert back.GetDirection() == img.GetDirection() and back.GetOrigin() == img.GetOrigin()
