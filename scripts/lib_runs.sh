@@ -43,16 +43,19 @@ except ValueError as e:
 # folder is named by it), or as many epochs of batch 4 as ITERS needs, so that ITERS and
 # not the epoch count ends a run (ITERS=20000 stopped at 100 epochs of the phantoms' slices)
 dims_and_epochs() {
-  $PY -c "import json, math, sys
-from networks.registry import spatial_dims_of
+  local dims items=250
+  dims=$(backbone_dims "$1") || return 2
+  if [ "$dims" = 2 ]; then
+    items=$($PY -c "import sys
 from utils.h5io import DatasetPaths, read_list
-name, kw, root, dataset, iters = sys.argv[1], json.loads(sys.argv[2] or '{}'), sys.argv[3], sys.argv[4], int(sys.argv[5])
 try:
-    dims = spatial_dims_of(name, **kw)
-    items = 250 if dims == 3 else len(read_list(DatasetPaths.of(root, dataset).list_file('slice_train')))
-except (FileNotFoundError, ValueError) as e:
-    sys.exit(f'error: {e}')
-print(dims, max(100, math.ceil(iters / max(1, items // 4))))" "$1" "${MODEL_KW:-}" "$DATA" "$DATASET" "$ITERS"
+    print(len(read_list(DatasetPaths.of(sys.argv[1], sys.argv[2]).list_file('slice_train'))))
+except FileNotFoundError as e:
+    sys.exit(f'error: {e}')" "$DATA" "$DATASET") || return 2
+  fi
+  local per=$(( items / 4 > 0 ? items / 4 : 1 ))
+  local epochs=$(( (ITERS + per - 1) / per ))
+  echo "$dims $(( epochs > 100 ? epochs : 100 ))"
 }
 
 train_and_test() {
