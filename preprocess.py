@@ -54,9 +54,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # options the chosen format or crop does not read: refused, not silently dropped
-    other = (["--images", "--labels", "--label-values"] if args.fmt == "dicom" else ["--src", "--vessels"])
-    given = [o for o in other if getattr(args, o.lstrip("-").replace("-", "_")) != parser.get_default(
-        o.lstrip("-").replace("-", "_"))]
+    other = ({"--images": "images", "--labels": "labels", "--label-values": "label_values"} if args.fmt == "dicom"
+             else {"--src": "src", "--vessels": "vessels"})
+    given = [opt for opt, dest in other.items() if getattr(args, dest) != parser.get_default(dest)]
     if given:
         parser.error(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to --format {args.fmt}")
     if args.margin and args.crop == "none":

@@ -36,26 +36,26 @@ step "1/5 preprocess $SRC -> $DATA/$DS (portal vein + venous system; liver slice
 $PY preprocess.py --dataset $DS --src "$SRC" --root_path "$DATA" --workers 4
 
 if [ "$SALIENCE" != none ]; then
-step "2/5 salience generator: $GENERATOR"
-# NORMALISATION: volume (default here) is the paper's salience rule; fixed makes a scan's maps
-# independent of how far it extends (docs/DESIGN.md section 1a), for models meant for predict.py
-NORMALISATION=${NORMALISATION:-volume}
-GEN_ARGS=(--dataset $DS --root_path "$DATA" --generator "$GENERATOR" --normalisation "$NORMALISATION")
-case "$GENERATOR" in
-  bank)
-    HEAD=$CKPT/salience/$NORMALISATION/$DS/bank_fit.pth  # one fitted head per rule
-    if [ ! -f "$HEAD" ]; then
-      $PY salience_generation.py "${GEN_ARGS[@]}" --fit --fit_only --iters "$FIT_ITERS" --seed 0 \
-          --checkpoint_dir "$CKPT/salience/$NORMALISATION"
-    fi
-    GEN_ARGS+=(--weights "$HEAD") ;;
-  fpn) GEN_ARGS+=(--weights "${FPN_WEIGHTS:?set FPN_WEIGHTS to the authors weights file}") ;;
-  analytic) ;;
-  *) echo "GENERATOR must be bank, fpn or analytic" >&2; exit 2 ;;
-esac
+  step "2/5 salience generator: $GENERATOR"
+  # NORMALISATION: volume (default here) is the paper's salience rule; fixed makes a scan's maps
+  # independent of how far it extends (docs/DESIGN.md section 1a), for models meant for predict.py
+  NORMALISATION=${NORMALISATION:-volume}
+  GEN_ARGS=(--dataset $DS --root_path "$DATA" --generator "$GENERATOR" --normalisation "$NORMALISATION")
+  case "$GENERATOR" in
+    bank)
+      HEAD=$CKPT/salience/$NORMALISATION/$DS/bank_fit.pth  # one fitted head per rule
+      if [ ! -f "$HEAD" ]; then
+        $PY salience_generation.py "${GEN_ARGS[@]}" --fit --fit_only --iters "$FIT_ITERS" --seed 0 \
+            --checkpoint_dir "$CKPT/salience/$NORMALISATION"
+      fi
+      GEN_ARGS+=(--weights "$HEAD") ;;
+    fpn) GEN_ARGS+=(--weights "${FPN_WEIGHTS:?set FPN_WEIGHTS to the authors weights file}") ;;
+    analytic) ;;
+    *) echo "GENERATOR must be bank, fpn or analytic" >&2; exit 2 ;;
+  esac
 
-step "3/5 three-plane salience for every case"
-$PY salience_generation.py "${GEN_ARGS[@]}"
+  step "3/5 three-plane salience for every case"
+  $PY salience_generation.py "${GEN_ARGS[@]}"
 else
   step "2-3/5 no salience maps (SALIENCE=none)"
 fi

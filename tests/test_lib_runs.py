@@ -71,3 +71,15 @@ def test_e2e_without_its_fitted_head_stops_before_training(slice_list: Path) -> 
     assert out.returncode == 2
     assert "reached" not in out.stdout
     assert f"there is none at '{slice_list / 'missing_head.pth'}'" in out.stderr
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"SALIENCE": "e2e", "GENERATOR": "fpn"}, "error: SALIENCE=e2e learns the bank head: use GENERATOR=bank"),
+    ({"SALIENCE": "maps"}, "error: SALIENCE must be offline, e2e or none"),
+])
+def test_reproduce_ircadb_refuses_a_salience_it_cannot_run_before_any_work(tmp_path: Path, env: dict, message: str):
+    full = {**os.environ, "PY": sys.executable, "DATA": str(tmp_path / "data"), "CKPT": str(tmp_path / "ckpt"), **env}
+    out = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_ircadb.sh"), str(tmp_path / "src")], env=full,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip() == message
+    assert not (tmp_path / "data").exists()
