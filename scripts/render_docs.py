@@ -152,7 +152,9 @@ def _flag_table(module: str) -> str:
             flag += " " + (" ".join(a.metavar) if isinstance(a.metavar, tuple) else str(a.metavar))
         elif a.choices:
             flag += " {" + ",".join(str(c) for c in a.choices) + "}"
-        unset = a.default is None or a.default is False or a.default == argparse.SUPPRESS
+        # a flag (store_true / store_false) is off unless given, whatever its dest's default says
+        flag_action = isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        unset = flag_action or a.default is None or a.default is False or a.default == argparse.SUPPRESS
         default = "required" if a.required else ("" if unset else
                                                   f"`{a.default}`" if not isinstance(a.default, list) else
                                                   f"`{' '.join(str(x) for x in a.default)}`")

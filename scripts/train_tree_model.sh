@@ -20,7 +20,7 @@
 #
 # Environment: TREES_DATA (data/trees), TREES_CKPT (checkpoint/trees), REAL_SRC (default
 # ../shared/real where it exists; empty: none), MIX_REAL (0), REAL_REPEAT (8: each real patient's
-# share of the training steps, as that many cases), EXTRA_PHANTOMS (120: on 12 held-out phantoms
+# share of the training steps, as that many cases), EXTRA_PHANTOMS (120: on 10 held-out phantoms
 # fewer vessels in the wrong tree than 36; 300 were no better), ITERS (800), GRID_MM (3: as good
 # as 2 mm on the phantoms and the real patients, in a fraction of the time),
 # SEED (0), VESSEL_MODEL (make demo's model), PY (.venv/bin/python).

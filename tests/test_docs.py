@@ -124,3 +124,13 @@ def test_run_recorded_keeps_what_a_bench_script_printed(tmp_path, capsys):
     assert not (tmp_path / "b2.json").exists() and not (tmp_path / "b3.json").exists()
     with pytest.raises(ValueError, match="record name '../x'"):
         records.write_record("../x", {}, description="d", folder=tmp_path)
+
+
+def test_option_tables_show_flags_as_off_and_values_as_their_defaults():
+    """preprocess.py's --no-masks is a store_false flag whose dest defaults to True: the table must
+    not say `True` (it reads as "images only by default"); a store_true flag and a value keep
+    their true defaults."""
+    rows = {r.split(" | ")[0].strip("| `").split(" ")[0]: r for r in render_docs._flag_table("preprocess").splitlines()}
+    assert rows["--no-masks"].split(" | ")[1] == ""
+    assert rows["--overwrite"].split(" | ")[1] == ""
+    assert rows["--crop"].split(" | ")[1] == "`liver_z`"
