@@ -12,12 +12,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def bash(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """bash ``args`` in ``cwd`` with this interpreter as the scripts' PY and the repository importable."""
+    full = {**os.environ, "PY": sys.executable, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run(["bash", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=120)
+
+
 def lib_runs(cwd: Path, command: str, **env: str) -> subprocess.CompletedProcess:
     """``command`` in bash after sourcing lib_runs.sh, in ``cwd`` (where main.py's default
     list folder ``list/`` is looked for)."""
-    full = {**os.environ, "PY": sys.executable, "PYTHONPATH": str(REPO), **env}
-    return subprocess.run(["bash", "-c", f"set -euo pipefail; source '{REPO}/scripts/lib_runs.sh'; {command}"],
-                          cwd=cwd, env=full, capture_output=True, text=True, timeout=120)
+    return bash(["-c", f"set -euo pipefail; source '{REPO}/scripts/lib_runs.sh'; {command}"], cwd, **env)
 
 
 @pytest.fixture
@@ -56,10 +60,8 @@ def test_backbone_dims_from_the_registry(tmp_path: Path, backbone: str, want: st
 
 
 def test_sim_to_real_refuses_a_3d_backbone_before_any_work(tmp_path: Path) -> None:
-    env = {**os.environ, "PY": sys.executable, "PYTHONPATH": str(REPO), "BACKBONE": "unet3d_bilinear",
-           "DEMO_DATA": str(tmp_path / "data"), "DEMO_CKPT": str(tmp_path / "ckpt")}
-    out = subprocess.run(["bash", str(REPO / "scripts" / "sim_to_real.sh")], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = bash([str(REPO / "scripts" / "sim_to_real.sh")], tmp_path, BACKBONE="unet3d_bilinear",
+               DEMO_DATA=str(tmp_path / "data"), DEMO_CKPT=str(tmp_path / "ckpt"))
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "error: sim_to_real.sh trains 2-D backbones; unet3d_bilinear is 3-D"
     assert not (tmp_path / "data").exists() and not (tmp_path / "ckpt").exists()
@@ -78,8 +80,7 @@ def test_e2e_without_its_fitted_head_stops_before_training(slice_list: Path) -> 
     ({"SALIENCE": "maps"}, "error: SALIENCE must be offline, e2e or none"),
 ])
 def test_reproduce_ircadb_refuses_a_salience_it_cannot_run_before_any_work(tmp_path: Path, env: dict, message: str):
-    full = {**os.environ, "PY": sys.executable, "DATA": str(tmp_path / "data"), "CKPT": str(tmp_path / "ckpt"), **env}
-    out = subprocess.run(["bash", str(REPO / "scripts" / "reproduce_ircadb.sh"), str(tmp_path / "src")], env=full,
-                         capture_output=True, text=True, timeout=60)
+    out = bash([str(REPO / "scripts" / "reproduce_ircadb.sh"), str(tmp_path / "src")], tmp_path,
+               DATA=str(tmp_path / "data"), CKPT=str(tmp_path / "ckpt"), **env)
     assert out.returncode == 2 and out.stderr.strip() == message
     assert not (tmp_path / "data").exists()
