@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blur half the training images in-plane with a Gaussian of sigma U(0.3, S) pixels of the "
                         "grid the model sees (labels and salience unblurred): scanners differ in sharpness and "
                         "real vessel edges are softer than phantoms' (0: off)")
+    p.add_argument("--context_slices", type=int, default=d.context_slices, metavar="K",
+                   help="2-D, salience none or offline: give the model the images of the K slices above and "
+                        "below each slice too (2K more input channels, 2.5-D); which structure a blob in one "
+                        "slice belongs to often shows only in its neighbours (0: one slice)")
     p.add_argument("--min_component_mm3", type=float, default=d.min_component_mm3, metavar="MM3",
                    help="post-processing recorded in the checkpoint and used by validation, test.py and "
                         "predict.py: drop predicted components smaller than MM3 mm^3 (0: keep all)")

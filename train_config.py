@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dataloaders.inputs import check_blur_aug, check_scale_aug, input_channels
+from dataloaders.inputs import check_blur_aug, check_context, check_scale_aug, input_channels
 
 
 @dataclass
@@ -56,6 +56,7 @@ class TrainConfig:
     domain_aug: bool = False  # sim-to-real intensity randomisation (dataloaders.transforms.intensity_domain)
     scale_aug: float = 0.0  # 2-D: zoom each training slice by a log-uniform factor in [1/(1+s), 1+s] (0: off)
     blur_aug: float = 0.0  # half the items blurred in-plane, sigma U(0.3, s) pixels (dataloaders.transforms.gaussian_blur)
+    context_slices: int = 0  # 2-D: the images of K slices above and below as 2K more input channels
     min_component_mm3: float = 0.0  # inference post-processing recorded in the checkpoint (0: none)
     classes: Optional[list] = None  # one output per class of the class map, e.g. ["portal", "hepatic"]; None: binary
     max_iterations: Optional[int] = None
@@ -108,6 +109,7 @@ class TrainConfig:
         if self.freeze_bn and not self.init_from:
             raise ValueError("--freeze_bn keeps the statistics of the --init_from weights: give --init_from")
         input_channels(self.salience)
+        self.context_slices = check_context(self.context_slices, self.salience)
         if self.classes is not None:
             self.classes = [str(c).strip().lower() for c in self.classes if str(c).strip()]
             if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):

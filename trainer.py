@@ -233,7 +233,9 @@ def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int,
         return SliceDataSet(paths, cfg.salience, img_size=cfg.img_size, augment=cfg.augment,
                             jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing,
                             cache=cfg.cache_data, domain=cfg.domain_aug, scale_aug=cfg.scale_aug,
-                            blur_aug=cfg.blur_aug, classes=class_values)
+                            blur_aug=cfg.blur_aug, classes=class_values, context=cfg.context_slices)
+    if cfg.context_slices:
+        raise ValueError(f"--context_slices is for 2-D backbones; {cfg.backbone} sees the neighbouring slices already")
     if cfg.scale_aug:
         raise ValueError(f"--scale_aug is for 2-D backbones; {cfg.backbone} trains on 3-D patches")
     if cfg.target_spacing is not None:
@@ -658,15 +660,17 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
     # read at the first validation
     val_cases = VolumeDataSet(paths, "val", cfg.salience, lazy=True, classes=class_values is not None)
     sample = train_set[0]["input"]
-    if sample.shape[0] != input_channels(cfg.salience) or sample.ndim - 1 != dims:
+    channels = input_channels(cfg.salience, cfg.context_slices)
+    if sample.shape[0] != channels or sample.ndim - 1 != dims:
         raise ValueError(f"channel mismatch: data gives input {tuple(sample.shape)}, model {cfg.backbone} "
-                         f"({dims}-D, salience {cfg.salience}) expects {input_channels(cfg.salience)} channels")
+                         f"({dims}-D, salience {cfg.salience}, {cfg.context_slices} context slices) expects "
+                         f"{channels} channels")
     if cfg.channels_last:
         env.memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
 
     torch.manual_seed(cfg.seed)
     model = build_segmenter(cfg.backbone, cfg.salience, len(cfg.classes) if cfg.classes else 1, cfg.model_kwargs,
-                            head_path=cfg.head)
+                            head_path=cfg.head, context=cfg.context_slices)
     model = model.to(env.device, memory_format=env.memory_format)
     if cfg.init_from and not cfg.resume:
         src = init_from_checkpoint(model, cfg.init_from, model_name=cfg.backbone, salience=cfg.salience)

@@ -37,7 +37,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataloaders.inputs import check_blur_aug, check_scale_aug, input_channels, model_input
+from dataloaders.inputs import (check_blur_aug, check_context, check_scale_aug, context_indices, input_channels,
+                               model_input)
 from dataloaders.transforms import (gaussian_blur, intensity_domain, intensity_jitter, pad_or_crop, resize_2d, rot_flip,
                                    spacing_size)
 from utils.h5io import DatasetPaths, parse_slice_name, read_list, read_salience, read_volume
@@ -122,18 +123,32 @@ class _Augmenting(Dataset):
     def _rng(self, epoch: int, index: int) -> np.random.Generator:
         return np.random.default_rng((self.seed, int(epoch), int(index)))
 
-    def _augment(self, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray],
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    def _augment(self, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray], rng: np.random.Generator,
+                 nb: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+        """(image, label, salience, neighbours) augmented; ``nb`` (2K, H, W), the context slices of a
+        2-D item, turns, flips and changes intensity with the image (one draw for all planes)."""
         # the seed applied rot/flip to half of the samples
         if self.augment and rng.random() < 0.5:
-            image, label, sal = rot_flip(image, label, sal, rng)
+            if nb is None:
+                image, label, sal = rot_flip(image, label, sal, rng)
+            else:  # the neighbours ride in the label's leading axis: the same turn and flip
+                k = label.shape[0]
+                image, both, sal = rot_flip(image, np.concatenate([label, nb]), sal, rng)
+                label, nb = both[:k], both[k:]
+        if nb is None:
+            return self._intensity(image, rng), label, sal, None
+        # (H, W, C): the intensity draws are shared and the blur stays in-plane
+        planes = self._intensity(np.concatenate([image[..., None], np.moveaxis(nb, 0, -1)], axis=-1), rng)
+        return planes[..., 0], label, sal, np.ascontiguousarray(np.moveaxis(planes[..., 1:], -1, 0))
+
+    def _intensity(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         if self.jitter:
             image = intensity_jitter(image, rng)
         if self.blur:
             image = gaussian_blur(image, rng, self.blur)
         if self.domain:
             image = intensity_domain(image, rng)
-        return image, label, sal
+        return image
 
     def _target(self, raw: np.ndarray) -> np.ndarray:
         """The item's target with its channel axis, (K, ...) (K = 1 for a binary model): every step
@@ -141,8 +156,9 @@ class _Augmenting(Dataset):
         target = label_target(raw, self.classes)
         return target if self.classes is not None else target[None]
 
-    def _item(self, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray]) -> dict:
-        x = model_input(image, sal if self.salience_mode == "offline" else None, self.salience_mode)
+    def _item(self, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray],
+              nb: Optional[np.ndarray] = None) -> dict:
+        x = model_input(image, sal if self.salience_mode == "offline" else None, self.salience_mode, nb)
         return {
             "input": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
@@ -172,14 +188,21 @@ class SliceDataSet(_Augmenting):
     label and salience are kept at the stored size as float16 (2.3 MB per 512 x 512 slice
     with offline salience). float16 rounds the values (relative error <= 2^-11), so losses
     differ slightly from an uncached run; the augmentation draws are the same.
+
+    ``context`` K > 0: each item's input also holds the images of the K slices above and below
+    (``dataloaders.inputs.context_indices``), read from ``vol_data/<case>.h5`` (with ``cache``,
+    every case's volume image is kept in memory as float16, once); they take the slice's
+    geometry and augmentation.
     """
 
     def __init__(self, paths: DatasetPaths, salience_mode: str, img_size: Optional[Sequence[int]] = None,
                  list_name: str = "slice_train", augment: bool = True, jitter: bool = False, seed: int = 0,
                  target_spacing: Optional[float] = None, cache: bool = False, domain: bool = False,
-                 scale_aug: float = 0.0, blur_aug: float = 0.0, classes: Optional[Sequence[int]] = None) -> None:
+                 scale_aug: float = 0.0, blur_aug: float = 0.0, classes: Optional[Sequence[int]] = None,
+                 context: int = 0) -> None:
         super().__init__(salience_mode, augment, jitter, seed, domain, blur_aug, classes)
         self.paths = paths
+        self.context = check_context(context, salience_mode)
         self.img_size = None if img_size is None else (int(img_size[0]), int(img_size[1]))
         self.scale_aug = check_scale_aug(scale_aug)
         if self.scale_aug and self.img_size is None:
@@ -203,6 +226,12 @@ class SliceDataSet(_Augmenting):
                 case = self._case(name)
                 if case not in self.spacings:
                     self.spacings[case] = case_spacing(paths, case)
+        if self.context:
+            for case in dict.fromkeys(self._case(n) for n in self.names):
+                if not paths.volume(case).is_file():
+                    raise FileNotFoundError(f"{paths.volume(case)}: volume file not found; --context_slices reads "
+                                            f"the neighbouring slices of {case}'s training slices from it")
+        self._volumes: Optional[dict[str, np.ndarray]] = None  # case -> (H, W, D) float16, with cache and context
         # entries: ("resized", input, image, label) or ("stored", image, label, salience)
         self._cache: Optional[list[tuple[str, np.ndarray, np.ndarray, Optional[np.ndarray]]]] = None
         if cache:
@@ -210,14 +239,19 @@ class SliceDataSet(_Augmenting):
 
     def _fill_cache(self) -> None:
         square = (self.target_spacing is None and self.img_size is not None and self.img_size[0] == self.img_size[1]
-                  and not self.jitter and not self.domain and not self.scale_aug and not self.blur)
+                  and not self.jitter and not self.domain and not self.scale_aug and not self.blur and not self.context)
+        if self.context:
+            self._volumes = {}
+            for case in tqdm(list(dict.fromkeys(self._case(n) for n in self.names)), desc="caching context volumes",
+                             unit="case", leave=False):
+                self._volumes[case] = self._volume_image(case).astype(np.float16)
         cached = []
         for i in tqdm(range(len(self.names)), desc="caching training slices", unit="slice", leave=False):
             image, label, sal = self._read(i)
             if square and image.shape[0] == image.shape[1]:
                 # the un-augmented item from the arrays just read (no second read of the file)
                 item_rng = self._rng(0, i)
-                image, label, sal = self._geometry(self.names[i], image, self._target(label), sal, item_rng)
+                image, label, sal, _ = self._geometry(self.names[i], image, self._target(label), sal, item_rng)
                 item = self._item(image, label, sal)
                 cached.append(("resized", item["input"].numpy().astype(np.float16),
                                item["image"][0].numpy().astype(np.float16), item["label"].numpy().astype(np.float16)))
@@ -226,6 +260,7 @@ class SliceDataSet(_Augmenting):
                                None if sal is None else sal.astype(np.float16)))
         self._cache = cached
         nbytes = sum(a.nbytes for item in cached for a in item[1:] if a is not None)
+        nbytes += sum(v.nbytes for v in (self._volumes or {}).values())
         log.info("cached %d training slices in memory (%.2f GB)", len(cached), nbytes / 1e9)
 
     def _cached_item(self, index: int, rng: np.random.Generator) -> dict:
@@ -277,9 +312,40 @@ class SliceDataSet(_Augmenting):
             raise _no_salience(slice_path, self.paths.root.name)
         return vol
 
+    def _volume_image(self, case: str) -> np.ndarray:
+        path = self.paths.volume(case)
+        try:
+            with h5py.File(path, "r") as f:
+                return f["image"][()].astype(np.float32)
+        except (OSError, KeyError) as e:
+            raise ValueError(f"{path}: unreadable volume file ({e})") from None
+
+    def _neighbours(self, name: str, shape: Sequence[int]) -> Optional[np.ndarray]:
+        """The context slices (2K, H, W) float32 of slice ``name`` (None without context)."""
+        if not self.context:
+            return None
+        case, z = parse_slice_name(name)
+        path = self.paths.volume(case)
+        if self._volumes is not None:
+            vol = self._volumes[case]
+            nb = np.stack([vol[:, :, j] for j in context_indices(z, vol.shape[2], self.context)]).astype(np.float32)
+        else:
+            try:
+                with h5py.File(path, "r") as f:
+                    img = f["image"]
+                    nb = np.stack([img[:, :, j] for j in context_indices(z, img.shape[2], self.context)])
+            except (OSError, KeyError) as e:
+                raise ValueError(f"{path}: unreadable volume file ({e})") from None
+            nb = nb.astype(np.float32)
+        if nb.shape[1:] != tuple(shape):
+            raise ValueError(f"{path}: slices are {nb.shape[1:]}, but {self.paths.slice(name)} is {tuple(shape)}")
+        return nb
+
     def _geometry(self, name: str, image: np.ndarray, label: np.ndarray, sal: Optional[np.ndarray],
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """Resize / resample + pad-or-crop image (H, W), label (K, H, W) and salience (3, H, W) together.
+                  rng: np.random.Generator, nb: Optional[np.ndarray] = None
+                  ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+        """Resize / resample + pad-or-crop image (H, W), label (K, H, W), salience (3, H, W) and the
+        context slices ``nb`` (2K, H, W) together.
 
         With ``scale_aug`` s (training), the plane is first zoomed by a log-uniform factor in
         [1 / (1 + s), 1 + s] (its mm per pixel divided by it), then padded or cropped to
@@ -291,14 +357,16 @@ class SliceDataSet(_Augmenting):
         if self.scale_aug:
             zoom = float(np.exp(rng.uniform(-np.log1p(self.scale_aug), np.log1p(self.scale_aug))))
             size = (max(1, int(round(size[0] * zoom))), max(1, int(round(size[1] * zoom))))
-        planes = image[None] if sal is None else np.concatenate([image[None], sal])
+        n_sal = 0 if sal is None else sal.shape[0]
+        planes = np.concatenate([image[None]] + [a for a in (sal, nb) if a is not None])
         if size is not None:
             planes, label = resize_2d(planes, label, size)
         if self.img_size is not None and tuple(planes.shape[1:]) != self.img_size:
             n = planes.shape[0]
             both, _ = pad_or_crop(np.concatenate([planes, label]), self.img_size, rng)
             planes, label = both[:n], both[n:]
-        return planes[0], label, (None if sal is None else planes[1:])
+        return (planes[0], label, None if sal is None else planes[1:1 + n_sal],
+                None if nb is None else planes[1 + n_sal:])
 
     def _read(self, index: int) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """image (H, W) float32, label (H, W), salience (3, H, W) float32 or None, from disk."""
@@ -334,9 +402,11 @@ class SliceDataSet(_Augmenting):
         else:
             image, label, sal = self._read(index)
         item_rng = self._rng(epoch, index)
-        image, label, sal = self._geometry(self.names[index], image, self._target(label), sal, item_rng)
-        image, label, sal = self._augment(image, label, sal, item_rng)
-        return self._item(image, label, sal)
+        name = self.names[index]
+        image, label, sal, nb = self._geometry(name, image, self._target(label), sal, item_rng,
+                                               self._neighbours(name, image.shape))
+        image, label, sal, nb = self._augment(image, label, sal, item_rng, nb)
+        return self._item(image, label, sal, nb)
 
 
 @dataclass
@@ -465,5 +535,5 @@ class PatchDataSet(_Augmenting):
         start = [int(np.clip(c - p // 2, 0, max(0, s - p))) for c, p, s in zip(centre, self.patch_size, shape)]
         image, label = self._crop(case.image, start), self._target(self._crop(case.label, start))
         sal = self._crop(case.salience, start) if case.salience is not None else None
-        image, label, sal = self._augment(image, label, sal, rng)
+        image, label, sal, _ = self._augment(image, label, sal, rng)
         return self._item(image, label, sal)

@@ -6,6 +6,12 @@ One function for training datasets, validation and test.py, so they cannot disag
 - ``offline``: 3 channels, the residual gate G + G * S_i for i in (transverse, coronal,
   sagittal) (docs/DESIGN.md section 1, step 4), from a stored salience map.
 - ``e2e``:     1 channel, the image G; the salience module inside the model gates it.
+
+With ``context`` K > 0 (``main.py --context_slices K``, 2-D backbones, ``none`` and ``offline``),
+the 2K neighbouring transverse slices' images follow the mode's channels, in the order
+z-K, ..., z-1, z+1, ..., z+K, each index clamped to the volume (the first and last slices
+repeat at its ends): in one slice a vessel, the IVC or a bowel loop can look alike, above and
+below they do not.
 """
 from __future__ import annotations
 
@@ -16,27 +22,57 @@ import numpy as np
 SALIENCE_MODES = ("none", "offline", "e2e")
 
 
-def input_channels(mode: str) -> int:
-    """Channels the backbone wrapper receives for a salience mode."""
+def check_context(context: int, mode: str) -> int:
+    """``--context_slices`` as an int >= 0, else ValueError; e2e's salience module gates one
+    image channel, so it takes no neighbours."""
+    if isinstance(context, bool) or int(context) != context or context < 0:
+        raise ValueError(f"--context_slices must be an integer >= 0, got {context}")
+    if context and mode == "e2e":
+        raise ValueError("--context_slices is for --salience none or offline: the e2e salience module gates "
+                         "one image channel")
+    return int(context)
+
+
+def input_channels(mode: str, context: int = 0) -> int:
+    """Channels the backbone wrapper receives for a salience mode and ``context`` neighbouring
+    slices on each side."""
     if mode not in SALIENCE_MODES:
         raise ValueError(f"unknown salience mode {mode!r}; valid: {', '.join(SALIENCE_MODES)}")
-    return 3 if mode == "offline" else 1
+    return (3 if mode == "offline" else 1) + 2 * check_context(context, mode)
 
 
-def model_input(image: np.ndarray, salience: Optional[np.ndarray], mode: str) -> np.ndarray:
+def context_indices(z: int, depth: int, context: int) -> list[int]:
+    """The slice indices of the 2 ``context`` neighbours of slice ``z`` in a volume of ``depth``
+    slices: z-K, ..., z-1, z+1, ..., z+K, clamped to [0, depth - 1]."""
+    if not 0 <= z < depth:
+        raise ValueError(f"slice {z} is outside a volume of {depth} slices")
+    return [min(max(z + dz, 0), depth - 1) for dz in range(-context, context + 1) if dz]
+
+
+def model_input(image: np.ndarray, salience: Optional[np.ndarray], mode: str,
+                neighbours: Optional[np.ndarray] = None) -> np.ndarray:
     """Network input (C, *spatial) for ``image`` (*spatial) and ``salience`` (3, *spatial).
 
-    ``spatial`` is (H, W) for a slice or (H, W, D) for a volume or patch.
+    ``spatial`` is (H, W) for a slice or (H, W, D) for a volume or patch. ``neighbours``
+    (2K, *spatial): the context slices' images (:func:`context_indices` order), appended.
     """
     input_channels(mode)
     image = np.asarray(image, dtype=np.float32)
     if mode != "offline":
-        return image[None]
-    if salience is None:
+        x = image[None]
+    elif salience is None:
         raise ValueError("salience mode 'offline' needs a salience map (run salience_generation.py)")
-    if salience.shape != (3,) + image.shape:
+    elif salience.shape != (3,) + image.shape:
         raise ValueError(f"salience shape {salience.shape} does not match image shape (3,) + {image.shape}")
-    return (image[None] * (1.0 + salience)).astype(np.float32)
+    else:
+        x = (image[None] * (1.0 + salience)).astype(np.float32)
+    if neighbours is None:
+        return x
+    if mode == "e2e":
+        check_context(1, mode)
+    if neighbours.ndim != image.ndim + 1 or neighbours.shape[1:] != image.shape or neighbours.shape[0] % 2:
+        raise ValueError(f"neighbours must be (2K, *{image.shape}), got {neighbours.shape}")
+    return np.concatenate([x, neighbours.astype(np.float32)])
 
 
 def check_scale_aug(scale_aug: float) -> float:

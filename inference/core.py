@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataloaders.inputs import input_channels, model_input
+from dataloaders.inputs import context_indices, input_channels, model_input
 from dataloaders.transforms import resize_planes, spacing_size
 from networks.checkpoint import THRESHOLD
 
@@ -245,20 +245,27 @@ def _predict_2d(
     device: torch.device,
     out_device: torch.device,
     progress: bool = False,
+    context: int = 0,
 ) -> torch.Tensor:
     """Probabilities (K, H, W, D) on ``out_device`` (K: the model's output channels): planes
     resampled to ``grid``, the model run on ``tile``-sized sliding windows (None: on the whole
-    plane), the result resampled back."""
+    plane), the result resampled back. ``context``: neighbouring slices on each side in the input."""
     h, w, d = image.shape
     out: Optional[torch.Tensor] = None
+    offline = salience is not None and salience_mode == "offline"
     for z0 in tqdm(range(0, d, batch_size), desc="inference", unit="batch", disable=not progress, leave=False):
         z1 = min(z0 + batch_size, d)
         raw = np.moveaxis(image[:, :, z0:z1], 2, 0)[:, None]  # (B, 1, H, W)
-        if salience is not None and salience_mode == "offline":
+        if offline:
             raw = np.concatenate([raw, np.moveaxis(salience[:, :, :, z0:z1], 3, 0)], axis=1)  # (B, 4, H, W)
+        if context:
+            nb = np.stack([image[:, :, context_indices(z, d, context)] for z in range(z0, z1)])  # (B, H, W, 2K)
+            raw = np.concatenate([raw, np.moveaxis(nb, 3, 1)], axis=1)
         planes = resize_planes(torch.from_numpy(np.ascontiguousarray(raw)).to(device), grid).cpu().numpy()
-        sal = np.moveaxis(planes[:, 1:], 1, 0) if planes.shape[1] == 4 else None  # (3, B, H', W')
-        x = torch.from_numpy(np.moveaxis(model_input(planes[:, 0], sal, salience_mode), 0, 1).copy()).to(device)
+        n_sal = 3 if offline else 0
+        sal = np.moveaxis(planes[:, 1:1 + n_sal], 1, 0) if offline else None  # (3, B, H', W')
+        nbs = np.moveaxis(planes[:, 1 + n_sal:], 1, 0) if context else None  # (2K, B, H', W')
+        x = torch.from_numpy(np.moveaxis(model_input(planes[:, 0], sal, salience_mode, nbs), 0, 1).copy()).to(device)
         if tile is None:
             p = predictor(x)  # (B, 1, H', W') probabilities
         else:
@@ -286,6 +293,7 @@ def predict_volume(
     device: str | torch.device = "cpu",
     sw_device: Optional[str | torch.device] = None,
     progress: bool = False,
+    context: int = 0,
 ) -> np.ndarray:
     """Vessel probabilities float32 (H, W, D) in [0, 1] on the stored grid of ``image``; (K, H, W, D)
     for a model with K > 1 output channels (one sigmoid per class, ``main.py --classes``).
@@ -305,16 +313,19 @@ def predict_volume(
     overlap: window overlap fraction in [0, 1) (3-D). batch_size: slices (2-D) or windows
         (3-D) per forward pass. device: where the output is assembled; sw_device: where the
         model runs (default ``device``). progress: a tqdm bar over slice batches (2-D) or
-        windows (3-D).
+        windows (3-D). context: the 2-D model's ``--context_slices`` (K neighbouring slices on
+        each side after the mode's channels, ``dataloaders.inputs.model_input``); 0 for 3-D.
     """
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"image must be (H, W, D), got shape {image.shape}")
     if salience is not None and salience.shape != (3,) + image.shape:
         raise ValueError(f"salience must be (3, H, W, D) = {(3,) + image.shape}, got {salience.shape}")
-    input_channels(salience_mode)  # validates the mode
+    input_channels(salience_mode, context)  # validates the mode and the context
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if context and spatial_dims != 2:
+        raise ValueError(f"context slices are for 2-D models, got spatial_dims {spatial_dims}")
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
     out_device = torch.device(device)
@@ -348,7 +359,7 @@ def predict_volume(
                 tile = None if (target_spacing is None or img_size is None) else tuple(
                     max(int(g), int(t)) for g, t in zip(grid, img_size))
                 out = _predict_2d(predictor, image, salience, salience_mode, grid, tile, overlap, batch_size,
-                                  run_device, out_device, progress)
+                                  run_device, out_device, progress, context)
             else:
                 if patch_size is None or len(patch_size) != 3:
                     raise ValueError(f"a 3-D model needs patch_size (h, w, d), got {patch_size}")

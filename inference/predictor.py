@@ -27,7 +27,8 @@ import torch
 
 from dataloaders.inputs import input_channels
 from inference.core import THRESHOLD, predict_volume, stitch_device, vessel_mask
-from networks.checkpoint import generator_from_checkpoint, inference_settings, load_checkpoint, model_from_checkpoint
+from networks.checkpoint import (context_of, generator_from_checkpoint, inference_settings, load_checkpoint,
+                                 model_from_checkpoint)
 from networks.salience import salience_3d
 from preprocessing.dicom_reader import PatientData
 from preprocessing.pipeline import to_volume
@@ -127,7 +128,8 @@ class Predictor:
     ``device``: where the model runs; ``generator``: the offline salience generator
     (``networks.salience``), None for the other modes; ``path`` / ``ckpt`` / ``sha256``: the
     model file, when built from one; ``classes``: the class names of a model with one output
-    per class (``main.py --classes``), None for a binary model.
+    per class (``main.py --classes``), None for a binary model; ``context_slices``: a 2-D
+    model's neighbouring slices on each side (``main.py --context_slices``).
     """
 
     model: torch.nn.Module
@@ -145,6 +147,7 @@ class Predictor:
     ckpt: Optional[dict] = None
     sha256: str = ""
     classes: Optional[list[str]] = None
+    context_slices: int = 0
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -199,7 +202,8 @@ class Predictor:
                    patch_size=settings["patch_size"], target_spacing=settings["target_spacing"],
                    threshold=settings["threshold"], min_component_mm3=settings["min_component_mm3"],
                    hu_window=tuple(settings["hu_window"]), generator=generator, device=device, path=path,
-                   ckpt=ckpt, sha256=sha256, classes=list(classes) if classes else None)
+                   ckpt=ckpt, sha256=sha256, classes=list(classes) if classes else None,
+                   context_slices=context_of(ckpt.get("config")))
 
     @classmethod
     def for_training(cls, model: torch.nn.Module, cfg: Any, spatial_dims: int, device: str | torch.device) -> "Predictor":
@@ -209,7 +213,8 @@ class Predictor:
                    patch_size=cfg.patch_size if spatial_dims == 3 else None,
                    target_spacing=cfg.target_spacing if spatial_dims == 2 else None,
                    min_component_mm3=cfg.min_component_mm3, device=str(device),
-                   classes=list(cfg.classes) if getattr(cfg, "classes", None) else None)
+                   classes=list(cfg.classes) if getattr(cfg, "classes", None) else None,
+                   context_slices=int(getattr(cfg, "context_slices", 0)))
 
     # ------------------------------------------------------------------ the three steps
     def salience(self, image: np.ndarray, progress: bool = False) -> Optional[np.ndarray]:
@@ -238,8 +243,8 @@ class Predictor:
             spacing=spacing, patch_size=self.patch_size if not two_d else None, overlap=overlap, tta=tta,
             batch_size=batch_size,
             # windows on the model's device, stitched there when the volume fits (else in host memory)
-            device=stitch_device(image.shape, input_channels(self.salience_mode), self.device),
-            sw_device=self.device, progress=progress,
+            device=stitch_device(image.shape, input_channels(self.salience_mode, self.context_slices), self.device),
+            sw_device=self.device, progress=progress, context=self.context_slices,
         )
 
     def mask(self, prob: np.ndarray, spacing: Sequence[float], roi: Optional[np.ndarray] = None) -> np.ndarray:

@@ -143,7 +143,7 @@ def save_checkpoint(
         "model_name": model_name,
         "model_kwargs": resolve_kwargs(model_name, **model_kwargs),
         "code_version": code_version(),
-        "in_channels": input_channels(salience),
+        "in_channels": input_channels(salience, context_of(config)),
         "out_channels": int(out_channels),
         "spatial_dims": dims,
         "salience": salience,
@@ -207,10 +207,11 @@ def check_compatible(
     """
     if backbone is not None and ckpt["model_name"] != backbone:
         raise ValueError(f"{path}: checkpoint is a {ckpt['model_name']!r} model, not --backbone {backbone!r}")
-    expected = input_channels(ckpt["salience"])
+    context = context_of(ckpt.get("config"))
+    expected = input_channels(ckpt["salience"], context)
     if int(ckpt["in_channels"]) != expected:
         raise ValueError(f"{path}: checkpoint takes {ckpt['in_channels']} input channels but salience mode "
-                         f"{ckpt['salience']!r} gives {expected}")
+                         f"{ckpt['salience']!r} with {context} context slices gives {expected}")
     if salience is not None and ckpt["salience"] != salience:
         raise ValueError(f"{path}: channel mismatch: checkpoint takes {ckpt['in_channels']} channels (salience "
                          f"{ckpt['salience']}), this run {input_channels(salience)} (salience {salience})")
@@ -240,9 +241,15 @@ def _fit_report(own: dict, stored: dict) -> str:
             f"{len(bad_shapes)} shape mismatches {bad_shapes[:3]}")
 
 
+def context_of(config: Optional[dict]) -> int:
+    """The ``--context_slices`` of a run's config (0 for runs from before the option)."""
+    return int((config or {}).get("context_slices") or 0)
+
+
 def model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint>") -> nn.Module:
     """Build the model ``ckpt`` describes and load its weights (strict)."""
-    model = build_segmenter(ckpt["model_name"], ckpt["salience"], ckpt["out_channels"], ckpt["model_kwargs"])
+    model = build_segmenter(ckpt["model_name"], ckpt["salience"], ckpt["out_channels"], ckpt["model_kwargs"],
+                            context=context_of(ckpt.get("config")))
     problem = _fit_report(model.state_dict(), ckpt["state_dict"])
     if problem:
         raise ValueError(f"{path}: weights do not fit model {ckpt['model_name']} {ckpt['model_kwargs']} "

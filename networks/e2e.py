@@ -59,11 +59,15 @@ class E2ESegmenter(nn.Module):
         return self.backbone(self.gated(x)[0])
 
 
-def backbone_in_channels(name: str, salience: str, **model_kwargs: Any) -> int:
-    """Channels the backbone itself receives (after the e2e gate, if any)."""
+def backbone_in_channels(name: str, salience: str, context: int = 0, **model_kwargs: Any) -> int:
+    """Channels the backbone itself receives (after the e2e gate, if any); ``context``: the
+    2-D input's neighbouring slices on each side (``--context_slices``)."""
+    if context and spatial_dims_of(name, **model_kwargs) != 2:
+        raise ValueError(f"--context_slices is for 2-D backbones; {name} is 3-D")
     if salience == "e2e":
+        input_channels(salience, context)  # refuses a context
         return 3 if spatial_dims_of(name, **model_kwargs) == 3 else 1
-    return input_channels(salience)
+    return input_channels(salience, context)
 
 
 def build_segmenter(
@@ -72,15 +76,17 @@ def build_segmenter(
     out_channels: int = 1,
     model_kwargs: Optional[dict] = None,
     head_path: Optional[str] = None,
+    context: int = 0,
 ) -> nn.Module:
     """Model for backbone ``name`` and ``--salience`` mode; input channels per contract 2.
 
     ``head_path`` (e2e only): initialise the salience head from a fitted head checkpoint
-    (``networks.salience.load_head``) instead of at random.
+    (``networks.salience.load_head``) instead of at random. ``context``: 2K more input
+    channels for the K neighbouring slices on each side (2-D, ``--context_slices``).
     """
     kw = dict(model_kwargs or {})
-    input_channels(salience)  # validates the mode
-    backbone = build_model(name, backbone_in_channels(name, salience, **kw), out_channels, **kw)
+    input_channels(salience, context)  # validates the mode and the context
+    backbone = build_model(name, backbone_in_channels(name, salience, context, **kw), out_channels, **kw)
     if salience != "e2e":
         if head_path is not None:
             raise ValueError("--head is only used with --salience e2e")
