@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dataloaders.inputs import model_input  # noqa: E402
 from evaluation.figures import PLANE_NAMES, error_rgb  # noqa: E402
 from inference import binarize, predict_volume  # noqa: E402
-from networks.checkpoint import load_model  # noqa: E402
+from networks.checkpoint import context_of, load_model  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
 from utils.h5io import DatasetPaths, read_list, read_salience, read_volume  # noqa: E402
 from utils.logging_setup import setup_logging  # noqa: E402
@@ -47,7 +47,8 @@ def draw_method_figure(
     prob = predict_volume(model, vol.image, sal if ckpt["salience"] == "offline" else None,
                           salience_mode=ckpt["salience"], spatial_dims=ckpt["spatial_dims"],
                           img_size=ckpt.get("img_size"), patch_size=ckpt.get("patch_size"),
-                          target_spacing=ckpt.get("target_spacing"), spacing=vol.spacing)
+                          target_spacing=ckpt.get("target_spacing"), spacing=vol.spacing,
+                          context=context_of(ckpt.get("config")))
     z = int(vol.label.reshape(-1, vol.label.shape[2]).sum(axis=0).argmax())
     gated = model_input(vol.image[:, :, z], sal[:, :, :, z], "offline")
     pred, truth = binarize(prob[:, :, z]).astype(bool), vol.label[:, :, z].astype(bool)

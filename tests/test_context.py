@@ -13,6 +13,7 @@ from dataloaders.inputs import context_indices, input_channels, model_input
 from inference.core import predict_volume
 from inference.predictor import Predictor
 from networks.checkpoint import load_checkpoint
+from scripts.draw_method_figure import draw_method_figure
 from trainer import TrainConfig, train
 from utils.h5io import DatasetPaths, Volume, slice_name, write_list, write_salience, write_slice, write_volume
 
@@ -143,7 +144,7 @@ def test_predict_volume_gives_each_slice_its_neighbours(target_spacing):
 
 
 def test_a_context_run_trains_and_its_checkpoint_rebuilds_the_model(tmp_path):
-    paths = ramp_dataset(tmp_path)
+    paths = ramp_dataset(tmp_path, salience=True)
     kw = dict(dataset="ramp", root_path=str(tmp_path / "data"), list_dir=str(tmp_path / "list"),
               output_root=str(tmp_path / "ckpt"), model_kwargs={"base_channels": 4, "depth": 2}, img_size=(16, 16),
               batch_size=2, num_workers=0, max_epochs=1, max_iterations=2, salience="none")
@@ -156,7 +157,9 @@ def test_a_context_run_trains_and_its_checkpoint_rebuilds_the_model(tmp_path):
     first = next(m for m in pred.model.modules() if isinstance(m, torch.nn.Conv2d))
     assert first.in_channels == 3
     assert pred.probabilities(ramp_volume(), (0.8, 0.8, 2.0)).shape == (H, W, D)
-    assert paths.volume("case0001").is_file()
+    # the method figure runs the model as inference does
+    fig = draw_method_figure(best, tmp_path / "fig.png", "ramp", str(tmp_path / "data"), str(tmp_path / "list"))
+    assert fig.stat().st_size > 0 and paths.volume("case0001").is_file()
     with pytest.raises(ValueError, match="2-D backbones"):
         train(TrainConfig(context_slices=1, **{**kw, "backbone": "unet3d", "model_kwargs": {"base_channels": 2},
                                                 "exp": "three_d", "patch_size": (8, 8, 4)}))
