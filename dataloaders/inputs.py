@@ -42,8 +42,8 @@ def input_channels(mode: str, context: int = 0) -> int:
 
 
 def context_indices(z: int, depth: int, context: int) -> list[int]:
-    """The slice indices of the 2 ``context`` neighbours of slice ``z`` in a volume of ``depth``
-    slices: z-K, ..., z-1, z+1, ..., z+K, clamped to [0, depth - 1]."""
+    """The slice indices of the 2K neighbours (K = ``context``) of slice ``z`` in a volume of
+    ``depth`` slices: z-K, ..., z-1, z+1, ..., z+K, clamped to [0, depth - 1]."""
     if not 0 <= z < depth:
         raise ValueError(f"slice {z} is outside a volume of {depth} slices")
     return [min(max(z + dz, 0), depth - 1) for dz in range(-context, context + 1) if dz]
@@ -68,8 +68,7 @@ def model_input(image: np.ndarray, salience: Optional[np.ndarray], mode: str,
         x = (image[None] * (1.0 + salience)).astype(np.float32)
     if neighbours is None:
         return x
-    if mode == "e2e":
-        check_context(1, mode)
+    check_context(neighbours.shape[0] // 2, mode)  # e2e takes none
     if neighbours.ndim != image.ndim + 1 or neighbours.shape[1:] != image.shape or neighbours.shape[0] % 2:
         raise ValueError(f"neighbours must be (2K, *{image.shape}), got {neighbours.shape}")
     return np.concatenate([x, neighbours.astype(np.float32)])

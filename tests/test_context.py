@@ -77,6 +77,8 @@ def test_input_channels_count_the_neighbours_and_e2e_takes_none():
         TrainConfig(dataset="x", salience="e2e", context_slices=1)
     with pytest.raises(ValueError, match=r"neighbours must be \(2K"):
         model_input(np.zeros((4, 4)), None, "none", np.zeros((3, 4, 4)))
+    with pytest.raises(ValueError, match="e2e"):
+        model_input(np.zeros((4, 4)), None, "e2e", np.zeros((2, 4, 4)))
 
 
 @pytest.mark.parametrize("cache", [False, True])
