@@ -1,7 +1,7 @@
 """Where the portal vein and the hepatic veins touch in the truth (issue 26): why one label per
 connected piece cannot tell the trees apart, on phantoms and on real CT alike.
 
-    python bench/tree_contacts.py [--phantoms 10 --seed 300] [--real ../shared/real] [--record NAME]
+    python bench/tree_contacts.py [--phantoms 10 --seed 300] [--real ../shared/real] [--tree_model FILE] [--record NAME]
 
 Every patient is read with the project's DICOM reader and its class map (``portalvein``,
 ``venoussystem``; a voxel both masks claim is portal, ``CLASS_OVERLAP_RULE``), the whole
@@ -12,7 +12,11 @@ annotated masks (not only inside the liver). Per patient (:func:`tree_contacts`)
   (each piece given its majority tree, with the truth's own labels): the floor of any step that
   makes each connected piece one tree, before any model errs;
 * contact voxels (a voxel of one tree 26-adjacent to one of the other) and contact places
-  (26-connected groups of them): where a method has to cut the union to separate the trees.
+  (26-connected groups of them): where a method has to cut the union to separate the trees;
+* with ``--tree_model FILE`` (``scripts/train_tree_model.sh``): the share of the union's voxels
+  that the tree model puts in the wrong tree when it is given the *true* union, not a binary
+  model's mask: its own error, before any mask errs (its image is the scan in the HU window of
+  ``preprocess.py``).
 
 The phantoms are ``--phantoms`` demo-preset patients made with ``--seed`` (default: the 10
 held-out phantoms of ``tree_scores_phantom10``, seed 300) in a temporary folder; the real
@@ -26,7 +30,7 @@ import logging
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -34,6 +38,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.salience_quality import REAL_PATIENTS, REAL_ROOT  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
+from utils.h5io import apply_hu_window  # noqa: E402
 from utils.logging_setup import setup_logging  # noqa: E402
 
 CLASSES = ("portalvein", "venoussystem")
@@ -41,18 +46,22 @@ _CUBE = np.ones((3, 3, 3), dtype=bool)
 log = logging.getLogger("bench")
 
 
-def tree_contacts(classes: np.ndarray) -> dict[str, float]:
+def tree_contacts(classes: np.ndarray, labels: Optional[np.ndarray] = None) -> dict[str, float]:
     """Connectivity of two trees in a class map (H, W, D) (0 background, 1 and 2 the trees).
 
     Returns: ``portal_voxels``, ``hepatic_voxels``; ``portal_pieces``, ``hepatic_pieces``,
     ``union_pieces`` and ``mixed_pieces`` (union pieces holding both trees), all 26-connected;
     ``piece_rule_wrong``: the share of the union's voxels in the wrong tree when each union
     piece is given its majority tree; ``contact_voxels``: voxels of either tree 26-adjacent to
-    a voxel of the other; ``contact_places``: 26-connected groups of contact voxels.
+    a voxel of the other; ``contact_places``: 26-connected groups of contact voxels. With
+    ``labels`` (a method's label map of the true union, same shape): ``tree_model_wrong``, the
+    share of the union's voxels it labels otherwise than the truth.
     """
     classes = np.asarray(classes)
     if classes.ndim != 3:
         raise ValueError(f"a class map must be (H, W, D), got shape {classes.shape}")
+    if labels is not None and np.shape(labels) != classes.shape:
+        raise ValueError(f"labels {np.shape(labels)} and class map {classes.shape} differ in shape")
     if not set(np.unique(classes).tolist()) <= {0, 1, 2}:
         raise ValueError(f"a class map holds 0, 1 and 2 only, got values {np.unique(classes)[:8].tolist()}")
     portal, hepatic = classes == 1, classes == 2
@@ -66,30 +75,40 @@ def tree_contacts(classes: np.ndarray) -> dict[str, float]:
     contact = (portal & ndimage.binary_dilation(hepatic, _CUBE)) | (hepatic & ndimage.binary_dilation(portal, _CUBE))
     _, n_places = ndimage.label(contact, _CUBE)
     n = int(union.sum())
-    return {"portal_voxels": int(portal.sum()), "hepatic_voxels": int(hepatic.sum()),
-            "portal_pieces": int(n_portal), "hepatic_pieces": int(n_hepatic), "union_pieces": int(n_union),
-            "mixed_pieces": int(np.count_nonzero((per_portal > 0) & (per_hepatic > 0))),
-            "piece_rule_wrong": float(np.minimum(per_portal, per_hepatic).sum() / n) if n else float("nan"),
-            "contact_voxels": int(contact.sum()), "contact_places": int(n_places)}
+    out = {"portal_voxels": int(portal.sum()), "hepatic_voxels": int(hepatic.sum()),
+           "portal_pieces": int(n_portal), "hepatic_pieces": int(n_hepatic), "union_pieces": int(n_union),
+           "mixed_pieces": int(np.count_nonzero((per_portal > 0) & (per_hepatic > 0))),
+           "piece_rule_wrong": float(np.minimum(per_portal, per_hepatic).sum() / n) if n else float("nan"),
+           "contact_voxels": int(contact.sum()), "contact_places": int(n_places)}
+    if labels is not None:
+        out["tree_model_wrong"] = float(((np.asarray(labels) != classes) & union).sum() / n) if n else float("nan")
+    return out
 
 
-def patient_contacts(patient_dir: Path) -> dict[str, float]:
-    """:func:`tree_contacts` of a 3D-IRCADb-style patient folder (or one of its zips)."""
+def patient_contacts(patient_dir: Path, tree_model: Any = None) -> dict[str, float]:
+    """:func:`tree_contacts` of a 3D-IRCADb-style patient folder (or one of its zips); with
+    ``tree_model`` (:class:`inference.tree_model.TreeModel`) also its labels of the true union."""
     data = read_dicom_patient(patient_dir, CLASSES, classes=CLASSES)
     if data.classes is None:
         raise ValueError(f"{patient_dir}: no vessel masks to make a class map of")
-    return tree_contacts(data.classes)
+    labels = None
+    if tree_model is not None:
+        labels = tree_model.classify(apply_hu_window(data.hu), data.classes > 0, data.spacing)
+    return tree_contacts(data.classes, labels)
 
 
 COLUMNS = (("portal_pieces", "portal pieces", "d"), ("hepatic_pieces", "hepatic pieces", "d"),
            ("union_pieces", "union pieces", "d"), ("mixed_pieces", "pieces holding both", "d"),
            ("contact_places", "places where they touch", "d"), ("contact_voxels", "contact voxels", "d"),
-           ("piece_rule_wrong", "wrong tree, one label per piece", "%"))
+           ("piece_rule_wrong", "wrong tree, one label per piece", "%"),
+           ("tree_model_wrong", "wrong tree, the tree model on the true union", "%"))
 
 
 def table(rows: dict[str, dict]) -> list[str]:
-    """Markdown lines: one row per patient, then the mean of the phantoms' rows when several."""
-    out = ["| patient | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    """Markdown lines: one row per patient, then the mean of the phantoms' rows when several; the
+    tree model's column only when every row has it."""
+    columns = [c for c in COLUMNS if all(c[0] in r for r in rows.values())]
+    out = ["| patient | " + " | ".join(c[1] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
 
     def cell(v: float, kind: str) -> str:
         return f"{v:.1%}" if kind == "%" else (f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}")
@@ -97,9 +116,9 @@ def table(rows: dict[str, dict]) -> list[str]:
     phantoms = [r for n, r in rows.items() if n.startswith("phantom")]
     shown = dict(rows)
     if len(phantoms) > 1:
-        shown[f"phantoms, mean of {len(phantoms)}"] = {k: float(np.mean([r[k] for r in phantoms])) for k, _, _ in COLUMNS}
+        shown[f"phantoms, mean of {len(phantoms)}"] = {k: float(np.mean([r[k] for r in phantoms])) for k, _, _ in columns}
     for name, r in shown.items():
-        out.append(f"| {name} | " + " | ".join(cell(r[k], kind) for k, _, kind in COLUMNS) + " |")
+        out.append(f"| {name} | " + " | ".join(cell(r[k], kind) for k, _, kind in columns) + " |")
     return out
 
 
@@ -109,23 +128,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=300, help="their seed (300: tree_scores_phantom10's held-out set)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--real", type=Path, default=REAL_ROOT, help="folder holding the real 3D-IRCADb patients")
+    p.add_argument("--tree_model", type=Path, default=None, metavar="FILE",
+                   help="also the share this tree model puts in the wrong tree given the true union")
     p.add_argument("--record", default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
     a = p.parse_args(argv)
     setup_logging(logging.WARNING)
+    tree_model = None
+    if a.tree_model is not None:
+        from inference.tree_model import load_tree_model
+
+        try:
+            tree_model = load_tree_model(a.tree_model)
+        except (OSError, ValueError) as e:
+            p.error(str(e))
     rows: dict[str, dict] = {}
     if a.phantoms > 0:
         from phantom.generator import make_phantoms
 
         with tempfile.TemporaryDirectory(prefix="tree_contacts_") as tmp:
             for d in make_phantoms(Path(tmp), a.phantoms, "demo", a.seed, workers=a.workers):
-                rows[f"phantom {d.name.split('.')[-1]}"] = patient_contacts(d)
+                rows[f"phantom {d.name.split('.')[-1]}"] = patient_contacts(d, tree_model)
     real = []
     for name in REAL_PATIENTS:
         d = a.real / name
         if not d.is_dir():
             log.warning("%s absent: skipped", d)
             continue
-        rows[f"real {name.split('.')[-1]}"] = patient_contacts(d)
+        rows[f"real {name.split('.')[-1]}"] = patient_contacts(d, tree_model)
         real.append(name)
     if not rows:
         p.error("nothing to measure: --phantoms 0 and no real patient")
@@ -136,9 +165,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         path = write_record(a.record, {"patients": rows, "table_markdown": lines}, description=(
             f"where the true portal and hepatic trees touch (whole annotated masks, 26-connectivity): pieces, "
-            f"contact places and the wrong-tree share of one label per connected piece; {a.phantoms} demo "
-            f"phantoms of seed {a.seed} and real 3D-IRCADb patients"),
-            inputs={"phantoms": a.phantoms, "seed": a.seed, "preset": "demo", "real": real})
+            f"contact places and the wrong-tree share of one label per connected piece"
+            + ("" if tree_model is None else " and of the tree model given the true union")
+            + f"; {a.phantoms} demo phantoms of seed {a.seed} and real 3D-IRCADb patients"),
+            inputs={"phantoms": a.phantoms, "seed": a.seed, "preset": "demo", "real": real,
+                    **({} if tree_model is None else {"tree_model": str(a.tree_model),
+                                                       "tree_model_sha256": tree_model.sha256,
+                                                       "tree_model_info": tree_model.info})})
         print(f"record: {path}")
     return 0
 

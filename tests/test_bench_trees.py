@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from bench.tree_contacts import table, tree_contacts
+from bench.tree_contacts import patient_contacts, table, tree_contacts
 from bench.tree_scores import table_rows
 
 
@@ -93,3 +93,36 @@ def test_tree_contacts_counts_pieces_and_the_places_where_two_trees_touch():
         tree_contacts(c[0])
     with pytest.raises(ValueError, match="0, 1 and 2"):
         tree_contacts(c + 1)
+
+
+def test_tree_contacts_scores_a_method_given_the_true_union():
+    c = np.zeros((20, 20, 4), np.uint8)
+    c[2:18, 5, 1] = 1   # 16 portal voxels
+    c[2:12, 9, 1] = 2   # 10 hepatic voxels
+    labels = np.where(c > 0, 2, 0)  # everything hepatic: the portal tree is wrong
+    r = tree_contacts(c, labels)
+    assert r["tree_model_wrong"] == pytest.approx(16 / 26)
+    assert tree_contacts(c, c)["tree_model_wrong"] == 0.0
+    labels[0, 0, 0] = 1  # outside the union: not counted
+    assert tree_contacts(c, labels)["tree_model_wrong"] == pytest.approx(16 / 26)
+    # the column shows only when every row has it
+    assert "tree model" in table({"phantom 1": r})[0]
+    assert "tree model" not in table({"phantom 1": r, "real 1": tree_contacts(c)})[0]
+    with pytest.raises(ValueError, match="differ in shape"):
+        tree_contacts(c, labels[:-1])
+
+
+def test_patient_contacts_gives_the_tree_model_the_windowed_scan_and_the_true_union(tree_data):
+    seen = {}
+
+    class AllHepatic:  # a stand-in tree model whose answer is known
+        def classify(self, image, union, spacing):
+            seen.update(lo=float(image.min()), hi=float(image.max()), n=int(union.sum()), spacing=tuple(spacing))
+            return np.where(union, 2, 0).astype(np.uint8)
+
+    patient = sorted((tree_data / "raw").glob("3Dircadb1.*"))[0]
+    r = patient_contacts(patient, AllHepatic())
+    n = r["portal_voxels"] + r["hepatic_voxels"]
+    assert seen["n"] == n > 0 and 0.0 <= seen["lo"] < seen["hi"] <= 1.0 and len(seen["spacing"]) == 3
+    assert r["tree_model_wrong"] == pytest.approx(r["portal_voxels"] / n)
+    assert "tree_model_wrong" not in patient_contacts(patient)
