@@ -11,7 +11,8 @@ and direction (ITK conventions, LPS millimetres):
 - DICOM: spacing (PixelSpacing[1], PixelSpacing[0], slice step), origin the
   ImagePositionPatient of the first slice after sorting along the slice normal, direction
   columns (row cosines, column cosines, normal) from ImageOrientationPatient: what
-  ``sitk.ImageSeriesReader`` gives for the same series.
+  ``sitk.ImageSeriesReader`` gives for the same series. The array keeps the stored order;
+  ``prediction.segment`` runs the models on it reordered to LPS (``utils.orientation``).
 - NIfTI: the reader reorients to LPS (``sitk.DICOMOrient``), so the array's geometry is the
   reoriented one; masks are written in that geometry and oriented back to the file's own
   orientation, which is a permutation / flip of axes (no resampling), then given the input

@@ -48,11 +48,12 @@ from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_reca
 from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_model, liver_warnings, model_target,
                              near_liver, segment_liver, volume_ml)
 from inference.predictor import Predictor, spacing_warning
-from inference.scans import CaseSource, Geometry, Scan, find_cases, read_mask, read_scan, to_image, write_nifti
+from inference.scans import CaseSource, Geometry, find_cases, read_mask, read_scan, to_image, write_nifti
 from inference.tree_model import TreeModel, check_binary, load_tree_model
 from preprocessing.errors import PreprocessError
 from utils import provenance
 from utils.h5io import apply_hu_window
+from utils.orientation import lps_view
 
 log = logging.getLogger("predict")
 
@@ -375,18 +376,19 @@ def training_slice_mm(ckpt: Optional[dict]) -> Optional[float]:
     return float(np.median(spacings)) if spacings else None
 
 
-def scan_warnings(seg: Predictor, case: str, scan: Scan) -> list[str]:
-    """What makes a scan unlike the model's training data: in-plane spacing more than 20% off
+def scan_warnings(seg: Predictor, case: str, spacing: Sequence[float], shape: Sequence[int]) -> list[str]:
+    """What makes a scan of ``shape`` (H, W, D) and ``spacing`` (row, col, slice) mm, in the order
+    the model sees it, unlike the model's training data: in-plane spacing more than 20% off
     (2-D models, ``evaluation.runner.spacing_warning``), slices more than 1.5x thicker (the
     project measured 0.08-0.12 Dice lost at 2-3x). Each is one line, logged and kept in stats.json."""
     out = []
     if seg.spatial_dims == 2:
-        w = spacing_warning(case, scan.spacing, scan.hu.shape, seg.ckpt or {}, seg.img_size)
+        w = spacing_warning(case, spacing, shape, seg.ckpt or {}, seg.img_size)
         if w:
             out.append(w)
     trained = training_slice_mm(seg.ckpt)
-    if trained and scan.spacing[2] > SLICE_THICKNESS_TOLERANCE * trained:
-        out.append(f"{case}: slices {scan.spacing[2]:.3g} mm apart, {scan.spacing[2] / trained:.1f}x the "
+    if trained and spacing[2] > SLICE_THICKNESS_TOLERANCE * trained:
+        out.append(f"{case}: slices {spacing[2]:.3g} mm apart, {spacing[2] / trained:.1f}x the "
                    f"{trained:.3g} mm of the training data: expect a lower Dice (thin vessels blur across slices)")
     return out
 
@@ -446,27 +448,38 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     liver = read_mask(liver_mask, scan) if liver_mask is not None else None
     log.info("%s: read %s, %d x %d x %d voxels of %s mm, in %.1f s", src.name, src.path, *scan.hu.shape,
              " x ".join(f"{v:.3g}" for v in scan.spacing), clock.lap("read"))
-    warnings = scan_warnings(seg, src.name, scan)
+    # the models run on the scan in the training data's LPS order (a flipped, feet-first, coronal or
+    # sagittal series is reordered, never resampled); their outputs go back to the stored order
+    view = lps_view(scan.geometry.direction)
+    if not view.identity:
+        log.info("%s: stored in another axis order than the training data (LPS): the models see it reordered "
+                 "(axes %s, flipped %s)", src.name, view.perm, view.flip)
+    hu, spacing = view.forward(scan.hu), view.spacing(scan.spacing)
+    warnings = scan_warnings(seg, src.name, spacing, hu.shape)
     for w in warnings:
         log.warning("%s", w)
-    region = liver
+    region = liver = None if liver is None else view.forward(liver)
     if use_liver_model:
-        liver = segment_liver(liver_model, scan.hu, scan.spacing, name=src.name, batch_size=batch_size)
-        region = near_liver(liver, scan.spacing, liver_margin_mm)
+        liver = segment_liver(liver_model, hu, spacing, name=src.name, batch_size=batch_size)
+        region = near_liver(liver, spacing, liver_margin_mm)
         log.info("%s: liver model %.1f s", src.name, clock.lap("liver"))
         if not liver.any():
             warnings.append(f"{src.name}: the liver model found no liver: no vessels kept")
     if liver is not None:
-        for w in liver_warnings(liver, scan.spacing, src.name, check_volume=use_liver_model):
+        for w in liver_warnings(liver, spacing, src.name, check_volume=use_liver_model):
             log.warning("%s", w)
             warnings.append(w)
-    pred = seg.predict_scan(scan.hu, scan.spacing, region, name=src.name, tta=tta, batch_size=batch_size,
-                            clock=clock)
+    pred = seg.predict_scan(hu, spacing, region, name=src.name, tta=tta, batch_size=batch_size, clock=clock)
     log.info("%s: salience %.1f s, inference %.1f s", src.name, clock.wall.get("salience", 0.0), clock.wall["inference"])
     if tree_model is not None:
         # as decided, without the one-tree-per-piece step (inference.tree_model says why)
-        pred = replace(pred, labels=tree_model.classify(apply_hu_window(scan.hu), pred.mask, scan.spacing))
+        pred = replace(pred, labels=tree_model.classify(apply_hu_window(hu), pred.mask, spacing))
         log.info("%s: tree model %.1f s", src.name, clock.lap("trees"))
+    if not view.identity:
+        pred = replace(pred, prob=view.back(pred.prob), mask=view.back(pred.mask),
+                       labels=None if pred.labels is None else view.back(pred.labels),
+                       crop=view.box_back(pred.crop, hu.shape))
+        liver = None if liver is None else view.back(liver)
     stats = vessel_stats(pred.mask, scan.spacing)
     if classes:
         stats["trees"] = {c: vessel_stats(pred.labels == k + 1, scan.spacing) for k, c in enumerate(classes)}

@@ -27,6 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from preprocessing.errors import PreprocessError
+from utils.orientation import lps_view
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class Series:
     spacing: tuple[float, float, float]
     positions: Optional[np.ndarray]  # (D,) mm along the slice normal, None when unknown
     files: list[str]  # file names in slice order
+    #: ITK direction (9, row-major; columns: along a row, along a column, the slice normal)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 @dataclass
@@ -329,7 +332,11 @@ def read_series(patient: str, files: Sequence[DicomFile], *, ct: bool, strict: b
             step = 1.0
         if len(files) > 1:
             log.warning("%s: slice positions unusable; slice spacing %.3f mm from the header", patient, step)
-    return Series(pixels, (float(ps[0]), float(ps[1]), float(step)), positions, [files[i].name for i in order])
+    iop = next((o for o in (floats(ds, "ImageOrientationPatient", 6) for ds in dsets) if o is not None),
+               np.array([1.0, 0, 0, 0, 1, 0]))
+    direction = np.stack([iop[:3], iop[3:], np.cross(iop[:3], iop[3:])], axis=1)
+    return Series(pixels, (float(ps[0]), float(ps[1]), float(step)), positions, [files[i].name for i in order],
+                  tuple(float(v) for v in direction.reshape(-1)))
 
 
 #: which class a voxel claimed by two class masks gets
@@ -369,7 +376,8 @@ def _read_mask(patient: str, organ: str, files: list[DicomFile], ct: Series) -> 
 
 def read_dicom_patient(patient_dir: str | Path, vessels: Sequence[str], with_masks: bool = True,
                        classes: Sequence[str] = ()) -> PatientData:
-    """Read ``patient_dir``: HU (H, W, D), spacing (row, col, slice) mm, vessel label and liver mask.
+    """Read ``patient_dir``: HU (H, W, D), spacing (row, col, slice) mm, vessel label and liver mask,
+    all in LPS order (:func:`utils.orientation.lps_view`; 3D-IRCADb is stored so).
 
     Label = union (> 0) of the masks of every requested vessel group; a group the patient lacks
     is a warning listing the folders it has. Without ``with_masks`` or without MASKS_DICOM the
@@ -416,5 +424,12 @@ def read_dicom_patient(patient_dir: str | Path, vessels: Sequence[str], with_mas
                     liver = _read_mask(patient, by_lower[LIVER], masks[by_lower[LIVER]], ct)
                 else:
                     log.warning("%s: no %s mask folder; the patient has: %s", patient, LIVER, have)
-    return PatientData(ct.pixels, ct.spacing, label, liver, str(patient_dir), attrs,
-                       cmap if (with_masks and classes and label is not None) else None)
+    cmap = cmap if (with_masks and classes and label is not None) else None
+    # the project's arrays are LPS-ordered, as 3D-IRCADb is stored and as the NIfTI reader
+    # reorients: a series stored otherwise (feet first, mirrored, coronal) is reordered, not resampled
+    view = lps_view(ct.direction)
+    if not view.identity:
+        log.info("%s: stored in another axis order than LPS: reordered (axes %s, flipped %s)", patient,
+                 view.perm, view.flip)
+    label, liver, cmap = (None if a is None else view.forward(a) for a in (label, liver, cmap))
+    return PatientData(view.forward(ct.pixels), view.spacing(ct.spacing), label, liver, str(patient_dir), attrs, cmap)

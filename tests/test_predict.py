@@ -191,10 +191,10 @@ def test_nifti_input_runs_end_to_end(tmp_path, capsys):
 
 
 def oblique_series(folder: Path, hu: np.ndarray, spacing, origin, iop, uid_series: str | None = None,
-                   modality: str = "CT") -> None:
+                   modality: str = "CT", kind: str = "ct") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     normal = np.cross(iop[:3], iop[3:])
-    for i, raw in enumerate(series_bytes(hu, spacing)):
+    for i, raw in enumerate(series_bytes(hu, spacing, kind=kind)):
         ds = pydicom.dcmread(io.BytesIO(raw))
         ds.ImageOrientationPatient = [float(v) for v in iop]
         ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + i * spacing[2] * normal]
@@ -667,3 +667,45 @@ def test_no_liver_model_with_liver_model_is_a_usage_error(tmp_path, capsys):
     assert e.value.code == 2
     assert "--no_liver_model ignores a liver model embedded in --model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_series_stored_mirrored_and_feet_first_is_segmented_as_the_same_patient(phantom_case, tmp_path, capsys):
+    """The models see every scan in the training data's LPS order: the same patient stored with its
+    columns and slices reversed (direction -x, +y, -z) gets the same masks, in its own order."""
+    src = phantom_case["patient"] / "PATIENT_DICOM"
+    ref = read_dicom_scan(find_cases(src)[0])
+    assert np.allclose(ref.geometry.direction, np.eye(3).ravel())
+    h, w, d = ref.hu.shape
+    sr, sc, ss = ref.spacing
+    origin = np.asarray(ref.geometry.origin) + np.array([(w - 1) * sc, 0.0, (d - 1) * ss])
+    oblique_series(tmp_path / "mirror", ref.hu[:, ::-1, ::-1], (sr, sc, ss), origin, np.array([-1.0, 0, 0, 0, 1, 0]))
+    mirrored = read_dicom_scan(find_cases(tmp_path / "mirror")[0])
+    assert np.array_equal(mirrored.hu, ref.hu[:, ::-1, ::-1])  # stored the other way round
+    liver = read_dicom_patient(phantom_case["patient"], ["portalvein"]).liver.astype(np.uint8)
+    write_nifti(tmp_path / "liver_lps.nii.gz", to_image(liver, ref))
+    write_nifti(tmp_path / "liver_mirror.nii.gz", to_image(liver[:, ::-1, ::-1], mirrored))
+    masks = {}
+    for name, path in (("lps", src), ("mirror", tmp_path / "mirror")):
+        for with_liver in (False, True):
+            out = tmp_path / f"out_{name}_{with_liver}"
+            extra = ["--liver_mask", str(tmp_path / f"liver_{name}.nii.gz")] if with_liver else []
+            assert predict.main(["--model", str(phantom_case["model"]), "--input", str(path), "--output", str(out),
+                                 *extra]) == 0
+            (nii,) = out.glob("*_vessels.nii.gz")
+            img = sitk.ReadImage(str(nii))
+            assert Geometry.of(img).matches(read_dicom_scan(find_cases(path)[0]).geometry)  # its own order
+            masks[name, with_liver] = sitk.GetArrayFromImage(sitk.DICOMOrient(img, "LPS"))
+    for with_liver in (False, True):
+        assert masks["lps", with_liver].sum() > 0
+        assert np.array_equal(masks["lps", with_liver], masks["mirror", with_liver])
+    assert masks["lps", True].sum() < masks["lps", False].sum()  # the liver mask was applied
+    # preprocessing reads the mirrored patient, masks and all, in the same LPS order
+    patient = tmp_path / "3Dircadb1.9"
+    oblique_series(patient / "PATIENT_DICOM", ref.hu[:, ::-1, ::-1], (sr, sc, ss), origin,
+                   np.array([-1.0, 0, 0, 0, 1, 0]))
+    oblique_series(patient / "MASKS_DICOM" / "liver", liver[:, ::-1, ::-1], (sr, sc, ss), origin,
+                   np.array([-1.0, 0, 0, 0, 1, 0]), kind="mask")
+    stored = read_dicom_patient(phantom_case["patient"], ["portalvein"])
+    again = read_dicom_patient(patient, ["portalvein"])
+    assert np.array_equal(again.hu, stored.hu) and np.array_equal(again.liver, stored.liver)
+    assert again.spacing == pytest.approx(stored.spacing)

@@ -1,0 +1,105 @@
+"""Run the models on a scan in the orientation they were trained in, and give the outputs back.
+
+The training data is LPS-ordered: 3D-IRCADb and the phantoms are stored so (rows run from the
+patient's anterior to posterior, columns from right to left, slices from inferior to superior),
+and the NIfTI reader reorients to LPS. The liver model is trained without flips (the liver lies
+on the patient's right, the image's left), so a DICOM series stored otherwise (feet first, a
+flipped or rotated acquisition, sagittal or coronal slices) would be segmented as a mirror image.
+:func:`lps_view` gives the permutation and flips of the array axes (no resampling) that put a
+scan in LPS order, from its ITK direction matrix, and back.
+
+Arrays are (H, W, D) = (rows, columns, slices), optionally with leading axes (K, H, W, D); the
+ITK image of such an array has x = column, y = row, z = slice (``inference.scans``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+#: for each array axis (row, column, slice), the ITK axis it is (y, x, z) and, in LPS order,
+#: the physical axis it must run along (row: +P = y, column: +L = x, slice: +S = z)
+_ITK_AXIS = (1, 0, 2)
+_LPS_AXIS = (1, 0, 2)
+
+
+@dataclass(frozen=True)
+class Reorientation:
+    """``forward``: an array in the scan's stored order -> LPS order; ``back`` undoes it.
+
+    ``perm[t]``: the stored array axis that becomes axis t; ``flip[t]``: axis t is reversed
+    after the permutation.
+    """
+
+    perm: tuple[int, int, int]
+    flip: tuple[bool, bool, bool]
+
+    @property
+    def identity(self) -> bool:
+        return self.perm == (0, 1, 2) and not any(self.flip)
+
+    def forward(self, arr: np.ndarray) -> np.ndarray:
+        arr = np.asarray(arr)
+        if arr.ndim < 3:
+            raise ValueError(f"an array of shape (..., H, W, D) is needed, got {arr.shape}")
+        if self.identity:
+            return arr
+        lead = arr.ndim - 3
+        out = np.transpose(arr, tuple(range(lead)) + tuple(lead + p for p in self.perm))
+        flips = tuple(lead + t for t in range(3) if self.flip[t])
+        return np.ascontiguousarray(np.flip(out, flips) if flips else out)
+
+    def back(self, arr: np.ndarray) -> np.ndarray:
+        arr = np.asarray(arr)
+        if arr.ndim < 3:
+            raise ValueError(f"an array of shape (..., H, W, D) is needed, got {arr.shape}")
+        if self.identity:
+            return arr
+        lead = arr.ndim - 3
+        flips = tuple(lead + t for t in range(3) if self.flip[t])
+        arr = np.flip(arr, flips) if flips else arr
+        inverse = tuple(int(i) for i in np.argsort(self.perm))
+        return np.ascontiguousarray(np.transpose(arr, tuple(range(lead)) + tuple(lead + p for p in inverse)))
+
+    def box_back(self, box: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
+        """A box (r0, r1, c0, c1, s0, s1) of the reoriented array of ``shape`` (H, W, D) -> the same
+        voxels' box in the stored array."""
+        if len(box) != 6 or len(shape) != 3:
+            raise ValueError(f"a box is 6 ints and a shape 3, got {tuple(box)} and {tuple(shape)}")
+        out = [0] * 6
+        for t in range(3):
+            lo, hi = int(box[2 * t]), int(box[2 * t + 1])
+            if self.flip[t]:
+                lo, hi = int(shape[t]) - hi, int(shape[t]) - lo
+            a = self.perm[t]
+            out[2 * a], out[2 * a + 1] = lo, hi
+        return tuple(out)
+
+    def spacing(self, spacing: Sequence[float]) -> tuple[float, float, float]:
+        """(row, col, slice) mm of the reoriented array."""
+        if len(spacing) != 3:
+            raise ValueError(f"spacing must be 3 numbers (row, col, slice) mm, got {tuple(spacing)}")
+        return tuple(float(spacing[p]) for p in self.perm)
+
+
+def lps_view(direction: Sequence[float]) -> Reorientation:
+    """The :class:`Reorientation` to LPS order of an array whose ITK image has the direction
+    matrix ``direction`` (9 numbers, row-major; column i is ITK axis i's direction in LPS
+    patient coordinates). Each array axis goes to the physical axis it runs closest to, as
+    ``SimpleITK.DICOMOrient`` does; ValueError when two axes run closest to the same one."""
+    m = np.asarray(direction, dtype=float)
+    if m.size != 9 or not np.all(np.isfinite(m)):
+        raise ValueError(f"a direction matrix is 9 finite numbers, got {list(np.ravel(m))}")
+    m = m.reshape(3, 3)
+    phys = {}  # physical axis -> (stored array axis, its sign)
+    for a in range(3):
+        col = m[:, _ITK_AXIS[a]]
+        p = int(np.argmax(np.abs(col)))
+        if p in phys or not abs(col[p]) > 0:
+            raise ValueError(f"direction matrix {m.round(3).tolist()} does not give each array axis its own "
+                             f"patient axis")
+        phys[p] = (a, bool(col[p] < 0))
+    perm = tuple(phys[_LPS_AXIS[t]][0] for t in range(3))
+    flip = tuple(phys[_LPS_AXIS[t]][1] for t in range(3))
+    return Reorientation(perm, flip)
