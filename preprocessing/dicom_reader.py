@@ -432,4 +432,5 @@ def read_dicom_patient(patient_dir: str | Path, vessels: Sequence[str], with_mas
         log.info("%s: stored in another axis order than LPS: reordered (axes %s, flipped %s)", patient,
                  view.perm, view.flip)
     label, liver, cmap = (None if a is None else view.forward(a) for a in (label, liver, cmap))
-    return PatientData(view.forward(ct.pixels), view.spacing(ct.spacing), label, liver, str(patient_dir), attrs, cmap)
+    return PatientData(view.forward(ct.pixels), view.spacing(ct.spacing), label, liver, str(patient_dir), attrs,
+                       cmap)

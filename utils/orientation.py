@@ -40,27 +40,23 @@ class Reorientation:
         return self.perm == (0, 1, 2) and not any(self.flip)
 
     def forward(self, arr: np.ndarray) -> np.ndarray:
-        arr = np.asarray(arr)
-        if arr.ndim < 3:
-            raise ValueError(f"an array of shape (..., H, W, D) is needed, got {arr.shape}")
+        arr, lead = _spatial(arr)
         if self.identity:
             return arr
-        lead = arr.ndim - 3
         out = np.transpose(arr, tuple(range(lead)) + tuple(lead + p for p in self.perm))
-        flips = tuple(lead + t for t in range(3) if self.flip[t])
-        return np.ascontiguousarray(np.flip(out, flips) if flips else out)
+        return np.ascontiguousarray(self._flip(out, lead))
 
     def back(self, arr: np.ndarray) -> np.ndarray:
-        arr = np.asarray(arr)
-        if arr.ndim < 3:
-            raise ValueError(f"an array of shape (..., H, W, D) is needed, got {arr.shape}")
+        arr, lead = _spatial(arr)
         if self.identity:
             return arr
-        lead = arr.ndim - 3
-        flips = tuple(lead + t for t in range(3) if self.flip[t])
-        arr = np.flip(arr, flips) if flips else arr
         inverse = tuple(int(i) for i in np.argsort(self.perm))
-        return np.ascontiguousarray(np.transpose(arr, tuple(range(lead)) + tuple(lead + p for p in inverse)))
+        axes = tuple(range(lead)) + tuple(lead + p for p in inverse)
+        return np.ascontiguousarray(np.transpose(self._flip(arr, lead), axes))
+
+    def _flip(self, arr: np.ndarray, lead: int) -> np.ndarray:
+        flips = tuple(lead + t for t in range(3) if self.flip[t])
+        return np.flip(arr, flips) if flips else arr
 
     def box_back(self, box: Sequence[int], shape: Sequence[int]) -> tuple[int, ...]:
         """A box (r0, r1, c0, c1, s0, s1) of the reoriented array of ``shape`` (H, W, D) -> the same
@@ -81,6 +77,14 @@ class Reorientation:
         if len(spacing) != 3:
             raise ValueError(f"spacing must be 3 numbers (row, col, slice) mm, got {tuple(spacing)}")
         return tuple(float(spacing[p]) for p in self.perm)
+
+
+def _spatial(arr: np.ndarray) -> tuple[np.ndarray, int]:
+    """``arr`` as an array and its number of leading (non-spatial) axes; ValueError under 3-D."""
+    arr = np.asarray(arr)
+    if arr.ndim < 3:
+        raise ValueError(f"an array of shape (..., H, W, D) is needed, got {arr.shape}")
+    return arr, arr.ndim - 3
 
 
 def lps_view(direction: Sequence[float]) -> Reorientation:
