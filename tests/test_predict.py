@@ -695,6 +695,9 @@ def test_a_series_stored_mirrored_and_feet_first_is_segmented_as_the_same_patien
             img = sitk.ReadImage(str(nii))
             assert Geometry.of(img).matches(read_dicom_scan(find_cases(path)[0]).geometry)  # its own order
             masks[name, with_liver] = sitk.GetArrayFromImage(sitk.DICOMOrient(img, "LPS"))
+            (stats,) = out.glob("*_stats.json")
+            moved = json.loads(stats.read_text())["reordered_to_lps"]
+            assert moved == (None if name == "lps" else {"axes": [0, 1, 2], "flipped": [False, True, True]})
     for with_liver in (False, True):
         assert masks["lps", with_liver].sum() > 0
         assert np.array_equal(masks["lps", with_liver], masks["mirror", with_liver])
