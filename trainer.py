@@ -673,7 +673,8 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
                             head_path=cfg.head, context=cfg.context_slices)
     model = model.to(env.device, memory_format=env.memory_format)
     if cfg.init_from and not cfg.resume:
-        src = init_from_checkpoint(model, cfg.init_from, model_name=cfg.backbone, salience=cfg.salience)
+        src = init_from_checkpoint(model, cfg.init_from, model_name=cfg.backbone, salience=cfg.salience,
+                                   context=cfg.context_slices)
         if cfg.head and cfg.salience == "e2e" and src["salience"] == "e2e":
             # the run would record --head's hash as its salience provenance and train another head
             raise ValueError(f"--head {cfg.head}: the salience head comes from --init_from {cfg.init_from} (an e2e "

@@ -23,6 +23,7 @@ import argparse
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from evaluation.metrics import dice  # noqa: E402
 from inference.scans import Scan, find_cases, read_scan  # noqa: E402
 from inference.predictor import Predictor  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
+from utils.orientation import lps_view  # noqa: E402
 from utils.provenance import file_sha256  # noqa: E402
 from utils.records import write_record  # noqa: E402
 
@@ -55,6 +57,8 @@ def pad_with_bone(scan: Scan, n: int = PAD_SLICES) -> Scan:
 def measure_patient(seg: Predictor, patient: Path) -> dict:
     src = find_cases(patient)[0]
     scan = read_scan(src)
+    view = lps_view(scan.geometry.direction)  # as predict.py runs the models (the stored geometry is unused here)
+    scan = replace(scan, hu=view.forward(scan.hu), spacing=view.spacing(scan.spacing))
     truth = read_dicom_patient(patient, ["portalvein", "venoussystem"])
     if truth.hu.shape != scan.hu.shape or not np.array_equal(truth.hu, scan.hu):
         raise ValueError(f"{patient}: the preprocessing reader and predict.py's reader disagree on the image")

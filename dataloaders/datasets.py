@@ -326,14 +326,21 @@ class SliceDataSet(_Augmenting):
             return None
         case, z = parse_slice_name(name)
         path = self.paths.volume(case)
+
+        def indices(depth: int) -> list[int]:
+            if not 0 <= z < depth:
+                raise ValueError(f"{self.paths.slice(name)}: slice {z}, but {path} has {depth} slices (made again "
+                                 f"since? run preprocess.py)")
+            return context_indices(z, depth, self.context)
+
         if self._volumes is not None:
             vol = self._volumes[case]
-            nb = np.stack([vol[:, :, j] for j in context_indices(z, vol.shape[2], self.context)]).astype(np.float32)
+            nb = np.stack([vol[:, :, j] for j in indices(vol.shape[2])]).astype(np.float32)
         else:
             try:
                 with h5py.File(path, "r") as f:
                     img = f["image"]
-                    nb = np.stack([img[:, :, j] for j in context_indices(z, img.shape[2], self.context)])
+                    nb = np.stack([img[:, :, j] for j in indices(img.shape[2])])
             except (OSError, KeyError) as e:
                 raise ValueError(f"{path}: unreadable volume file ({e})") from None
             nb = nb.astype(np.float32)

@@ -311,5 +311,5 @@ class Predictor:
             "hu_window": list(self.hu_window), "threshold": self.threshold,
             "min_component_mm3": self.min_component_mm3, "img_size": self.img_size, "patch_size": self.patch_size,
             "target_spacing": self.target_spacing, "epoch": (self.ckpt or {}).get("epoch"),
-            "classes": self.classes,
+            "classes": self.classes, "context_slices": self.context_slices,
         }

@@ -214,7 +214,7 @@ def check_compatible(
                          f"{ckpt['salience']!r} with {context} context slices gives {expected}")
     if salience is not None and ckpt["salience"] != salience:
         raise ValueError(f"{path}: channel mismatch: checkpoint takes {ckpt['in_channels']} channels (salience "
-                         f"{ckpt['salience']}), this run {input_channels(salience)} (salience {salience})")
+                         f"{ckpt['salience']}, {context} context slices), this run salience {salience}")
     if model_kwargs is not None:
         stored = ckpt.get("model_kwargs") or {}
         differ = {k: (stored.get(k), v) for k, v in model_kwargs.items() if stored.get(k) != v}
@@ -267,16 +267,21 @@ def _split_state(state: dict, e2e: bool) -> tuple[dict, dict]:
     return backbone, head
 
 
-def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, model_name: str, salience: str) -> dict:
+def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, model_name: str, salience: str,
+                         context: int = 0) -> dict:
     """Start ``model`` (a ``build_segmenter(model_name, salience, ...)``) from another run's weights.
 
     The backbone must match exactly (names and shapes; input channels follow the salience
     mode, so e.g. ``offline`` (3 channels) cannot start a 2-D ``none`` run (1)); the e2e
     salience head is copied too when both runs are e2e, else the model keeps its own.
     Optimiser, schedule and epoch are not taken. Returns the source checkpoint dict.
-    ValueError with one line naming ``path`` when the architectures differ.
+    ValueError with one line naming ``path`` when the architectures differ, or the source saw
+    another number of neighbouring slices than ``context`` (``--context_slices``).
     """
     ckpt = load_checkpoint(path)
+    if context_of(ckpt.get("config")) != context:
+        raise ValueError(f"{path}: --init_from model saw {context_of(ckpt.get('config'))} neighbouring slices on "
+                         f"each side, this run --context_slices {context}")
     src_bb, src_head = _split_state(ckpt["state_dict"], ckpt["salience"] == "e2e")
     target = unwrap(model)
     own_bb, own_head = _split_state(target.state_dict(), salience == "e2e")

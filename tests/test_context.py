@@ -96,6 +96,14 @@ def test_slice_items_hold_the_neighbouring_slices_after_the_modes_channels(tmp_p
     np.testing.assert_allclose(x, np.stack([1.5 * g, 1.25 * g, g, image[:, :, 2], image[:, :, 4]]), atol=1e-6)
 
 
+def test_a_slice_beyond_its_volume_names_both_files(tmp_path):
+    paths = ramp_dataset(tmp_path)
+    write_slice(paths.slice(slice_name("case0001", D)), ramp_volume()[:, :, 0], np.zeros((H, W), np.uint8), None)
+    write_list(paths.list_file("slice_train"), [slice_name("case0001", D)])
+    with pytest.raises(ValueError, match=rf"slice {D}, but .*case0001.h5 has {D} slices"):
+        SliceDataSet(paths, "none", img_size=(H, W), augment=False, context=1)[0]
+
+
 def test_neighbours_turn_flip_and_change_intensity_with_the_slice(tmp_path):
     paths = ramp_dataset(tmp_path)
     image = ramp_volume()
@@ -162,6 +170,8 @@ def test_a_context_run_trains_and_its_checkpoint_rebuilds_the_model(tmp_path):
     # the method figure runs the model as inference does
     fig = draw_method_figure(best, tmp_path / "fig.png", "ramp", str(tmp_path / "data"), str(tmp_path / "list"))
     assert fig.stat().st_size > 0 and paths.volume("case0001").is_file()
+    with pytest.raises(ValueError, match="saw 1 neighbouring slices on each side, this run --context_slices 0"):
+        train(TrainConfig(init_from=str(best), **{**kw, "exp": "one_slice"}))
     with pytest.raises(ValueError, match="2-D backbones"):
         train(TrainConfig(context_slices=1, **{**kw, "backbone": "unet3d", "model_kwargs": {"base_channels": 2},
                                                 "exp": "three_d", "patch_size": (8, 8, 4)}))

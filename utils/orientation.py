@@ -91,19 +91,22 @@ def lps_view(direction: Sequence[float]) -> Reorientation:
     """The :class:`Reorientation` to LPS order of an array whose ITK image has the direction
     matrix ``direction`` (9 numbers, row-major; column i is ITK axis i's direction in LPS
     patient coordinates). Each array axis goes to the physical axis it runs closest to, as
-    ``SimpleITK.DICOMOrient`` does; ValueError when two axes run closest to the same one."""
+    ``SimpleITK.DICOMOrient`` does; where two run closest to the same one (a tilt of 45 degrees
+    or more), the closer pair is matched first and the other axis takes the best one left.
+    ValueError for a matrix with a zero column."""
     m = np.asarray(direction, dtype=float)
     if m.size != 9 or not np.all(np.isfinite(m)):
         raise ValueError(f"a direction matrix is 9 finite numbers, got {list(np.ravel(m))}")
     m = m.reshape(3, 3)
+    cos = np.stack([m[:, _ITK_AXIS[a]] for a in range(3)])  # (array axis, physical axis)
+    if not np.all(np.abs(cos).max(axis=1) > 0):
+        raise ValueError(f"direction matrix {m.round(3).tolist()} has an axis without a direction")
     phys = {}  # physical axis -> (stored array axis, its sign)
-    for a in range(3):
-        col = m[:, _ITK_AXIS[a]]
-        p = int(np.argmax(np.abs(col)))
-        if p in phys or not abs(col[p]) > 0:
-            raise ValueError(f"direction matrix {m.round(3).tolist()} does not give each array axis its own "
-                             f"patient axis")
-        phys[p] = (a, bool(col[p] < 0))
+    taken = set()
+    for a, p in sorted(((a, p) for a in range(3) for p in range(3)), key=lambda ap: (-abs(cos[ap]), ap)):
+        if a not in taken and p not in phys:
+            phys[p] = (a, bool(cos[a, p] < 0))
+            taken.add(a)
     perm = tuple(phys[_LPS_AXIS[t]][0] for t in range(3))
     flip = tuple(phys[_LPS_AXIS[t]][1] for t in range(3))
     return Reorientation(perm, flip)
