@@ -15,6 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from preprocessing.pipeline import CROP_MODES, DEFAULT_VESSELS, FORMATS, parse_split, preprocess
+from utils.cli import given_options
 from utils.logging_setup import setup_logging
 
 log = logging.getLogger("preprocess")
@@ -54,9 +55,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # options the chosen format or crop does not read: refused, not silently dropped
-    other = ({"--images": "images", "--labels": "labels", "--label-values": "label_values"} if args.fmt == "dicom"
-             else {"--src": "src", "--vessels": "vessels"})
-    given = [opt for opt, dest in other.items() if getattr(args, dest) != parser.get_default(dest)]
+    given = given_options(parser, args, ("images", "labels", "label_values") if args.fmt == "dicom"
+                          else ("src", "vessels"))
     if given:
         parser.error(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to --format {args.fmt}")
     if args.margin and args.crop == "none":

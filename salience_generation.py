@@ -67,6 +67,7 @@ from networks.salience import (
 )
 from utils import manifests
 from utils.atomic import atomic_path
+from utils.cli import given_options
 from utils.h5io import SPLITS, DatasetPaths, read_list, read_salience, read_volume, salience_made_by, write_salience
 from utils.logging_setup import setup_logging
 from utils.torch_io import load_torch_file
@@ -499,7 +500,7 @@ FIT_OPTIONS = ("fit_only", "iters", "lr", "batch", "patch", "seed", "checkpoint_
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    unused = [f"--{k}" for k in FIT_OPTIONS if getattr(args, k) != parser.get_default(k)]
+    unused = given_options(parser, args, FIT_OPTIONS)
     if unused and not args.fit:
         parser.error(f"{', '.join(unused)} only apply with --fit (fitting the generator first)")
     if args.weights and args.generator == "analytic":

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 from evaluation.predictions import PRED_FORMATS
 from evaluation.reports import console_table
 from evaluation.runner import ROI_CHOICES, run_evaluation
+from utils.cli import given_options
 from utils.logging_setup import setup_logging
 
 log = logging.getLogger("test")
@@ -74,9 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # options that choose or write nothing in this command line: refused, not silently dropped
-    if args.model_path and (args.exp or args.checkpoint_root != parser.get_default("checkpoint_root")):
+    if args.model_path and given_options(parser, args, ("exp", "checkpoint_root")):
         parser.error("--exp and --checkpoint_root choose a run folder; --model_path names the model file itself")
-    if args.pred_kind != parser.get_default("pred_kind") and not args.save_pred:
+    if given_options(parser, args, ("pred_kind",)) and not args.save_pred:
         parser.error("--pred_kind says what --save_pred writes; give --save_pred")
     setup_logging()
     try:

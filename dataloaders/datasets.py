@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import h5py
 import numpy as np
@@ -312,11 +312,16 @@ class SliceDataSet(_Augmenting):
             raise _no_salience(slice_path, self.paths.root.name)
         return vol
 
-    def _volume_image(self, case: str) -> np.ndarray:
+    def _volume_image(self, case: str, slices: Optional[Callable[[int], list[int]]] = None) -> np.ndarray:
+        """``vol_data/<case>.h5``'s image, float32: (H, W, D), or with ``slices`` (the volume's depth
+        -> slice indices) those slices, (len, H, W); ValueError naming the file when unreadable."""
         path = self.paths.volume(case)
         try:
             with h5py.File(path, "r") as f:
-                return f["image"][()].astype(np.float32)
+                img = f["image"]
+                if slices is None:
+                    return img[()].astype(np.float32)
+                return np.stack([img[:, :, j] for j in slices(img.shape[2])]).astype(np.float32)
         except (OSError, KeyError) as e:
             raise ValueError(f"{path}: unreadable volume file ({e})") from None
 
@@ -337,13 +342,7 @@ class SliceDataSet(_Augmenting):
             vol = self._volumes[case]
             nb = np.stack([vol[:, :, j] for j in indices(vol.shape[2])]).astype(np.float32)
         else:
-            try:
-                with h5py.File(path, "r") as f:
-                    img = f["image"]
-                    nb = np.stack([img[:, :, j] for j in indices(img.shape[2])])
-            except (OSError, KeyError) as e:
-                raise ValueError(f"{path}: unreadable volume file ({e})") from None
-            nb = nb.astype(np.float32)
+            nb = self._volume_image(case, indices)
         if nb.shape[1:] != tuple(shape):
             raise ValueError(f"{path}: slices are {nb.shape[1:]}, but {self.paths.slice(name)} is {tuple(shape)}")
         return nb

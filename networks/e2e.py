@@ -64,10 +64,10 @@ def backbone_in_channels(name: str, salience: str, context: int = 0, **model_kwa
     2-D input's neighbouring slices on each side (``--context_slices``)."""
     if context and spatial_dims_of(name, **model_kwargs) != 2:
         raise ValueError(f"--context_slices is for 2-D backbones; {name} is 3-D")
+    channels = input_channels(salience, context)  # validates the mode; e2e refuses a context
     if salience == "e2e":
-        input_channels(salience, context)  # refuses a context
         return 3 if spatial_dims_of(name, **model_kwargs) == 3 else 1
-    return input_channels(salience, context)
+    return channels
 
 
 def build_segmenter(
@@ -85,7 +85,6 @@ def build_segmenter(
     channels for the K neighbouring slices on each side (2-D, ``--context_slices``).
     """
     kw = dict(model_kwargs or {})
-    input_channels(salience, context)  # validates the mode and the context
     backbone = build_model(name, backbone_in_channels(name, salience, context, **kw), out_channels, **kw)
     if salience != "e2e":
         if head_path is not None:

@@ -364,3 +364,18 @@ def test_options_that_would_do_nothing_are_usage_errors(extra, message, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--dataset", "d", *extra])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_given_options_names_what_a_command_line_changed_from_the_defaults():
+    import argparse
+
+    from utils.cli import given_options
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--label-values", default=None)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--fit", action="store_true")
+    args = p.parse_args(["--label-values", "1,2", "--iters", "5"])
+    assert given_options(p, args, ("label_values", "iters", "fit")) == ["--label-values"]  # 5 is the default
+    with pytest.raises(ValueError, match="nope"):
+        given_options(p, args, ("nope",))
