@@ -58,6 +58,19 @@ except FileNotFoundError as e:
   echo "$dims $(( epochs > 100 ? epochs : 100 ))"
 }
 
+# HEAD_ARGS for salience MODE: e2e starts from the same fitted head the offline maps came from
+# (without it, from an untrained head, which is another experiment): --head "$HEAD", or an error
+# when there is none; nothing for the other modes
+e2e_head_args() {
+  HEAD_ARGS=()
+  [ "$1" = e2e ] || return 0
+  if [ ! -f "${HEAD:-}" ]; then
+    echo "error: e2e starts from the fitted salience head, and there is none at '${HEAD:-}' (set HEAD)" >&2
+    return 2
+  fi
+  HEAD_ARGS=(--head "$HEAD")
+}
+
 train_and_test() {
   local backbone=$1 mode=$2 exp=$3; shift 3
   local found dims epochs
@@ -65,16 +78,8 @@ train_and_test() {
   read -r dims epochs <<< "$found"
   local size_args=(--img_size 192 192 --target_spacing "$TARGET_SPACING")
   [ "$dims" = 3 ] && size_args=(--patch_size 64 64 32)
-  local extra=()
-  # e2e starts from the same fitted head the offline maps came from; without it, from an
-  # untrained head, which is another experiment
-  if [ "$mode" = e2e ]; then
-    if [ ! -f "${HEAD:-}" ]; then
-      echo "error: e2e starts from the fitted salience head, and there is none at '${HEAD:-}' (set HEAD)" >&2
-      return 2
-    fi
-    extra=(--head "$HEAD")
-  fi
+  e2e_head_args "$mode" || return 2
+  local extra=("${HEAD_ARGS[@]}")
   local args=(--dataset "$DATASET" --root_path "$DATA" --output_root "$CKPT" --backbone "$backbone"
               --salience "$mode" "${size_args[@]}" --batch_size 4 --optimizer adamw --base_lr 0.003
               --loss bce+dice --max_epochs "$epochs" --max_iterations "$ITERS" --val_every 200

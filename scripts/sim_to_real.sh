@@ -108,9 +108,9 @@ train_real() {
   if [[ $list == mix* ]]; then root=$S2R/$list; fi
   local extra=()
   # e2e from scratch starts from the fitted head; an e2e --init_from brings its own
-  if [ "$mode" = e2e ] && [[ " $* " != *" --init_from "* ]]; then
-    [ -f "${HEAD:-}" ] || { echo "error: e2e starts from the fitted salience head, and there is none at '${HEAD:-}'" >&2; return 2; }
-    extra=(--head "$HEAD")
+  if [[ " $* " != *" --init_from "* ]]; then
+    e2e_head_args "$mode" || return 2
+    extra=("${HEAD_ARGS[@]}")
   fi
   local args=(--dataset $REAL --root_path "$root" --list_dir "$LISTS/$list" --output_root "$CKPT/s2r"
               --backbone "$BACKBONE" --salience "$mode" --img_size 192 192 --target_spacing "$TARGET_SPACING" --batch_size 4
