@@ -1,7 +1,7 @@
 """Segment the liver vessels of new CT scans with one model file (docs/DESIGN.md section 6).
 
     python predict.py --model FILE --input PATH --output DIR [--device auto]
-                      [--liver_model FILE [--liver_margin 5] | --liver_mask FILE | --no_liver_model]
+                      [--liver_model FILE [--liver_margin 5] [--liver_refine 1] | --liver_mask FILE | --no_liver_model]
                       [--prob] [--mesh [stl|obj]] [--figures] [--graph] [--dicom_seg] [--tta] [--series UID]
                       [--tree_model FILE] [--head FILE]
                       [--batch_size 8] [--min_component_mm3 MM3] [--overwrite]
@@ -13,7 +13,8 @@ folder, a .nii / .nii.gz file, or a folder of several of those (one output set e
 millimetres, ``--figures`` ``<case>_mip.png`` and ``<case>_3d.png``, ``--graph``
 ``<case>_graph.graphml`` and ``<case>_graph.vtp`` (the branch graph), ``--dicom_seg``
 ``<case>_seg.dcm`` (a DICOM Segmentation referencing the source series), ``--liver_model``
-``<case>_liver.nii.gz`` (the liver it found; vessels farther than ``--liver_margin`` mm from it
+``<case>_liver.nii.gz`` (the liver it found, its surface corrected by the scan's parenchyma
+intensity unless ``--liver_refine 0``; vessels farther than ``--liver_margin`` mm from it
 are removed; a model file with a liver model embedded by ``scripts/embed_liver.py`` does the same
 without ``--liver_model``, unless ``--no_liver_model``), ``--tree_model`` (with a binary model)
 ``<case>_trees.nii.gz`` (1 portal vein, 2 hepatic veins) and, with ``--mesh``, a surface per tree.
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore a liver model embedded in --model (scripts/embed_liver.py): the whole scan")
     p.add_argument("--liver_margin", type=float, default=DEFAULT_MARGIN_MM, metavar="MM",
                    help="with --liver_model: keep vessels up to MM mm outside the liver (the hilum)")
+    p.add_argument("--liver_refine", type=int, choices=(0, 1), default=1,
+                   help="with --liver_model: correct the liver's surface by the scan's own parenchyma intensity "
+                        "(1, default) or keep the model's mask as it is (0)")
     p.add_argument("--tree_model", default=None, metavar="FILE",
                    help="a tree model (train_tree_model.py): label a binary model's vessels portal vein (1) or "
                         "hepatic veins (2): <case>_trees.nii.gz, a surface and statistics per tree")
@@ -85,7 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         results = run_predict(args.model, args.input, args.output, device=args.device, head=args.head,
                               liver_mask=args.liver_mask, liver_model=args.liver_model,
-                              liver_margin_mm=args.liver_margin, use_embedded_liver=not args.no_liver_model,
+                              liver_margin_mm=args.liver_margin, liver_refine=bool(args.liver_refine),
+                              use_embedded_liver=not args.no_liver_model,
                               prob=args.prob, mesh=args.mesh, figures=args.figures,
                               graph=args.graph, dicom_seg=args.dicom_seg,
                               tta=args.tta, series=args.series, batch_size=args.batch_size, overwrite=args.overwrite,

@@ -404,7 +404,7 @@ def _stats_mismatches(path: Path, wanted: dict) -> list[str]:
 
 def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: Optional[str | os.PathLike] = None,
                  liver_model: Optional[Predictor] = None, liver_margin_mm: float = DEFAULT_MARGIN_MM,
-                 prob: bool = False, mesh: Optional[str] = None, figures: bool = False, graph: bool = False,
+                 liver_refine: bool = True, prob: bool = False, mesh: Optional[str] = None, figures: bool = False, graph: bool = False,
                  dicom_seg: bool = False, tta: bool = False,
                  series: Optional[str] = None, batch_size: int = 8, overwrite: bool = False,
                  tree_model: Optional[TreeModel] = None) -> CaseResult:
@@ -416,7 +416,9 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
 
     The liver: ``liver_mask`` (a file) is used as given: vessels are kept inside it. Without one,
     ``liver_model`` (a liver model's Predictor, :mod:`inference.liver`) segments it, vessels are
-    kept within ``liver_margin_mm`` of it, and its mask is written. With neither, the whole scan.
+    kept within ``liver_margin_mm`` of it, and its mask is written; ``liver_refine``: its surface is
+    corrected by the scan's parenchyma intensity (:func:`inference.liver.refine_by_intensity`).
+    With neither, the whole scan.
 
     ``tree_model`` (:mod:`inference.tree_model`, for a binary ``seg``: :func:`run_predict` checks that
     once, before loading it): labels the vessel mask with its trees, as a model of classes does.
@@ -432,6 +434,7 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         if Path(liver_mask).is_file() else str(Path(liver_mask).resolve()),
         "liver_model": liver_model.sha256 if use_liver_model else None,
         "liver_margin_mm": float(liver_margin_mm) if use_liver_model else None,
+        "liver_refine": bool(liver_refine) if use_liver_model else None,
         "tree_model": tree_model.sha256 if tree_model is not None else None,
         "min_component_mm3": seg.min_component_mm3,
         "generator_sha256": None if seg.generator is None else seg.generator.weights_sha256})
@@ -460,7 +463,8 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         log.warning("%s", w)
     region = liver = None if liver is None else view.forward(liver)
     if use_liver_model:
-        liver = segment_liver(liver_model, hu, spacing, name=src.name, batch_size=batch_size)
+        liver = segment_liver(liver_model, hu, spacing, name=src.name, batch_size=batch_size,
+                              refine=liver_refine).mask
         region = near_liver(liver, spacing, liver_margin_mm)
         log.info("%s: liver model %.1f s", src.name, clock.lap("liver"))
         if not liver.any():
@@ -487,7 +491,8 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     if liver is not None:
         stats["liver"] = {"source": "model" if use_liver_model else "mask",
                           "volume_ml": volume_ml(liver, scan.spacing),
-                          "margin_mm": float(liver_margin_mm) if use_liver_model else 0.0}
+                          "margin_mm": float(liver_margin_mm) if use_liver_model else 0.0,
+                          "refined_by_intensity": bool(liver_refine) if use_liver_model else False}
     clock.lap("stats")
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -569,8 +574,8 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
 def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output: str | os.PathLike, *,
                 device: str = "auto", head: Optional[str | os.PathLike] = None,
                 liver_mask: Optional[str | os.PathLike] = None, liver_model: Optional[str | os.PathLike] = None,
-                liver_margin_mm: float = DEFAULT_MARGIN_MM, use_embedded_liver: bool = True,
-                prob: bool = False, mesh: Optional[str] = None,
+                liver_margin_mm: float = DEFAULT_MARGIN_MM, liver_refine: bool = True,
+                use_embedded_liver: bool = True, prob: bool = False, mesh: Optional[str] = None,
                 figures: bool = False, graph: bool = False, dicom_seg: bool = False, tta: bool = False,
                 series: Optional[str] = None,
                 batch_size: int = 8, overwrite: bool = False,
@@ -581,7 +586,8 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     ``min_component_mm3``: drop predicted components under this volume (mm^3); None: the
     model file's setting (``inference.vessel_mask``). ``liver_model``: a liver model file
     (``scripts/train_liver.sh``) run on every scan without ``liver_mask``; vessels farther than
-    ``liver_margin_mm`` from its liver are removed (:func:`segment_case`); without one, the liver
+    ``liver_margin_mm`` from its liver are removed (:func:`segment_case`; ``liver_refine``: its
+    surface corrected by intensity); without one, the liver
     model embedded in ``model`` (``scripts/embed_liver.py``) is used unless ``use_embedded_liver``
     is False. ``tree_model``: a tree model file (``train_tree_model.py``) that labels a binary
     model's vessels with their trees (a label map, a surface and statistics per tree).
@@ -626,7 +632,8 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     log.info("model %s (%d-D, salience %s%s) from %s; %d scan(s)", seg.ckpt["model_name"], seg.spatial_dims,
              seg.salience_mode,
              f", generator {seg.generator.name}" if seg.generator is not None else "", seg.path, len(cases))
-    kw = dict(liver_mask=liver_mask, liver_model=liver_seg, liver_margin_mm=liver_margin_mm, prob=prob, mesh=mesh,
+    kw = dict(liver_mask=liver_mask, liver_model=liver_seg, liver_margin_mm=liver_margin_mm,
+              liver_refine=liver_refine, prob=prob, mesh=mesh,
               figures=figures, graph=graph, dicom_seg=dicom_seg, tta=tta, series=series, batch_size=batch_size,
               overwrite=overwrite, tree_model=trees)
     if len(cases) == 1:

@@ -20,6 +20,7 @@ from inference.liver import (
     model_target,
     near_liver,
     opening,
+    refine_by_intensity,
 )
 from networks.checkpoint import save_checkpoint
 from networks.registry import build_model
@@ -40,6 +41,70 @@ def test_largest_component_keeps_the_bigger_blob():
     out = largest_component(m)
     assert np.array_equal(out, ball((30, 30, 30), (10, 10, 10), 6))
     assert not largest_component(np.zeros((4, 4, 4), bool)).any()
+
+
+REFINE_SHAPE, REFINE_SPACING = (64, 64, 32), (1.0, 1.0, 2.0)
+REFINE_CENTRE, REFINE_RADIUS = (32, 32, 16), 20.0  # voxels; mm
+
+
+def refine_scene(seed: int = 0):
+    """A liver ball of 20 mm (HU 100 +- 10, noise) in fat (-100 HU) on 1 x 1 x 2 mm voxels."""
+    rng = np.random.default_rng(seed)
+    liver = ball(REFINE_SHAPE, REFINE_CENTRE, REFINE_RADIUS, REFINE_SPACING)
+    hu = np.where(liver, 100.0, -100.0) + rng.normal(0, 10, REFINE_SHAPE)
+    return liver, hu.astype(np.float32)
+
+
+def test_refine_by_intensity_removes_a_neighbour_organ_and_keeps_lesions():
+    liver, hu = refine_scene()
+    # a neighbouring organ at 40 HU (6 deviations off the parenchyma) touches the liver, and the
+    # model took the part of it within 6 mm of the liver for liver
+    organ = np.zeros(REFINE_SHAPE, bool)
+    organ[52:, :, :] = True
+    organ &= ~liver
+    hu[organ] = 40.0 + np.random.default_rng(1).normal(0, 10, int(organ.sum()))
+    taken = organ & near_liver(liver, REFINE_SPACING, 6.0)
+    # a hypodense lesion 2-6 mm under the surface, inside the band, is liver (holes are filled)
+    lesion = ball(REFINE_SHAPE, (32, 32 + 14, 16), 3.5, REFINE_SPACING) & liver
+    hu[lesion] = 40.0
+    mask = liver | taken
+    prob = mask.astype(np.float32)
+    out = refine_by_intensity(mask, prob, hu, REFINE_SPACING)
+    assert not out[taken].any()
+    assert out[lesion].all()
+    # inside the band, parenchyma voxels whose noise lies beyond 2.5 deviations (about 1%) are removed
+    # where they touch the surface; all else is the true liver
+    assert (out & ~liver).sum() == 0
+    assert (liver & ~out).sum() < 0.02 * liver.sum()
+    # without the refinement's band nothing is removed
+    assert np.array_equal(refine_by_intensity(mask, prob, hu, REFINE_SPACING, band_mm=0.0, grow_mm=0.0), mask)
+
+
+def test_refine_by_intensity_grows_an_edge_placed_too_far_in():
+    liver, hu = refine_scene()
+    # the model's liver is the ball 2 mm too small; it is unsure within 4 mm outside its mask
+    small = ball(REFINE_SHAPE, REFINE_CENTRE, REFINE_RADIUS - 2.0, REFINE_SPACING)
+    prob = np.where(small, 0.9, np.where(near_liver(small, REFINE_SPACING, 4.0), 0.3, 0.0)).astype(np.float32)
+    out = refine_by_intensity(small, prob, hu, REFINE_SPACING, band_mm=0.0)
+    # every liver voxel within 3 mm whose HU is parenchyma-like (within 2 deviations) is added;
+    # fat never is
+    grown = ~small & near_liver(small, REFINE_SPACING, 3.0)
+    assert not out[~liver].any()
+    assert out[small].all()
+    got = (out & grown & liver).sum() / (grown & liver).sum()
+    assert 0.93 < got <= 1.0  # about 95% of normal noise lies within 2 deviations, holes filled add some
+    # a probability under grow_prob adds nothing
+    assert np.array_equal(refine_by_intensity(small, prob, hu, REFINE_SPACING, band_mm=0.0, grow_prob=0.5), small)
+
+
+def test_refine_by_intensity_leaves_a_tiny_liver_and_refuses_bad_shapes():
+    tiny = ball((20, 20, 20), (10, 10, 10), 4.0)
+    hu = np.where(tiny, 100.0, -100.0).astype(np.float32)
+    assert np.array_equal(refine_by_intensity(tiny, tiny.astype(np.float32), hu, (1, 1, 1)), tiny)
+    with pytest.raises(ValueError, match="one shape"):
+        refine_by_intensity(tiny, tiny[:-1].astype(np.float32), hu, (1, 1, 1))
+    with pytest.raises(ValueError, match=">= 0"):
+        refine_by_intensity(tiny, tiny.astype(np.float32), hu, (1, 1, 1), band_mm=-1.0)
 
 
 def test_liver_from_probabilities_fills_vessels_and_drops_other_organs():
@@ -163,27 +228,35 @@ def test_predict_with_a_liver_model_writes_its_liver_and_keeps_vessels_near_it(p
     assert (out / f"{case}_liver.nii.gz").is_file()
     data = read_dicom_patient(pat, ("portalvein",))
     liver = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_liver.nii.gz"))), (1, 2, 0))
-    # the stand-in model's liver, worked out without it: threshold, largest piece, holes filled
+    # the stand-in model's liver, worked out without it: threshold, largest piece, holes filled,
+    # then the intensity refinement (on by default)
     image = apply_hu_window(data.hu)
-    expected = liver_from_probabilities((image >= THRESHOLD_IMAGE).astype(np.float32), 0.5, data.spacing,
-                                        DEFAULT_OPENING_MM)
-    assert 0 < expected.sum() < expected.size
+    prob = torch.sigmoid(SLOPE * (torch.from_numpy(image.astype(np.float32)) - THRESHOLD_IMAGE)).numpy()
+    unrefined = liver_from_probabilities(prob, 0.5, data.spacing, DEFAULT_OPENING_MM)
+    expected = refine_by_intensity(unrefined, prob, data.hu, data.spacing)
+    assert 0 < expected.sum() < expected.size and not np.array_equal(expected, unrefined)
     assert np.array_equal(liver.astype(bool), expected)
     vessels = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_vessels.nii.gz"))), (1, 2, 0))
     assert vessels.any()
     assert not vessels[~near_liver(expected, data.spacing, margin)].any()
     stats = json.loads((out / f"{case}_stats.json").read_text())
     assert stats["stats"]["liver"]["source"] == "model" and stats["stats"]["liver"]["margin_mm"] == margin
+    assert stats["stats"]["liver"]["refined_by_intensity"] is True
     assert stats["stats"]["liver"]["volume_ml"] == pytest.approx(expected.sum() * np.prod(data.spacing) / 1000)
     assert stats["provenance"]["options"]["liver_model"] == stats["liver_model"]["sha256"]
     expected_warnings = liver_warnings(expected, data.spacing, case)
     assert expected_warnings and set(expected_warnings) <= set(stats["warnings"])
 
-    # another margin is another output: recomputed, and never more vessels outside the liver
+    # other options are another output: recomputed; without the refinement the liver is the model's
+    # own mask, and with no margin no vessel lies outside it
     assert predict.main(["--model", str(phantom_case["model"]), "--input", str(pat), "--output", str(out),
-                         "--liver_model", str(lm), "--liver_margin", "0", "--device", "cpu"]) == 0
+                         "--liver_model", str(lm), "--liver_margin", "0", "--liver_refine", "0",
+                         "--device", "cpu"]) == 0
+    liver0 = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_liver.nii.gz"))), (1, 2, 0))
+    assert np.array_equal(liver0.astype(bool), unrefined)
     v0 = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_vessels.nii.gz"))), (1, 2, 0))
-    assert not v0[~expected].any() and v0.sum() <= vessels.sum()
+    assert v0.any() and not v0[~unrefined].any()
+    assert json.loads((out / f"{case}_stats.json").read_text())["stats"]["liver"]["refined_by_intensity"] is False
 
     # --liver_mask overrides: the given mask is used as it is and no liver file is written
     out2 = tmp_path / "out2"
