@@ -17,7 +17,8 @@ so the Dice is a held-out one. For every real 3D-IRCADb patient under ``--real``
   (truth: portal + hepatic veins), the predicted volume (mL) and its number of pieces.
 
 Writes ``results/<record>.json`` (utils.records: numbers only, nothing of the scans) and prints
-a table. Real data is read in place and never written.
+a table; ``--figure PNG`` draws, per patient, the slice where the intensity refinement changed the
+liver most (the model's mask and the refined one against the truth). Real data is read in place and never written.
 """
 from __future__ import annotations
 
@@ -26,16 +27,19 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.figures import masks_figure  # noqa: E402
 from evaluation.metrics import dice, n_components  # noqa: E402
 from inference.liver import DEFAULT_MARGIN_MM, check_target, near_liver, segment_liver, volume_ml  # noqa: E402
 from inference.predictor import Predictor  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
+from utils.h5io import apply_hu_window  # noqa: E402
 from utils.provenance import file_sha256  # noqa: E402
 from utils.records import write_record  # noqa: E402
 
@@ -61,13 +65,24 @@ def vessel_row(mask: np.ndarray, truth_vessels: np.ndarray, liver: np.ndarray, n
             "volume_ml": n * float(np.prod(spacing)) / 1000.0, "pieces": int(n_components(mask))}
 
 
-def measure_patient(liver_seg: Predictor, seg: Predictor, patient: Path, margin_mm: float, refine: bool) -> dict:
+def changed_slice(a: np.ndarray, b: np.ndarray) -> int:
+    """The slice (last axis) where masks ``a`` and ``b`` (H, W, D) differ in the most voxels."""
+    return int(np.argmax((a != b).sum(axis=(0, 1))))
+
+
+def measure_patient(liver_seg: Predictor, seg: Predictor, patient: Path, margin_mm: float, refine: bool,
+                    figure_rows: Optional[list] = None) -> dict:
+    """One patient's row; with ``figure_rows``, appends its figure row (:func:`evaluation.figures.masks_figure`):
+    the slice where the refinement changed the liver most."""
     truth = read_dicom_patient(patient, ["portalvein", "venoussystem"])
     hu, spacing = truth.hu, truth.spacing
     liver_true = truth.liver.astype(bool)
     vessels_true = truth.label.astype(bool)
     found = segment_liver(liver_seg, hu, spacing, name=patient.name, refine=refine)
     liver = found.mask
+    if figure_rows is not None:
+        figure_rows.append((patient.name, apply_hu_window(hu), {"the model's mask": found.model_mask,
+                            "refined by intensity": liver}, liver_true, changed_slice(found.model_mask, liver)))
     t0 = time.perf_counter()
     region = near_liver(liver, spacing, margin_mm)
     t_region = time.perf_counter() - t0
@@ -95,6 +110,9 @@ def main() -> int:
     p.add_argument("--liver_refine", type=int, choices=(0, 1), default=1,
                    help="predict.py --liver_refine: the intensity refinement of the liver (the model's own mask's "
                         "Dice is reported either way)")
+    p.add_argument("--figure", default=None, metavar="PNG",
+                   help="also draw, per patient, the slice where the refinement changed the liver most: the "
+                        "model's mask and the refined one against the truth (TP green, FP red, FN blue)")
     p.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "real"))
     p.add_argument("--record", default=None, help="record name: results/<name>.json")
     p.add_argument("--threads", type=int, default=2)
@@ -107,7 +125,7 @@ def main() -> int:
         print(f"{args.real}: no real 3D-IRCADb patient with a liver model; nothing measured")
         return 0
     seg = Predictor.from_checkpoint(args.model, "cpu")
-    rows, trained = {}, {}
+    rows, trained, figure_rows = {}, {}, ([] if args.figure else None)
     for q in patients:
         liver_seg = Predictor.from_checkpoint(models[q.name], "cpu")
         check_target(liver_seg.ckpt, models[q.name], "liver")
@@ -118,7 +136,7 @@ def main() -> int:
             **{k: cfg.get(k) for k in ("backbone", "model_kwargs", "target_spacing", "img_size", "max_iterations",
                                        "augment", "scale_aug", "intensity_jitter", "loss", "base_lr", "seed",
                                        "context_slices")}}
-        rows[q.name] = measure_patient(liver_seg, seg, q, args.margin, bool(args.liver_refine))
+        rows[q.name] = measure_patient(liver_seg, seg, q, args.margin, bool(args.liver_refine), figure_rows)
     table = ["| patient | liver Dice | liver Dice, model's mask | liver model s | vessel mask | voxels within 10 mm of the true liver | "
              "vessel Dice in the liver | mL | pieces |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -130,6 +148,10 @@ def main() -> int:
     print(f"vessel model {args.model}; liver margin {args.margin:g} mm; intensity refinement "
           f"{'on' if args.liver_refine else 'off'}; {args.threads} CPU threads")
     print("\n".join(table))
+    if args.figure:
+        masks_figure(Path(args.figure), figure_rows, [rows[q.name]["spacing"] for q in patients],
+                     title="liver: the model's mask and the intensity-refined one against the truth")
+        print(f"figure: {args.figure}")
     if args.record:
         path = write_record(args.record, {"patients": rows, "margin_mm": args.margin,
                                           "liver_refine": bool(args.liver_refine), "table_markdown": table},

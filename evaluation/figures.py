@@ -5,6 +5,8 @@
   model used salience, the three salience channels of the same slice beside it.
 - ``<case>_mip.png``: maximum intensity projections of prediction and truth side by side,
   axial (along D) and coronal (along rows), in mm proportions; with salience, its MIPs too.
+- :func:`masks_figure`: several masks of the same slices against one truth, side by side
+  (``bench/liver_bench.py --figure``: the liver model's mask before and after a refinement).
 
 Arrays are (H, W, D) = (rows, columns, slices); spacing (row, col, slice) mm sets the pixel
 aspect so vessels keep their shape on anisotropic grids.
@@ -94,6 +96,28 @@ def overlay_figure(
                 a = axes[i, 1 + c]
                 a.imshow(salience[c, :, :, z], cmap="magma", vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
                 a.set_title(f"salience {PLANE_NAMES[c]}, slice {z}", fontsize=9)
+    _finish(fig, axes, title, path)
+    return path
+
+
+def masks_figure(path: Path, rows: Sequence[tuple[str, np.ndarray, dict[str, np.ndarray], np.ndarray, int]],
+                 spacing_rows: Sequence[Sequence[float]], title: str = "") -> Path:
+    """Write a PNG comparing masks against one truth on chosen transverse slices: one row per
+    entry of ``rows`` = (row label, image (H, W, D) in [0, 1], {column label: mask (H, W, D)},
+    truth (H, W, D), slice index), each column the slice's TP / FP / FN of one mask;
+    ``spacing_rows`` (row, col, slice) mm per row sets the pixel aspect."""
+    if not rows or len(rows) != len(spacing_rows):
+        raise ValueError(f"one spacing per row, got {len(rows)} rows and {len(spacing_rows)} spacings")
+    ncol = max(len(r[2]) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(3.6 * ncol, 3.6 * len(rows)), squeeze=False)
+    for i, ((label, image, masks, target, z), sp) in enumerate(zip(rows, spacing_rows)):
+        for j, (name, mask) in enumerate(masks.items()):
+            if mask.shape != target.shape or image.shape != target.shape:
+                raise ValueError(f"{label} / {name}: image {image.shape}, mask {mask.shape} and truth "
+                                 f"{target.shape} must have one shape")
+            t, m = target[:, :, z].astype(bool), mask[:, :, z].astype(bool)
+            axes[i, j].imshow(error_rgb(image[:, :, z], m, t), aspect=sp[0] / sp[1], interpolation="nearest")
+            axes[i, j].set_title(f"{label}, slice {z}: {name}", fontsize=9)
     _finish(fig, axes, title, path)
     return path
 

@@ -328,3 +328,33 @@ def test_embedding_refuses_wrong_jobs_and_existing_outputs(phantom_case, tmp_pat
     assert embed_liver.main(["--model", str(phantom_case["model"]), "--liver_model", str(lm), "--out", str(out),
                              "--overwrite"]) == 0
     assert out.read_bytes() != b"earlier"
+
+
+def _has_colour(png: np.ndarray, rgb, tol: float = 0.04) -> bool:
+    return bool((np.abs(png[..., :3] - np.asarray(rgb, dtype=np.float32)) <= tol).all(axis=-1).any())
+
+
+def test_masks_figure_paints_each_mask_against_the_truth_on_the_slice_that_changed_most(tmp_path):
+    from bench.liver_bench import changed_slice
+    from evaluation.figures import COLOURS, masks_figure
+    import matplotlib.image as mpimg
+
+    shape = (40, 40, 6)
+    truth = np.zeros(shape, bool)
+    truth[10:30, 10:30, :] = True
+    model = truth.copy()
+    model[30:36, 10:30, 4] = True  # the model took a neighbour for liver in slice 4 only
+    assert changed_slice(model, truth) == 4
+    image = np.zeros(shape, np.float32)
+    # blended at 0.6 over a black image: what a painted voxel looks like (the legend's colours are pure)
+    painted = {k: 0.6 * np.asarray(v) for k, v in COLOURS.items()}
+    same = masks_figure(tmp_path / "same.png", [("p", image, {"a": truth, "b": truth}, truth, 4)], [(1.0, 1.0, 2.0)])
+    png = mpimg.imread(same)
+    assert _has_colour(png, painted["TP"]) and not _has_colour(png, painted["FP"])
+    fp = masks_figure(tmp_path / "fp.png", [("p", image, {"model": model, "refined": truth}, truth,
+                                             changed_slice(model, truth))], [(1.0, 1.0, 2.0)])
+    assert _has_colour(mpimg.imread(fp), painted["FP"]) and not _has_colour(mpimg.imread(fp), painted["FN"])
+    with pytest.raises(ValueError, match="one shape"):
+        masks_figure(tmp_path / "bad.png", [("p", image, {"a": truth[:-1]}, truth, 0)], [(1.0, 1.0, 2.0)])
+    with pytest.raises(ValueError, match="one spacing per row"):
+        masks_figure(tmp_path / "bad.png", [("p", image, {"a": truth}, truth, 0)], [])
