@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liver_margin", type=float, default=DEFAULT_MARGIN_MM, metavar="MM",
                    help="with --liver_model: keep vessels up to MM mm outside the liver (the hilum)")
     p.add_argument("--liver_refine", type=int, choices=(0, 1), default=1,
-                   help="with --liver_model: correct the liver's surface by the scan's own parenchyma intensity "
-                        "(1, default) or keep the model's mask as it is (0)")
+                   help="with a liver model (--liver_model or one embedded in --model): correct the liver's "
+                        "surface by the scan's own parenchyma intensity (1, default) or keep the model's mask (0)")
     p.add_argument("--tree_model", default=None, metavar="FILE",
                    help="a tree model (train_tree_model.py): label a binary model's vessels portal vein (1) or "
                         "hepatic veins (2): <case>_trees.nii.gz, a surface and statistics per tree")

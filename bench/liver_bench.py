@@ -84,8 +84,10 @@ def measure_patient(liver_seg: Predictor, seg: Predictor, patient: Path, margin_
     found = segment_liver(liver_seg, hu, spacing, name=patient.name, refine=refine)
     liver = found.mask
     if figure_rows is not None:
-        figure_rows.append((patient.name, apply_hu_window(hu), {"the model's mask": found.model_mask,
-                            "refined by intensity": liver}, liver_true, changed_slice(found.model_mask, liver)))
+        z = changed_slice(found.model_mask, liver)
+        figure_rows.append((f"{patient.name}, slice {z}", apply_hu_window(hu[:, :, z]),
+                            {"the model's mask": found.model_mask[:, :, z], "refined by intensity": liver[:, :, z]},
+                            liver_true[:, :, z]))
     t0 = time.perf_counter()
     region = near_liver(liver, spacing, margin_mm)
     t_region = time.perf_counter() - t0
@@ -123,6 +125,8 @@ def main() -> int:
     p.add_argument("--record", default=None, help="record name: results/<name>.json")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.figure and not args.liver_refine:
+        p.error("--figure shows what the refinement changed; it needs --liver_refine 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     models = parse_models(args.liver_model)
@@ -156,7 +160,8 @@ def main() -> int:
           f"{'on' if args.liver_refine else 'off'}; {args.threads} CPU threads")
     print("\n".join(table))
     if args.figure:
-        masks_figure(Path(args.figure), figure_rows, [rows[q.name]["spacing"] for q in patients],
+        masks_figure(Path(args.figure), figure_rows,
+                     [rows[q.name]["spacing"][0] / rows[q.name]["spacing"][1] for q in patients],
                      title="liver: the model's mask and the intensity-refined one against the truth")
         print(f"figure: {args.figure}")
     if args.record:

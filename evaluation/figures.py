@@ -100,24 +100,23 @@ def overlay_figure(
     return path
 
 
-def masks_figure(path: Path, rows: Sequence[tuple[str, np.ndarray, dict[str, np.ndarray], np.ndarray, int]],
-                 spacing_rows: Sequence[Sequence[float]], title: str = "") -> Path:
-    """Write a PNG comparing masks against one truth on chosen transverse slices: one row per
-    entry of ``rows`` = (row label, image (H, W, D) in [0, 1], {column label: mask (H, W, D)},
-    truth (H, W, D), slice index), each column the slice's TP / FP / FN of one mask;
-    ``spacing_rows`` (row, col, slice) mm per row sets the pixel aspect."""
-    if not rows or len(rows) != len(spacing_rows):
-        raise ValueError(f"one spacing per row, got {len(rows)} rows and {len(spacing_rows)} spacings")
+def masks_figure(path: Path, rows: Sequence[tuple[str, np.ndarray, dict[str, np.ndarray], np.ndarray]],
+                 aspects: Sequence[float], title: str = "") -> Path:
+    """Write a PNG comparing masks against one truth on one slice per row: each entry of ``rows`` =
+    (row label, image (H, W) in [0, 1], {column label: mask (H, W)}, truth (H, W)), each column the
+    slice's TP / FP / FN of one mask; ``aspects``: each row's pixel aspect (row / column spacing)."""
+    if not rows or len(rows) != len(aspects):
+        raise ValueError(f"one aspect per row, got {len(rows)} rows and {len(aspects)} aspects")
     ncol = max(len(r[2]) for r in rows)
     fig, axes = plt.subplots(len(rows), ncol, figsize=(3.6 * ncol, 3.6 * len(rows)), squeeze=False)
-    for i, ((label, image, masks, target, z), sp) in enumerate(zip(rows, spacing_rows)):
+    for i, ((label, image, masks, target), aspect) in enumerate(zip(rows, aspects)):
         for j, (name, mask) in enumerate(masks.items()):
-            if mask.shape != target.shape or image.shape != target.shape:
+            if mask.shape != target.shape or image.shape != target.shape or target.ndim != 2:
                 raise ValueError(f"{label} / {name}: image {image.shape}, mask {mask.shape} and truth "
-                                 f"{target.shape} must have one shape")
-            t, m = target[:, :, z].astype(bool), mask[:, :, z].astype(bool)
-            axes[i, j].imshow(error_rgb(image[:, :, z], m, t), aspect=sp[0] / sp[1], interpolation="nearest")
-            axes[i, j].set_title(f"{label}, slice {z}: {name}", fontsize=9)
+                                 f"{target.shape} must be slices (H, W) of one shape")
+            axes[i, j].imshow(error_rgb(image, mask.astype(bool), target.astype(bool)), aspect=aspect,
+                              interpolation="nearest")
+            axes[i, j].set_title(f"{label}: {name}", fontsize=9)
     _finish(fig, axes, title, path)
     return path
 

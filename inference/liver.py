@@ -176,7 +176,10 @@ def refine_by_intensity(liver: np.ndarray, prob: np.ndarray, hu: np.ndarray, spa
     - voxels outside the mask within ``grow_mm`` of it, with HU within ``grow_z`` deviations and a
       model probability of at least ``grow_prob``, are added (an edge the model placed too far in);
     - the largest 26-connected component is kept and holes are filled (:func:`fill_holes`), so
-      lesions and vessels inside the liver, whose HU differ from the parenchyma's, stay liver.
+      lesions and vessels enclosed by the liver (in 3-D or in their slice), whose HU differ from
+      the parenchyma's, stay liver; those that reach the surface within the band, the hilum's
+      vessels included, are removed with the neighbour organs (``bench/liver_bench.py`` reports
+      this cost: the refinement applied to the true liver mask).
 
     Without 1,000 reference voxels (a tiny or empty liver) the mask is returned unchanged. Work
     runs on the mask's bounding box widened by ``grow_mm``."""
@@ -184,8 +187,11 @@ def refine_by_intensity(liver: np.ndarray, prob: np.ndarray, hu: np.ndarray, spa
     if liver.ndim != 3 or liver.shape != np.shape(prob) or liver.shape != np.shape(hu) or len(spacing) != 3:
         raise ValueError(f"liver, prob and hu must be (H, W, D) of one shape with 3 spacings, got {liver.shape}, "
                          f"{np.shape(prob)}, {np.shape(hu)} and {tuple(spacing)}")
-    if min(band_mm, grow_mm, remove_z, grow_z) < 0:
-        raise ValueError("the refinement's band, growth and deviations must be >= 0")
+    values = {"band_mm": band_mm, "remove_z": remove_z, "grow_mm": grow_mm, "grow_z": grow_z, "grow_prob": grow_prob}
+    bad = {k: v for k, v in values.items() if not (np.isfinite(v) and v >= 0)}
+    if bad or grow_prob > 1:
+        raise ValueError(f"the refinement's settings must be finite and >= 0 (grow_prob at most 1), got "
+                         f"{bad or {'grow_prob': grow_prob}}")
     sp = [float(s) for s in spacing]
     box = bounding_box(liver, margin=[int(np.ceil(grow_mm / s)) + 1 for s in sp])
     if box is None:
@@ -244,7 +250,7 @@ def volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
     return float(np.count_nonzero(mask)) * float(np.prod([float(s) for s in spacing])) / 1000.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # array fields: no element-wise __eq__
 class LiverSegmentation:
     """:func:`segment_liver`'s result: ``mask`` the liver (bool (H, W, D)), ``model_mask`` the
     model's liver before the intensity refinement (the same array when there was none) and the

@@ -622,6 +622,9 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     if liver_seg is None and liver_margin_mm != DEFAULT_MARGIN_MM:
         log.warning("--liver_margin %g mm: no liver model runs (%s), so no margin applies", liver_margin_mm,
                     "--liver_mask is the region" if liver_mask is not None else "the whole scan is the region")
+    if liver_seg is None and not liver_refine:
+        log.warning("--liver_refine 0: no liver model runs (%s), so there is no liver mask to refine",
+                    "--liver_mask is used as given" if liver_mask is not None else "the whole scan is the region")
     trees = None
     if tree_model is not None:
         check_binary(tree_model, seg.path, seg.classes)

@@ -103,8 +103,9 @@ def test_refine_by_intensity_leaves_a_tiny_liver_and_refuses_bad_shapes():
     assert np.array_equal(refine_by_intensity(tiny, tiny.astype(np.float32), hu, (1, 1, 1)), tiny)
     with pytest.raises(ValueError, match="one shape"):
         refine_by_intensity(tiny, tiny[:-1].astype(np.float32), hu, (1, 1, 1))
-    with pytest.raises(ValueError, match=">= 0"):
-        refine_by_intensity(tiny, tiny.astype(np.float32), hu, (1, 1, 1), band_mm=-1.0)
+    for bad in ({"band_mm": -1.0}, {"grow_z": float("nan")}, {"grow_prob": 1.5}, {"grow_prob": -0.1}):
+        with pytest.raises(ValueError, match=">= 0"):
+            refine_by_intensity(tiny, tiny.astype(np.float32), hu, (1, 1, 1), **bad)
 
 
 def test_liver_from_probabilities_fills_vessels_and_drops_other_organs():
@@ -247,13 +248,17 @@ def test_predict_with_a_liver_model_writes_its_liver_and_keeps_vessels_near_it(p
     expected_warnings = liver_warnings(expected, data.spacing, case)
     assert expected_warnings and set(expected_warnings) <= set(stats["warnings"])
 
-    # other options are another output: recomputed; without the refinement the liver is the model's
-    # own mask, and with no margin no vessel lies outside it
+    # another option is another output, recomputed: --liver_refine alone, then the margin too;
+    # without the refinement the liver is the model's own mask, and with no margin no vessel lies
+    # outside it
     assert predict.main(["--model", str(phantom_case["model"]), "--input", str(pat), "--output", str(out),
-                         "--liver_model", str(lm), "--liver_margin", "0", "--liver_refine", "0",
+                         "--liver_model", str(lm), "--liver_margin", str(margin), "--liver_refine", "0",
                          "--device", "cpu"]) == 0
     liver0 = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_liver.nii.gz"))), (1, 2, 0))
     assert np.array_equal(liver0.astype(bool), unrefined)
+    assert predict.main(["--model", str(phantom_case["model"]), "--input", str(pat), "--output", str(out),
+                         "--liver_model", str(lm), "--liver_margin", "0", "--liver_refine", "0",
+                         "--device", "cpu"]) == 0
     v0 = np.transpose(sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_vessels.nii.gz"))), (1, 2, 0))
     assert v0.any() and not v0[~unrefined].any()
     assert json.loads((out / f"{case}_stats.json").read_text())["stats"]["liver"]["refined_by_intensity"] is False
@@ -348,13 +353,15 @@ def test_masks_figure_paints_each_mask_against_the_truth_on_the_slice_that_chang
     image = np.zeros(shape, np.float32)
     # blended at 0.6 over a black image: what a painted voxel looks like (the legend's colours are pure)
     painted = {k: 0.6 * np.asarray(v) for k, v in COLOURS.items()}
-    same = masks_figure(tmp_path / "same.png", [("p", image, {"a": truth, "b": truth}, truth, 4)], [(1.0, 1.0, 2.0)])
+    z = changed_slice(model, truth)
+    same = masks_figure(tmp_path / "same.png", [("p", image[:, :, z], {"a": truth[:, :, z], "b": truth[:, :, z]},
+                                                 truth[:, :, z])], [0.5])
     png = mpimg.imread(same)
     assert _has_colour(png, painted["TP"]) and not _has_colour(png, painted["FP"])
-    fp = masks_figure(tmp_path / "fp.png", [("p", image, {"model": model, "refined": truth}, truth,
-                                             changed_slice(model, truth))], [(1.0, 1.0, 2.0)])
+    fp = masks_figure(tmp_path / "fp.png", [("p", image[:, :, z], {"model": model[:, :, z], "refined": truth[:, :, z]},
+                                             truth[:, :, z])], [0.5])
     assert _has_colour(mpimg.imread(fp), painted["FP"]) and not _has_colour(mpimg.imread(fp), painted["FN"])
     with pytest.raises(ValueError, match="one shape"):
-        masks_figure(tmp_path / "bad.png", [("p", image, {"a": truth[:-1]}, truth, 0)], [(1.0, 1.0, 2.0)])
-    with pytest.raises(ValueError, match="one spacing per row"):
-        masks_figure(tmp_path / "bad.png", [("p", image, {"a": truth}, truth, 0)], [])
+        masks_figure(tmp_path / "bad.png", [("p", image[:, :, z], {"a": truth[:-1, :, z]}, truth[:, :, z])], [0.5])
+    with pytest.raises(ValueError, match="one aspect per row"):
+        masks_figure(tmp_path / "bad.png", [("p", image[:, :, z], {"a": truth[:, :, z]}, truth[:, :, z])], [])
