@@ -4,6 +4,7 @@
     python bench/predict_bench.py --repeats 3 --threads 2 --device cpu
     python bench/predict_bench.py --device cuda       # the GPU figure
     python bench/predict_bench.py --tree_model TREE.pth  # also label the trees (a "trees" stage)
+    python bench/predict_bench.py --liver_model LIVER.pth  # find the liver first (a "liver" stage)
 
 The scan: a ``full``-preset phantom patient (whole-abdomen field of view, 512 x 512) cut to
 120 slices and written as a DICOM series; and, when ``../shared/real/3Dircadb1.1`` exists,
@@ -102,20 +103,21 @@ def demo_model(out: Path, scan_hu_image: np.ndarray) -> tuple[Path, str]:
     return path, "demo settings (unet base 16, offline bank, img 192), random weights"
 
 
-def bench_stages(extras: bool, tree_model: Optional[Path]) -> tuple[str, ...]:
-    """The timed stages: predict.py's, then the optional ones (the tree model runs before the
-    statistics, the extras after the NIfTI write)."""
-    return STAGES + (("trees",) if tree_model is not None else ()) + (EXTRA_STAGES if extras else ())
+def bench_stages(extras: bool, tree_model: Optional[Path], liver_model: Optional[Path] = None) -> tuple[str, ...]:
+    """The timed stages: predict.py's, then the optional ones (the liver model runs before the
+    salience, the tree model before the statistics, the extras after the NIfTI write)."""
+    return (("liver",) if liver_model is not None else ()) + STAGES + (("trees",) if tree_model is not None else ()) \
+        + (EXTRA_STAGES if extras else ())
 
 
 def time_runs(model: Path, scan: Path, out: Path, repeats: int, device: str, extras: bool = False,
-              tree_model: Optional[Path] = None) -> dict[str, float]:
+              tree_model: Optional[Path] = None, liver_model: Optional[Path] = None) -> dict[str, float]:
     rows = []
-    stages = bench_stages(extras, tree_model)
+    stages = bench_stages(extras, tree_model, liver_model)
     for i in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         (res,) = run_predict(model, scan, out, device=device, overwrite=True, graph=extras, dicom_seg=extras,
-                             tree_model=tree_model)
+                             tree_model=tree_model, liver_model=liver_model)
         total, cpu = time.perf_counter() - t0, time.process_time() - c0
         row = {**{k: res.seconds.get(k, 0.0) for k in stages}, **{f"cpu_{k}": res.cpu_seconds.get(k, 0.0)
                                                                    for k in stages},
@@ -138,6 +140,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                           "--dicom_seg) and time them")
     p.add_argument("--tree_model", type=Path, default=None, metavar="FILE",
                    help="also label the vessels' trees with this tree model (train_tree_model.py) and time it")
+    p.add_argument("--liver_model", type=Path, default=None, metavar="FILE",
+                   help="find the liver first with this liver model (scripts/train_liver.sh; predict.py "
+                        "--liver_model, intensity refinement on) and time it")
     args = p.parse_args(argv)
     setup_logging()
     torch.set_num_threads(args.threads)
@@ -156,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name, scan in scans.items():
             log.info("%s: %d runs ...", name, args.repeats)
             results[name] = time_runs(model, scan, tmp / "out", args.repeats, args.device, args.extras,
-                                      args.tree_model)
+                                      args.tree_model, args.liver_model)
     load = os.getloadavg()
     print(f"\n# predict.py end to end, 512 x 512 x {args.depth} DICOM series, model: {what}")
     print(f"# machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, torch threads "
@@ -164,7 +169,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
           + f"; load average {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} at the end (shared machine when > threads)")
     print(f"# medians of {args.repeats} runs, seconds; total includes loading the model file\n")
-    stages = bench_stages(args.extras, args.tree_model)
+    stages = bench_stages(args.extras, args.tree_model, args.liver_model)
     head = "| scan | clock | " + " | ".join(stages) + " | total | vessel mL |"
     print(head)
     print("|---" * (head.count("|") - 1) + "|")
@@ -176,13 +181,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("\n# process CPU = CPU seconds of all threads; on an idle machine the wall time of a stage lies between "
           "CPU / threads (perfectly parallel) and CPU (serial)")
     if args.record:
+        from utils.provenance import file_sha256
         from utils.records import write_record
 
         path = write_record(args.record, {"stages": list(stages), "scans": results, "load_average": list(load)},
                             description="predict.py end to end: wall and process CPU seconds per stage",
                             inputs={"depth": args.depth, "repeats": args.repeats, "threads": args.threads,
                                     "device": args.device, "model": what,
-                                    "tree_model": None if args.tree_model is None else str(args.tree_model)})
+                                    "tree_model": None if args.tree_model is None else str(args.tree_model),
+                                    "liver_model": None if args.liver_model is None else str(args.liver_model),
+                                    "liver_model_sha256": None if args.liver_model is None
+                                    else file_sha256(args.liver_model)})
         print(f"record: {path}")
     return 0
 
