@@ -93,6 +93,10 @@ def test_refine_by_intensity_grows_an_edge_placed_too_far_in():
     assert out[small].all()
     got = (out & grown & liver).sum() / (grown & liver).sum()
     assert 0.93 < got <= 1.0  # about 95% of normal noise lies within 2 deviations, holes filled add some
+    # noise-free parenchyma (every liver voxel at the median): the ball grows back exactly, up to the
+    # bounding box's edge, which lies within the growth of the small ball
+    clean = np.where(liver, 100.0, -100.0).astype(np.float32)
+    assert np.array_equal(refine_by_intensity(small, prob, clean, REFINE_SPACING, band_mm=0.0), liver)
     # a probability under grow_prob adds nothing
     assert np.array_equal(refine_by_intensity(small, prob, hu, REFINE_SPACING, band_mm=0.0, grow_prob=0.5), small)
 
