@@ -169,7 +169,9 @@ def main() -> int:
                                           "liver_refine": bool(args.liver_refine), "table_markdown": table},
                             description=(
             "predict.py's automatic liver on real 3D-IRCADb patients, each with a liver model trained without "
-            "it: liver Dice and seconds; the vessel model's mask on the whole scan with no liver, the automatic "
+            "it: liver Dice (as predict.py gives it, after the intensity refinement unless --liver_refine 0; "
+            "of the model's own mask; and of the refinement applied to the true liver mask, its own cost) and "
+            "seconds; the vessel model's mask on the whole scan with no liver, the automatic "
             "liver (+ margin) and the true liver: share of vessel voxels within 10 mm of the true liver, vessel "
             "Dice inside the true liver, volume and pieces"),
             inputs={"model": str(args.model), "model_sha256": file_sha256(args.model),
