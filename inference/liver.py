@@ -197,7 +197,7 @@ def refine_by_intensity(liver: np.ndarray, prob: np.ndarray, hu: np.ndarray, spa
     if box is None:
         return liver.copy()
     mask, p, h = liver[box], np.asarray(prob[box], dtype=np.float32), np.asarray(hu[box], dtype=np.float32)
-    depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=sp)[1:-1, 1:-1, 1:-1]
+    depth = depth_mm(mask, sp)
     reference = h[(depth > REFINE_CORE_MM) & (p >= 0.9)]
     if reference.size < 1000:
         log.info("liver refinement skipped: %d reference voxels", reference.size)
@@ -206,8 +206,7 @@ def refine_by_intensity(liver: np.ndarray, prob: np.ndarray, hu: np.ndarray, spa
     sd = max(1.4826 * float(np.median(np.abs(reference - median))), 1.0)
     z = np.abs(h - median) / sd
     remove = mask & (depth <= band_mm) & (z > remove_z)
-    outside = ndimage.distance_transform_edt(~mask, sampling=sp)
-    grow = ~mask & (outside <= grow_mm) & (z <= grow_z) & (p >= np.float32(grow_prob))
+    grow = ~mask & near_liver(mask, sp, grow_mm) & (z <= grow_z) & (p >= np.float32(grow_prob))
     out = np.zeros_like(liver)
     out[box] = fill_holes(largest_component((mask & ~remove) | grow))
     log.info("liver refinement: parenchyma %.0f +- %.0f HU; %d voxels removed, %d added", median, sd,
@@ -220,11 +219,17 @@ def opening(mask: np.ndarray, spacing: Sequence[float], radius_mm: float) -> np.
     two Euclidean distance transforms (exact for a ball, and fast for radii of many voxels):
     the erosion keeps voxels farther than the radius from the background (outside the array is
     background), the dilation of that takes back every voxel within the radius of it."""
-    sp = [float(s) for s in spacing]
-    eroded = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=sp)[1:-1, 1:-1, 1:-1] > radius_mm
+    eroded = depth_mm(mask, spacing) > radius_mm
     if not eroded.any():
         return eroded
-    return ndimage.distance_transform_edt(~eroded, sampling=sp) <= radius_mm
+    return ndimage.distance_transform_edt(~eroded, sampling=[float(s) for s in spacing]) <= radius_mm
+
+
+def depth_mm(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """float (H, W, D): each voxel of ``mask`` (bool (H, W, D)) its Euclidean distance in mm
+    (spacing (row, col, slice)) to the nearest background voxel, outside the array counted as
+    background; 0 off the mask."""
+    return ndimage.distance_transform_edt(np.pad(mask, 1), sampling=[float(s) for s in spacing])[1:-1, 1:-1, 1:-1]
 
 
 def near_liver(liver: np.ndarray, spacing: Sequence[float], margin_mm: float) -> np.ndarray:
