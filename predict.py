@@ -3,7 +3,7 @@
     python predict.py --model FILE --input PATH --output DIR [--device auto]
                       [--liver_model FILE [--liver_margin 5] [--liver_refine 1] | --liver_mask FILE | --no_liver_model]
                       [--prob] [--mesh [stl|obj]] [--figures] [--graph] [--dicom_seg] [--tta] [--series UID]
-                      [--tree_model FILE] [--head FILE]
+                      [--tree_model FILE [--tree_smoothness 8]] [--head FILE]
                       [--batch_size 8] [--min_component_mm3 MM3] [--overwrite]
 
 PATH: a DICOM series folder, a zip of one (3D-IRCADb's PATIENT_DICOM.zip), a 3D-IRCADb patient
@@ -17,7 +17,8 @@ millimetres, ``--figures`` ``<case>_mip.png`` and ``<case>_3d.png``, ``--graph``
 intensity unless ``--liver_refine 0``; vessels farther than ``--liver_margin`` mm from it
 are removed; a model file with a liver model embedded by ``scripts/embed_liver.py`` does the same
 without ``--liver_model``, unless ``--no_liver_model``), ``--tree_model`` (with a binary model)
-``<case>_trees.nii.gz`` (1 portal vein, 2 hepatic veins) and, with ``--mesh``, a surface per tree.
+``<case>_trees.nii.gz`` (1 portal vein, 2 hepatic veins; its decision moved to where the mask
+is narrow by a minimum cut of weight ``--tree_smoothness``) and, with ``--mesh``, a surface per tree.
 The model file carries
 everything else (network, salience generator, HU window, resize rule, threshold, smallest component kept); ``--head``
 supplies the generator weights for checkpoints that do not embed them.
@@ -31,6 +32,7 @@ import sys
 from typing import Optional, Sequence
 
 from inference.liver import DEFAULT_MARGIN_MM
+from inference.trees import TREE_SMOOTHNESS
 from prediction.segment import MESH_FORMATS, run_predict
 from preprocessing.errors import PreprocessError
 from utils.logging_setup import setup_logging
@@ -60,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree_model", default=None, metavar="FILE",
                    help="a tree model (train_tree_model.py): label a binary model's vessels portal vein (1) or "
                         "hepatic veins (2): <case>_trees.nii.gz, a surface and statistics per tree")
+    p.add_argument("--tree_smoothness", type=float, default=TREE_SMOOTHNESS, metavar="W",
+                   help="with --tree_model: weight of the boundary between the trees in the minimum cut of its "
+                        "labels (inference.trees.cut_trees; 0: voxel by voxel; default %(default)s)")
     p.add_argument("--prob", action="store_true", help="also write the probability map")
     p.add_argument("--mesh", nargs="?", const="stl", choices=MESH_FORMATS, default=None,
                    help="also write the vessel surface (default stl)")
@@ -94,7 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               prob=args.prob, mesh=args.mesh, figures=args.figures,
                               graph=args.graph, dicom_seg=args.dicom_seg,
                               tta=args.tta, series=args.series, batch_size=args.batch_size, overwrite=args.overwrite,
-                              min_component_mm3=args.min_component_mm3, tree_model=args.tree_model)
+                              min_component_mm3=args.min_component_mm3, tree_model=args.tree_model,
+                              tree_smoothness=args.tree_smoothness)
     except (PreprocessError, FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", " ".join(str(e).split()) or type(e).__name__)
         return 1

@@ -3,7 +3,7 @@
     python test.py --dataset 3D-IRCADb --backbone unet [--exp NAME] [--salience MODE] [--model_path FILE] [--split test]
                    [--eval_roi liver|none] [--tta] [--overlap 0.5] [--img_size H W]
                    [--save_pred h5|nifti] [--figures] [--device auto] [--output DIR]
-                   [--min_component_mm3 MM3] [--tree_model FILE] [--overwrite]
+                   [--min_component_mm3 MM3] [--tree_model FILE [--tree_smoothness W]] [--overwrite]
 
 The model is rebuilt from its checkpoint alone (networks.checkpoint.load_model); by default
 the one ``best_model.pth`` under ``checkpoint/<dataset>/<backbone>/`` whose run matches
@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 from evaluation.predictions import PRED_FORMATS
 from evaluation.reports import console_table
 from evaluation.runner import ROI_CHOICES, run_evaluation
+from inference.trees import TREE_SMOOTHNESS
 from utils.cli import given_options
 from utils.logging_setup import setup_logging
 
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree_model", default=None, metavar="FILE",
                    help="a tree model (train_tree_model.py) that labels this binary model's mask with its trees: "
                         "every metric per tree and the share of found vessel voxels given the other tree")
+    p.add_argument("--tree_smoothness", type=float, default=TREE_SMOOTHNESS, metavar="W",
+                   help="with --tree_model: weight of the boundary between the trees in the minimum cut of its "
+                        "labels (inference.trees.cut_trees; 0: voxel by voxel; default %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass")
     p.add_argument("--output", default=None, help="report folder (default: eval_<split>... in the run folder)")
@@ -79,6 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--exp and --checkpoint_root choose a run folder; --model_path names the model file itself")
     if given_options(parser, args, ("pred_kind",)) and not args.save_pred:
         parser.error("--pred_kind says what --save_pred writes; give --save_pred")
+    if given_options(parser, args, ("tree_smoothness",)) and not args.tree_model:
+        parser.error("--tree_smoothness cuts a tree model's labels; give --tree_model")
     setup_logging()
     try:
         res = run_evaluation(
@@ -89,6 +95,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             save_pred=args.save_pred, pred_kind=args.pred_kind, figures=args.figures, device=args.device,
             batch_size=args.batch_size, output=args.output, overwrite=args.overwrite,
             min_component_mm3=args.min_component_mm3, graph=args.graph, tree_model=args.tree_model,
+            tree_smoothness=args.tree_smoothness,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         log.error("%s", str(e).splitlines()[0] if str(e) else type(e).__name__)

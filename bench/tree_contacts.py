@@ -16,7 +16,8 @@ annotated masks (not only inside the liver). Per patient (:func:`tree_contacts`)
 * with ``--tree_model FILE`` (``scripts/train_tree_model.sh``): the share of the union's voxels
   that the tree model puts in the wrong tree when it is given the *true* union, not a binary
   model's mask: its own error, before any mask errs (its image is the scan in the HU window of
-  ``preprocess.py``).
+  ``preprocess.py``); voxel by voxel and after the minimum cut that ``predict.py`` applies
+  (``inference.trees.cut_trees``, its default smoothness).
 
 The phantoms are ``--phantoms`` demo-preset patients made with ``--seed`` (default: the 10
 held-out phantoms of ``tree_scores_phantom10``, seed 300) in a temporary folder; the real
@@ -38,6 +39,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.salience_quality import REAL_PATIENTS, REAL_ROOT  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
+from inference.trees import TREE_SMOOTHNESS, cut_trees  # noqa: E402
 from utils.h5io import apply_hu_window  # noqa: E402
 from utils.logging_setup import setup_logging  # noqa: E402
 
@@ -46,7 +48,8 @@ _CUBE = np.ones((3, 3, 3), dtype=bool)
 log = logging.getLogger("bench")
 
 
-def tree_contacts(classes: np.ndarray, labels: Optional[np.ndarray] = None) -> dict[str, float]:
+def tree_contacts(classes: np.ndarray, labels: Optional[np.ndarray] = None,
+                  cut_labels: Optional[np.ndarray] = None) -> dict[str, float]:
     """Connectivity of two trees in a class map (H, W, D) (0 background, 1 and 2 the trees).
 
     Returns: ``portal_voxels``, ``hepatic_voxels``; ``portal_pieces``, ``hepatic_pieces``,
@@ -55,13 +58,15 @@ def tree_contacts(classes: np.ndarray, labels: Optional[np.ndarray] = None) -> d
     piece is given its majority tree; ``contact_voxels``: voxels of either tree 26-adjacent to
     a voxel of the other; ``contact_places``: 26-connected groups of contact voxels. With
     ``labels`` (a method's label map of the true union, same shape): ``tree_model_wrong``, the
-    share of the union's voxels it labels otherwise than the truth.
+    share of the union's voxels it labels otherwise than the truth; likewise ``cut_labels``:
+    ``tree_model_cut_wrong``.
     """
     classes = np.asarray(classes)
     if classes.ndim != 3:
         raise ValueError(f"a class map must be (H, W, D), got shape {classes.shape}")
-    if labels is not None and np.shape(labels) != classes.shape:
-        raise ValueError(f"labels {np.shape(labels)} and class map {classes.shape} differ in shape")
+    for lab in (labels, cut_labels):
+        if lab is not None and np.shape(lab) != classes.shape:
+            raise ValueError(f"labels {np.shape(lab)} and class map {classes.shape} differ in shape")
     if not set(np.unique(classes).tolist()) <= {0, 1, 2}:
         raise ValueError(f"a class map holds 0, 1 and 2 only, got values {np.unique(classes)[:8].tolist()}")
     portal, hepatic = classes == 1, classes == 2
@@ -80,28 +85,33 @@ def tree_contacts(classes: np.ndarray, labels: Optional[np.ndarray] = None) -> d
            "mixed_pieces": int(np.count_nonzero((per_portal > 0) & (per_hepatic > 0))),
            "piece_rule_wrong": float(np.minimum(per_portal, per_hepatic).sum() / n) if n else float("nan"),
            "contact_voxels": int(contact.sum()), "contact_places": int(n_places)}
-    if labels is not None:
-        out["tree_model_wrong"] = float(((np.asarray(labels) != classes) & union).sum() / n) if n else float("nan")
+    for key, lab in (("tree_model_wrong", labels), ("tree_model_cut_wrong", cut_labels)):
+        if lab is not None:
+            out[key] = float(((np.asarray(lab) != classes) & union).sum() / n) if n else float("nan")
     return out
 
 
 def patient_contacts(patient_dir: Path, tree_model: Any = None) -> dict[str, float]:
     """:func:`tree_contacts` of a 3D-IRCADb-style patient folder (or one of its zips); with
-    ``tree_model`` (:class:`inference.tree_model.TreeModel`) also its labels of the true union."""
+    ``tree_model`` (:class:`inference.tree_model.TreeModel`) also its labels of the true union,
+    voxel by voxel and cut (:func:`inference.trees.cut_trees`)."""
     data = read_dicom_patient(patient_dir, CLASSES, classes=CLASSES)
     if data.classes is None:
         raise ValueError(f"{patient_dir}: no vessel masks to make a class map of")
-    labels = None
-    if tree_model is not None:
-        labels = tree_model.classify(apply_hu_window(data.hu), data.classes > 0, data.spacing)
-    return tree_contacts(data.classes, labels)
+    if tree_model is None:
+        return tree_contacts(data.classes)
+    union = data.classes > 0
+    logit = tree_model.hepatic_minus_portal(apply_hu_window(data.hu), union, data.spacing)
+    return tree_contacts(data.classes, cut_trees(union, logit, data.spacing, 0.0),
+                         cut_trees(union, logit, data.spacing, TREE_SMOOTHNESS))
 
 
 COLUMNS = (("portal_pieces", "portal pieces", "d"), ("hepatic_pieces", "hepatic pieces", "d"),
            ("union_pieces", "union pieces", "d"), ("mixed_pieces", "pieces holding both", "d"),
            ("contact_places", "places where they touch", "d"), ("contact_voxels", "contact voxels", "d"),
            ("piece_rule_wrong", "wrong tree, one label per piece", "%"),
-           ("tree_model_wrong", "wrong tree, the tree model on the true union", "%"))
+           ("tree_model_wrong", "wrong tree, the tree model on the true union", "%"),
+           ("tree_model_cut_wrong", "the same, cut", "%"))
 
 
 def table(rows: dict[str, dict]) -> list[str]:
@@ -166,7 +176,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         path = write_record(a.record, {"patients": rows, "table_markdown": lines}, description=(
             f"where the true portal and hepatic trees touch (whole annotated masks, 26-connectivity): pieces, "
             f"contact places and the wrong-tree share of one label per connected piece"
-            + ("" if tree_model is None else " and of the tree model given the true union")
+            + ("" if tree_model is None else " and of the tree model given the true union (voxel by voxel and cut "
+                                              f"with smoothness {TREE_SMOOTHNESS:g})")
             + f"; {a.phantoms} demo phantoms of seed {a.seed} and real 3D-IRCADb patients"),
             inputs={"phantoms": a.phantoms, "seed": a.seed, "preset": "demo", "real": real,
                     **({} if tree_model is None else {"tree_model": str(a.tree_model),

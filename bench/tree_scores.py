@@ -10,8 +10,10 @@ cases, e.g. each direction of a two-patient cross test; each two-tree row then f
 its binary model, "binary (<cases>)", which rows on the same cases share. Per row: the
 union's Dice and clDice, each tree's Dice, and the share of found vessel voxels given the other
 tree, voxel by voxel (``wrong_tree_share_voxelwise``) and as written (``wrong_tree_share``, what
-predict.py writes: after the one-tree-per-piece step for a two-tree model; a tree model's labels
-are written as they are, so its two columns agree). Means over the report's cases. Prints a Markdown
+predict.py writes: after the one-tree-per-piece step for a two-tree model, after the minimum cut
+of ``--tree_smoothness`` for a tree model; reports made before the cut, commit ``b133667`` and
+earlier, wrote a tree model's labels as they were, so its two columns agree there). Means over the
+report's cases. Prints a Markdown
 table; ``--record NAME`` writes ``results/NAME.json`` (utils.records).
 """
 from __future__ import annotations

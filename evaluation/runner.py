@@ -28,6 +28,7 @@ from evaluation.reports import (
     write_summary_json,
 )
 from inference.predictor import Predictor, spacing_warning
+from inference.trees import TREE_SMOOTHNESS, cut_trees
 from utils import provenance
 from utils.atomic import atomic_dir
 from utils.h5io import DatasetPaths, read_list, read_volume, salience_made_by
@@ -166,6 +167,8 @@ class _Evaluation:
     class_values: Optional[list[int]] = None
     #: a tree model (inference.tree_model) that labels a binary model's mask with its trees
     trees: Optional["TreeModel"] = None
+    #: the tree model's minimum cut (inference.trees.cut_trees; 0: voxel by voxel)
+    tree_smoothness: float = 0.0
 
     @property
     def classes(self) -> list[str]:
@@ -237,9 +240,10 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
                 cases: Sequence[str],
                 img_size: Optional[Sequence[int]], device: str, overlap: float, tta: bool, batch_size: int,
                 eval_roi: str, min_component_mm3: Optional[float], model_sha256: str,
-                tree_model: Optional[Path] = None) -> _Evaluation:
+                tree_model: Optional[Path] = None, tree_smoothness: float = 0.0) -> _Evaluation:
     """The model file as a :class:`Predictor` (its offline maps are the stored ones), checked
-    against the options and the data; ``tree_model``: a tree model file for a binary model."""
+    against the options and the data; ``tree_model``: a tree model file for a binary model, its
+    labels cut with ``tree_smoothness``."""
     from networks.checkpoint import check_compatible  # the metrics and reports work without torch models
 
     pred = Predictor.from_checkpoint(model_path, device, min_component_mm3=min_component_mm3, img_size=img_size,
@@ -265,7 +269,7 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
             # the class map of the data the model learnt from (its manifest), else of the test data
             doc = (ckpt.get("manifests") or {}).get("dataset") or read_stage(paths, with_salience=False)["dataset"]
         values = class_values(pred.classes or trees.classes, doc, dataset_manifest_path(paths))
-    return _Evaluation(paths, pred, overlap, tta, batch_size, eval_roi, values, trees)
+    return _Evaluation(paths, pred, overlap, tta, batch_size, eval_roi, values, trees, tree_smoothness)
 
 
 def tree_keys(classes: Sequence[str]) -> list[str]:
@@ -314,8 +318,12 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
             labels = consistent_trees(voxelwise)
         else:
             # a tree model decides in 3-D already; the one-tree-per-piece step, made for slice-by-slice
-            # decisions, would hand its largest part of a piece where both trees touch to one tree
-            voxelwise = labels = ev.trees.classify(vol.image, pr.mask(prob, vol.spacing, roi), vol.spacing)
+            # decisions, would hand its largest part of a piece where both trees touch to one tree.
+            # Its logit once: the voxel-by-voxel labels and those of the minimum cut (as written)
+            union = pr.mask(prob, vol.spacing, roi).astype(bool)
+            logit = ev.trees.hepatic_minus_portal(vol.image, union, vol.spacing)
+            voxelwise = cut_trees(union, logit, vol.spacing, 0.0)
+            labels = cut_trees(union, logit, vol.spacing, ev.tree_smoothness)
         pred, truth = labels > 0, true_labels > 0
         tree_row = {f"{c}_{key}": value for k, c in enumerate(ev.classes)
                     for key, value in evaluate_case(labels == k + 1, true_labels == k + 1, vol.spacing, roi).items()}
@@ -392,7 +400,8 @@ def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys:
         "n_empty_true": int(sum(r["empty_true"] for r in rows)),
         "overlap": ev.overlap, "tta": ev.tta, "threshold": pr.threshold,
         "min_component_mm3": pr.min_component_mm3, "eval_roi": ev.eval_roi, "device": pr.device,
-        "tree_model": None if ev.trees is None else {"path": ev.trees.path, "sha256": ev.trees.sha256},
+        "tree_model": None if ev.trees is None else {"path": ev.trees.path, "sha256": ev.trees.sha256,
+                                                     "smoothness": ev.tree_smoothness},
         "created": record["created"], "code_version": record["code_version"], "provenance": record,
         "outputs": extras,
         "conventions": "NaN (null in JSON) where a metric is undefined (empty mask / empty bin); "
@@ -435,6 +444,7 @@ def run_evaluation(
     min_component_mm3: Optional[float] = None,
     graph: bool = False,
     tree_model: Optional[str | Path] = None,
+    tree_smoothness: float = TREE_SMOOTHNESS,
 ) -> EvalResult:
     """Predict and score every case of ``split``; write the report folder; return rows and summary.
 
@@ -442,7 +452,9 @@ def run_evaluation(
     ``graph``: also the branch graphs of prediction and truth (``graphs/*.graphml``) and the graph
     scores (``evaluation.graph.GRAPH_KEYS``) per case. ``tree_model``: a tree model file
     (``train_tree_model.py``) that labels the binary model's mask with its trees, scored per tree
-    as a model of classes is.
+    as a model of classes is; its labels are the minimum cut of its logit with ``tree_smoothness``
+    (:func:`inference.trees.cut_trees`), and ``wrong_tree_share_voxelwise`` scores its sign voxel
+    by voxel.
 
     Raises FileNotFoundError / ValueError with a one-line message naming the file on bad input;
     nothing is written then. An existing complete report is returned unchanged when it was made by the
@@ -450,6 +462,8 @@ def run_evaluation(
     summary.json, :mod:`utils.provenance`); otherwise, or with ``overwrite``, it is computed again.
     """
     _check_options(eval_roi, save_pred, pred_kind, img_size)
+    if not np.isfinite(tree_smoothness) or tree_smoothness < 0:
+        raise ValueError(f"--tree_smoothness must be a number >= 0, got {tree_smoothness}")
     paths = DatasetPaths.of(root_path, dataset, list_dir)
     cases = read_list(paths.list_file(f"vol_{split}"))
     if not cases:
@@ -465,7 +479,8 @@ def run_evaluation(
         "dataset": dataset, "split": split, "cases": list(cases), "eval_roi": eval_roi, "tta": tta,
         "overlap": overlap, "img_size": None if img_size is None else list(img_size),
         "min_component_mm3": min_component_mm3, "data": data_fingerprint(paths, cases),
-        "tree_model": None if tree_model is None else provenance.file_sha256(tree_model)})
+        "tree_model": None if tree_model is None else provenance.file_sha256(tree_model),
+        "tree_smoothness": None if tree_model is None else float(tree_smoothness)})
     extras = {"save_pred": save_pred, "pred_kind": pred_kind if save_pred else None, "figures": figures,
               "graph": graph}
     existing = _existing_report(out_dir, overwrite, wanted, extras)
@@ -473,7 +488,8 @@ def run_evaluation(
         return existing
 
     ev = _load_model(model_path, backbone, salience, paths, cases, img_size, device, overlap, tta, batch_size, eval_roi,
-                     min_component_mm3, model_sha256, None if tree_model is None else Path(tree_model))
+                     min_component_mm3, model_sha256, None if tree_model is None else Path(tree_model),
+                     float(tree_smoothness))
     log.info("model %s (%d-D, salience %s, epoch %s) from %s; %d %s cases; roi %s; tta %s",
              ev.ckpt["model_name"], ev.predictor.spatial_dims, ev.predictor.salience_mode, ev.ckpt.get("epoch"), model_path, len(cases), split,
              eval_roi, tta)

@@ -10,11 +10,14 @@ A tree model instead sees the whole vessel mask of a scan at once, coarsely:
   resampled to ``grid_mm`` millimetres per voxel (linear: the mask becomes a vessel fraction) on
   the mask's bounding box widened by ``context_mm``;
 - a small 3-D U-Net (the registry's ``unet3d``) with two outputs, the portal and the hepatic logit;
-- on the full grid: the difference of the two logits, resampled back (linear), decides each
-  voxel of the mask (> 0: hepatic). The labels are used as they are: the one-tree-per-piece step
-  of :func:`inference.trees.consistent_trees`, made for a 2-D model's slice-by-slice decisions,
-  hands whole parts of a tree to the other where both trees touch in one connected piece, as
-  they do in a predicted mask.
+- on the full grid: the difference of the two logits, resampled back (linear), decides the
+  voxels of the mask (> 0: hepatic), through a minimum cut (:func:`inference.trees.cut_trees`):
+  the coarse grid smears the decision across the places where the two trees touch, and the cut
+  moves the boundary to where the mask is narrow, so a stretch of vessel takes one tree
+  (``smoothness`` 0: voxel by voxel). The one-tree-per-piece step of
+  :func:`inference.trees.consistent_trees`, made for a 2-D model's slice-by-slice decisions, is
+  not used: it hands whole parts of a tree to the other where both trees touch in one connected
+  piece, as they do in a predicted mask.
 
 Training (:func:`train_tree_model`) uses the true union as the mask and a loss only where there
 are vessels: binary cross-entropy of the logit difference against each coarse voxel's hepatic
@@ -38,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
+from inference.trees import TREE_SMOOTHNESS, cut_trees
 from networks.registry import build_model
 from utils.atomic import atomic_path
 from utils.boxes import bounding_box
@@ -179,11 +183,13 @@ class TreeModel:
         out[box] = full[:sub.shape[0], :sub.shape[1], :sub.shape[2]]
         return out
 
-    def classify(self, image: np.ndarray, union: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-        """Label map uint8 (H, W, D) of the vessel mask ``union``: 1 portal, 2 hepatic, 0 elsewhere."""
+    def classify(self, image: np.ndarray, union: np.ndarray, spacing: Sequence[float],
+                 smoothness: float = TREE_SMOOTHNESS) -> np.ndarray:
+        """Label map uint8 (H, W, D) of the vessel mask ``union``: 1 portal, 2 hepatic, 0 elsewhere;
+        the logit's minimum cut with ``smoothness`` (:func:`inference.trees.cut_trees`; 0: its sign
+        voxel by voxel)."""
         union = np.asarray(union, dtype=bool)
-        diff = self.hepatic_minus_portal(image, union, spacing)
-        return np.where(union, np.where(diff > 0, 2, 1), 0).astype(np.uint8)
+        return cut_trees(union, self.hepatic_minus_portal(image, union, spacing), spacing, smoothness)
 
 
 def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, max_shift: int) -> tuple[np.ndarray, np.ndarray]:

@@ -50,6 +50,7 @@ from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_mod
 from inference.predictor import Predictor, spacing_warning
 from inference.scans import CaseSource, Geometry, find_cases, read_mask, read_scan, to_image, write_nifti
 from inference.tree_model import TreeModel, check_binary, load_tree_model
+from inference.trees import TREE_SMOOTHNESS
 from preprocessing.errors import PreprocessError
 from utils import provenance
 from utils.h5io import apply_hu_window
@@ -407,7 +408,7 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
                  liver_refine: bool = True, prob: bool = False, mesh: Optional[str] = None, figures: bool = False, graph: bool = False,
                  dicom_seg: bool = False, tta: bool = False,
                  series: Optional[str] = None, batch_size: int = 8, overwrite: bool = False,
-                 tree_model: Optional[TreeModel] = None) -> CaseResult:
+                 tree_model: Optional[TreeModel] = None, tree_smoothness: float = TREE_SMOOTHNESS) -> CaseResult:
     """Read, predict and write one scan; all its outputs appear together or not at all.
 
     Outputs already in ``out_dir`` are kept only when their ``<case>_stats.json`` records the same
@@ -421,7 +422,8 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     With neither, the whole scan.
 
     ``tree_model`` (:mod:`inference.tree_model`, for a binary ``seg``: :func:`run_predict` checks that
-    once, before loading it): labels the vessel mask with its trees, as a model of classes does.
+    once, before loading it): labels the vessel mask with its trees, as a model of classes does; its
+    labels are the minimum cut of its logit with ``tree_smoothness`` (:func:`inference.trees.cut_trees`).
     """
     if mesh is not None and mesh not in MESH_FORMATS:
         raise ValueError(f"--mesh must be one of {MESH_FORMATS}, got {mesh!r}")
@@ -436,6 +438,7 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         "liver_margin_mm": float(liver_margin_mm) if use_liver_model else None,
         "liver_refine": bool(liver_refine) if use_liver_model else None,
         "tree_model": tree_model.sha256 if tree_model is not None else None,
+        "tree_smoothness": float(tree_smoothness) if tree_model is not None else None,
         "min_component_mm3": seg.min_component_mm3,
         "generator_sha256": None if seg.generator is None else seg.generator.weights_sha256})
     if not overwrite and all((out_dir / n).is_file() for n in names):
@@ -476,8 +479,8 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     pred = seg.predict_scan(hu, spacing, region, name=src.name, tta=tta, batch_size=batch_size, clock=clock)
     log.info("%s: salience %.1f s, inference %.1f s", src.name, clock.wall.get("salience", 0.0), clock.wall["inference"])
     if tree_model is not None:
-        # as decided, without the one-tree-per-piece step (inference.tree_model says why)
-        pred = replace(pred, labels=tree_model.classify(apply_hu_window(hu), pred.mask, spacing))
+        # its minimum cut, not the one-tree-per-piece step (inference.tree_model says why)
+        pred = replace(pred, labels=tree_model.classify(apply_hu_window(hu), pred.mask, spacing, tree_smoothness))
         log.info("%s: tree model %.1f s", src.name, clock.lap("trees"))
     if not view.identity:
         pred = replace(pred, prob=view.back(pred.prob), mask=view.back(pred.mask),
@@ -553,6 +556,7 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
             "liver_model": liver_model.describe() if use_liver_model else None,
             "tree_model": None if tree_model is None else {"path": tree_model.path, "sha256": tree_model.sha256,
                                                            "classes": tree_model.classes,
+                                                           "smoothness": float(tree_smoothness),
                                                            "trained_on": tree_model.info.get("cases")},
             "crop_hwd": list(pred.crop), "tta": tta, "device": seg.device, "warnings": warnings, "stats": stats,
             # how the models saw the scan: None when stored in LPS order, else the stored axis each
@@ -580,7 +584,8 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
                 series: Optional[str] = None,
                 batch_size: int = 8, overwrite: bool = False,
                 min_component_mm3: Optional[float] = None,
-                tree_model: Optional[str | os.PathLike] = None) -> list[CaseResult]:
+                tree_model: Optional[str | os.PathLike] = None,
+                tree_smoothness: float = TREE_SMOOTHNESS) -> list[CaseResult]:
     """Segment every scan under ``input_path`` with ``model``; one result per case.
 
     ``min_component_mm3``: drop predicted components under this volume (mm^3); None: the
@@ -590,7 +595,8 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     surface corrected by intensity); without one, the liver
     model embedded in ``model`` (``scripts/embed_liver.py``) is used unless ``use_embedded_liver``
     is False. ``tree_model``: a tree model file (``train_tree_model.py``) that labels a binary
-    model's vessels with their trees (a label map, a surface and statistics per tree).
+    model's vessels with their trees (a label map, a surface and statistics per tree), cut with
+    ``tree_smoothness`` (:func:`inference.trees.cut_trees`).
 
     Bad model files and inputs raise ValueError / FileNotFoundError before anything is written.
     With several scans, one that fails is reported (status "failed", a one-line message) and
@@ -606,6 +612,8 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
         raise ValueError(f"{input_path}: --liver_mask needs a single scan, found {len(cases)}")
     if liver_margin_mm < 0:
         raise ValueError(f"--liver_margin must be >= 0 mm, got {liver_margin_mm}")
+    if not np.isfinite(tree_smoothness) or tree_smoothness < 0:
+        raise ValueError(f"--tree_smoothness must be a number >= 0, got {tree_smoothness}")
     seg = Predictor.from_checkpoint(model, device, head, min_component_mm3)
     if model_target(seg.ckpt) == "liver":
         raise ValueError(f"{seg.path}: this is a liver model; pass it as --liver_model and a vessel model as --model")
@@ -625,6 +633,8 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     if liver_seg is None and not liver_refine:
         log.warning("--liver_refine 0: no liver model runs (%s), so there is no liver mask to refine",
                     "--liver_mask is used as given" if liver_mask is not None else "the whole scan is the region")
+    if tree_model is None and tree_smoothness != TREE_SMOOTHNESS:
+        log.warning("--tree_smoothness %g: no tree model (--tree_model), so no tree labels to cut", tree_smoothness)
     trees = None
     if tree_model is not None:
         check_binary(tree_model, seg.path, seg.classes)
@@ -638,7 +648,7 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     kw = dict(liver_mask=liver_mask, liver_model=liver_seg, liver_margin_mm=liver_margin_mm,
               liver_refine=liver_refine, prob=prob, mesh=mesh,
               figures=figures, graph=graph, dicom_seg=dicom_seg, tta=tta, series=series, batch_size=batch_size,
-              overwrite=overwrite, tree_model=trees)
+              overwrite=overwrite, tree_model=trees, tree_smoothness=tree_smoothness)
     if len(cases) == 1:
         return [segment_case(seg, cases[0], out_dir, **kw)]
     results = []

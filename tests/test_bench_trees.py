@@ -115,14 +115,15 @@ def test_tree_contacts_scores_a_method_given_the_true_union():
 def test_patient_contacts_gives_the_tree_model_the_windowed_scan_and_the_true_union(tree_data):
     seen = {}
 
-    class AllHepatic:  # a stand-in tree model whose answer is known
-        def classify(self, image, union, spacing):
+    class AllHepatic:  # a stand-in tree model whose answer is known: hepatic everywhere, surely
+        def hepatic_minus_portal(self, image, union, spacing):
             seen.update(lo=float(image.min()), hi=float(image.max()), n=int(union.sum()), spacing=tuple(spacing))
-            return np.where(union, 2, 0).astype(np.uint8)
+            return np.where(union, 20.0, 0.0)
 
     patient = sorted((tree_data / "raw").glob("3Dircadb1.*"))[0]
     r = patient_contacts(patient, AllHepatic())
     n = r["portal_voxels"] + r["hepatic_voxels"]
     assert seen["n"] == n > 0 and 0.0 <= seen["lo"] < seen["hi"] <= 1.0 and len(seen["spacing"]) == 3
     assert r["tree_model_wrong"] == pytest.approx(r["portal_voxels"] / n)
+    assert r["tree_model_cut_wrong"] == pytest.approx(r["portal_voxels"] / n)  # the cut keeps a sure answer
     assert "tree_model_wrong" not in patient_contacts(patient)

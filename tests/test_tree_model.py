@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,8 @@ import torch.nn.functional as F
 
 from inference.tree_model import (TreeCase, TreeModelConfig, coarse, coarse_inputs, load_tree_model, save_tree_model,
                                   train_tree_model, tree_loss)
+from inference.trees import TREE_SMOOTHNESS, cut_trees
+from utils.h5io import DatasetPaths, read_volume
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,11 +137,10 @@ def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(t
     binary = everywhere_model(tmp_path / "everywhere.pth")
     tree, _ = train_tree_model([two_tree_case(0)], TreeModelConfig(iterations=2, **TINY), progress=False)
     tree_file = save_tree_model(tmp_path / "tree.pth", tree, {"cases": ["case0"]})
-    res = run_evaluation(dataset="phantom", root_path=tree_data / "data", list_dir=tree_data / "list",
-                         model_path=binary, device="cpu", output=tmp_path / "eval", tree_model=tree_file,
-                         min_component_mm3=0)
-    plain = run_evaluation(dataset="phantom", root_path=tree_data / "data", list_dir=tree_data / "list",
-                           model_path=binary, device="cpu", output=tmp_path / "eval_plain", min_component_mm3=0)
+    data = dict(dataset="phantom", root_path=tree_data / "data", list_dir=tree_data / "list", model_path=binary,
+                device="cpu", min_component_mm3=0)
+    res = run_evaluation(**data, output=tmp_path / "eval", tree_model=tree_file, tree_smoothness=0.0)
+    plain = run_evaluation(**data, output=tmp_path / "eval_plain")
     row, ref = res.rows[0], plain.rows[0]
     # the union is the binary model's mask, scored as before; the trees split it
     assert row["dice"] == pytest.approx(ref["dice"]) and row["voxels_pred"] == ref["voxels_pred"]
@@ -147,6 +149,23 @@ def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(t
     assert 0.0 <= row["wrong_tree_share"] <= 1.0 and row["wrong_tree_share"] == row["wrong_tree_share_voxelwise"]
     meta = json.loads((tmp_path / "eval" / "summary.json").read_text())["meta"]
     assert meta["tree_model"]["sha256"] == load_tree_model(tree_file).sha256
+    assert meta["tree_model"]["smoothness"] == 0.0
+
+    # the default: the labels written are the minimum cut of the tree model's logit on the binary mask,
+    # and the voxel-by-voxel share is that of smoothness 0
+    cut = run_evaluation(**data, output=tmp_path / "eval_cut", tree_model=tree_file, save_pred="h5", pred_kind="mask")
+    assert cut.rows[0]["wrong_tree_share_voxelwise"] == row["wrong_tree_share"]
+    case = cut.rows[0]["case"]
+    vol = read_volume(DatasetPaths.of(tree_data / "data", "phantom", tree_data / "list").volume(case))
+    with h5py.File(tmp_path / "eval_cut" / "predictions" / f"{case}_pred.h5", "r") as f:
+        written = f["mask"][:]
+    model = load_tree_model(tree_file)
+    union = written > 0
+    assert union.sum() == row["voxels_pred"]
+    expected = cut_trees(union, model.hepatic_minus_portal(vol.image, union, vol.spacing), vol.spacing,
+                         TREE_SMOOTHNESS)
+    assert np.array_equal(written, expected)
+    assert cut.rows[0]["portal_voxels_pred"] == (expected == 1).sum()
 
     out = tmp_path / "out"
     rc = predict.main(["--model", str(binary), "--input", str(tree_data / "raw" / "3Dircadb1.1"), "--output", str(out),
@@ -160,7 +179,14 @@ def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(t
         assert (out / f"{case}{name}").is_file()
     stats = json.loads((out / f"{case}_stats.json").read_text())
     assert stats["tree_model"]["sha256"] == load_tree_model(tree_file).sha256
+    assert stats["tree_model"]["smoothness"] == TREE_SMOOTHNESS
     assert stats["stats"]["trees_label_values"] == {"portal": 1, "hepatic": 2}
+    # another smoothness is another result: the outputs are made again, not kept
+    rc = predict.main(["--model", str(binary), "--input", str(tree_data / "raw" / "3Dircadb1.1"), "--output", str(out),
+                       "--device", "cpu", "--mesh", "--tree_model", str(tree_file), "--min_component_mm3", "0",
+                       "--tree_smoothness", "0"])
+    assert rc == 0
+    assert json.loads((out / f"{case}_stats.json").read_text())["tree_model"]["smoothness"] == 0.0
 
 
 def test_a_tree_model_with_a_model_of_classes_is_refused_in_one_line(tree_data, tmp_path, capsys):

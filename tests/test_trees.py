@@ -8,7 +8,7 @@ import torch
 from dataloaders.datasets import SliceDataSet, label_target
 from dataloaders.transforms import rot_flip
 from inference.predictor import Predictor
-from inference.trees import consistent_trees, tree_labels
+from inference.trees import TREE_SMOOTHNESS, consistent_trees, cut_trees, tree_labels
 from trainer import TrainConfig, train
 from utils.h5io import DatasetPaths, read_volume
 from utils.manifests import class_values
@@ -60,6 +60,70 @@ def test_consistent_trees_fix_stretches_given_the_other_tree_and_keep_touching_t
     noisy[t & (np.arange(40) >= 33) & (np.arange(40) < 35)] = 1  # portal inside the hepatic stretch
     assert np.array_equal(consistent_trees(noisy), joined)
     assert np.array_equal(consistent_trees(noisy) > 0, noisy > 0)  # the union never changes
+
+
+def two_touching_tubes() -> tuple[np.ndarray, np.ndarray]:
+    """A portal tube along rows (column 12, slices 1-5) and a hepatic tube along columns (row 20,
+    slices 6-10), radius 2 voxels, crossing one above the other: they touch only where they cross,
+    through 26-neighbours between slices 5 and 6. Returns the true label map and a tree-model-like
+    logit: -3 on the portal tube, +3 on the hepatic one, but +1 on the portal tube within 6 rows of
+    the crossing (a 3 mm grid smears the hepatic tube's decision over its neighbour)."""
+    r, c, z = np.meshgrid(np.arange(40), np.arange(40), np.arange(12), indexing="ij")
+    portal = (c - 12) ** 2 + (z - 3) ** 2 <= 4
+    hepatic = (r - 20) ** 2 + (z - 8) ** 2 <= 4
+    truth = np.where(portal, 1, np.where(hepatic, 2, 0)).astype(np.uint8)
+    logit = np.where(portal, -3.0, 3.0)
+    logit[portal & (np.abs(r - 20) <= 6)] = 1.0
+    return truth, logit
+
+
+def test_cut_trees_moves_a_smeared_decision_to_where_the_tubes_touch():
+    truth, logit = two_touching_tubes()
+    union = truth > 0
+    assert not (truth == 1)[:, :, 6:].any() and not (truth == 2)[:, :, :6].any()  # the tubes only touch
+    voxelwise = cut_trees(union, logit, (1.0, 1.0, 1.0), 0.0)
+    # voxel by voxel, the smeared stretch of the portal tube (13 rows of its 13-voxel section) is hepatic
+    assert np.array_equal(voxelwise, np.where(union, np.where(logit > 0, 2, 1), 0))
+    assert ((voxelwise == 2) & (truth == 1)).sum() == 13 * 13
+    # the cut: the touching place costs 8 / d for each of its few 26-neighbour pairs; cutting the portal
+    # tube twice across its section costs far more than the 1 nat per voxel of keeping the stretch portal
+    assert np.array_equal(cut_trees(union, logit, (1.0, 1.0, 1.0), TREE_SMOOTHNESS), truth)
+
+
+@pytest.mark.parametrize("rows, strength, one_tree", [(10, 1.0, True), (40, 4.0, False)])
+def test_cut_trees_gives_a_stretch_one_tree_unless_its_evidence_outweighs_a_cut(rows, strength, one_tree):
+    # one tube along rows (section 13 voxels) whose first `rows` rows say hepatic. Keeping them hepatic
+    # costs one cut across the section, at most 13 * (1 + 4 / sqrt 2 + 4 / sqrt 3) x 8 = 640 (fewer pairs
+    # at the tube's wall); flipping them costs `strength` nats per voxel: 10 x 13 x 1 = 130 (flipped),
+    # 40 x 13 x 4 = 2080 (kept)
+    r, c, z = np.meshgrid(np.arange(60), np.arange(9), np.arange(9), indexing="ij")
+    tube = (c - 4) ** 2 + (z - 4) ** 2 <= 4
+    assert tube[0].sum() == 13
+    logit = np.where(r < rows, strength, -strength).astype(np.float32)
+    labels = cut_trees(tube, logit, (1.0, 1.0, 1.0))
+    if one_tree:
+        assert np.array_equal(labels, np.where(tube, 1, 0))
+    else:
+        assert np.array_equal(labels, np.where(tube, np.where(r < rows, 2, 1), 0))
+
+
+def test_cut_trees_at_zero_smoothness_is_the_sign_and_refuses_bad_input():
+    rng = np.random.default_rng(0)
+    union = rng.random((12, 10, 8)) < 0.4
+    logit = rng.normal(size=union.shape)
+    expected = np.where(union, np.where(logit > 0, 2, 1), 0)
+    assert np.array_equal(cut_trees(union, logit, (0.7, 0.7, 1.6), 0.0), expected)
+    assert not cut_trees(np.zeros_like(union), logit, (1, 1, 1)).any()
+    with pytest.raises(ValueError, match="alike"):
+        cut_trees(union, logit[:-1], (1, 1, 1))
+    with pytest.raises(ValueError, match="smoothness"):
+        cut_trees(union, logit, (1, 1, 1), -1.0)
+    with pytest.raises(ValueError, match="spacing"):
+        cut_trees(union, logit, (1, 0, 1))
+    bad = logit.copy()
+    bad[union] = np.nan
+    with pytest.raises(ValueError, match="not finite"):
+        cut_trees(union, bad, (1, 1, 1))
 
 
 def test_class_targets_and_rot_flip_keep_channels_aligned():
