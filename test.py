@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every metric per tree and the share of found vessel voxels given the other tree")
     p.add_argument("--tree_smoothness", type=float, default=TREE_SMOOTHNESS, metavar="W",
                    help="with --tree_model: weight of the boundary between the trees in the minimum cut of its "
-                        "labels (inference.trees.cut_trees; 0: voxel by voxel; default %(default)s)")
+                        "labels (inference.trees.cut_trees; 0: voxel by voxel)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass")
     p.add_argument("--output", default=None, help="report folder (default: eval_<split>... in the run folder)")

@@ -1,7 +1,8 @@
 """Where the portal vein and the hepatic veins touch in the truth (issue 26): why one label per
 connected piece cannot tell the trees apart, on phantoms and on real CT alike.
 
-    python bench/tree_contacts.py [--phantoms 10 --seed 300] [--real ../shared/real] [--tree_model FILE] [--record NAME]
+    python bench/tree_contacts.py [--phantoms 10 --seed 300] [--real ../shared/real]
+        [--tree_model FILE [--tree_smoothness 8]] [--record NAME]
 
 Every patient is read with the project's DICOM reader and its class map (``portalvein``,
 ``venoussystem``; a voxel both masks claim is portal, ``CLASS_OVERLAP_RULE``), the whole
@@ -17,7 +18,7 @@ annotated masks (not only inside the liver). Per patient (:func:`tree_contacts`)
   that the tree model puts in the wrong tree when it is given the *true* union, not a binary
   model's mask: its own error, before any mask errs (its image is the scan in the HU window of
   ``preprocess.py``); voxel by voxel and after the minimum cut that ``predict.py`` applies
-  (``inference.trees.cut_trees``, its default smoothness).
+  (``inference.trees.cut_trees``, ``--tree_smoothness``, by default predict.py's).
 
 The phantoms are ``--phantoms`` demo-preset patients made with ``--seed`` (default: the 10
 held-out phantoms of ``tree_scores_phantom10``, seed 300) in a temporary folder; the real
@@ -39,7 +40,7 @@ from scipy import ndimage
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.salience_quality import REAL_PATIENTS, REAL_ROOT  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
-from inference.trees import TREE_SMOOTHNESS, cut_trees  # noqa: E402
+from inference.trees import TREE_SMOOTHNESS, check_smoothness  # noqa: E402
 from utils.h5io import apply_hu_window  # noqa: E402
 from utils.logging_setup import setup_logging  # noqa: E402
 
@@ -91,19 +92,17 @@ def tree_contacts(classes: np.ndarray, labels: Optional[np.ndarray] = None,
     return out
 
 
-def patient_contacts(patient_dir: Path, tree_model: Any = None) -> dict[str, float]:
+def patient_contacts(patient_dir: Path, tree_model: Any = None, smoothness: float = TREE_SMOOTHNESS) -> dict[str, float]:
     """:func:`tree_contacts` of a 3D-IRCADb-style patient folder (or one of its zips); with
     ``tree_model`` (:class:`inference.tree_model.TreeModel`) also its labels of the true union,
-    voxel by voxel and cut (:func:`inference.trees.cut_trees`)."""
+    voxel by voxel and cut with ``smoothness`` (:func:`inference.trees.cut_trees`)."""
     data = read_dicom_patient(patient_dir, CLASSES, classes=CLASSES)
     if data.classes is None:
         raise ValueError(f"{patient_dir}: no vessel masks to make a class map of")
     if tree_model is None:
         return tree_contacts(data.classes)
-    union = data.classes > 0
-    logit = tree_model.hepatic_minus_portal(apply_hu_window(data.hu), union, data.spacing)
-    return tree_contacts(data.classes, cut_trees(union, logit, data.spacing, 0.0),
-                         cut_trees(union, logit, data.spacing, TREE_SMOOTHNESS))
+    voxelwise, cut = tree_model.classify_both(apply_hu_window(data.hu), data.classes > 0, data.spacing, smoothness)
+    return tree_contacts(data.classes, voxelwise, cut)
 
 
 COLUMNS = (("portal_pieces", "portal pieces", "d"), ("hepatic_pieces", "hepatic pieces", "d"),
@@ -140,8 +139,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--real", type=Path, default=REAL_ROOT, help="folder holding the real 3D-IRCADb patients")
     p.add_argument("--tree_model", type=Path, default=None, metavar="FILE",
                    help="also the share this tree model puts in the wrong tree given the true union")
+    p.add_argument("--tree_smoothness", type=float, default=TREE_SMOOTHNESS, metavar="W",
+                   help="with --tree_model: the minimum cut's weight of its second column (inference.trees.cut_trees)")
     p.add_argument("--record", default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
     a = p.parse_args(argv)
+    try:
+        a.tree_smoothness = check_smoothness(a.tree_smoothness)
+    except ValueError as e:
+        p.error(str(e))
     setup_logging(logging.WARNING)
     tree_model = None
     if a.tree_model is not None:
@@ -157,14 +162,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         with tempfile.TemporaryDirectory(prefix="tree_contacts_") as tmp:
             for d in make_phantoms(Path(tmp), a.phantoms, "demo", a.seed, workers=a.workers):
-                rows[f"phantom {d.name.split('.')[-1]}"] = patient_contacts(d, tree_model)
+                rows[f"phantom {d.name.split('.')[-1]}"] = patient_contacts(d, tree_model, a.tree_smoothness)
     real = []
     for name in REAL_PATIENTS:
         d = a.real / name
         if not d.is_dir():
             log.warning("%s absent: skipped", d)
             continue
-        rows[f"real {name.split('.')[-1]}"] = patient_contacts(d, tree_model)
+        rows[f"real {name.split('.')[-1]}"] = patient_contacts(d, tree_model, a.tree_smoothness)
         real.append(name)
     if not rows:
         p.error("nothing to measure: --phantoms 0 and no real patient")
@@ -177,10 +182,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"where the true portal and hepatic trees touch (whole annotated masks, 26-connectivity): pieces, "
             f"contact places and the wrong-tree share of one label per connected piece"
             + ("" if tree_model is None else " and of the tree model given the true union (voxel by voxel and cut "
-                                              f"with smoothness {TREE_SMOOTHNESS:g})")
+                                              f"with smoothness {a.tree_smoothness:g})")
             + f"; {a.phantoms} demo phantoms of seed {a.seed} and real 3D-IRCADb patients"),
             inputs={"phantoms": a.phantoms, "seed": a.seed, "preset": "demo", "real": real,
                     **({} if tree_model is None else {"tree_model": str(a.tree_model),
+                                                       "tree_smoothness": a.tree_smoothness,
                                                        "tree_model_sha256": tree_model.sha256,
                                                        "tree_model_info": tree_model.info})})
         print(f"record: {path}")

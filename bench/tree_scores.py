@@ -47,6 +47,8 @@ def row_of(report: Path) -> dict:
            "cldice": _mean(doc, "cldice")}
     for k in ("portal_dice", "hepatic_dice", "wrong_tree_share_voxelwise", "wrong_tree_share"):
         out[k] = _mean(doc, k)
+    # the tree model's cut (None for a report made before it existed, or without a tree model)
+    out["tree_smoothness"] = (meta.get("tree_model") or {}).get("smoothness")
     return out
 
 

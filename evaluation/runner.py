@@ -28,7 +28,7 @@ from evaluation.reports import (
     write_summary_json,
 )
 from inference.predictor import Predictor, spacing_warning
-from inference.trees import TREE_SMOOTHNESS, cut_trees
+from inference.trees import TREE_SMOOTHNESS, check_smoothness, consistent_trees
 from utils import provenance
 from utils.atomic import atomic_dir
 from utils.h5io import DatasetPaths, read_list, read_volume, salience_made_by
@@ -168,7 +168,7 @@ class _Evaluation:
     #: a tree model (inference.tree_model) that labels a binary model's mask with its trees
     trees: Optional["TreeModel"] = None
     #: the tree model's minimum cut (inference.trees.cut_trees; 0: voxel by voxel)
-    tree_smoothness: float = 0.0
+    tree_smoothness: float = TREE_SMOOTHNESS
 
     @property
     def classes(self) -> list[str]:
@@ -240,7 +240,7 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
                 cases: Sequence[str],
                 img_size: Optional[Sequence[int]], device: str, overlap: float, tta: bool, batch_size: int,
                 eval_roi: str, min_component_mm3: Optional[float], model_sha256: str,
-                tree_model: Optional[Path] = None, tree_smoothness: float = 0.0) -> _Evaluation:
+                tree_model: Optional[Path] = None, tree_smoothness: float = TREE_SMOOTHNESS) -> _Evaluation:
     """The model file as a :class:`Predictor` (its offline maps are the stored ones), checked
     against the options and the data; ``tree_model``: a tree model file for a binary model, its
     labels cut with ``tree_smoothness``."""
@@ -274,8 +274,9 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
 
 def tree_keys(classes: Sequence[str]) -> list[str]:
     """Report columns of a model of classes beyond the union's: every metric per class
-    (``<class>_<metric>``) and the shares of found vessel voxels given the other tree, after the
-    one-tree-per-piece step (what predict.py writes) and voxel by voxel before it."""
+    (``<class>_<metric>``) and the shares of found vessel voxels given the other tree as
+    predict.py writes them (after the one-tree-per-piece step for a model of classes, after the
+    minimum cut for a tree model) and voxel by voxel before that."""
     return [f"{c}_{k}" for c in classes for k in METRIC_KEYS] + ["wrong_tree_share", "wrong_tree_share_voxelwise"]
 
 
@@ -308,8 +309,6 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
         if vol.classes is None:
             raise ValueError(f"{paths.volume(case)}: no class map, needed to score the trees "
                              f"{ev.classes} (preprocess.py --vessel_classes)")
-        from inference.trees import consistent_trees
-
         true_labels = np.zeros(vol.classes.shape, np.uint8)
         for k, v in enumerate(ev.class_values):
             true_labels[vol.classes == v] = k + 1
@@ -319,11 +318,9 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
         else:
             # a tree model decides in 3-D already; the one-tree-per-piece step, made for slice-by-slice
             # decisions, would hand its largest part of a piece where both trees touch to one tree.
-            # Its logit once: the voxel-by-voxel labels and those of the minimum cut (as written)
-            union = pr.mask(prob, vol.spacing, roi).astype(bool)
-            logit = ev.trees.hepatic_minus_portal(vol.image, union, vol.spacing)
-            voxelwise = cut_trees(union, logit, vol.spacing, 0.0)
-            labels = cut_trees(union, logit, vol.spacing, ev.tree_smoothness)
+            # As written: its minimum cut
+            voxelwise, labels = ev.trees.classify_both(vol.image, pr.mask(prob, vol.spacing, roi), vol.spacing,
+                                                       ev.tree_smoothness)
         pred, truth = labels > 0, true_labels > 0
         tree_row = {f"{c}_{key}": value for k, c in enumerate(ev.classes)
                     for key, value in evaluate_case(labels == k + 1, true_labels == k + 1, vol.spacing, roi).items()}
@@ -462,8 +459,7 @@ def run_evaluation(
     summary.json, :mod:`utils.provenance`); otherwise, or with ``overwrite``, it is computed again.
     """
     _check_options(eval_roi, save_pred, pred_kind, img_size)
-    if not np.isfinite(tree_smoothness) or tree_smoothness < 0:
-        raise ValueError(f"--tree_smoothness must be a number >= 0, got {tree_smoothness}")
+    tree_smoothness = check_smoothness(tree_smoothness)
     paths = DatasetPaths.of(root_path, dataset, list_dir)
     cases = read_list(paths.list_file(f"vol_{split}"))
     if not cases:
@@ -480,7 +476,7 @@ def run_evaluation(
         "overlap": overlap, "img_size": None if img_size is None else list(img_size),
         "min_component_mm3": min_component_mm3, "data": data_fingerprint(paths, cases),
         "tree_model": None if tree_model is None else provenance.file_sha256(tree_model),
-        "tree_smoothness": None if tree_model is None else float(tree_smoothness)})
+        "tree_smoothness": None if tree_model is None else tree_smoothness})
     extras = {"save_pred": save_pred, "pred_kind": pred_kind if save_pred else None, "figures": figures,
               "graph": graph}
     existing = _existing_report(out_dir, overwrite, wanted, extras)
@@ -489,7 +485,7 @@ def run_evaluation(
 
     ev = _load_model(model_path, backbone, salience, paths, cases, img_size, device, overlap, tta, batch_size, eval_roi,
                      min_component_mm3, model_sha256, None if tree_model is None else Path(tree_model),
-                     float(tree_smoothness))
+                     tree_smoothness)
     log.info("model %s (%d-D, salience %s, epoch %s) from %s; %d %s cases; roi %s; tta %s",
              ev.ckpt["model_name"], ev.predictor.spatial_dims, ev.predictor.salience_mode, ev.ckpt.get("epoch"), model_path, len(cases), split,
              eval_roi, tta)

@@ -188,8 +188,15 @@ class TreeModel:
         """Label map uint8 (H, W, D) of the vessel mask ``union``: 1 portal, 2 hepatic, 0 elsewhere;
         the logit's minimum cut with ``smoothness`` (:func:`inference.trees.cut_trees`; 0: its sign
         voxel by voxel)."""
+        return self.classify_both(image, union, spacing, smoothness)[1]
+
+    def classify_both(self, image: np.ndarray, union: np.ndarray, spacing: Sequence[float],
+                      smoothness: float = TREE_SMOOTHNESS) -> tuple[np.ndarray, np.ndarray]:
+        """(voxel by voxel, cut): the label maps of :meth:`classify` with smoothness 0 and with
+        ``smoothness``, from one run of the network."""
         union = np.asarray(union, dtype=bool)
-        return cut_trees(union, self.hepatic_minus_portal(image, union, spacing), spacing, smoothness)
+        logit = self.hepatic_minus_portal(image, union, spacing)
+        return cut_trees(union, logit, spacing, 0.0), cut_trees(union, logit, spacing, smoothness)
 
 
 def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, max_shift: int) -> tuple[np.ndarray, np.ndarray]:

@@ -30,6 +30,7 @@ from scipy import ndimage, sparse
 from scipy.sparse.csgraph import breadth_first_order, maximum_flow
 
 from inference.core import vessel_mask
+from utils.boxes import bounding_box
 
 #: a connected piece whose voxels are at least this share one class becomes that class entirely
 MAJORITY = 0.8
@@ -39,8 +40,11 @@ _FULL = np.ones((3, 3, 3), dtype=bool)
 TREE_SMOOTHNESS = 8.0
 # one of each opposite pair of the 26 neighbours
 _HALF_26 = [o for o in np.ndindex(3, 3, 3) if tuple(np.subtract(o, 1)) > (0, 0, 0)]
-# the max-flow solver takes integers: costs in units of 1/_SCALE
+# the max-flow solver takes int32 capacities (larger ones silently give no flow): costs in units of
+# 1/100 nat, fewer for huge masks so that the whole flow fits; logits clipped where the loss is linear
 _SCALE = 100
+_INT32_ROOM = 2 ** 30
+_LOGIT_CLIP = 30.0
 
 
 def tree_labels(prob: np.ndarray, spacing: Sequence[float], threshold: float = 0.5,
@@ -100,42 +104,59 @@ def consistent_trees(labels: np.ndarray, majority: float = MAJORITY) -> np.ndarr
     return out
 
 
+def check_smoothness(smoothness: float) -> float:
+    """``smoothness`` as a float; ValueError unless it is a finite number >= 0."""
+    value = float(smoothness)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"tree smoothness must be a number >= 0, got {smoothness}")
+    return value
+
+
 def cut_trees(union: np.ndarray, hepatic_minus_portal: np.ndarray, spacing: Sequence[float],
               smoothness: float = TREE_SMOOTHNESS) -> np.ndarray:
     """Label map uint8 (H, W, D) of the mask ``union``: 1 portal, 2 hepatic, 0 outside it.
 
     Minimises, over the two-label maps of ``union``, the sum over its voxels of the logistic loss
-    of their label against ``hepatic_minus_portal`` (the logit, float (H, W, D)) plus
-    ``smoothness`` times the boundary between the labels: each pair of 26-neighbours labelled
-    apart costs ``smoothness / d``, d their distance in mm, so the cost of a flat boundary is
-    proportional to its area whatever the voxel size. Solved exactly by a minimum s-t cut
-    (``scipy.sparse.csgraph.maximum_flow``). ``smoothness`` 0 gives the logit's sign voxel by
-    voxel (> 0 hepatic).
+    of their label against ``hepatic_minus_portal`` (the logit, float (H, W, D); clipped to
+    +-30, where the loss is linear) plus ``smoothness`` times the boundary between the labels:
+    each pair of 26-neighbours labelled apart costs ``smoothness / d``, d their distance in mm,
+    so the cost of a flat boundary is proportional to its area whatever the voxel size. Solved
+    exactly, up to costs rounded to 1/100 nat, by a minimum s-t cut
+    (``scipy.sparse.csgraph.maximum_flow``); where two labellings cost the same, portal, as
+    ``smoothness`` 0 does, which gives the logit's sign voxel by voxel (> 0 hepatic).
     """
     union = np.asarray(union, dtype=bool)
-    diff = np.asarray(hepatic_minus_portal, dtype=np.float64)
-    if union.ndim != 3 or diff.shape != union.shape:
-        raise ValueError(f"union and hepatic_minus_portal must be (H, W, D) alike, got {union.shape} and {diff.shape}")
+    if union.ndim != 3 or np.shape(hepatic_minus_portal) != union.shape:
+        raise ValueError(f"union and hepatic_minus_portal must be (H, W, D) alike, got {union.shape} and "
+                         f"{np.shape(hepatic_minus_portal)}")
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be 3 positive values (mm), got {tuple(spacing)}")
-    if not np.isfinite(smoothness) or smoothness < 0:
-        raise ValueError(f"smoothness must be a number >= 0, got {smoothness}")
+    smoothness = check_smoothness(smoothness)
     out = np.zeros(union.shape, np.uint8)
-    if not np.isfinite(diff[union]).all():
-        raise ValueError("hepatic_minus_portal is not finite inside the mask")
-    if smoothness == 0 or not union.any():
-        out[union] = np.where(diff[union] > 0, 2, 1)
+    box = bounding_box(union)
+    if box is None:
         return out
-    index = np.full(union.shape, -1, np.int64)
-    voxels = np.argwhere(union)
+    # the mask's box only: a whole scan's grid is 10-100 times larger than its vessels
+    union = union[box]
+    logit = np.asarray(np.asarray(hepatic_minus_portal)[box][union], dtype=np.float64)
+    if not np.isfinite(logit).all():
+        raise ValueError("hepatic_minus_portal is not finite inside the mask")
+    if smoothness == 0:
+        out[box][union] = np.where(logit > 0, 2, 1)
+        return out
+    index = np.full(union.shape, -1, np.int32)
+    voxels = np.argwhere(union).astype(np.int32)
     n = len(voxels)
-    index[union] = np.arange(n)
+    index[union] = np.arange(n, dtype=np.int32)
     source, sink = n, n + 1  # source side: portal
-    logit = diff[union]
+    logit = np.clip(logit, -_LOGIT_CLIP, _LOGIT_CLIP)
     # cutting source -> v labels v hepatic: its loss as hepatic; v -> sink: its loss as portal
+    as_hepatic, as_portal = np.logaddexp(0.0, -logit), np.logaddexp(0.0, logit)
+    # the flow is at most the smaller side's total
+    scale = min(_SCALE, _INT32_ROOM / max(1.0, min(as_hepatic.sum(), as_portal.sum())))
     rows = [np.full(n, source), np.arange(n)]
     cols = [np.arange(n), np.full(n, sink)]
-    caps = [np.round(_SCALE * np.logaddexp(0.0, -logit)), np.round(_SCALE * np.logaddexp(0.0, logit))]
+    caps = [np.round(scale * as_hepatic), np.round(scale * as_portal)]
     for o in _HALF_26:
         step = np.subtract(o, 1)
         q = voxels + step
@@ -144,18 +165,21 @@ def cut_trees(union: np.ndarray, hepatic_minus_portal: np.ndarray, spacing: Sequ
         j[inside] = index[tuple(q[inside].T)]
         pair = j >= 0
         i, j = np.arange(n)[pair], j[pair]
-        cap = np.full(len(i), round(_SCALE * smoothness / float(np.linalg.norm(step * np.asarray(spacing)))))
+        # a capacity above the whole flow cannot saturate: capped there, it still fits int32
+        cap = min(_INT32_ROOM, round(scale * smoothness / float(np.linalg.norm(step * np.asarray(spacing)))))
         rows += [i, j]
         cols += [j, i]
-        caps += [cap, cap]
+        caps += [np.full(len(i), cap), np.full(len(i), cap)]
     graph = sparse.csr_matrix((np.concatenate(caps).astype(np.int32), (np.concatenate(rows), np.concatenate(cols))),
                               shape=(n + 2, n + 2))
     flow = maximum_flow(graph, source, sink).flow
-    # the portal side: what the source still reaches through unsaturated edges
+    # scipy's flow is antisymmetric (f on i -> j is -f on j -> i), so this is the residual graph,
+    # reverse edges included. Hepatic: the voxels that still reach the sink (searched backwards
+    # from it); the rest, ties included, portal
     residual = (graph - flow).tocsr()
     residual.data = (residual.data > 0).astype(np.int8)
     residual.eliminate_zeros()
-    portal = np.zeros(n + 2, bool)
-    portal[breadth_first_order(residual, source, directed=True, return_predecessors=False)] = True
-    out[union] = np.where(portal[:n], 1, 2)
+    hepatic = np.zeros(n + 2, bool)
+    hepatic[breadth_first_order(residual.T.tocsr(), sink, directed=True, return_predecessors=False)] = True
+    out[box][union] = np.where(hepatic[:n], 2, 1)
     return out

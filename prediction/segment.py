@@ -50,7 +50,7 @@ from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_mod
 from inference.predictor import Predictor, spacing_warning
 from inference.scans import CaseSource, Geometry, find_cases, read_mask, read_scan, to_image, write_nifti
 from inference.tree_model import TreeModel, check_binary, load_tree_model
-from inference.trees import TREE_SMOOTHNESS
+from inference.trees import TREE_SMOOTHNESS, check_smoothness
 from preprocessing.errors import PreprocessError
 from utils import provenance
 from utils.h5io import apply_hu_window
@@ -438,7 +438,7 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         "liver_margin_mm": float(liver_margin_mm) if use_liver_model else None,
         "liver_refine": bool(liver_refine) if use_liver_model else None,
         "tree_model": tree_model.sha256 if tree_model is not None else None,
-        "tree_smoothness": float(tree_smoothness) if tree_model is not None else None,
+        "tree_smoothness": check_smoothness(tree_smoothness) if tree_model is not None else None,
         "min_component_mm3": seg.min_component_mm3,
         "generator_sha256": None if seg.generator is None else seg.generator.weights_sha256})
     if not overwrite and all((out_dir / n).is_file() for n in names):
@@ -612,8 +612,7 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
         raise ValueError(f"{input_path}: --liver_mask needs a single scan, found {len(cases)}")
     if liver_margin_mm < 0:
         raise ValueError(f"--liver_margin must be >= 0 mm, got {liver_margin_mm}")
-    if not np.isfinite(tree_smoothness) or tree_smoothness < 0:
-        raise ValueError(f"--tree_smoothness must be a number >= 0, got {tree_smoothness}")
+    tree_smoothness = check_smoothness(tree_smoothness)
     seg = Predictor.from_checkpoint(model, device, head, min_component_mm3)
     if model_target(seg.ckpt) == "liver":
         raise ValueError(f"{seg.path}: this is a liver model; pass it as --liver_model and a vessel model as --model")

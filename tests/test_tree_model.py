@@ -162,10 +162,13 @@ def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(t
     model = load_tree_model(tree_file)
     union = written > 0
     assert union.sum() == row["voxels_pred"]
-    expected = cut_trees(union, model.hepatic_minus_portal(vol.image, union, vol.spacing), vol.spacing,
-                         TREE_SMOOTHNESS)
+    logit = model.hepatic_minus_portal(vol.image, union, vol.spacing)
+    expected = cut_trees(union, logit, vol.spacing, TREE_SMOOTHNESS)
+    assert not np.array_equal(expected, cut_trees(union, logit, vol.spacing, 0.0))  # the cut changes labels here
     assert np.array_equal(written, expected)
     assert cut.rows[0]["portal_voxels_pred"] == (expected == 1).sum()
+    assert json.loads((tmp_path / "eval_cut" / "summary.json").read_text())["meta"]["tree_model"]["smoothness"] == \
+        TREE_SMOOTHNESS
 
     out = tmp_path / "out"
     rc = predict.main(["--model", str(binary), "--input", str(tree_data / "raw" / "3Dircadb1.1"), "--output", str(out),
@@ -221,3 +224,28 @@ def test_the_cli_defaults_are_the_configs():
     assert {"grid_mm", "iterations", "context_mm", "base_channels", "lr", "seed"} <= set(shared)
     for name in shared:
         assert args[name] == getattr(cfg, name), name
+
+
+def test_tree_smoothness_is_refused_without_a_tree_model_or_below_zero(tree_data, tmp_path, capsys):
+    import predict
+    import test as test_py
+
+    binary = everywhere_model(tmp_path / "everywhere.pth")
+    scan = str(tree_data / "raw" / "3Dircadb1.1")
+    for main, args in ((predict.main, ["--model", str(binary), "--input", scan, "--output", str(tmp_path / "o")]),
+                       (test_py.main, ["--dataset", "phantom", "--root_path", str(tree_data / "data"),
+                                       "--list_dir", str(tree_data / "list"), "--model_path", str(binary)])):
+        with pytest.raises(SystemExit) as e:
+            main(args + ["--tree_smoothness", "4"])
+        assert e.value.code == 2 and "give --tree_model" in capsys.readouterr().err
+    tree, _ = train_tree_model([two_tree_case(0)], TreeModelConfig(iterations=1, **TINY), progress=False)
+    tree_file = str(save_tree_model(tmp_path / "tree.pth", tree, {}))
+    rc = predict.main(["--model", str(binary), "--input", scan, "--output", str(tmp_path / "o"), "--device", "cpu",
+                       "--tree_model", tree_file, "--tree_smoothness", "-1"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "tree smoothness must be a number >= 0, got -1" in err and not (tmp_path / "o").exists()
+    rc = test_py.main(["--dataset", "phantom", "--root_path", str(tree_data / "data"), "--list_dir",
+                       str(tree_data / "list"), "--model_path", str(binary), "--device", "cpu", "--tree_model",
+                       tree_file, "--tree_smoothness", "nan", "--output", str(tmp_path / "eval")])
+    assert rc == 1 and "tree smoothness must be a number >= 0, got nan" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()

@@ -107,6 +107,62 @@ def test_cut_trees_gives_a_stretch_one_tree_unless_its_evidence_outweighs_a_cut(
         assert np.array_equal(labels, np.where(tube, np.where(r < rows, 2, 1), 0))
 
 
+def test_cut_trees_with_extreme_values_keeps_to_the_solver_s_integer_range():
+    # capacities past int32 make scipy's max flow silently zero, which reads as "all portal"
+    r, c, z = np.meshgrid(np.arange(60), np.arange(9), np.arange(9), indexing="ij")
+    tube = (c - 4) ** 2 + (z - 4) ** 2 <= 4
+    logit = np.where(r < 36, 1.0, -1.0)  # 60% of the tube says hepatic
+    # an enormous smoothness: one connected tube takes one tree, the one with the lower total loss
+    assert np.array_equal(cut_trees(tube, logit, (1.0, 1.0, 1.0), 1e12), np.where(tube, 2, 0))
+    # enormous logits: as sure as their sign, whatever the smoothness
+    sure = np.where(r < 30, 1e9, -1e9)
+    assert np.array_equal(cut_trees(tube, sure, (1.0, 1.0, 1.0), 0.5), np.where(tube, np.where(r < 30, 2, 1), 0))
+
+
+def cut_energy(labels: np.ndarray, union: np.ndarray, logit: np.ndarray, spacing, smoothness: float) -> float:
+    """The energy cut_trees minimises, written out: logistic losses plus smoothness / d per pair of
+    26-neighbours of the mask labelled apart."""
+    a = logit[union]
+    hep = labels[union] == 2
+    energy = float(np.where(hep, np.logaddexp(0, -a), np.logaddexp(0, a)).sum())
+    pts = np.argwhere(union)
+    for i in range(len(pts)):
+        for j in range(i + 1, len(pts)):
+            step = pts[j] - pts[i]
+            if np.abs(step).max() == 1 and labels[tuple(pts[i])] != labels[tuple(pts[j])]:
+                energy += smoothness / float(np.linalg.norm(step * np.asarray(spacing)))
+    return energy
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cut_trees_finds_the_least_energy_of_all_labellings(seed):
+    # 10 voxels: all 1024 labellings tried by hand
+    import itertools
+
+    rng = np.random.default_rng(seed)
+    union = np.zeros((3, 3, 3), bool)
+    union.ravel()[rng.choice(27, 10, replace=False)] = True
+    logit = rng.normal(0.0, 2.0, union.shape)
+    spacing, smoothness = (0.8, 0.8, 1.6), float(rng.uniform(0.5, 3.0))
+    best = np.inf
+    for bits in itertools.product((1, 2), repeat=10):
+        lab = np.zeros(union.shape, np.uint8)
+        lab[union] = bits
+        best = min(best, cut_energy(lab, union, logit, spacing, smoothness))
+    got = cut_trees(union, logit, spacing, smoothness)
+    assert set(np.unique(got[union])) <= {1, 2} and not got[~union].any()
+    # costs are rounded to 1/100 nat: within that of the optimum over at most 10 + 45 terms
+    assert cut_energy(got, union, logit, spacing, smoothness) <= best + 0.3
+
+
+def test_cut_trees_breaks_ties_to_portal_as_the_sign_does():
+    union = np.zeros((1, 4, 1), bool)
+    union[0, :, 0] = True
+    logit = np.zeros(union.shape)  # no evidence either way: every labelling of one tree costs the same
+    assert np.array_equal(cut_trees(union, logit, (1, 1, 1), 0.0), cut_trees(union, logit, (1, 1, 1), 5.0))
+    assert (cut_trees(union, logit, (1, 1, 1), 5.0)[union] == 1).all()
+
+
 def test_cut_trees_at_zero_smoothness_is_the_sign_and_refuses_bad_input():
     rng = np.random.default_rng(0)
     union = rng.random((12, 10, 8)) < 0.4
