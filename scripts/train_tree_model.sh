@@ -3,7 +3,8 @@
 # portal vein or hepatic veins, seeing the whole mask and the image at 3 mm per voxel in 3-D.
 #
 #   bash scripts/train_tree_model.sh              # phantoms (make demo's train + val cases, and more)
-#   MIX_REAL=1 bash scripts/train_tree_model.sh   # + every real patient under REAL_SRC
+#                                                 # + every real patient under REAL_SRC, when there are any
+#   MIX_REAL=0 bash scripts/train_tree_model.sh   # phantoms only, tested on the real patients
 #
 # Ends with "tree model: <path>"; then
 #   python predict.py --model VESSELS.pth --tree_model TREE.pth --input SCAN --output OUT --mesh
@@ -14,12 +15,15 @@
 #      preprocessed with class maps (its steps a-c); and EXTRA_PHANTOMS more phantom patients
 #      (seed 200) with class maps.
 #   2. train_tree_model.py on the true masks of the phantoms' train and val cases, the extra
-#      phantoms (and with MIX_REAL=1 every real patient): no vessel model is needed to train it.
+#      phantoms and every real patient under REAL_SRC (unless MIX_REAL=0): no vessel model is needed
+#      to train it.
 #   3. test.py with make demo's binary vessel model and the tree model, per tree and for the
 #      union, inside the liver: the phantom test cases, and the real patients not trained on.
 #
 # Environment: TREES_DATA (data/trees), TREES_CKPT (checkpoint/trees), REAL_SRC (default
-# ../shared/real where it exists; empty: none), MIX_REAL (0), REAL_REPEAT (8: each real patient's
+# ../shared/real where it exists; empty: none), MIX_REAL (1 when REAL_SRC holds real patients: with
+# the minimum cut, a tree model trained with one real patient put fewer found vessels in the wrong
+# tree on the other one, both ways, record tree_cut_real_mixed; 0: phantoms only), REAL_REPEAT (8: each real patient's
 # share of the training steps, as that many cases), EXTRA_PHANTOMS (120: on 10 held-out phantoms
 # fewer vessels in the wrong tree than 36; 300 were no better), ITERS (800), GRID_MM (3: as good
 # as 2 mm on the phantoms and the real patients, in a fraction of the time),
@@ -36,7 +40,10 @@ VESSEL_MODEL=${VESSEL_MODEL:-${DEMO_CKPT:-checkpoint}/phantom/unet/epo100_bs4_lr
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 )) s] $*" >&2; }
 
+MIX_DEFAULT=${MIX_REAL-auto}
 source scripts/prepare_trees.sh  # sets REAL_SRC, DATA, CKPT, MIX, PH, REAL, HAVE_REAL
+# the real patients join the training by default when there are any (prepare_trees.sh's MIX is 0 unless set)
+if [ "$MIX_DEFAULT" = auto ]; then MIX=$HAVE_REAL; fi
 
 DATA_ARGS=(--data "$DATA" $PH "$DATA/lists")
 TAG=phantoms_x$EXTRA
