@@ -23,7 +23,7 @@
 # Environment: TREES_DATA (data/trees), TREES_CKPT (checkpoint/trees), REAL_SRC (default
 # ../shared/real where it exists; empty: none), MIX_REAL (1 when REAL_SRC holds real patients: with
 # the minimum cut, a tree model trained with one real patient put fewer found vessels in the wrong
-# tree on the other one, both ways, record tree_cut_real_mixed; 0: phantoms only), REAL_REPEAT (8: each real patient's
+# tree on the other one, both ways, after the cut, record tree_cut_real_mixed; 0: phantoms only), REAL_REPEAT (8: each real patient's
 # share of the training steps, as that many cases), EXTRA_PHANTOMS (120: on 10 held-out phantoms
 # fewer vessels in the wrong tree than 36; 300 were no better), ITERS (800), GRID_MM (3: as good
 # as 2 mm on the phantoms and the real patients, in a fraction of the time),
@@ -40,7 +40,7 @@ VESSEL_MODEL=${VESSEL_MODEL:-${DEMO_CKPT:-checkpoint}/phantom/unet/epo100_bs4_lr
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 )) s] $*" >&2; }
 
-MIX_DEFAULT=${MIX_REAL-auto}
+MIX_DEFAULT=${MIX_REAL:-auto}  # unset or empty: the default
 source scripts/prepare_trees.sh  # sets REAL_SRC, DATA, CKPT, MIX, PH, REAL, HAVE_REAL
 # the real patients join the training by default when there are any (prepare_trees.sh's MIX is 0 unless set)
 if [ "$MIX_DEFAULT" = auto ]; then MIX=$HAVE_REAL; fi
