@@ -249,3 +249,35 @@ def test_tree_smoothness_is_refused_without_a_tree_model_or_below_zero(tree_data
                        tree_file, "--tree_smoothness", "nan", "--output", str(tmp_path / "eval")])
     assert rc == 1 and "tree smoothness must be a number >= 0, got nan" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+def test_draw_tree_cut_paints_each_tree_where_it_projects(tree_data, tmp_path):
+    from evaluation.runner import run_evaluation
+    from scripts.draw_tree_cut import coronal_rgb, draw_tree_cut
+
+    # the worked example: a flat image, portal in one column of slice 0, hepatic behind it further down
+    image = np.zeros((4, 5, 3), np.float32)
+    labels = np.zeros((4, 5, 3), np.uint8)
+    labels[1, 2, 0] = 1
+    labels[3, 4, 2] = 2
+    rgb = coronal_rgb(image, labels, {1: (1.0, 0.0, 0.0), 2: (0.0, 0.0, 1.0)})
+    assert rgb.shape == (3, 5, 3)
+    # slice 0 at the bottom (the slice axis reversed), column 2: red; slice 2 at the top, column 4: blue
+    assert np.allclose(rgb[2, 2], [0.75, 0, 0]) and np.allclose(rgb[0, 4], [0, 0, 0.75])
+    assert np.count_nonzero(rgb.sum(axis=2)) == 2
+
+    binary = everywhere_model(tmp_path / "everywhere.pth")
+    tree, _ = train_tree_model([two_tree_case(0)], TreeModelConfig(iterations=2, **TINY), progress=False)
+    tree_file = save_tree_model(tmp_path / "tree.pth", tree, {})
+    data = dict(dataset="phantom", root_path=tree_data / "data", list_dir=tree_data / "list", model_path=binary,
+                device="cpu", min_component_mm3=0)
+    res = run_evaluation(**data, output=tmp_path / "eval", tree_model=tree_file, save_pred="h5", pred_kind="mask")
+    case = res.rows[0]["case"]
+    out = draw_tree_cut(tmp_path / "eval", str(tree_data / "data"), "phantom", str(tree_data / "list"), case,
+                        tmp_path / "cut.png")
+    assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plain = run_evaluation(**data, output=tmp_path / "plain", save_pred="h5", pred_kind="mask")
+    with pytest.raises(ValueError, match="not a report of a tree model"):
+        draw_tree_cut(plain.output, str(tree_data / "data"), "phantom", str(tree_data / "list"), case,
+                      tmp_path / "no.png")
+    assert not (tmp_path / "no.png").exists()
