@@ -35,28 +35,20 @@ log = logging.getLogger("trees")
 def read_cases(root: str, dataset: str, list_dir: str, splits: Sequence[str]) -> list:
     """The training cases (inference.tree_model.TreeCase) of ``splits`` of one preprocessed dataset
     with a class map; the label map is 1 portal, 2 hepatic whatever the stored class order."""
-    import numpy as np
-
     from inference.tree_model import CLASSES, TreeCase
-    from utils import manifests
     from utils.h5io import DatasetPaths, read_list, read_volume
+    from utils.manifests import class_labels, dataset_class_values
 
     paths = DatasetPaths.of(root, dataset, list_dir)
-    where = manifests.dataset_manifest_path(paths)
-    doc = manifests.read_manifest(where, "livervessel-dataset-v1")
-    if doc is None:
-        raise ValueError(f"{where}: no dataset manifest (run preprocess.py --vessel_classes portalvein,venoussystem)")
-    values = manifests.class_values(CLASSES, doc, where)
+    values = dataset_class_values(CLASSES, paths)
     cases = []
     for split in splits:
         for name in read_list(paths.list_file(f"vol_{split}")):
             vol = read_volume(paths.volume(name))
             if vol.classes is None:
                 raise ValueError(f"{paths.volume(name)}: no class map (preprocess.py --vessel_classes)")
-            labels = np.zeros(vol.classes.shape, np.uint8)
-            for k, v in enumerate(values):
-                labels[vol.classes == v] = k + 1
-            cases.append(TreeCase(f"{dataset}/{name}", vol.image, labels, tuple(vol.spacing)))
+            cases.append(TreeCase(f"{dataset}/{name}", vol.image, class_labels(vol.classes, values),
+                                  tuple(vol.spacing)))
     return cases
 
 

@@ -188,7 +188,8 @@ class TreeModel:
         """Label map uint8 (H, W, D) of the vessel mask ``union``: 1 portal, 2 hepatic, 0 elsewhere;
         the logit's minimum cut with ``smoothness`` (:func:`inference.trees.cut_trees`; 0: its sign
         voxel by voxel)."""
-        return self.classify_both(image, union, spacing, smoothness)[1]
+        union = np.asarray(union, dtype=bool)
+        return cut_trees(union, self.hepatic_minus_portal(image, union, spacing), spacing, smoothness)
 
     def classify_both(self, image: np.ndarray, union: np.ndarray, spacing: Sequence[float],
                       smoothness: float = TREE_SMOOTHNESS) -> tuple[np.ndarray, np.ndarray]:

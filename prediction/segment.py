@@ -438,7 +438,7 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         "liver_margin_mm": float(liver_margin_mm) if use_liver_model else None,
         "liver_refine": bool(liver_refine) if use_liver_model else None,
         "tree_model": tree_model.sha256 if tree_model is not None else None,
-        "tree_smoothness": check_smoothness(tree_smoothness) if tree_model is not None else None,
+        "tree_smoothness": float(tree_smoothness) if tree_model is not None else None,
         "min_component_mm3": seg.min_component_mm3,
         "generator_sha256": None if seg.generator is None else seg.generator.weights_sha256})
     if not overwrite and all((out_dir / n).is_file() for n in names):

@@ -28,9 +28,9 @@ from evaluation.figures import _save, plt  # noqa: E402
 from evaluation.metrics import wrong_tree_share  # noqa: E402
 from inference.tree_model import CLASSES  # noqa: E402
 from prediction.segment import TREE_COLOURS  # noqa: E402
-from utils import manifests  # noqa: E402
 from utils.boxes import bounding_box  # noqa: E402
 from utils.h5io import DatasetPaths, read_volume  # noqa: E402
+from utils.manifests import class_labels, dataset_class_values  # noqa: E402
 
 #: the colour of predicted voxels that are no vessel, in the truth panel
 FALSE_POSITIVE = (0.6, 0.6, 0.6)
@@ -64,11 +64,7 @@ def draw_tree_cut(report: Path, root_path: str, dataset: str, list_dir: str, cas
     vol = read_volume(paths.volume(case))
     if vol.classes is None:
         raise ValueError(f"{paths.volume(case)}: no class map (preprocess.py --vessel_classes)")
-    where = manifests.dataset_manifest_path(paths)
-    values = manifests.class_values(CLASSES, manifests.read_manifest(where, "livervessel-dataset-v1"), where)
-    true_labels = np.zeros(vol.classes.shape, np.uint8)  # 1 portal, 2 hepatic, whatever the stored order
-    for k, v in enumerate(values):
-        true_labels[vol.classes == v] = k + 1
+    true_labels = class_labels(vol.classes, dataset_class_values(CLASSES, paths))  # 1 portal, 2 hepatic
     if cut.shape != vol.image.shape:
         raise ValueError(f"{pred}: shape {cut.shape}, the volume's is {vol.image.shape}")
     if tree_model is None:

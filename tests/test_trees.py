@@ -11,7 +11,7 @@ from inference.predictor import Predictor
 from inference.trees import TREE_SMOOTHNESS, consistent_trees, cut_trees, tree_labels
 from trainer import TrainConfig, train
 from utils.h5io import DatasetPaths, read_volume
-from utils.manifests import class_values
+from utils.manifests import class_labels, class_values, dataset_class_values
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -204,6 +204,16 @@ def test_class_values_resolve_names_against_the_class_map(tmp_path):
         class_values(["portal", "artery"], doc, "d.json")
     with pytest.raises(ValueError, match="d.json: no class map"):
         class_values(["portal", "hepatic"], {"class_map": None}, "d.json")
+
+
+def test_class_labels_follow_the_order_asked_for_and_dataset_class_values_reads_the_manifest(tree_data, tmp_path):
+    stored = np.array([[0, 1], [2, 3]])
+    assert np.array_equal(class_labels(stored, [1, 2]), [[0, 1], [2, 0]])
+    assert np.array_equal(class_labels(stored, [2, 1]), [[0, 2], [1, 0]])  # hepatic stored first
+    assert dataset_class_values(["portal", "hepatic"], DatasetPaths.of(tree_data / "data", "phantom",
+                                                                       tree_data / "list")) == [1, 2]
+    with pytest.raises(ValueError, match="no dataset manifest"):
+        dataset_class_values(["portal"], DatasetPaths.of(tmp_path, "none", tmp_path))
 
 
 @pytest.mark.parametrize("backbone,salience", [("unet", "none"), ("unet", "e2e"), ("unet3d", "none")])

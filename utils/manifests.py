@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import h5py
+import numpy as np
 
 from utils.atomic import atomic_path
 from utils.h5io import DatasetPaths
@@ -155,6 +156,25 @@ def class_values(names: Sequence[str], dataset: Optional[dict], where: str | os.
         out.append(hit[0])
     if len(set(out)) != len(out):
         raise ValueError(f"{where}: classes {list(names)} name one class twice")
+    return out
+
+
+def dataset_class_values(names: Sequence[str], paths: DatasetPaths) -> list[int]:
+    """:func:`class_values` of ``names`` in the dataset manifest of ``paths``; ValueError naming it
+    when there is none."""
+    where = dataset_manifest_path(paths)
+    doc = read_manifest(where, "livervessel-dataset-v1")
+    if doc is None:
+        raise ValueError(f"{where}: no dataset manifest (run preprocess.py --vessel_classes portalvein,venoussystem)")
+    return class_values(names, doc, where)
+
+
+def class_labels(class_map: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """Label map uint8 of a stored class map: ``k + 1`` where it holds ``values[k]`` (the classes in
+    the order asked for, whatever the stored order), 0 elsewhere."""
+    out = np.zeros(np.shape(class_map), np.uint8)
+    for k, v in enumerate(values):
+        out[class_map == v] = k + 1
     return out
 
 
