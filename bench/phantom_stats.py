@@ -26,7 +26,11 @@ with ``--target_spacing`` sees), then measured by :func:`volume_figures` inside 
   the same percentiles "(area)" from the cross-section area per centreline length
   (:func:`centreline_radius_mm`), which does not step with the voxel size;
 * vessel share of the liver (%): label voxels inside the liver / liver voxels;
-* intensity AUC: ROC-AUC of the raw HU for label vs other liver voxels.
+* intensity AUC: ROC-AUC of the raw HU for label vs other liver voxels;
+* portal share by height (%): the portal vein's share of the two trees' voxels (portalvein,
+  venoussystem) inside the liver, in the lower, middle and upper third of the liver's slices
+  (LPS order: feet to head). A tree model (issue 26) may tell the trees apart by height
+  where the phantoms draw them apart by height.
 
 The table gives each preset's mean over its patients, each real patient, the real mean,
 and whether a preset is within 15 % of the real mean (0.03 for the AUC, the calibration
@@ -66,6 +70,8 @@ REL_TOL, AUC_TOL = 0.15, 0.03
 HIGHPASS_SIGMA_VOX = 2.0
 MAX_LAG = 6
 WINDOW_MM = 4.0
+THIRDS = ("lower", "middle", "upper")
+TREES = ("portalvein", "venoussystem")
 
 
 def figure_names() -> list[str]:
@@ -74,7 +80,7 @@ def figure_names() -> list[str]:
             + [f"contrast r {b} mm HU" for b in BIN_NAMES] + ["edge / core contrast"]
             + ["radius p10 mm", "radius p50 mm", "radius p90 mm"]
             + ["radius p10 mm (area)", "radius p50 mm (area)", "radius p90 mm (area)"]
-            + ["vessel share of liver %", "intensity AUC"])
+            + ["vessel share of liver %", "intensity AUC"] + [f"portal share, {t} third %" for t in THIRDS])
 
 
 def correlation_length(highpass: np.ndarray, mask: np.ndarray, max_lag: int = MAX_LAG) -> float:
@@ -194,6 +200,24 @@ def volume_figures(hu: np.ndarray, label: np.ndarray, liver: np.ndarray, spacing
     return out
 
 
+def height_shares(portal: np.ndarray, hepatic: np.ndarray, liver: np.ndarray) -> dict[str, float]:
+    """The portal share (%) of the two trees' voxels inside the liver in each third of the liver's
+    slices (its first to its last, along the slice axis); ``portal``, ``hepatic``, ``liver``
+    (H, W, D) masks. NaN for a third without vessels; ValueError on shape mismatch or an empty liver."""
+    if not (portal.shape == hepatic.shape == liver.shape) or liver.ndim != 3:
+        raise ValueError(f"portal {portal.shape}, hepatic {hepatic.shape} and liver {liver.shape} must be one (H, W, D) shape")
+    zs = np.flatnonzero((liver > 0).any(axis=(0, 1)))
+    if zs.size == 0:
+        raise ValueError("empty liver mask")
+    p_z = ((portal > 0) & (liver > 0)).sum(axis=(0, 1))
+    h_z = ((hepatic > 0) & (liver > 0)).sum(axis=(0, 1))
+    out = {}
+    for name, part in zip(THIRDS, np.array_split(np.arange(zs[0], zs[-1] + 1), len(THIRDS))):
+        p, h = float(p_z[part].sum()), float(h_z[part].sum())
+        out[f"portal share, {name} third %"] = 100.0 * p / (p + h) if p + h > 0 else float("nan")
+    return out
+
+
 def to_grid(hu: np.ndarray, masks: list[Optional[np.ndarray]], spacing, grid_mm: float
             ) -> tuple[np.ndarray, list[Optional[np.ndarray]], tuple[float, float, float]]:
     """Resample a patient in-plane to ``grid_mm`` mm per pixel with the 2-D pipeline's own
@@ -217,14 +241,17 @@ def patient_figures(patient_dir: Path, keep_slice: bool = False, grid_mm: Option
     grid or, with ``grid_mm``, resampled in-plane to that many mm per pixel (:func:`to_grid`).
     With ``keep_slice``, ``"_slice"`` holds (HU (H, W) of the slice with most label voxels,
     liver (H, W), spacing) for the side-by-side figure."""
-    data = read_dicom_patient(patient_dir, DEFAULT_VESSELS)
+    data = read_dicom_patient(patient_dir, DEFAULT_VESSELS, classes=TREES)
     if data.label is None or data.liver is None:
         raise ValueError(f"{patient_dir}: no vessel label or liver mask")
     artery = read_dicom_patient(patient_dir, ("artery",)).label
     hu, label, liver, spacing = data.hu, data.label, data.liver, data.spacing
+    portal, hepatic = data.classes == 1, data.classes == 2
     if grid_mm:
-        hu, (label, liver, artery), spacing = to_grid(hu, [label, liver, artery], spacing, grid_mm)
+        hu, (label, liver, artery, portal, hepatic), spacing = to_grid(hu, [label, liver, artery, portal, hepatic],
+                                                                       spacing, grid_mm)
     out: dict = volume_figures(hu, label, liver, spacing, other_vessels=artery)
+    out.update(height_shares(portal, hepatic, liver))
     if keep_slice:
         k = int(np.argmax((label & liver).sum(axis=(0, 1))))
         out["_slice"] = (hu[:, :, k].copy(), liver[:, :, k] > 0, spacing)

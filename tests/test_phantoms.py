@@ -355,6 +355,44 @@ def test_volume_figures_on_a_worked_example():
     assert f["radius p50 mm"] == pytest.approx(np.sqrt(5.0))  # the tube: 2 voxels, sqrt(5) on the diagonal
 
 
+def test_height_shares_on_a_worked_example():
+    from bench.phantom_stats import height_shares
+
+    shape = (6, 6, 12)
+    liver = np.zeros(shape, bool)
+    liver[1:5, 1:5, 2:11] = True  # slices 2-10: thirds 2-4, 5-7, 8-10
+    portal, hepatic = np.zeros(shape, bool), np.zeros(shape, bool)
+    portal[2, 2, 2:5] = True      # lower third: 3 portal voxels ...
+    hepatic[3, 3, 4] = True       # ... and 1 hepatic: 75 %
+    hepatic[2, 2, 8:11] = True    # upper third: hepatic only
+    portal[0, 0, 5:8] = True      # outside the liver: not counted, the middle third has no vessel
+    portal[2, 2, 0:2] = True      # below the liver's slices: not counted
+    f = height_shares(portal, hepatic, liver)
+    assert f["portal share, lower third %"] == pytest.approx(75.0)
+    assert np.isnan(f["portal share, middle third %"])
+    assert f["portal share, upper third %"] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="empty liver"):
+        height_shares(portal, hepatic, np.zeros(shape, bool))
+    with pytest.raises(ValueError, match="one"):
+        height_shares(portal[:, :, :5], hepatic, liver)
+
+
+def test_patient_figures_read_the_trees_back_from_dicom(written):
+    # the figures of a written phantom, read back by the project's reader, are those of the
+    # generator's own masks: the reader keeps the slice order (feet to head) and the two trees apart
+    from bench.phantom_stats import height_shares, patient_figures
+
+    _, paths, mem = written
+    f = patient_figures(paths[0])
+    p = mem[1]
+    want = height_shares(p.masks["portalvein"] > 0, (p.masks["venoussystem"] > 0) & ~(p.masks["portalvein"] > 0),
+                         p.masks["liver"])
+    for k, v in want.items():
+        assert f[k] == pytest.approx(v, nan_ok=True), k
+    # the thirds differ, so slices read upside down would fail above
+    assert want["portal share, lower third %"] > want["portal share, upper third %"] + 20
+
+
 def _tube(shape, spacing, radius, direction, offset=(0.37, 0.21, 0.13)):
     """Mask (H, W, D) of an infinite tube of ``radius`` mm through the grid's centre (shifted
     by ``offset`` mm so it does not run through voxel centres) along ``direction``."""
