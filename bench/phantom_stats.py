@@ -75,7 +75,7 @@ TREES = ("portalvein", "venoussystem")
 
 
 def figure_names() -> list[str]:
-    """The figures of :func:`volume_figures`, in table order."""
+    """The figures of :func:`volume_figures` and :func:`height_shares`, in table order."""
     return (["parenchyma mean HU", "parenchyma std HU", "noise HU", "noise corr. length vox"]
             + [f"contrast r {b} mm HU" for b in BIN_NAMES] + ["edge / core contrast"]
             + ["radius p10 mm", "radius p50 mm", "radius p90 mm"]
@@ -203,7 +203,9 @@ def volume_figures(hu: np.ndarray, label: np.ndarray, liver: np.ndarray, spacing
 def height_shares(portal: np.ndarray, hepatic: np.ndarray, liver: np.ndarray) -> dict[str, float]:
     """The portal share (%) of the two trees' voxels inside the liver in each third of the liver's
     slices (its first to its last, along the slice axis); ``portal``, ``hepatic``, ``liver``
-    (H, W, D) masks. NaN for a third without vessels; ValueError on shape mismatch or an empty liver."""
+    (H, W, D) masks that do not overlap (a class map's two classes). NaN for a third without
+    vessels (the table's mean over a set's patients leaves it out); ValueError on shape
+    mismatch or an empty liver."""
     if not (portal.shape == hepatic.shape == liver.shape) or liver.ndim != 3:
         raise ValueError(f"portal {portal.shape}, hepatic {hepatic.shape} and liver {liver.shape} must be one (H, W, D) shape")
     zs = np.flatnonzero((liver > 0).any(axis=(0, 1)))
@@ -239,6 +241,7 @@ def to_grid(hu: np.ndarray, masks: list[Optional[np.ndarray]], spacing, grid_mm:
 def patient_figures(patient_dir: Path, keep_slice: bool = False, grid_mm: Optional[float] = None) -> dict:
     """Read a 3D-IRCADb-style patient with the project's reader and measure it, on its own
     grid or, with ``grid_mm``, resampled in-plane to that many mm per pixel (:func:`to_grid`).
+    The figures are :func:`volume_figures`' and :func:`height_shares`' (the class map's trees).
     With ``keep_slice``, ``"_slice"`` holds (HU (H, W) of the slice with most label voxels,
     liver (H, W), spacing) for the side-by-side figure."""
     data = read_dicom_patient(patient_dir, DEFAULT_VESSELS, classes=TREES)
@@ -246,6 +249,7 @@ def patient_figures(patient_dir: Path, keep_slice: bool = False, grid_mm: Option
         raise ValueError(f"{patient_dir}: no vessel label or liver mask")
     artery = read_dicom_patient(patient_dir, ("artery",)).label
     hu, label, liver, spacing = data.hu, data.label, data.liver, data.spacing
+    # the class map numbers the trees in TREES' order (1 portal vein, 2 hepatic veins)
     portal, hepatic = data.classes == 1, data.classes == 2
     if grid_mm:
         hu, (label, liver, artery, portal, hepatic), spacing = to_grid(hu, [label, liver, artery, portal, hepatic],

@@ -364,17 +364,21 @@ def test_height_shares_on_a_worked_example():
     portal, hepatic = np.zeros(shape, bool), np.zeros(shape, bool)
     portal[2, 2, 2:5] = True      # lower third: 3 portal voxels ...
     hepatic[3, 3, 4] = True       # ... and 1 hepatic: 75 %
-    hepatic[2, 2, 8:11] = True    # upper third: hepatic only
+    hepatic[2, 2, 8:11] = True    # upper third: hepatic ...
     portal[0, 0, 5:8] = True      # outside the liver: not counted, the middle third has no vessel
     portal[2, 2, 0:2] = True      # below the liver's slices: not counted
+    hepatic[0, 0, 2:11] = True    # outside the liver in every third: not counted
+    portal[3, 3, 10] = hepatic[3, 4, 10] = True  # the liver's last slice counts: upper third 1 of 5
     f = height_shares(portal, hepatic, liver)
     assert f["portal share, lower third %"] == pytest.approx(75.0)
     assert np.isnan(f["portal share, middle third %"])
-    assert f["portal share, upper third %"] == pytest.approx(0.0)
+    assert f["portal share, upper third %"] == pytest.approx(20.0)
     with pytest.raises(ValueError, match="empty liver"):
         height_shares(portal, hepatic, np.zeros(shape, bool))
     with pytest.raises(ValueError, match="one"):
         height_shares(portal[:, :, :5], hepatic, liver)
+    with pytest.raises(ValueError, match="one"):
+        height_shares(portal[:, :, 0], hepatic[:, :, 0], liver[:, :, 0])
 
 
 def test_patient_figures_read_the_trees_back_from_dicom(written):
