@@ -32,10 +32,9 @@ import sys
 from typing import Optional, Sequence
 
 from inference.liver import DEFAULT_MARGIN_MM
-from inference.trees import TREE_SMOOTHNESS
 from prediction.segment import MESH_FORMATS, run_predict
 from preprocessing.errors import PreprocessError
-from utils.cli import given_options
+from utils.cli import add_tree_smoothness, refuse_smoothness_alone
 from utils.logging_setup import setup_logging
 
 log = logging.getLogger("predict")
@@ -63,9 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree_model", default=None, metavar="FILE",
                    help="a tree model (train_tree_model.py): label a binary model's vessels portal vein (1) or "
                         "hepatic veins (2): <case>_trees.nii.gz, a surface and statistics per tree")
-    p.add_argument("--tree_smoothness", type=float, default=TREE_SMOOTHNESS, metavar="W",
-                   help="with --tree_model: weight of the boundary between the trees in the minimum cut of its "
-                        "labels (inference.trees.cut_trees; 0: voxel by voxel)")
+    add_tree_smoothness(p)
     p.add_argument("--prob", action="store_true", help="also write the probability map")
     p.add_argument("--mesh", nargs="?", const="stl", choices=MESH_FORMATS, default=None,
                    help="also write the vessel surface (default stl)")
@@ -91,8 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.no_liver_model and args.liver_model:
         parser.error("--no_liver_model ignores a liver model embedded in --model; it does not go with --liver_model")
-    if given_options(parser, args, ("tree_smoothness",)) and not args.tree_model:
-        parser.error("--tree_smoothness cuts a tree model's labels; give --tree_model")
+    refuse_smoothness_alone(parser, args)
     setup_logging()
     try:
         results = run_predict(args.model, args.input, args.output, device=args.device, head=args.head,

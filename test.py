@@ -29,8 +29,7 @@ from typing import Optional, Sequence
 from evaluation.predictions import PRED_FORMATS
 from evaluation.reports import console_table
 from evaluation.runner import ROI_CHOICES, run_evaluation
-from inference.trees import TREE_SMOOTHNESS
-from utils.cli import given_options
+from utils.cli import add_tree_smoothness, given_options, refuse_smoothness_alone
 from utils.logging_setup import setup_logging
 
 log = logging.getLogger("test")
@@ -63,9 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tree_model", default=None, metavar="FILE",
                    help="a tree model (train_tree_model.py) that labels this binary model's mask with its trees: "
                         "every metric per tree and the share of found vessel voxels given the other tree")
-    p.add_argument("--tree_smoothness", type=float, default=TREE_SMOOTHNESS, metavar="W",
-                   help="with --tree_model: weight of the boundary between the trees in the minimum cut of its "
-                        "labels (inference.trees.cut_trees; 0: voxel by voxel)")
+    add_tree_smoothness(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass")
     p.add_argument("--output", default=None, help="report folder (default: eval_<split>... in the run folder)")
@@ -83,8 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--exp and --checkpoint_root choose a run folder; --model_path names the model file itself")
     if given_options(parser, args, ("pred_kind",)) and not args.save_pred:
         parser.error("--pred_kind says what --save_pred writes; give --save_pred")
-    if given_options(parser, args, ("tree_smoothness",)) and not args.tree_model:
-        parser.error("--tree_smoothness cuts a tree model's labels; give --tree_model")
+    refuse_smoothness_alone(parser, args)
     setup_logging()
     try:
         res = run_evaluation(

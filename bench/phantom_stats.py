@@ -244,13 +244,13 @@ def patient_figures(patient_dir: Path, keep_slice: bool = False, grid_mm: Option
     The figures are :func:`volume_figures`' and :func:`height_shares`' (the class map's trees).
     With ``keep_slice``, ``"_slice"`` holds (HU (H, W) of the slice with most label voxels,
     liver (H, W), spacing) for the side-by-side figure."""
-    data = read_dicom_patient(patient_dir, DEFAULT_VESSELS, classes=TREES)
+    # one read: the class map numbers the trees in TREES' order (1 portal vein, 2 hepatic veins)
+    # and the artery 3 where no tree claims it, which leaves label | artery as it is
+    data = read_dicom_patient(patient_dir, DEFAULT_VESSELS, classes=TREES + ("artery",))
     if data.label is None or data.liver is None:
         raise ValueError(f"{patient_dir}: no vessel label or liver mask")
-    artery = read_dicom_patient(patient_dir, ("artery",)).label
     hu, label, liver, spacing = data.hu, data.label, data.liver, data.spacing
-    # the class map numbers the trees in TREES' order (1 portal vein, 2 hepatic veins)
-    portal, hepatic = data.classes == 1, data.classes == 2
+    portal, hepatic, artery = (data.classes == k for k in (1, 2, 3))
     if grid_mm:
         hu, (label, liver, artery, portal, hepatic), spacing = to_grid(hu, [label, liver, artery, portal, hepatic],
                                                                        spacing, grid_mm)
