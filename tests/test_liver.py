@@ -183,7 +183,19 @@ def test_liver_warnings_flag_implausible_volumes_and_livers_the_scan_cuts_off():
     (w,) = liver_warnings(cut, sp, "p", check_volume=False)
     assert "last slice" in w and "first" not in w
     both = np.ones(shape, bool)  # 1500 mL, every slice
-    assert "first and last slice" in liver_warnings(both, sp, "p")[0]
+    assert "first and last slice (100% and 100% of its largest" in liver_warnings(both, sp, "p")[0]
+    # a tip that grazes the last slice (the ball's centre 67.5 mm below it) is no cut: the
+    # cross-section there, 1 - (67.5 / 70)^2 = 7% of the largest, is under CUT_OFF_AREA (10%);
+    # with the centre 60 mm below it is 1 - (60 / 70)^2 = 27%, a cut
+    last = (shape[2] - 1) * sp[2]
+    for gap_mm, warned in ((67.5, False), (60.0, True)):
+        centre = (last - gap_mm) / sp[2]
+        b = ball(shape, (50, 50, centre), 70.0, sp)
+        area = b.sum(axis=(0, 1))
+        assert area[-1] / area.max() == pytest.approx(1 - (gap_mm / 70) ** 2, abs=0.02)
+        got = liver_warnings(b, sp, "p", check_volume=False)
+        assert (len(got) == 1 and f"({100 * area[-1] / area.max():.0f}% of its largest" in got[0]) == warned
+        assert warned or got == []
     assert liver_warnings(np.zeros(shape, bool), sp, "p") == []
     with pytest.raises(ValueError, match="must be"):
         liver_warnings(liver[0], sp, "p")
