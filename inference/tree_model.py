@@ -19,6 +19,11 @@ A tree model instead sees the whole vessel mask of a scan at once, coarsely:
   not used: it hands whole parts of a tree to the other where both trees touch in one connected
   piece, as they do in a predicted mask.
 
+A tree model file may also hold branch networks (``train_branch_model.py``,
+:mod:`inference.branch_graph`): then the logit given to the cut is theirs, one value per branch
+of the mask's skeleton, decided from the network's logit over each branch, its shape and place,
+and its neighbours'.
+
 Training (:func:`train_tree_model`) uses the true union as the mask and a loss only where there
 are vessels: binary cross-entropy of the logit difference against each coarse voxel's hepatic
 share of its vessel, weighted by its vessel fraction. A random shift of the volume within the
@@ -41,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
+from inference.branch_graph import BranchModel
 from inference.trees import TREE_SMOOTHNESS, cut_trees
 from networks.registry import build_model
 from utils.atomic import atomic_path
@@ -158,14 +164,26 @@ class TreeModel:
     sha256: str = ""
     path: str = ""
     info: dict = field(default_factory=dict)
+    #: branch networks (inference.branch_graph), when the file has them: their logit, per branch of
+    #: the mask's skeleton, replaces the network's before the cut
+    branches: Optional["BranchModel"] = None
 
     @property
     def classes(self) -> list[str]:
         return list(CLASSES)
 
     def hepatic_minus_portal(self, image: np.ndarray, union: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-        """float32 (H, W, D): the hepatic minus the portal logit, on the full grid; 0 outside the
-        mask's context box."""
+        """float32 (H, W, D): the hepatic minus the portal logit, on the full grid: the network's
+        (0 outside the mask's context box), or with :attr:`branches` theirs, one value per
+        branch of the mask's skeleton (0 outside the mask)."""
+        logit = self.network_logit(image, union, spacing)
+        if self.branches is None:
+            return logit
+        return self.branches.voxel_logit(union, logit, spacing)
+
+    def network_logit(self, image: np.ndarray, union: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """float32 (H, W, D): the 3-D network's hepatic minus portal logit, on the full grid; 0
+        outside the mask's context box."""
         _check(image, union, spacing)
         union = np.asarray(union, dtype=bool)
         out = np.zeros(union.shape, dtype=np.float32)
@@ -264,6 +282,8 @@ def save_tree_model(path: str | os.PathLike, model: TreeModel, info: dict, overw
     state = {k: v.detach().cpu() for k, v in model.network.state_dict().items()}
     doc = {"format": FORMAT, "classes": list(CLASSES), "hu_window": list(HU_WINDOW),
            "config": asdict(model.config), "state_dict": state, "info": info}
+    if model.branches is not None:
+        doc["branches"] = model.branches.state()
     with atomic_path(path, overwrite=overwrite) as tmp:
         torch.save(doc, tmp)
     return Path(path)
@@ -285,4 +305,5 @@ def load_tree_model(path: str | os.PathLike, device: str = "cpu") -> TreeModel:
     except RuntimeError as e:
         raise ValueError(f"{path}: weights do not fit its configuration ({str(e).splitlines()[0]})") from None
     net.to(device).eval()
-    return TreeModel(net, cfg, file_sha256(path), str(path), doc.get("info", {}))
+    branches = BranchModel.from_state(doc["branches"], str(path)) if "branches" in doc else None
+    return TreeModel(net, cfg, file_sha256(path), str(path), doc.get("info", {}), branches)
