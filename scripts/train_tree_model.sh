@@ -17,8 +17,15 @@
 #   2. train_tree_model.py on the true masks of the phantoms' train and val cases, the extra
 #      phantoms and every real patient under REAL_SRC (unless MIX_REAL=0): no vessel model is needed
 #      to train it.
-#   3. test.py with make demo's binary vessel model and the tree model, per tree and for the
-#      union, inside the liver: the phantom test cases, and the real patients not trained on.
+#   3. with a vessel model and extra phantoms (BRANCHES=1, the default): branch networks
+#      (train_branch_model.py, inference/branch_graph.py) trained on the vessel model's masks of
+#      the extra phantoms (test.py --save_pred h5 --pred_kind mask), written into a second file,
+#      tree_model_branches.pth: it decides per branch of the mask's skeleton, and put fewer found
+#      vessels in the wrong tree than the tree model alone on three sets of held-out phantoms and on
+#      real patients 1 and 7 (record tree_branches).
+#   4. test.py with the vessel model and the tree model (with branch networks when trained), per
+#      tree and for the union, inside the liver: the phantom test cases, and the real patients not
+#      trained on.
 #
 # Environment: TREES_DATA (data/trees), TREES_CKPT (checkpoint/trees), REAL_SRC (default
 # ../shared/real where it exists; empty: none), MIX_REAL (1 when REAL_SRC holds real patients: with
@@ -27,7 +34,8 @@
 # share of the training steps, as that many cases), EXTRA_PHANTOMS (120: on 10 held-out phantoms
 # fewer vessels in the wrong tree than 36; 300 were no better), ITERS (800), GRID_MM (3: as good
 # as 2 mm on the phantoms and the real patients, in a fraction of the time),
-# SEED (0), VESSEL_MODEL (make demo's model), PY (.venv/bin/python).
+# SEED (0), VESSEL_MODEL (make demo's model), BRANCHES (1; 0: the tree model alone), BRANCH_SEEDS
+# (0-9: one branch network per seed, averaged), PY (.venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -36,6 +44,8 @@ EXTRA=${EXTRA_PHANTOMS:-120}
 REPEAT=${REAL_REPEAT:-8}
 GRID_MM=${GRID_MM:-3}
 SEED=${SEED:-0}
+BRANCHES=${BRANCHES:-1}
+BRANCH_SEEDS=${BRANCH_SEEDS:-0-9}
 VESSEL_MODEL=${VESSEL_MODEL:-${DEMO_CKPT:-checkpoint}/phantom/unet/epo100_bs4_lr0.003/demo/best_model.pth}
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 )) s] $*" >&2; }
@@ -49,7 +59,7 @@ DATA_ARGS=(--data "$DATA" $PH "$DATA/lists")
 TAG=phantoms_x$EXTRA
 if [ "$EXTRA" -gt 0 ]; then
   XP=phantom_extra$EXTRA
-  step "1/3 $EXTRA more phantom patients with class maps -> $DATA/$XP"
+  step "1/4 $EXTRA more phantom patients with class maps -> $DATA/$XP"
   if ! { [ -f "$DATA/raw/$XP/phantom_manifest.json" ] && $PY -c "import sys; from phantom.generator import manifest_is_current
 sys.exit(not manifest_is_current(sys.argv[1]))" "$DATA/raw/$XP"; }; then
     rm -rf "$DATA/raw/$XP" "${DATA:?}/$XP"
@@ -67,16 +77,32 @@ if [ "$MIX" = 1 ]; then
 fi
 OUT=$CKPT/tree_model/${TAG}_grid${GRID_MM}_it${ITERS}_s${SEED}/tree_model.pth
 if [ -f "$OUT" ]; then
-  step "2/3 reusing $OUT (delete it to train again)"
+  step "2/4 reusing $OUT (delete it to train again)"
 else
-  step "2/3 train_tree_model.py: $ITERS iterations, $GRID_MM mm grid"
+  step "2/4 train_tree_model.py: $ITERS iterations, $GRID_MM mm grid"
   $PY train_tree_model.py "${DATA_ARGS[@]}" --splits train,val --iterations "$ITERS" --grid_mm "$GRID_MM" \
       --seed "$SEED" --out "$OUT" >&2
 fi
 
+RUN=$(dirname "$OUT")
+if [ "$BRANCHES" = 1 ] && [ -f "$VESSEL_MODEL" ] && [ "$EXTRA" -gt 0 ]; then
+  WITH=$RUN/tree_model_branches.pth
+  if [ -f "$WITH" ]; then
+    step "3/4 reusing $WITH (delete it to train again)"
+  else
+    step "3/4 branch networks on $VESSEL_MODEL's masks of the $EXTRA extra phantoms"
+    $PY test.py --dataset $XP --root_path "$DATA" --list_dir "$DATA/lists" --split train --model_path "$VESSEL_MODEL" \
+        --save_pred h5 --pred_kind mask --output "$RUN/masks_$XP" >&2
+    $PY train_branch_model.py --tree_model "$OUT" --data "$DATA" $XP "$RUN/masks_$XP" --seeds "$BRANCH_SEEDS" \
+        --out "$WITH" >&2
+  fi
+  OUT=$WITH
+else
+  step "3/4 no branch networks (BRANCHES=$BRANCHES; they need a vessel model and EXTRA_PHANTOMS > 0)"
+fi
+
 if [ -f "$VESSEL_MODEL" ]; then
-  step "3/3 test.py: $VESSEL_MODEL + the tree model, inside the liver"
-  RUN=$(dirname "$OUT")
+  step "4/4 test.py: $VESSEL_MODEL + the tree model, inside the liver"
   $PY test.py --dataset $PH --root_path "$DATA" --list_dir "$DATA/lists" --model_path "$VESSEL_MODEL" \
       --tree_model "$OUT" --eval_roi liver --output "$RUN/eval_phantom_test" >&2
   if [ "$HAVE_REAL" = 1 ] && [ "$MIX" != 1 ]; then
@@ -84,6 +110,6 @@ if [ -f "$VESSEL_MODEL" ]; then
         --tree_model "$OUT" --eval_roi liver --output "$RUN/eval_real" >&2
   fi
 else
-  step "3/3 no vessel model at $VESSEL_MODEL (make demo makes one): not tested"
+  step "4/4 no vessel model at $VESSEL_MODEL (make demo makes one): not tested"
 fi
 echo "tree model: $OUT"
