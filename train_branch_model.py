@@ -120,7 +120,7 @@ def train_branches(tree_model: str | Path, data: Sequence[Sequence[str]], out: s
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tree_model", required=True, help="the tree model file (train_tree_model.py)")
     p.add_argument("--data", nargs=3, action="append", required=True, metavar=("ROOT", "DATASET", "PRED_DIR"),
@@ -130,7 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", default="0-9", help="one network per seed, their logits averaged (0-9, or 0,3,7)")
     p.add_argument("--epochs", type=int, default=30, help="passes over the training masks per network")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     setup_logging()
     from inference.branch_graph import BranchConfig
     try:

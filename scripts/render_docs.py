@@ -34,7 +34,8 @@ DOCUMENTS = ("README.md", "docs/USAGE.md", "docs/RESULTS.md", "docs/BENCHMARKS.m
              "docs/DESIGN.md")
 BLOCK = re.compile(r"(<!-- render:([\w-]+) -->\n)(.*?)(<!-- /render:\2 -->)", re.S)
 #: the command lines whose flags docs/USAGE.md lists, by module
-COMMANDS = ("make_phantoms", "preprocess", "salience_generation", "main", "test", "predict", "train_tree_model")
+COMMANDS = ("make_phantoms", "preprocess", "salience_generation", "main", "test", "predict", "train_tree_model",
+            "train_branch_model")
 
 
 def record(name: str) -> dict:

@@ -19,7 +19,8 @@
 #      to train it.
 #   3. with a vessel model and extra phantoms (BRANCHES=1, the default): branch networks
 #      (train_branch_model.py, inference/branch_graph.py) trained on the vessel model's masks of
-#      the extra phantoms (test.py --save_pred h5 --pred_kind mask), written into a second file,
+#      the extra phantoms inside their livers, as test.py and predict.py give them (test.py
+#      --eval_roi liver --save_pred h5 --pred_kind mask), written into a second file,
 #      tree_model_branches.pth: it decides per branch of the mask's skeleton, and put fewer found
 #      vessels in the wrong tree than the tree model alone on three sets of held-out phantoms and on
 #      real patients 1 and 7 (record tree_branches).
@@ -91,7 +92,7 @@ if [ "$BRANCHES" = 1 ] && [ -f "$VESSEL_MODEL" ] && [ "$EXTRA" -gt 0 ]; then
     step "3/4 reusing $WITH (delete it to train again)"
   else
     step "3/4 branch networks on $VESSEL_MODEL's masks of the $EXTRA extra phantoms"
-    $PY test.py --dataset $XP --root_path "$DATA" --list_dir "$DATA/lists" --split train --model_path "$VESSEL_MODEL" \
+    $PY test.py --dataset $XP --root_path "$DATA" --list_dir "$DATA/lists" --split train --eval_roi liver --model_path "$VESSEL_MODEL" \
         --save_pred h5 --pred_kind mask --output "$RUN/masks_$XP" >&2
     $PY train_branch_model.py --tree_model "$OUT" --data "$DATA" $XP "$RUN/masks_$XP" --seeds "$BRANCH_SEEDS" \
         --out "$WITH" >&2
