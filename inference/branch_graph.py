@@ -40,7 +40,10 @@ log = logging.getLogger("trees")
 #: per-branch features, in this order
 FEATURES = ("log_voxels", "row", "col", "slice", "radius_mm", "log_skeleton_voxels",
             "abs_dir_row", "abs_dir_col", "dir_slice", "taper", "mean_logit", "hepatic_share")
-#: per-edge features (for the message from branch j to branch i)
+#: per-edge features (for the message from branch j to branch i). ``alignment`` is |d_i . d_j| of
+#: the directions as the branch features hold them, row and column components taken absolute:
+#: parallel branches give 1, and so do mirror images such as (1, 1, 0) and (1, -1, 0); a true
+#: angle is left to a later version of the features (it changes the trained networks)
 EDGE_FEATURES = ("log_contact", "radius_ratio", "alignment", "slice_step", "radius_step")
 _FULL = np.ones((3, 3, 3), dtype=bool)
 _HALF_26 = [o for o in np.ndindex(3, 3, 3) if tuple(np.subtract(o, 1)) > (0, 0, 0)]

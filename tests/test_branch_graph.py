@@ -47,6 +47,15 @@ def test_a_y_falls_into_three_branches_that_cover_it_and_touch():
     source, target, feats = edge_features(graph)
     assert feats.shape == (6, len(EDGE_FEATURES)) and sorted(zip(source, target)) == sorted(
         [(0, 1), (0, 2), (1, 2), (1, 0), (2, 0), (2, 1)])
+    # worked answers: arms of one radius in one slice; the arm along the rows against the two
+    # diagonal ones, |(1, 0, 0) . (0.707, 0.707, 0)| = 0.707 (the diagonals fold onto each other: 1)
+    e = {name: k for k, name in enumerate(EDGE_FEATURES)}
+    row_arm = int(np.argmax(graph.features[:, COL["abs_dir_row"]] - graph.features[:, COL["abs_dir_col"]]))
+    for (i, j), f in zip(zip(source, target), feats):
+        assert f[e["radius_ratio"]] == pytest.approx(1.0, abs=0.1)
+        assert f[e["slice_step"]] == pytest.approx(0.0, abs=0.02) and f[e["radius_step"]] == pytest.approx(0.0, abs=0.3)
+        assert f[e["alignment"]] == pytest.approx(0.707 if row_arm in (i, j) else 1.0, abs=0.05)
+        assert f[e["log_contact"]] == pytest.approx(np.log1p(graph.contacts[graph.edges.tolist().index(sorted([i, j]))]))
 
 
 def test_separate_pieces_never_share_a_branch_and_a_dot_is_a_branch():
