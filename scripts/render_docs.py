@@ -271,6 +271,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "predict-speed": predict_speed,
     "predict-speed-extras": lambda: predict_speed("predict_bench_extras"),
     "predict-speed-trees": lambda: predict_speed("predict_bench_trees"),
+    "predict-speed-branches": lambda: predict_speed("predict_bench_branches"),
     "predict-speed-liver": lambda: predict_speed("predict_bench_liver"),
     **{f"flags-{m}": (lambda m=m: _flag_table(m)) for m in COMMANDS},
 }
