@@ -2,9 +2,9 @@
 # Train a tree model (inference/tree_model.py, issue 26): it labels a binary vessel model's mask
 # portal vein or hepatic veins, seeing the whole mask and the image at 3 mm per voxel in 3-D.
 #
-#   bash scripts/train_tree_model.sh              # phantoms (make demo's train + val cases, and more)
-#                                                 # + every real patient under REAL_SRC, when there are any
-#   MIX_REAL=0 bash scripts/train_tree_model.sh   # phantoms only, tested on the real patients
+#   bash scripts/train_tree_model.sh              # phantoms (make demo's train + val cases, and more),
+#                                                 # then branch networks; tested on the real patients
+#   MIX_REAL=1 bash scripts/train_tree_model.sh   # + every real patient under REAL_SRC in the tree model
 #
 # Ends with "tree model: <path>"; then
 #   python predict.py --model VESSELS.pth --tree_model TREE.pth --input SCAN --output OUT --mesh
@@ -30,9 +30,9 @@
 #      trained on.
 #
 # Environment: TREES_DATA (data/trees), TREES_CKPT (checkpoint/trees), REAL_SRC (default
-# ../shared/real where it exists; empty: none), MIX_REAL (1 when REAL_SRC holds real patients: with
-# the minimum cut, a tree model trained with one real patient put fewer found vessels in the wrong
-# tree on the other one, both ways, after the cut, record tree_cut_real_mixed; 0: phantoms only), REAL_REPEAT (8: each real patient's
+# ../shared/real where it exists; empty: none), MIX_REAL (0 when branch networks are trained: with them
+# the phantom-only tree model did better on both real patients, record tree_branches_real_mixed;
+# otherwise 1 when REAL_SRC holds real patients, record tree_cut_real_mixed), REAL_REPEAT (8: each real patient's
 # share of the training steps, as that many cases), EXTRA_PHANTOMS (120: on 10 held-out phantoms
 # fewer vessels in the wrong tree than 36; 300 were no better), ITERS (800), GRID_MM (3: as good
 # as 2 mm on the phantoms and the real patients, in a fraction of the time),
@@ -54,8 +54,15 @@ step() { echo "== [$(( $(date +%s) - T0 )) s] $*" >&2; }
 
 MIX_DEFAULT=${MIX_REAL:-auto}  # unset or empty: the default
 source scripts/prepare_trees.sh  # sets REAL_SRC, DATA, CKPT, MIX, PH, REAL, HAVE_REAL
-# the real patients join the training by default when there are any (prepare_trees.sh's MIX is 0 unless set)
-if [ "$MIX_DEFAULT" = auto ]; then MIX=$HAVE_REAL; fi
+# the branch networks are trained when there is a vessel model to make their masks and there are extra phantoms
+WILL_BRANCH=0
+if [ "$BRANCHES" = 1 ] && [ -f "$VESSEL_MODEL" ] && [ "$EXTRA" -gt 0 ]; then WILL_BRANCH=1; fi
+# by default the real patients join the tree model's training when there are any, unless branch networks follow
+# (prepare_trees.sh's MIX is 0 unless set): with them, the phantom-only tree model put fewer found vessels in the
+# wrong tree on both real patients (record tree_branches_real_mixed); without them the mixed one did on average
+if [ "$MIX_DEFAULT" = auto ]; then
+  if [ "$WILL_BRANCH" = 1 ]; then MIX=0; else MIX=$HAVE_REAL; fi
+fi
 
 DATA_ARGS=(--data "$DATA" $PH "$DATA/lists")
 TAG=phantoms_x$EXTRA
@@ -87,7 +94,7 @@ else
 fi
 
 RUN=$(dirname "$OUT")
-if [ "$BRANCHES" = 1 ] && [ -f "$VESSEL_MODEL" ] && [ "$EXTRA" -gt 0 ]; then
+if [ "$WILL_BRANCH" = 1 ]; then
   WITH=$RUN/tree_model_branches.pth
   if [ -f "$WITH" ]; then
     step "3/4 reusing $WITH (delete it to train again)"
