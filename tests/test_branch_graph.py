@@ -191,14 +191,10 @@ def test_empty_masks_give_empty_graphs():
 def test_train_branch_model_cli_adds_networks_that_test_py_uses(tree_data, tmp_path, capsys):
     import train_branch_model
     from evaluation.runner import run_evaluation
-    from inference.tree_model import TreeModelConfig, load_tree_model, save_tree_model, train_tree_model
-    from tests.test_tree_model import TINY, everywhere_model, two_tree_case
+    from inference.tree_model import load_tree_model
+    from tests.test_tree_model import binary_and_tree_model
 
-    binary = everywhere_model(tmp_path / "everywhere.pth")
-    tree, _ = train_tree_model([two_tree_case(0)], TreeModelConfig(iterations=2, **TINY), progress=False)
-    tree_file = save_tree_model(tmp_path / "tree.pth", tree, {"cases": ["case0"]})
-    data = dict(dataset="phantom", root_path=tree_data / "data", list_dir=tree_data / "list", model_path=binary,
-                device="cpu", min_component_mm3=0)
+    _, tree_file, data = binary_and_tree_model(tree_data, tmp_path)
     run_evaluation(**data, output=tmp_path / "preds", save_pred="h5", pred_kind="mask")
     out = tmp_path / "with_branches.pth"
     args = ["--tree_model", str(tree_file), "--data", str(tree_data / "data"), "phantom", str(tmp_path / "preds"),

@@ -128,17 +128,24 @@ def everywhere_model(path):
     return path
 
 
+def binary_and_tree_model(tree_data, tmp_path):
+    """(the everywhere binary model file, a 2-step tree model file, run_evaluation's data
+    arguments for tree_data)."""
+    binary = everywhere_model(tmp_path / "everywhere.pth")
+    tree, _ = train_tree_model([two_tree_case(0)], TreeModelConfig(iterations=2, **TINY), progress=False)
+    tree_file = save_tree_model(tmp_path / "tree.pth", tree, {"cases": ["case0"]})
+    data = dict(dataset="phantom", root_path=tree_data / "data", list_dir=tree_data / "list", model_path=binary,
+                device="cpu", min_component_mm3=0)
+    return binary, tree_file, data
+
+
 def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(tree_data, tmp_path, capsys):
     import SimpleITK as sitk
 
     import predict
     from evaluation.runner import run_evaluation
 
-    binary = everywhere_model(tmp_path / "everywhere.pth")
-    tree, _ = train_tree_model([two_tree_case(0)], TreeModelConfig(iterations=2, **TINY), progress=False)
-    tree_file = save_tree_model(tmp_path / "tree.pth", tree, {"cases": ["case0"]})
-    data = dict(dataset="phantom", root_path=tree_data / "data", list_dir=tree_data / "list", model_path=binary,
-                device="cpu", min_component_mm3=0)
+    binary, tree_file, data = binary_and_tree_model(tree_data, tmp_path)
     res = run_evaluation(**data, output=tmp_path / "eval", tree_model=tree_file, tree_smoothness=0.0)
     plain = run_evaluation(**data, output=tmp_path / "eval_plain")
     row, ref = res.rows[0], plain.rows[0]
