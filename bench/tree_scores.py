@@ -67,6 +67,8 @@ def table_rows(binary: Sequence[str], trees: Sequence[str], names: Sequence[str]
         return rows
     if len(binary) != len(trees):
         raise ValueError(f"give one --binary or one per --trees, got {len(binary)} and {len(trees)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--names must be different from each other, got {list(names)}")
     rows = {}
     for b, t, n in zip(binary, trees, names):
         base = row_of(Path(b))

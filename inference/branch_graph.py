@@ -223,6 +223,8 @@ def branch_truth(graph: BranchGraph, labels: np.ndarray) -> tuple[np.ndarray, np
         raise ValueError(f"labels must be an (H, W, D) label map with vessels, got shape {labels.shape}")
     _, nearest = ndimage.distance_transform_edt(labels == 0, return_indices=True)
     own = labels[tuple(nearest)][graph.box]
+    if own.shape != graph.piece.shape:
+        raise ValueError(f"labels of shape {labels.shape} do not hold the graph's box {graph.box}")
     inside = graph.piece > 0
     owner = graph.piece[inside] - 1
     hepatic = np.bincount(owner, weights=(own[inside] == 2), minlength=graph.n)

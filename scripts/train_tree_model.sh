@@ -15,13 +15,13 @@
 #      preprocessed with class maps (its steps a-c); and EXTRA_PHANTOMS more phantom patients
 #      (seed 200) with class maps.
 #   2. train_tree_model.py on the true masks of the phantoms' train and val cases, the extra
-#      phantoms and every real patient under REAL_SRC (unless MIX_REAL=0): no vessel model is needed
+#      phantoms and, with MIX_REAL=1, every real patient under REAL_SRC: no vessel model is needed
 #      to train it.
 #   3. with a vessel model and extra phantoms (BRANCHES=1, the default): branch networks
 #      (train_branch_model.py, inference/branch_graph.py) trained on the vessel model's masks of
 #      the extra phantoms inside their livers, as test.py and predict.py give them (test.py
 #      --eval_roi liver --save_pred h5 --pred_kind mask), written into a second file,
-#      tree_model_branches.pth: it decides per branch of the mask's skeleton, and put fewer found
+#      tree_model_branches_s<BRANCH_SEEDS>.pth: it decides per branch of the mask's skeleton, and put fewer found
 #      vessels in the wrong tree than the tree model alone on real patients 1 and 7 and on two of
 #      three sets of held-out phantoms, in two trainings (records tree_branches,
 #      tree_branches_retrained).
@@ -95,11 +95,14 @@ fi
 
 RUN=$(dirname "$OUT")
 if [ "$WILL_BRANCH" = 1 ]; then
-  WITH=$RUN/tree_model_branches.pth
+  WITH=$RUN/tree_model_branches_s$BRANCH_SEEDS.pth
   if [ -f "$WITH" ]; then
-    step "3/4 reusing $WITH (delete it to train again)"
+    step "3/4 reusing $WITH (delete it to train again, e.g. for another VESSEL_MODEL)"
   else
     step "3/4 branch networks on $VESSEL_MODEL's masks of the $EXTRA extra phantoms"
+    # the vessel model reads offline salience maps, made as prepare_trees.sh makes them for its phantoms
+    $PY salience_generation.py --dataset $XP --root_path "$DATA" --list_dir "$DATA/lists" --generator bank \
+        --weights "$HEAD" --normalisation fixed >&2
     $PY test.py --dataset $XP --root_path "$DATA" --list_dir "$DATA/lists" --split train --eval_roi liver --model_path "$VESSEL_MODEL" \
         --save_pred h5 --pred_kind mask --output "$RUN/masks_$XP" >&2
     $PY train_branch_model.py --tree_model "$OUT" --data "$DATA" $XP "$RUN/masks_$XP" --seeds "$BRANCH_SEEDS" \

@@ -46,6 +46,14 @@ def test_one_binary_report_per_row_is_paired_in_order(tmp_path):
     assert rows["binary (case0001)"]["dice"] == 0.62 and rows["a on 1"]["dice"] == 0.52
 
 
+def test_two_rows_of_one_name_are_refused(tmp_path):
+    # one would overwrite the other in the table and the record
+    b7, b1 = _report(tmp_path / "b7", 0.61, cases=["case0007"]), _report(tmp_path / "b1", 0.62)
+    t = [_report(tmp_path / f"t{i}", 0.5 + i / 100, 0.1) for i in range(3)]
+    with pytest.raises(ValueError, match="--names must be different"):
+        table_rows([b7, b7, b1], t, ["a", "b", "a"])
+
+
 def test_two_binary_models_on_the_same_cases_are_refused(tmp_path):
     # the shared row could only show one of them: the other's rows would sit under the wrong one
     b, other = _report(tmp_path / "b", 0.61), _report(tmp_path / "o", 0.64)

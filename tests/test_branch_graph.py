@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -211,6 +212,18 @@ def test_train_branch_model_cli_adds_networks_that_test_py_uses(tree_data, tmp_p
     res = run_evaluation(**data, output=tmp_path / "eval", tree_model=out, tree_smoothness=0.0, save_pred="h5",
                          pred_kind="mask")
     assert res.rows[0]["voxels_pred"] == res.rows[0]["portal_voxels_pred"] + res.rows[0]["hepatic_voxels_pred"]
+    # the labels written are the sign of the branch networks' logit, not of the tree model's own
+    from inference.trees import cut_trees
+    from utils.h5io import DatasetPaths, read_volume
+    case = res.rows[0]["case"]
+    with h5py.File(tmp_path / "eval" / "predictions" / f"{case}_pred.h5", "r") as f:
+        written = f["mask"][()]
+    vol = read_volume(DatasetPaths.of(tree_data / "data", "phantom", tree_data / "list").volume(case))
+    union = written > 0
+    logit = model.hepatic_minus_portal(vol.image, union, vol.spacing)
+    own = model.network_logit(vol.image, union, vol.spacing)
+    np.testing.assert_array_equal(logit, model.branches.voxel_logit(union, own, vol.spacing))
+    assert np.array_equal(written, cut_trees(union, logit, vol.spacing, 0.0))
     before = out.read_bytes()
     assert train_branch_model.main(args) == 2
     assert "exists" in capsys.readouterr().err and out.read_bytes() == before
