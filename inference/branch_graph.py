@@ -105,7 +105,9 @@ def _branch_directions(piece: np.ndarray, skel: np.ndarray, radius: np.ndarray, 
                        spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(n, 3) unit principal direction of each branch's skeleton voxels (mm; slice component >= 0)
     and (n,) the correlation of the radius with the position along it (> 0: thicker towards
-    the higher slices); zeros for branches with fewer than 3 skeleton voxels."""
+    the higher slices); zeros for branches with fewer than 3 skeleton voxels. A branch within one
+    slice has no slice component: its direction's sign, and so its taper's, is arbitrary there (a
+    later version of the features should orient it; that changes the trained networks)."""
     dirs = np.zeros((n, 3))
     taper = np.zeros(n)
     pts = np.argwhere(skel)
