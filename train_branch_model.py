@@ -55,7 +55,7 @@ def read_training_graphs(tree_model, data: Sequence[Sequence[str]], progress: bo
     from inference.branch_graph import branch_graph, branch_truth
     from inference.tree_model import CLASSES
     from utils.h5io import DatasetPaths, read_volume
-    from utils.manifests import class_labels, dataset_class_values
+    from utils.manifests import dataset_class_values, volume_class_labels
 
     jobs = []
     for root, dataset, pred_dir in data:
@@ -73,11 +73,9 @@ def read_training_graphs(tree_model, data: Sequence[Sequence[str]], progress: bo
                 raise ValueError(f"{f}: no 'mask' dataset (test.py --pred_kind mask)")
             union = h["mask"][()] > 0
         vol = read_volume(paths.volume(case))
-        if vol.classes is None:
-            raise ValueError(f"{paths.volume(case)}: no class map (preprocess.py --vessel_classes)")
+        labels = volume_class_labels(vol.classes, values, paths.volume(case))
         if union.shape != vol.image.shape:
             raise ValueError(f"{f}: mask shape {union.shape} differs from {paths.volume(case)}'s {vol.image.shape}")
-        labels = class_labels(vol.classes, values)
         if not union.any() or not labels.any():
             log.info("%s/%s: no vessel in the mask or the truth, skipped", dataset, case)
             continue

@@ -37,7 +37,7 @@ def read_cases(root: str, dataset: str, list_dir: str, splits: Sequence[str]) ->
     with a class map; the label map is 1 portal, 2 hepatic whatever the stored class order."""
     from inference.tree_model import CLASSES, TreeCase
     from utils.h5io import DatasetPaths, read_list, read_volume
-    from utils.manifests import class_labels, dataset_class_values
+    from utils.manifests import dataset_class_values, volume_class_labels
 
     paths = DatasetPaths.of(root, dataset, list_dir)
     values = dataset_class_values(CLASSES, paths)
@@ -45,10 +45,8 @@ def read_cases(root: str, dataset: str, list_dir: str, splits: Sequence[str]) ->
     for split in splits:
         for name in read_list(paths.list_file(f"vol_{split}")):
             vol = read_volume(paths.volume(name))
-            if vol.classes is None:
-                raise ValueError(f"{paths.volume(name)}: no class map (preprocess.py --vessel_classes)")
-            cases.append(TreeCase(f"{dataset}/{name}", vol.image, class_labels(vol.classes, values),
-                                  tuple(vol.spacing)))
+            cases.append(TreeCase(f"{dataset}/{name}", vol.image,
+                                  volume_class_labels(vol.classes, values, paths.volume(name)), tuple(vol.spacing)))
     return cases
 
 

@@ -32,7 +32,7 @@ from inference.trees import TREE_SMOOTHNESS, check_smoothness, consistent_trees
 from utils import provenance
 from utils.atomic import atomic_dir
 from utils.h5io import DatasetPaths, read_list, read_volume, salience_made_by
-from utils.manifests import class_labels
+from utils.manifests import volume_class_labels
 
 if TYPE_CHECKING:
     from inference.tree_model import TreeModel
@@ -307,10 +307,8 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
         pred = pr.mask(prob, vol.spacing, roi)
         tree_row: dict[str, Any] = {}
     else:
-        if vol.classes is None:
-            raise ValueError(f"{paths.volume(case)}: no class map, needed to score the trees "
-                             f"{ev.classes} (preprocess.py --vessel_classes)")
-        true_labels = class_labels(vol.classes, ev.class_values)
+        true_labels = volume_class_labels(vol.classes, ev.class_values, paths.volume(case),
+                                          f", needed to score the trees {ev.classes}")
         if ev.trees is None:
             voxelwise = pr.labels(prob, vol.spacing, roi, consistent=False)
             labels = consistent_trees(voxelwise)

@@ -4,7 +4,7 @@ The tree model (:mod:`inference.tree_model`) decides on a 3 mm grid and leans on
 lies; the vessel voxels it puts in the wrong tree fill whole branches. A branch's tree is a
 question of what it connects to, so this step decides per branch, from its neighbours too:
 
-- :func:`skeleton_branches`: the mask's skeleton (``skimage.morphology.skeletonize``) less its
+- :func:`skeleton_branches`: the mask's skeleton (:func:`evaluation.metrics.skeleton`) less its
   junctions (skeleton voxels with 3 or more skeleton neighbours, widened by one voxel) falls
   into branches; every mask voxel joins the nearest branch of its own connected piece (a piece
   with no branch is one). Given the true trees, one label per branch leaves about 1% of the
@@ -33,6 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
+from evaluation.metrics import skeleton
+from inference.trees import neighbour_pairs
 from utils.boxes import bounding_box
 
 log = logging.getLogger("trees")
@@ -46,7 +48,6 @@ FEATURES = ("log_voxels", "row", "col", "slice", "radius_mm", "log_skeleton_voxe
 #: angle is left to a later version of the features (it changes the trained networks)
 EDGE_FEATURES = ("log_contact", "radius_ratio", "alignment", "slice_step", "radius_step")
 _FULL = np.ones((3, 3, 3), dtype=bool)
-_HALF_26 = [o for o in np.ndindex(3, 3, 3) if tuple(np.subtract(o, 1)) > (0, 0, 0)]
 # the tree model's logit is clipped here before it is averaged over a branch
 _LOGIT_CLIP = 10.0
 
@@ -75,18 +76,23 @@ def _check(union: np.ndarray, spacing: Sequence[float]) -> None:
 
 def skeleton_branches(union: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """int32 (H, W, D): 0 outside ``union``, k + 1 on the voxels of branch k (module docstring)."""
-    from skimage.morphology import skeletonize
+    return _branches_and_skeleton(union, spacing)[0]
 
+
+def _branches_and_skeleton(union: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(:func:`skeleton_branches`, the mask's skeleton bool (H, W, D)), one skeleton per piece."""
     _check(union, spacing)
     union = np.asarray(union, dtype=bool)
     out = np.zeros(union.shape, np.int32)
+    skeletons = np.zeros(union.shape, bool)
     comps, n_comps = ndimage.label(union, structure=_FULL)
     next_label = 0
     for c, sl in enumerate(ndimage.find_objects(comps), start=1):
         # one connected piece at a time, so that no voxel joins a branch of another piece
         sl = tuple(slice(max(0, s.start - 1), s.stop + 1) for s in sl)
         piece = comps[sl] == c
-        skel = skeletonize(piece).astype(bool)
+        skel = skeleton(piece)
+        skeletons[sl] |= skel
         neighbours = ndimage.convolve(skel.astype(np.uint8), _FULL.astype(np.uint8), mode="constant") - 1
         junctions = ndimage.binary_dilation(skel & (neighbours >= 3), structure=_FULL) & skel
         branches, n = ndimage.label(skel & ~junctions, structure=_FULL)
@@ -98,7 +104,7 @@ def skeleton_branches(union: np.ndarray, spacing: Sequence[float]) -> np.ndarray
         labels = branches[tuple(nearest)]
         out[sl][piece] = labels[piece] + next_label
         next_label += n
-    return out
+    return out, skeletons
 
 
 def _branch_directions(piece: np.ndarray, skel: np.ndarray, radius: np.ndarray, n: int,
@@ -133,8 +139,6 @@ def _branch_directions(piece: np.ndarray, skel: np.ndarray, radius: np.ndarray, 
 def branch_graph(union: np.ndarray, logit: np.ndarray, spacing: Sequence[float]) -> BranchGraph:
     """The branch graph (:class:`BranchGraph`) of the mask ``union`` with the tree model's
     hepatic-minus-portal ``logit`` (float (H, W, D))."""
-    from skimage.morphology import skeletonize
-
     _check(union, spacing)
     if np.shape(logit) != np.shape(union):
         raise ValueError(f"logit must be shaped like the mask {np.shape(union)}, got {np.shape(logit)}")
@@ -148,9 +152,8 @@ def branch_graph(union: np.ndarray, logit: np.ndarray, spacing: Sequence[float])
     logit = np.clip(np.asarray(logit, dtype=np.float64)[box], -_LOGIT_CLIP, _LOGIT_CLIP)
     if not np.isfinite(logit[union]).all():
         raise ValueError("logit is not finite inside the mask")
-    piece = skeleton_branches(union, sp)
+    piece, skel = _branches_and_skeleton(union, sp)
     n = int(piece.max())
-    skel = skeletonize(union).astype(bool)
     radius = ndimage.distance_transform_edt(union, sampling=sp)
 
     def per_branch(values: np.ndarray, where: np.ndarray) -> np.ndarray:
@@ -174,17 +177,13 @@ def branch_graph(union: np.ndarray, logit: np.ndarray, spacing: Sequence[float])
         per_branch((logit > 0).astype(float), union),
     ], axis=1).astype(np.float32)
     # touching branches: every 26-neighbour pair of mask voxels on two branches
-    where = np.argwhere(union)
+    owner = piece[union].astype(np.int64)
     pairs = []
-    for o in _HALF_26:
-        q = where + np.subtract(o, 1)
-        inside = np.all((q >= 0) & (q < union.shape), axis=1)
-        a = piece[tuple(where[inside].T)]
-        b = piece[tuple(q[inside].T)]
-        keep = (b > 0) & (a != b)
+    for _, i, j in neighbour_pairs(union):
+        a, b = owner[i], owner[j]
+        keep = a != b
         pairs.append(np.stack([np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])], axis=1) - 1)
-    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
-    edges, contacts = np.unique(pairs.astype(np.int64), axis=0, return_counts=True)
+    edges, contacts = np.unique(np.concatenate(pairs), axis=0, return_counts=True)
     return BranchGraph(box, piece, features, edges.reshape(-1, 2), contacts.astype(float))
 
 

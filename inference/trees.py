@@ -23,7 +23,7 @@ Arrays are (H, W, D); spacing (row, col, slice) in mm.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage, sparse
@@ -112,6 +112,24 @@ def check_smoothness(smoothness: float) -> float:
     return value
 
 
+def neighbour_pairs(mask: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """For each of the 13 offsets that count every 26-neighbour pair once: (step (3,) int, i, j),
+    where ``i`` and ``j`` index ``np.argwhere(mask)`` (C order, as ``mask[mask]``) and voxel
+    ``j`` is voxel ``i`` plus ``step``, both in ``mask`` (bool (H, W, D))."""
+    mask = np.asarray(mask, dtype=bool)
+    index = np.full(mask.shape, -1, np.int64)
+    voxels = np.argwhere(mask)
+    index[mask] = np.arange(len(voxels))
+    for o in _HALF_26:
+        step = np.subtract(o, 1)
+        q = voxels + step
+        inside = np.all((q >= 0) & (q < mask.shape), axis=1)
+        j = np.full(len(voxels), -1, np.int64)
+        j[inside] = index[tuple(q[inside].T)]
+        pair = j >= 0
+        yield step, np.arange(len(voxels))[pair], j[pair]
+
+
 def cut_trees(union: np.ndarray, hepatic_minus_portal: np.ndarray, spacing: Sequence[float],
               smoothness: float = TREE_SMOOTHNESS) -> np.ndarray:
     """Label map uint8 (H, W, D) of the mask ``union``: 1 portal, 2 hepatic, 0 outside it.
@@ -144,10 +162,7 @@ def cut_trees(union: np.ndarray, hepatic_minus_portal: np.ndarray, spacing: Sequ
     if smoothness == 0:
         out[box][union] = np.where(logit > 0, 2, 1)
         return out
-    index = np.full(union.shape, -1, np.int32)
-    voxels = np.argwhere(union).astype(np.int32)
-    n = len(voxels)
-    index[union] = np.arange(n, dtype=np.int32)
+    n = int(np.count_nonzero(union))
     source, sink = n, n + 1  # source side: portal
     logit = np.clip(logit, -_LOGIT_CLIP, _LOGIT_CLIP)
     # cutting source -> v labels v hepatic: its loss as hepatic; v -> sink: its loss as portal
@@ -157,14 +172,7 @@ def cut_trees(union: np.ndarray, hepatic_minus_portal: np.ndarray, spacing: Sequ
     rows = [np.full(n, source), np.arange(n)]
     cols = [np.arange(n), np.full(n, sink)]
     caps = [np.round(scale * as_hepatic), np.round(scale * as_portal)]
-    for o in _HALF_26:
-        step = np.subtract(o, 1)
-        q = voxels + step
-        inside = np.all((q >= 0) & (q < union.shape), axis=1)
-        j = np.full(n, -1, np.int64)
-        j[inside] = index[tuple(q[inside].T)]
-        pair = j >= 0
-        i, j = np.arange(n)[pair], j[pair]
+    for step, i, j in neighbour_pairs(union):
         # a capacity above the whole flow cannot saturate: capped there, it still fits int32
         cap = min(_INT32_ROOM, round(scale * smoothness / float(np.linalg.norm(step * np.asarray(spacing)))))
         rows += [i, j]

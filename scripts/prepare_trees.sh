@@ -2,7 +2,8 @@
 # (portal vein 1, hepatic veins 2), each stage through the project's commands and reused when
 # complete. Needs PY and step(); sets the settings both scripts share from the environment (REAL_SRC,
 # DATA from TREES_DATA, CKPT from TREES_CKPT, MIX from MIX_REAL), PH, REAL (dataset names), HEAD
-# (the fitted salience head) and HAVE_REAL (1 when real patients were found under REAL_SRC).
+# (the fitted salience head), HAVE_REAL (1 when real patients were found under REAL_SRC) and the
+# function salience_maps DATASET LIST_DIR (a dataset's maps from that head, as the vessel models read them).
 #   a. scripts/prepare_phantom.sh: the make-demo phantoms and the bank head fitted on them.
 #   b. preprocess.py --vessel_classes portalvein,venoussystem on the same phantoms, with make
 #      demo's split (so the test cases are the binary demo model's), and their maps.
@@ -19,6 +20,11 @@ CLASSES=portalvein,venoussystem
 PH=phantom_trees
 REAL=ircadb_trees
 
+salience_maps() {  # dataset list_dir
+  $PY salience_generation.py --dataset "$1" --root_path "$DATA" --list_dir "$2" --generator bank \
+      --weights "$HEAD" --normalisation fixed >&2
+}
+
 step "data a. phantoms and the fitted head (scripts/prepare_phantom.sh)"
 DEMO_NORMALISATION=fixed bash scripts/prepare_phantom.sh >&2
 
@@ -27,8 +33,7 @@ mkdir -p "$DATA/lists/$PH"
 for s in train val test; do cp "list/phantom/vol_$s.txt" "$DATA/lists/$PH/vol_$s.txt"; done
 $PY preprocess.py --dataset $PH --src "${DEMO_DATA:-data}/raw/phantom" --root_path "$DATA" --list_dir "$DATA/lists" \
     --vessel_classes $CLASSES --workers 2 >&2
-$PY salience_generation.py --dataset $PH --root_path "$DATA" --list_dir "$DATA/lists" --generator bank \
-    --weights "$HEAD" --normalisation fixed >&2
+salience_maps $PH "$DATA/lists"
 
 HAVE_REAL=0
 if [ -n "$REAL_SRC" ] && ls -d "$REAL_SRC"/3Dircadb1.* >/dev/null 2>&1; then
@@ -36,8 +41,7 @@ if [ -n "$REAL_SRC" ] && ls -d "$REAL_SRC"/3Dircadb1.* >/dev/null 2>&1; then
   step "data c. real patients under $REAL_SRC with their class maps"
   $PY preprocess.py --dataset $REAL --src "$REAL_SRC" --root_path "$DATA" --list_dir "$DATA/lists/all" \
       --vessel_classes $CLASSES --workers 2 --split 100/0/0 >&2
-  $PY salience_generation.py --dataset $REAL --root_path "$DATA" --list_dir "$DATA/lists/all" --generator bank \
-      --weights "$HEAD" --normalisation fixed >&2
+  salience_maps $REAL "$DATA/lists/all"
   mkdir -p "$DATA/lists/test_real/$REAL"
   cp "$DATA/lists/all/$REAL/vol_train.txt" "$DATA/lists/test_real/$REAL/vol_test.txt"
   : > "$DATA/lists/test_real/$REAL/vol_train.txt"

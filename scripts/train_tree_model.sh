@@ -100,9 +100,7 @@ if [ "$WILL_BRANCH" = 1 ]; then
     step "3/4 reusing $WITH (delete it to train again, e.g. for another VESSEL_MODEL)"
   else
     step "3/4 branch networks on $VESSEL_MODEL's masks of the $EXTRA extra phantoms"
-    # the vessel model reads offline salience maps, made as prepare_trees.sh makes them for its phantoms
-    $PY salience_generation.py --dataset $XP --root_path "$DATA" --list_dir "$DATA/lists" --generator bank \
-        --weights "$HEAD" --normalisation fixed >&2
+    salience_maps $XP "$DATA/lists"  # the vessel model reads offline salience maps
     $PY test.py --dataset $XP --root_path "$DATA" --list_dir "$DATA/lists" --split train --eval_roi liver --model_path "$VESSEL_MODEL" \
         --save_pred h5 --pred_kind mask --output "$RUN/masks_$XP" >&2
     $PY train_branch_model.py --tree_model "$OUT" --data "$DATA" $XP "$RUN/masks_$XP" --seeds "$BRANCH_SEEDS" \

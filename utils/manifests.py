@@ -178,6 +178,15 @@ def class_labels(class_map: np.ndarray, values: Sequence[int]) -> np.ndarray:
     return out
 
 
+def volume_class_labels(classes: Optional[np.ndarray], values: Sequence[int], where: str | os.PathLike,
+                        why: str = "") -> np.ndarray:
+    """:func:`class_labels` of a volume's stored class map ``classes``; ValueError naming the
+    volume file ``where`` (and ``why`` it is needed) when it has none."""
+    if classes is None:
+        raise ValueError(f"{where}: no class map{why} (preprocess.py --vessel_classes)")
+    return class_labels(classes, values)
+
+
 def option_differences(old: dict, new: dict) -> list[str]:
     """The preprocessing options on which two dataset manifests differ, as "name: old vs new"."""
     return [f"{k}: {old.get(k)!r} there vs {new.get(k)!r} now" for k in DATASET_OPTIONS if old.get(k) != new.get(k)]
