@@ -23,9 +23,10 @@ Arrays are (H, W, D); spacing (row, col, slice) in mm.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +51,20 @@ EDGE_FEATURES = ("log_contact", "radius_ratio", "alignment", "slice_step", "radi
 _FULL = np.ones((3, 3, 3), dtype=bool)
 # the tree model's logit is clipped here before it is averaged over a branch
 _LOGIT_CLIP = 10.0
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one CPU thread inside, restoring the count after. The branch networks are
+    tiny, so this costs little; with 2 threads, training on the same inputs gave other networks
+    in another process (measured: 3 passes, weights differed between two processes, identical
+    with 1 thread)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @dataclass
@@ -303,7 +318,7 @@ class BranchModel:
         if graph.n == 0:
             return np.zeros(0, np.float32)
         inputs = _inputs(graph, self.mean, self.std)
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             return torch.stack([net(*inputs) for net in self.nets]).mean(0).numpy().astype(np.float32)
 
     def voxel_logit(self, union: np.ndarray, logit: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
@@ -354,23 +369,30 @@ def train_branch_model(graphs: Sequence[BranchGraph], truths: Sequence[tuple[np.
     inputs = [(_inputs(g, mean, std), torch.from_numpy(t[0]), torch.from_numpy(t[1] / t[1].sum()).float())
               for g, t in data]
     nets, last = [], []
-    for seed in tqdm(config.seeds, desc="branch networks", disable=not progress):
-        torch.manual_seed(seed)
-        rng = np.random.default_rng(seed)
-        net = BranchNet(config.hidden, config.layers, config.dropout)
-        opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        net.train()
-        for _ in range(config.epochs):
-            total = 0.0
-            for k in rng.permutation(len(inputs)):
-                x, y, w = inputs[k]
-                loss = (F.binary_cross_entropy_with_logits(net(*x), y, reduction="none") * w).sum()
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"branch network (seed {seed}): loss is {loss.item()}")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.item())
-        last.append(total / len(inputs))
-        nets.append(net.eval())
+    with one_thread():
+        for seed in tqdm(config.seeds, desc="branch networks", disable=not progress):
+            net, loss = _train_one(inputs, config, seed)
+            nets.append(net)
+            last.append(loss)
     return BranchModel(nets, mean.astype(np.float32), std.astype(np.float32), config), last
+
+
+def _train_one(inputs: Sequence[tuple], config: BranchConfig, seed: int) -> tuple[BranchNet, float]:
+    """One network of :func:`train_branch_model` and its mean loss of the last pass."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = BranchNet(config.hidden, config.layers, config.dropout)
+    opt = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    net.train()
+    for _ in range(config.epochs):
+        total = 0.0
+        for k in rng.permutation(len(inputs)):
+            x, y, w = inputs[k]
+            loss = (F.binary_cross_entropy_with_logits(net(*x), y, reduction="none") * w).sum()
+            if not torch.isfinite(loss):
+                raise RuntimeError(f"branch network (seed {seed}): loss is {loss.item()}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.item())
+    return net.eval(), total / len(inputs)

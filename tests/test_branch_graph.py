@@ -182,6 +182,30 @@ def test_branch_networks_learn_a_worked_example_and_round_trip():
         BranchConfig(seeds=())
 
 
+def test_branch_networks_train_and_run_on_one_thread_and_restore_the_count(monkeypatch):
+    # with 2 threads, the same training gave other networks in another process; one thread does not
+    seen = []
+    forward = BranchNet.forward
+
+    def spy(self, *args):
+        seen.append(torch.get_num_threads())
+        return forward(self, *args)
+
+    monkeypatch.setattr(BranchNet, "forward", spy)
+    data = [crossing_case(s) for s in range(2)]
+    cfg = BranchConfig(hidden=8, layers=2, dropout=0.0, epochs=2, seeds=(0,))
+    torch.set_num_threads(2)  # the module's one_thread fixture restores it afterwards
+    model, _ = train_branch_model([d[0] for d in data], [d[1] for d in data], cfg, progress=False)
+    assert torch.get_num_threads() == 2
+    model.logits(data[0][0])
+    assert torch.get_num_threads() == 2
+    assert len(seen) == 5 and set(seen) == {1}
+    # and the same training twice gives the same weights
+    again, _ = train_branch_model([d[0] for d in data], [d[1] for d in data], cfg, progress=False)
+    for a, b in zip(model.nets[0].state_dict().values(), again.nets[0].state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_empty_masks_give_empty_graphs():
     graph = branch_graph(np.zeros((5, 5, 5), bool), np.zeros((5, 5, 5)), (1.0, 1.0, 1.0))
     assert graph.n == 0 and graph.box is None
