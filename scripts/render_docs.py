@@ -272,6 +272,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "predict-speed-extras": lambda: predict_speed("predict_bench_extras"),
     "predict-speed-trees": lambda: predict_speed("predict_bench_trees"),
     "predict-speed-branches": lambda: predict_speed("predict_bench_branches"),
+    "predict-speed-branches-one-thread": lambda: predict_speed("predict_bench_branches_one_thread"),
     "predict-speed-liver": lambda: predict_speed("predict_bench_liver"),
     **{f"flags-{m}": (lambda m=m: _flag_table(m)) for m in COMMANDS},
 }
