@@ -55,10 +55,11 @@ _LOGIT_CLIP = 10.0
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside, restoring the count after. The branch networks are
-    tiny, so this costs little; with 2 threads, training on the same inputs gave other networks
-    in another process (measured: 3 passes, weights differed between two processes, identical
-    with 1 thread)."""
+    """Run torch on one CPU thread inside, restoring the count after, also on an error. The
+    branch networks are tiny, so this costs little; with 2 threads, training on the same inputs
+    gave other networks in another process (3 passes: the weights differed between two
+    processes, and were identical with 1 thread). It changes a process-wide setting: not for use
+    while other threads run torch."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -318,6 +319,7 @@ class BranchModel:
         if graph.n == 0:
             return np.zeros(0, np.float32)
         inputs = _inputs(graph, self.mean, self.std)
+        # one thread as in training, so that the logits do not depend on the thread count
         with torch.no_grad(), one_thread():
             return torch.stack([net(*inputs) for net in self.nets]).mean(0).numpy().astype(np.float32)
 
@@ -377,8 +379,13 @@ def train_branch_model(graphs: Sequence[BranchGraph], truths: Sequence[tuple[np.
     return BranchModel(nets, mean.astype(np.float32), std.astype(np.float32), config), last
 
 
-def _train_one(inputs: Sequence[tuple], config: BranchConfig, seed: int) -> tuple[BranchNet, float]:
-    """One network of :func:`train_branch_model` and its mean loss of the last pass."""
+def _train_one(inputs: Sequence[tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]],
+               config: BranchConfig, seed: int) -> tuple[BranchNet, float]:
+    """One network of :func:`train_branch_model` and its mean loss of the last pass. Each item of
+    ``inputs`` is one graph: ((features (n, len(FEATURES)) normalised, source (2m,), target (2m,),
+    edge features (2m, len(EDGE_FEATURES))), truth (n,) float32 1 hepatic, weight (n,) float32
+    each branch's share of the graph's voxels); the loss per graph is the weighted sum of the
+    branches' binary cross-entropies."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = BranchNet(config.hidden, config.layers, config.dropout)

@@ -21,10 +21,12 @@
 #      (train_branch_model.py, inference/branch_graph.py) trained on the vessel model's masks of
 #      the extra phantoms inside their livers, as test.py and predict.py give them (test.py
 #      --eval_roi liver --save_pred h5 --pred_kind mask), written into a second file,
-#      tree_model_branches_s<BRANCH_SEEDS>.pth: it decides per branch of the mask's skeleton, and put fewer found
-#      vessels in the wrong tree than the tree model alone on real patients 1 and 7 taken together
-#      and on two of three sets of held-out phantoms, in two trainings (records tree_branches,
-#      tree_branches_retrained).
+#      tree_model_branches_s<BRANCH_SEEDS>.pth: it decides per branch of the mask's skeleton. In
+#      each of four trainings they put fewer found vessels in the wrong tree than the tree model
+#      alone on real patients 1 and 7 taken together and on two of three sets of held-out
+#      phantoms, and on the third in three of the four (records tree_branches_one_thread,
+#      tree_branches, tree_branches_retrained). They train on one torch thread: the same seeds
+#      give the same networks.
 #   4. test.py with the vessel model and the tree model (with branch networks when trained), per
 #      tree and for the union, inside the liver: the phantom test cases, and the real patients not
 #      trained on.
