@@ -5,9 +5,10 @@
 
 ``REPORT_DIR``: a ``test.py --tree_model ... --save_pred h5 --pred_kind mask`` report; its saved
 label map is the cut (``inference.trees.cut_trees``, the report's smoothness). The tree model
-named in the report labels the same mask again voxel by voxel (smoothness 0). Three coronal
-maximum intensity projections of the mask: the true tree of each found vessel voxel (grey:
-predicted where there is no vessel), the tree model voxel by voxel, and the cut; portal red,
+named in the report labels the same mask again voxel by voxel (smoothness 0). Coronal maximum
+intensity projections of the mask: the true tree of each found vessel voxel (grey: predicted
+where there is no vessel), the tree model voxel by voxel, with branch networks in its file also
+their labels branch by branch (:func:`uncut_labels`), and the cut; portal red,
 hepatic blue; each titled with its share of found voxels in the wrong tree
 (``evaluation.metrics.wrong_tree_share``). The image lies under the projections.
 """
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.figures import _save, plt  # noqa: E402
 from evaluation.metrics import wrong_tree_share  # noqa: E402
 from inference.tree_model import CLASSES  # noqa: E402
+from inference.trees import cut_trees  # noqa: E402
 from prediction.segment import TREE_COLOURS  # noqa: E402
 from utils.boxes import bounding_box  # noqa: E402
 from utils.h5io import DatasetPaths, read_volume  # noqa: E402
@@ -72,21 +74,20 @@ def draw_tree_cut(report: Path, root_path: str, dataset: str, list_dir: str, cas
 
         tree_model = load_tree_model(meta["tree_model"]["path"])
     union = cut > 0
-    voxelwise = tree_model.classify(vol.image, union, vol.spacing, 0.0)
     truth = np.where(union, np.where(true_labels > 0, true_labels, 3), 0)
     colours = {1: TREE_COLOURS[0], 2: TREE_COLOURS[1]}
     roi = vol.liver if meta.get("eval_roi") == "liver" else None
     # grey first: the trees are painted over it
-    panels = [("truth of the found voxels (grey: no vessel)", truth, {3: FALSE_POSITIVE, **colours})]
-    for name, lab in (("tree model, voxel by voxel", voxelwise),
-                      (f"minimum cut, smoothness {meta['tree_model'].get('smoothness', 0):g}", cut)):
-        panels.append((f"{name}: {wrong_tree_share(lab, true_labels, roi):.1%} in the wrong tree", lab, colours))
+    panels = [("truth of the found voxels\n(grey: no vessel)", truth, {3: FALSE_POSITIVE, **colours})]
+    before = uncut_labels(tree_model, vol.image, union, vol.spacing)
+    for name, lab in before + [(f"minimum cut, smoothness {meta['tree_model'].get('smoothness', 0):g}", cut)]:
+        panels.append((f"{name}:\n{wrong_tree_share(lab, true_labels, roi):.1%} in the wrong tree", lab, colours))
     # the mask's box (a few voxels wider): the projections hold the vessels, not the bones around them
     box = bounding_box(union, margin=(2, 6, 2))
     if box is None:
         raise ValueError(f"{pred}: the mask is empty")
     aspect = float(vol.spacing[2]) / float(vol.spacing[1])
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.0), squeeze=False)
     for ax, (title, lab, cols) in zip(axes[0], panels):
         ax.imshow(coronal_rgb(vol.image[box], lab[box], cols), aspect=aspect, interpolation="nearest")
         ax.set_title(title, fontsize=9)
@@ -94,6 +95,17 @@ def draw_tree_cut(report: Path, root_path: str, dataset: str, list_dir: str, cas
     fig.suptitle(f"{dataset}/{case}, coronal MIPs: portal vein red, hepatic veins blue", fontsize=10)
     _save(fig, Path(out))
     return Path(out)
+
+
+def uncut_labels(tree_model, image: np.ndarray, union: np.ndarray,
+                 spacing: Sequence[float]) -> list[tuple[str, np.ndarray]]:
+    """(title, label map uint8 (H, W, D): 1 portal, 2 hepatic) of the labels before the cut: the
+    tree model's voxel by voxel; with branch networks in its file, also theirs, one per branch."""
+    alone = cut_trees(union, tree_model.network_logit(image, union, spacing), spacing, 0.0)
+    if tree_model.branches is None:
+        return [("tree model, voxel by voxel", alone)]
+    return [("tree model alone, voxel by voxel", alone),
+            ("branch networks, branch by branch", tree_model.classify(image, union, spacing, 0.0))]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

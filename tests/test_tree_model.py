@@ -288,3 +288,31 @@ def test_draw_tree_cut_paints_each_tree_where_it_projects(tree_data, tmp_path):
         draw_tree_cut(plain.output, str(tree_data / "data"), "phantom", str(tree_data / "list"), case,
                       tmp_path / "no.png")
     assert not (tmp_path / "no.png").exists()
+    # with branch networks in the file: the tree model alone and the networks' labels, before the cut
+    from inference.branch_graph import BranchConfig, BranchModel, BranchNet, FEATURES, branch_graph
+    from scripts.draw_tree_cut import uncut_labels
+
+    c = two_tree_case(0)
+    union = c.labels > 0
+    (name, alone), = uncut_labels(tree, c.image, union, c.spacing)
+    assert name == "tree model, voxel by voxel"
+    logit = tree.network_logit(c.image, union, c.spacing)
+    assert np.array_equal(alone, np.where(union, np.where(logit > 0, 2, 1), 0))
+    # a network that calls every branch the other tree than most of the tree model's voxels
+    net = BranchNet(8, 1, 0.0).eval()
+    with torch.no_grad():
+        net.out.weight.zero_()
+        net.out.bias.fill_(5.0 if (alone[union] == 1).mean() > 0.5 else -5.0)
+    cfg = BranchConfig(hidden=8, layers=1, dropout=0.0, seeds=(0,))
+    tree.branches = BranchModel([net], np.zeros(len(FEATURES), np.float32), np.ones(len(FEATURES), np.float32), cfg)
+    (n1, first), (n2, per_branch) = uncut_labels(tree, c.image, union, c.spacing)
+    assert (n1, n2) == ("tree model alone, voxel by voxel", "branch networks, branch by branch")
+    assert np.array_equal(first, alone) and (first[union] != per_branch[union]).mean() > 0.5
+    graph = branch_graph(union, logit, c.spacing)
+    hepatic = np.concatenate([[False], tree.branches.logits(graph) > 0])[graph.piece]
+    expected = np.zeros(union.shape, np.uint8)
+    expected[graph.box] = np.where(graph.piece > 0, np.where(hepatic, 2, 1), 0)
+    assert np.array_equal(per_branch, expected)
+    out = draw_tree_cut(tmp_path / "eval", str(tree_data / "data"), "phantom", str(tree_data / "list"), case,
+                        tmp_path / "cut4.png", tree_model=tree)
+    assert out.is_file()
