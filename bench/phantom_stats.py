@@ -30,7 +30,9 @@ with ``--target_spacing`` sees), then measured by :func:`volume_figures` inside 
 * portal share by height (%): the portal vein's share of the two trees' voxels (portalvein,
   venoussystem) inside the liver, in the lower, middle and upper third of the liver's slices
   (LPS order: feet to head). A tree model (issue 26) may tell the trees apart by height
-  where the phantoms draw them apart by height.
+  where the phantoms draw them apart by height;
+* portal share by side (%): the same in thirds of the liver's columns, the patient's right,
+  middle and left (where a real liver's left lobe takes the portal vein's left branch).
 
 The table gives each preset's mean over its patients, each real patient, the real mean,
 and whether a preset is within 15 % of the real mean (0.03 for the AUC, the calibration
@@ -48,7 +50,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -71,16 +73,19 @@ HIGHPASS_SIGMA_VOX = 2.0
 MAX_LAG = 6
 WINDOW_MM = 4.0
 THIRDS = ("lower", "middle", "upper")
+SIDES = ("right", "middle", "left")
 TREES = ("portalvein", "venoussystem")
 
 
 def figure_names() -> list[str]:
-    """The figures of :func:`volume_figures` and :func:`height_shares`, in table order."""
+    """The figures of :func:`volume_figures`, :func:`height_shares` and :func:`side_shares`, in
+    table order."""
     return (["parenchyma mean HU", "parenchyma std HU", "noise HU", "noise corr. length vox"]
             + [f"contrast r {b} mm HU" for b in BIN_NAMES] + ["edge / core contrast"]
             + ["radius p10 mm", "radius p50 mm", "radius p90 mm"]
             + ["radius p10 mm (area)", "radius p50 mm (area)", "radius p90 mm (area)"]
-            + ["vessel share of liver %", "intensity AUC"] + [f"portal share, {t} third %" for t in THIRDS])
+            + ["vessel share of liver %", "intensity AUC"] + [f"portal share, {t} third %" for t in THIRDS]
+            + [f"portal share, {t} side %" for t in SIDES])
 
 
 def correlation_length(highpass: np.ndarray, mask: np.ndarray, max_lag: int = MAX_LAG) -> float:
@@ -206,17 +211,31 @@ def height_shares(portal: np.ndarray, hepatic: np.ndarray, liver: np.ndarray) ->
     (H, W, D) masks that do not overlap (a class map's two classes). NaN for a third without
     vessels (the table's mean over a set's patients leaves it out); ValueError on shape
     mismatch or an empty liver."""
+    return _shares_along(portal, hepatic, liver, 2, THIRDS, "third")
+
+
+def side_shares(portal: np.ndarray, hepatic: np.ndarray, liver: np.ndarray) -> dict[str, float]:
+    """As :func:`height_shares`, in thirds of the liver's columns: the patient's right, middle
+    and left (the column index runs to the patient's left, as the DICOM reader keeps it), where
+    a real liver's left lobe takes its own branch of the portal vein."""
+    return _shares_along(portal, hepatic, liver, 1, SIDES, "side")
+
+
+def _shares_along(portal: np.ndarray, hepatic: np.ndarray, liver: np.ndarray, axis: int,
+                  names: Sequence[str], what: str) -> dict[str, float]:
+    """The portal share (%) in ``len(names)`` equal parts of the liver's extent along ``axis``."""
     if not (portal.shape == hepatic.shape == liver.shape) or liver.ndim != 3:
         raise ValueError(f"portal {portal.shape}, hepatic {hepatic.shape} and liver {liver.shape} must be one (H, W, D) shape")
-    zs = np.flatnonzero((liver > 0).any(axis=(0, 1)))
-    if zs.size == 0:
+    others = tuple(a for a in range(3) if a != axis)
+    idx = np.flatnonzero((liver > 0).any(axis=others))
+    if idx.size == 0:
         raise ValueError("empty liver mask")
-    p_z = ((portal > 0) & (liver > 0)).sum(axis=(0, 1))
-    h_z = ((hepatic > 0) & (liver > 0)).sum(axis=(0, 1))
+    p_a = ((portal > 0) & (liver > 0)).sum(axis=others)
+    h_a = ((hepatic > 0) & (liver > 0)).sum(axis=others)
     out = {}
-    for name, part in zip(THIRDS, np.array_split(np.arange(zs[0], zs[-1] + 1), len(THIRDS))):
-        p, h = float(p_z[part].sum()), float(h_z[part].sum())
-        out[f"portal share, {name} third %"] = 100.0 * p / (p + h) if p + h > 0 else float("nan")
+    for name, part in zip(names, np.array_split(np.arange(idx[0], idx[-1] + 1), len(names))):
+        p, h = float(p_a[part].sum()), float(h_a[part].sum())
+        out[f"portal share, {name} {what} %"] = 100.0 * p / (p + h) if p + h > 0 else float("nan")
     return out
 
 
@@ -241,7 +260,8 @@ def to_grid(hu: np.ndarray, masks: list[Optional[np.ndarray]], spacing, grid_mm:
 def patient_figures(patient_dir: Path, keep_slice: bool = False, grid_mm: Optional[float] = None) -> dict:
     """Read a 3D-IRCADb-style patient with the project's reader and measure it, on its own
     grid or, with ``grid_mm``, resampled in-plane to that many mm per pixel (:func:`to_grid`).
-    The figures are :func:`volume_figures`' and :func:`height_shares`' (the class map's trees).
+    The figures are :func:`volume_figures`', :func:`height_shares`' and :func:`side_shares`' (the
+    class map's trees).
     With ``keep_slice``, ``"_slice"`` holds (HU (H, W) of the slice with most label voxels,
     liver (H, W), spacing) for the side-by-side figure."""
     # one read: the class map numbers the trees in TREES' order (1 portal vein, 2 hepatic veins)
@@ -256,6 +276,7 @@ def patient_figures(patient_dir: Path, keep_slice: bool = False, grid_mm: Option
                                                                        spacing, grid_mm)
     out: dict = volume_figures(hu, label, liver, spacing, other_vessels=artery)
     out.update(height_shares(portal, hepatic, liver))
+    out.update(side_shares(portal, hepatic, liver))
     if keep_slice:
         k = int(np.argmax((label & liver).sum(axis=(0, 1))))
         out["_slice"] = (hu[:, :, k].copy(), liver[:, :, k] > 0, spacing)

@@ -381,16 +381,38 @@ def test_height_shares_on_a_worked_example():
         height_shares(portal[:, :, 0], hepatic[:, :, 0], liver[:, :, 0])
 
 
+def test_side_shares_on_a_worked_example():
+    from bench.phantom_stats import side_shares
+
+    shape = (6, 12, 4)
+    liver = np.zeros(shape, bool)
+    liver[1:5, 3:12, :] = True    # columns 3-11: right 3-5, middle 6-8, left 9-11
+    portal, hepatic = np.zeros(shape, bool), np.zeros(shape, bool)
+    portal[2, 3:6, 1] = True      # right third: 3 portal ...
+    hepatic[3, 4, 2] = True       # ... 1 hepatic: 75 %
+    hepatic[2, 9:12, 1] = True    # left third: 3 hepatic, 1 portal: 25 %
+    portal[3, 11, 2] = True
+    portal[0, 6:9, 1] = True      # outside the liver: the middle third has no vessel
+    f = side_shares(portal, hepatic, liver)
+    assert f["portal share, right side %"] == pytest.approx(75.0)
+    assert np.isnan(f["portal share, middle side %"])
+    assert f["portal share, left side %"] == pytest.approx(25.0)
+    with pytest.raises(ValueError, match="empty liver"):
+        side_shares(portal, hepatic, np.zeros(shape, bool))
+
+
 def test_patient_figures_read_the_trees_back_from_dicom(written):
     # the figures of a written phantom, read back by the project's reader, are those of the
     # generator's own masks: the reader keeps the slice order (feet to head) and the two trees apart
-    from bench.phantom_stats import height_shares, patient_figures
+    from bench.phantom_stats import height_shares, patient_figures, side_shares
 
     _, paths, mem = written
     f = patient_figures(paths[0])
     p = mem[1]
     want = height_shares(p.masks["portalvein"] > 0, (p.masks["venoussystem"] > 0) & ~(p.masks["portalvein"] > 0),
                          p.masks["liver"])
+    want.update(side_shares(p.masks["portalvein"] > 0, (p.masks["venoussystem"] > 0) & ~(p.masks["portalvein"] > 0),
+                            p.masks["liver"]))
     for k, v in want.items():
         assert f[k] == pytest.approx(v, nan_ok=True), k
     # the thirds differ, so slices read upside down would fail above
