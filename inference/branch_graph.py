@@ -23,10 +23,9 @@ Arrays are (H, W, D); spacing (row, col, slice) in mm.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +36,7 @@ from scipy import ndimage
 from evaluation.metrics import skeleton
 from inference.trees import neighbour_pairs
 from utils.boxes import bounding_box
+from utils.threads import one_thread
 
 log = logging.getLogger("trees")
 
@@ -51,21 +51,6 @@ EDGE_FEATURES = ("log_contact", "radius_ratio", "alignment", "slice_step", "radi
 _FULL = np.ones((3, 3, 3), dtype=bool)
 # the tree model's logit is clipped here before it is averaged over a branch
 _LOGIT_CLIP = 10.0
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one CPU thread inside, restoring the count after, also on an error. The
-    branch networks are tiny, so this costs little; with 2 threads, training on the same inputs
-    gave other networks in another process (3 passes: the weights differed between two
-    processes, and were identical with 1 thread). It changes a process-wide setting: not for use
-    while other threads run torch."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 @dataclass

@@ -101,11 +101,13 @@ def uncut_labels(tree_model, image: np.ndarray, union: np.ndarray,
                  spacing: Sequence[float]) -> list[tuple[str, np.ndarray]]:
     """(title, label map uint8 (H, W, D): 1 portal, 2 hepatic) of the labels before the cut: the
     tree model's voxel by voxel; with branch networks in its file, also theirs, one per branch."""
-    alone = cut_trees(union, tree_model.network_logit(image, union, spacing), spacing, 0.0)
+    # the network runs once: the branch networks take its logit (as TreeModel.hepatic_minus_portal)
+    logit = tree_model.network_logit(image, union, spacing)
+    alone = cut_trees(union, logit, spacing, 0.0)
     if tree_model.branches is None:
         return [("tree model, voxel by voxel", alone)]
-    return [("tree model alone, voxel by voxel", alone),
-            ("branch networks, branch by branch", tree_model.classify(image, union, spacing, 0.0))]
+    per_branch = cut_trees(union, tree_model.branches.voxel_logit(union, logit, spacing), spacing, 0.0)
+    return [("tree model alone, voxel by voxel", alone), ("branch networks, branch by branch", per_branch)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
+from utils import threads
 from utils.h5io import DatasetPaths, Volume, slice_name, write_list, write_salience, write_slice, write_volume
 
 REAL_SERIES = Path(__file__).resolve().parents[1].parent / "shared" / "real" / "3Dircadb1.1" / "PATIENT_DICOM"
@@ -89,10 +89,8 @@ def tiny_dataset_no_salience(tmp_path: Path) -> TinyDataset:
 def one_thread():
     """Run a test on one torch thread: with tiny tensors on a shared machine, thread start-up
     and contention dominate."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with threads.one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ H, W, D = 16, 16, 5
 LEVELS = 0.1 + 0.1 * np.arange(D)  # slice z of the test volume is a ramp plus LEVELS[z]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ramp_volume() -> np.ndarray:

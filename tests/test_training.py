@@ -23,6 +23,7 @@ from losses import make_loss, poly_scheduler, soft_cldice_loss, soft_dice_loss, 
 from networks.checkpoint import load_model
 import trainer
 from trainer import RunBatchSampler, TrainConfig, TrainingError, backward_step, train
+from utils import threads
 
 TINY_2D = {"base_channels": 4, "depth": 2}
 
@@ -30,10 +31,9 @@ TINY_2D = {"base_channels": 4, "depth": 2}
 @pytest.fixture(autouse=True)
 def one_thread():
     # tiny tensors on a shared machine: thread start-up and contention dominate (20x slower)
-    n, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    det = torch.are_deterministic_algorithms_enabled()
+    with threads.one_thread():
+        yield
     # train(deterministic=True) switches deterministic algorithms on process-wide
     torch.use_deterministic_algorithms(det)
 
