@@ -9,8 +9,8 @@ scripts/demo.sh`` there with this interpreter (``PY``): what ``make demo`` does 
 setup`` has installed the environment, whose install is not timed (it depends on the network
 and the pip cache). ``../shared`` is not read: the demo uses phantoms only.
 
-The stages are the demo's own ``== [N s] <stage>`` lines (those of the scripts it calls
-included); each is timed here, from the moment its line is printed to the next stage's, on
+The stages are the ``== [N s] <stage>`` lines on the demo's standard output (the scripts it
+calls print theirs on standard error: they fall within the demo's stage); each is timed here, from the moment its line is printed to the next stage's, on
 this process's clock (:func:`stage_times`). Prints the machine, the per-stage medians over
 ``--runs`` runs and the total; ``--record NAME`` writes ``results/NAME.json``
 (utils.records).

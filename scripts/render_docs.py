@@ -126,6 +126,16 @@ def headline() -> str:
             f"(rendered by `scripts/render_docs.py`; how they were measured: [docs/RESULTS.md](docs/RESULTS.md)).\n")
 
 
+def demo_time() -> str:
+    """The README's sentence on how long ``make demo`` takes (``bench/demo_time.py``)."""
+    r = record("demo_time")
+    n, m = r["numbers"], r["machine"]
+    return (f"Measured: {n['total_s'] / 60:.1f} minutes on {m.get('cpu_count')} CPU cores once `make setup` has "
+            f"run (median of {len(n['runs_total_s'])} runs in fresh clones of commit `{r['code_version'][:10]}`, "
+            f"`bench/demo_time.py`; [`results/demo_time.json`](results/demo_time.json), stage by stage in "
+            f"[docs/BENCHMARKS.md](docs/BENCHMARKS.md#make-demo-benchdemo_timepy)).\n")
+
+
 def predict_speed(name: str = "predict_bench") -> str:
     r = record(name)
     n = r["numbers"]
@@ -268,6 +278,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "extent-invariance": extent_invariance,
     "demo-phantom": demo_phantom,
     "headline": headline,
+    "demo-time": demo_time,
     "predict-speed": predict_speed,
     "predict-speed-extras": lambda: predict_speed("predict_bench_extras"),
     "predict-speed-trees": lambda: predict_speed("predict_bench_trees"),
