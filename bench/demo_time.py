@@ -9,11 +9,14 @@ scripts/demo.sh`` there with this interpreter (``PY``): what ``make demo`` does 
 setup`` has installed the environment, whose install is not timed (it depends on the network
 and the pip cache). ``../shared`` is not read: the demo uses phantoms only.
 
-The stages are the ``== [N s] <stage>`` lines on the demo's standard output (the scripts it
-calls print theirs on standard error: they fall within the demo's stage); each is timed here, from the moment its line is printed to the next stage's, on
+The stages are the ``== [N s] <stage>`` lines on the demo's standard output (those of
+``prepare_phantom.sh`` among them; ``train_liver.sh`` and ``train_tree_model.sh`` print theirs on
+standard error, so they fall within the demo's stage); each is timed here, from the moment its line is printed to the next stage's, on
 this process's clock (:func:`stage_times`). Prints the machine, the per-stage medians over
 ``--runs`` runs and the total; ``--record NAME`` writes ``results/NAME.json``
-(utils.records).
+(utils.records). The demo's own settings (``DEMO_*`` variables) are removed from its
+environment, so the default demo is what is timed. A failed run stops the bench with the
+demo's exit code and the path of its kept log.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import logging
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -68,11 +72,13 @@ def stage_times(lines: Iterable[tuple[float, str]], end: float) -> list[tuple[st
 
 
 def run_demo(python: str, workdir: Path) -> tuple[float, list[tuple[str, float]]]:
-    """One ``make demo`` in a fresh clone of HEAD under ``workdir``: (total seconds, stages)."""
+    """One ``make demo`` in a fresh clone of HEAD under ``workdir``: (total seconds, stages).
+    RuntimeError naming the exit code and ``workdir``'s log when the demo fails."""
     clone = workdir / "clone"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
     err_path = workdir / "demo_stderr.log"
-    env = {**os.environ, "PY": python}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+    env["PY"] = python
     stamped: list[tuple[float, str]] = []
     with open(err_path, "w") as err:
         t0 = time.monotonic()
@@ -87,7 +93,7 @@ def run_demo(python: str, workdir: Path) -> tuple[float, list[tuple[str, float]]
         total = time.monotonic() - t0
     if code != 0:
         tail = err_path.read_text(errors="replace").strip().splitlines()[-3:]
-        raise RuntimeError(f"scripts/demo.sh failed with exit code {code} in {clone}: " + " | ".join(tail))
+        raise RuntimeError(f"scripts/demo.sh failed with exit code {code} (log: {err_path}): " + " | ".join(tail))
     return total, stage_times(stamped, total)
 
 
@@ -101,9 +107,11 @@ def medians(runs: Sequence[tuple[float, list[tuple[str, float]]]]) -> tuple[floa
     return statistics.median(t for t, _ in runs), list(zip(names, per))
 
 
-def table(runs: Sequence[tuple[float, list[tuple[str, float]]]]) -> list[str]:
-    """Markdown lines: one row per stage, median and each run's seconds, then the total."""
-    total, per = medians(runs)
+def table(runs: Sequence[tuple[float, list[tuple[str, float]]]],
+          summary: tuple[float, list[tuple[str, float]]]) -> list[str]:
+    """Markdown lines: one row per stage, median and each run's seconds, then the total;
+    ``summary`` is :func:`medians` of ``runs``."""
+    total, per = summary
     head = "| stage | median s | " + " | ".join(f"run {k + 1} s" for k in range(len(runs))) + " |"
     out = [head, "|---" * (len(runs) + 2) + "|"]
     for k, (name, med) in enumerate(per):
@@ -120,35 +128,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(argv)
     if a.runs < 1:
         p.error(f"--runs must be at least 1, got {a.runs}")
-    if a.record and (ROOT / "results" / f"{a.record}.json").exists():
-        p.error(f"results/{a.record}.json exists: choose another record name")
+    from utils.records import check_record_name, write_record
+
+    record_path = ROOT / "results" / f"{a.record}.json" if a.record else None
+    if a.record:
+        try:
+            check_record_name(a.record)
+        except ValueError as e:
+            p.error(str(e))
+        if record_path.exists():
+            p.error(f"results/{a.record}.json exists: choose another record name")
     setup_logging(logging.INFO)
-    commit = version_of(ROOT)
-    if commit.endswith("-dirty"):
-        log.warning("the working tree has changes: the demo runs HEAD (%s) without them", commit[:-6])
-    commit = commit.removesuffix("-dirty")
+    version = version_of(ROOT)
+    if version.endswith("-dirty"):
+        log.warning("the working tree has changes: the demo runs HEAD (%s) without them", version[:-6])
+    commit = version.removesuffix("-dirty")
+    dropped = sorted(k for k in os.environ if k.startswith("DEMO_"))
+    if dropped:
+        log.warning("timing the default demo: %s not passed on", ", ".join(dropped))
     runs = []
     for _ in tqdm(range(a.runs), desc="make demo", unit="run"):
-        with tempfile.TemporaryDirectory(prefix="demo_time_") as tmp:
-            try:
-                runs.append(run_demo(sys.executable, Path(tmp)))
-            except (RuntimeError, subprocess.CalledProcessError) as e:
-                log.error("%s", e)
-                return 1
-    lines = table(runs)
+        work = Path(tempfile.mkdtemp(prefix="demo_time_"))
+        try:
+            runs.append(run_demo(sys.executable, work))
+        except (RuntimeError, ValueError, subprocess.CalledProcessError) as e:
+            log.error("%s", e)  # the folder, and the demo's log in it, are kept
+            return 1
+        shutil.rmtree(work)
+    try:
+        summary = medians(runs)
+    except ValueError as e:
+        log.error("%s", e)
+        return 1
+    total, per = summary
+    lines = table(runs, summary)
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPU cores; commit {commit[:10]}; {a.runs} run(s)")
     print("\n".join(lines))
-    if a.record:
-        from utils.records import write_record
-
-        total, per = medians(runs)
+    if record_path is not None:
+        if record_path.exists():
+            log.error("%s appeared while the demo ran: not overwritten", record_path)
+            return 1
         path = write_record(a.record, {"total_s": total, "runs_total_s": [t for t, _ in runs],
                                        "stages": [{"stage": s, "median_s": m} for s, m in per],
                                        "table_markdown": lines},
                             description=(f"wall time of make demo's scripts/demo.sh in a fresh clone of commit "
                                          f"{commit[:10]}, the environment already installed, per stage (the demo's "
                                          f"'== [N s]' lines) and in total; median of {a.runs} run(s)"),
-                            inputs={"runs": a.runs, "commit": commit}, code=commit)
+                            inputs={"runs": a.runs, "commit": commit}, code=version, folder=record_path.parent)
         print(f"record: {path}")
     return 0
 

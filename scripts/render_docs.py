@@ -131,7 +131,7 @@ def demo_time() -> str:
     r = record("demo_time")
     n, m = r["numbers"], r["machine"]
     return (f"Measured: {n['total_s'] / 60:.1f} minutes on {m.get('cpu_count')} CPU cores once `make setup` has "
-            f"run (median of {len(n['runs_total_s'])} runs in fresh clones of commit `{r['code_version'][:10]}`, "
+            f"run (median of {len(n['runs_total_s'])} runs in fresh clones of commit `{r['inputs']['commit'][:10]}`, "
             f"`bench/demo_time.py`; [`results/demo_time.json`](results/demo_time.json), stage by stage in "
             f"[docs/BENCHMARKS.md](docs/BENCHMARKS.md#make-demo-benchdemo_timepy)).\n")
 

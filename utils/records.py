@@ -39,6 +39,12 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def check_record_name(name: str) -> None:
+    """ValueError unless ``name`` can be a record's name (it becomes ``results/<name>.json``)."""
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"record name {name!r}: use letters, digits, '_', '-' and '.' (it becomes results/<name>.json)")
+
+
 def write_record(name: str, numbers: dict[str, Any], *, description: str, inputs: Optional[dict] = None,
                  command: Optional[str] = None, folder: Path = RESULTS_DIR, code: Optional[str] = None) -> Path:
     """Write ``<folder>/<name>.json`` atomically; returns its path.
@@ -48,8 +54,7 @@ def write_record(name: str, numbers: dict[str, Any], *, description: str, inputs
     defaults to this process's command line; ``code``: the code version that measured them
     (default: this checkout's, ``utils.provenance.code_version``).
     """
-    if not re.fullmatch(r"[\w.-]+", name):
-        raise ValueError(f"record name {name!r}: use letters, digits, '_', '-' and '.' (it becomes results/<name>.json)")
+    check_record_name(name)
     doc = {
         "format": RECORD_FORMAT,
         "name": name,
