@@ -145,3 +145,31 @@ def test_demo_time_sentence_from_a_record(tmp_path, monkeypatch):
     text = render_docs.demo_time()
     assert text.startswith(f"Measured: 5.5 minutes on {os.cpu_count()} CPU cores") and "median of 3 runs" in text
     assert "commit `abcdef1234`" in text and "(results/demo_time.json)" in text
+
+
+_COMMAND = re.compile(r"(?:python3?|\$PY|torchrun[^`\n]*?)\s+(\w+)\.py\b([^`\n]*)")
+_FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
+
+
+def _unknown_flags(text: str, known: dict[str, set[str]]) -> list[tuple[int, str, str]]:
+    """(line, command, flag) for every ``--flag`` given to one of ``known``'s commands in ``text``
+    (a command line continued with a backslash is read as one) that its parser does not have."""
+    out = []
+    for n, line in enumerate(text.replace("\\\n", " ").splitlines(), start=1):
+        for m in _COMMAND.finditer(line):
+            if m.group(1) in known:
+                out += [(n, m.group(1), f) for f in _FLAG.findall(m.group(2)) if f not in known[m.group(1)]]
+    return out
+
+
+def test_documented_command_lines_use_existing_flags():
+    known = {}
+    for module in render_docs.COMMANDS:
+        parser = importlib.import_module(module).build_parser()
+        known[module] = {o for a in parser._actions for o in a.option_strings}
+    sample = "run `python predict.py --model M \\\n    --bogus 1` then `$PY test.py --dataset x`"
+    assert _unknown_flags(sample, known) == [(1, "predict", "--bogus")]
+    # the shell scripts too: their inline command lines (flags kept in bash arrays are not read)
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "scripts").glob("*.sh")),
+                ROOT / "Makefile"]:
+        assert _unknown_flags(doc.read_text(), known) == [], doc.name
