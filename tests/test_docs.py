@@ -1,7 +1,10 @@
 """The documentation is part of the product: rendered from records, short where users start, linked."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import inspect
+import io
 import json
 import os
 import re
@@ -147,7 +150,7 @@ def test_demo_time_sentence_from_a_record(tmp_path, monkeypatch):
     assert "commit `abcdef1234`" in text and "(results/demo_time.json)" in text
 
 
-_COMMAND = re.compile(r"(?:python3?|\$PY|torchrun[^`\n]*?)\s+(\w+)\.py\b([^`\n]*)")
+_COMMAND = re.compile(r"(?:python3?|\$PY|torchrun[^`\n]*?)\s+((?:bench/|scripts/)?\w+)\.py\b([^`\n]*)")
 _FLAG = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)")
 
 
@@ -162,6 +165,21 @@ def _unknown_flags(text: str, known: dict[str, set[str]]) -> list[tuple[int, str
     return out
 
 
+def _help_flags(path: Path) -> set[str]:
+    """The flags a bench or helper script's ``--help`` lists (its ``main`` run in this process)."""
+    spec = importlib.util.spec_from_file_location(f"_help_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, argv = io.StringIO(), sys.argv
+    sys.argv = [str(path), "--help"]
+    try:
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            module.main(["--help"]) if inspect.signature(module.main).parameters else module.main()
+    finally:
+        sys.argv = argv
+    return set(_FLAG.findall(out.getvalue()))
+
+
 def test_documented_command_lines_use_existing_flags():
     known = {}
     for module in render_docs.COMMANDS:
@@ -170,6 +188,12 @@ def test_documented_command_lines_use_existing_flags():
     sample = "run `python predict.py --model M \\\n    --bogus 1` then `$PY test.py --dataset x`"
     assert _unknown_flags(sample, known) == [(1, "predict", "--bogus")]
     # the shell scripts too: their inline command lines (flags kept in bash arrays are not read)
-    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "scripts").glob("*.sh")),
-                ROOT / "Makefile"]:
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "scripts").glob("*.sh")),
+            ROOT / "Makefile"]
+    scripts = {m.group(1) for doc in docs for m in _COMMAND.finditer(doc.read_text()) if "/" in m.group(1)}
+    for name in scripts:
+        assert (ROOT / f"{name}.py").is_file(), f"{name}.py is named in the docs and does not exist"
+        known[name] = _help_flags(ROOT / f"{name}.py")
+    assert scripts and all(known[s] for s in scripts)
+    for doc in docs:
         assert _unknown_flags(doc.read_text(), known) == [], doc.name
