@@ -508,8 +508,10 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         if classes:
             write_nifti(tmp / f"{src.name}_trees.nii.gz", to_image(pred.labels, scan))
         if prob:
-            # a model of classes: the largest class probability (the one the union mask thresholds)
-            write_nifti(tmp / f"{src.name}_prob.nii.gz", to_image(pred.prob if not classes else pred.prob.max(0), scan))
+            # a model of classes (C, H, W, D): the largest class probability (the one the union mask
+            # thresholds); a binary model's (H, W, D), also when a tree model gives the classes
+            write_nifti(tmp / f"{src.name}_prob.nii.gz", to_image(pred.prob.max(0) if pred.prob.ndim == 4 else pred.prob,
+                                                                  scan))
         clock.lap("write_nifti")
         if mesh:
             verts, faces = vessel_mesh(pred.mask, scan.geometry)

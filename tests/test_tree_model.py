@@ -179,12 +179,16 @@ def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(t
 
     out = tmp_path / "out"
     rc = predict.main(["--model", str(binary), "--input", str(tree_data / "raw" / "3Dircadb1.1"), "--output", str(out),
-                       "--device", "cpu", "--mesh", "--tree_model", str(tree_file), "--min_component_mm3", "0"])
+                       "--device", "cpu", "--mesh", "--tree_model", str(tree_file), "--min_component_mm3", "0",
+                       "--prob"])
     assert rc == 0, capsys.readouterr().err
     case = "3Dircadb1.1"
     trees = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_trees.nii.gz")))
     vessels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_vessels.nii.gz")))
     assert set(np.unique(trees)) <= {0, 1, 2} and np.array_equal(trees > 0, vessels > 0)
+    # the binary model's probabilities, in the scan's geometry, also with a tree model
+    prob = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_prob.nii.gz")))
+    assert prob.shape == vessels.shape and 0 <= prob.min() and prob.max() <= 1
     for name in ("_portal.stl", "_hepatic.stl"):
         assert (out / f"{case}{name}").is_file()
     stats = json.loads((out / f"{case}_stats.json").read_text())
