@@ -11,9 +11,9 @@ and the pip cache). ``../shared`` is not read: the demo uses phantoms only.
 
 The stages are the ``== [N s] <stage>`` lines on the demo's standard output (those of
 ``prepare_phantom.sh`` among them; ``train_liver.sh`` and ``train_tree_model.sh`` print theirs on
-standard error, so they fall within the demo's stage); each is timed here, from the moment its line is printed to the next stage's, on
-this process's clock (:func:`stage_times`). Prints the machine, the per-stage medians over
-``--runs`` runs and the total; ``--record NAME`` writes ``results/NAME.json``
+standard error, so they fall within the demo's stage); each is timed here, from the moment its
+line is printed to the next stage's, on this process's clock (:func:`stage_times`). Prints the
+machine, the per-stage medians over ``--runs`` runs and the total; ``--record NAME`` writes ``results/NAME.json``
 (utils.records). The demo's own settings (``DEMO_*`` variables) are removed from its
 environment, so the default demo is what is timed. A failed run stops the bench with the
 demo's exit code and the path of its kept log.

@@ -180,6 +180,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         except ValueError as e:
             raise ValueError(f"{path}: format v1 checkpoint: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        if isinstance(ckpt, dict) and isinstance(ckpt.get("format"), str):
+            # another of the project's files (a tree model, say) given where a model belongs
+            raise ValueError(f"{path}: not a {FORMAT} checkpoint but a {ckpt['format']!r} file")
         what = "a plain state dict" if isinstance(ckpt, dict) and all(
             isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}"
         raise ValueError(f"{path}: not a {FORMAT} checkpoint (it is {what}; train with main.py to get one)")

@@ -510,8 +510,8 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         if prob:
             # a model of classes (C, H, W, D): the largest class probability (the one the union mask
             # thresholds); a binary model's (H, W, D), also when a tree model gives the classes
-            write_nifti(tmp / f"{src.name}_prob.nii.gz", to_image(pred.prob.max(0) if pred.prob.ndim == 4 else pred.prob,
-                                                                  scan))
+            prob_map = pred.prob.max(0) if pred.prob.ndim == 4 else pred.prob
+            write_nifti(tmp / f"{src.name}_prob.nii.gz", to_image(prob_map, scan))
         clock.lap("write_nifti")
         if mesh:
             verts, faces = vessel_mesh(pred.mask, scan.geometry)

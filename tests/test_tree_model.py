@@ -87,6 +87,11 @@ def test_the_model_file_round_trips_and_refuses_what_is_not_one(tmp_path):
     torch.save({"format": "livervessel-checkpoint-v1"}, tmp_path / "vessel.pth")
     with pytest.raises(ValueError, match="vessel.pth: not a tree model"):
         load_tree_model(tmp_path / "vessel.pth")
+    # and the other way round: a tree model given where a vessel model belongs is named as one
+    from networks.checkpoint import load_checkpoint
+
+    with pytest.raises(ValueError, match="t.pth: not a livervessel-ckpt-v2 checkpoint but a 'livervessel-tree-model"):
+        load_checkpoint(path)
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pth: not a readable torch file"):
         load_tree_model(tmp_path / "junk.pth")
