@@ -84,6 +84,10 @@ def vessel_graph(mask: np.ndarray, spacing: Sequence[float], labels: Optional[np
         raise ValueError(f"labels {labels.shape} and mask {mask.shape} differ in shape")
     to_mm = to_patient if to_patient is not None else (lambda idx: np.asarray(idx, dtype=np.float64) * sp)
     skel = skeleton(mask)
+    # a skeleton voxel with no skeleton neighbour (a speck's) is no branch; skan fails on a
+    # skeleton made only of such voxels and ignores them otherwise
+    neighbours = ndimage.convolve(skel.astype(np.uint8), np.ones((3, 3, 3), np.uint8), mode="constant")
+    skel &= neighbours > 1
     graph = VesselGraph()
     if not skel.any():
         return graph

@@ -534,7 +534,8 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
         if graph:
             from evaluation.graph import in_patient_mm, vessel_graph, write_graphml, write_vtk_polylines
 
-            grid_graph = vessel_graph(pred.mask, scan.spacing)  # paths in index x spacing mm
+            # paths in index x spacing mm; each branch's tree from the label map when there is one
+            grid_graph = vessel_graph(pred.mask, scan.spacing, labels=pred.labels)
             g = in_patient_mm(grid_graph, scan.spacing, scan.geometry.physical)
             write_graphml(g, tmp / f"{src.name}_graph.graphml")
             write_vtk_polylines(g, tmp / f"{src.name}_graph.vtp")

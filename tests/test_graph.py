@@ -88,6 +88,15 @@ def test_graph_files_read_back(tmp_path):
 def test_empty_mask_and_bad_input():
     g = vessel_graph(np.zeros((8, 8, 8), bool), (1, 1, 1))
     assert g.branches == [] and g.nodes == {}
+    # specks whose skeletons are single voxels have no branch, alone or beside a vessel
+    specks = np.zeros((30, 30, 30), bool)
+    specks[5:8, 5:10, 4] = specks[20:23, 20:25, 15] = True
+    g = vessel_graph(specks, (1, 1, 1))
+    assert g.branches == [] and g.nodes == {}
+    vessel = specks.copy()
+    vessel[12:15, 12:15, 2:28] = True  # a 3 x 3 rod along the slices
+    g = vessel_graph(vessel, (1, 1, 1))
+    assert len(g.branches) == 1 and g.branches[0].length_mm > 20
     with pytest.raises(ValueError, match="spacing must be 3 positive numbers"):
         vessel_graph(np.zeros((8, 8, 8), bool), (1, 0, 1))
     with pytest.raises(ValueError, match=r"mask must be \(H, W, D\)"):

@@ -144,7 +144,8 @@ def binary_and_tree_model(tree_data, tmp_path):
     return binary, tree_file, data
 
 
-def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(tree_data, tmp_path, capsys):
+def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(tree_data, tmp_path, capsys,
+                                                                               monkeypatch):
     import SimpleITK as sitk
 
     import predict
@@ -182,10 +183,20 @@ def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(t
     assert json.loads((tmp_path / "eval_cut" / "summary.json").read_text())["meta"]["tree_model"]["smoothness"] == \
         TREE_SMOOTHNESS
 
+    import evaluation.graph
+
+    seen_labels = []
+    real_graph = evaluation.graph.vessel_graph
+
+    def spy(mask, spacing, labels=None, **kw):
+        seen_labels.extend([labels, mask])
+        return real_graph(mask, spacing, labels=labels, **kw)
+
+    monkeypatch.setattr(evaluation.graph, "vessel_graph", spy)
     out = tmp_path / "out"
     rc = predict.main(["--model", str(binary), "--input", str(tree_data / "raw" / "3Dircadb1.1"), "--output", str(out),
                        "--device", "cpu", "--mesh", "--tree_model", str(tree_file), "--min_component_mm3", "0",
-                       "--prob"])
+                       "--prob", "--graph"])
     assert rc == 0, capsys.readouterr().err
     case = "3Dircadb1.1"
     trees = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_trees.nii.gz")))
@@ -194,6 +205,9 @@ def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(t
     # the binary model's probabilities, in the scan's geometry, also with a tree model
     prob = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_prob.nii.gz")))
     assert prob.shape == vessels.shape and 0 <= prob.min() and prob.max() <= 1
+    # the branch graph was given the label map, for each branch's tree (this blob's skeleton is
+    # too plain for branches: evaluation.graph's tests check the trees on tubes)
+    assert (out / f"{case}_graph.graphml").is_file() and np.array_equal(seen_labels[0] > 0, seen_labels[1])
     for name in ("_portal.stl", "_hepatic.stl"):
         assert (out / f"{case}{name}").is_file()
     stats = json.loads((out / f"{case}_stats.json").read_text())
