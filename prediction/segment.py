@@ -431,9 +431,11 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
     classes = seg.classes or (tree_model.classes if tree_model is not None else [])
     names = output_names(src.name, prob, mesh, figures, graph, dicom_seg, liver=use_liver_model, classes=classes)
     wanted = provenance.record(seg.sha256, {
-        "input": str(Path(src.path).resolve()), "series": series, "tta": tta,
-        "liver_mask": None if liver_mask is None else provenance.file_sha256(liver_mask)
-        if Path(liver_mask).is_file() else str(Path(liver_mask).resolve()),
+        # what the input holds, not only where: a scan replaced under the same name is segmented again
+        "input": str(Path(src.path).resolve()), "input_sha256": provenance.path_sha256(src.path),
+        "series": series, "tta": tta,
+        "liver_mask": None if liver_mask is None else provenance.path_sha256(liver_mask)
+        if Path(liver_mask).exists() else str(Path(liver_mask).resolve()),
         "liver_model": liver_model.sha256 if use_liver_model else None,
         "liver_margin_mm": float(liver_margin_mm) if use_liver_model else None,
         "liver_refine": bool(liver_refine) if use_liver_model else None,

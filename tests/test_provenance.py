@@ -97,6 +97,11 @@ def test_retrained_model_gets_new_reports_and_masks(tiny_dataset, tmp_path):
     assert summary1["meta"]["code_version"] == provenance.code_version()
     # the same commands again reuse what is there
     assert evaluate().skipped and segment()[0].status == "skipped"
+    # another scan under the same name is segmented again
+    sitk.WriteImage(sitk.GetImageFromArray(np.moveaxis(vol_hu[::-1], 2, 0).astype(np.float32)), str(scan))
+    with _Messages("predict") as said:
+        assert segment()[0].status == "written"
+    assert "input_sha256" in said.text
 
     # retrain with other options: the old report goes with the old model
     train(_cfg(ds, tmp_path, seed=2, max_iterations=4, overwrite=True))
@@ -174,3 +179,19 @@ def test_version_is_dirty_for_changed_code_not_for_written_records(tmp_path):
     assert provenance.version_of(tmp_path) == sha
     (tmp_path / "code.py").write_text("x = 2\n")
     assert provenance.version_of(tmp_path) == sha + "-dirty"
+
+
+def test_path_sha256_of_a_file_and_of_a_folder(tmp_path):
+    (tmp_path / "s" / "sub").mkdir(parents=True)
+    (tmp_path / "s" / "a.dcm").write_bytes(b"one")
+    (tmp_path / "s" / "sub" / "b.dcm").write_bytes(b"two")
+    assert provenance.path_sha256(tmp_path / "s" / "a.dcm") == provenance.file_sha256(tmp_path / "s" / "a.dcm")
+    first = provenance.path_sha256(tmp_path / "s")
+    (tmp_path / "t" / "sub").mkdir(parents=True)  # a copy elsewhere holds the same
+    (tmp_path / "t" / "a.dcm").write_bytes(b"one")
+    (tmp_path / "t" / "sub" / "b.dcm").write_bytes(b"two")
+    assert provenance.path_sha256(tmp_path / "t") == first
+    (tmp_path / "s" / "sub" / "b.dcm").write_bytes(b"tww")  # one file's bytes change
+    assert provenance.path_sha256(tmp_path / "s") != first
+    (tmp_path / "t" / "sub" / "b.dcm").rename(tmp_path / "t" / "sub" / "c.dcm")  # one file's name changes
+    assert provenance.path_sha256(tmp_path / "t") != first

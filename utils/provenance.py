@@ -32,6 +32,18 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def path_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of what ``path`` holds: a file's bytes, or a folder's files (each one's path
+    relative to the folder and its bytes, in sorted order), e.g. a DICOM series folder."""
+    p = Path(path)
+    if p.is_file():
+        return file_sha256(p)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(f.relative_to(p).as_posix().encode() + b"\0" + bytes.fromhex(file_sha256(f)))
+    return h.hexdigest()
+
+
 #: what the repository keeps of its outputs (measured records, the documents rendered from them):
 #: writing a record must not make the code that measured the next one read as changed
 OUTPUT_PATHS = ("results", "docs", "README.md")
