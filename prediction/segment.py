@@ -54,6 +54,7 @@ from inference.trees import TREE_SMOOTHNESS, check_smoothness
 from preprocessing.errors import PreprocessError
 from utils import provenance
 from utils.h5io import apply_hu_window
+from utils.manifests import CLASS_ALIASES
 from utils.orientation import lps_view
 
 log = logging.getLogger("predict")
@@ -325,6 +326,24 @@ def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.
     return [mip_path, render_path]
 
 
+def seg_tree_labels(labels: Optional[np.ndarray], classes: Sequence[str]) -> Optional[np.ndarray]:
+    """A label map (1 .. len(classes)) renumbered for the DICOM-SEG's two coded trees (1 portal
+    vein, 2 hepatic veins) when ``classes`` are those two trees under any of their names
+    (``utils.manifests.CLASS_ALIASES``: ``portal`` or ``portalvein``, ``hepatic``, ``venoussystem``
+    or ``venacava``) in either order; None when they are not (the SEG then holds the union)."""
+    def tree(name: str) -> str:
+        low = name.lower()
+        return next((t for t, folders in CLASS_ALIASES.items() if low == t or low in folders), low)
+
+    order = [tree(c) for c in classes]
+    if labels is None or sorted(order) != ["hepatic", "portal"]:
+        return None
+    out = np.zeros(labels.shape, np.uint8)
+    out[labels == order.index("portal") + 1] = 1
+    out[labels == order.index("hepatic") + 1] = 2
+    return out
+
+
 # ----------------------------------------------------------------------------- one case, many cases
 def output_names(case: str, prob: bool, mesh: Optional[str], figures: bool, graph: bool = False,
                  dicom_seg: bool = False, liver: bool = False, classes: Sequence[str] = ()) -> list[str]:
@@ -528,9 +547,9 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
 
             if scan.dicom_headers is None:
                 raise ValueError(f"{src.path}: --dicom_seg needs a DICOM series as input")
-            two_trees = classes == ["portal", "hepatic"]  # the SEG's coded segments (portal vein, hepatic veins)
-            write_dicom_seg(tmp / f"{src.name}_seg.dcm", pred.labels if two_trees else pred.mask.astype(np.uint8),
-                            scan.dicom_headers, kind="trees" if two_trees else "vessels",
+            trees = seg_tree_labels(pred.labels, classes)  # the SEG's coded segments (portal vein, hepatic veins)
+            write_dicom_seg(tmp / f"{src.name}_seg.dcm", pred.mask.astype(np.uint8) if trees is None else trees,
+                            scan.dicom_headers, kind="vessels" if trees is None else "trees",
                             software_version=provenance.code_version())
             clock.lap("dicom_seg")
         if graph:

@@ -712,3 +712,16 @@ def test_a_series_stored_mirrored_and_feet_first_is_segmented_as_the_same_patien
     again = read_dicom_patient(patient, ["portalvein"])
     assert np.array_equal(again.hu, stored.hu) and np.array_equal(again.liver, stored.liver)
     assert again.spacing == pytest.approx(stored.spacing)
+
+
+@pytest.mark.parametrize("classes,expected", [
+    (["portal", "hepatic"], [0, 1, 2]), (["hepatic", "portal"], [0, 2, 1]),
+    (["portalvein", "venoussystem"], [0, 1, 2]), (["venoussystem", "PortalVein"], [0, 2, 1]),
+    (["portal", "artery"], None), (["portal"], None)])
+def test_seg_tree_labels_renumber_any_names_of_the_two_trees(classes, expected):
+    from prediction.segment import seg_tree_labels
+
+    labels = np.array([0, 1, 2], np.uint8).reshape(1, 1, 3)
+    out = seg_tree_labels(labels, classes)
+    assert (out is None) if expected is None else out.ravel().tolist() == expected
+    assert seg_tree_labels(None, ["portal", "hepatic"]) is None
