@@ -626,6 +626,11 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     With several scans, one that fails is reported (status "failed", a one-line message) and
     the others still run.
     """
+    inp, out_resolved = Path(input_path).resolve(), Path(output).resolve()
+    if inp.is_dir() and (out_resolved == inp or inp in out_resolved.parents):
+        # the next run would read the masks written there as scans (and a series folder would
+        # become a folder of NIfTI files)
+        raise ValueError(f"{output}: the output folder must not be in the input folder {input_path}")
     cases = find_cases(input_path)
     if dicom_seg:
         nifti = [c for c in cases if c.kind == "nifti"]

@@ -317,6 +317,18 @@ def test_bad_not_ct(tmp_path, analytic_model, capsys):
     assert "mr.nii.gz" in msg and "not a CT" in msg
 
 
+def test_bad_output_inside_the_input_folder(tmp_path, analytic_model, capsys):
+    hu = np.random.default_rng(0).integers(-900, 300, size=(8, 8, 3)).astype(np.float32)
+    oblique_series(tmp_path / "series", hu, (1, 1, 1), (0, 0, 0), np.array([1.0, 0, 0, 0, 1, 0]))
+    before = sorted(p.name for p in (tmp_path / "series").iterdir())
+    for out in (tmp_path / "series", tmp_path / "series" / "pred"):
+        rc = predict.main(["--model", str(analytic_model), "--input", str(tmp_path / "series"), "--output", str(out),
+                           "--device", "cpu"])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln]
+        assert rc == 1 and len(err) == 1 and "must not be in the input folder" in err[0] and str(out) in err[0]
+        assert sorted(p.name for p in (tmp_path / "series").iterdir()) == before
+
+
 def test_bad_mixed_series_needs_a_choice(tmp_path, analytic_model, capsys):
     hu = np.random.default_rng(0).integers(-900, 300, size=(8, 8, 3)).astype(np.float32)
     iop = np.array([1.0, 0, 0, 0, 1, 0])
