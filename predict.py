@@ -100,8 +100,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               tta=args.tta, series=args.series, batch_size=args.batch_size, overwrite=args.overwrite,
                               min_component_mm3=args.min_component_mm3, tree_model=args.tree_model,
                               tree_smoothness=args.tree_smoothness)
-    except (PreprocessError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (PreprocessError, FileNotFoundError, FileExistsError, ValueError, OSError, RuntimeError) as e:
         log.error("%s", " ".join(str(e).split()) or type(e).__name__)
+        log.debug("predict.py failed", exc_info=True)
         return 1
     for r in results:
         if r.status == "failed":

@@ -684,8 +684,12 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
         for src in tqdm(cases, desc="segmenting", unit="scan"):
             try:
                 results.append(segment_case(seg, src, out_dir, **kw))
-            except (PreprocessError, ValueError, FileNotFoundError, OSError) as e:
-                msg = " ".join(str(e).split())
+            except (PreprocessError, ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+                # RuntimeError: out of GPU memory on a large scan, a library that meets a shape it
+                # cannot take; the other scans still run
+                msg = " ".join(str(e).split()) or type(e).__name__
+                msg = msg if msg.startswith(f"{src.name}:") else f"{src.name}: {msg}"  # which scan, once
                 log.error("%s", msg)
+                log.debug("%s failed", src.name, exc_info=True)
                 results.append(CaseResult(src.name, "failed", message=msg))
     return results

@@ -484,6 +484,35 @@ def test_folder_of_scans_one_output_set_each(tmp_path, analytic_model, capsys):
                                                for s in ("stats.json", "vessels.nii.gz"))
 
 
+def test_a_scan_that_fails_at_run_time_does_not_stop_the_others(tmp_path, analytic_model, capsys, monkeypatch):
+    import prediction.segment as segment
+
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a", "b"):
+        sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 300, (6, 16, 16)).astype(np.float32)),
+                        str(folder / f"{name}.nii.gz"))
+    real = segment.segment_case
+
+    def out_of_memory_on_a(seg, src, *args, **kw):
+        if src.name == "a":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(seg, src, *args, **kw)
+
+    monkeypatch.setattr(segment, "segment_case", out_of_memory_on_a)
+    rc = predict.main(["--model", str(analytic_model), "--input", str(folder), "--output", str(tmp_path / "o"),
+                       "--device", "cpu"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln]
+    assert rc == 1 and len(err) == 1 and "a: CUDA out of memory" in err[0]
+    assert out_files(tmp_path / "o") == ["b_stats.json", "b_vessels.nii.gz"]
+    # one scan alone: the same error in one line, not a traceback
+    rc = predict.main(["--model", str(analytic_model), "--input", str(folder / "a.nii.gz"), "--output",
+                       str(tmp_path / "o2"), "--device", "cpu"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln]
+    assert rc == 1 and len(err) == 1 and "CUDA out of memory" in err[0] and not (tmp_path / "o2").exists()
+
+
 REAL = Path(__file__).resolve().parents[1].parent / "shared" / "real" / "3Dircadb1.1" / "PATIENT_DICOM"
 
 
