@@ -422,6 +422,15 @@ def _stats_mismatches(path: Path, wanted: dict) -> list[str]:
     return provenance.mismatches(stored, wanted)
 
 
+def _earlier_outputs(stats_path: Path, case: str) -> list[str]:
+    """The outputs an earlier ``<case>_stats.json`` lists (file names of this case only)."""
+    try:
+        listed = json.loads(stats_path.read_text()).get("outputs") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in listed if isinstance(n, str) and Path(n).name == n and n.startswith(f"{case}_")]
+
+
 def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: Optional[str | os.PathLike] = None,
                  liver_model: Optional[Predictor] = None, liver_margin_mm: float = DEFAULT_MARGIN_MM,
                  liver_refine: bool = True, prob: bool = False, mesh: Optional[str] = None, figures: bool = False, graph: bool = False,
@@ -591,9 +600,19 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
             "cpu_seconds": {k: round(v, 3) for k, v in clock.cpu.items()},
             "created": wanted["created"], "code_version": wanted["code_version"], "provenance": wanted,
         }
-        (tmp / f"{src.name}_stats.json").write_text(json.dumps(doc, indent=1))
+        stats_name = f"{src.name}_stats.json"
+        (tmp / stats_name).write_text(json.dumps(doc, indent=1))
+        # the earlier stats.json goes first and the new one comes last: a run stopped in between
+        # leaves no record that could vouch for a mix of old and new files; the earlier outputs
+        # these options no longer make go too (a liver mask, a probability map, a tree's surface)
+        stale = _earlier_outputs(out_dir / stats_name, src.name)
+        (out_dir / stats_name).unlink(missing_ok=True)
         for n in names:
-            os.replace(tmp / n, out_dir / n)
+            if n != stats_name:
+                os.replace(tmp / n, out_dir / n)
+        for n in sorted(set(stale) - set(names)):
+            (out_dir / n).unlink(missing_ok=True)
+        os.replace(tmp / stats_name, out_dir / stats_name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return CaseResult(src.name, "written", [out_dir / n for n in names], stats, dict(clock.wall), dict(clock.cpu))

@@ -484,6 +484,38 @@ def test_folder_of_scans_one_output_set_each(tmp_path, analytic_model, capsys):
                                                for s in ("stats.json", "vessels.nii.gz"))
 
 
+def test_outputs_an_option_no_longer_makes_go_and_the_record_comes_last(tmp_path, analytic_model, monkeypatch):
+    import prediction.segment as segment
+
+    scan = tmp_path / "s.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(5).normal(50, 300, (6, 16, 16)).astype(np.float32)),
+                    str(scan))
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "other_prob.nii.gz").write_text("another case's")
+
+    def run(*extra):
+        return predict.main(["--model", str(analytic_model), "--input", str(scan), "--output", str(tmp_path / "o"),
+                             "--device", "cpu", *extra])
+
+    assert run("--prob", "--mesh", "obj") == 0
+    assert out_files(tmp_path / "o") == ["other_prob.nii.gz", "s_prob.nii.gz", "s_stats.json", "s_vessels.nii.gz",
+                                         "s_vessels.obj"]
+    assert run("--min_component_mm3", "5") == 0  # made again, without the probabilities and the surface
+    assert out_files(tmp_path / "o") == ["other_prob.nii.gz", "s_stats.json", "s_vessels.nii.gz"]
+    # stopped while moving the new files in: no stats.json is left to vouch for the mix
+    real_replace = segment.os.replace
+
+    def stop_at_the_mask(src, dst):
+        if Path(dst) == tmp_path / "o" / "s_vessels.nii.gz":
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(segment.os, "replace", stop_at_the_mask)
+    assert run("--prob") == 1
+    monkeypatch.setattr(segment.os, "replace", real_replace)
+    assert "s_stats.json" not in out_files(tmp_path / "o")
+
+
 def test_a_scan_that_fails_at_run_time_does_not_stop_the_others(tmp_path, analytic_model, capsys, monkeypatch):
     import prediction.segment as segment
 
