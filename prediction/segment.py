@@ -258,16 +258,21 @@ def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.
                  labels: Optional[np.ndarray] = None, names: Sequence[str] = ()) -> list[Path]:
     """Axial and coronal MIPs of the windowed scan with the vessel MIP overlaid; a shaded 3-D surface.
 
-    image: (H, W, D) in [0, 1] (HU window); mask bool (H, W, D); spacing (row, col, slice) mm.
-    ``labels`` (H, W, D) uint8 with class ``names`` (a model of classes): each tree in its colour
-    (``TREE_COLOURS``), in the MIPs and the rendering.
+    image: (H, W, D) in [0, 1] (HU window); mask bool (H, W, D); spacing (row, col, slice) mm, all
+    in the stored order of the image whose ITK geometry is ``geometry``. ``labels`` (H, W, D) uint8
+    with class ``names`` (a model of classes): each tree in its colour (``TREE_COLOURS``), in the
+    MIPs and the rendering. The MIPs are drawn in LPS order (:func:`utils.orientation.lps_view`), so
+    a coronal, sagittal, mirrored or feet-first series gives the same axial and coronal views.
     """
     from evaluation.figures import _save, error_rgb, plt
 
-    # coronal: slices down the image, flipped so that superior is at the top when the slice axis points up
-    up = -1 if geometry.direction[8] > 0 else 1
+    view = lps_view(geometry.direction)
+    whole_mask, whole_labels = mask, labels
+    image, mask, spacing = view.forward(image), view.forward(mask), view.spacing(spacing)
+    labels = None if labels is None else view.forward(labels)
+    # coronal: slices down the image, reversed so that superior (the LPS slice axis) is at the top
     views = [("axial MIP", lambda a: a.max(axis=2), spacing[0] / spacing[1]),
-             ("coronal MIP", lambda a: a.max(axis=0).T[::up], spacing[2] / spacing[1])]
+             ("coronal MIP", lambda a: a.max(axis=0).T[::-1], spacing[2] / spacing[1])]
     trees = [] if labels is None else [(k + 1, name, TREE_COLOURS[k % len(TREE_COLOURS)]) for k, name in
                                        enumerate(names)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), squeeze=False)
@@ -293,8 +298,9 @@ def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.
 
     fig = plt.figure(figsize=(6.4, 6.4))
     ax = fig.add_subplot(projection="3d")
-    parts = [(mask, (0.80, 0.22, 0.20), "vessels")] if not trees else [
-        (labels == value, colour, name) for value, name, colour in trees]
+    # the surfaces in patient mm from the stored order and its geometry
+    parts = [(whole_mask, (0.80, 0.22, 0.20), "vessels")] if not trees else [
+        (whole_labels == value, colour, name) for value, name, colour in trees]
     budget = 80_000 // max(len(parts), 1)
     lo_all, hi_all = [], []
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection

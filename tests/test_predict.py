@@ -798,3 +798,35 @@ def test_seg_tree_labels_renumber_any_names_of_the_two_trees(classes, expected):
     out = seg_tree_labels(labels, classes)
     assert (out is None) if expected is None else out.ravel().tolist() == expected
     assert seg_tree_labels(None, ["portal", "hepatic"]) is None
+
+
+def test_scan_figures_mips_do_not_depend_on_the_stored_axis_order(tmp_path):
+    """A coronal series (rows run inferior, slices posterior) and a mirrored one give the MIPs of the
+    same scan stored in LPS order."""
+    from matplotlib.image import imread
+
+    from inference.scans import Geometry
+    from prediction.segment import scan_figures
+    from utils.orientation import lps_view
+
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0, 1, (16, 20, 8)).astype(np.float32)  # (rows P, cols L, slices S)
+    mask = np.zeros(ref.shape, bool)
+    mask[3:6, 2:15, 1:3] = mask[10:12, 14:17, 2:7] = True  # asymmetric in every axis
+    lps = Geometry((20, 16, 8), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    stored = {
+        "lps": (ref, mask, (1.0, 1.0, 2.0), lps),
+        # coronal: stored rows run along -S, columns along L, slices along P
+        "coronal": (ref.transpose(2, 1, 0)[::-1], mask.transpose(2, 1, 0)[::-1], (2.0, 1.0, 1.0),
+                    Geometry((20, 8, 16), (1.0, 2.0, 1.0), (0.0, 0.0, 14.0), (1, 0, 0, 0, 0, 1, 0, -1, 0))),
+        # mirrored: columns run along -L
+        "mirrored": (ref[:, ::-1], mask[:, ::-1], (1.0, 1.0, 2.0),
+                     Geometry((20, 16, 8), (1.0, 1.0, 2.0), (19.0, 0.0, 0.0), (-1, 0, 0, 0, 1, 0, 0, 0, 1))),
+    }
+    mips = {}
+    for name, (img, m, sp, geo) in stored.items():
+        view = lps_view(geo.direction)
+        assert np.array_equal(view.forward(img), ref) and view.spacing(sp) == (1.0, 1.0, 2.0)  # the set-up
+        scan_figures(tmp_path / f"{name}_mip.png", tmp_path / f"{name}_3d.png", img, m, sp, geo, title="t")
+        mips[name] = imread(tmp_path / f"{name}_mip.png")
+    assert np.array_equal(mips["coronal"], mips["lps"]) and np.array_equal(mips["mirrored"], mips["lps"])
