@@ -675,7 +675,13 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
         liver_seg = Predictor.from_checkpoint(liver_model, device)
         check_target(liver_seg.ckpt, str(liver_seg.path), "liver")
         if liver_mask is not None:
-            log.info("--liver_mask given: the liver model is not run")
+            ignored = [o for o, off in (("--liver_margin", liver_margin_mm != DEFAULT_MARGIN_MM),
+                                        ("--liver_refine 0", not liver_refine)) if off]
+            if ignored:
+                log.warning("--liver_mask given: the liver model is not run, and %s (its settings) do not apply",
+                            " and ".join(ignored))
+            else:
+                log.info("--liver_mask given: the liver model is not run")
     elif liver_mask is None and use_embedded_liver:
         liver_seg = embedded_liver_model(seg.ckpt, seg.path, device)
         if liver_seg is not None:

@@ -288,6 +288,12 @@ def test_predict_with_a_liver_model_writes_its_liver_and_keeps_vessels_near_it(p
     stats2 = json.loads((out2 / f"{case}_stats.json").read_text())
     assert stats2["stats"]["liver"]["source"] == "mask"
     assert not any("mL, outside" in w for w in stats2["warnings"])  # a given mask's volume is the user's
+    # the liver model's own settings are said not to apply
+    capsys.readouterr()
+    assert predict.main(["--model", str(phantom_case["model"]), "--input", str(pat), "--output", str(tmp_path / "o3"),
+                         "--liver_model", str(lm), "--liver_mask", str(pat / "MASKS_DICOM" / "liver"),
+                         "--liver_margin", "2", "--device", "cpu"]) == 0
+    assert "--liver_margin (its settings) do not apply" in capsys.readouterr().err
 
 
 def test_models_given_for_the_wrong_job_are_refused(phantom_case, tmp_path, capsys):
