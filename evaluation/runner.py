@@ -265,10 +265,9 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
 
             check_binary(tree_model, model_path, pred.classes)
             trees = load_tree_model(tree_model, pred.device)
-            doc = read_stage(paths, with_salience=False)["dataset"]
-        else:
-            # the class map of the data the model learnt from (its manifest), else of the test data
-            doc = (ckpt.get("manifests") or {}).get("dataset") or read_stage(paths, with_salience=False)["dataset"]
+        # the class map of the test data, whose volumes hold the truth: the model's classes are
+        # names, which may be stored under other values than in the data it learnt from
+        doc = read_stage(paths, with_salience=False)["dataset"]
         values = class_values(pred.classes or trees.classes, doc, dataset_manifest_path(paths))
     return _Evaluation(paths, pred, overlap, tta, batch_size, eval_roi, values, trees, tree_smoothness)
 

@@ -286,6 +286,30 @@ def test_test_py_reports_every_metric_per_tree_and_the_union(tree_data, tmp_path
     assert set(np.unique(saved)) <= {0, 1, 2} and int((saved > 0).sum()) == row["voxels_pred"]
 
 
+def test_test_py_reads_the_trees_from_the_test_datas_own_class_map(tree_data, tmp_path):
+    """Test data whose class map lists the trees the other way round (1 hepatic, 2 portal) is scored
+    against the same trees."""
+    from evaluation.runner import run_evaluation
+    from preprocessing.pipeline import preprocess
+
+    assert preprocess("phantom", tree_data / "raw", tmp_path / "rev", tmp_path / "rev_list",
+                      vessel_classes=("venoussystem", "portalvein"), split=(0.34, 0.33, 0.33)).ok
+    cfg = TrainConfig(dataset="phantom", root_path=str(tree_data / "data"), list_dir=str(tree_data / "list"),
+                      output_root=str(tmp_path / "ckpt"), model_kwargs={"base_channels": 4, "depth": 2},
+                      salience="none", img_size=(32, 32), batch_size=2, num_workers=0, max_iterations=1,
+                      classes=["portal", "hepatic"], seed=0)
+    train(cfg)
+    model = cfg.run_dir() / "best_model.pth"
+    rows = [run_evaluation(dataset="phantom", root_path=root, list_dir=lists, model_path=model, device="cpu",
+                           output=tmp_path / f"eval{k}").rows[0]
+            for k, (root, lists) in enumerate(((tree_data / "data", tree_data / "list"),
+                                               (tmp_path / "rev", tmp_path / "rev_list")))]
+    assert rows[0]["case"] == rows[1]["case"]
+    assert rows[0]["portal_voxels_true"] != rows[0]["hepatic_voxels_true"]  # so that a swap would show
+    for c in ("portal", "hepatic"):
+        assert rows[1][f"{c}_voxels_true"] == rows[0][f"{c}_voxels_true"]
+
+
 def test_test_py_names_a_two_tree_model_that_predicts_nothing(tree_data, tmp_path, caplog):
     """A collapsed class model (every output far below the threshold) scored inside the liver:
     the warning reads the largest class probability, (K, H, W, D) reduced to (H, W, D)."""
