@@ -5,6 +5,7 @@ import io
 import json
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 import h5py
 import numpy as np
@@ -465,13 +466,18 @@ def test_other_modes_and_3d(tmp_path, backbone, salience, capsys):
     assert 0 < prob.min() and prob.max() < 1
 
 
+def nifti_scans(folder: Path, names: Sequence[str], rng: np.random.Generator) -> None:
+    """Small CT-like NIfTI scans ``<folder>/<name>.nii.gz`` (the folder is made)."""
+    folder.mkdir(parents=True)
+    for name in names:
+        sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 300, (6, 16, 16)).astype(np.float32)),
+                        str(folder / f"{name}.nii.gz"))
+
+
 def test_folder_of_scans_one_output_set_each(tmp_path, analytic_model, capsys):
     rng = np.random.default_rng(5)
     folder = tmp_path / "in"
-    folder.mkdir()
-    for name in ("a", "b"):
-        sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 300, (6, 16, 16)).astype(np.float32)),
-                        str(folder / f"{name}.nii.gz"))
+    nifti_scans(folder, ("a", "b"), rng)
     oblique_series(folder / "c_series", rng.integers(-900, 300, (16, 16, 4)).astype(np.float32), (1, 1, 1),
                    (0, 0, 0), np.array([1.0, 0, 0, 0, 1, 0]))
     (folder / "notes.txt").write_text("not a scan")
@@ -487,9 +493,8 @@ def test_folder_of_scans_one_output_set_each(tmp_path, analytic_model, capsys):
 def test_outputs_an_option_no_longer_makes_go_and_the_record_comes_last(tmp_path, analytic_model, monkeypatch):
     import prediction.segment as segment
 
-    scan = tmp_path / "s.nii.gz"
-    sitk.WriteImage(sitk.GetImageFromArray(np.random.default_rng(5).normal(50, 300, (6, 16, 16)).astype(np.float32)),
-                    str(scan))
+    nifti_scans(tmp_path / "in", ("s",), np.random.default_rng(5))
+    scan = tmp_path / "in" / "s.nii.gz"
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "other_prob.nii.gz").write_text("another case's")
 
@@ -519,12 +524,8 @@ def test_outputs_an_option_no_longer_makes_go_and_the_record_comes_last(tmp_path
 def test_a_scan_that_fails_at_run_time_does_not_stop_the_others(tmp_path, analytic_model, capsys, monkeypatch):
     import prediction.segment as segment
 
-    rng = np.random.default_rng(5)
     folder = tmp_path / "in"
-    folder.mkdir()
-    for name in ("a", "b"):
-        sitk.WriteImage(sitk.GetImageFromArray(rng.normal(50, 300, (6, 16, 16)).astype(np.float32)),
-                        str(folder / f"{name}.nii.gz"))
+    nifti_scans(folder, ("a", "b"), np.random.default_rng(5))
     real = segment.segment_case
 
     def out_of_memory_on_a(seg, src, *args, **kw):
