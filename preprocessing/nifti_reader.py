@@ -22,21 +22,30 @@ from preprocessing.errors import PreprocessError
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_MODALITY_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net style channel suffix (case_0000.nii.gz)
+# nnU-Net's channel suffix of a one-channel (CT) image: case_0000.nii.gz. Only channel 0: a case
+# number of four digits (liver_0001.nii.gz) is part of the name
+_CHANNEL_SUFFIX = re.compile(r"_0000$")
 
 
-def nifti_stem(path: Path) -> str:
-    """``hepaticvessel_001.nii.gz`` -> ``hepaticvessel_001`` (a ``_0000`` channel suffix dropped)."""
+def _without_extension(path: Path) -> str:
     name = path.name
     for s in NIFTI_SUFFIXES:
         if name.endswith(s):
-            name = name[: -len(s)]
-            break
-    return _MODALITY_SUFFIX.sub("", name)
+            return name[: -len(s)]
+    return name
+
+
+def nifti_stem(path: Path) -> str:
+    """An image's case name: ``hepaticvessel_001.nii.gz`` -> ``hepaticvessel_001``,
+    ``liver_0001_0000.nii.gz`` -> ``liver_0001`` (nnU-Net's channel suffix dropped)."""
+    return _CHANNEL_SUFFIX.sub("", _without_extension(path))
 
 
 def find_nifti_cases(images: Path, labels: Optional[Path]) -> list[tuple[str, Path, Optional[Path]]]:
-    """(case name, image file, label file or None) for every NIfTI image in ``images``, sorted by name."""
+    """(case name, image file, label file or None) for every NIfTI image in ``images``, sorted by
+    name. A label file has the image's name (``case.nii.gz``), or its name without nnU-Net's
+    channel suffix (``case_0000.nii.gz`` -> ``case.nii.gz``). With ``labels``, an image without
+    one is a ValueError naming it: it would otherwise be trained on as all background."""
     if not images.is_dir():
         raise FileNotFoundError(f"{images}: images folder not found")
     found = sorted(
@@ -48,14 +57,20 @@ def find_nifti_cases(images: Path, labels: Optional[Path]) -> list[tuple[str, Pa
             raise FileNotFoundError(f"{labels}: labels folder not found")
         for p in labels.iterdir():
             if p.is_file() and not p.name.startswith(".") and p.name.endswith(NIFTI_SUFFIXES):
-                label_files[nifti_stem(p)] = p
+                label_files[_without_extension(p)] = p
     out, seen = [], set()
     for p in found:
-        stem = nifti_stem(p)
+        full, stem = _without_extension(p), nifti_stem(p)
+        label = None
+        if labels is not None:
+            name = full if full in label_files else stem
+            if name not in label_files:
+                raise ValueError(f"{p}: no label file {full}.nii.gz or {stem}.nii.gz in {labels}")
+            stem, label = name, label_files[name]
         if stem in seen:
             raise ValueError(f"{p}: two images give the case name {stem!r}")
         seen.add(stem)
-        out.append((stem, p, label_files.get(stem)))
+        out.append((stem, p, label))
     return out
 
 

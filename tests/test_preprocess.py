@@ -549,3 +549,31 @@ def test_options_the_format_or_crop_does_not_read_are_usage_errors(extra, messag
         cli.main(["--dataset", "d", "--root_path", str(tmp_path / "out"), *extra])
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_nifti_cases_pair_images_and_labels_by_name(tmp_path):
+    from preprocessing.nifti_reader import find_nifti_cases
+
+    def files(folder, names):
+        (tmp_path / folder).mkdir()
+        for n in names:
+            (tmp_path / folder / n).write_bytes(b"")
+
+    # nnU-Net: images carry the channel suffix, labels do not; case numbers of four digits stay
+    files("imagesTr", ["liver_0001_0000.nii.gz", "liver_0002_0000.nii.gz"])
+    files("labelsTr", ["liver_0001.nii.gz", "liver_0002.nii.gz"])
+    found = find_nifti_cases(tmp_path / "imagesTr", tmp_path / "labelsTr")
+    assert [(c, i.name, lab.name) for c, i, lab in found] == \
+        [("liver_0001", "liver_0001_0000.nii.gz", "liver_0001.nii.gz"),
+         ("liver_0002", "liver_0002_0000.nii.gz", "liver_0002.nii.gz")]
+    # MSD: the same names; four-digit case numbers without a channel suffix
+    files("img4", ["liver_0001.nii.gz", "liver_0002.nii"])
+    files("lab4", ["liver_0001.nii.gz", "liver_0002.nii.gz"])
+    assert [(c, lab.name) for c, _, lab in find_nifti_cases(tmp_path / "img4", tmp_path / "lab4")] == \
+        [("liver_0001", "liver_0001.nii.gz"), ("liver_0002", "liver_0002.nii.gz")]
+    # an image without a label is named, not trained on as background; without labels none is needed
+    (tmp_path / "labelsTr" / "liver_0002.nii.gz").unlink()
+    with pytest.raises(ValueError, match=r"liver_0002_0000.nii.gz: no label file liver_0002_0000.nii.gz or liver_0002"):
+        find_nifti_cases(tmp_path / "imagesTr", tmp_path / "labelsTr")
+    unlabelled = find_nifti_cases(tmp_path / "imagesTr", None)
+    assert [c for c, _, lab in unlabelled if lab is None] == ["liver_0001", "liver_0002"]
