@@ -329,6 +329,11 @@ def generate(
     """Write vol_salience and slice salience for ``cases``; returns case -> 'written' | 'skipped' | 'slices'."""
     generator = make_generator(kind, weights, normalisation)
     sha = generator.weights_sha256
+    # until the loop is through, the manifest may name another generator than some maps have: a
+    # run stopped midway leaves it marked, and training refuses the maps until a run completes
+    earlier = manifests.read_manifest(manifests.salience_manifest_path(paths), manifests.SALIENCE_FORMAT)
+    if earlier is not None:
+        manifests.write_salience_manifest(paths, {**earlier, "in_progress": True})
     status: dict[str, str] = {}
     shapes: dict[str, list[int]] = {}
     for case in tqdm(cases, desc=f"salience ({kind})", unit="case", dynamic_ncols=True):

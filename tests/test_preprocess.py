@@ -468,9 +468,9 @@ def test_dataset_manifest_records_options_and_cases_and_refuses_other_options(tm
     assert redone["crop"]["mode"] == "none" and redone["cases"]["case0001"]["shape"] == list(SHAPE)
 
 
-def test_training_refuses_manifests_that_disagree(tmp_path, capsys):
-    """Maps made from another dataset.json, or a dataset.json with another HU window, stop main.py
-    with one line naming the file and the field."""
+def test_training_refuses_manifests_that_disagree(tmp_path, capsys, monkeypatch):
+    """Maps made from another dataset.json, or a dataset.json with another HU window, or a salience
+    run stopped midway, stop main.py with one line naming the file and the field."""
     import main as main_cli
     import salience_generation as sg
     from utils import manifests
@@ -503,6 +503,23 @@ def test_training_refuses_manifests_that_disagree(tmp_path, capsys):
     dataset_json.write_text(json.dumps({**doc, "hu_window": [-100.0, 300.0]}))
     assert "dataset.json: hu_window [-100.0, 300.0] differs" in refused()
     dataset_json.write_text(json.dumps(doc))
+    # the maps remade by another generator, stopped after the first case: the manifest still names
+    # the analytic generator, so it is marked until a run completes
+    real = sg.salience_3d
+    made = []
+
+    def stop_at_the_second(*a, **kw):
+        if made:
+            raise KeyboardInterrupt
+        made.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sg, "salience_3d", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        sg.run("3D-IRCADb", str(tmp_path / "data"), str(tmp_path / "list"), "bank", overwrite=True)
+    monkeypatch.setattr(sg, "salience_3d", real)
+    assert "vol_salience/manifest.json: salience_generation.py did not finish" in refused()
+    sg.run("3D-IRCADb", str(tmp_path / "data"), str(tmp_path / "list"), "analytic", overwrite=True)
     assert main_cli.main(args) == 0
     run_dir = next((tmp_path / "ckpt").rglob("best_model.pth")).parent
     assert json.loads((run_dir / "dataset.json").read_text()) == doc

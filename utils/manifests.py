@@ -235,6 +235,9 @@ def check_agreement(paths: DatasetPaths, dataset: Optional[dict], salience: Opti
                              f"({len(missing)} in all); run preprocess.py for them")
     if salience is None:
         return
+    if salience.get("in_progress"):
+        raise ValueError(f"{spath}: salience_generation.py did not finish (some maps may be another generator's "
+                         f"than the manifest names); run it again")
     if dataset is not None and salience.get("dataset_fingerprint") != fingerprint(dataset):
         raise ValueError(f"{spath}: dataset_fingerprint differs: the maps were made from another {DATASET_MANIFEST} "
                          f"(preprocess.py ran since); run salience_generation.py --overwrite")
