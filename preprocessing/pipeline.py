@@ -14,6 +14,7 @@ still run. Complete outputs are skipped unless ``overwrite``.
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -220,6 +221,17 @@ class CaseJob:
     def paths(self) -> DatasetPaths:
         return DatasetPaths(self.root, self.list_dir)
 
+    def options(self) -> str:
+        """What decides this case's output besides its source, as JSON: stored in its volume
+        (``preprocess_options``) so that a later run without ``--overwrite`` reuses it only when
+        it was made the same way (an earlier run may have stopped before dataset.json was written)."""
+        return json.dumps({"format": self.fmt, "source": str(Path(self.source).resolve()),
+                           "label": None if self.label is None else str(Path(self.label).resolve()),
+                           "vessels": list(self.vessels), "with_masks": self.with_masks, "crop": self.crop,
+                           "margin": self.margin, "train": self.train,
+                           "label_values": None if self.label_values is None else list(self.label_values),
+                           "vessel_classes": list(self.vessel_classes)}, sort_keys=True)
+
 
 @dataclass
 class CaseResult:
@@ -240,13 +252,17 @@ class Summary:
         return not self.failed
 
 
-def _stored_depth(path: Path) -> Optional[int]:
-    """D of a complete volume file, None if missing or unreadable."""
+def _stored_depth(path: Path, options: Optional[str] = None) -> Optional[int]:
+    """D of a complete volume file, None if missing or unreadable, or (with ``options``) made with
+    other options (:meth:`CaseJob.options`; a volume from before they were stored passes)."""
     if not path.is_file():
         return None
     try:
         with h5py.File(path, "r") as f:
             if "image" not in f or "label" not in f or f["image"].ndim != 3:
+                return None
+            stored = f.attrs.get("preprocess_options")
+            if options is not None and stored is not None and str(stored) != options:
                 return None
             return int(f["image"].shape[2])
     except OSError:
@@ -257,9 +273,10 @@ def _case_slices(paths: DatasetPaths, case: str) -> list[Path]:
     return sorted(paths.slice_data.glob(f"{case}_slice[0-9][0-9][0-9][0-9].h5")) if paths.slice_data.is_dir() else []
 
 
-def output_depth(paths: DatasetPaths, case: str, train: bool) -> Optional[int]:
-    """D of the case's output when it is complete (volume, plus every slice for training cases), else None."""
-    d = _stored_depth(paths.volume(case))
+def output_depth(paths: DatasetPaths, case: str, train: bool, options: Optional[str] = None) -> Optional[int]:
+    """D of the case's output when it is complete (volume, plus every slice for training cases) and
+    (with ``options``) made with those options, else None."""
+    d = _stored_depth(paths.volume(case), options)
     if d is None:
         return None
     if train and not all(paths.slice(slice_name(case, z)).is_file() for z in range(d)):
@@ -274,13 +291,10 @@ def _read_case(job: CaseJob) -> PatientData:
 
 
 def _write_case(job: CaseJob, vol: Volume) -> None:
-    """Slices first, the volume last: the volume's presence marks a finished case."""
+    """Slices first, the volume last: the volume's presence marks a finished case (the case's earlier
+    output is gone by now, :func:`process_case`)."""
     paths = job.paths
     d = vol.image.shape[2]
-    wanted = {paths.slice(slice_name(job.case, z)) for z in range(d)} if job.train else set()
-    for old in _case_slices(paths, job.case):
-        if old not in wanted:  # left by an earlier run with another crop or split
-            old.unlink()
     written: list[Path] = []
     try:
         if job.train:
@@ -300,14 +314,19 @@ def process_case(job: CaseJob) -> CaseResult:
     """Convert one case; bad input -> status "failed" with a one-line message, and no output."""
     paths = job.paths
     if not job.overwrite:
-        d = output_depth(paths, job.case, job.train)
+        d = output_depth(paths, job.case, job.train, job.options())
         if d is not None:
             return CaseResult(job.case, "skipped", d)
         if paths.volume(job.case).exists():
-            log.info("%s: output incomplete, converting again", job.case)
+            log.info("%s: output incomplete or made with other options, converting again", job.case)
+    # the old output goes first: a case that fails now must not leave one that a later run reuses
+    paths.volume(job.case).unlink(missing_ok=True)
+    for old in _case_slices(paths, job.case):
+        old.unlink()
     try:
         data = _read_case(job)
         vol = to_volume(data, job.crop, job.margin, warn_no_liver=job.with_masks and job.fmt == "dicom")
+        vol.attrs["preprocess_options"] = job.options()
         _write_case(job, vol)
     except PreprocessError as e:
         return CaseResult(job.case, "failed", message=str(e))

@@ -229,6 +229,24 @@ def test_bad_input_fails_that_patient_only(tmp_path, kind):
     assert read_list(paths.list_file("slice_train")) == [slice_name("case0001", k) for k in range(6)]
 
 
+def test_cases_made_with_other_options_are_not_reused(tmp_path):
+    """A first run stopped before its dataset.json, then another crop: the cases are converted
+    again, not taken as complete; and a case that fails in an --overwrite run keeps no old output."""
+    make_patient(tmp_path / "src", 1)
+    make_patient(tmp_path / "src", 2)
+    summary, paths = run(tmp_path, crop="liver_z")
+    cropped = read_volume(paths.volume("case0001")).image.shape
+    (paths.root / "dataset.json").unlink()  # as if the run had stopped before writing it
+    summary, paths = run(tmp_path, crop="none")
+    assert summary.written == ["case0001", "case0002"] and summary.skipped == []
+    assert read_volume(paths.volume("case0001")).image.shape[2] > cropped[2]
+    assert run(tmp_path, crop="none")[0].skipped == ["case0001", "case0002"]  # the same options: reused
+    BAD["truncated"][0](tmp_path / "src" / "3Dircadb1.2")
+    summary, paths = run(tmp_path, crop="liver_z", overwrite=True)
+    assert summary.written == ["case0001"] and [c for c, _ in summary.failed] == ["case0002"]
+    assert leftovers(paths, "case0002") == []
+
+
 @pytest.mark.parametrize("corrupt,expected", [(_truncate_zip, "PATIENT_DICOM.zip: not a readable zip"),
                                               (_corrupt_zip_member, "PATIENT_DICOM.zip:PATIENT_DICOM/image_3")])
 def test_bad_zip_input(tmp_path, corrupt, expected):
