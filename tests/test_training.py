@@ -197,6 +197,12 @@ def test_reads_authors_files_without_attributes(tiny_dataset):
     np.testing.assert_array_equal(vols[0].label, label)
 
 
+def test_an_empty_split_is_refused_with_what_to_do(tiny_dataset):
+    tiny_dataset.paths.list_file("vol_val").write_text("")
+    with pytest.raises(ValueError, match=r"vol_val.txt: list is empty \(preprocess.py splits fewer than 3 patients"):
+        VolumeDataSet(tiny_dataset.paths, "val", "none")
+
+
 def test_rot_flip_swaps_coronal_and_sagittal_on_quarter_turns():
     img = np.arange(6 * 6 * 2, dtype=np.float32).reshape(6, 6, 2)
     sal = np.stack([np.full(img.shape, c, np.float32) for c in (0, 1, 2)])
