@@ -28,7 +28,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from preprocessing.dicom_reader import (MASKS_FOLDER, PATIENT_SERIES, PatientData, read_dicom_patient,
-                                       vessel_groups)
+                                       vessel_groups, visible)
 from preprocessing.errors import PreprocessError
 from preprocessing.nifti_reader import find_nifti_cases, read_nifti_case
 from utils import manifests
@@ -348,7 +348,7 @@ def find_dicom_patients(src: Path) -> list[Path]:
     if (src / PATIENT_SERIES).is_dir() or (src / f"{PATIENT_SERIES}.zip").is_file():
         return [src]
     patients = sorted(
-        (p for p in src.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != MASKS_FOLDER),
+        (p for p in src.iterdir() if p.is_dir() and visible(p.name) and p.name != MASKS_FOLDER),
         key=_natural_key,
     )
     if not patients:

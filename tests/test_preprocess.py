@@ -612,3 +612,11 @@ def test_nifti_cases_pair_images_and_labels_by_name(tmp_path):
         find_nifti_cases(tmp_path / "imagesTr", tmp_path / "labelsTr")
     unlabelled = find_nifti_cases(tmp_path / "imagesTr", None)
     assert [c for c, _, lab in unlabelled if lab is None] == ["liver_0001", "liver_0002"]
+
+
+def test_patient_folders_leave_out_hidden_and_macos_folders(tmp_path):
+    from preprocessing.pipeline import find_dicom_patients
+
+    for name in ("3Dircadb1.10", "3Dircadb1.2", "__MACOSX", ".cache"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in find_dicom_patients(tmp_path)] == ["3Dircadb1.2", "3Dircadb1.10"]
