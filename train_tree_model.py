@@ -34,7 +34,8 @@ log = logging.getLogger("trees")
 
 def read_cases(root: str, dataset: str, list_dir: str, splits: Sequence[str]) -> list:
     """The training cases (inference.tree_model.TreeCase) of ``splits`` of one preprocessed dataset
-    with a class map; the label map is 1 portal, 2 hepatic whatever the stored class order."""
+    with a class map; the label map is 1 portal, 2 hepatic whatever the stored class order. A case
+    without vessels in its class map teaches nothing: it is left out with a warning naming its file."""
     from inference.tree_model import CLASSES, TreeCase
     from utils.h5io import DatasetPaths, read_list, read_volume
     from utils.manifests import dataset_class_values, volume_class_labels
@@ -45,8 +46,11 @@ def read_cases(root: str, dataset: str, list_dir: str, splits: Sequence[str]) ->
     for split in splits:
         for name in read_list(paths.list_file(f"vol_{split}")):
             vol = read_volume(paths.volume(name))
-            cases.append(TreeCase(f"{dataset}/{name}", vol.image,
-                                  volume_class_labels(vol.classes, values, paths.volume(name)), tuple(vol.spacing)))
+            labels = volume_class_labels(vol.classes, values, paths.volume(name))
+            if not labels.any():
+                log.warning("%s: no vessel in its class map: left out of the training", paths.volume(name))
+                continue
+            cases.append(TreeCase(f"{dataset}/{name}", vol.image, labels, tuple(vol.spacing)))
     return cases
 
 

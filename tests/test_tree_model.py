@@ -117,6 +117,25 @@ def test_train_tree_model_cli_writes_the_model_and_keeps_an_existing_one(tree_da
     assert "no dataset manifest" in capsys.readouterr().err and not (tmp_path / "x.pth").exists()
 
 
+def test_a_case_without_vessels_is_left_out_of_the_training_with_a_warning(tree_data, tmp_path, caplog):
+    import shutil
+
+    import train_tree_model
+    from utils.h5io import DatasetPaths, read_list, read_volume, write_volume
+
+    shutil.copytree(tree_data / "data", tmp_path / "data")
+    shutil.copytree(tree_data / "list", tmp_path / "list")
+    paths = DatasetPaths.of(tmp_path / "data", "phantom", tmp_path / "list")
+    empty = read_list(paths.list_file("vol_train"))[0]
+    vol = read_volume(paths.volume(empty))
+    vol.classes[:] = 0
+    write_volume(paths.volume(empty), vol)
+    with caplog.at_level("WARNING", logger="trees"):
+        cases = train_tree_model.read_cases(str(tmp_path / "data"), "phantom", str(tmp_path / "list"), ["train", "val"])
+    assert [c.name for c in cases] == [f"phantom/{c}" for c in read_list(paths.list_file("vol_val"))]
+    assert f"{empty}.h5: no vessel in its class map" in caplog.text
+
+
 def everywhere_model(path):
     """A binary vessel model that calls every voxel a vessel (its output bias +60): a mask with
     both trees in it for the tree model to label."""
