@@ -68,8 +68,10 @@ from networks.salience import (
 from utils import manifests
 from utils.atomic import atomic_path
 from utils.cli import given_options
-from utils.h5io import SPLITS, DatasetPaths, read_list, read_salience, read_volume, salience_made_by, write_salience
+from utils.h5io import (SPLITS, DatasetPaths, read_list, read_salience, read_volume, salience_made_by,
+                        salience_volume_sha256, write_salience)
 from utils.logging_setup import setup_logging
+from utils.provenance import file_sha256
 from utils.torch_io import load_torch_file
 
 log = logging.getLogger("salience_generation")
@@ -343,6 +345,11 @@ def generate(
         spath = paths.salience(case)
         slices = case_slices(paths, case)
         vol_done = _salience_ok(spath, (3,) + shape)
+        vol_sha = file_sha256(vpath)
+        if vol_done and not overwrite and salience_volume_sha256(spath) not in ("", vol_sha):
+            # preprocess.py wrote the volume again since (a fix, other raw data under the same name)
+            log.warning("%s: made from another version of %s; computing it again", spath, vpath.name)
+            vol_done = False
         if vol_done and not overwrite:
             old = salience_made_by(spath)
             if old != (kind, sha, normalisation):
@@ -363,7 +370,8 @@ def generate(
         else:
             vol = read_volume(vpath, with_liver=False)
             sal = salience_3d(vol.image, generator, device=device, max_batch_voxels=max_batch_voxels)
-            write_salience(spath, sal, generator=kind, weights_sha256=sha, overwrite=True, normalisation=normalisation)
+            write_salience(spath, sal, generator=kind, weights_sha256=sha, overwrite=True, normalisation=normalisation,
+                           volume_sha256=vol_sha)
             status[case] = "written"
         for z, f in slices_todo:
             if z >= shape[2]:

@@ -437,6 +437,14 @@ def test_cli_generates_skips_and_overwrites(tiny_dataset_no_salience):
     status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "analytic")
     assert set(status.values()) == {"skipped"}
     assert ds.paths.salience(case).stat().st_mtime_ns == mtime
+    # preprocess.py wrote one volume again (same shape, other content): only its map is made again
+    from utils.h5io import read_volume, write_volume
+
+    vol = read_volume(ds.paths.volume(case))
+    vol.image[:] = vol.image[::-1]
+    write_volume(ds.paths.volume(case), vol)
+    status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "analytic")
+    assert status[case] == "written" and {s for c, s in status.items() if c != case} == {"skipped"}
     status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank", overwrite=True)
     assert set(status.values()) == {"written"}
     with h5py.File(ds.paths.salience(case), "r") as f:

@@ -178,9 +178,10 @@ def read_volume(path: str | os.PathLike, with_liver: bool = True) -> Volume:
 
 def write_salience(
     path: str | os.PathLike, salience: np.ndarray, generator: str, weights_sha256: str = "", overwrite: bool = True,
-    normalisation: str = "volume",
+    normalisation: str = "volume", volume_sha256: str = "",
 ) -> None:
-    """Write a (3, H, W, D) salience map atomically; attrs generator, weights_sha256, normalisation."""
+    """Write a (3, H, W, D) salience map atomically; attrs generator, weights_sha256, normalisation
+    and, when given, the sha256 of the volume file it was made from."""
     if salience.ndim != 4 or salience.shape[0] != 3:
         raise ValueError(f"salience must be (3, H, W, D), got shape {salience.shape}")
     h, w = salience.shape[1:3]
@@ -190,6 +191,8 @@ def write_salience(
             f.attrs["generator"] = generator
             f.attrs["weights_sha256"] = weights_sha256
             f.attrs["normalisation"] = normalisation
+            if volume_sha256:
+                f.attrs["volume_sha256"] = volume_sha256
 
 
 def salience_made_by(path: str | os.PathLike) -> tuple[str, str, str]:
@@ -198,6 +201,13 @@ def salience_made_by(path: str | os.PathLike) -> tuple[str, str, str]:
     with h5py.File(path, "r") as f:
         return (str(f.attrs.get("generator", "")), str(f.attrs.get("weights_sha256", "")),
                 str(f.attrs.get("normalisation", "volume")))
+
+
+def salience_volume_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of the volume file a salience map was made from ("" for maps from before it was
+    recorded, or the authors')."""
+    with h5py.File(path, "r") as f:
+        return str(f.attrs.get("volume_sha256", ""))
 
 
 def apply_hu_window(hu: np.ndarray, window: Sequence[float] = HU_WINDOW) -> np.ndarray:
