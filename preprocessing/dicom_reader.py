@@ -394,7 +394,9 @@ def read_dicom_patient(patient_dir: str | Path, vessels: Sequence[str], with_mas
         if with_masks:
             masks = src.mask_files()
             if masks is None:
-                log.warning("%s: no %s folder or zip: no vessel label, no liver mask", patient, MASKS_FOLDER)
+                # its volume would be all background, trained on as such, and give no class map
+                raise PreprocessError(patient, str(patient_dir), f"no {MASKS_FOLDER} folder or zip "
+                                      f"(preprocess.py --no-masks reads scans without labels)")
             else:
                 by_lower = {k.lower(): k for k in masks}
                 have = ", ".join(sorted(masks)) or "none"

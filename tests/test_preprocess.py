@@ -211,6 +211,8 @@ BAD = {
         lambda d: (d / "MASKS_DICOM" / "portalvein" / "image_9").unlink(),
         "mask 'portalvein' has 9 slices, the image 10",
     ),
+    # without masks its volume would be all background (--no-masks reads such scans)
+    "no_masks": (lambda d: shutil.rmtree(d / "MASKS_DICOM"), "no MASKS_DICOM folder or zip (preprocess.py --no-masks"),
 }
 
 
