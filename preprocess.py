@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NIfTI label values that mean vessel, comma separated (default: 1 for {0,1,2} "
                         "MSD labels, 255 for 0/255 masks)")
     p.add_argument("--vessels", default=",".join(DEFAULT_VESSELS),
-                   help="mask folders whose union is the label (venacava = venoussystem)")
+                   help="mask folders whose union is the label (venacava = venoussystem); with --format nifti, "
+                        "'liver' names the label files' label the liver (data for a liver model)")
     p.add_argument("--vessel_classes", default="",
                    help="also store a class map beside the binary label: these mask folders, in label order "
                         "(e.g. portalvein,venoussystem: 1 portal vein, 2 hepatic veins; a voxel both claim goes to "

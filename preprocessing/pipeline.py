@@ -416,7 +416,9 @@ def preprocess(
     paths = DatasetPaths.of(root_path, dataset, list_dir)
     source = str(Path(src).resolve()) if fmt == "dicom" else {
         "images": str(Path(images).resolve()), "labels": None if labels is None else str(Path(labels).resolve())}
-    classes = list(vessels) if fmt == "dicom" else (
+    # a NIfTI label is named by its values, unless --vessels liver says it is the liver (a liver
+    # model's data: predict.py tells a liver model from a vessel model by this name)
+    classes = list(vessels) if fmt == "dicom" or [v.lower() for v in vessels] == ["liver"] else (
         [f"label value {v}" for v in label_values] if label_values is not None else ["label value: automatic"])
     new_manifest = manifests.dataset_manifest(dataset, source=source, input_format=fmt, vessel_classes=classes,
                                               hu_window=HU_WINDOW, crop=crop, margin=margin, with_masks=with_masks,

@@ -358,6 +358,14 @@ def test_nifti_and_dicom_give_identical_arrays(tmp_path):
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.label, b.label)
     assert b.label.sum() == vessel.sum()  # tumour (2) is not vessel
+    # NIfTI liver labels named as the liver make a liver model's data, as DICOM's liver folder does
+    from inference.liver import model_target
+
+    _, p_liv = run(tmp_path, dataset="nii_liver", fmt="nifti", images=tmp_path / "imagesTr",
+                   labels=tmp_path / "labelsTr", vessels=("liver",))
+    doc = json.loads((p_liv.root / "dataset.json").read_text())
+    assert doc["vessel_classes"] == ["liver"] and model_target({"manifests": {"dataset": doc}}) == "liver"
+    assert model_target({"manifests": {"dataset": json.loads((p_nii.root / "dataset.json").read_text())}}) == "vessels"
     assert a.spacing == pytest.approx(b.spacing, abs=1e-6)
     assert b.crop == (0, SHAPE[0], 0, SHAPE[1], 0, SHAPE[2])
 
