@@ -57,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     # options the chosen format or crop does not read: refused, not silently dropped
     given = given_options(parser, args, ("images", "labels", "label_values") if args.fmt == "dicom"
-                          else ("src", "vessels"))
+                          else ("src",) if args.vessels.strip().lower() == "liver" else ("src", "vessels"))
     if given:
         parser.error(f"{', '.join(given)} {'do' if len(given) > 1 else 'does'} not apply to --format {args.fmt}")
     if args.margin and args.crop == "none":

@@ -331,11 +331,10 @@ def generate(
     """Write vol_salience and slice salience for ``cases``; returns case -> 'written' | 'skipped' | 'slices'."""
     generator = make_generator(kind, weights, normalisation)
     sha = generator.weights_sha256
-    # until the loop is through, the manifest may name another generator than some maps have: a
-    # run stopped midway leaves it marked, and training refuses the maps until a run completes
-    earlier = manifests.read_manifest(manifests.salience_manifest_path(paths), manifests.SALIENCE_FORMAT)
-    if earlier is not None:
-        manifests.write_salience_manifest(paths, {**earlier, "in_progress": True})
+    # until the loop is through, some maps may be another generator's than the manifest names (or,
+    # with none, than any manifest): a run stopped midway leaves it marked in progress, and
+    # training refuses the maps until a run completes
+    write_maps_manifest(paths, generator, weights, {}, in_progress=True)
     status: dict[str, str] = {}
     shapes: dict[str, list[int]] = {}
     for case in tqdm(cases, desc=f"salience ({kind})", unit="case", dynamic_ncols=True):
@@ -394,15 +393,16 @@ def generator_parameters(kind: str) -> dict:
             "scale": "99.9th percentile of the volume"}
 
 
-def write_maps_manifest(paths: DatasetPaths, generator, weights: Optional[Path], cases: dict[str, list[int]]) -> Path:
+def write_maps_manifest(paths: DatasetPaths, generator, weights: Optional[Path], cases: dict[str, list[int]],
+                        in_progress: bool = False) -> Path:
     """``vol_salience/manifest.json`` for the maps ``generate`` made or kept with this generator,
     ``cases`` {case: [3, H, W, D]} (utils.manifests); the dataset.json they were made from is
-    fingerprinted in it."""
+    fingerprinted in it. ``in_progress``: marked as a run that has not finished (main.py refuses it)."""
     dataset = manifests.read_manifest(manifests.dataset_manifest_path(paths), manifests.DATASET_FORMAT)
     doc = manifests.salience_manifest(kind=generator.name, parameters=generator_parameters(generator.name),
                                       weights_sha256=generator.weights_sha256, weights_path=weights,
                                       normalisation=generator.normalisation, dataset=dataset, cases=cases)
-    return manifests.write_salience_manifest(paths, doc)
+    return manifests.write_salience_manifest(paths, {**doc, "in_progress": True} if in_progress else doc)
 
 
 def run(

@@ -68,7 +68,7 @@ def train_from_data(data: Sequence[Sequence[str]], out: str | Path, splits: Sequ
         raise FileExistsError(f"{out}: exists (pass --overwrite to replace it)")
     cases = [c for root, dataset, list_dir in data for c in read_cases(root, dataset, list_dir, splits)]
     if not cases:
-        raise ValueError(f"no case in the {','.join(splits)} lists of {[d[1] for d in data]}")
+        raise ValueError(f"no case with vessels in the {','.join(splits)} lists of {[d[1] for d in data]}")
     log.info("tree model: %d training cases, %d iterations, %.1f mm grid", len(cases), cfg.iterations, cfg.grid_mm)
     model, losses = train_tree_model(cases, cfg, device=device, progress=progress)
     info = {"cases": [c.name for c in cases], "data": [list(d) for d in data], "splits": list(splits),

@@ -445,8 +445,8 @@ class VolumeDataSet(Dataset):
         self.salience_mode = salience_mode
         self.names = read_list(paths.list_file(f"vol_{split}"))
         if not self.names:
-            raise ValueError(f"{paths.list_file(f'vol_{split}')}: list is empty (preprocess.py splits fewer than 3 "
-                             f"patients without a {split} case: list one there, or preprocess more patients)")
+            raise ValueError(f"{paths.list_file(f'vol_{split}')}: list is empty (preprocess.py gives fewer than 3 "
+                             f"patients, or a --split with a 0, no {split} case): list a case there")
         for name in self.names:
             if not paths.volume(name).is_file():
                 raise FileNotFoundError(f"{paths.volume(name)}: volume file not found (run preprocess.py)")

@@ -268,7 +268,13 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
         # the class map of the test data, whose volumes hold the truth: the model's classes are
         # names, which may be stored under other values than in the data it learnt from
         doc = read_stage(paths, with_salience=False)["dataset"]
-        values = class_values(pred.classes or trees.classes, doc, dataset_manifest_path(paths))
+        where = dataset_manifest_path(paths)
+        if doc is None and pred.classes and (ckpt.get("manifests") or {}).get("dataset"):
+            # test data from before manifests: the class map the model learnt from is the best guess
+            log.warning("%s: missing; the trees are read with the class map of the data the model learnt from",
+                        where)
+            doc = ckpt["manifests"]["dataset"]
+        values = class_values(pred.classes or trees.classes, doc, where)
     return _Evaluation(paths, pred, overlap, tta, batch_size, eval_roi, values, trees, tree_smoothness)
 
 

@@ -380,8 +380,8 @@ def read_dicom_patient(patient_dir: str | Path, vessels: Sequence[str], with_mas
     all in LPS order (:func:`utils.orientation.lps_view`; 3D-IRCADb is stored so).
 
     Label = union (> 0) of the masks of every requested vessel group; a group the patient lacks
-    is a warning listing the folders it has. Without ``with_masks`` or without MASKS_DICOM the
-    label and liver are None. ``classes`` (e.g. ``portalvein, venoussystem``): also a class map,
+    is a warning listing the folders it has. Without ``with_masks`` the label and liver are None;
+    with it, a patient without MASKS_DICOM is a PreprocessError. ``classes`` (e.g. ``portalvein, venoussystem``): also a class map,
     uint8, 0 background and i where the i-th class's mask is; a voxel two masks claim goes to
     the class listed first (``CLASS_OVERLAP_RULE``).
     """

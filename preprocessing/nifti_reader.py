@@ -43,8 +43,8 @@ def nifti_stem(path: Path) -> str:
 
 def find_nifti_cases(images: Path, labels: Optional[Path]) -> list[tuple[str, Path, Optional[Path]]]:
     """(case name, image file, label file or None) for every NIfTI image in ``images``, sorted by
-    name. A label file has the image's name (``case.nii.gz``), or its name without nnU-Net's
-    channel suffix (``case_0000.nii.gz`` -> ``case.nii.gz``). With ``labels``, an image without
+    name; the case name is :func:`nifti_stem`. A label file has the image's name, or its name
+    without nnU-Net's channel suffix (``case_0000.nii.gz`` -> ``case.nii.gz``). With ``labels``, an image without
     one is a ValueError naming it: it would otherwise be trained on as all background."""
     if not images.is_dir():
         raise FileNotFoundError(f"{images}: images folder not found")
@@ -60,13 +60,13 @@ def find_nifti_cases(images: Path, labels: Optional[Path]) -> list[tuple[str, Pa
                 label_files[_without_extension(p)] = p
     out, seen = [], set()
     for p in found:
-        full, stem = _without_extension(p), nifti_stem(p)
+        full, stem = _without_extension(p), nifti_stem(p)  # the case is the stem, as predict.py names it
         label = None
         if labels is not None:
             name = full if full in label_files else stem
             if name not in label_files:
                 raise ValueError(f"{p}: no label file {full}.nii.gz or {stem}.nii.gz in {labels}")
-            stem, label = name, label_files[name]
+            label = label_files[name]
         if stem in seen:
             raise ValueError(f"{p}: two images give the case name {stem!r}")
         seen.add(stem)
@@ -98,7 +98,10 @@ def vessel_from_labels(case: str, path: Path, lab: np.ndarray, values: Optional[
 
     ``values`` None picks by content: {0, 1, 2} is MSD Task08 (1 vessel, 2 tumour: vessel only),
     {0, 255} a 0/255 binary mask (LiVS exports); anything else must be named explicitly.
+    ``values`` () takes every non-zero value (a liver label with its tumours, MSD Task03).
     """
+    if values is not None and len(values) == 0:
+        return (lab != 0).astype(np.uint8)
     if values is None:
         present = set(np.unique(lab).tolist())
         if present <= {0, 1, 2}:

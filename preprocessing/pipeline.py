@@ -222,15 +222,21 @@ class CaseJob:
         return DatasetPaths(self.root, self.list_dir)
 
     def options(self) -> str:
-        """What decides this case's output besides its source, as JSON: stored in its volume
-        (``preprocess_options``) so that a later run without ``--overwrite`` reuses it only when
-        it was made the same way (an earlier run may have stopped before dataset.json was written)."""
-        return json.dumps({"format": self.fmt, "source": str(Path(self.source).resolve()),
-                           "label": None if self.label is None else str(Path(self.label).resolve()),
-                           "vessels": list(self.vessels), "with_masks": self.with_masks, "crop": self.crop,
-                           "margin": self.margin, "train": self.train,
-                           "label_values": None if self.label_values is None else list(self.label_values),
-                           "vessel_classes": list(self.vessel_classes)}, sort_keys=True)
+        """:func:`case_options` of this case."""
+        return case_options(self.fmt, self.vessels, self.with_masks, self.crop, self.margin, self.train,
+                            self.label_values, self.vessel_classes)
+
+
+def case_options(fmt: str, vessels: Sequence[str], with_masks: bool, crop: str, margin: int, train: bool,
+                 label_values: Optional[Sequence[int]], vessel_classes: Sequence[str]) -> str:
+    """What decides a case's output besides its source, as JSON: stored in its volume
+    (``preprocess_options``) so that a later run without ``--overwrite`` reuses it only when it was
+    made the same way (an earlier run may have stopped before dataset.json was written). The
+    source's path is left out, as in dataset.json's options: moved raw data is the same data."""
+    return json.dumps({"format": fmt, "vessels": list(vessels), "with_masks": with_masks, "crop": crop,
+                       "margin": margin, "train": train,
+                       "label_values": None if label_values is None else [int(v) for v in label_values],
+                       "vessel_classes": list(vessel_classes)}, sort_keys=True)
 
 
 @dataclass
@@ -319,11 +325,11 @@ def process_case(job: CaseJob) -> CaseResult:
             return CaseResult(job.case, "skipped", d)
         if paths.volume(job.case).exists():
             log.info("%s: output incomplete or made with other options, converting again", job.case)
-    # the old output goes first: a case that fails now must not leave one that a later run reuses
-    paths.volume(job.case).unlink(missing_ok=True)
-    for old in _case_slices(paths, job.case):
-        old.unlink()
     try:
+        # the old output goes first: a case that fails now must not leave one that a later run reuses
+        paths.volume(job.case).unlink(missing_ok=True)
+        for old in _case_slices(paths, job.case):
+            old.unlink()
         data = _read_case(job)
         vol = to_volume(data, job.crop, job.margin, warn_no_liver=job.with_masks and job.fmt == "dicom")
         vol.attrs["preprocess_options"] = job.options()
@@ -417,8 +423,12 @@ def preprocess(
     source = str(Path(src).resolve()) if fmt == "dicom" else {
         "images": str(Path(images).resolve()), "labels": None if labels is None else str(Path(labels).resolve())}
     # a NIfTI label is named by its values, unless --vessels liver says it is the liver (a liver
-    # model's data: predict.py tells a liver model from a vessel model by this name)
-    classes = list(vessels) if fmt == "dicom" or [v.lower() for v in vessels] == ["liver"] else (
+    # model's data: predict.py tells a liver model from a vessel model by this name); a liver label
+    # is every non-zero value unless --label-values says otherwise (tumours are liver)
+    nifti_liver = fmt == "nifti" and [v.lower() for v in vessels] == ["liver"]
+    if nifti_liver and label_values is None:
+        label_values = ()
+    classes = list(vessels) if fmt == "dicom" or nifti_liver else (
         [f"label value {v}" for v in label_values] if label_values is not None else ["label value: automatic"])
     new_manifest = manifests.dataset_manifest(dataset, source=source, input_format=fmt, vessel_classes=classes,
                                               hu_window=HU_WINDOW, crop=crop, margin=margin, with_masks=with_masks,
@@ -469,7 +479,8 @@ def preprocess(
     for c in sorted(set().union(*splits.values())):
         r = results.get(c)
         depth[c] = None if (r is not None and r.status == "failed") else (
-            r.depth if r is not None else output_depth(paths, c, c in train)
+            r.depth if r is not None else output_depth(paths, c, c in train, case_options(
+                fmt, vessels, with_masks, crop, margin, c in train, label_values, vessel_classes))
         )
     slices = [slice_name(c, z) for c in splits["train"] if depth.get(c) for z in range(depth[c] or 0)]
     slice_list = paths.list_file("slice_train")

@@ -105,6 +105,9 @@ def _merge_pair(out: DatasetPaths, rpath: Path, ppath: Path, fmt: str, shared: d
         log.warning("%s: no %s to merge (%s), the mixed set gets none", out.root, rpath.name,
                     rpath if rdoc is None else ppath)
         return None
+    for path, doc in ((rpath, rdoc), (ppath, pdoc)):
+        if doc.get("in_progress"):  # utils.manifests: a salience run stopped midway
+            raise ValueError(f"{path}: salience_generation.py did not finish there; run it again before mixing")
     for name, get in shared.items():
         if get(rdoc) != get(pdoc):
             raise ValueError(f"{ppath}: {name} {get(pdoc)!r} differs from {rpath}'s {get(rdoc)!r}: these {what} "

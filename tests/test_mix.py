@@ -167,3 +167,20 @@ def test_mixed_folder_carries_one_generator_or_refuses_two(tmp_path, two_sets):
         build_mix(DatasetPaths(tmp_path / "mix3" / "tiny", tmp_path / "mixlists3" / "tiny"),
                   DatasetPaths(real.paths.root, lists), read_list(real.paths.list_file("slice_train")),
                   phantom.paths)
+
+
+def test_maps_of_a_stopped_salience_run_are_not_mixed(tmp_path, two_sets):
+    import json
+
+    from utils.manifests import salience_manifest, write_salience_manifest
+
+    real, phantom, lists = two_sets
+    _manifest(real, ["portalvein", "venoussystem"])
+    _manifest(phantom, ["portalvein", "venoussystem"])
+    for ds in (real, phantom):
+        doc = json.loads((ds.paths.root / "dataset.json").read_text())
+        write_salience_manifest(ds.paths, {**salience_manifest(
+            kind="bank", parameters={}, weights_sha256="abc", weights_path=None, normalisation="fixed", dataset=doc,
+            cases={c: [3, 8, 8, 4] for c in doc["cases"]}), "in_progress": ds is phantom})
+    with pytest.raises(ValueError, match="vol_salience/manifest.json: salience_generation.py did not finish"):
+        _build(tmp_path, real, phantom, lists)

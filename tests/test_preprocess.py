@@ -358,11 +358,16 @@ def test_nifti_and_dicom_give_identical_arrays(tmp_path):
     np.testing.assert_array_equal(a.image, b.image)
     np.testing.assert_array_equal(a.label, b.label)
     assert b.label.sum() == vessel.sum()  # tumour (2) is not vessel
-    # NIfTI liver labels named as the liver make a liver model's data, as DICOM's liver folder does
+    # NIfTI liver labels named as the liver make a liver model's data, as DICOM's liver folder does;
+    # every non-zero value is liver (its tumours too)
+    import preprocess as cli
     from inference.liver import model_target
 
-    _, p_liv = run(tmp_path, dataset="nii_liver", fmt="nifti", images=tmp_path / "imagesTr",
-                   labels=tmp_path / "labelsTr", vessels=("liver",))
+    assert cli.main(["--dataset", "nii_liver", "--root_path", str(tmp_path / "data"), "--list_dir",
+                     str(tmp_path / "list"), "--format", "nifti", "--images", str(tmp_path / "imagesTr"),
+                     "--labels", str(tmp_path / "labelsTr"), "--vessels", "liver"]) == 0
+    p_liv = DatasetPaths.of(tmp_path / "data", "nii_liver", tmp_path / "list")
+    assert read_volume(p_liv.volume("hepaticvessel_001")).label.sum() == (lab > 0).sum() > vessel.sum()
     doc = json.loads((p_liv.root / "dataset.json").read_text())
     assert doc["vessel_classes"] == ["liver"] and model_target({"manifests": {"dataset": doc}}) == "liver"
     assert model_target({"manifests": {"dataset": json.loads((p_nii.root / "dataset.json").read_text())}}) == "vessels"
@@ -616,6 +621,10 @@ def test_nifti_cases_pair_images_and_labels_by_name(tmp_path):
     files("lab4", ["liver_0001.nii.gz", "liver_0002.nii.gz"])
     assert [(c, lab.name) for c, _, lab in find_nifti_cases(tmp_path / "img4", tmp_path / "lab4")] == \
         [("liver_0001", "liver_0001.nii.gz"), ("liver_0002", "liver_0002.nii.gz")]
+    # labels named exactly as the images: the same case names
+    files("same_lab", ["liver_0001_0000.nii.gz", "liver_0002_0000.nii.gz"])
+    assert [c for c, _, _ in find_nifti_cases(tmp_path / "imagesTr", tmp_path / "same_lab")] == \
+        ["liver_0001", "liver_0002"]
     # an image without a label is named, not trained on as background; without labels none is needed
     (tmp_path / "labelsTr" / "liver_0002.nii.gz").unlink()
     with pytest.raises(ValueError, match=r"liver_0002_0000.nii.gz: no label file liver_0002_0000.nii.gz or liver_0002"):

@@ -1,6 +1,7 @@
 """Connectivity-aware salience (networks/salience.py, salience_generation.py): docs/DESIGN.md sections 1, 1b."""
 from __future__ import annotations
 
+import json
 import math
 
 import h5py
@@ -756,3 +757,21 @@ def test_a_head_fitted_under_one_normalisation_is_refused_under_the_other(tiny_d
     assert not any(ds.paths.salience(c).exists() for c in sum(ds.splits.values(), []))
     status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank", str(head), normalisation="volume")
     assert set(status.values()) == {"written"}
+
+
+def test_a_stopped_first_run_leaves_its_manifest_marked(tiny_dataset_no_salience, monkeypatch):
+    ds = tiny_dataset_no_salience
+    path = ds.paths.vol_salience / "manifest.json"
+    assert not path.exists()
+
+    def stop(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sg, "salience_3d", stop)
+    with pytest.raises(KeyboardInterrupt):
+        sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "analytic")
+    assert json.loads(path.read_text())["in_progress"] is True
+    monkeypatch.undo()
+    sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "analytic")
+    doc = json.loads(path.read_text())
+    assert "in_progress" not in doc and sorted(doc["cases"]) == sorted(sum(ds.splits.values(), []))

@@ -199,7 +199,7 @@ def test_reads_authors_files_without_attributes(tiny_dataset):
 
 def test_an_empty_split_is_refused_with_what_to_do(tiny_dataset):
     tiny_dataset.paths.list_file("vol_val").write_text("")
-    with pytest.raises(ValueError, match=r"vol_val.txt: list is empty \(preprocess.py splits fewer than 3 patients"):
+    with pytest.raises(ValueError, match=r"vol_val.txt: list is empty \(preprocess.py gives fewer than 3 patients"):
         VolumeDataSet(tiny_dataset.paths, "val", "none")
 
 

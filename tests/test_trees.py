@@ -308,6 +308,14 @@ def test_test_py_reads_the_trees_from_the_test_datas_own_class_map(tree_data, tm
     assert rows[0]["portal_voxels_true"] != rows[0]["hepatic_voxels_true"]  # so that a swap would show
     for c in ("portal", "hepatic"):
         assert rows[1][f"{c}_voxels_true"] == rows[0][f"{c}_voxels_true"]
+    # test data without its dataset.json: the class map the model learnt from, with a warning
+    import shutil
+
+    shutil.copytree(tree_data / "data", tmp_path / "old")
+    next((tmp_path / "old").rglob("dataset.json")).unlink()
+    old = run_evaluation(dataset="phantom", root_path=tmp_path / "old", list_dir=tree_data / "list", model_path=model,
+                         device="cpu", output=tmp_path / "eval_old").rows[0]
+    assert old["portal_voxels_true"] == rows[0]["portal_voxels_true"]
 
 
 def test_test_py_names_a_two_tree_model_that_predicts_nothing(tree_data, tmp_path, caplog):
