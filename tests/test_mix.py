@@ -140,19 +140,29 @@ def test_mixed_folder_gets_a_merged_manifest_and_refuses_other_labels(tmp_path, 
                   phantom.paths)
 
 
+def _maps_of_one_head(real, phantom, phantom_in_progress: bool = False) -> None:
+    """Both sets with a dataset.json and maps' manifests of one bank head ("abc")."""
+    import json
+
+    from utils.manifests import salience_manifest, write_salience_manifest
+
+    _manifest(real, ["portalvein", "venoussystem"])
+    _manifest(phantom, ["portalvein", "venoussystem"])
+    for ds in (real, phantom):
+        doc = json.loads((ds.paths.root / "dataset.json").read_text())
+        write_salience_manifest(ds.paths, {**salience_manifest(
+            kind="bank", parameters={}, weights_sha256="abc", weights_path=None, normalisation="fixed", dataset=doc,
+            cases={c: [3, 8, 8, 4] for c in doc["cases"]}), **({"in_progress": True} if (
+                phantom_in_progress and ds is phantom) else {})})
+
+
 def test_mixed_folder_carries_one_generator_or_refuses_two(tmp_path, two_sets):
     import json
 
     from utils.manifests import fingerprint, salience_manifest, write_salience_manifest
 
     real, phantom, lists = two_sets
-    _manifest(real, ["portalvein", "venoussystem"])
-    _manifest(phantom, ["portalvein", "venoussystem"])
-    for ds in (real, phantom):
-        doc = json.loads((ds.paths.root / "dataset.json").read_text())
-        write_salience_manifest(ds.paths, salience_manifest(
-            kind="bank", parameters={}, weights_sha256="abc", weights_path=None, normalisation="fixed", dataset=doc,
-            cases={c: [3, 8, 8, 4] for c in doc["cases"]}))
+    _maps_of_one_head(real, phantom)
     out, _ = _build(tmp_path, real, phantom, lists)
     sal = json.loads((out / "vol_salience" / "manifest.json").read_text())
     mixed = json.loads((out / "dataset.json").read_text())
@@ -170,17 +180,7 @@ def test_mixed_folder_carries_one_generator_or_refuses_two(tmp_path, two_sets):
 
 
 def test_maps_of_a_stopped_salience_run_are_not_mixed(tmp_path, two_sets):
-    import json
-
-    from utils.manifests import salience_manifest, write_salience_manifest
-
     real, phantom, lists = two_sets
-    _manifest(real, ["portalvein", "venoussystem"])
-    _manifest(phantom, ["portalvein", "venoussystem"])
-    for ds in (real, phantom):
-        doc = json.loads((ds.paths.root / "dataset.json").read_text())
-        write_salience_manifest(ds.paths, {**salience_manifest(
-            kind="bank", parameters={}, weights_sha256="abc", weights_path=None, normalisation="fixed", dataset=doc,
-            cases={c: [3, 8, 8, 4] for c in doc["cases"]}), "in_progress": ds is phantom})
+    _maps_of_one_head(real, phantom, phantom_in_progress=True)
     with pytest.raises(ValueError, match="vol_salience/manifest.json: salience_generation.py did not finish"):
         _build(tmp_path, real, phantom, lists)
