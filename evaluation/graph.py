@@ -24,7 +24,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
-from evaluation.metrics import skeleton
+from evaluation.metrics import skeleton, skeleton_neighbours
 
 #: skan's branch types, by name
 BRANCH_KINDS = {0: "end-end", 1: "junction-end", 2: "junction-junction", 3: "loop"}
@@ -86,8 +86,7 @@ def vessel_graph(mask: np.ndarray, spacing: Sequence[float], labels: Optional[np
     skel = skeleton(mask)
     # a skeleton voxel with no skeleton neighbour (a speck's) is no branch; skan fails on a
     # skeleton made only of such voxels and ignores them otherwise
-    neighbours = ndimage.convolve(skel.astype(np.uint8), np.ones((3, 3, 3), np.uint8), mode="constant")
-    skel &= neighbours > 1
+    skel &= skeleton_neighbours(skel) > 0
     graph = VesselGraph()
     if not skel.any():
         return graph

@@ -123,6 +123,14 @@ def skeleton(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def skeleton_neighbours(skel: np.ndarray) -> np.ndarray:
+    """int (H, W, D): for each voxel of the bool skeleton ``skel``, how many of its 26 neighbours are
+    skeleton voxels (0 elsewhere): 0 a lone voxel, 1 an end, 2 along a branch, 3 or more a junction."""
+    skel = np.asarray(skel, dtype=bool)
+    count = ndimage.convolve(skel.astype(np.uint8), np.ones((3, 3, 3), np.uint8), mode="constant") - 1
+    return np.where(skel, count, 0)
+
+
 def cldice(pred: np.ndarray, target: np.ndarray, *, pred_skeleton: Optional[np.ndarray] = None,
            target_skeleton: Optional[np.ndarray] = None) -> float:
     """Centreline Dice (Shit et al. 2021) with hard skeletons.

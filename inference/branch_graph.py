@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
-from evaluation.metrics import skeleton
+from evaluation.metrics import skeleton, skeleton_neighbours
 from inference.trees import neighbour_pairs
 from utils.boxes import bounding_box
 from utils.threads import one_thread
@@ -94,8 +94,7 @@ def _branches_and_skeleton(union: np.ndarray, spacing: Sequence[float]) -> tuple
         piece = comps[sl] == c
         skel = skeleton(piece)
         skeletons[sl] |= skel
-        neighbours = ndimage.convolve(skel.astype(np.uint8), _FULL.astype(np.uint8), mode="constant") - 1
-        junctions = ndimage.binary_dilation(skel & (neighbours >= 3), structure=_FULL) & skel
+        junctions = ndimage.binary_dilation(skeleton_neighbours(skel) >= 3, structure=_FULL) & skel
         branches, n = ndimage.label(skel & ~junctions, structure=_FULL)
         if n == 0:
             next_label += 1

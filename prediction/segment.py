@@ -54,7 +54,7 @@ from inference.trees import TREE_SMOOTHNESS, check_smoothness
 from preprocessing.errors import PreprocessError
 from utils import provenance
 from utils.h5io import apply_hu_window
-from utils.manifests import CLASS_ALIASES
+from utils.manifests import class_tree
 from utils.orientation import lps_view
 
 log = logging.getLogger("predict")
@@ -267,26 +267,25 @@ def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.
     from evaluation.figures import _save, error_rgb, plt
 
     view = lps_view(geometry.direction)
-    whole_mask, whole_labels = mask, labels
-    image, mask, spacing = view.forward(image), view.forward(mask), view.spacing(spacing)
-    labels = None if labels is None else view.forward(labels)
+    lps_image, lps_mask, lps_spacing = view.forward(image), view.forward(mask), view.spacing(spacing)
+    lps_labels = None if labels is None else view.forward(labels)
     # coronal: slices down the image, reversed so that superior (the LPS slice axis) is at the top
-    views = [("axial MIP", lambda a: a.max(axis=2), spacing[0] / spacing[1]),
-             ("coronal MIP", lambda a: a.max(axis=0).T[::-1], spacing[2] / spacing[1])]
+    views = [("axial MIP", lambda a: a.max(axis=2), lps_spacing[0] / lps_spacing[1]),
+             ("coronal MIP", lambda a: a.max(axis=0).T[::-1], lps_spacing[2] / lps_spacing[1])]
     trees = [] if labels is None else [(k + 1, name, TREE_COLOURS[k % len(TREE_COLOURS)]) for k, name in
                                        enumerate(names)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), squeeze=False)
     for ax, (name, proj, aspect) in zip(axes[0], views):
         if not trees:
-            m = proj(mask)
-            ax.imshow(error_rgb(proj(image), m, m, alpha=0.75), aspect=aspect, interpolation="nearest")
+            m = proj(lps_mask)
+            ax.imshow(error_rgb(proj(lps_image), m, m, alpha=0.75), aspect=aspect, interpolation="nearest")
             ax.set_title(f"{name}: scan, vessels in green", fontsize=9)
         else:
-            g = proj(image)
+            g = proj(lps_image)
             rgb = np.repeat(((g - g.min()) / max(float(np.ptp(g)), 1e-6))[..., None], 3, axis=2)
             # the tree nearer the front of the projection wins where both project
             for value, _, colour in trees[::-1]:
-                m = proj(labels == value)
+                m = proj(lps_labels == value)
                 rgb[m] = 0.25 * rgb[m] + 0.75 * np.asarray(colour)
             ax.imshow(rgb, aspect=aspect, interpolation="nearest")
             ax.set_title(f"{name}: " + ", ".join(f"{n} {c}" for n, c in zip(
@@ -299,8 +298,8 @@ def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.
     fig = plt.figure(figsize=(6.4, 6.4))
     ax = fig.add_subplot(projection="3d")
     # the surfaces in patient mm from the stored order and its geometry
-    parts = [(whole_mask, (0.80, 0.22, 0.20), "vessels")] if not trees else [
-        (whole_labels == value, colour, name) for value, name, colour in trees]
+    parts = [(mask, (0.80, 0.22, 0.20), "vessels")] if not trees else [
+        (labels == value, colour, name) for value, name, colour in trees]
     budget = 80_000 // max(len(parts), 1)
     lo_all, hi_all = [], []
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
@@ -335,13 +334,9 @@ def scan_figures(mip_path: Path, render_path: Path, image: np.ndarray, mask: np.
 def seg_tree_labels(labels: Optional[np.ndarray], classes: Sequence[str]) -> Optional[np.ndarray]:
     """A label map (1 .. len(classes)) renumbered for the DICOM-SEG's two coded trees (1 portal
     vein, 2 hepatic veins) when ``classes`` are those two trees under any of their names
-    (``utils.manifests.CLASS_ALIASES``: ``portal`` or ``portalvein``, ``hepatic``, ``venoussystem``
+    (:func:`utils.manifests.class_tree`: ``portal`` or ``portalvein``, ``hepatic``, ``venoussystem``
     or ``venacava``) in either order; None when they are not (the SEG then holds the union)."""
-    def tree(name: str) -> str:
-        low = name.lower()
-        return next((t for t, folders in CLASS_ALIASES.items() if low == t or low in folders), low)
-
-    order = [tree(c) for c in classes]
+    order = [class_tree(c) for c in classes]
     if labels is None or sorted(order) != ["hepatic", "portal"]:
         return None
     out = np.zeros(labels.shape, np.uint8)

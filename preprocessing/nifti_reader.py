@@ -35,6 +35,12 @@ def _without_extension(path: Path) -> str:
     return name
 
 
+def _nifti_files(folder: Path) -> list[Path]:
+    """The visible NIfTI files in ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.name.endswith(NIFTI_SUFFIXES))
+
+
 def nifti_stem(path: Path) -> str:
     """An image's case name: ``hepaticvessel_001.nii.gz`` -> ``hepaticvessel_001``,
     ``liver_0001_0000.nii.gz`` -> ``liver_0001`` (nnU-Net's channel suffix dropped)."""
@@ -44,22 +50,15 @@ def nifti_stem(path: Path) -> str:
 def find_nifti_cases(images: Path, labels: Optional[Path]) -> list[tuple[str, Path, Optional[Path]]]:
     """(case name, image file, label file or None) for every NIfTI image in ``images``, sorted by
     name; the case name is :func:`nifti_stem`. A label file has the image's name, or its name
-    without nnU-Net's channel suffix (``case_0000.nii.gz`` -> ``case.nii.gz``). With ``labels``, an image without
-    one is a ValueError naming it: it would otherwise be trained on as all background."""
+    without nnU-Net's channel suffix (``case_0000.nii.gz`` -> ``case.nii.gz``). With ``labels``, an
+    image without one is a ValueError naming it: it would otherwise be trained on as all background."""
     if not images.is_dir():
         raise FileNotFoundError(f"{images}: images folder not found")
-    found = sorted(
-        p for p in images.iterdir() if p.is_file() and not p.name.startswith(".") and p.name.endswith(NIFTI_SUFFIXES)
-    )
-    label_files: dict[str, Path] = {}
-    if labels is not None:
-        if not labels.is_dir():
-            raise FileNotFoundError(f"{labels}: labels folder not found")
-        for p in labels.iterdir():
-            if p.is_file() and not p.name.startswith(".") and p.name.endswith(NIFTI_SUFFIXES):
-                label_files[_without_extension(p)] = p
+    if labels is not None and not labels.is_dir():
+        raise FileNotFoundError(f"{labels}: labels folder not found")
+    label_files = {} if labels is None else {_without_extension(p): p for p in _nifti_files(labels)}
     out, seen = [], set()
-    for p in found:
+    for p in _nifti_files(images):
         full, stem = _without_extension(p), nifti_stem(p)  # the case is the stem, as predict.py names it
         label = None
         if labels is not None:

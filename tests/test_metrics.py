@@ -228,3 +228,15 @@ def test_evaluate_case_equals_the_single_metric_functions_with_roi():
     assert got["specificity"] != pytest.approx(M.specificity(p, t))
     with pytest.raises(ValueError, match="roi shape"):
         M.evaluate_case(pred, target, SPACING, roi=roi[1:])
+
+
+def test_skeleton_neighbours_worked_example():
+    from evaluation.metrics import skeleton_neighbours
+
+    skel = np.zeros((7, 7, 3), bool)
+    skel[1:6, 3, 1] = True  # a line of five: ends 1, inside 2
+    skel[3, 4:6, 1] = True  # a side branch from its middle: a junction there
+    skel[0, 0, 0] = True  # a lone voxel
+    n = skeleton_neighbours(skel)
+    assert n[0, 0, 0] == 0 and n[1, 3, 1] == 1 and n[5, 3, 1] == 1 and n[3, 5, 1] == 1
+    assert n[3, 3, 1] >= 3 and n[3, 2, 1] == 0  # off the skeleton: 0

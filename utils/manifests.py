@@ -138,6 +138,13 @@ def dataset_manifest(dataset: str, *, source: Any, input_format: str, vessel_cla
 CLASS_ALIASES = {"portal": ("portalvein",), "hepatic": ("venoussystem", "venacava"), "artery": ("artery",)}
 
 
+def class_tree(name: str) -> str:
+    """The tree a class name stands for: ``portal``, ``hepatic`` or ``artery`` for those names and
+    their mask folders (``CLASS_ALIASES``, any case), else the name in lower case."""
+    low = name.lower()
+    return next((t for t, folders in CLASS_ALIASES.items() if low == t or low in folders), low)
+
+
 def class_values(names: Sequence[str], dataset: Optional[dict], where: str | os.PathLike) -> list[int]:
     """The class-map values (1, 2, ...) of the classes ``names`` (``portal``, ``hepatic``, ``artery`` or
     a mask folder name) in the dataset manifest ``dataset``; ValueError naming ``where`` when the
