@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LOSS_TERMS = ("bce", "dice", "cldice")
+from train_config import loss_terms
+
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -100,10 +101,7 @@ def soft_cldice_loss(logits: torch.Tensor, target: torch.Tensor, iterations: int
 
 def make_loss(name: str, cldice_iterations: int = 5) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Loss from ``--loss``: ``bce``, ``dice``, ``cldice`` or a ``+``-joined sum (e.g. ``bce+dice``)."""
-    terms = [t.strip() for t in name.lower().split("+")]
-    bad = [t for t in terms if t not in LOSS_TERMS]
-    if not terms or bad:
-        raise ValueError(f"unknown loss {name!r}; terms: {', '.join(LOSS_TERMS)}, joined by '+' (e.g. bce+dice)")
+    terms = loss_terms(name)
     fns = {
         "bce": bce_loss,
         "dice": soft_dice_loss,

@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale_aug", type=float, default=d.scale_aug, metavar="S",
                    help="2-D: zoom each training slice by a log-uniform factor in [1/(1+S), 1+S] before the "
                         "pad/crop to --img_size, so one calibre is seen at several widths (0: off)")
+    p.add_argument("--rotate_aug", type=float, default=d.rotate_aug, metavar="DEG",
+                   help="2-D: rotate each training slice in-plane by a uniform angle in [-DEG, DEG] degrees "
+                        "before the pad/crop to --img_size; unlike --augment's quarter turns and flips it keeps "
+                        "the patient's left and right (0: off)")
     p.add_argument("--blur_aug", type=float, default=d.blur_aug, metavar="S",
                    help="blur half the training images in-plane with a Gaussian of sigma U(0.3, S) pixels of the "
                         "grid the model sees (labels and salience unblurred): scanners differ in sharpness and "

@@ -10,7 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dataloaders.inputs import check_blur_aug, check_context, check_scale_aug, input_channels
+from dataloaders.inputs import check_blur_aug, check_context, check_rotate_aug, check_scale_aug, input_channels
+
+LOSS_TERMS = ("bce", "dice", "cldice")
+
+
+def loss_terms(name: str) -> list[str]:
+    """The terms of ``--loss`` (``bce``, ``dice``, ``cldice`` or a ``+``-joined sum), or ValueError
+    naming the valid ones; torch-free, so a typo fails before the data is read."""
+    terms = [t.strip() for t in str(name).lower().split("+")]
+    bad = [t for t in terms if t not in LOSS_TERMS]
+    if not terms or bad:
+        raise ValueError(f"unknown loss {name!r}; terms: {', '.join(LOSS_TERMS)}, joined by '+' (e.g. bce+dice)")
+    return terms
 
 
 @dataclass
@@ -55,6 +67,7 @@ class TrainConfig:
     intensity_jitter: bool = False
     domain_aug: bool = False  # sim-to-real intensity randomisation (dataloaders.transforms.intensity_domain)
     scale_aug: float = 0.0  # 2-D: zoom each training slice by a log-uniform factor in [1/(1+s), 1+s] (0: off)
+    rotate_aug: float = 0.0  # 2-D: rotate each training slice in-plane by U(-r, r) degrees (0: off); no flip
     blur_aug: float = 0.0  # half the items blurred in-plane, sigma U(0.3, s) pixels (dataloaders.transforms.gaussian_blur)
     context_slices: int = 0  # 2-D: the images of K slices above and below as 2K more input channels
     min_component_mm3: float = 0.0  # inference post-processing recorded in the checkpoint (0: none)
@@ -88,8 +101,19 @@ class TrainConfig:
             raise ValueError(f"--patch_size needs three positive integers h w d, got {self.patch_size}")
         if self.target_spacing is not None and not self.target_spacing > 0:
             raise ValueError(f"--target_spacing must be a positive number of mm, got {self.target_spacing}")
-        if self.batch_size < 1 or self.max_epochs < 1:
-            raise ValueError(f"--batch_size and --max_epochs must be >= 1, got {self.batch_size}, {self.max_epochs}")
+        if self.batch_size < 1 or self.max_epochs < 1 or self.val_batch_size < 1 or self.patches_per_epoch < 1:
+            raise ValueError(f"--batch_size, --max_epochs, --val_batch_size and --patches_per_epoch must be >= 1, got "
+                             f"{self.batch_size}, {self.max_epochs}, {self.val_batch_size}, {self.patches_per_epoch}")
+        # 0 would read as "no limit" where the limit is tested for truth
+        for opt in ("max_iterations", "stop_after_epochs"):
+            if getattr(self, opt) is not None and getattr(self, opt) < 1:
+                raise ValueError(f"--{opt} must be >= 1 (leave it out for no limit), got {getattr(self, opt)}")
+        if self.val_every < 0 or self.save_minutes <= 0 or (self.max_minutes is not None and self.max_minutes < 0):
+            raise ValueError(f"--val_every must be >= 0 (0: at epoch ends), --save_minutes > 0 and --max_minutes >= 0, "
+                             f"got {self.val_every}, {self.save_minutes}, {self.max_minutes}")
+        if self.clip_grad < 0:
+            raise ValueError(f"--clip_grad must be >= 0, got {self.clip_grad}")
+        loss_terms(self.loss)
         if self.base_lr <= 0:
             raise ValueError(f"--base_lr must be > 0, got {self.base_lr}")
         if self.log_every < 1 or self.prefetch_factor < 1 or self.num_workers < 0:
@@ -106,6 +130,7 @@ class TrainConfig:
             raise ValueError(f"--min_component_mm3 must be >= 0 mm^3, got {self.min_component_mm3}")
         self.scale_aug = check_scale_aug(self.scale_aug)
         self.blur_aug = check_blur_aug(self.blur_aug)
+        self.rotate_aug = check_rotate_aug(self.rotate_aug)
         if self.freeze_bn and not self.init_from:
             raise ValueError("--freeze_bn keeps the statistics of the --init_from weights: give --init_from")
         input_channels(self.salience)

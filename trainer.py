@@ -147,7 +147,9 @@ def setup_env(cfg: TrainConfig) -> Env:
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
     amp_dtype = None
     if use_cuda and cfg.amp:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # without including_emulation=False a pre-Ampere GPU (T4, V100) reports bf16 as supported (it can
+        # hold bf16 tensors) but has no bf16 kernels: it needs fp16 with the gradient scaler
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return Env(device, rank, local, world, amp_dtype, distributed)
 
 
@@ -233,11 +235,11 @@ def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int,
         return SliceDataSet(paths, cfg.salience, img_size=cfg.img_size, augment=cfg.augment,
                             jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing,
                             cache=cfg.cache_data, domain=cfg.domain_aug, scale_aug=cfg.scale_aug,
-                            blur_aug=cfg.blur_aug, classes=class_values, context=cfg.context_slices)
+                            rotate_aug=cfg.rotate_aug, blur_aug=cfg.blur_aug, classes=class_values, context=cfg.context_slices)
     if cfg.context_slices:
         raise ValueError(f"--context_slices is for 2-D backbones; {cfg.backbone} sees the neighbouring slices already")
-    if cfg.scale_aug:
-        raise ValueError(f"--scale_aug is for 2-D backbones; {cfg.backbone} trains on 3-D patches")
+    if cfg.scale_aug or cfg.rotate_aug:
+        raise ValueError(f"--scale_aug and --rotate_aug are for 2-D backbones; {cfg.backbone} trains on 3-D patches")
     if cfg.target_spacing is not None:
         # a 3-D model trains and predicts on the stored grid: the millimetres would be silently ignored
         raise ValueError(f"--target_spacing is for 2-D backbones; {cfg.backbone} trains on 3-D patches of the "
@@ -590,6 +592,9 @@ def _resume(run: _Run) -> None:
     if ckpt.get("scaler") and run.scaler.is_enabled():
         run.scaler.load_state_dict(ckpt["scaler"])
     run.epoch, run.iteration, run.best = int(ckpt["epoch"]), int(ckpt["iteration"]), float(ckpt["best_metric"])
+    # a checkpoint written at an epoch's last batch (a validation or a stop there) names that epoch:
+    # it is done, and resuming must not run it again with no batches left
+    run.epoch = max(run.epoch, run.iteration // run.per_epoch)
     old = int(saved.get("lr_horizon_iterations") or 0)
     new = lr_horizon(cfg, run.per_epoch)
     if old and old != new and not is_complete(cfg, run.epoch, run.iteration):
@@ -819,6 +824,12 @@ def _stop_reason(run: _Run, deadline: Optional[float]) -> Optional[str]:
     return None
 
 
+def step_seed(seed: int, iteration: int) -> int:
+    """The torch seed of the training step after ``iteration`` steps: distinct for every (seed, iteration)
+    with iteration < 1e6."""
+    return int(seed) * 1_000_003 + int(iteration)
+
+
 def _train(cfg: TrainConfig, env: Env) -> TrainResult:
     t_start = time.monotonic()
     run = _setup(cfg, env, t_start)
@@ -834,7 +845,6 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
     batches = iter(make_loader(cfg, env, run.train_set, run.epoch, skip))
     stopped_by, epochs_this_run, batch, logits = "max_epochs", 0, None, None
     while run.epoch < cfg.max_epochs:
-        torch.manual_seed(cfg.seed + 7919 * run.epoch + skip)
         run.model.train()
         if cfg.freeze_bn:
             freeze_norm_statistics(run.model)
@@ -843,6 +853,9 @@ def _train(cfg: TrainConfig, env: Env) -> TrainResult:
         stop, t_epoch = None, time.monotonic()
         for _ in bar:
             batch = next(batches)
+            # one seed per step, not per epoch: a run resumed mid-epoch draws the dropout masks of
+            # the uninterrupted run (the checkpoint keeps no generator state)
+            torch.manual_seed(step_seed(cfg.seed, run.iteration))
             logits = _train_step(run, batch)
             if run.iteration % cfg.log_every == 0:
                 bar.set_postfix(loss=f"{run.monitor.flush():.4f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")

@@ -37,10 +37,10 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataloaders.inputs import (check_blur_aug, check_context, check_scale_aug, context_indices, input_channels,
-                               model_input)
+from dataloaders.inputs import (check_blur_aug, check_context, check_rotate_aug, check_scale_aug, context_indices,
+                               input_channels, model_input)
 from dataloaders.transforms import (gaussian_blur, intensity_domain, intensity_jitter, pad_or_crop, resize_2d, rot_flip,
-                                   spacing_size)
+                                   rotate_planes, spacing_size)
 from utils.h5io import DatasetPaths, parse_slice_name, read_list, read_salience, read_volume
 
 log = logging.getLogger("datasets")
@@ -199,7 +199,7 @@ class SliceDataSet(_Augmenting):
                  list_name: str = "slice_train", augment: bool = True, jitter: bool = False, seed: int = 0,
                  target_spacing: Optional[float] = None, cache: bool = False, domain: bool = False,
                  scale_aug: float = 0.0, blur_aug: float = 0.0, classes: Optional[Sequence[int]] = None,
-                 context: int = 0) -> None:
+                 context: int = 0, rotate_aug: float = 0.0) -> None:
         super().__init__(salience_mode, augment, jitter, seed, domain, blur_aug, classes)
         self.paths = paths
         self.context = check_context(context, salience_mode)
@@ -207,6 +207,7 @@ class SliceDataSet(_Augmenting):
         self.scale_aug = check_scale_aug(scale_aug)
         if self.scale_aug and self.img_size is None:
             raise ValueError("--scale_aug needs an img_size to pad or crop the zoomed plane to")
+        self.rotate_aug = check_rotate_aug(rotate_aug)
         self.target_spacing = None if target_spacing is None else float(target_spacing)
         if self.target_spacing is not None and not self.target_spacing > 0:
             raise ValueError(f"--target_spacing must be a positive number of mm, got {target_spacing}")
@@ -239,7 +240,8 @@ class SliceDataSet(_Augmenting):
 
     def _fill_cache(self) -> None:
         square = (self.target_spacing is None and self.img_size is not None and self.img_size[0] == self.img_size[1]
-                  and not self.jitter and not self.domain and not self.scale_aug and not self.blur and not self.context)
+                  and not self.jitter and not self.domain and not self.scale_aug and not self.rotate_aug and not self.blur
+                  and not self.context)
         if self.context:
             self._volumes = {}
             for case in tqdm(list(dict.fromkeys(self._case(n) for n in self.names)), desc="caching context volumes",
@@ -367,6 +369,8 @@ class SliceDataSet(_Augmenting):
         planes = np.concatenate([image[None]] + [a for a in (sal, nb) if a is not None])
         if size is not None:
             planes, label = resize_2d(planes, label, size)
+        if self.rotate_aug:
+            planes, label = rotate_planes(planes, label, float(rng.uniform(-self.rotate_aug, self.rotate_aug)))
         if self.img_size is not None and tuple(planes.shape[1:]) != self.img_size:
             n = planes.shape[0]
             both, _ = pad_or_crop(np.concatenate([planes, label]), self.img_size, rng)

@@ -82,6 +82,15 @@ def check_scale_aug(scale_aug: float) -> float:
     return float(scale_aug)
 
 
+def check_rotate_aug(max_degrees: float) -> float:
+    """``--rotate_aug`` as a float in [0, 45] degrees (0: off), else ValueError; torch-free, like
+    :func:`check_scale_aug`."""
+    max_degrees = float(max_degrees)
+    if not 0 <= max_degrees <= 45:
+        raise ValueError(f"--rotate_aug must be in [0, 45] degrees, got {max_degrees}")
+    return max_degrees
+
+
 BLUR_MIN_SIGMA = 0.3  # pixels; a blur narrower than this barely moves a one-pixel vessel
 
 

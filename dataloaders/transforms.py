@@ -16,6 +16,11 @@ reproducible whatever the number of loader workers.
   scaled about the tissue median by a log-uniform factor in [0.5, 1.5], shifted by up to
   +-0.06 (24 HU), and half the time white noise of std U(0, 0.02) (up to 8 HU) added; pixels
   at 0 (air, fat, padding: below the HU window) stay 0.
+- ``rotate_planes``: (optional, ``--rotate_aug R``, 2-D) an in-plane rotation of image,
+  salience and label by U(-R, R) degrees, bilinear, zero outside the plane (as the padding).
+  Unlike ``rot_flip`` it keeps the patient's left and right, which a liver model needs. The
+  coronal and sagittal salience channels are rotated as images: for small angles an
+  approximation of the maps of the rotated volume.
 - ``gaussian_blur``: (optional, ``--blur_aug S``) half the time, an in-plane Gaussian blur of
   the image with sigma U(0.3, S) pixels of the grid the model sees (H and W only; a patch's
   D axis is left alone). Salience and label are not blurred.
@@ -118,6 +123,22 @@ def gaussian_blur(image: np.ndarray, rng: np.random.Generator, max_sigma: float)
         return image
     sigma = float(rng.uniform(BLUR_MIN_SIGMA, max_sigma))
     return gaussian_filter(image, (sigma, sigma) + (0.0,) * (image.ndim - 2)).astype(np.float32)
+
+
+def rotate_planes(x: np.ndarray, label: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate planes x (C, H, W) and the label (K, H, W) by ``degrees`` (counter-clockwise in the
+    (row, col) display of the plane) about the plane's centre, keeping the shape: bilinear, zero
+    outside; the soft label stays in [0, 1]."""
+    if x.ndim != 3 or label.ndim != 3 or x.shape[1:] != label.shape[1:]:
+        raise ValueError(f"rotate_planes needs x (C, H, W) and label (K, H, W) of one plane, got "
+                         f"{x.shape} / {label.shape}")
+    if degrees == 0:
+        return x, label
+    from scipy import ndimage  # slow to import; only rotating runs need it
+    n = x.shape[0]
+    both = ndimage.rotate(np.concatenate([x, label]).astype(np.float32), degrees, axes=(2, 1), reshape=False,
+                          order=1, mode="constant", cval=0.0)
+    return both[:n], np.clip(both[n:], 0.0, 1.0)
 
 
 def _size2(size: Sequence[int]) -> tuple[int, int]:

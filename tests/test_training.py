@@ -17,7 +17,7 @@ import torch
 import main as main_cli
 from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
 from dataloaders.inputs import BLUR_MIN_SIGMA
-from dataloaders.transforms import (BLUR_PROB, DOMAIN_NOISE, DOMAIN_SCALE, DOMAIN_SHIFT, gaussian_blur,
+from dataloaders.transforms import (BLUR_PROB, DOMAIN_NOISE, DOMAIN_SCALE, DOMAIN_SHIFT, gaussian_blur, rotate_planes,
                                    intensity_domain, resize_2d, rot_flip)
 from losses import make_loss, poly_scheduler, soft_cldice_loss, soft_dice_loss, soft_skeleton
 from networks.checkpoint import load_model
@@ -370,6 +370,58 @@ def test_resume_mid_epoch_is_bit_exact_with_workers(tiny_dataset, tmp_path, monk
         assert torch.equal(v, part2.model.state_dict()[k]), k
 
 
+def test_resume_mid_epoch_is_exact_for_a_backbone_with_dropout(tiny_dataset, tmp_path, monkeypatch):
+    """unet3d has dropout (0.3): a run resumed mid-epoch must draw the masks the uninterrupted
+    run drew. 8 patches of batch 2 an epoch: last.pth at the validation of iteration 3, crash at 5."""
+    kw = dict(backbone="unet3d", model_kwargs={"base_channels": 4, "depth": 2}, salience="none",
+              patches_per_epoch=8, max_epochs=2, val_every=3)
+    full = train(cfg_for(tiny_dataset, tmp_path, exp="full3d", **kw))
+    assert any(isinstance(m, torch.nn.Dropout3d) or isinstance(m, torch.nn.Dropout) for m in full.model.modules())
+    step = trainer._train_step
+
+    def crash_at_5(run, batch):
+        if run.iteration == 4:
+            raise _Crash
+        return step(run, batch)
+
+    monkeypatch.setattr(trainer, "_train_step", crash_at_5)
+    with pytest.raises(_Crash):
+        train(cfg_for(tiny_dataset, tmp_path, exp="split3d", **kw))
+    monkeypatch.setattr(trainer, "_train_step", step)
+    part2 = train(cfg_for(tiny_dataset, tmp_path, exp="split3d", resume=True, **kw))
+    assert full.iteration == part2.iteration == 8
+    assert part2.losses == full.losses[3:]
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, part2.model.state_dict()[k]), k
+
+
+def test_resume_from_an_epochs_last_batch_trains_the_next_epoch(tiny_dataset, tmp_path, monkeypatch):
+    """36 slices of batch 8: 5 batches an epoch, validated (last.pth written) at iteration 5, the
+    epoch's last batch. Resumed with --stop_after_epochs 1, the run trains epoch 2's 5 batches:
+    it does not count the finished epoch again with no batch left."""
+    kw = dict(max_epochs=2, batch_size=8, val_every=5)
+    full = train(cfg_for(tiny_dataset, tmp_path, exp="full", **kw))
+    step = trainer._train_step
+
+    def crash_at_6(run, batch):
+        if run.iteration == 5:
+            raise _Crash
+        return step(run, batch)
+
+    monkeypatch.setattr(trainer, "_train_step", crash_at_6)
+    with pytest.raises(_Crash):
+        train(cfg_for(tiny_dataset, tmp_path, exp="split", **kw))
+    monkeypatch.setattr(trainer, "_train_step", step)
+    part2 = train(cfg_for(tiny_dataset, tmp_path, exp="split", resume=True, stop_after_epochs=1, **kw))
+    assert part2.iteration == full.iteration == 10 and part2.epoch == 2
+    assert part2.losses == full.losses[5:]
+
+
+def test_step_seeds_differ_across_seeds_and_iterations():
+    seeds = {trainer.step_seed(s, i) for s in range(4) for i in range(5000)}
+    assert len(seeds) == 4 * 5000
+
+
 def test_run_batch_sampler_epochs_skip_and_shards():
     s = RunBatchSampler(10, 4, seed=3, start_epoch=1, end_epoch=3, skip_batches=1)
     batches = list(s)
@@ -647,12 +699,66 @@ def test_scale_aug_zooms_each_training_slice_within_its_range(tiny_dataset):
         TrainConfig(dataset="tiny", scale_aug=-0.1)
 
 
+def _principal_angle(mask: np.ndarray) -> float:
+    """Angle (degrees, in [0, 180)) of the principal axis of a soft mask (H, W), from its second moments."""
+    r, c = np.nonzero(mask > 0.5)
+    w = mask[r, c]
+    r, c = r - np.average(r, weights=w), c - np.average(c, weights=w)
+    rr, cc, rc = np.average(r * r, weights=w), np.average(c * c, weights=w), np.average(r * c, weights=w)
+    return float(np.degrees(0.5 * np.arctan2(2 * rc, rr - cc)) % 180)
+
+
+def test_rotate_planes_worked_answers():
+    x = np.zeros((2, 21, 21), np.float32)
+    x[:, 10, 15] = 1.0  # five pixels right of the centre
+    lab = x[:1].copy()
+    a, b = rotate_planes(x, lab, 90.0)
+    # counter-clockwise as displayed (row 0 at the top): right of the centre goes to above it
+    assert [tuple(p) for p in np.argwhere(a[0] > 0.5)] == [(5, 10)] and np.array_equal(a[0], a[1])
+    assert [tuple(p) for p in np.argwhere(b[0] > 0.5)] == [(5, 10)]
+    # a soft disc about the centre keeps its area (to the interpolation) and stays in [0, 1]
+    rr, cc = np.mgrid[:41, :41]
+    disc = np.clip(7.5 - np.hypot(rr - 20, cc - 20), 0, 1).astype(np.float32)[None]
+    _, d = rotate_planes(disc, disc, 23.0)
+    assert d.min() >= 0 and d.max() <= 1 and float(d.sum()) == pytest.approx(float(disc.sum()), rel=0.01)
+    same = rotate_planes(x, lab, 0.0)
+    assert same[0] is x and same[1] is lab
+    with pytest.raises(ValueError, match="rotate_planes needs"):
+        rotate_planes(x, lab[:, :20], 10.0)
+
+
+def test_rotate_aug_turns_each_training_slice_within_its_range(tiny_dataset):
+    """tiny slices carry a vessel along a 45 degree diagonal: with --rotate_aug 30 its axis turns
+    by at most 30 degrees, both ways over the epochs, and the vessel keeps its area; --augment 0
+    means no quarter turn or flip comes on top."""
+    plain = SliceDataSet(tiny_dataset.paths, "none", img_size=(32, 32), augment=False)
+    turned = SliceDataSet(tiny_dataset.paths, "none", img_size=(32, 32), augment=False, rotate_aug=30)
+    idx = 5
+    base = plain[idx]["label"][0].numpy()
+    a0, mass0 = _principal_angle(base), float(base.sum())
+    assert abs(a0 - 135) < 10 or abs(a0 - 45) < 10
+    turns = []
+    for epoch in range(24):
+        lab = turned[(epoch, idx)]["label"][0].numpy()
+        turn = (_principal_angle(lab) - a0 + 90) % 180 - 90
+        assert abs(turn) <= 32
+        assert float(lab.sum()) == pytest.approx(mass0, rel=0.1)
+        turns.append(turn)
+    assert min(turns) < -10 and max(turns) > 10
+    with pytest.raises(ValueError, match="--rotate_aug must be in"):
+        SliceDataSet(tiny_dataset.paths, "none", img_size=(32, 32), rotate_aug=50)
+    with pytest.raises(ValueError, match="--rotate_aug must be in"):
+        TrainConfig(dataset="tiny", rotate_aug=-1)
+
+
 def test_scale_aug_run_and_3d_refusal(tiny_dataset, tmp_path):
     result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, scale_aug=0.25,
                            max_iterations=2, exp="zoom"))
     assert result.iteration == 2 and np.isfinite(result.losses).all()
-    with pytest.raises(ValueError, match="--scale_aug is for 2-D backbones"):
+    with pytest.raises(ValueError, match="--scale_aug and --rotate_aug are for 2-D backbones"):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", scale_aug=0.25, max_iterations=1, exp="z3"))
+    with pytest.raises(ValueError, match="--scale_aug and --rotate_aug are for 2-D backbones"):
+        train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", rotate_aug=10, max_iterations=1, exp="r3"))
     with pytest.raises(ValueError, match="--target_spacing is for 2-D backbones; unet3d_bilinear trains on 3-D"):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d_bilinear", target_spacing=1.6, max_iterations=1,
                       exp="mm3"))
@@ -961,3 +1067,36 @@ def test_resume_on_another_world_size_or_batch_size_is_refused(tiny_dataset, tmp
     assert main_cli.main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nothing to resume" in err[0] and "epo1_bs4_lr0.01" in err[0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(val_batch_size=0), "--val_batch_size"),
+    (dict(patches_per_epoch=0), "--patches_per_epoch"),
+    (dict(max_iterations=0), "--max_iterations must be >= 1"),
+    (dict(stop_after_epochs=0), "--stop_after_epochs must be >= 1"),
+    (dict(val_every=-3), "--val_every must be >= 0"),
+    (dict(save_minutes=-1), "--save_minutes > 0"),
+    (dict(clip_grad=-1), "--clip_grad must be >= 0"),
+    (dict(loss="bce+dcie"), "unknown loss 'bce\\+dcie'"),
+])
+def test_bad_training_options_fail_before_any_data_is_read(bad, message):
+    """Each of these used to be accepted: 0 iterations read as no limit, a zero validation batch
+    crashed after the first epoch, a misspelt loss after the data was cached."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(dataset="no_such_dataset", **bad)
+
+
+def test_amp_uses_fp16_on_a_gpu_without_bf16_kernels(monkeypatch):
+    """A T4 or V100 can hold bf16 tensors, so torch.cuda.is_bf16_supported() says True by default
+    (emulation), but it has no bf16 kernels: such a GPU must train in fp16 with the scaler."""
+    def t4_bf16(including_emulation: bool = True) -> bool:
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", t4_bf16)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert trainer.setup_env(TrainConfig(dataset="x")).amp_dtype == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert trainer.setup_env(TrainConfig(dataset="x")).amp_dtype == torch.bfloat16
