@@ -293,10 +293,9 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
     mode, dims = pr.salience_mode, pr.spatial_dims
     vol = read_volume(paths.volume(case))
     sal = read_case_salience(paths, case, vol.image.shape) if mode == "offline" else None
-    if dims == 2:
-        warning = spacing_warning(case, vol.spacing, vol.image.shape, ev.ckpt, pr.img_size)
-        if warning:
-            log.warning("%s", warning)
+    warning = spacing_warning(case, vol.spacing, vol.image.shape, ev.ckpt, pr.img_size)
+    if warning:
+        log.warning("%s", warning)
     roi = None
     if ev.eval_roi == "liver":
         if vol.liver is None:

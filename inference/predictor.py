@@ -52,16 +52,36 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def training_spacing(ckpt: Optional[dict]) -> Optional[tuple[float, float, float]]:
+    """Median (row, col, slice) spacing in mm of the cases a checkpoint was trained on (its dataset
+    manifest); None for checkpoints written before manifests."""
+    dataset = ((ckpt or {}).get("manifests") or {}).get("dataset") or {}
+    spacings = [c["spacing"] for c in (dataset.get("cases") or {}).values() if len(c.get("spacing", ())) == 3]
+    if not spacings:
+        return None
+    med = np.median(np.asarray(spacings, dtype=float), axis=0)
+    return float(med[0]), float(med[1]), float(med[2])
+
+
 def spacing_warning(case: str, spacing: Sequence[float], plane: Sequence[int], ckpt: dict,
                     img_size: Optional[Sequence[int]]) -> Optional[str]:
     """A warning when ``case`` (in-plane ``spacing`` mm, plane (H, W)) is more than 20% off the mm per
-    pixel the 2-D model was trained at; None otherwise or when that is unknown.
+    pixel the model was trained at; None otherwise or when that is unknown.
 
-    With a checkpoint ``target_spacing`` t the case is resampled to t, and the warning says how far
-    (a big factor blurs or invents detail); with a pixel resize the model sees
-    row spacing x H / img_size H mm per pixel, compared with the checkpoint's ``mm_per_pixel``.
+    2-D: with a checkpoint ``target_spacing`` t the case is resampled to t, and the warning says how
+    far (a big factor blurs or invents detail); with a pixel resize the model sees row spacing x H /
+    img_size H mm per pixel, compared with the checkpoint's ``mm_per_pixel``. 3-D: the model runs on
+    the stored grid, so the case's row spacing is compared with the training cases' median.
     """
     native = float(spacing[0])
+    if ckpt.get("spatial_dims") == 3:
+        trained_3d = training_spacing(ckpt)
+        if trained_3d and abs(native / trained_3d[0] - 1) > SPACING_TOLERANCE:
+            return (f"{case}: {native:.3g} mm/voxel in-plane, {abs(native / trained_3d[0] - 1):.0%} off the "
+                    f"{trained_3d[0]:.3g} mm of the training data; a 3-D model runs on the scan's own grid, so "
+                    f"vessels are wider or narrower in voxels than it learnt (resample the scan, or train on data "
+                    f"at its spacing)")
+        return None
     target = ckpt.get("target_spacing")
     if target:
         if abs(native / target - 1) > SPACING_TOLERANCE:

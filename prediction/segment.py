@@ -47,7 +47,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from evaluation.metrics import RADIUS_BIN_NAMES, RADIUS_BINS_MM, centreline_recall_by_radius, n_components, skeleton
 from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_model, liver_warnings, model_target,
                              near_liver, segment_liver, volume_ml)
-from inference.predictor import Predictor, spacing_warning
+from inference.predictor import Predictor, spacing_warning, training_spacing
 from inference.scans import CaseSource, Geometry, find_cases, read_mask, read_scan, to_image, write_nifti
 from inference.tree_model import TreeModel, check_binary, load_tree_model
 from inference.trees import TREE_SMOOTHNESS, check_smoothness
@@ -392,21 +392,19 @@ SLICE_THICKNESS_TOLERANCE = 1.5
 def training_slice_mm(ckpt: Optional[dict]) -> Optional[float]:
     """Median slice spacing (mm) of the data a checkpoint was trained on (its dataset manifest);
     None for checkpoints written before manifests."""
-    dataset = ((ckpt or {}).get("manifests") or {}).get("dataset") or {}
-    spacings = [c["spacing"][2] for c in (dataset.get("cases") or {}).values() if len(c.get("spacing", ())) == 3]
-    return float(np.median(spacings)) if spacings else None
+    trained = training_spacing(ckpt)
+    return trained[2] if trained else None
 
 
 def scan_warnings(seg: Predictor, case: str, spacing: Sequence[float], shape: Sequence[int]) -> list[str]:
     """What makes a scan of ``shape`` (H, W, D) and ``spacing`` (row, col, slice) mm, in the order
     the model sees it, unlike the model's training data: in-plane spacing more than 20% off
-    (2-D models, ``evaluation.runner.spacing_warning``), slices more than 1.5x thicker (the
+    (``inference.predictor.spacing_warning``), slices more than 1.5x thicker (the
     project measured 0.08-0.12 Dice lost at 2-3x). Each is one line, logged and kept in stats.json."""
     out = []
-    if seg.spatial_dims == 2:
-        w = spacing_warning(case, spacing, shape, seg.ckpt or {}, seg.img_size)
-        if w:
-            out.append(w)
+    w = spacing_warning(case, spacing, shape, seg.ckpt or {}, seg.img_size)
+    if w:
+        out.append(w)
     trained = training_slice_mm(seg.ckpt)
     if trained and spacing[2] > SLICE_THICKNESS_TOLERANCE * trained:
         out.append(f"{case}: slices {spacing[2]:.3g} mm apart, {spacing[2] / trained:.1f}x the "

@@ -831,3 +831,19 @@ def test_scan_figures_mips_do_not_depend_on_the_stored_axis_order(tmp_path):
         scan_figures(tmp_path / f"{name}_mip.png", tmp_path / f"{name}_3d.png", img, m, sp, geo, title="t")
         mips[name] = imread(tmp_path / f"{name}_mip.png")
     assert np.array_equal(mips["coronal"], mips["lps"]) and np.array_equal(mips["mirrored"], mips["lps"])
+
+
+def test_a_3d_model_warns_of_a_scan_at_another_in_plane_spacing():
+    """A 3-D model runs on the scan's own grid: a scan 50% coarser in-plane than the median of its
+    training cases (0.75 mm: cases at 0.7 and 0.8) is warned about; one within 20% is not, nor is a
+    model whose file names no training data."""
+    from inference.predictor import spacing_warning, training_spacing
+
+    dataset = {"cases": {"a": {"spacing": [0.8, 0.8, 1.6]}, "b": {"spacing": [0.7, 0.7, 2.0]}}}
+    ckpt = {"spatial_dims": 3, "manifests": {"dataset": dataset}}
+    assert training_spacing(ckpt) == pytest.approx((0.75, 0.75, 1.8))
+    w = spacing_warning("coarse", (1.125, 1.125, 1.6), (64, 64), ckpt, None)
+    assert w is not None and "1.12 mm/voxel in-plane, 50% off the 0.75 mm of the training data" in w
+    assert spacing_warning("alike", (0.85, 0.85, 1.6), (64, 64), ckpt, None) is None
+    assert spacing_warning("coarse", (1.125, 1.125, 1.6), (64, 64), {"spatial_dims": 3}, None) is None
+    assert training_spacing({"spatial_dims": 3}) is None
