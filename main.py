@@ -179,7 +179,8 @@ def check_reuse(cfg: TrainConfig) -> tuple[int, str]:
     finished = reached_iterations or reached_epochs
     if not finished:
         return NO_RUN, f"{last}: a run that stopped early (iteration {ckpt.get('iteration')})"
-    diffs = cfg.differences(saved)
+    # a time limit or an epochs-per-job limit does not change a model that has finished
+    diffs = cfg.differences(saved, ignore=frozenset({"max_minutes", "stop_after_epochs"}))
     if diffs:
         return OTHER_OPTIONS, (f"{last}: trained with other options ({'; '.join(diffs)}); delete the run folder, "
                                f"change --exp, or train with --overwrite")

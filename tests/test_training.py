@@ -543,6 +543,9 @@ def test_reuse_keeps_finished_same_options_retrains_early_stops_and_refuses_othe
     trained = last.stat().st_mtime_ns
     assert _cli(tiny_dataset, tmp_path, *base, "--reuse") == 0
     assert last.stat().st_mtime_ns == trained  # kept, not trained again
+    # a time or per-job epoch limit does not change a finished model: still reused
+    assert main_cli.check_reuse(_cfg_of(tiny_dataset, tmp_path, *base, "--max_minutes", "30",
+                                        "--stop_after_epochs", "1"))[0] == main_cli.REUSE
     # other options: an error naming the file and the option, status 2, the run untouched
     for extra, named in ((("--blur_aug", "1"), "blur_aug: 1.0 here vs 0.0"), (("--max_iterations", "4"),
                                                                             "max_iterations: 4 here vs 2")):
