@@ -369,13 +369,18 @@ def generate(
         else:
             vol = read_volume(vpath, with_liver=False)
             sal = salience_3d(vol.image, generator, device=device, max_batch_voxels=max_batch_voxels)
-            write_salience(spath, sal, generator=kind, weights_sha256=sha, overwrite=True, normalisation=normalisation,
-                           volume_sha256=vol_sha)
+            # the volume map is written after the slices: it marks the case complete, so a run stopped
+            # among the slices leaves no map that a rerun would take for this generator's and whose
+            # slices it would skip (still holding the previous generator's)
+            spath.unlink(missing_ok=True)
             status[case] = "written"
         for z, f in slices_todo:
             if z >= shape[2]:
                 raise ValueError(f"{f}: slice index {z} outside the volume's {shape[2]} slices")
             add_slice_salience(f, sal[:, :, :, z])
+        if status[case] == "written":
+            write_salience(spath, sal, generator=kind, weights_sha256=sha, overwrite=True, normalisation=normalisation,
+                           volume_sha256=vol_sha)
     n = {s: sum(v == s for v in status.values()) for s in ("written", "slices", "skipped")}
     log.info("salience %s: %d written, %d slice-only updates, %d skipped (complete)", kind, n["written"],
              n["slices"], n["skipped"])

@@ -56,7 +56,7 @@ def _write_case(root: Path, dataset: str, case: str, vol: Volume, sal: np.ndarra
     paths.vol_salience.mkdir(parents=True, exist_ok=True)
     write_volume(paths.volume(case), vol)
     write_salience(paths.salience(case), sal.astype(np.float32), generator=generator.name,
-                   weights_sha256=generator.weights_sha256)
+                   weights_sha256=generator.weights_sha256, normalisation=generator.normalisation)
 
 
 def run(model: Path, root_path: Path, dataset: str, list_dir: Path, split: str, factor: int,

@@ -104,19 +104,27 @@ def find_checkpoint(checkpoint_root: Path, dataset: str, backbone: str, exp: Opt
 
 
 def salience_warning(case: str, salience_path: Path, ckpt: dict) -> Optional[str]:
-    """A warning when an offline model meets salience maps made by other generator weights than the
-    maps it was trained on (checkpoint ``head_sha256`` against the file's ``weights_sha256``): its
-    third channel then differs from what it learnt, and so do its scores. None when they agree or
-    either is unrecorded."""
-    trained = ckpt.get("head_sha256")
-    if ckpt.get("salience") != "offline" or not trained:
+    """A warning when an offline model meets salience maps made otherwise than the maps it was
+    trained on: another generator, other weights or another normalisation rule (the checkpoint's
+    embedded generator record, or for files before it ``head_sha256``, against the map file's
+    attributes). Its input channels then differ from what it learnt, and so do its scores. None
+    when they agree or are unrecorded on either side."""
+    if ckpt.get("salience") != "offline":
         return None
-    made = salience_made_by(salience_path)[1]
-    if not made or made == trained:
+    gen = ckpt.get("generator") or {}
+    trained = (str(gen.get("kind") or ""), str(gen.get("weights_sha256") or ckpt.get("head_sha256") or ""),
+               str(gen.get("normalisation") or "volume") if gen else "")
+    made = salience_made_by(salience_path)
+    differ = [f"{what} {m or '?'} vs {t}" for what, m, t in zip(("generator", "weights sha256", "normalisation"),
+                                                                made, trained)
+              if t and m and m != t]
+    if not differ:
         return None
-    return (f"{case}: salience made by weights sha256 {made[:12]}..., the model was trained on maps from "
-            f"{trained[:12]}... ({salience_path}); run salience_generation.py --weights <the model's head> "
-            f"--overwrite for scores of this model")
+    differ = [d if not d.startswith("weights") else f"weights sha256 {made[1][:12]}... vs {trained[1][:12]}..."
+              for d in differ]
+    return (f"{case}: salience made otherwise than the maps the model was trained on ({'; '.join(differ)}, "
+            f"{salience_path}); run salience_generation.py with the model's generator, weights and "
+            f"--normalisation and --overwrite for scores of this model")
 
 
 def default_output(model_path: Path, split: str, eval_roi: str, tta: bool) -> Path:

@@ -295,8 +295,9 @@ def test_pixel_resize_checkpoint_warns_when_mm_per_pixel_differs(tiny_dataset, t
 
 
 def test_offline_model_on_maps_from_other_weights_warns_per_case(tiny_dataset, tmp_path, caplog):
-    """An offline checkpoint records the weights its training maps were made by; test.py warns for
-    every case whose salience file records other weights, and not when they agree or are unknown."""
+    """An offline checkpoint records the generator, weights and normalisation its training maps were
+    made by; test.py warns for every case whose salience file records others, and not when they
+    agree or are unknown."""
     import logging
 
     from utils.h5io import read_salience, salience_made_by, write_salience
@@ -318,12 +319,25 @@ def test_offline_model_on_maps_from_other_weights_warns_per_case(tiny_dataset, t
         with caplog.at_level(logging.WARNING):
             run_evaluation(dataset=ds.dataset, root_path=ds.root_path, list_dir=ds.list_dir, model_path=model_path,
                            device="cpu", overwrite=True)
-        return [r.getMessage() for r in caplog.records if "the model was trained on maps from" in r.getMessage()]
+        return [r.getMessage() for r in caplog.records if "the maps the model was trained on" in r.getMessage()]
 
     msgs = warned(runs["ours"])
-    assert len(msgs) == 1 and msgs[0].startswith("case0005: salience made by weights sha256 bbbbbbbbbbbb")
+    assert len(msgs) == 1 and msgs[0].startswith("case0005: salience made otherwise than the maps the model was "
+                                                 "trained on (weights sha256 bbbbbbbbbbbb... vs aaaaaaaaaaaa...")
     assert warned(runs["unknown"]) == []
     assert len(warned(runs["theirs"])) == 2
+    # the checkpoint's generator record: another generator (the analytic one has no weights to
+    # compare) or another normalisation rule is warned about as well
+    record = {"kind": "analytic", "weights_sha256": "", "source": None, "state_dict": None, "normalisation": "volume"}
+    analytic = _save_ckpt(tmp_path / "analytic" / "best_model.pth", "unet", "offline", TINY_2D, img_size=[24, 24],
+                          generator=record)
+    msgs = warned(analytic)
+    assert len(msgs) == 2 and all("(generator bank vs analytic," in m for m in msgs)
+    fixed = _save_ckpt(tmp_path / "fixed" / "best_model.pth", "unet", "offline", TINY_2D, img_size=[24, 24],
+                       generator={**record, "kind": "bank", "weights_sha256": ours, "normalisation": "fixed"})
+    msgs = sorted(warned(fixed))
+    assert len(msgs) == 2 and "(normalisation volume vs fixed, " in msgs[0] and msgs[0].startswith("case0004")
+    assert "(weights sha256 bbbbbbbbbbbb... vs aaaaaaaaaaaa...; normalisation volume vs fixed, " in msgs[1]
 
 
 def test_checkpoint_min_component_setting_is_applied_and_can_be_overridden(tiny_dataset, tmp_path):
