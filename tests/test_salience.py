@@ -775,3 +775,33 @@ def test_a_stopped_first_run_leaves_its_manifest_marked(tiny_dataset_no_salience
     sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "analytic")
     doc = json.loads(path.read_text())
     assert "in_progress" not in doc and sorted(doc["cases"]) == sorted(sum(ds.splits.values(), []))
+
+
+def test_a_run_stopped_among_a_cases_slices_is_redone_in_full(tiny_dataset_no_salience, monkeypatch):
+    """analytic maps first; then bank maps, stopped after two slice files of the first training case;
+    the rerun must not take that case for done (its other slices still hold the analytic maps):
+    every slice file ends equal to its volume map."""
+    ds = tiny_dataset_no_salience
+    sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "analytic")
+    written = []
+    add = sg.add_slice_salience
+
+    def stop_after_two(path, sal):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        add(path, sal)
+        written.append(path)
+
+    monkeypatch.setattr(sg, "add_slice_salience", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank")
+    monkeypatch.undo()
+    case = ds.splits["train"][0]
+    status = sg.run(ds.dataset, str(ds.root_path), str(ds.list_dir), "bank")
+    assert status[case] == "written"
+    with h5py.File(ds.paths.salience(case), "r") as f:
+        assert f.attrs["generator"] == "bank"
+        vol = f["salience"][()]
+    for z in range(vol.shape[3]):
+        with h5py.File(ds.paths.slice(f"{case}_slice{z:04d}"), "r") as f:
+            np.testing.assert_array_equal(f["salience"][()], vol[:, :, :, z])
