@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from utils.logging_setup import setup_logging  # noqa: E402
 from utils.provenance import version_of  # noqa: E402
+from utils.records import check_new_record  # noqa: E402
 
 log = logging.getLogger("bench")
 STAGE = re.compile(r"^== \[\d+ s\] (.+)$")
@@ -124,20 +125,19 @@ def table(runs: Sequence[tuple[float, list[tuple[str, float]]]],
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=3, help="demos to run, each in a fresh clone (median reported)")
-    p.add_argument("--record", default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
+    p.add_argument("--record", default=None, metavar="NAME",
+                   help="also write results/NAME.json (utils.records)")
     a = p.parse_args(argv)
     if a.runs < 1:
         p.error(f"--runs must be at least 1, got {a.runs}")
-    from utils.records import check_record_name, write_record
+    from utils.records import write_record
 
-    record_path = ROOT / "results" / f"{a.record}.json" if a.record else None
+    results = ROOT / "results"
     if a.record:
         try:
-            check_record_name(a.record)
+            check_new_record(a.record, results)
         except ValueError as e:
             p.error(str(e))
-        if record_path.exists():
-            p.error(f"results/{a.record}.json exists: choose another record name")
     setup_logging(logging.INFO)
     version = version_of(ROOT)
     if version.endswith("-dirty"):
@@ -164,9 +164,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     lines = table(runs, summary)
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPU cores; commit {commit[:10]}; {a.runs} run(s)")
     print("\n".join(lines))
-    if record_path is not None:
-        if record_path.exists():
-            log.error("%s appeared while the demo ran: not overwritten", record_path)
+    if a.record:
+        try:
+            check_new_record(a.record, results)
+        except ValueError as e:
+            log.error("appeared while the demo ran: %s", e)
             return 1
         path = write_record(a.record, {"total_s": total, "runs_total_s": [t for t, _ in runs],
                                        "stages": [{"stage": s, "median_s": m} for s, m in per],
@@ -174,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             description=(f"wall time of make demo's scripts/demo.sh in a fresh clone of commit "
                                          f"{commit[:10]}, the environment already installed, per stage (the demo's "
                                          f"'== [N s]' lines) and in total; median of {a.runs} run(s)"),
-                            inputs={"runs": a.runs, "commit": commit}, code=version, folder=record_path.parent)
+                            inputs={"runs": a.runs, "commit": commit}, code=commit, folder=results)
         print(f"record: {path}")
     return 0
 

@@ -37,7 +37,7 @@ from inference.predictor import Predictor  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
 from utils.orientation import lps_view  # noqa: E402
 from utils.provenance import file_sha256  # noqa: E402
-from utils.records import write_record  # noqa: E402
+from utils.records import new_record_arg, write_record  # noqa: E402
 
 PAD_SLICES = 20  # at each end: 40 in all
 BONE_HU = 1000.0
@@ -86,7 +86,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "real"))
-    p.add_argument("--name", default="extent_invariance", help="record name: results/<name>.json")
+    p.add_argument("--record", "--name", dest="record", type=new_record_arg, default=None, metavar="NAME",
+                   help="also write results/NAME.json (--name: its former spelling)")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -105,7 +106,9 @@ def main() -> int:
         t = r["dice_truth"]
         print(f"| {name} | {r['dice_whole_vs_cropped']:.4f} | {r['dice_padded_vs_whole']:.4f} | {t['whole']:.3f} | "
               f"{t['cropped']:.3f} | {t['padded']:.3f} |")
-    path = write_record(args.name, {"patients": rows, "normalisation": rule}, description=(
+    if not args.record:
+        return 0
+    path = write_record(args.record, {"patients": rows, "normalisation": rule}, description=(
         "Inside the true liver: Dice between predict.py's masks of the whole scan and of the scan cropped to "
         "the liver (training's crop), and of the scan padded with 2 x 20 slices of 1000 HU against the whole "
         "scan; and each against the true vessels (portal + hepatic)."),

@@ -30,7 +30,7 @@ from evaluation.metrics import cldice, dice  # noqa: E402
 from inference.predictor import Predictor  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
 from utils.provenance import file_sha256  # noqa: E402
-from utils.records import write_record  # noqa: E402
+from utils.records import new_record_arg, write_record  # noqa: E402
 
 SHOWN = ("dice", "cldice", "bp_true", "bp_pred", "bp_recall_3mm", "bp_precision_3mm", "branch_found_lt1",
          "branch_found_1to2", "branch_found_2to3", "branch_found_ge3", "largest_tree_pieces")
@@ -52,7 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", required=True, help="label=model file, e.g. none=.../best_model.pth")
     p.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "real"))
-    p.add_argument("--record", default=None, metavar="NAME", help="also write results/NAME.json")
+    p.add_argument("--record", type=new_record_arg, default=None, metavar="NAME", help="also write results/NAME.json")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

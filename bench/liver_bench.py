@@ -44,7 +44,7 @@ from inference.predictor import Predictor  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
 from utils.h5io import apply_hu_window  # noqa: E402
 from utils.provenance import file_sha256  # noqa: E402
-from utils.records import write_record  # noqa: E402
+from utils.records import new_record_arg, write_record  # noqa: E402
 
 NEAR_MM = 10.0  # the "within 10 mm of the true liver"
 
@@ -122,7 +122,7 @@ def main() -> int:
                    help="also draw, per patient, the slice where the refinement changed the liver most: the "
                         "model's mask and the refined one against the truth (TP green, FP red, FN blue)")
     p.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "real"))
-    p.add_argument("--record", default=None, help="record name: results/<name>.json")
+    p.add_argument("--record", type=new_record_arg, default=None, help="record name: results/<name>.json")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.figure and not args.liver_refine:

@@ -47,6 +47,7 @@ from networks.salience import default_head_path, salience_3d  # noqa: E402
 from phantom.dicom_io import write_patient  # noqa: E402
 from phantom.generator import generate_patient  # noqa: E402
 from utils.logging_setup import setup_logging  # noqa: E402
+from utils.records import new_record_arg  # noqa: E402
 
 log = logging.getLogger("predict_bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--depth", type=int, default=120, help="slices of the 512 x 512 scan")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-real", action="store_true", help="skip the real patient even when present")
-    p.add_argument("--record", default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
+    p.add_argument("--record", type=new_record_arg, default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
     p.add_argument("--extras", action="store_true", help="also write the branch graph and the DICOM-SEG (--graph "
                                                           "--dicom_seg) and time them")
     p.add_argument("--tree_model", type=Path, default=None, metavar="FILE",

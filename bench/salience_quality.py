@@ -13,8 +13,10 @@ transform (mm) of the vessel mask at its nearest centreline (skeleton) voxel. Th
 gives the mean over cases (and the number of cases). ``--real`` runs on real 3D-IRCADb
 patients (default: 3Dircadb1.1 and 3Dircadb1.7 of ``../shared/real``) read with the
 project's DICOM reader, windowed as preprocessing stores them and cropped to the liver's
-box (plus ``--real_margin`` voxels; AUCs are taken inside the liver, so the crop only
-saves time).
+box (plus ``--real_margin`` voxels), as training crops them. AUCs are taken inside the liver,
+but the crop is not only a saving: under ``--normalisation volume`` and for ``fpn`` each
+coronal and sagittal plane is standardised over the crop and the map min-max normalised over
+it, so whole slices give other AUCs (docs/BENCHMARKS.md records both).
 """
 from __future__ import annotations
 

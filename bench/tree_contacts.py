@@ -43,6 +43,7 @@ from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
 from inference.trees import TREE_SMOOTHNESS, check_smoothness  # noqa: E402
 from utils.h5io import apply_hu_window  # noqa: E402
 from utils.logging_setup import setup_logging  # noqa: E402
+from utils.records import new_record_arg  # noqa: E402
 
 CLASSES = ("portalvein", "venoussystem")
 _CUBE = np.ones((3, 3, 3), dtype=bool)
@@ -141,7 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="also the share this tree model puts in the wrong tree given the true union")
     p.add_argument("--tree_smoothness", type=float, default=TREE_SMOOTHNESS, metavar="W",
                    help="with --tree_model: the minimum cut's weight of its second column (inference.trees.cut_trees)")
-    p.add_argument("--record", default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
+    p.add_argument("--record", type=new_record_arg, default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
     a = p.parse_args(argv)
     try:
         a.tree_smoothness = check_smoothness(a.tree_smoothness)

@@ -26,7 +26,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.records import write_record  # noqa: E402
+from utils.records import new_record_arg, write_record  # noqa: E402
 
 
 def _mean(summary: dict, key: str) -> float:
@@ -89,7 +89,7 @@ def main() -> int:
     p.add_argument("--trees", action="append", required=True, help="test.py report folder of a two-tree model")
     p.add_argument("--names", default=None, help="comma-separated row names of the --trees reports")
     p.add_argument("--label", default="", help="what the cases are, for the record's description")
-    p.add_argument("--record", default=None)
+    p.add_argument("--record", type=new_record_arg, default=None)
     args = p.parse_args()
     names = args.names.split(",") if args.names else [f"two trees {i + 1}" for i in range(len(args.trees))]
     if len(names) != len(args.trees):

@@ -478,6 +478,10 @@ def run_evaluation(
             raise ValueError("give --backbone (to find checkpoint/<dataset>/<backbone>/) or --model_path")
         model_path = find_checkpoint(Path(checkpoint_root), dataset, backbone, exp=exp, salience=salience)
     model_path = Path(model_path)
+    for path, what in ((model_path, "model"), (tree_model, "tree model")):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: {what} file not found" + (" (a folder: give its best_model.pth)"
+                                                                        if Path(path).is_dir() else ""))
     out_dir = Path(output) if output is not None else default_output(model_path, split, eval_roi, tta)
     model_sha256 = provenance.file_sha256(model_path)
     wanted = provenance.record(model_sha256, {

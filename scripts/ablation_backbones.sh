@@ -9,6 +9,7 @@
 # default width; unset: about 16 base channels each, for a CPU), BACKBONES (space-separated,
 # default "unet attention_unet unetpp unet3d"), MODES ("none offline").
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 BACKBONES=${BACKBONES:-"unet attention_unet unetpp unet3d"}
 MODES=${MODES:-"none offline"}

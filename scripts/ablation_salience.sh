@@ -9,6 +9,7 @@
 # channels), SEED (0), DATASET (phantom: prepared by prepare_phantom.sh; any prepared
 # dataset works), DEMO_DATA / DEMO_CKPT (data and checkpoint roots).
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 BACKBONE=${BACKBONE:-unet}
 MODEL_KW=${MODEL_KW:-'{"base_channels": 16}'}

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evaluation.compare import compare_table, report_values  # noqa: E402
 from utils.atomic import atomic_path  # noqa: E402
-from utils.records import RESULTS_DIR, write_record  # noqa: E402
+from utils.records import RESULTS_DIR, check_new_record, write_record  # noqa: E402
 
 DESCRIPTION = "test.py reports side by side (compare_runs.py): Dice, clDice and the other metrics"
 
@@ -34,6 +34,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="also write results/NAME.json: the table and every report's per-case values")
     p.add_argument("--record_dir", default=str(RESULTS_DIR), help="folder of --record (default: results/)")
     args = p.parse_args(argv)
+    if args.record:
+        try:
+            check_new_record(args.record, Path(args.record_dir))
+        except ValueError as e:
+            p.error(f"--record: {e}")
     runs = []
     for item in args.runs:
         label, sep, folder = item.partition("=")

@@ -18,6 +18,7 @@
 # what the first two chose), the lists above, CHOSEN_RATIO, PY. Complete stages and finished runs
 # are reused (main.py --reuse, test.py's provenance).
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 REAL_SRC=${REAL_SRC:-../shared/real}
@@ -64,6 +65,7 @@ both_ways() {
     step "train on $tr ($*), test on $te"
     model=$(env "$@" REAL_SRC="$OUT/only$tr" REAL_DATA="$OUT/train$tr" REAL_CKPT="$OUT/ckpt$tr" \
             bash scripts/train_real.sh | sed -n 's/^model: //p')
+    [ -n "$model" ] && [ -f "$model" ] || { echo "error: train_real.sh printed no model for $* (got '$model')" >&2; exit 1; }
     local report
     report=$(dirname "$model")/eval_on$te
     $PY test.py --dataset $REAL --root_path "$OUT/test" --list_dir "$OUT/test/lists/on$te" --backbone unet \

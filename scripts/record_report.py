@@ -44,7 +44,7 @@ def record_report(name: str, report: Path, command: str, overwrite: bool = False
     return write_record(name, numbers, description=f"test.py report of {meta['dataset']} / {meta['split']}",
                         inputs={"model_sha256": meta["model_sha256"], "report": str(report),
                                 "provenance": meta.get("provenance")},
-                        command=command, folder=folder,
+                        command=command, folder=folder, overwrite=overwrite,
                         code=(meta.get("provenance") or {}).get("code_version") or meta.get("code_version"))
 
 

@@ -29,6 +29,7 @@
 # and lib_runs.sh's
 # (TARGET_SPACING: the mm per pixel every 2-D model sees, phantom or real).
 set -euo pipefail
+shopt -s inherit_errexit  # a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 BACKBONE=${BACKBONE:-unet}
 MODEL_KW=${MODEL_KW:-'{"base_channels": 16}'}
@@ -95,6 +96,7 @@ if [ "$MIX_RUNS" = 1 ]; then make_mix 1; make_mix 7; fi
 test_real() {
   local run_dir=$1 list=$2 model=${3:-best_model.pth}
   local out=$run_dir/eval_real_$list
+  [ -f "$run_dir/$model" ] || { echo "error: no model file $run_dir/$model to test" >&2; exit 1; }
   # test.py keeps the report only when this model file, these options and this code made it
   $PY test.py --dataset $REAL --root_path "$S2R" --list_dir "$LISTS/$list" --backbone "$BACKBONE" \
       --model_path "$run_dir/$model" --eval_roi liver --output "$out" >/dev/null

@@ -95,7 +95,8 @@ def test_main_records_the_medians(monkeypatch, tmp_path):
     runs = iter([(10.0, [("a", 4.0), ("b", 6.0)]), (14.0, [("a", 2.0), ("b", 12.0)]), (12.0, [("a", 3.0), ("b", 9.0)])])
     (tmp_path / "results").mkdir()
     monkeypatch.setattr(demo_time, "ROOT", tmp_path)
-    monkeypatch.setattr(demo_time, "version_of", lambda root: "abc123")
+    # uncommitted changes here: the clones time HEAD, and the record names HEAD, not "-dirty"
+    monkeypatch.setattr(demo_time, "version_of", lambda root: "abc123-dirty")
     monkeypatch.setattr(demo_time.tempfile, "tempdir", str(tmp_path))
     monkeypatch.setattr(demo_time, "run_demo", lambda python, work: next(runs))
     assert demo_time.main(["--runs", "3", "--record", "t"]) == 0

@@ -229,3 +229,30 @@ def test_documented_command_lines_use_existing_flags(monkeypatch):
         checked += sum(len(_FLAG.findall(f)) for _, name, f in _commands(doc.read_text(), md) if name in known)
     # the patterns still find the docs' command lines (flags in bash arrays are not read)
     assert checked > 400, checked
+
+
+def test_records_are_never_overwritten(tmp_path, capsys, monkeypatch):
+    """A taken record name is refused: by write_record (unless the user asked to overwrite), by a
+    bench run through run_recorded before the bench runs, and by a bench script's own --record
+    when its arguments are parsed (results/demo_time.json is in the repository)."""
+    import utils.records as records
+
+    write_record("x", {"dice": 0.5}, description="first", folder=tmp_path)
+    with pytest.raises(ValueError, match="x.json exists: records are never overwritten"):
+        write_record("x", {"dice": 0.6}, description="second", folder=tmp_path)
+    assert read_record(tmp_path / "x.json")["numbers"] == {"dice": 0.5}
+    write_record("x", {"dice": 0.7}, description="asked", folder=tmp_path, overwrite=True)
+    assert read_record(tmp_path / "x.json")["numbers"] == {"dice": 0.7}
+    ran = []
+    with pytest.raises(SystemExit, match="--record: .*x.json exists"):
+        records.run_recorded(lambda argv: ran.append(argv), "x", ["--record", "x"], tmp_path)
+    assert ran == []  # refused before measuring
+    assert (RESULTS_DIR / "demo_time.json").is_file()
+    spec = importlib.util.spec_from_file_location("bench_tree_scores", ROOT / "bench" / "tree_scores.py")
+    tree_scores = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tree_scores)
+    monkeypatch.setattr(sys, "argv", ["tree_scores.py", "--binary", str(tmp_path), "--trees", str(tmp_path),
+                                      "--record", "demo_time"])
+    with pytest.raises(SystemExit) as e:
+        tree_scores.main()
+    assert e.value.code == 2 and "demo_time.json exists" in capsys.readouterr().err

@@ -84,3 +84,21 @@ def test_reproduce_ircadb_refuses_a_salience_it_cannot_run_before_any_work(tmp_p
                DATA=str(tmp_path / "data"), CKPT=str(tmp_path / "ckpt"), **env)
     assert out.returncode == 2 and out.stderr.strip() == message
     assert not (tmp_path / "data").exists()
+
+
+def test_every_script_stops_on_a_failure_inside_a_command_substitution(tmp_path):
+    """bash turns errexit off inside $(...) unless inherit_errexit is set: real_curves.sh went on
+    with an empty model path after train_real.sh failed, and sim_to_real.sh scored a model that
+    main.py --reuse had refused. Every script that sets -e sets it too, and with it a function
+    failing inside $(...) in an array append stops the script."""
+    scripts = [p for p in sorted((REPO / "scripts").glob("*.sh")) if "set -euo pipefail" in p.read_text()]
+    assert len(scripts) >= 10
+    for p in scripts:
+        lines = p.read_text().splitlines()
+        i = lines.index("set -euo pipefail")
+        assert lines[i + 1].startswith("shopt -s inherit_errexit"), p.name
+    probe = tmp_path / "probe.sh"
+    probe.write_text("set -euo pipefail\nshopt -s inherit_errexit\nf() { false; echo made; }\n"
+                     "rows=()\nrows+=(\"x=$(f)\")\necho went on\n")
+    r = bash([str(probe)], tmp_path)
+    assert r.returncode != 0 and "went on" not in r.stdout

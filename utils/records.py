@@ -6,6 +6,7 @@ are rendered from these files, never typed by hand.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import inspect
 import io
@@ -45,16 +46,43 @@ def check_record_name(name: str) -> None:
         raise ValueError(f"record name {name!r}: use letters, digits, '_', '-' and '.' (it becomes results/<name>.json)")
 
 
+def check_new_record(name: str, folder: Path = RESULTS_DIR) -> str:
+    """``name`` when it can name a new record: ValueError for a name :func:`check_record_name` refuses
+    or one whose ``<folder>/<name>.json`` exists (records are never overwritten: a measurement
+    again gets a new name, or its old file is deleted by hand). Bench scripts call it before
+    measuring (:func:`new_record_arg`), so a taken name fails in seconds, not after the run."""
+    check_record_name(name)
+    path = Path(folder) / f"{name}.json"
+    if path.exists():
+        raise ValueError(f"{path} exists: records are never overwritten; choose another record name (or delete the "
+                         f"file to measure it again)")
+    return name
+
+
+def new_record_arg(name: str) -> str:
+    """argparse ``type`` of a script's ``--record NAME``: :func:`check_new_record` on the default
+    results folder, its message shown as the usage error."""
+    try:
+        return check_new_record(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def write_record(name: str, numbers: dict[str, Any], *, description: str, inputs: Optional[dict] = None,
-                 command: Optional[str] = None, folder: Path = RESULTS_DIR, code: Optional[str] = None) -> Path:
-    """Write ``<folder>/<name>.json`` atomically; returns its path.
+                 command: Optional[str] = None, folder: Path = RESULTS_DIR, code: Optional[str] = None,
+                 overwrite: bool = False) -> Path:
+    """Write ``<folder>/<name>.json`` atomically, refusing (ValueError) a name whose file exists
+    unless ``overwrite`` (a user's explicit ``--overwrite``); returns its path.
 
     ``numbers``: the measured values (JSON-able), ``description``: one sentence saying what
     was measured, ``inputs``: what it was measured on (model file hash, data), ``command``:
     defaults to this process's command line; ``code``: the code version that measured them
     (default: this checkout's, ``utils.provenance.code_version``).
     """
-    check_record_name(name)
+    if overwrite:
+        check_record_name(name)
+    else:
+        check_new_record(name, folder)
     doc = {
         "format": RECORD_FORMAT,
         "name": name,
@@ -109,6 +137,10 @@ def run_recorded(main_fn: Callable[..., Any], description: str, argv: Optional[l
             raise SystemExit("--record needs a NAME (results/NAME.json)")
         name = argv[i + 1]
         del argv[i:i + 2]
+        try:
+            check_new_record(name, folder or RESULTS_DIR)
+        except ValueError as e:
+            raise SystemExit(f"--record: {e}") from None
     takes_argv = bool(inspect.signature(main_fn).parameters)
     tee = _Tee(sys.stdout)
     old_argv, old_stdout = sys.argv, sys.stdout
