@@ -346,28 +346,38 @@ class _Crash(Exception):
     pass
 
 
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+
+
+def _interrupted_then_resumed(ds, tmp_path, monkeypatch, exp: str, crash_after: int, resume_kw=None, **kw):
+    """Train ``exp`` until ``crash_after`` steps are done (the next step raises), then resume it
+    (with ``resume_kw`` on top of ``kw``); returns the resumed run's TrainResult."""
+    step = trainer._train_step
+
+    def crash(run, batch):
+        if run.iteration == crash_after:
+            raise _Crash
+        return step(run, batch)
+
+    monkeypatch.setattr(trainer, "_train_step", crash)
+    with pytest.raises(_Crash):
+        train(cfg_for(ds, tmp_path, exp=exp, **kw))
+    monkeypatch.setattr(trainer, "_train_step", step)
+    return train(cfg_for(ds, tmp_path, exp=exp, resume=True, **{**kw, **(resume_kw or {})}))
+
+
 def test_resume_mid_epoch_is_bit_exact_with_workers(tiny_dataset, tmp_path, monkeypatch):
     # 36 slices, batch 8: 5 batches an epoch; last.pth is written at the validation of iteration 3
     kw = dict(max_epochs=2, batch_size=8, val_every=3)
     full = train(cfg_for(tiny_dataset, tmp_path, exp="full", num_workers=2, **kw))
-    step = trainer._train_step
-
-    def crash_at_5(run, batch):
-        if run.iteration == 4:
-            raise _Crash
-        return step(run, batch)
-
-    monkeypatch.setattr(trainer, "_train_step", crash_at_5)
-    with pytest.raises(_Crash):
-        train(cfg_for(tiny_dataset, tmp_path, exp="split", **kw))
-    monkeypatch.setattr(trainer, "_train_step", step)
-    part2 = train(cfg_for(tiny_dataset, tmp_path, exp="split", resume=True, **kw))
+    part2 = _interrupted_then_resumed(tiny_dataset, tmp_path, monkeypatch, "split", 4, **kw)
     # the resumed run (no workers) sees exactly the batches and augmentations the full one
     # (two persistent workers) saw after iteration 3
     assert full.iteration == part2.iteration == 10
     assert part2.losses == full.losses[3:]
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(v, part2.model.state_dict()[k]), k
+    _assert_same_weights(full.model, part2.model)
 
 
 def test_resume_mid_epoch_is_exact_for_a_backbone_with_dropout(tiny_dataset, tmp_path, monkeypatch):
@@ -376,23 +386,11 @@ def test_resume_mid_epoch_is_exact_for_a_backbone_with_dropout(tiny_dataset, tmp
     kw = dict(backbone="unet3d", model_kwargs={"base_channels": 4, "depth": 2}, salience="none",
               patches_per_epoch=8, max_epochs=2, val_every=3)
     full = train(cfg_for(tiny_dataset, tmp_path, exp="full3d", **kw))
-    assert any(isinstance(m, torch.nn.Dropout3d) or isinstance(m, torch.nn.Dropout) for m in full.model.modules())
-    step = trainer._train_step
-
-    def crash_at_5(run, batch):
-        if run.iteration == 4:
-            raise _Crash
-        return step(run, batch)
-
-    monkeypatch.setattr(trainer, "_train_step", crash_at_5)
-    with pytest.raises(_Crash):
-        train(cfg_for(tiny_dataset, tmp_path, exp="split3d", **kw))
-    monkeypatch.setattr(trainer, "_train_step", step)
-    part2 = train(cfg_for(tiny_dataset, tmp_path, exp="split3d", resume=True, **kw))
+    assert any(isinstance(m, torch.nn.Dropout) for m in full.model.modules())
+    part2 = _interrupted_then_resumed(tiny_dataset, tmp_path, monkeypatch, "split3d", 4, **kw)
     assert full.iteration == part2.iteration == 8
     assert part2.losses == full.losses[3:]
-    for k, v in full.model.state_dict().items():
-        assert torch.equal(v, part2.model.state_dict()[k]), k
+    _assert_same_weights(full.model, part2.model)
 
 
 def test_resume_from_an_epochs_last_batch_trains_the_next_epoch(tiny_dataset, tmp_path, monkeypatch):
@@ -401,18 +399,7 @@ def test_resume_from_an_epochs_last_batch_trains_the_next_epoch(tiny_dataset, tm
     it does not count the finished epoch again with no batch left."""
     kw = dict(max_epochs=2, batch_size=8, val_every=5)
     full = train(cfg_for(tiny_dataset, tmp_path, exp="full", **kw))
-    step = trainer._train_step
-
-    def crash_at_6(run, batch):
-        if run.iteration == 5:
-            raise _Crash
-        return step(run, batch)
-
-    monkeypatch.setattr(trainer, "_train_step", crash_at_6)
-    with pytest.raises(_Crash):
-        train(cfg_for(tiny_dataset, tmp_path, exp="split", **kw))
-    monkeypatch.setattr(trainer, "_train_step", step)
-    part2 = train(cfg_for(tiny_dataset, tmp_path, exp="split", resume=True, stop_after_epochs=1, **kw))
+    part2 = _interrupted_then_resumed(tiny_dataset, tmp_path, monkeypatch, "split", 5, {"stop_after_epochs": 1}, **kw)
     assert part2.iteration == full.iteration == 10 and part2.epoch == 2
     assert part2.losses == full.losses[5:]
 
