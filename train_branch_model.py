@@ -82,7 +82,7 @@ def read_training_graphs(tree_model, data: Sequence[Sequence[str]], progress: bo
         logit = tree_model.network_logit(vol.image, union, vol.spacing)
         graph = branch_graph(union, logit, vol.spacing)
         graphs.append(graph)
-        truths.append(branch_truth(graph, labels))
+        truths.append(branch_truth(graph, labels, vol.spacing))
         names.append(f"{dataset}/{case}")
     return graphs, truths, names
 

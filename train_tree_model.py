@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid_mm", type=float, default=3.0, help="mm per voxel the model sees")
     p.add_argument("--context_mm", type=float, default=30.0, help="around the vessel mask's bounding box")
     p.add_argument("--base_channels", type=int, default=8, help="width of the 3-D U-Net")
+    p.add_argument("--coarse_rule", default="area", choices=("area", "sample"),
+                   help="how the fine grid becomes the coarse one: area, each coarse voxel averages what it covers "
+                        "(thin vessels stay in the mask); sample, linear sampling (tree models before 2026-12-07)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (poly decay)")
     p.add_argument("--seed", type=int, default=0, help="weights, case order and augmentation")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="cuda when present (auto)")
@@ -110,7 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ("cpu" if args.device == "auto" else args.device)
     try:
         cfg = TreeModelConfig(grid_mm=args.grid_mm, context_mm=args.context_mm, base_channels=args.base_channels,
-                              iterations=args.iterations, lr=args.lr, seed=args.seed)
+                              iterations=args.iterations, lr=args.lr, seed=args.seed, coarse_rule=args.coarse_rule)
         out = train_from_data(args.data, args.out, args.splits.split(","), cfg, device=device,
                               overwrite=args.overwrite)
     except (ValueError, FileExistsError, FileNotFoundError) as e:

@@ -273,6 +273,11 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
 
             check_binary(tree_model, model_path, pred.classes)
             trees = load_tree_model(tree_model, pred.device)
+            seen = sorted(set(trees.info.get("cases") or []) & {f"{paths.root.name}/{c}" for c in cases})
+            if seen:
+                # scored on cases it learnt from, the tree model looks better than it is
+                log.warning("%s was trained on %d of these test cases (%s): their trees are not a held-out score",
+                            tree_model, len(seen), ", ".join(seen[:5]) + (", ..." if len(seen) > 5 else ""))
         # the class map of the test data, whose volumes hold the truth: the model's classes are
         # names, which may be stored under other values than in the data it learnt from
         doc = read_stage(paths, with_salience=False)["dataset"]

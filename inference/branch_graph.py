@@ -143,7 +143,9 @@ def branch_graph(union: np.ndarray, logit: np.ndarray, spacing: Sequence[float])
     if np.shape(logit) != np.shape(union):
         raise ValueError(f"logit must be shaped like the mask {np.shape(union)}, got {np.shape(logit)}")
     union = np.asarray(union, dtype=bool)
-    box = bounding_box(union)
+    # one voxel of background around the mask: the radius (distance to background) of a piece that
+    # fills its own box would otherwise run on to the box's faces
+    box = bounding_box(union, margin=1)
     empty = np.zeros((0, len(FEATURES)), np.float32)
     if box is None:
         return BranchGraph(None, np.zeros((0, 0, 0), np.int32), empty, np.zeros((0, 2), np.int64), np.zeros(0))
@@ -212,17 +214,20 @@ def edge_features(graph: BranchGraph) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return source, target, feats
 
 
-def branch_truth(graph: BranchGraph, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def branch_truth(graph: BranchGraph, labels: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """The training target of a branch graph from the true label map (H, W, D) (1 portal, 2
-    hepatic) on the grid of the mask it was built from: every mask voxel takes the tree of the
-    nearest true vessel voxel, each branch the tree of most of its voxels. Returns (n,) float32,
+    hepatic) on the grid of the mask it was built from, ``spacing`` (row, col, slice) mm: every
+    mask voxel takes the tree of the nearest true vessel voxel in mm (slices are often 2-4 times
+    farther apart than pixels), each branch the tree of most of its voxels. Returns (n,) float32,
     1 hepatic, and (n,) its voxel count (the loss's weight)."""
     labels = np.asarray(labels)
+    _check(labels, spacing)
     if graph.box is None:
         return np.zeros(0, np.float32), np.zeros(0)
     if labels.ndim != 3 or not (labels > 0).any():
         raise ValueError(f"labels must be an (H, W, D) label map with vessels, got shape {labels.shape}")
-    _, nearest = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+    _, nearest = ndimage.distance_transform_edt(labels == 0, sampling=[float(v) for v in spacing],
+                                                return_indices=True)
     own = labels[tuple(nearest)][graph.box]
     if own.shape != graph.piece.shape:
         raise ValueError(f"labels of shape {labels.shape} do not hold the graph's box {graph.box}")

@@ -7,8 +7,10 @@ A tree model instead sees the whole vessel mask of a scan at once, coarsely:
 
 - input (2, h, w, d): the image (HU window of :data:`utils.h5io.HU_WINDOW`, in [0, 1]) and the
   vessel mask (the union of the trees, from any binary model, or the truth in training), both
-  resampled to ``grid_mm`` millimetres per voxel (linear: the mask becomes a vessel fraction) on
-  the mask's bounding box widened by ``context_mm``;
+  averaged over each ``grid_mm`` millimetre voxel (``coarse_rule`` "area": the mask becomes a
+  vessel fraction, and a vessel thinner than a voxel stays in it wherever it lies; files from
+  before the rule sampled the fine grid linearly, "sample", where a 1-voxel vessel could vanish)
+  on the mask's bounding box widened by ``context_mm``;
 - a small 3-D U-Net (the registry's ``unet3d``) with two outputs, the portal and the hepatic logit;
 - on the full grid: the difference of the two logits, resampled back (linear), decides the
   voxels of the mask (> 0: hepatic), through a minimum cut (:func:`inference.trees.cut_trees`):
@@ -60,6 +62,7 @@ log = logging.getLogger("trees")
 FORMAT = "livervessel-tree-model-v1"
 #: the label values of the output: 1 portal vein, 2 hepatic veins (as a two-tree model's)
 CLASSES = ("portal", "hepatic")
+COARSE_RULES = ("area", "sample")
 
 
 @dataclass
@@ -74,8 +77,13 @@ class TreeModelConfig:
     lr: float = 3e-3
     max_shift_voxels: int = 6
     seed: int = 0
+    #: "area": each coarse voxel averages the fine voxels it covers; "sample": linear sampling (files
+    #: written before the rule existed, read as such)
+    coarse_rule: str = "area"
 
     def __post_init__(self) -> None:
+        if self.coarse_rule not in COARSE_RULES:
+            raise ValueError(f"coarse_rule must be one of {COARSE_RULES}, got {self.coarse_rule!r}")
         if self.grid_mm <= 0 or self.context_mm < 0:
             raise ValueError(f"grid_mm must be > 0 and context_mm >= 0, got {self.grid_mm}, {self.context_mm}")
         if self.iterations < 1 or self.depth < 1 or self.base_channels < 1:
@@ -107,30 +115,49 @@ def context_box(union: np.ndarray, spacing: Sequence[float], context_mm: float) 
     return bounding_box(union, margin=[int(np.ceil(context_mm / float(s))) for s in spacing])
 
 
-def coarse(a: np.ndarray, spacing: Sequence[float], grid_mm: float) -> np.ndarray:
-    """``a`` (H, W, D) resampled linearly to ``grid_mm`` mm per voxel, float32."""
+def coarse(a: np.ndarray, spacing: Sequence[float], grid_mm: float, rule: str = "area") -> np.ndarray:
+    """``a`` (H, W, D) at ``grid_mm`` mm per voxel, float32: with ``rule`` "area", first averaged
+    over a box of round(grid_mm / spacing) fine voxels per axis (the coarse voxel's extent), then
+    resampled linearly; with "sample", resampled linearly only (a structure thinner than the
+    coarse voxel is seen or missed depending on where it lies)."""
+    if rule not in COARSE_RULES:
+        raise ValueError(f"coarse rule must be one of {COARSE_RULES}, got {rule!r}")
+    a = np.asarray(a, dtype=np.float32)
+    if rule == "area":
+        size = [max(1, int(round(grid_mm / float(s)))) for s in spacing]
+        if max(size) > 1:
+            a = ndimage.uniform_filter(a, size=size, mode="nearest")
     zoom = [float(s) / grid_mm for s in spacing]
-    return ndimage.zoom(np.asarray(a, dtype=np.float32), zoom, order=1, grid_mode=True, mode="nearest")
+    return ndimage.zoom(a, zoom, order=1, grid_mode=True, mode="nearest")
 
 
-def _pad(a: np.ndarray, multiple: int, extra: int = 0) -> tuple[np.ndarray, tuple[int, int, int]]:
+def _pad(a: np.ndarray, multiple: int, extra: int = 0, minimum: int = 0) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Zero-pad the last three axes of ``a`` at their end to a multiple of ``multiple`` with at
-    least ``extra`` more voxels; returns the padded array and the original spatial shape."""
+    least ``extra`` more voxels and at least ``minimum`` in all; returns the padded array and the
+    original spatial shape."""
     shape = a.shape[-3:]
-    target = [int(np.ceil((n + extra) / multiple) * multiple) for n in shape]
+    target = [max(int(np.ceil((n + extra) / multiple) * multiple), minimum) for n in shape]
     pad = [(0, 0)] * (a.ndim - 3) + [(0, t - n) for t, n in zip(target, shape)]
     return np.pad(a, pad), tuple(shape)
 
 
-def coarse_inputs(image: np.ndarray, union: np.ndarray, spacing: Sequence[float], grid_mm: float) -> np.ndarray:
-    """The network input (2, h, w, d) float32: image and vessel fraction at ``grid_mm``."""
-    return np.stack([coarse(image, spacing, grid_mm), coarse(union, spacing, grid_mm)])
+def network_padding(depth: int) -> tuple[int, int]:
+    """(multiple, minimum) of the coarse grid's padded axes for a U-Net of ``depth``: it halves an
+    axis ``depth`` times, so an axis of 2**(depth - 1) would reach 0 and a grid of 16 or 24 on
+    every axis would leave one voxel for the bottleneck's normalisation; 2**(depth + 1) keeps two."""
+    return 2 ** (depth - 1), 2 ** (depth + 1)
 
 
-def coarse_targets(labels: np.ndarray, spacing: Sequence[float], grid_mm: float) -> np.ndarray:
+def coarse_inputs(image: np.ndarray, union: np.ndarray, spacing: Sequence[float], grid_mm: float,
+                  rule: str = "area") -> np.ndarray:
+    """The network input (2, h, w, d) float32: image and vessel fraction at ``grid_mm`` (:func:`coarse`)."""
+    return np.stack([coarse(image, spacing, grid_mm, rule), coarse(union, spacing, grid_mm, rule)])
+
+
+def coarse_targets(labels: np.ndarray, spacing: Sequence[float], grid_mm: float, rule: str = "area") -> np.ndarray:
     """The training target (2, h, w, d) float32: each coarse voxel's portal and hepatic fractions
     of a label map (1 portal, 2 hepatic)."""
-    return np.stack([coarse(labels == k + 1, spacing, grid_mm) for k in range(len(CLASSES))])
+    return np.stack([coarse(labels == k + 1, spacing, grid_mm, rule) for k in range(len(CLASSES))])
 
 
 def tree_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -190,7 +217,9 @@ class TreeModel:
         box = context_box(union, spacing, self.config.context_mm)
         if box is None:
             return out
-        x, shape = _pad(coarse_inputs(image[box], union[box], spacing, self.config.grid_mm), 2 ** (self.config.depth - 1))
+        multiple, minimum = network_padding(self.config.depth)
+        x, shape = _pad(coarse_inputs(image[box], union[box], spacing, self.config.grid_mm, self.config.coarse_rule),
+                        multiple, minimum=minimum)
         device = next(self.network.parameters()).device
         with torch.no_grad():
             logits = self.network(torch.from_numpy(x)[None].to(device))[0].float().cpu().numpy()
@@ -218,13 +247,28 @@ class TreeModel:
         return cut_trees(union, logit, spacing, 0.0), cut_trees(union, logit, spacing, smoothness)
 
 
+def shift_zero_fill(a: np.ndarray, shift: Sequence[int]) -> np.ndarray:
+    """``a`` (C, h, w, d) moved by ``shift`` voxels along its last three axes, zero where nothing
+    moved in: unlike ``np.roll``, the planes moved out at one end do not come back at the other
+    (a vessel above the liver would reappear below it, in the wrong tree's place)."""
+    out = np.zeros_like(a)
+    src, dst = [slice(None)], [slice(None)]
+    for s, n in zip(shift, a.shape[1:]):
+        s = int(s)
+        if abs(s) >= n:
+            return out
+        src.append(slice(max(0, -s), n - max(0, s)))
+        dst.append(slice(max(0, s), n - max(0, -s)))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
 def _augment(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, max_shift: int) -> tuple[np.ndarray, np.ndarray]:
     x = x.copy()
     x[0] = x[0] * rng.uniform(0.8, 1.2) + rng.uniform(-0.1, 0.1)
     if max_shift:
         shift = tuple(int(s) for s in rng.integers(-max_shift, max_shift + 1, 3))
-        x = np.roll(x, shift, axis=(1, 2, 3))
-        y = np.roll(y, shift, axis=(1, 2, 3))
+        x, y = shift_zero_fill(x, shift), shift_zero_fill(y, shift)
     return x, y
 
 
@@ -235,10 +279,10 @@ def prepare_case(case: TreeCase, cfg: TreeModelConfig) -> tuple[np.ndarray, np.n
     box = context_box(union, case.spacing, cfg.context_mm)
     if box is None:
         raise ValueError(f"{case.name}: no vessel in the label map")
-    x = coarse_inputs(case.image[box], union[box], case.spacing, cfg.grid_mm)
-    y = coarse_targets(case.labels[box], case.spacing, cfg.grid_mm)
-    multiple = 2 ** (cfg.depth - 1)
-    return _pad(x, multiple, cfg.max_shift_voxels)[0], _pad(y, multiple, cfg.max_shift_voxels)[0]
+    x = coarse_inputs(case.image[box], union[box], case.spacing, cfg.grid_mm, cfg.coarse_rule)
+    y = coarse_targets(case.labels[box], case.spacing, cfg.grid_mm, cfg.coarse_rule)
+    multiple, minimum = network_padding(cfg.depth)
+    return (_pad(x, multiple, cfg.max_shift_voxels, minimum)[0], _pad(y, multiple, cfg.max_shift_voxels, minimum)[0])
 
 
 def train_tree_model(cases: Sequence[TreeCase], cfg: TreeModelConfig, device: str = "cpu",
@@ -296,9 +340,12 @@ def load_tree_model(path: str | os.PathLike, device: str = "cpu") -> TreeModel:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{path}: not a tree model (format {doc.get('format') if isinstance(doc, dict) else None!r}, "
                          f"want {FORMAT!r}; train one with train_tree_model.py)")
+    if tuple(doc.get("classes") or CLASSES) != CLASSES:
+        raise ValueError(f"{path}: labels the trees {doc['classes']}, the code writes {list(CLASSES)} (1, 2)")
     if tuple(doc["hu_window"]) != tuple(HU_WINDOW):
         raise ValueError(f"{path}: trained on HU window {doc['hu_window']}, the code windows to {list(HU_WINDOW)}")
-    cfg = TreeModelConfig(**doc["config"])
+    # files from before the coarse rule sampled the fine grid: their networks learnt that input
+    cfg = TreeModelConfig(**{"coarse_rule": "sample", **doc["config"]})
     net = build_tree_network(cfg)
     try:
         net.load_state_dict(doc["state_dict"])

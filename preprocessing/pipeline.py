@@ -401,6 +401,13 @@ def preprocess(
     vessel_classes = tuple(c.strip() for c in vessel_classes if c.strip())
     if vessel_classes and (fmt != "dicom" or not with_masks):
         raise ValueError("--vessel_classes needs DICOM input with masks (3D-IRCADb's mask folders name the trees)")
+    if vessel_classes:
+        # a class outside the binary label would make the class map's union another set of vessels than
+        # the label a binary model is scored on: two union Dice values for one model and one truth
+        outside = [g[0] for g in vessel_groups(vessel_classes) if g not in vessel_groups(vessels)]
+        if outside:
+            raise ValueError(f"--vessel_classes {','.join(vessel_classes)}: {', '.join(outside)} not in --vessels "
+                             f"{','.join(vessels)}; each class must be one of the label's vessels")
     sources: list[tuple[str, Path, Optional[Path]]]
     if fmt == "dicom":
         if src is None:

@@ -87,7 +87,9 @@ if [ "$MIX" = 1 ]; then
   for _ in $(seq "$REPEAT"); do DATA_ARGS+=(--data "$DATA" $REAL "$DATA/lists/all"); done
   TAG=mixed_x${EXTRA}_r$REPEAT
 fi
-OUT=$CKPT/tree_model/${TAG}_grid${GRID_MM}_it${ITERS}_s${SEED}/tree_model.pth
+# "area": the coarse rule of tree models since 2026-12-07 (inference.tree_model.coarse); in the name, so a file
+# trained with the earlier rule at the old path is not reused for one
+OUT=$CKPT/tree_model/${TAG}_grid${GRID_MM}_area_it${ITERS}_s${SEED}/tree_model.pth
 if [ -f "$OUT" ]; then
   step "2/4 reusing $OUT (delete it to train again)"
 else

@@ -107,13 +107,13 @@ def test_branch_truth_gives_each_branch_its_trees_majority():
     from scipy import ndimage
     mask = ndimage.binary_dilation(union)
     graph = branch_graph(mask, np.zeros(mask.shape), (1.0, 1.0, 1.0))
-    target, weight = branch_truth(graph, labels)
+    target, weight = branch_truth(graph, labels, (1.0, 1.0, 1.0))
     end_of = {int(np.bincount(graph.piece[arm[graph.box]]).argmax()) - 1: k for k, arm in enumerate(arms)}
     assert sorted(end_of.values()) == [0, 1, 2]
     assert [target[b] for b in sorted(end_of, key=end_of.get)] == [0.0, 0.0, 1.0]
     assert weight.sum() == mask.sum()
     with pytest.raises(ValueError, match="label map with vessels"):
-        branch_truth(graph, np.zeros_like(labels))
+        branch_truth(graph, np.zeros_like(labels), (1.0, 1.0, 1.0))
 
 
 def random_graph_inputs(n=7, seed=0):
@@ -155,7 +155,7 @@ def crossing_case(seed):
     logit = np.where(labels == 2, 2.0, -2.0) + rng.normal(0, 0.5, shape)
     union = labels > 0
     graph = branch_graph(union, logit, (1.0, 1.0, 1.0))
-    return graph, branch_truth(graph, labels), union, logit, labels
+    return graph, branch_truth(graph, labels, (1.0, 1.0, 1.0)), union, logit, labels
 
 
 def test_branch_networks_learn_a_worked_example_and_round_trip():
@@ -258,3 +258,35 @@ def test_train_branch_model_cli_adds_networks_that_test_py_uses(tree_data, tmp_p
     with pytest.raises(ValueError, match="--seeds must be"):
         train_branch_model.parse_seeds("a-b")
     assert train_branch_model.parse_seeds("3-5") == (3, 4, 5) and train_branch_model.parse_seeds("7") == (7,)
+
+
+def test_branch_truth_takes_the_nearest_true_vessel_in_mm():
+    """Slices 2.5 mm apart, pixels 0.7 mm: a mask branch with a portal vessel two slices (5 mm) away
+    and a hepatic one three rows (2.1 mm) away is hepatic (in voxels it would be portal)."""
+    sp, shape = (0.7, 0.7, 2.5), (24, 24, 16)
+    labels = np.zeros(shape, np.uint8)
+    labels[12, 4:20, 12] = 1
+    labels[15, 4:20, 10] = 2
+    mask = np.zeros(shape, bool)
+    mask[12, 4:20, 10] = True
+    graph = branch_graph(mask, np.zeros(shape), sp)
+    target, weight = branch_truth(graph, labels, sp)
+    assert graph.n == 1 and target.tolist() == [1.0] and weight.tolist() == [16.0]
+
+
+def test_a_branch_radius_does_not_depend_on_what_else_widens_the_box():
+    """A straight tube 4 x 3 voxels across (0.7 x 0.7 x 1.6 mm): its radius is 1.4 mm whether it
+    fills its own bounding box or two far voxels widen it (it was 11 mm alone: the box's faces
+    did not count as background)."""
+    from inference.branch_graph import FEATURES
+
+    r = FEATURES.index("radius_mm")
+    sp = (0.7, 0.7, 1.6)
+    tube = np.zeros((40, 40, 20), bool)
+    tube[5:35, 18:22, 8:11] = True
+    alone = branch_graph(tube, np.zeros(tube.shape), sp)
+    wide = tube.copy()
+    wide[0, 0, 0] = wide[39, 39, 19] = True
+    widened = branch_graph(wide, np.zeros(tube.shape), sp)
+    assert alone.n == 1 and alone.features[0, r] == pytest.approx(1.4)
+    assert widened.features[:, r].max() == pytest.approx(1.4)

@@ -582,6 +582,11 @@ def test_vessel_classes_store_a_class_map_beside_the_binary_label(tmp_path):
     with pytest.raises(ValueError, match="--vessel_classes needs DICOM input"):
         preprocess("x", None, tmp_path / "d2", tmp_path / "l2", fmt="nifti", images=tmp_path, labels=tmp_path,
                    vessel_classes=["portalvein"])
+    # a class outside the binary label's vessels: its union would not be the label (an alias counts)
+    with pytest.raises(ValueError, match="venoussystem not in --vessels portalvein"):
+        preprocess("x", tmp_path / "src", tmp_path / "d3", tmp_path / "l3", vessels=["portalvein"],
+                   vessel_classes=["portalvein", "venoussystem"])
+    assert not (tmp_path / "d3").exists()
 
 
 @pytest.mark.parametrize("extra,message", [
