@@ -21,7 +21,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from train_config import TrainConfig
+from train_config import RESUMABLE_OPTIONS, TrainConfig
 from utils.logging_setup import setup_logging
 
 
@@ -176,11 +176,15 @@ def check_reuse(cfg: TrainConfig) -> tuple[int, str]:
     max_iterations, max_epochs = int(saved.get("max_iterations") or 0), int(saved.get("max_epochs") or 0)
     reached_iterations = max_iterations > 0 and int(ckpt.get("iteration", 0)) >= max_iterations
     reached_epochs = max_epochs > 0 and int(ckpt.get("epoch", 0)) >= max_epochs
-    finished = reached_iterations or reached_epochs
+    # a run stopped (by time) at the last batch of its last epoch has trained them all: its
+    # checkpoint names that epoch, but its iterations reach the schedule's horizon
+    horizon = int(saved.get("lr_horizon_iterations") or 0)
+    reached_horizon = horizon > 0 and int(ckpt.get("iteration", 0)) >= horizon
+    finished = reached_iterations or reached_epochs or reached_horizon
     if not finished:
         return NO_RUN, f"{last}: a run that stopped early (iteration {ckpt.get('iteration')})"
     # a time limit or an epochs-per-job limit does not change a model that has finished
-    diffs = cfg.differences(saved, ignore=frozenset({"max_minutes", "stop_after_epochs"}))
+    diffs = cfg.differences(saved, ignore=RESUMABLE_OPTIONS - {"max_iterations"})
     if diffs:
         return OTHER_OPTIONS, (f"{last}: trained with other options ({'; '.join(diffs)}); delete the run folder, "
                                f"change --exp, or train with --overwrite")

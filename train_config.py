@@ -108,9 +108,9 @@ class TrainConfig:
         for opt in ("max_iterations", "stop_after_epochs"):
             if getattr(self, opt) is not None and getattr(self, opt) < 1:
                 raise ValueError(f"--{opt} must be >= 1 (leave it out for no limit), got {getattr(self, opt)}")
-        if self.val_every < 0 or self.save_minutes <= 0 or (self.max_minutes is not None and self.max_minutes < 0):
-            raise ValueError(f"--val_every must be >= 0 (0: at epoch ends), --save_minutes > 0 and --max_minutes >= 0, "
-                             f"got {self.val_every}, {self.save_minutes}, {self.max_minutes}")
+        if self.val_every < 0 or self.save_minutes < 0 or (self.max_minutes is not None and self.max_minutes < 0):
+            raise ValueError(f"--val_every (0: at epoch ends), --save_minutes (0: at every epoch end) and "
+                             f"--max_minutes must be >= 0, got {self.val_every}, {self.save_minutes}, {self.max_minutes}")
         if self.clip_grad < 0:
             raise ValueError(f"--clip_grad must be >= 0, got {self.clip_grad}")
         loss_terms(self.loss)

@@ -14,7 +14,8 @@ the chosen cadence and :func:`_save`.
 - No host-device sync per step: losses stay on the device and are checked for NaN/inf,
   all-reduced (DDP) and logged every ``log_every`` iterations (and before every
   validation or checkpoint, so a diverged model is never saved).
-- AMP on CUDA: bf16 where the GPU supports it, else fp16 with a GradScaler; fp32 on CPU.
+- AMP on CUDA: bf16 where the GPU has bf16 kernels (:func:`cuda_amp_dtype`), else fp16 with a
+  GradScaler; fp32 on CPU.
   ``cudnn.benchmark`` is on unless ``deterministic`` (opt-in); ``channels_last`` optional.
 - DDP when launched by torchrun (WORLD_SIZE > 1): nccl on CUDA, gloo on the CPU; rank 0
   alone logs and writes files.
@@ -123,6 +124,18 @@ class Env:
         return self.rank == 0
 
 
+def cuda_amp_dtype() -> torch.dtype:
+    """The autocast dtype on this process's CUDA device: bf16 where it has bf16 kernels (Ampere and
+    later), else fp16 (with a gradient scaler in training). From torch 2.4 ``is_bf16_supported``
+    counts emulation by default, and a T4 or V100 can hold bf16 tensors without bf16 kernels, so
+    emulation is asked not to count; earlier torch has no such argument and never counted it."""
+    try:
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        native = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native else torch.float16
+
+
 def setup_env(cfg: TrainConfig) -> Env:
     """Device, DDP process group (under torchrun, which sets RANK and WORLD_SIZE), AMP dtype."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -147,9 +160,7 @@ def setup_env(cfg: TrainConfig) -> Env:
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=60))
     amp_dtype = None
     if use_cuda and cfg.amp:
-        # without including_emulation=False a pre-Ampere GPU (T4, V100) reports bf16 as supported (it can
-        # hold bf16 tensors) but has no bf16 kernels: it needs fp16 with the gradient scaler
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        amp_dtype = cuda_amp_dtype()
     return Env(device, rank, local, world, amp_dtype, distributed)
 
 

@@ -136,9 +136,10 @@ def time_pair(
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
+    """Training's autocast dtype (trainer.cuda_amp_dtype) on CUDA; bf16 on the CPU."""
+    from trainer import cuda_amp_dtype
+
+    return cuda_amp_dtype() if device.type == "cuda" else torch.bfloat16
 
 
 def machine(device: torch.device) -> str:

@@ -1,7 +1,7 @@
 """Does a prediction depend on how far the scan extends? (issue 24, point 3)
 
     python bench/extent_invariance.py --model checkpoint/phantom/unet/epo100_bs4_lr0.003/demo/best_model.pth
-    python bench/extent_invariance.py --model FILE --name extent_invariance_before   # the record's name
+    python bench/extent_invariance.py --model FILE --record extent_invariance_before   # also a record
 
 For every real 3D-IRCADb patient under ``--real`` (default ``../shared/real``) the model file
 segments three versions of the scan, as ``predict.py`` does (``inference.predictor.Predictor.predict_scan``):
@@ -13,8 +13,9 @@ segments three versions of the scan, as ``predict.py`` does (``inference.predict
 
 Inside the true liver it reports the Dice of ``whole`` against ``cropped`` and of ``padded``
 against ``whole`` (1.0: the prediction does not depend on the scan's extent), and each
-version's vessel Dice against the truth. Writes ``results/<name>.json`` (utils.records: Dice
-values and seconds only, nothing of the scans themselves) and prints a table. Real data is
+version's vessel Dice against the truth. Prints a table; with ``--record NAME`` (``--name``, its
+former spelling) also writes ``results/NAME.json`` (utils.records: Dice values and seconds only,
+nothing of the scans themselves). Real data is
 read in place and never written.
 """
 from __future__ import annotations

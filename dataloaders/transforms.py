@@ -136,7 +136,7 @@ def rotate_planes(x: np.ndarray, label: np.ndarray, degrees: float) -> tuple[np.
         return x, label
     from scipy import ndimage  # slow to import; only rotating runs need it
     n = x.shape[0]
-    both = ndimage.rotate(np.concatenate([x, label]).astype(np.float32), degrees, axes=(2, 1), reshape=False,
+    both = ndimage.rotate(np.concatenate([x, label]).astype(np.float32), degrees, axes=(1, 2), reshape=False,
                           order=1, mode="constant", cval=0.0)
     return both[:n], np.clip(both[n:], 0.0, 1.0)
 

@@ -115,13 +115,11 @@ def salience_warning(case: str, salience_path: Path, ckpt: dict) -> Optional[str
     trained = (str(gen.get("kind") or ""), str(gen.get("weights_sha256") or ckpt.get("head_sha256") or ""),
                str(gen.get("normalisation") or "volume") if gen else "")
     made = salience_made_by(salience_path)
-    differ = [f"{what} {m or '?'} vs {t}" for what, m, t in zip(("generator", "weights sha256", "normalisation"),
-                                                                made, trained)
-              if t and m and m != t]
+    differ = [f"{what} {m[:12] + '...' if what == 'weights sha256' else m} vs "
+              f"{t[:12] + '...' if what == 'weights sha256' else t}"
+              for what, m, t in zip(("generator", "weights sha256", "normalisation"), made, trained) if t and m and m != t]
     if not differ:
         return None
-    differ = [d if not d.startswith("weights") else f"weights sha256 {made[1][:12]}... vs {trained[1][:12]}..."
-              for d in differ]
     return (f"{case}: salience made otherwise than the maps the model was trained on ({'; '.join(differ)}, "
             f"{salience_path}); run salience_generation.py with the model's generator, weights and "
             f"--normalisation and --overwrite for scores of this model")
@@ -273,7 +271,10 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
 
             check_binary(tree_model, model_path, pred.classes)
             trees = load_tree_model(tree_model, pred.device)
-            seen = sorted(set(trees.info.get("cases") or []) & {f"{paths.root.name}/{c}" for c in cases})
+            # its cases are named <dataset>/<case> of the (root, dataset, lists) in info["data"]
+            here = (paths.root.parent.resolve(), paths.root.name)
+            same = any((Path(r).resolve(), d) == here for r, d, *_ in trees.info.get("data") or [])
+            seen = sorted(set(trees.info.get("cases") or []) & {f"{paths.root.name}/{c}" for c in cases}) if same else []
             if seen:
                 # scored on cases it learnt from, the tree model looks better than it is
                 log.warning("%s was trained on %d of these test cases (%s): their trees are not a held-out score",
@@ -482,11 +483,15 @@ def run_evaluation(
         if backbone is None:
             raise ValueError("give --backbone (to find checkpoint/<dataset>/<backbone>/) or --model_path")
         model_path = find_checkpoint(Path(checkpoint_root), dataset, backbone, exp=exp, salience=salience)
+    for path, flag, name in ((model_path, "--model_path", "best_model.pth"), (tree_model, "--tree_model", "tree_model.pth")):
+        if path is None:
+            continue
+        if not str(path).strip():  # Path("") would be the working folder
+            raise FileNotFoundError(f"{flag} is empty")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: {flag[2:].replace('_path', '').replace('_', ' ')} file not found"
+                                    + (f" (a folder: give the {name} in it)" if Path(path).is_dir() else ""))
     model_path = Path(model_path)
-    for path, what in ((model_path, "model"), (tree_model, "tree model")):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: {what} file not found" + (" (a folder: give its best_model.pth)"
-                                                                        if Path(path).is_dir() else ""))
     out_dir = Path(output) if output is not None else default_output(model_path, split, eval_roi, tta)
     model_sha256 = provenance.file_sha256(model_path)
     wanted = provenance.record(model_sha256, {

@@ -136,16 +136,21 @@ def _branch_directions(piece: np.ndarray, skel: np.ndarray, radius: np.ndarray, 
     return dirs, taper
 
 
-def branch_graph(union: np.ndarray, logit: np.ndarray, spacing: Sequence[float]) -> BranchGraph:
+#: voxels of background around the mask in a branch graph's box: with none, the radius (distance to
+#: background) of a piece filling its own box ran on to the box's faces (branch networks saved
+#: before this was 1 were trained so, and keep 0: :attr:`BranchModel.box_margin`)
+BOX_MARGIN = 1
+
+
+def branch_graph(union: np.ndarray, logit: np.ndarray, spacing: Sequence[float],
+                 box_margin: int = BOX_MARGIN) -> BranchGraph:
     """The branch graph (:class:`BranchGraph`) of the mask ``union`` with the tree model's
-    hepatic-minus-portal ``logit`` (float (H, W, D))."""
+    hepatic-minus-portal ``logit`` (float (H, W, D)), on the mask's box widened by ``box_margin``."""
     _check(union, spacing)
     if np.shape(logit) != np.shape(union):
         raise ValueError(f"logit must be shaped like the mask {np.shape(union)}, got {np.shape(logit)}")
     union = np.asarray(union, dtype=bool)
-    # one voxel of background around the mask: the radius (distance to background) of a piece that
-    # fills its own box would otherwise run on to the box's faces
-    box = bounding_box(union, margin=1)
+    box = bounding_box(union, margin=box_margin)
     empty = np.zeros((0, len(FEATURES)), np.float32)
     if box is None:
         return BranchGraph(None, np.zeros((0, 0, 0), np.int32), empty, np.zeros((0, 2), np.int64), np.zeros(0))
@@ -221,7 +226,8 @@ def branch_truth(graph: BranchGraph, labels: np.ndarray, spacing: Sequence[float
     farther apart than pixels), each branch the tree of most of its voxels. Returns (n,) float32,
     1 hepatic, and (n,) its voxel count (the loss's weight)."""
     labels = np.asarray(labels)
-    _check(labels, spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be 3 positive numbers (mm), got {tuple(spacing)}")
     if graph.box is None:
         return np.zeros(0, np.float32), np.zeros(0)
     if labels.ndim != 3 or not (labels > 0).any():
@@ -302,6 +308,8 @@ class BranchModel:
     mean: np.ndarray
     std: np.ndarray
     config: BranchConfig
+    #: the box margin of the graphs they were trained on (:data:`BOX_MARGIN`; 0 in older files)
+    box_margin: int = BOX_MARGIN
 
     def logits(self, graph: BranchGraph) -> np.ndarray:
         """(n,) float32: the networks' mean hepatic-minus-portal logit per branch."""
@@ -315,7 +323,7 @@ class BranchModel:
     def voxel_logit(self, union: np.ndarray, logit: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
         """float32 (H, W, D): each voxel of ``union`` given its branch's logit (:meth:`logits` of
         the branch graph of ``union`` and the tree model's ``logit``); 0 outside the mask."""
-        graph = branch_graph(union, logit, spacing)
+        graph = branch_graph(union, logit, spacing, self.box_margin)
         out = np.zeros(np.shape(union), np.float32)
         if graph.n:
             per_branch = np.concatenate([[0.0], self.logits(graph)]).astype(np.float32)
@@ -324,7 +332,7 @@ class BranchModel:
 
     def state(self) -> dict:
         return {"config": asdict(self.config), "mean": self.mean.tolist(), "std": self.std.tolist(),
-                "features": list(FEATURES), "edge_features": list(EDGE_FEATURES),
+                "features": list(FEATURES), "edge_features": list(EDGE_FEATURES), "box_margin": self.box_margin,
                 "state_dicts": [{k: v.detach().cpu() for k, v in net.state_dict().items()} for net in self.nets]}
 
     @classmethod
@@ -341,7 +349,8 @@ class BranchModel:
             except RuntimeError as e:
                 raise ValueError(f"{where}: branch network weights do not fit ({str(e).splitlines()[0]})") from None
             nets.append(net.eval())
-        return cls(nets, np.asarray(doc["mean"], np.float32), np.asarray(doc["std"], np.float32), cfg)
+        return cls(nets, np.asarray(doc["mean"], np.float32), np.asarray(doc["std"], np.float32), cfg,
+                   int(doc.get("box_margin", 0)))
 
 
 def train_branch_model(graphs: Sequence[BranchGraph], truths: Sequence[tuple[np.ndarray, np.ndarray]],

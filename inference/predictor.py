@@ -53,8 +53,9 @@ def resolve_device(device: str) -> str:
 
 
 def training_spacing(ckpt: Optional[dict]) -> Optional[tuple[float, float, float]]:
-    """Median (row, col, slice) spacing in mm of the cases a checkpoint was trained on (its dataset
-    manifest); None for checkpoints written before manifests."""
+    """Median (row, col, slice) spacing in mm of the data a checkpoint was trained on: every case of
+    its dataset manifest (validation and test cases included, preprocessed alike); None for
+    checkpoints written before manifests."""
     dataset = ((ckpt or {}).get("manifests") or {}).get("dataset") or {}
     spacings = [c["spacing"] for c in (dataset.get("cases") or {}).values() if len(c.get("spacing", ())) == 3]
     if not spacings:

@@ -9,8 +9,10 @@
 # default width; unset: about 16 base channels each, for a CPU), BACKBONES (space-separated,
 # default "unet attention_unet unetpp unet3d"), MODES ("none offline").
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
+# a taken record name fails now, not after the training
+[ -z "${RECORD:-}" ] || ${PY:-.venv/bin/python} -m utils.records "$RECORD"
 BACKBONES=${BACKBONES:-"unet attention_unet unetpp unet3d"}
 MODES=${MODES:-"none offline"}
 source scripts/lib_runs.sh

@@ -9,8 +9,10 @@
 # channels), SEED (0), DATASET (phantom: prepared by prepare_phantom.sh; any prepared
 # dataset works), DEMO_DATA / DEMO_CKPT (data and checkpoint roots).
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
+# a taken record name fails now, not after the training
+[ -z "${RECORD:-}" ] || ${PY:-.venv/bin/python} -m utils.records "$RECORD"
 BACKBONE=${BACKBONE:-unet}
 MODEL_KW=${MODEL_KW:-'{"base_channels": 16}'}
 source scripts/lib_runs.sh

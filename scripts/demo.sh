@@ -17,7 +17,7 @@
 # real CT; --min_component_mm3 20 drops specks under 20 mm^3 (a 1 mm vessel 6 mm long) from its
 # masks (README, "Phantoms to real CT").
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DEMO_DATA:-data}

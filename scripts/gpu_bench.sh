@@ -12,7 +12,7 @@
 #   bash scripts/gpu_bench.sh                 # from anywhere; PY=python3 by default
 #   BENCH_REPEATS=3 BENCH_ITERS=60 bash scripts/gpu_bench.sh
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 [ -x .venv/bin/python ] && [ "$PY" = python3 ] && PY=.venv/bin/python

@@ -8,7 +8,7 @@
 #   bash scripts/gpu_smoke.sh                     # from the repository root
 #   SMOKE_DEVICE=cpu bash scripts/gpu_smoke.sh    # dry run of the same steps on the CPU (no AMP)
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3

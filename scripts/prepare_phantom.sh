@@ -7,7 +7,7 @@
 # DEMO_FIT_ITERS (head fine-tuning iterations, default 60), DEMO_NORMALISATION (salience
 # normalisation rule, salience_generation.py --normalisation, default fixed), PY (default .venv/bin/python).
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=${DEMO_DATA:-data}

@@ -18,12 +18,14 @@
 # what the first two chose), the lists above, CHOSEN_RATIO, PY. Complete stages and finished runs
 # are reused (main.py --reuse, test.py's provenance).
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 REAL_SRC=${REAL_SRC:-../shared/real}
 OUT=${CURVES_DATA:-data/curves}
 AXES=${AXES:-"iterations phantoms width salience"}
+# a taken record name fails now, not after the training of the first axes
+if [ -n "${RECORD:-}" ]; then $PY -m utils.records $(for a in $AXES; do echo "${RECORD}_$a"; done); fi
 ITERS_LIST=${ITERS_LIST:-"400 1500 5000"}
 WIDTH_LIST=${WIDTH_LIST:-"16 32"}
 RATIO_LIST=${RATIO_LIST:-"0 1 3"}

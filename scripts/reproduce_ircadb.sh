@@ -12,7 +12,7 @@
 # FIT_ITERS (head fitting iterations, default 2000), DATA (data), CKPT (checkpoint).
 # Splits: list/3D-IRCADb/vol_{train,val,test}.txt (the authors' seed split).
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 SRC=${1:?usage: reproduce_ircadb.sh /path/to/3Dircadb1}
 PY=${PY:-.venv/bin/python}

@@ -29,8 +29,10 @@
 # and lib_runs.sh's
 # (TARGET_SPACING: the mm per pixel every 2-D model sees, phantom or real).
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
+# a taken record name fails now, not after the training
+[ -z "${RECORD:-}" ] || ${PY:-.venv/bin/python} -m utils.records "$RECORD"
 BACKBONE=${BACKBONE:-unet}
 MODEL_KW=${MODEL_KW:-'{"base_channels": 16}'}
 source scripts/lib_runs.sh

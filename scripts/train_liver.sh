@@ -27,7 +27,7 @@
 # PHANTOM_RATIO (3), LIVER_ITERS (1500 on a CPU, 4000 with CUDA), LIVER_SPACING (2.5),
 # LIVER_SIZE (192), LIVER_WIDTH (16), LIVER_ZOOM (0), LIVER_ROTATE (0: max degrees of --rotate_aug), SEED (0), PY (default .venv/bin/python).
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 if [ -z "${REAL_SRC+x}" ]; then

@@ -29,7 +29,7 @@
 # CUDA), WIDTH (base channels: 16; 32 with CUDA), LR (0.003), SALIENCE (offline | none; default
 # offline), SEED (0), PY (.venv/bin/python).
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 REAL_SRC=${REAL_SRC:-../shared/real}

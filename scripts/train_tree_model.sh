@@ -41,7 +41,7 @@
 # SEED (0), VESSEL_MODEL (make demo's model), BRANCHES (1; 0: the tree model alone), BRANCH_SEEDS
 # (0-9: one branch network per seed, averaged), PY (.venv/bin/python).
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 ITERS=${ITERS:-800}

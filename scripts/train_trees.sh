@@ -26,7 +26,7 @@
 # WIDTH (base channels: 16; 32 with CUDA), PATCH (3-D: "64 64 32"; "96 96 64" with CUDA),
 # SEED (0), PY (.venv/bin/python).
 set -euo pipefail
-shopt -s inherit_errexit  # a failure inside $(...) stops the script too
+shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RATIO=${PHANTOM_RATIO:-1}

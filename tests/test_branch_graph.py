@@ -158,7 +158,7 @@ def crossing_case(seed):
     return graph, branch_truth(graph, labels, (1.0, 1.0, 1.0)), union, logit, labels
 
 
-def test_branch_networks_learn_a_worked_example_and_round_trip():
+def test_branch_networks_learn_a_worked_example_and_round_trip(monkeypatch):
     data = [crossing_case(s) for s in range(4)]
     cfg = BranchConfig(hidden=8, layers=2, dropout=0.0, lr=1e-2, epochs=40, seeds=(0, 1))
     model, losses = train_branch_model([d[0] for d in data], [d[1] for d in data], cfg, progress=False)
@@ -173,7 +173,19 @@ def test_branch_networks_learn_a_worked_example_and_round_trip():
     assert all(len(v) == 1 for v in per_branch.values())
     back = BranchModel.from_state(model.state(), "here")
     np.testing.assert_allclose(back.logits(graph), model.logits(graph), atol=1e-6)
-    assert back.config == cfg
+    assert back.config == cfg and back.box_margin == model.box_margin == 1
+    # networks saved before the box margin existed were trained on graphs without one, and keep it
+    old = model.state()
+    del old["box_margin"]
+    older = BranchModel.from_state(old, "old")
+    assert older.box_margin == 0
+    import inference.branch_graph as bg
+
+    seen = []
+    monkeypatch.setattr(bg, "branch_graph", lambda *a: seen.append(a[3]) or branch_graph(*a))
+    older.voxel_logit(union, logit, (1.0, 1.0, 1.0))
+    back.voxel_logit(union, logit, (1.0, 1.0, 1.0))
+    assert seen == [0, 1]
     bad = model.state()
     bad["features"] = bad["features"][:-1]
     with pytest.raises(ValueError, match="where: its branch networks were trained on other branch features"):

@@ -152,10 +152,11 @@ def test_bad_input_fails_with_one_line_and_no_report(tiny_dataset, tmp_path, cap
     (tmp_path / "ck" / "junk.pth").write_bytes(b"\x00not a checkpoint" * 10)
     _assert_fails_cleanly(base + ["--model_path", str(tmp_path / "ck" / "junk.pth")], capsys, "junk.pth", out)
     # an empty --model_path (a script's model variable left empty) or a folder; a tree model folder
-    _assert_fails_cleanly(base + ["--model_path", ""], capsys, "model file not found (a folder", out)
-    _assert_fails_cleanly(base + ["--model_path", str(tmp_path / "ck")], capsys, "ck: model file not found", out)
+    _assert_fails_cleanly(base + ["--model_path", ""], capsys, "--model_path is empty", out)
+    _assert_fails_cleanly(base + ["--model_path", str(tmp_path / "ck")], capsys,
+                          "ck: model file not found (a folder: give the best_model.pth in it)", out)
     _assert_fails_cleanly(base + ["--model_path", str(good), "--tree_model", str(tmp_path / "ck")], capsys,
-                          "ck: tree model file not found", out)
+                          "ck: tree model file not found (a folder: give the tree_model.pth in it)", out)
     # missing list
     _assert_fails_cleanly(base + ["--model_path", str(good), "--split", "val", "--list_dir", str(tmp_path / "nolist")],
                           capsys, "vol_val.txt", out)

@@ -102,3 +102,17 @@ def test_every_script_stops_on_a_failure_inside_a_command_substitution(tmp_path)
                      "rows=()\nrows+=(\"x=$(f)\")\necho went on\n")
     r = bash([str(probe)], tmp_path)
     assert r.returncode != 0 and "went on" not in r.stdout
+
+
+@pytest.mark.parametrize("script, env", [
+    ("ablation_salience.sh", {"RECORD": "demo_time"}),
+    ("ablation_backbones.sh", {"RECORD": "demo_time"}),
+    ("sim_to_real.sh", {"RECORD": "demo_time"}),
+    ("real_curves.sh", {"RECORD": "real_curves", "AXES": "iterations"}),  # results/real_curves_iterations.json
+])
+def test_a_taken_record_name_stops_a_script_before_it_trains(script, env, tmp_path):
+    r = bash([str(REPO / "scripts" / script)], tmp_path, DEMO_DATA=str(tmp_path / "d"), DEMO_CKPT=str(tmp_path / "c"),
+             **env)
+    assert r.returncode == 2, r.stderr[-500:]
+    assert "exists: records are never overwritten" in r.stderr and "==" not in r.stdout
+    assert not (tmp_path / "d").exists() and not (tmp_path / "c").exists()

@@ -1064,8 +1064,8 @@ def test_resume_on_another_world_size_or_batch_size_is_refused(tiny_dataset, tmp
     (dict(patches_per_epoch=0), "--patches_per_epoch"),
     (dict(max_iterations=0), "--max_iterations must be >= 1"),
     (dict(stop_after_epochs=0), "--stop_after_epochs must be >= 1"),
-    (dict(val_every=-3), "--val_every must be >= 0"),
-    (dict(save_minutes=-1), "--save_minutes > 0"),
+    (dict(val_every=-3), "must be >= 0, got -3"),
+    (dict(save_minutes=-1), "must be >= 0, got 0, -1"),
     (dict(clip_grad=-1), "--clip_grad must be >= 0"),
     (dict(loss="bce+dcie"), "unknown loss 'bce\\+dcie'"),
 ])
@@ -1090,3 +1090,25 @@ def test_amp_uses_fp16_on_a_gpu_without_bf16_kernels(monkeypatch):
     assert trainer.setup_env(TrainConfig(dataset="x")).amp_dtype == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
     assert trainer.setup_env(TrainConfig(dataset="x")).amp_dtype == torch.bfloat16
+    # torch before 2.4 has no including_emulation argument (and never counted emulation)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert trainer.setup_env(TrainConfig(dataset="x")).amp_dtype == torch.float16
+    TrainConfig(dataset="x", save_minutes=0)  # a checkpoint at every epoch end: still allowed
+
+
+def test_reuse_keeps_a_run_stopped_at_its_last_batch(tiny_dataset, tmp_path):
+    """A run of one epoch, no --max_iterations, whose last checkpoint was written at the epoch's last
+    batch before the epoch was counted (a --max_minutes stop there) has trained everything: reused,
+    not trained again from scratch."""
+    cfg = cfg_for(tiny_dataset, tmp_path, exp="laststep")
+    done = train(cfg)
+    last = cfg.run_dir() / "last.pth"
+    assert main_cli.check_reuse(cfg)[0] == main_cli.REUSE
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["iteration"] == done.iteration
+    ckpt["epoch"] = 0
+    torch.save(ckpt, last)
+    assert main_cli.check_reuse(cfg)[0] == main_cli.REUSE
+    ckpt["iteration"] -= 1  # one batch short: trained again
+    torch.save(ckpt, last)
+    assert main_cli.check_reuse(cfg)[0] == main_cli.NO_RUN

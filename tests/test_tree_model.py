@@ -326,6 +326,10 @@ def test_the_cli_defaults_are_the_configs():
     assert {"grid_mm", "iterations", "context_mm", "base_channels", "lr", "seed", "coarse_rule"} <= set(shared)
     for name in shared:
         assert args[name] == getattr(cfg, name), name
+    from inference.tree_model import COARSE_RULES
+
+    rule = next(a for a in build_parser()._actions if a.dest == "coarse_rule")
+    assert tuple(rule.choices) == COARSE_RULES
 
 
 def test_tree_smoothness_is_refused_without_a_tree_model_or_below_zero(tree_data, tmp_path, capsys):
@@ -420,11 +424,15 @@ def test_test_py_warns_when_the_tree_model_learnt_from_the_test_cases(tree_data,
     binary, _, data = binary_and_tree_model(tree_data, tmp_path)
     test_case = read_list(DatasetPaths.of(tree_data / "data", "phantom", tree_data / "list").list_file("vol_test"))[0]
     tree, _ = train_tree_model([two_tree_case(0)], TreeModelConfig(iterations=1, **TINY), progress=False)
-    for name, cases in (("held_out", ["phantom/case9999", f"other/{test_case}"]), ("seen", [f"phantom/{test_case}"])):
+    here = [str(tree_data / "data"), "phantom", str(tree_data / "list")]
+    elsewhere = [str(tmp_path / "other_root"), "phantom", str(tree_data / "list")]  # same dataset name, other data
+    for name, cases, data_of in (("held_out", ["phantom/case9999", f"other/{test_case}"], [here]),
+                                 ("namesake", [f"phantom/{test_case}"], [elsewhere]),
+                                 ("seen", [f"phantom/{test_case}"], [elsewhere, here])):
         caplog.clear()
         with caplog.at_level("WARNING"):
-            run_evaluation(**data, output=tmp_path / name, tree_model=save_tree_model(tmp_path / f"{name}.pth", tree,
-                                                                                       {"cases": cases}))
+            run_evaluation(**data, output=tmp_path / name, tree_model=save_tree_model(
+                tmp_path / f"{name}.pth", tree, {"cases": cases, "data": data_of}))
         warned = [r.getMessage() for r in caplog.records if "not a held-out score" in r.getMessage()]
         assert len(warned) == (name == "seen"), name
     assert f"trained on 1 of these test cases (phantom/{test_case})" in warned[0]

@@ -161,3 +161,20 @@ def run_recorded(main_fn: Callable[..., Any], description: str, argv: Optional[l
                             folder=folder or RESULTS_DIR)
         print(f"record: {path}")
     return rc
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m utils.records NAME...``: exit 2 with one line when a name cannot name a new record
+    (taken or malformed); the shell scripts that end in ``--record`` check their names so before
+    hours of training, not after."""
+    for name in sys.argv[1:] if argv is None else argv:
+        try:
+            check_new_record(name)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
