@@ -87,6 +87,19 @@ def read_training_graphs(tree_model, data: Sequence[Sequence[str]], progress: bo
     return graphs, truths, names
 
 
+def vessel_models(data: Sequence[Sequence[str]]) -> list[str]:
+    """The sha256 of the binary model whose masks each ``(root, dataset, pred_dir)`` holds, from its
+    test.py report (``summary.json``; "" where the report does not say): the networks learnt that
+    model's way of breaking and joining vessels."""
+    shas = []
+    for _, _, pred_dir in data:
+        try:
+            shas.append(str(json.loads(Path(pred_dir, "summary.json").read_text())["meta"]["model_sha256"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            shas.append("")
+    return shas
+
+
 def train_branches(tree_model: str | Path, data: Sequence[Sequence[str]], out: str | Path,
                    config=None, overwrite: bool = False, progress: bool = True) -> Path:
     """Train branch networks (``config``: :class:`inference.branch_graph.BranchConfig`, default
@@ -108,7 +121,8 @@ def train_branches(tree_model: str | Path, data: Sequence[Sequence[str]], out: s
     model.branches, losses = train_branch_model(graphs, truths, config, progress)
     info = dict(model.info)
     info["branches"] = {"cases": names, "data": [list(d) for d in data], "tree_model": str(tree_model),
-                        "tree_model_sha256": model.sha256, "code_version": code_version()}
+                        "tree_model_sha256": model.sha256, "vessel_model_sha256": vessel_models(data),
+                        "code_version": code_version()}
     save_tree_model(out, model, info, overwrite=overwrite)
     side = {"config": asdict(config), "info": info["branches"], "last_pass_losses": losses}
     with atomic_path(out.with_suffix(out.suffix + ".json"), overwrite=True) as tmp:

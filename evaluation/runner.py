@@ -267,10 +267,13 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
         from utils.manifests import class_values, dataset_manifest_path, read_stage
 
         if tree_model is not None:
-            from inference.tree_model import check_binary, load_tree_model
+            from inference.tree_model import check_binary, load_tree_model, vessel_model_warning
 
             check_binary(tree_model, model_path, pred.classes)
             trees = load_tree_model(tree_model, pred.device)
+            warning = vessel_model_warning(trees, model_sha256, ckpt)
+            if warning:
+                log.warning("%s", warning)
             # its cases are named <dataset>/<case> of the (root, dataset, lists) in info["data"]
             here = (paths.root.parent.resolve(), paths.root.name)
             same = any((Path(r).resolve(), d) == here for r, d, *_ in trees.info.get("data") or [])

@@ -334,6 +334,8 @@ def embed_liver_model(model: str | os.PathLike, liver_model: str | os.PathLike, 
     check_target(liver, str(liver_model), "liver")
     if vessel.get(EMBED_KEY):
         log.info("%s: replacing its embedded liver model (%s)", model, vessel[EMBED_KEY].get("source"))
+    # the vessel model it was made from: tree models' branch networks name the masks they learnt by it
+    vessel["vessel_model_sha256"] = vessel.get("vessel_model_sha256") or file_sha256(model)
     vessel[EMBED_KEY] = {"sha256": file_sha256(liver_model), "source": liver_model.name,
                          "checkpoint": {k: (None if k in _TRAINING_STATE else v) for k, v in liver.items()}}
     with atomic_path(out, overwrite=overwrite) as tmp:

@@ -98,6 +98,21 @@ def check_binary(tree_model: str | os.PathLike, model: str | os.PathLike, classe
                          f"classes {list(classes)}")
 
 
+def vessel_model_warning(tree_model: "TreeModel", vessel_sha256: str, vessel_ckpt: dict) -> Optional[str]:
+    """A warning when ``tree_model``'s branch networks learnt the masks of other binary models than
+    the vessel model file of sha256 ``vessel_sha256`` and checkpoint ``vessel_ckpt`` (they learn how
+    a model breaks and joins vessels; a file with an embedded liver model names the vessel model
+    it was made from); None without branch networks or when the tree model's file does not say."""
+    if tree_model.branches is None:
+        return None
+    learnt = [s for s in (tree_model.info.get("branches") or {}).get("vessel_model_sha256") or [] if s]
+    if not learnt or {vessel_sha256, vessel_ckpt.get("vessel_model_sha256")} & set(learnt):
+        return None
+    return (f"{tree_model.path}: its branch networks learnt the masks of vessel model(s) "
+            f"{', '.join(s[:12] for s in learnt)}, not of this one ({vessel_sha256[:12]}); train them on its masks "
+            f"(train_tree_model.sh with VESSEL_MODEL) for the labels they were made for")
+
+
 def build_tree_network(cfg: TreeModelConfig) -> nn.Module:
     """The tree model's network: ``unet3d``, 2 inputs (image, vessel mask), 2 logits (portal, hepatic)."""
     return build_model("unet3d", 2, len(CLASSES), base_channels=cfg.base_channels, depth=cfg.depth)

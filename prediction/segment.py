@@ -49,7 +49,7 @@ from inference.liver import (DEFAULT_MARGIN_MM, check_target, embedded_liver_mod
                              near_liver, segment_liver, volume_ml)
 from inference.predictor import Predictor, spacing_warning, training_spacing
 from inference.scans import CaseSource, Geometry, find_cases, read_mask, read_scan, to_image, write_nifti
-from inference.tree_model import TreeModel, check_binary, load_tree_model
+from inference.tree_model import TreeModel, check_binary, load_tree_model, vessel_model_warning
 from inference.trees import TREE_SMOOTHNESS, check_smoothness
 from preprocessing.errors import PreprocessError
 from utils import provenance
@@ -691,6 +691,9 @@ def run_predict(model: str | os.PathLike, input_path: str | os.PathLike, output:
     if tree_model is not None:
         check_binary(tree_model, seg.path, seg.classes)
         trees = load_tree_model(tree_model, seg.device)
+        warning = vessel_model_warning(trees, seg.sha256, seg.ckpt or {})
+        if warning:
+            log.warning("%s", warning)
     out_dir = Path(output)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: output exists and is not a folder")

@@ -21,7 +21,8 @@
 #      (train_branch_model.py, inference/branch_graph.py) trained on the vessel model's masks of
 #      the extra phantoms inside their livers, as test.py and predict.py give them (test.py
 #      --eval_roi liver --save_pred h5 --pred_kind mask), written into a second file,
-#      tree_model_branches_s<BRANCH_SEEDS>.pth: it decides per branch of the mask's skeleton. In
+#      tree_model_branches_s<BRANCH_SEEDS>_v<the vessel model's sha256, 12 hex>.pth (another vessel
+#      model gets its own file): it decides per branch of the mask's skeleton. In
 #      each of four trainings they put fewer found vessels in the wrong tree than the tree model
 #      alone on real patients 1 and 7 taken together and on two of three sets of held-out
 #      phantoms, and on the third in three of the four (records tree_branches_one_thread,
@@ -100,15 +101,17 @@ fi
 
 RUN=$(dirname "$OUT")
 if [ "$WILL_BRANCH" = 1 ]; then
-  WITH=$RUN/tree_model_branches_s$BRANCH_SEEDS.pth
+  # the networks learn VESSEL_MODEL's masks: its hash names the file, so another vessel model gets its own
+  VSHA=$($PY -c "import sys; from utils.provenance import file_sha256; print(file_sha256(sys.argv[1])[:12])" "$VESSEL_MODEL")
+  WITH=$RUN/tree_model_branches_s${BRANCH_SEEDS}_v$VSHA.pth
   if [ -f "$WITH" ]; then
-    step "3/4 reusing $WITH (delete it to train again, e.g. for another VESSEL_MODEL)"
+    step "3/4 reusing $WITH (delete it to train again)"
   else
     step "3/4 branch networks on $VESSEL_MODEL's masks of the $EXTRA extra phantoms"
     salience_maps $XP "$DATA/lists"  # the vessel model reads offline salience maps
     $PY test.py --dataset $XP --root_path "$DATA" --list_dir "$DATA/lists" --split train --eval_roi liver --model_path "$VESSEL_MODEL" \
-        --save_pred h5 --pred_kind mask --output "$RUN/masks_$XP" >&2
-    $PY train_branch_model.py --tree_model "$OUT" --data "$DATA" $XP "$RUN/masks_$XP" --seeds "$BRANCH_SEEDS" \
+        --save_pred h5 --pred_kind mask --output "$RUN/masks_${XP}_v$VSHA" >&2
+    $PY train_branch_model.py --tree_model "$OUT" --data "$DATA" $XP "$RUN/masks_${XP}_v$VSHA" --seeds "$BRANCH_SEEDS" \
         --out "$WITH" >&2
   fi
   OUT=$WITH

@@ -244,6 +244,10 @@ def test_train_branch_model_cli_adds_networks_that_test_py_uses(tree_data, tmp_p
     assert model.branches is not None and len(model.branches.nets) == 2
     assert model.info["cases"] == ["case0"] and model.info["branches"]["tree_model_sha256"] == load_tree_model(
         tree_file).sha256
+    # the vessel model whose masks they learnt, from the masks' report
+    from utils.provenance import file_sha256
+
+    assert model.info["branches"]["vessel_model_sha256"] == [file_sha256(data["model_path"])]
     side = json.loads(out.with_suffix(".pth.json").read_text())
     assert len(side["info"]["cases"]) == 1 and len(side["last_pass_losses"]) == 2
     # test.py with it: voxel by voxel, each branch of the binary model's mask is one tree

@@ -321,6 +321,8 @@ def test_a_vessel_model_with_its_liver_model_embedded_predicts_as_the_two_files(
     assert embed_liver.main(["--model", str(phantom_case["model"]), "--liver_model", str(lm),
                              "--out", str(both)]) == 0
     assert f"model: {both}" in capsys.readouterr().out
+    # it names the vessel model it was made from (tree models' branch networks know that one)
+    assert torch.load(both, weights_only=False)["vessel_model_sha256"] == file_sha256(phantom_case["model"])
     common = ["--input", pat, "--liver_margin", "2", "--device", "cpu"]
     assert predict.main(["--model", str(phantom_case["model"]), "--liver_model", str(lm),
                          "--output", str(tmp_path / "two"), *common]) == 0

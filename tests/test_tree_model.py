@@ -446,3 +446,23 @@ def test_a_tree_model_file_with_the_trees_in_another_order_is_refused(tmp_path):
     torch.save(doc, path)
     with pytest.raises(ValueError, match=r"t.pth: labels the trees \['hepatic', 'portal'\]"):
         load_tree_model(path)
+
+
+def test_branch_networks_of_another_vessel_model_are_warned_about(tmp_path):
+    from inference.branch_graph import FEATURES, BranchConfig, BranchModel, BranchNet
+    from inference.tree_model import vessel_model_warning
+
+    tree, _ = train_tree_model([two_tree_case(0)], TreeModelConfig(iterations=1, **TINY), progress=False)
+    assert vessel_model_warning(tree, "a" * 64, {}) is None  # no branch networks
+    cfg = BranchConfig(hidden=4, layers=1, seeds=(0,))
+    tree.branches = BranchModel([BranchNet(4, 1, 0.0)], np.zeros(len(FEATURES), np.float32),
+                                np.ones(len(FEATURES), np.float32), cfg)
+    tree.path = "t.pth"
+    tree.info = {"branches": {"vessel_model_sha256": ["b" * 64]}}
+    assert vessel_model_warning(tree, "b" * 64, {}) is None
+    w = vessel_model_warning(tree, "a" * 64, {})
+    assert w is not None and w.startswith("t.pth: its branch networks learnt the masks of vessel model(s) bbbbbbbbbbbb")
+    # a file with an embedded liver model names the vessel model it was made from
+    assert vessel_model_warning(tree, "c" * 64, {"vessel_model_sha256": "b" * 64}) is None
+    tree.info = {"branches": {"vessel_model_sha256": [""]}}  # masks without a report: unknown
+    assert vessel_model_warning(tree, "a" * 64, {}) is None
