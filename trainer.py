@@ -246,7 +246,8 @@ def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int,
         return SliceDataSet(paths, cfg.salience, img_size=cfg.img_size, augment=cfg.augment,
                             jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing,
                             cache=cfg.cache_data, domain=cfg.domain_aug, scale_aug=cfg.scale_aug,
-                            rotate_aug=cfg.rotate_aug, blur_aug=cfg.blur_aug, classes=class_values, context=cfg.context_slices)
+                            rotate_aug=cfg.rotate_aug, blur_aug=cfg.blur_aug, classes=class_values,
+                            context=cfg.context_slices)
     if cfg.context_slices:
         raise ValueError(f"--context_slices is for 2-D backbones; {cfg.backbone} sees the neighbouring slices already")
     if cfg.scale_aug or cfg.rotate_aug:

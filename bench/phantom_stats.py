@@ -375,7 +375,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="measure every patient resampled in-plane to this many mm per pixel (the grid a "
                         "--target_spacing model sees; the demo trains at 0.9); default: each on its own grid")
     p.add_argument("--figure", type=Path, default=None, help="write the side-by-side PNG here (e.g. imgs/phantom_vs_real.png)")
-    p.add_argument("--record", type=new_record_arg, default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
+    p.add_argument("--record", type=new_record_arg, default=None, metavar="NAME",
+                   help="also write results/NAME.json (utils.records)")
     a = p.parse_args(argv)
     setup_logging(logging.WARNING)
     cases = a.cases * len(a.presets) if len(a.cases) == 1 else a.cases

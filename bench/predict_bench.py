@@ -136,7 +136,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--depth", type=int, default=120, help="slices of the 512 x 512 scan")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-real", action="store_true", help="skip the real patient even when present")
-    p.add_argument("--record", type=new_record_arg, default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
+    p.add_argument("--record", type=new_record_arg, default=None, metavar="NAME",
+                   help="also write results/NAME.json (utils.records)")
     p.add_argument("--extras", action="store_true", help="also write the branch graph and the DICOM-SEG (--graph "
                                                           "--dicom_seg) and time them")
     p.add_argument("--tree_model", type=Path, default=None, metavar="FILE",

@@ -142,7 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="also the share this tree model puts in the wrong tree given the true union")
     p.add_argument("--tree_smoothness", type=float, default=TREE_SMOOTHNESS, metavar="W",
                    help="with --tree_model: the minimum cut's weight of its second column (inference.trees.cut_trees)")
-    p.add_argument("--record", type=new_record_arg, default=None, metavar="NAME", help="also write results/NAME.json (utils.records)")
+    p.add_argument("--record", type=new_record_arg, default=None, metavar="NAME",
+                   help="also write results/NAME.json (utils.records)")
     a = p.parse_args(argv)
     try:
         a.tree_smoothness = check_smoothness(a.tree_smoothness)

@@ -240,8 +240,8 @@ class SliceDataSet(_Augmenting):
 
     def _fill_cache(self) -> None:
         square = (self.target_spacing is None and self.img_size is not None and self.img_size[0] == self.img_size[1]
-                  and not self.jitter and not self.domain and not self.scale_aug and not self.rotate_aug and not self.blur
-                  and not self.context)
+                  and not self.jitter and not self.domain and not self.scale_aug and not self.rotate_aug
+                  and not self.blur and not self.context)
         if self.context:
             self._volumes = {}
             for case in tqdm(list(dict.fromkeys(self._case(n) for n in self.names)), desc="caching context volumes",
