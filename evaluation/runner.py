@@ -115,9 +115,10 @@ def salience_warning(case: str, salience_path: Path, ckpt: dict) -> Optional[str
     trained = (str(gen.get("kind") or ""), str(gen.get("weights_sha256") or ckpt.get("head_sha256") or ""),
                str(gen.get("normalisation") or "volume") if gen else "")
     made = salience_made_by(salience_path)
-    differ = [f"{what} {m[:12] + '...' if what == 'weights sha256' else m} vs "
-              f"{t[:12] + '...' if what == 'weights sha256' else t}"
-              for what, m, t in zip(("generator", "weights sha256", "normalisation"), made, trained) if t and m and m != t]
+    short = (str, lambda sha: sha[:12] + "...", str)  # how each field is shown
+    differ = [f"{what} {show(m)} vs {show(t)}"
+              for what, show, m, t in zip(("generator", "weights sha256", "normalisation"), short, made, trained)
+              if t and m and m != t]
     if not differ:
         return None
     return (f"{case}: salience made otherwise than the maps the model was trained on ({'; '.join(differ)}, "
@@ -274,10 +275,7 @@ def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[st
             warning = vessel_model_warning(trees, model_sha256, ckpt)
             if warning:
                 log.warning("%s", warning)
-            # its cases are named <dataset>/<case> of the (root, dataset, lists) in info["data"]
-            here = (paths.root.parent.resolve(), paths.root.name)
-            same = any((Path(r).resolve(), d) == here for r, d, *_ in trees.info.get("data") or [])
-            seen = sorted(set(trees.info.get("cases") or []) & {f"{paths.root.name}/{c}" for c in cases}) if same else []
+            seen = trees.trained_on(paths.root.parent, paths.root.name, cases)
             if seen:
                 # scored on cases it learnt from, the tree model looks better than it is
                 log.warning("%s was trained on %d of these test cases (%s): their trees are not a held-out score",
@@ -486,13 +484,14 @@ def run_evaluation(
         if backbone is None:
             raise ValueError("give --backbone (to find checkpoint/<dataset>/<backbone>/) or --model_path")
         model_path = find_checkpoint(Path(checkpoint_root), dataset, backbone, exp=exp, salience=salience)
-    for path, flag, name in ((model_path, "--model_path", "best_model.pth"), (tree_model, "--tree_model", "tree_model.pth")):
+    for path, flag, what, name in ((model_path, "--model_path", "model", "best_model.pth"),
+                                   (tree_model, "--tree_model", "tree model", "tree_model.pth")):
         if path is None:
             continue
         if not str(path).strip():  # Path("") would be the working folder
             raise FileNotFoundError(f"{flag} is empty")
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: {flag[2:].replace('_path', '').replace('_', ' ')} file not found"
+            raise FileNotFoundError(f"{path}: {what} file not found"
                                     + (f" (a folder: give the {name} in it)" if Path(path).is_dir() else ""))
     model_path = Path(model_path)
     out_dir = Path(output) if output is not None else default_output(model_path, split, eval_roi, tta)

@@ -214,6 +214,15 @@ class TreeModel:
     def classes(self) -> list[str]:
         return list(CLASSES)
 
+    def trained_on(self, root: str | os.PathLike, dataset: str, cases: Sequence[str]) -> list[str]:
+        """Which of ``cases`` of the preprocessed data ``<root>/<dataset>`` the network was trained on,
+        as ``<dataset>/<case>`` (train_tree_model.py's ``info``: the cases so named, from the
+        ``(root, dataset, lists)`` of ``info["data"]``); sorted."""
+        here = (Path(root).resolve(), dataset)
+        if not any((Path(r).resolve(), d) == here for r, d, *_ in self.info.get("data") or []):
+            return []
+        return sorted(set(self.info.get("cases") or []) & {f"{dataset}/{c}" for c in cases})
+
     def hepatic_minus_portal(self, image: np.ndarray, union: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
         """float32 (H, W, D): the hepatic minus the portal logit, on the full grid: the network's
         (0 outside the mask's context box), or with :attr:`branches` theirs, one value per
