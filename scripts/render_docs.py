@@ -126,6 +126,57 @@ def headline() -> str:
             f"(rendered by `scripts/render_docs.py`; how they were measured: [docs/RESULTS.md](docs/RESULTS.md)).\n")
 
 
+#: the README's two-tree table: per tree-model seed of train_tree_model.sh's recipe (with branch networks), the
+#: record, its rows' name before " (<set>)", and what the README calls the row
+TREE_RECIPE_ROWS = (
+    ("tree_branches_one_thread", "tree model + branch networks on one thread; seeds 0-9; cut",
+     "seed 0 (the 3 mm grid sampled, before `coarse_rule`)"),
+    ("tree_branches_seed1", "area rule + branch networks on its training phantoms", "seed 1"),
+    ("tree_default_seed2", "train_tree_model.sh with SEED=2: tree model + branch networks", "seed 2"),
+)
+TREE_PHANTOM_SETS = ("seed-400 phantoms", "seed-300 phantoms", "seed-500 phantoms")
+TREE_REAL_SET = "real patients 1 and 7"
+
+
+def _tree_row(name: str, prefix: str, where: str) -> dict:
+    rows = record(name)["numbers"]["rows"]
+    key = f"{prefix} ({where})"
+    if key not in rows:
+        raise ValueError(f"results/{name}.json: no row {key!r}; rows: {', '.join(rows)}")
+    return rows[key]
+
+
+def _span(values: list[float], scale: float = 1.0, digits: int = 1, unit: str = "") -> str:
+    lo, hi = min(values) * scale, max(values) * scale
+    return f"{lo:.{digits}f}{unit}" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else \
+        f"{lo:.{digits}f}-{hi:.{digits}f}{unit}"
+
+
+def tree_headline() -> str:
+    """The README's two-tree figures: per tree-model seed, the share of found vessel voxels in the wrong
+    tree and how far each tree's Dice lies under the union's, on the three phantom sets of 10 and on the
+    real patients (means over cases, as bench/tree_scores.py gives them)."""
+    out = ["| `make demo`'s vessel model + `train_tree_model.sh`'s tree model and branch networks | "
+           "wrong tree: 3 phantom sets of 10 | each tree's Dice under the union's: phantoms | "
+           "wrong tree: real patients 1 and 7 | each tree's Dice under the union's: real |",
+           "|---|---|---|---|---|"]
+
+    def gaps(rows: list[dict]) -> list[float]:
+        return [r["dice"] - r[k] for r in rows for k in ("portal_dice", "hepatic_dice")]
+
+    for name, prefix, label in TREE_RECIPE_ROWS:
+        ph = [_tree_row(name, prefix, s) for s in TREE_PHANTOM_SETS]
+        real = _tree_row(name, prefix, TREE_REAL_SET)
+        out.append(f"| {label} | {_span([r['wrong_tree_share'] for r in ph], 100, unit='%')} | "
+                   f"{_span(gaps(ph), digits=2)} | {_span([real['wrong_tree_share']], 100, unit='%')} | "
+                   f"{_span(gaps([real]), digits=2)} |")
+    names = dict.fromkeys(n for n, _, _ in TREE_RECIPE_ROWS)
+    return ("\n".join(out) + "\n\nThe aim is under 3% in the wrong tree on phantoms and each tree's Dice "
+            "within 0.03 of the union's. Sources: " + ", ".join(f"[`results/{n}.json`](results/{n}.json)" for n in names)
+            + " (how they were measured: [docs/RESULTS.md](docs/RESULTS.md#two-trees-portal-vein-and-hepatic-veins-"
+            "benchtree_scorespy)).\n")
+
+
 def demo_time() -> str:
     """The README's sentence on how long ``make demo`` takes (``bench/demo_time.py``)."""
     r = record("demo_time")
@@ -278,6 +329,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "extent-invariance": extent_invariance,
     "demo-phantom": demo_phantom,
     "headline": headline,
+    "tree-headline": tree_headline,
     "demo-time": demo_time,
     "predict-speed": predict_speed,
     "predict-speed-extras": lambda: predict_speed("predict_bench_extras"),

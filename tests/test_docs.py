@@ -256,3 +256,26 @@ def test_records_are_never_overwritten(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         tree_scores.main()
     assert e.value.code == 2 and "demo_time.json exists" in capsys.readouterr().err
+
+
+def test_tree_headline_spans_the_sets_and_names_a_missing_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(render_docs, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(render_docs, "TREE_RECIPE_ROWS", (("trees_a", "recipe", "seed 0"),))
+
+    def row(wrong, dice, portal, hepatic):
+        return {"wrong_tree_share": wrong, "dice": dice, "portal_dice": portal, "hepatic_dice": hepatic}
+
+    rows = {"recipe (seed-400 phantoms)": row(0.10, 0.60, 0.50, 0.55),
+            "recipe (seed-300 phantoms)": row(0.05, 0.70, 0.68, 0.66),
+            "recipe (seed-500 phantoms)": row(0.20, 0.65, 0.60, 0.62),
+            "recipe (real patients 1 and 7)": row(0.30, 0.61, 0.41, 0.51)}
+    write_record("trees_a", {"rows": rows}, description="d", inputs={}, command="c", folder=tmp_path)
+    text = render_docs.tree_headline()
+    # wrong tree 5-20% over the sets; each tree under the union by 0.02 (0.70 - 0.68) to 0.10 (0.60 - 0.50)
+    assert "| seed 0 | 5.0-20.0% | 0.02-0.10 | 30.0% | 0.10-0.20 |" in text
+    assert "results/trees_a.json" in text
+    del rows["recipe (seed-300 phantoms)"]
+    write_record("trees_b", {"rows": rows}, description="d", inputs={}, command="c", folder=tmp_path)
+    monkeypatch.setattr(render_docs, "TREE_RECIPE_ROWS", (("trees_b", "recipe", "seed 0"),))
+    with pytest.raises(ValueError, match=r"trees_b.json: no row 'recipe \(seed-300 phantoms\)'"):
+        render_docs.tree_headline()
