@@ -252,6 +252,8 @@ def read_dicom_scan(src: CaseSource, series: Optional[str] = None) -> Scan:
     if d < 2 or h < 2 or w < 2:
         raise PreprocessError(src.name, str(src.path), f"a 2-D image ({h} x {w} x {d} voxels); predict.py needs a "
                                                        "3-D series")
+    # a mask series (3D-IRCADb's MASKS_DICOM: 0 / 255, Modality CT) passes the modality check
+    check_ct(src.name, str(src.path), ser.pixels)
     first = headers[[f.name for f in files].index(ser.files[0])]
     iop = floats(first, "ImageOrientationPatient", 6)
     if iop is None:

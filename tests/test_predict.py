@@ -318,6 +318,15 @@ def test_bad_not_ct(tmp_path, analytic_model, capsys):
     assert "mr.nii.gz" in msg and "not a CT" in msg
 
 
+def test_bad_mask_series_labelled_ct(tmp_path, analytic_model, capsys):
+    # 3D-IRCADb's mask series are DICOM with Modality CT and values 0 / 255
+    mask = np.zeros((8, 8, 4), dtype=np.float32)
+    mask[2:6, 2:6, 1:3] = 255
+    oblique_series(tmp_path / "liver", mask, (1, 1, 1), (0, 0, 0), np.array([1.0, 0, 0, 0, 1, 0]))
+    msg = run_bad(["--model", str(analytic_model), "--input", str(tmp_path / "liver")], tmp_path / "o", capsys)
+    assert "liver" in msg and "values span [0, 255]: not a CT" in msg
+
+
 def test_bad_output_inside_the_input_folder(tmp_path, analytic_model, capsys):
     hu = np.random.default_rng(0).integers(-900, 300, size=(8, 8, 3)).astype(np.float32)
     oblique_series(tmp_path / "series", hu, (1, 1, 1), (0, 0, 0), np.array([1.0, 0, 0, 0, 1, 0]))
