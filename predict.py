@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_liver_model", action="store_true",
                    help="ignore a liver model embedded in --model (scripts/embed_liver.py): the whole scan")
     p.add_argument("--liver_margin", type=float, default=DEFAULT_MARGIN_MM, metavar="MM",
-                   help="with --liver_model: keep vessels up to MM mm outside the liver (the hilum)")
+                   help="with --liver_model: keep vessels up to MM mm outside the liver (the hilum; default %(default)g)")
     p.add_argument("--liver_refine", type=int, choices=(0, 1), default=1,
                    help="with a liver model (--liver_model or one embedded in --model): correct the liver's "
                         "surface by the scan's own parenchyma intensity (1, default) or keep the model's mask (0)")
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average over flips")
     p.add_argument("--series", default=None, help="SeriesInstanceUID to use when a folder mixes several series")
     p.add_argument("--head", default=None, help="salience generator weights for a model file that lacks them")
-    p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass")
+    p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass; default %(default)d")
     p.add_argument("--min_component_mm3", type=float, default=None, metavar="MM3",
                    help="drop predicted components smaller than MM3 mm^3 (default: the model file's setting)")
     p.add_argument("--overwrite", action="store_true", help="redo scans whose outputs exist")

@@ -170,6 +170,10 @@ def save_checkpoint(
         torch.save(ckpt, tmp)
 
 
+#: the project's other .pth files, by format, and what to do with one given where a model belongs
+OTHER_FORMATS = {"livervessel-tree-model-v1": "a tree model, for --tree_model"}
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Read and validate a checkpoint dict; ``ValueError`` naming the file if it is not one."""
     path = Path(path)
@@ -182,7 +186,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         if isinstance(ckpt, dict) and isinstance(ckpt.get("format"), str):
             # another of the project's files (a tree model, say) given where a model belongs
-            raise ValueError(f"{path}: not a {FORMAT} checkpoint but a {ckpt['format']!r} file")
+            hint = OTHER_FORMATS.get(ckpt["format"])
+            raise ValueError(f"{path}: not a {FORMAT} checkpoint but a {ckpt['format']!r} file"
+                             + (f": {hint}" if hint else ""))
         what = "a plain state dict" if isinstance(ckpt, dict) and all(
             isinstance(v, torch.Tensor) for v in ckpt.values()) else f"a {type(ckpt).__name__}"
         raise ValueError(f"{path}: not a {FORMAT} checkpoint (it is {what}; train with main.py to get one)")

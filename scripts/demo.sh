@@ -43,7 +43,7 @@ step "5/5 test.py on the test phantoms"
 $PY test.py --dataset phantom --root_path "$DATA" --backbone unet --model_path "$RUN_DIR/best_model.pth" \
     --eval_roi liver --figures --output "$RUN_DIR/eval_test"
 echo
-echo "demo done in $(( $(date +%s) - T0 )) s"
+echo "vessel model trained and tested in $(( $(date +%s) - T0 )) s (the demo goes on: new scans)"
 echo "results table: $RUN_DIR/eval_test/results.md"
 echo "figures:       $RUN_DIR/eval_test/figures/"
 
@@ -71,7 +71,12 @@ echo "statistics:          $PRED_DIR/3Dircadb1.1_stats.json"
 # the liver) with no mask given. A liver model keeps the vessels to the liver, a tree model splits
 # them into the two trees. Both are demo-sized (a few minutes of CPU, phantoms only): the full-size
 # commands are scripts/train_liver.sh and scripts/train_tree_model.sh (docs/USAGE.md).
-[ "${DEMO_WHOLE:-1}" = 1 ] || exit 0
+if [ "${DEMO_WHOLE:-1}" != 1 ]; then
+  echo
+  echo "demo done in $(( $(date +%s) - T0 )) s"
+  echo "vessel model: $RUN_DIR/best_model.pth (python predict.py --model <it> --input SCAN --output DIR)"
+  exit 0
+fi
 step "liver model, demo size (scripts/train_liver.sh, phantoms only, ${DEMO_LIVER_ITERS:-300} iterations)"
 LIVER_MODEL=$(REAL_SRC= LIVER_PHANTOMS=4 LIVER_ITERS=${DEMO_LIVER_ITERS:-300} LIVER_DATA="$DATA/liver" \
     LIVER_CKPT="$CKPT/liver" bash scripts/train_liver.sh | sed -n 's/^liver model: //p')
@@ -94,3 +99,9 @@ echo "liver mask:          $WHOLE_DIR/3Dircadb1.1_liver.nii.gz"
 echo "two trees:           $WHOLE_DIR/3Dircadb1.1_trees.nii.gz (1 portal vein, 2 hepatic veins)"
 echo "figures:             $WHOLE_DIR/3Dircadb1.1_mip.png, $WHOLE_DIR/3Dircadb1.1_3d.png"
 echo "statistics:          $WHOLE_DIR/3Dircadb1.1_stats.json"
+echo
+echo "demo done in $(( $(date +%s) - T0 )) s; the models it made, for predict.py on your own scans:"
+echo "vessel model:        $RUN_DIR/best_model.pth"
+echo "liver model:         $LIVER_MODEL"
+echo "tree model:          $TREE_MODEL"
+echo "python predict.py --model $RUN_DIR/best_model.pth --liver_model $LIVER_MODEL --tree_model $TREE_MODEL --input SCAN --output DIR"

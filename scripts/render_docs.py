@@ -218,7 +218,9 @@ def _flag_table(module: str) -> str:
         default = "required" if a.required else ("" if unset else
                                                   f"`{a.default}`" if not isinstance(a.default, list) else
                                                   f"`{' '.join(str(x) for x in a.default)}`")
-        what = " ".join((a.help or "").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").split())
+        # the table has a default column: a help text's own "; default %(default)..." (for --help) is dropped
+        helptext = re.sub(r"; default %\(default\)\w", "", a.help or "")
+        what = " ".join(helptext.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;").split())
         rows.append(f"| `{flag}` | {default} | {what} |")
     return "\n".join(rows) + "\n"
 

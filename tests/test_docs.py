@@ -279,3 +279,13 @@ def test_tree_headline_spans_the_sets_and_names_a_missing_row(tmp_path, monkeypa
     monkeypatch.setattr(render_docs, "TREE_RECIPE_ROWS", (("trees_b", "recipe", "seed 0"),))
     with pytest.raises(ValueError, match=r"trees_b.json: no row 'recipe \(seed-300 phantoms\)'"):
         render_docs.tree_headline()
+
+
+def test_flag_tables_drop_the_help_texts_own_defaults():
+    # --help shows "default 5" in the text; the rendered table has a default column instead
+    table = render_docs._flag_table("predict")
+    row = next(line for line in table.splitlines() if line.startswith("| `--liver_margin`"))
+    assert row.startswith("| `--liver_margin` | `5.0` |") and row.endswith("outside the liver (the hilum) |")
+    assert "%(default" not in table
+    import predict
+    assert "(the hilum; default 5)" in " ".join(predict.build_parser().format_help().split())

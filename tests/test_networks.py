@@ -1,6 +1,8 @@
 """Backbone registry, e2e wrapper and checkpoints (networks/)."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 import torch
 
@@ -182,8 +184,21 @@ def test_load_model_rejects_non_checkpoints(tmp_path):
         load_model(plain)
     junk = tmp_path / "junk.pth"
     junk.write_text("not torch")
-    with pytest.raises(ValueError, match="junk.pth: not a readable torch file"):
+    with pytest.raises(ValueError, match=r"junk.pth: not a torch file \(torch.save writes a zip archive"):
         load_model(junk)
+    # a zip archive that torch cannot read, and a torch file of pickled objects a safe load refuses
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "other.pth", "w") as z:
+        z.writestr("a.txt", "not torch")
+    with pytest.raises(ValueError, match="other.pth: not a readable torch file"):
+        load_model(tmp_path / "other.pth")
+    # torch's pre-1.6 format (not a zip archive) still reads: a released seed file may be one
+    from utils.torch_io import load_torch_file
+    torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert torch.equal(load_torch_file(tmp_path / "legacy.pth", "weights file")["w"], torch.ones(2))
+    torch.save({"format": FORMAT, "odd": Fraction(1, 3)}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match="odd.pth: a torch file holding objects a weights-only load refuses"):
+        load_model(tmp_path / "odd.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_model(tmp_path / "missing.pth")
 

@@ -143,10 +143,14 @@ def test_the_model_file_round_trips_and_refuses_what_is_not_one(tmp_path):
     # and the other way round: a tree model given where a vessel model belongs is named as one
     from networks.checkpoint import load_checkpoint
 
-    with pytest.raises(ValueError, match="t.pth: not a livervessel-ckpt-v2 checkpoint but a 'livervessel-tree-model"):
+    with pytest.raises(ValueError, match="t.pth: not a livervessel-ckpt-v2 checkpoint but a 'livervessel-tree-model-v1' "
+                                         "file: a tree model, for --tree_model"):
         load_checkpoint(path)
+    from inference.tree_model import FORMAT as TREE_FORMAT
+    from networks.checkpoint import OTHER_FORMATS
+    assert TREE_FORMAT in OTHER_FORMATS  # the hint follows the tree model's format
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="junk.pth: not a readable torch file"):
+    with pytest.raises(ValueError, match="junk.pth: not a torch file"):
         load_tree_model(tmp_path / "junk.pth")
 
 

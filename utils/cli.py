@@ -23,7 +23,7 @@ def add_tree_smoothness(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--tree_smoothness", type=float, default=TREE_SMOOTHNESS, metavar="W",
                         help="with --tree_model: weight of the boundary between the trees in the minimum cut of its "
-                             "labels (inference.trees.cut_trees; 0: voxel by voxel)")
+                             "labels (inference.trees.cut_trees; default %(default)g; 0: voxel by voxel)")
 
 
 def refuse_smoothness_alone(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,5 +21,12 @@ def load_torch_file(path: str | os.PathLike, what: str, map_location: str | torc
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many unrelated types for a bad file
+        # torch's own message for a file it cannot read safely advises weights_only=False, which would
+        # run a stranger's pickled code: say what the file is instead
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path}: not a torch file (torch.save writes a zip archive; this is not one)") from None
+        if isinstance(e, pickle.UnpicklingError):
+            raise ValueError(f"{path}: a torch file holding objects a weights-only load refuses: not a file this "
+                             "project writes") from None
         first = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"{path}: not a readable torch file ({type(e).__name__}: {first})") from None
