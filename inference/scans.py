@@ -37,12 +37,12 @@ import SimpleITK as sitk
 
 from preprocessing.dicom_reader import (
     PATIENT_SERIES,
-    SKIP_FILES,
     DicomFile,
     PatientSource,
     file_index,
     floats,
     folder_files,
+    may_be_slice,
     open_zip,
     read_dataset,
     read_series,
@@ -171,7 +171,7 @@ def _single(path: Path) -> Optional[CaseSource]:
         return CaseSource(path.resolve().name, "patient", path)
     entries = [p for p in path.iterdir() if _visible(p)]
     nested = any(p.is_dir() or _is_nifti(p) or p.name.lower().endswith(".zip") for p in entries)
-    if not nested and any(p.is_file() and p.name not in SKIP_FILES for p in entries):
+    if not nested and any(p.is_file() and may_be_slice(p.name) for p in entries):
         return CaseSource(_series_name(path), "dicom", path)
     return None  # a folder of scans (loose files beside them are skipped)
 

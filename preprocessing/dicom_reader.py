@@ -89,6 +89,10 @@ class PatientData:
 
 #: files that sit beside a series but are not slices of it
 SKIP_FILES = frozenset({"DICOMDIR"})
+#: endings of documents and pictures left beside a series (a README, a key image): a slice has none of
+#: them (most have no ending, ".dcm" or ".ima")
+SKIP_SUFFIXES = (".txt", ".md", ".pdf", ".json", ".xml", ".csv", ".html", ".htm", ".log", ".ini", ".png", ".jpg",
+                 ".jpeg")
 
 
 def file_index(name: str) -> int:
@@ -102,6 +106,11 @@ def visible(name: str) -> bool:
     return not (name.startswith(".") or name.startswith("__MACOSX"))
 
 
+def may_be_slice(name: str) -> bool:
+    """A file name a series' slice may have: visible, not a DICOMDIR, not a document or picture."""
+    return visible(name) and name not in SKIP_FILES and not name.lower().endswith(SKIP_SUFFIXES)
+
+
 def _sorted_files(files: list[DicomFile]) -> list[DicomFile]:
     return sorted(files, key=lambda f: (f.index, f.name))
 
@@ -109,7 +118,7 @@ def _sorted_files(files: list[DicomFile]) -> list[DicomFile]:
 def folder_files(folder: Path, prefix: str) -> list[DicomFile]:
     """The slices of a series folder, sorted by file index, each named ``prefix`` + its file name."""
     return _sorted_files([DicomFile(f"{prefix}{p.name}", file_index(p.name), path=p) for p in folder.iterdir()
-                          if p.is_file() and visible(p.name) and p.name not in SKIP_FILES])
+                          if p.is_file() and may_be_slice(p.name)])
 
 
 def zip_members(z: zipfile.ZipFile, prefix: Optional[str] = None) -> list[tuple[list[str], str]]:
@@ -118,7 +127,7 @@ def zip_members(z: zipfile.ZipFile, prefix: Optional[str] = None) -> list[tuple[
     out = []
     for info in z.infolist():
         parts = [p for p in info.filename.split("/") if p]
-        if info.is_dir() or not parts or not all(visible(p) for p in parts) or parts[-1] in SKIP_FILES:
+        if info.is_dir() or not parts or not all(visible(p) for p in parts) or not may_be_slice(parts[-1]):
             continue
         if prefix is not None and parts[0] == prefix:
             parts = parts[1:]

@@ -859,3 +859,23 @@ def test_a_3d_model_warns_of_a_scan_at_another_in_plane_spacing():
     assert spacing_warning("alike", (0.85, 0.85, 1.6), (64, 64), ckpt, None) is None
     assert spacing_warning("coarse", (1.125, 1.125, 1.6), (64, 64), {"spatial_dims": 3}, None) is None
     assert training_spacing({"spatial_dims": 3}) is None
+
+
+def test_documents_beside_a_series_are_skipped(tmp_path):
+    # a README or a key image left in a series folder (or zip) is not read as a slice
+    hu = np.random.default_rng(4).integers(-900, 300, size=(6, 7, 4)).astype(np.float32)
+    oblique_series(tmp_path / "s", hu, (0.8, 0.8, 1.5), (0.0, 0.0, 0.0), np.array([1.0, 0, 0, 0, 1, 0]))
+    (tmp_path / "s" / "README.txt").write_text("scanned on ...")
+    (tmp_path / "s" / "key.PNG").write_bytes(b"\x89PNG")
+    with zipfile.ZipFile(tmp_path / "s.zip", "w") as z:
+        for p in sorted((tmp_path / "s").iterdir()):
+            z.write(p, f"s/{p.name}")
+    for path in (tmp_path / "s", tmp_path / "s.zip"):
+        (cs,) = find_cases(path)
+        scan = read_dicom_scan(cs)
+        assert scan.description["n_files"] == 4 and np.array_equal(scan.hu, hu)
+    # a folder holding documents only is not a series
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no DICOM series"):
+        find_cases(tmp_path / "docs")
