@@ -27,7 +27,7 @@ import sys
 from typing import Optional, Sequence
 
 from evaluation.predictions import PRED_FORMATS
-from evaluation.reports import console_table
+from evaluation.reports import console_table, tree_columns
 from evaluation.runner import ROI_CHOICES, run_evaluation
 from utils.cli import add_tree_smoothness, given_options, refuse_smoothness_alone
 from utils.logging_setup import setup_logging
@@ -97,6 +97,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.error("%s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return 1
     print(console_table(res.rows, res.summary))
+    if res.classes:
+        print("\nper tree (wrong tree: of the true vessel voxels found, the share given the other tree):")
+        print(console_table(res.rows, res.summary, tree_columns(res.classes)))
     print(f"report: {res.output}")
     return 0
 

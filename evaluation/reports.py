@@ -120,6 +120,15 @@ def markdown_table(rows: Sequence[dict[str, Any]], summary: dict[str, dict[str, 
     return "\n".join(lines) + "\n"
 
 
+def tree_columns(classes: Sequence[str]) -> list[tuple[str, str, str]]:
+    """The per-tree table's columns (key, heading, format) of a report of ``classes`` (a two-tree
+    model or a tree model): each tree's Dice and clDice, then the share of found vessel voxels given
+    the other tree as written and voxel by voxel (``evaluation.runner.tree_keys``)."""
+    cols = [(f"{c}_{k}", f"{c} {h}", "{:.4f}") for c in classes for k, h in (("dice", "Dice"), ("cldice", "clDice"))]
+    return cols + [("wrong_tree_share", "wrong tree", "{:.1%}"),
+                   ("wrong_tree_share_voxelwise", "wrong tree, voxel by voxel", "{:.1%}")]
+
+
 def console_table(rows: Sequence[dict[str, Any]], summary: dict[str, dict[str, float]],
                   columns: Sequence[tuple[str, str, str]] = TABLE_COLUMNS) -> str:
     """Fixed-width plain-text table for the terminal."""

@@ -24,6 +24,7 @@ from evaluation.reports import (
     markdown_table,
     read_per_case_csv,
     summarize,
+    tree_columns,
     write_per_case_csv,
     write_summary_json,
 )
@@ -52,6 +53,8 @@ class EvalResult:
     rows: list[dict[str, Any]]
     summary: dict[str, dict[str, float]]
     skipped: bool = False
+    #: the trees of a two-tree or tree-model report (their per-tree columns in rows and summary); None for a binary one
+    classes: Optional[list[str]] = None
 
 
 def backbone_dirnames(backbone: str) -> list[str]:
@@ -241,7 +244,7 @@ def _existing_report(out_dir: Path, overwrite: bool, wanted: dict, extras: dict)
              out_dir)
     rows = read_per_case_csv(out_dir / "per_case.csv")
     summary = {k: {kk: (float("nan") if vv is None else vv) for kk, vv in v.items()} for k, v in doc["metrics"].items()}
-    return EvalResult(out_dir, rows, summary, skipped=True)
+    return EvalResult(out_dir, rows, summary, skipped=True, classes=meta.get("classes"))
 
 
 def _load_model(model_path: Path, backbone: Optional[str], salience: Optional[str], paths: DatasetPaths,
@@ -413,6 +416,7 @@ def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys:
         "n_empty_true": int(sum(r["empty_true"] for r in rows)),
         "overlap": ev.overlap, "tta": ev.tta, "threshold": pr.threshold,
         "min_component_mm3": pr.min_component_mm3, "eval_roi": ev.eval_roi, "device": pr.device,
+        "classes": list(ev.classes) if ev.classes else None,
         "tree_model": None if ev.trees is None else {"path": ev.trees.path, "sha256": ev.trees.sha256,
                                                      "smoothness": ev.tree_smoothness},
         "created": record["created"], "code_version": record["code_version"], "provenance": record,
@@ -428,7 +432,12 @@ def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys:
               f"checkpoint `{model_path}` (epoch {ckpt.get('epoch')}).\n"
               "Distances in mm; CLrec = centreline recall by vessel radius (mm); CC = connected components "
               "(26-connectivity); n/a = undefined (empty mask or bin).\n\n")
-    (tmp / "results.md").write_text(header + markdown_table(rows, summary))
+    trees = ("" if not ev.classes else
+             "\n**Per tree** (wrong tree: of the true vessel voxels found, the share given the other tree; as "
+             "written, and voxel by voxel before the " + ("minimum cut" if ev.trees is not None else
+                                                          "one-tree-per-piece step") + "):\n\n"
+             + markdown_table(rows, summary, tree_columns(ev.classes)))
+    (tmp / "results.md").write_text(header + markdown_table(rows, summary) + trees)
     return summary
 
 
@@ -522,4 +531,4 @@ def run_evaluation(
         summary = _write_reports(tmp, ev, rows, keys, dataset=dataset, split=split, cases=cases,
                                  model_path=model_path, record=wanted, extras=extras)
     log.info("report written to %s", out_dir)
-    return EvalResult(out_dir, rows, summary)
+    return EvalResult(out_dir, rows, summary, classes=list(ev.classes) if ev.classes else None)

@@ -239,6 +239,18 @@ def test_test_py_and_predict_py_label_a_binary_models_mask_with_the_tree_model(t
     meta = json.loads((tmp_path / "eval" / "summary.json").read_text())["meta"]
     assert meta["tree_model"]["sha256"] == load_tree_model(tree_file).sha256
     assert meta["tree_model"]["smoothness"] == 0.0
+    # the report names its trees and shows their scores in a second table (results.md and the console)
+    assert res.classes == meta["classes"] == ["portal", "hepatic"] and plain.classes is None
+    md = (tmp_path / "eval" / "results.md").read_text()
+    assert "**Per tree**" in md and "| portal Dice | portal clDice | hepatic Dice |" in md
+    assert f"{row['portal_dice']:.4f}" in md.split("**Per tree**")[1] and f"{row['wrong_tree_share']:.1%}" in md
+    import test as test_py
+    assert test_py.main(["--dataset", "phantom", "--root_path", str(tree_data / "data"), "--list_dir",
+                         str(tree_data / "list"), "--model_path", str(binary), "--device", "cpu",
+                         "--min_component_mm3", "0", "--output", str(tmp_path / "eval"), "--tree_model",
+                         str(tree_file), "--tree_smoothness", "0"]) == 0
+    out = capsys.readouterr().out  # the report is kept and its trees printed again
+    assert "per tree" in out and "wrong tree" in out and f"{row['hepatic_dice']:.4f}" in out
 
     # the default: the labels written are the minimum cut of the tree model's logit on the binary mask,
     # and the voxel-by-voxel share is that of smoothness 0
