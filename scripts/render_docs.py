@@ -152,10 +152,11 @@ def _span(values: list[float], scale: float = 1.0, digits: int = 1, unit: str = 
         f"{lo:.{digits}f}-{hi:.{digits}f}{unit}"
 
 
-def tree_headline() -> str:
+def tree_headline(up: str = "") -> str:
     """The README's two-tree figures: per tree-model seed, the share of found vessel voxels in the wrong
     tree and how far each tree's Dice lies under the union's, on the three phantom sets of 10 and on the
-    real patients (means over cases, as bench/tree_scores.py gives them)."""
+    real patients (means over cases, as bench/tree_scores.py gives them). ``up``: the path from the
+    document to the repository's root ("../" from docs/)."""
     out = ["| `make demo`'s vessel model + `train_tree_model.sh`'s tree model and branch networks | "
            "wrong tree: 3 phantom sets of 10 | each tree's Dice under the union's: phantoms | "
            "wrong tree: real patients 1 and 7 | each tree's Dice under the union's: real |",
@@ -172,9 +173,10 @@ def tree_headline() -> str:
                    f"{_span(gaps([real]), digits=2)} |")
     names = dict.fromkeys(n for n, _, _ in TREE_RECIPE_ROWS)
     return ("\n".join(out) + "\n\nThe aim is under 3% in the wrong tree on phantoms and each tree's Dice "
-            "within 0.03 of the union's. Sources: " + ", ".join(f"[`results/{n}.json`](results/{n}.json)" for n in names)
-            + " (how they were measured: [docs/RESULTS.md](docs/RESULTS.md#two-trees-portal-vein-and-hepatic-veins-"
-            "benchtree_scorespy)).\n")
+            "within 0.03 of the union's. Sources: "
+            + ", ".join(f"[`results/{n}.json`]({up}results/{n}.json)" for n in names)
+            + (" (how they were measured: [docs/RESULTS.md](docs/RESULTS.md#two-trees-portal-vein-and-hepatic-veins-"
+               "benchtree_scorespy))" if not up else "") + ".\n")
 
 
 def demo_time() -> str:
@@ -332,6 +334,7 @@ RENDERERS: dict[str, Callable[[], str]] = {
     "demo-phantom": demo_phantom,
     "headline": headline,
     "tree-headline": tree_headline,
+    "tree-headline-docs": lambda: tree_headline("../"),
     "demo-time": demo_time,
     "predict-speed": predict_speed,
     "predict-speed-extras": lambda: predict_speed("predict_bench_extras"),
