@@ -27,6 +27,7 @@ import contextlib
 import logging
 import os
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -365,9 +366,35 @@ def read_mask(path: str | os.PathLike, scan: Scan) -> np.ndarray:
         if scan.reorient is not None:
             img = sitk.DICOMOrient(img, "LPS")
         return np.transpose(sitk.GetArrayFromImage(img), (1, 2, 0)) > 0
+    if path.is_file() and path.name.lower().endswith(".zip"):
+        with contextlib.closing(open_zip(scan.case, path)) as z:
+            return _mask_series(scan, path, _zip_mask_files(scan.case, path, z))
     if not path.is_dir():
-        raise PreprocessError(scan.case, str(path), "mask must be a .nii / .nii.gz file or a DICOM mask folder")
-    files = folder_files(path, f"{path}/")
+        raise PreprocessError(scan.case, str(path), "mask must be a .nii / .nii.gz file, a DICOM mask folder or a "
+                                                    "zip of one")
+    return _mask_series(scan, path, folder_files(path, f"{path}/"))
+
+
+def _zip_mask_files(case: str, path: Path, z: zipfile.ZipFile) -> list[DicomFile]:
+    """The slices of the mask series in an open zip: its one folder of files, or the folder named
+    ``liver`` among several (3D-IRCADb's MASKS_DICOM.zip holds one folder per structure)."""
+    folders: dict[str, list[tuple[list[str], str]]] = {}
+    for parts, member in zip_members(z):
+        folders.setdefault("/".join(parts[:-1]), []).append((parts, member))
+    pick = next((f for f in folders if f.rsplit("/", 1)[-1].lower() == "liver"), None)
+    if pick is None and len(folders) == 1:
+        pick = next(iter(folders))
+    if pick is None:
+        shown = ", ".join(sorted(f or "<top>" for f in folders))
+        raise PreprocessError(case, str(path), f"the zip holds several mask folders ({shown}) and none is named "
+                                               "'liver'; unzip it and give the folder")
+    files = [DicomFile(f"{path}:{member}", file_index(parts[-1]), archive=z, member=member)
+             for parts, member in folders[pick]]
+    return sorted(files, key=lambda f: (f.index, f.name))
+
+
+def _mask_series(scan: Scan, path: Path, files: list[DicomFile]) -> np.ndarray:
+    """The DICOM mask series ``files`` as bool (H, W, D), checked against ``scan``'s slices."""
     if not files:
         raise PreprocessError(scan.case, str(path), "mask folder holds no files")
     m = read_series(scan.case, files, ct=False, strict=False)

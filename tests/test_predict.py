@@ -16,7 +16,8 @@ import torch
 
 import predict
 from evaluation.runner import run_evaluation
-from inference.scans import CaseSource, Geometry, find_cases, read_dicom_scan, read_nifti_scan, to_image, write_nifti
+from inference.scans import (CaseSource, Geometry, find_cases, read_dicom_scan, read_mask, read_nifti_scan, to_image,
+                             write_nifti)
 from prediction.segment import (
     centreline_length_mm,
     read_stl,
@@ -879,3 +880,32 @@ def test_documents_beside_a_series_are_skipped(tmp_path):
     (tmp_path / "docs" / "notes.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match="no DICOM series"):
         find_cases(tmp_path / "docs")
+
+
+def test_liver_mask_from_a_zip_of_mask_folders(tmp_path):
+    # 3D-IRCADb's MASKS_DICOM.zip holds one folder per structure: --liver_mask takes its 'liver' one
+    hu = np.random.default_rng(5).integers(-900, 300, size=(6, 7, 4)).astype(np.float32)
+    oblique_series(tmp_path / "scan", hu, (0.8, 0.8, 1.5), (0.0, 0.0, 0.0), np.array([1.0, 0, 0, 0, 1, 0]))
+    scan = read_dicom_scan(find_cases(tmp_path / "scan")[0])
+    liver = np.zeros(hu.shape, np.float32)
+    liver[1:5, 2:6, 1:3] = 255
+    other = np.zeros(hu.shape, np.float32)
+    other[0, 0, :] = 255
+    for name, m in (("liver", liver), ("portalvein", other)):
+        oblique_series(tmp_path / "MASKS_DICOM" / name, m, (0.8, 0.8, 1.5), (0.0, 0.0, 0.0),
+                       np.array([1.0, 0, 0, 0, 1, 0]))
+    with zipfile.ZipFile(tmp_path / "MASKS_DICOM.zip", "w") as z:
+        for p in sorted((tmp_path / "MASKS_DICOM").rglob("*.dcm")):
+            z.write(p, str(p.relative_to(tmp_path)))
+    got = read_mask(tmp_path / "MASKS_DICOM.zip", scan)
+    assert np.array_equal(got, liver > 0)
+    assert np.array_equal(got, read_mask(tmp_path / "MASKS_DICOM" / "liver", scan))
+    # several folders and none named liver: refused, naming them
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as z:
+        for name in ("a", "b"):
+            for p in sorted((tmp_path / "MASKS_DICOM" / "portalvein").iterdir()):
+                z.write(p, f"{name}/{p.name}")
+    from preprocessing.errors import PreprocessError
+
+    with pytest.raises(PreprocessError, match=r"two.zip.*several mask folders \(a, b\) and none is named 'liver'"):
+        read_mask(tmp_path / "two.zip", scan)
