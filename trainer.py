@@ -569,8 +569,10 @@ def is_complete(cfg: TrainConfig, epoch: int, iteration: int) -> bool:
     return epoch >= cfg.max_epochs or bool(cfg.max_iterations and iteration >= cfg.max_iterations)
 
 
-def _resume(run: _Run) -> None:
-    """Load model, optimiser, schedule and counters from ``last.pth``, or refuse in one line.
+def _resume(run: _Run) -> Optional[str]:
+    """Load model, optimiser, schedule and counters from ``last.pth``, or refuse in one line;
+    returns what the log must say about the resumed schedule, or None (said once train.log is open,
+    by rank 0 only).
 
     Only where the run stops may change (``RESUMABLE_OPTIONS``). Another world size is
     refused: the sampler's shards and the iterations per epoch depend on it, so the batches
@@ -614,9 +616,10 @@ def _resume(run: _Run) -> None:
         factor = max(0.0, 1.0 - run.iteration / new) ** cfg.poly_power
         for group in run.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        log.warning("%s: the poly schedule's horizon changes from %d to %d iterations (max_iterations %s -> %s): "
-                    "learning rate %.3g at iteration %d, decaying to 0 at %d", run.last_path, old, new,
-                    saved.get("max_iterations"), cfg.max_iterations, cfg.base_lr * factor, run.iteration, new)
+        return (f"{run.last_path}: the poly schedule's horizon changes from {old} to {new} iterations "
+                f"(max_iterations {saved.get('max_iterations')} -> {cfg.max_iterations}): learning rate "
+                f"{cfg.base_lr * factor:.3g} at iteration {run.iteration}, decaying to 0 at {new}")
+    return None
 
 
 def _remove_previous_run(run_dir: Path) -> None:
@@ -716,13 +719,16 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
                LossMonitor(env, None, run_dir / "last.pth", t_start), t_start=t_start, saved_at=time.monotonic(),
                mm_per_pixel=train_set.mm_per_pixel() if isinstance(train_set, SliceDataSet) else None,
                generator=offline_generator(stage.salience), stage=stage)
+    resumed_note = None
     if cfg.resume:
-        _resume(run)
+        resumed_note = _resume(run)
         if is_complete(cfg, run.epoch, run.iteration):
             run.complete = True
             return run  # nothing to train: no logs, no files touched
     if env.main:
         _start_logging(run, horizon, len(val_cases))
+        if resumed_note:
+            log.warning("%s", resumed_note)
     if env.distributed:
         ddp_kw = {"device_ids": [env.local_rank]} if env.device.type == "cuda" else {}
         run.model = nn.parallel.DistributedDataParallel(run.model, **ddp_kw)

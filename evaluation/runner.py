@@ -317,7 +317,8 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
     roi = None
     if ev.eval_roi == "liver":
         if vol.liver is None:
-            raise ValueError(f"{paths.volume(case)}: no 'liver' mask, needed by --eval_roi liver")
+            raise ValueError(f"{paths.volume(case)}: no 'liver' mask, needed by --eval_roi liver (data without "
+                             "liver masks, as MSD Task08: score the whole volume with --eval_roi none)")
         roi = vol.liver.astype(bool)
     t0 = time.perf_counter()
     prob = pr.probabilities(vol.image, vol.spacing, sal, tta=ev.tta, overlap=ev.overlap, batch_size=ev.batch_size)
@@ -363,7 +364,8 @@ def _evaluate_one(ev: _Evaluation, case: str, tmp: Path, save_pred: Optional[str
         saved = prob if prob.ndim == 3 else prob.max(axis=0)
         save_prediction(tmp / "predictions", case, saved, vol.spacing, save_pred, as_mask=pred_kind == "mask",
                         mask=pred if ev.class_values is None else labels,
-                        image=vol.image, crop=vol.crop)
+                        image=vol.image, crop=vol.crop, origin=vol.attrs.get("origin_mm"),
+                        direction=vol.attrs.get("direction"))
     if figures:
         from evaluation.figures import mip_figure, overlay_figure  # matplotlib: only when drawing
 

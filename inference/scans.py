@@ -51,16 +51,12 @@ from preprocessing.dicom_reader import (
     zip_members,
 )
 from preprocessing.errors import PreprocessError
-from preprocessing.nifti_reader import NIFTI_SUFFIXES, nifti_stem, read_nifti_case
+from preprocessing.nifti_reader import NIFTI_SUFFIXES, check_ct, nifti_stem, read_nifti_case
 from utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
 INPUT_KINDS = ("dicom", "dicom-zip", "patient", "nifti")
-#: a NIfTI scan is taken for CT in HU only if its values reach below this (fat, air) ...
-CT_MIN_BELOW_HU = -50.0
-#: ... and above this (soft tissue)
-CT_MAX_ABOVE_HU = 50.0
 
 
 @dataclass(frozen=True)
@@ -283,23 +279,11 @@ def _lps_geometry(g: Geometry) -> Geometry:
     return Geometry.of(sitk.DICOMOrient(ref, "LPS"))
 
 
-def check_ct(case: str, path: str, hu: np.ndarray) -> None:
-    """A scan in Hounsfield units reaches below -50 HU (fat, air) and above 50 HU (soft tissue)."""
-    lo, hi = float(hu.min()), float(hu.max())
-    if not (lo < CT_MIN_BELOW_HU and hi > CT_MAX_ABOVE_HU):
-        raise PreprocessError(case, path, f"values span [{lo:g}, {hi:g}]: not a CT in Hounsfield units "
-                                          f"(expected values below {CT_MIN_BELOW_HU:g} and above {CT_MAX_ABOVE_HU:g})")
-
-
 def read_nifti_scan(src: CaseSource) -> Scan:
     """Read a NIfTI scan (reoriented to LPS by the preprocessing reader) with both geometries."""
-    data = read_nifti_case(src.name, src.path, None)
+    data = read_nifti_case(src.name, src.path, None)  # refuses a 2-D image and one not in HU
     hu = data.hu
     h, w, d = hu.shape
-    if min(h, w, d) < 2:
-        raise PreprocessError(src.name, str(src.path), f"a 2-D image ({h} x {w} x {d} voxels); predict.py needs a "
-                                                       "3-D scan")
-    check_ct(src.name, str(src.path), hu)
     out = Geometry.of_file(src.path)
     arr_geom = _lps_geometry(out)
     code = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(out.direction)

@@ -592,8 +592,10 @@ def segment_case(seg: Predictor, src: CaseSource, out_dir: Path, *, liver_mask: 
                                                            "trained_on": tree_model.info.get("cases")},
             "crop_hwd": list(pred.crop), "tta": tta, "device": seg.device, "warnings": warnings, "stats": stats,
             # how the models saw the scan: None when stored in LPS order, else the stored axis each
-            # LPS axis came from and whether it was reversed
-            "reordered_to_lps": None if view.identity else {"axes": list(view.perm), "flipped": list(view.flip)},
+            # LPS axis came from and whether it was reversed (DICOM), or the stored orientation a
+            # NIfTI scan was reordered from when it was read
+            "reordered_to_lps": ({"axes": list(view.perm), "flipped": list(view.flip)} if not view.identity else
+                                 {"from_orientation": scan.reorient} if scan.reorient else None),
             "outputs": [n for n in names if n != f"{src.name}_stats.json"],
             "seconds": {k: round(v, 3) for k, v in clock.wall.items()},
             "cpu_seconds": {k: round(v, 3) for k, v in clock.cpu.items()},

@@ -71,6 +71,8 @@ class Series:
     files: list[str]  # file names in slice order
     #: ITK direction (9, row-major; columns: along a row, along a column, the slice normal)
     direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    #: ITK origin (x, y, z) mm: the first slice's ImagePositionPatient, (0, 0, 0) when it has none
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclass
@@ -85,6 +87,14 @@ class PatientData:
     attrs: dict = field(default_factory=dict)
     #: uint8 class map (0 background, i = the i-th of the requested classes) or None
     classes: Optional[np.ndarray] = None
+
+
+def geometry_attrs(origin: Sequence[float], direction: Sequence[float]) -> dict:
+    """The HDF5 attributes that place a stored (H, W, D) array in the patient's space, before any
+    crop: ``origin_mm`` (ITK x, y, z of voxel (0, 0, 0)) and ``direction`` (ITK, 9 values
+    row-major; its columns are the directions of a row, a column and the slices), so a prediction
+    written as NIfTI overlays the source scan (:func:`evaluation.predictions.to_sitk`)."""
+    return {"origin_mm": np.asarray(origin, dtype=np.float64), "direction": np.asarray(direction, dtype=np.float64)}
 
 
 #: files that sit beside a series but are not slices of it
@@ -344,8 +354,10 @@ def read_series(patient: str, files: Sequence[DicomFile], *, ct: bool, strict: b
     iop = next((o for o in (floats(ds, "ImageOrientationPatient", 6) for ds in dsets) if o is not None),
                np.array([1.0, 0, 0, 0, 1, 0]))
     direction = np.stack([iop[:3], iop[3:], np.cross(iop[:3], iop[3:])], axis=1)
+    ipp = floats(dsets[order[0]], "ImagePositionPatient", 3)
     return Series(pixels, (float(ps[0]), float(ps[1]), float(step)), positions, [files[i].name for i in order],
-                  tuple(float(v) for v in direction.reshape(-1)))
+                  tuple(float(v) for v in direction.reshape(-1)),
+                  (0.0, 0.0, 0.0) if ipp is None else tuple(float(v) for v in ipp))
 
 
 #: which class a voxel claimed by two class masks gets
@@ -398,7 +410,7 @@ def read_dicom_patient(patient_dir: str | Path, vessels: Sequence[str], with_mas
     patient = patient_dir.name
     with PatientSource(patient_dir) as src:
         ct = read_series(patient, src.ct_files(), ct=True)
-        attrs: dict = {}
+        attrs: dict = geometry_attrs(ct.origin, ct.direction)
         label = liver = None
         if with_masks:
             masks = src.mask_files()

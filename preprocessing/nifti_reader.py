@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from preprocessing.dicom_reader import PatientData
+from preprocessing.dicom_reader import PatientData, geometry_attrs
 from preprocessing.errors import PreprocessError
 
 log = logging.getLogger(__name__)
@@ -64,13 +64,29 @@ def find_nifti_cases(images: Path, labels: Optional[Path]) -> list[tuple[str, Pa
         if labels is not None:
             name = full if full in label_files else stem
             if name not in label_files:
-                raise ValueError(f"{p}: no label file {full}.nii.gz or {stem}.nii.gz in {labels}")
+                names = f"{full}.nii.gz" + (f" or {stem}.nii.gz" if stem != full else "")
+                raise ValueError(f"{p}: no label file {names} in {labels}")
             label = label_files[name]
         if stem in seen:
             raise ValueError(f"{p}: two images give the case name {stem!r}")
         seen.add(stem)
         out.append((stem, p, label))
     return out
+
+
+#: a scan is taken for CT in HU only if its values reach below this (fat, air) ...
+CT_MIN_BELOW_HU = -50.0
+#: ... and above this (soft tissue)
+CT_MAX_ABOVE_HU = 50.0
+
+
+def check_ct(case: str, path: str, hu: np.ndarray) -> None:
+    """A scan in Hounsfield units reaches below -50 HU (fat, air) and above 50 HU (soft tissue);
+    PreprocessError naming ``path`` otherwise (an image scaled to [0, 1], a mask)."""
+    lo, hi = float(hu.min()), float(hu.max())
+    if not (lo < CT_MIN_BELOW_HU and hi > CT_MAX_ABOVE_HU):
+        raise PreprocessError(case, path, f"values span [{lo:g}, {hi:g}]: not a CT in Hounsfield units "
+                                          f"(expected values below {CT_MIN_BELOW_HU:g} and above {CT_MAX_ABOVE_HU:g})")
 
 
 def _read(case: str, path: Path) -> sitk.Image:
@@ -119,16 +135,24 @@ def read_nifti_case(
     """Read one NIfTI case: HU (H, W, D) float32, spacing (row, col, slice) mm, vessel label or None."""
     img = _read(case, image_path)
     hu, spacing = to_hwd(img)
-    attrs = {"orientation": "LPS"}
+    if min(hu.shape) < 2:
+        raise PreprocessError(case, str(image_path), f"a 2-D image ({' x '.join(map(str, hu.shape))} voxels); "
+                                                     "a 3-D scan is needed")
+    # the HU window would turn an image scaled to [0, 1] into zeros, silently
+    check_ct(case, str(image_path), hu)
+    attrs = {"orientation": "LPS", **geometry_attrs(img.GetOrigin(), img.GetDirection())}
     label = None
     if label_path is not None:
         lab_img = _read(case, label_path)
         if lab_img.GetSize() != img.GetSize():
             raise PreprocessError(case, str(label_path), f"label size {lab_img.GetSize()} differs from image size {img.GetSize()}")
-        if not np.allclose(lab_img.GetSpacing(), img.GetSpacing(), rtol=1e-3) or not np.allclose(
-            lab_img.GetDirection(), img.GetDirection(), atol=1e-3
-        ):
-            raise PreprocessError(case, str(label_path), "label geometry (spacing / direction) differs from the image's")
+        # the origin too: a label shifted by a few cm would be trained on silently
+        tol = 0.01 * min(img.GetSpacing())
+        if (not np.allclose(lab_img.GetSpacing(), img.GetSpacing(), rtol=1e-3)
+                or not np.allclose(lab_img.GetDirection(), img.GetDirection(), atol=1e-3)
+                or not np.allclose(lab_img.GetOrigin(), img.GetOrigin(), atol=tol)):
+            raise PreprocessError(case, str(label_path), "label geometry (spacing / direction / origin) differs from "
+                                                         "the image's")
         lab, _ = to_hwd(lab_img)
         label = vessel_from_labels(case, label_path, np.rint(lab).astype(np.int64), label_values)
     return PatientData(hu.astype(np.float32), spacing, label, None, str(image_path), attrs)

@@ -190,6 +190,10 @@ def test_nifti_input_runs_end_to_end(tmp_path, capsys):
     img = sitk.ReadImage(str(tmp_path / "p01.nii.gz"))
     assert back.GetDirection() == img.GetDirection() and back.GetOrigin() == img.GetOrigin()
     assert back.GetSize() == img.GetSize()
+    # stats.json says the scan was reordered from its stored orientation (LIP here), not that it was not
+    stats = json.loads((tmp_path / "o" / "p01_stats.json").read_text())
+    assert stats["reordered_to_lps"] == {"from_orientation": stats["input"]["orientation"]} and \
+        stats["input"]["orientation"] != "LPS"
 
 
 def oblique_series(folder: Path, hu: np.ndarray, spacing, origin, iop, uid_series: str | None = None,

@@ -388,6 +388,30 @@ def test_nifti_bad_file_fails_that_case(tmp_path):
     assert sorted(q.name for q in paths.vol_data.iterdir()) == ["a.h5"]
 
 
+def test_nifti_cases_not_in_hu_flat_or_with_a_shifted_label_fail(tmp_path):
+    # an image scaled to [0, 1] (the HU window would make it zeros), a single slice, and a label
+    # moved 40 mm from its image each fail their case with the file named; a good case is written
+    p = synth(1)
+    for d in ("im", "lb"):
+        (tmp_path / d).mkdir()
+    hu = p["hu"].astype(np.float32)
+    lab = p["masks"]["portalvein"]
+    cases = {"good": (hu, lab), "scaled": ((hu - hu.min()) / (hu.max() - hu.min()), lab),
+             "flat": (hu[:, :, :1], lab[:, :, :1]), "shifted": (hu, lab)}
+    for name, (im, lb) in cases.items():
+        _write_nifti(tmp_path / "im" / f"{name}.nii.gz", im, SPACING, "LPS")
+        _write_nifti(tmp_path / "lb" / f"{name}.nii.gz", lb, SPACING, "LPS")
+    moved = sitk.ReadImage(str(tmp_path / "lb" / "shifted.nii.gz"))
+    moved.SetOrigin(tuple(np.asarray(moved.GetOrigin()) + (40.0, 0.0, 0.0)))
+    sitk.WriteImage(moved, str(tmp_path / "lb" / "shifted.nii.gz"))
+    s, paths = run(tmp_path, dataset="nii", fmt="nifti", images=tmp_path / "im", labels=tmp_path / "lb")
+    failed = dict(s.failed)
+    assert s.written == ["good"] and sorted(failed) == ["flat", "scaled", "shifted"]
+    assert "im/scaled.nii.gz: values span [0, 1]: not a CT in Hounsfield units" in failed["scaled"]
+    assert "im/flat.nii.gz: a 2-D image" in failed["flat"]
+    assert "lb/shifted.nii.gz: label geometry (spacing / direction / origin) differs" in failed["shifted"]
+
+
 # ---------------------------------------------------------------- phantom generator (contract 5)
 
 
@@ -636,6 +660,11 @@ def test_nifti_cases_pair_images_and_labels_by_name(tmp_path):
         find_nifti_cases(tmp_path / "imagesTr", tmp_path / "labelsTr")
     unlabelled = find_nifti_cases(tmp_path / "imagesTr", None)
     assert [c for c, _, lab in unlabelled if lab is None] == ["liver_0001", "liver_0002"]
+    # an image without nnU-Net's channel suffix has one possible label name, said once
+    files("plain_im", ["hepaticvessel_004.nii.gz"])
+    files("no_lab", [])
+    with pytest.raises(ValueError, match=r"hepaticvessel_004.nii.gz: no label file hepaticvessel_004.nii.gz in "):
+        find_nifti_cases(tmp_path / "plain_im", tmp_path / "no_lab")
 
 
 def test_patient_folders_leave_out_hidden_and_macos_folders(tmp_path):
@@ -644,3 +673,43 @@ def test_patient_folders_leave_out_hidden_and_macos_folders(tmp_path):
     for name in ("3Dircadb1.10", "3Dircadb1.2", "__MACOSX", ".cache"):
         (tmp_path / name).mkdir()
     assert [p.name for p in find_dicom_patients(tmp_path)] == ["3Dircadb1.2", "3Dircadb1.10"]
+
+
+# ---------------------------------------------------------------- where a stored volume lies
+
+
+def _overlays(vol, source: sitk.Image) -> None:
+    """The stored image, written as predictions are (evaluation.predictions.to_sitk with the volume's
+    origin_mm and direction), lies on the source scan: the source resampled onto it is the image."""
+    from evaluation.predictions import to_sitk
+
+    written = to_sitk(vol.image, vol.spacing, vol.crop, vol.attrs["origin_mm"], vol.attrs["direction"])
+    on_it = sitk.Resample(sitk.Cast(source, sitk.sitkFloat32), written, sitk.Transform(), sitk.sitkNearestNeighbor,
+                          -5000.0)
+    arr = np.transpose(sitk.GetArrayFromImage(on_it), (1, 2, 0))
+    assert (arr > -5000).all()  # every voxel found in the source
+    np.testing.assert_array_equal(window(arr), vol.image)
+
+
+def test_stored_volumes_know_where_they_lie_in_the_source_scan(tmp_path):
+    # DICOM with the liver crop (slices 2-7 of 10) and a NIfTI stored RAS at a far origin: both
+    # stored volumes, written with their geometry, overlay their source scans voxel for voxel
+    p = make_patient(tmp_path / "src", 1)
+    _, paths = run(tmp_path)
+    vol = read_volume(paths.volume("case0001"))
+    assert vol.crop[4:] == LIVER_Z
+    reader = sitk.ImageSeriesReader()
+    series_dir = tmp_path / "src" / "3Dircadb1.1" / "PATIENT_DICOM"
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series_dir)))
+    _overlays(vol, reader.Execute())
+
+    (tmp_path / "im").mkdir()
+    img = sitk.GetImageFromArray(np.ascontiguousarray(p["hu"].transpose(2, 0, 1)))
+    img.SetSpacing((SPACING[1], SPACING[0], SPACING[2]))
+    img.SetOrigin((-180.5, -140.25, -612.0))
+    ras = sitk.DICOMOrient(img, "RAS")
+    sitk.WriteImage(ras, str(tmp_path / "im" / "far.nii.gz"))
+    _, npaths = run(tmp_path, dataset="nii", fmt="nifti", images=tmp_path / "im", with_masks=False, crop="none")
+    nvol = read_volume(npaths.volume("far"))
+    assert nvol.attrs["origin_mm"] == pytest.approx(img.GetOrigin())
+    _overlays(nvol, sitk.ReadImage(str(tmp_path / "im" / "far.nii.gz")))

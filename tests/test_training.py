@@ -1023,6 +1023,8 @@ def test_resume_of_a_finished_run_says_complete(tiny_dataset, tmp_path, capsys):
 
 def test_resume_with_more_iterations_recomputes_the_schedule(tiny_dataset, tmp_path, monkeypatch):
     train(cfg_for(tiny_dataset, tmp_path, max_iterations=3, base_lr=0.01))
+    from utils.logging_setup import setup_logging
+    setup_logging()  # a new process: the first run's train.log is no longer written to
     lrs = []
     step = trainer._train_step
 
@@ -1037,6 +1039,10 @@ def test_resume_with_more_iterations_recomputes_the_schedule(tiny_dataset, tmp_p
     assert lrs == pytest.approx([0.01 * (1 - i / 6) ** 0.9 for i in (3, 4, 5)], rel=1e-6)
     saved = torch.load(more.run_dir / "last.pth", weights_only=True)["config"]
     assert saved["lr_horizon_iterations"] == 6 and saved["world_size"] == 1
+    # the change is in the run's own log (it was said before train.log opened, so only on the console)
+    log_text = (more.run_dir / "train.log").read_text()
+    assert log_text.count("the poly schedule's horizon changes from 3 to 6 iterations") == 1
+    assert f"learning rate {0.01 * 0.5 ** 0.9:.3g} at iteration 3, decaying to 0 at 6" in log_text
 
 
 def test_resume_on_another_world_size_or_batch_size_is_refused(tiny_dataset, tmp_path, capsys):
