@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "every metric per tree and the share of found vessel voxels given the other tree")
     add_tree_smoothness(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass")
+    p.add_argument("--batch_size", type=int, default=8, help="slices (2-D) or windows (3-D) per forward pass; default %(default)d")
     p.add_argument("--output", default=None, help="report folder (default: eval_<split>... in the run folder)")
     p.add_argument("--min_component_mm3", type=float, default=None, metavar="MM3",
                    help="drop predicted components smaller than MM3 mm^3 before scoring (default: the checkpoint's)")

@@ -67,7 +67,8 @@ def training_spacing(ckpt: Optional[dict]) -> Optional[tuple[float, float, float
 def spacing_warning(case: str, spacing: Sequence[float], plane: Sequence[int], ckpt: dict,
                     img_size: Optional[Sequence[int]]) -> Optional[str]:
     """A warning when ``case`` (in-plane ``spacing`` mm, plane (H, W)) is more than 20% off the mm per
-    pixel the model was trained at; None otherwise or when that is unknown.
+    pixel the model was trained at in the direction that matters (below); None otherwise or when
+    that is unknown.
 
     2-D: with a checkpoint ``target_spacing`` t the case is resampled to t, and only a case coarser
     than t is warned about: upsampled, its vessels are blurrier than the model learnt them (a finer

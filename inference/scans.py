@@ -41,7 +41,6 @@ from preprocessing.dicom_reader import (
     DicomFile,
     PatientSource,
     file_index,
-    floats,
     folder_files,
     may_be_slice,
     open_zip,
@@ -50,8 +49,9 @@ from preprocessing.dicom_reader import (
     visible,
     zip_members,
 )
+from preprocessing.checks import check_3d, check_ct
 from preprocessing.errors import PreprocessError
-from preprocessing.nifti_reader import NIFTI_SUFFIXES, check_ct, nifti_stem, read_nifti_case
+from preprocessing.nifti_reader import NIFTI_SUFFIXES, nifti_stem, read_nifti_case
 from utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -246,21 +246,11 @@ def read_dicom_scan(src: CaseSource, series: Optional[str] = None) -> Scan:
         files, headers = [files[i] for i in keep], [headers[i] for i in keep]
         ser = read_series(src.name, files, ct=True)
     h, w, d = ser.pixels.shape
-    if d < 2 or h < 2 or w < 2:
-        raise PreprocessError(src.name, str(src.path), f"a 2-D image ({h} x {w} x {d} voxels); predict.py needs a "
-                                                       "3-D series")
+    check_3d(src.name, str(src.path), (h, w, d))
     # a mask series (3D-IRCADb's MASKS_DICOM: 0 / 255, Modality CT) passes the modality check
     check_ct(src.name, str(src.path), ser.pixels)
     first = headers[[f.name for f in files].index(ser.files[0])]
-    iop = floats(first, "ImageOrientationPatient", 6)
-    if iop is None:
-        iop = np.array([1.0, 0, 0, 0, 1, 0])
-    normal = np.cross(iop[:3], iop[3:])
-    ipp = floats(first, "ImagePositionPatient", 3)
-    direction = np.stack([iop[:3], iop[3:], normal], axis=1)  # columns: x (along a row), y, z
-    geom = Geometry((w, h, d), (ser.spacing[1], ser.spacing[0], ser.spacing[2]),
-                    tuple(float(v) for v in (ipp if ipp is not None else np.zeros(3))),
-                    tuple(float(v) for v in direction.reshape(-1)))
+    geom = Geometry((w, h, d), (ser.spacing[1], ser.spacing[0], ser.spacing[2]), ser.origin, ser.direction)
     desc = {
         "path": str(src.path), "format": src.kind, "n_files": len(files),
         "series_uid": str(getattr(first, "SeriesInstanceUID", "")),

@@ -410,7 +410,7 @@ def read_dicom_patient(patient_dir: str | Path, vessels: Sequence[str], with_mas
     patient = patient_dir.name
     with PatientSource(patient_dir) as src:
         ct = read_series(patient, src.ct_files(), ct=True)
-        attrs: dict = geometry_attrs(ct.origin, ct.direction)
+        attrs: dict = {}
         label = liver = None
         if with_masks:
             masks = src.mask_files()
@@ -455,5 +455,7 @@ def read_dicom_patient(patient_dir: str | Path, vessels: Sequence[str], with_mas
         log.info("%s: stored in another axis order than LPS: reordered (axes %s, flipped %s)", patient,
                  view.perm, view.flip)
     label, liver, cmap = (None if a is None else view.forward(a) for a in (label, liver, cmap))
+    # where the stored (reordered) array lies, so predictions written as NIfTI overlay the series
+    attrs.update(geometry_attrs(*view.geometry(ct.origin, ct.direction, ct.spacing, ct.pixels.shape)))
     return PatientData(view.forward(ct.pixels), view.spacing(ct.spacing), label, liver, str(patient_dir), attrs,
                        cmap)

@@ -17,6 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from preprocessing.dicom_reader import PatientData, geometry_attrs
+from preprocessing.checks import check_3d, check_ct
 from preprocessing.errors import PreprocessError
 
 log = logging.getLogger(__name__)
@@ -74,21 +75,6 @@ def find_nifti_cases(images: Path, labels: Optional[Path]) -> list[tuple[str, Pa
     return out
 
 
-#: a scan is taken for CT in HU only if its values reach below this (fat, air) ...
-CT_MIN_BELOW_HU = -50.0
-#: ... and above this (soft tissue)
-CT_MAX_ABOVE_HU = 50.0
-
-
-def check_ct(case: str, path: str, hu: np.ndarray) -> None:
-    """A scan in Hounsfield units reaches below -50 HU (fat, air) and above 50 HU (soft tissue);
-    PreprocessError naming ``path`` otherwise (an image scaled to [0, 1], a mask)."""
-    lo, hi = float(hu.min()), float(hu.max())
-    if not (lo < CT_MIN_BELOW_HU and hi > CT_MAX_ABOVE_HU):
-        raise PreprocessError(case, path, f"values span [{lo:g}, {hi:g}]: not a CT in Hounsfield units "
-                                          f"(expected values below {CT_MIN_BELOW_HU:g} and above {CT_MAX_ABOVE_HU:g})")
-
-
 def _read(case: str, path: Path) -> sitk.Image:
     try:
         img = sitk.ReadImage(str(path))
@@ -135,9 +121,7 @@ def read_nifti_case(
     """Read one NIfTI case: HU (H, W, D) float32, spacing (row, col, slice) mm, vessel label or None."""
     img = _read(case, image_path)
     hu, spacing = to_hwd(img)
-    if min(hu.shape) < 2:
-        raise PreprocessError(case, str(image_path), f"a 2-D image ({' x '.join(map(str, hu.shape))} voxels); "
-                                                     "a 3-D scan is needed")
+    check_3d(case, str(image_path), hu.shape)
     # the HU window would turn an image scaled to [0, 1] into zeros, silently
     check_ct(case, str(image_path), hu)
     attrs = {"orientation": "LPS", **geometry_attrs(img.GetOrigin(), img.GetDirection())}

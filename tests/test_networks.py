@@ -184,7 +184,7 @@ def test_load_model_rejects_non_checkpoints(tmp_path):
         load_model(plain)
     junk = tmp_path / "junk.pth"
     junk.write_text("not torch")
-    with pytest.raises(ValueError, match=r"junk.pth: not a torch file \(torch.save writes a zip archive"):
+    with pytest.raises(ValueError, match=r"junk.pth: not a torch file \(neither the zip archive"):
         load_model(junk)
     # a zip archive that torch cannot read, and a torch file of pickled objects a safe load refuses
     import zipfile
@@ -196,9 +196,16 @@ def test_load_model_rejects_non_checkpoints(tmp_path):
     from utils.torch_io import load_torch_file
     torch.save({"w": torch.ones(2)}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     assert torch.equal(load_torch_file(tmp_path / "legacy.pth", "weights file")["w"], torch.ones(2))
-    torch.save({"format": FORMAT, "odd": Fraction(1, 3)}, tmp_path / "odd.pth")
-    with pytest.raises(ValueError, match="odd.pth: a torch file holding objects a weights-only load refuses"):
-        load_model(tmp_path / "odd.pth")
+    for legacy in (False, True):  # either format: a torch file, of objects a safe load refuses
+        torch.save({"format": FORMAT, "odd": Fraction(1, 3)}, tmp_path / "odd.pth",
+                   _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(ValueError, match="odd.pth: a torch file holding objects a weights-only load refuses"):
+            load_model(tmp_path / "odd.pth")
+    # a zip-format file cut short (a download stopped half way)
+    torch.save(model.state_dict(), tmp_path / "whole.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"cut.pth: a damaged torch file \(a zip archive without its end"):
+        load_model(tmp_path / "cut.pth")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         load_model(tmp_path / "missing.pth")
 

@@ -66,3 +66,25 @@ def test_degenerate_directions_are_refused():
         lps_view((1, 0, 0, 0, 0, 0, 0, 0, 1))
     with pytest.raises(ValueError, match="9 finite numbers"):
         lps_view((1, 0, 0))
+
+
+@pytest.mark.parametrize("name", [n for n in DIRECTIONS if not n.startswith(("sagittal", "tilted"))])
+def test_the_reoriented_arrays_geometry_puts_each_voxel_where_it_was(name):
+    # preprocess.py stores a series reordered to LPS with this geometry; written by to_sitk, the
+    # reordered array lies on the stored one voxel for voxel, as SimpleITK's DICOMOrient places it
+    from evaluation.predictions import to_sitk
+
+    d = DIRECTIONS[name]
+    arr = np.random.default_rng(1).normal(size=(4, 5, 6)).astype(np.float32)
+    spacing_rcs = (0.7, 0.6, 2.0)
+    stored = sitk.GetImageFromArray(np.transpose(arr, (2, 0, 1)))
+    stored.SetDirection([float(v) for v in d])
+    stored.SetSpacing((spacing_rcs[1], spacing_rcs[0], spacing_rcs[2]))
+    stored.SetOrigin((-20.0, 14.0, 3.5))
+    view = lps_view(d)
+    origin, direction = view.geometry(stored.GetOrigin(), d, spacing_rcs, arr.shape)
+    ref = sitk.DICOMOrient(stored, "LPS")
+    assert origin == pytest.approx(ref.GetOrigin()) and direction == pytest.approx(ref.GetDirection())
+    written = to_sitk(view.forward(arr), view.spacing(spacing_rcs), None, origin, direction)
+    back = sitk.Resample(stored, written, sitk.Transform(), sitk.sitkNearestNeighbor, np.nan)
+    np.testing.assert_array_equal(np.transpose(sitk.GetArrayFromImage(back), (1, 2, 0)), view.forward(arr))

@@ -407,6 +407,14 @@ def test_nifti_cases_not_in_hu_flat_or_with_a_shifted_label_fail(tmp_path):
     s, paths = run(tmp_path, dataset="nii", fmt="nifti", images=tmp_path / "im", labels=tmp_path / "lb")
     failed = dict(s.failed)
     assert s.written == ["good"] and sorted(failed) == ["flat", "scaled", "shifted"]
+    # NaN outside the field of view (some converters write it; SimpleITK's writer stores 0 there)
+    from preprocessing.errors import PreprocessError
+    from preprocessing.nifti_reader import check_ct
+    holes = hu.copy()
+    holes[0, 0, :] = np.nan
+    with pytest.raises(PreprocessError, match="holes.nii.gz: 10 voxels are NaN or infinite"):
+        check_ct("holes", "holes.nii.gz", holes)
+    check_ct("good", "good.nii.gz", hu)
     assert "im/scaled.nii.gz: values span [0, 1]: not a CT in Hounsfield units" in failed["scaled"]
     assert "im/flat.nii.gz: a 2-D image" in failed["flat"]
     assert "lb/shifted.nii.gz: label geometry (spacing / direction / origin) differs" in failed["shifted"]
@@ -713,3 +721,19 @@ def test_stored_volumes_know_where_they_lie_in_the_source_scan(tmp_path):
     nvol = read_volume(npaths.volume("far"))
     assert nvol.attrs["origin_mm"] == pytest.approx(img.GetOrigin())
     _overlays(nvol, sitk.ReadImage(str(tmp_path / "im" / "far.nii.gz")))
+
+
+@pytest.mark.parametrize("iop", [(-1.0, 0, 0, 0, 1, 0), (1.0, 0, 0, 0, 0, -1)], ids=["feet first", "coronal"])
+def test_a_series_stored_out_of_lps_order_is_placed_where_it_lies(tmp_path, iop):
+    # preprocess.py reorders such a series to LPS: the geometry it keeps is the reordered array's
+    from tests.test_predict import oblique_series
+
+    hu = np.random.default_rng(6).integers(-900, 300, size=(6, 7, 5)).astype(np.float32)
+    series = tmp_path / "src" / "p1" / "PATIENT_DICOM"
+    oblique_series(series, hu, (0.8, 0.6, 1.25), (-20.0, 14.0, 3.5), np.array(iop))
+    _, paths = run(tmp_path, dataset="odd", with_masks=False, crop="none")
+    vol = read_volume(paths.volume("p1"))
+    assert vol.image.shape != hu.shape or not np.array_equal(vol.image, window(hu))  # it was reordered
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(series)))
+    _overlays(vol, reader.Execute())

@@ -72,6 +72,25 @@ class Reorientation:
             out[2 * a], out[2 * a + 1] = lo, hi
         return tuple(out)
 
+    def geometry(self, origin: Sequence[float], direction: Sequence[float], spacing: Sequence[float],
+                 shape: Sequence[int]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The ITK (origin mm, direction 9 values row-major) of the reoriented array, from those of
+        the stored array of ``shape`` (H, W, D) and ``spacing`` (row, col, slice) mm: the same
+        voxels at the same places in the patient."""
+        if len(origin) != 3 or len(direction) != 9 or len(spacing) != 3 or len(shape) != 3:
+            raise ValueError("origin, direction, spacing and shape must have 3, 9, 3 and 3 values")
+        m = np.asarray(direction, dtype=float).reshape(3, 3)
+        cols = np.zeros((3, 3))
+        first = np.zeros(3)  # the stored index (row, col, slice) of the reoriented array's voxel (0, 0, 0)
+        for t in range(3):
+            a = self.perm[t]
+            cols[:, _ITK_AXIS[t]] = m[:, _ITK_AXIS[a]] * (-1.0 if self.flip[t] else 1.0)
+            if self.flip[t]:
+                first[a] = int(shape[a]) - 1
+        step = np.array([first[1] * spacing[1], first[0] * spacing[0], first[2] * spacing[2]])  # ITK x, y, z
+        new_origin = np.asarray(origin, dtype=float) + m @ step
+        return tuple(float(v) for v in new_origin), tuple(float(v) for v in cols.reshape(-1))
+
     def spacing(self, spacing: Sequence[float]) -> tuple[float, float, float]:
         """(row, col, slice) mm of the reoriented array."""
         if len(spacing) != 3:
