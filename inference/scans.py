@@ -333,13 +333,16 @@ def read_mask(path: str | os.PathLike, scan: Scan) -> np.ndarray:
         except RuntimeError as e:
             raise PreprocessError(scan.case, str(path), f"not a readable NIfTI file "
                                                         f"({str(e).strip().splitlines()[-1]})") from None
-        g = Geometry.of(img)
-        if img.GetDimension() != 3 or not g.matches(scan.output_geometry):
-            raise PreprocessError(scan.case, str(path), f"mask geometry {g.describe()} differs from the scan's "
-                                                        f"{scan.output_geometry.describe()}")
-        if scan.reorient is not None:
-            img = sitk.DICOMOrient(img, "LPS")
-        return np.transpose(sitk.GetArrayFromImage(img), (1, 2, 0)) > 0
+        if img.GetDimension() != 3:
+            raise PreprocessError(scan.case, str(path), f"a {img.GetDimension()}-D mask; the scan is 3-D")
+        # the same voxels stored in another axis order (a mask saved RAS for a scan stored LPS) are
+        # reordered, not refused: only the grid in the patient must be the scan's
+        order = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(scan.geometry.direction)
+        moved = sitk.DICOMOrient(img, order)
+        if not Geometry.of(moved).matches(scan.geometry):
+            raise PreprocessError(scan.case, str(path), f"mask geometry {Geometry.of(img).describe()} differs from "
+                                                        f"the scan's {scan.output_geometry.describe()}")
+        return np.transpose(sitk.GetArrayFromImage(moved), (1, 2, 0)) > 0
     if path.is_file() and path.name.lower().endswith(".zip"):
         with contextlib.closing(open_zip(scan.case, path)) as z:
             return _mask_series(scan, path, _zip_mask_files(scan.case, path, z))

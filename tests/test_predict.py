@@ -913,3 +913,26 @@ def test_liver_mask_from_a_zip_of_mask_folders(tmp_path):
 
     with pytest.raises(PreprocessError, match=r"two.zip.*several mask folders \(a, b\) and none is named 'liver'"):
         read_mask(tmp_path / "two.zip", scan)
+
+
+def test_a_nifti_liver_mask_stored_in_another_axis_order_is_reordered(tmp_path):
+    # a scan stored with columns reversed (feet-first style) and its mask saved LPS-ordered, as many
+    # tools save masks: the same voxels, so it is read in the scan's order; another grid is refused
+    hu = np.random.default_rng(7).integers(-900, 300, size=(6, 7, 5)).astype(np.float32)
+    oblique_series(tmp_path / "scan", hu, (0.8, 0.6, 1.25), (30.0, -4.0, 2.0), np.array([-1.0, 0, 0, 0, 1, 0]))
+    scan = read_dicom_scan(find_cases(tmp_path / "scan")[0])
+    mask = np.zeros(hu.shape, np.uint8)
+    mask[1:4, 0:3, 2:5] = 1  # not symmetric: a wrong order would show
+    own = to_image(mask, scan)
+    write_nifti(tmp_path / "own.nii.gz", own)
+    write_nifti(tmp_path / "lps.nii.gz", sitk.DICOMOrient(own, "LPS"))
+    assert Geometry.of(sitk.ReadImage(str(tmp_path / "lps.nii.gz"))).direction != scan.geometry.direction
+    for name in ("own", "lps"):
+        assert np.array_equal(read_mask(tmp_path / f"{name}.nii.gz", scan), mask > 0), name
+    moved = sitk.ReadImage(str(tmp_path / "lps.nii.gz"))
+    moved.SetOrigin(tuple(np.asarray(moved.GetOrigin()) + 5.0))
+    write_nifti(tmp_path / "moved.nii.gz", moved)
+    from preprocessing.errors import PreprocessError
+
+    with pytest.raises(PreprocessError, match="moved.nii.gz: mask geometry .* differs from the scan's"):
+        read_mask(tmp_path / "moved.nii.gz", scan)
