@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--liver_mask", default=None,
-                   help="NIfTI file, DICOM mask folder, or a zip of mask folders (its 'liver' one, as in 3D-IRCADb's "
-                        "MASKS_DICOM.zip): keep vessels inside it (overrides --liver_model)")
+                   help="NIfTI file, DICOM mask folder, or a folder or zip of mask folders (its 'liver' one, as in "
+                        "3D-IRCADb's MASKS_DICOM): keep vessels inside it (overrides --liver_model)")
     p.add_argument("--liver_model", default=None,
                    help="liver model file (scripts/train_liver.sh): segment the liver first, keep vessels near it "
                         "and write <case>_liver.nii.gz")

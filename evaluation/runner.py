@@ -98,10 +98,12 @@ def find_checkpoint(checkpoint_root: Path, dataset: str, backbone: str, exp: Opt
     if salience is not None:
         found = [p for p in found if _run_description(p)["salience"] == salience]
     if not found:
-        raise FileNotFoundError(f"{tried[0]}: no best_model.pth found{' for ' + wanted if wanted else ''} "
+        raise FileNotFoundError(f"{' or '.join(tried)}: no best_model.pth found{' for ' + wanted if wanted else ''} "
                                 f"(train with main.py or pass --model_path)")
     if len(found) > 1:
-        raise ValueError(f"{tried[0]}: {len(found)} runs match{' ' + wanted if wanted else ''}; choose one with "
+        # the folder the runs are in ("monai:X" is stored as monai_X)
+        where = next(t for t in tried if Path(t).is_dir())
+        raise ValueError(f"{where}: {len(found)} runs match{' ' + wanted if wanted else ''}; choose one with "
                          f"--exp / --salience or --model_path: {', '.join(str(p) for p in found)}")
     return found[0]
 

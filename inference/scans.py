@@ -349,7 +349,16 @@ def read_mask(path: str | os.PathLike, scan: Scan) -> np.ndarray:
     if not path.is_dir():
         raise PreprocessError(scan.case, str(path), "mask must be a .nii / .nii.gz file, a DICOM mask folder or a "
                                                     "zip of one")
-    return _mask_series(scan, path, folder_files(path, f"{path}/"))
+    files = folder_files(path, f"{path}/")
+    if not files:  # a folder of mask folders (3D-IRCADb's MASKS_DICOM): its liver one
+        subs = sorted(p for p in path.iterdir() if p.is_dir() and visible(p.name))
+        pick = next((p for p in subs if p.name.lower() == "liver"), subs[0] if len(subs) == 1 else None)
+        if pick is None and subs:
+            raise PreprocessError(scan.case, str(path), f"holds several mask folders ({', '.join(p.name for p in subs)}) "
+                                                        "and none is named 'liver'; give the folder")
+        if pick is not None:
+            path, files = pick, folder_files(pick, f"{pick}/")
+    return _mask_series(scan, path, files)
 
 
 def _zip_mask_files(case: str, path: Path, z: zipfile.ZipFile) -> list[DicomFile]:

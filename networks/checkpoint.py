@@ -59,7 +59,7 @@ import torch.nn as nn
 
 from dataloaders.inputs import input_channels
 from networks.e2e import build_segmenter
-from networks.registry import resolve_kwargs, spatial_dims_of
+from networks.registry import backbone_source, resolve_kwargs, spatial_dims_of
 from networks.salience import (
     GENERATORS,
     AnalyticGenerator,
@@ -142,6 +142,8 @@ def save_checkpoint(
         "format": FORMAT,
         "model_name": model_name,
         "model_kwargs": resolve_kwargs(model_name, **model_kwargs),
+        # a plug-in backbone's file and hash (None for a built-in one): the weights need that code
+        "backbone_source": backbone_source(model_name),
         "code_version": code_version(),
         "in_channels": input_channels(salience, context_of(config)),
         "out_channels": int(out_channels),
@@ -255,8 +257,25 @@ def context_of(config: Optional[dict]) -> int:
     return int((config or {}).get("context_slices") or 0)
 
 
+def check_backbone_source(ckpt: dict, path: str | os.PathLike = "<checkpoint>") -> None:
+    """ValueError naming the file when ``ckpt``'s plug-in backbone is not registered now (its module
+    is gone from networks/plugins/); a warning when its source changed since the model was saved."""
+    src, name = ckpt.get("backbone_source"), ckpt["model_name"]
+    if not src:
+        return
+    now = backbone_source(name)
+    if now is None:
+        raise ValueError(f"{path}: its backbone {name!r} came from the plug-in {src['file']} (sha256 "
+                         f"{src['sha256'][:12]}), which is not registered here: put that file in networks/plugins/")
+    if now["sha256"] != src["sha256"]:
+        log.warning("%s: the plug-in %s that defines backbone %r changed since this model was saved (sha256 %s, "
+                    "now %s): the weights may not mean what they did", path, now["file"], name, src["sha256"][:12],
+                    now["sha256"][:12])
+
+
 def model_from_checkpoint(ckpt: dict, path: str | os.PathLike = "<checkpoint>") -> nn.Module:
     """Build the model ``ckpt`` describes and load its weights (strict)."""
+    check_backbone_source(ckpt, path)
     model = build_segmenter(ckpt["model_name"], ckpt["salience"], ckpt["out_channels"], ckpt["model_kwargs"],
                             context=context_of(ckpt.get("config")))
     problem = _fit_report(model.state_dict(), ckpt["state_dict"])

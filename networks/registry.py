@@ -33,7 +33,8 @@ import enum
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -87,6 +88,25 @@ def register(name: str, spatial_dims: int) -> Callable[[Callable[..., nn.Module]
         return builder
 
     return deco
+
+
+PLUGIN_PACKAGE = "networks.plugins"
+
+
+def backbone_source(name: str) -> Optional[dict]:
+    """For a backbone registered by a plug-in module (networks/plugins/), {"file": its path from the
+    repository root, "sha256": of its source}: a checkpoint keeps it, because the model file carries
+    the weights but not that code. None for a built-in or MONAI backbone."""
+    spec = _REGISTRY.get(name)
+    module = getattr(spec.builder, "__module__", "") if spec is not None else ""
+    if not module.startswith(PLUGIN_PACKAGE + "."):
+        return None
+    from utils.provenance import file_sha256
+
+    path = Path(inspect.getsourcefile(spec.builder) or "")
+    root = Path(__file__).resolve().parents[1]
+    rel = path.resolve().relative_to(root).as_posix() if path.resolve().is_relative_to(root) else str(path)
+    return {"file": rel, "sha256": file_sha256(path)}
 
 
 def list_models() -> list[str]:
@@ -378,7 +398,12 @@ def _import_plugins() -> None:
     import networks.plugins as plugins
 
     for mod in pkgutil.iter_modules(plugins.__path__):
-        importlib.import_module(f"{plugins.__name__}.{mod.name}")
+        try:
+            importlib.import_module(f"{plugins.__name__}.{mod.name}")
+        except Exception as e:  # noqa: BLE001 - one broken plug-in must not stop every command
+            first = str(e).splitlines()[0] if str(e) else ""
+            log.error("networks/plugins/%s.py: not loaded, its backbones are missing (%s: %s)", mod.name,
+                      type(e).__name__, first)
 
 
 _import_plugins()

@@ -7,7 +7,9 @@
 #
 # Environment: ITERS (400), SEED (0), DATASET (phantom), FULL_SIZE (set: each backbone's
 # default width; unset: about 16 base channels each, for a CPU), BACKBONES (space-separated,
-# default "unet attention_unet unetpp unet3d"), MODES ("none offline").
+# default "unet attention_unet unetpp unet3d"; a plug-in or monai:<Class> name too), MODES
+# ("none offline"), MODEL_KW (JSON: the arguments of each backbone this script has no width for,
+# e.g. your plug-in's, so it is compared at a width like the others'; empty: its defaults).
 set -euo pipefail
 shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
@@ -17,9 +19,14 @@ BACKBONES=${BACKBONES:-"unet attention_unet unetpp unet3d"}
 MODES=${MODES:-"none offline"}
 source scripts/lib_runs.sh
 
-# backbone arguments: comparable small widths for a CPU run, the defaults with FULL_SIZE
+# backbone arguments: comparable small widths for a CPU run, the defaults with FULL_SIZE; MODEL_KW
+# (lib_runs.sh reads it per run) for the backbones named nowhere here
+USER_KW=${MODEL_KW:-}
 kw_for() {
-  [ -n "${FULL_SIZE:-}" ] && return 0
+  case "$1" in
+    unet|unet3d|attention_unet|unetpp) [ -n "${FULL_SIZE:-}" ] && return 0 ;;
+    *) echo "$USER_KW"; return 0 ;;
+  esac
   case "$1" in
     unet|unet3d) echo '{"base_channels": 16}' ;;
     attention_unet) echo '{"channels": [16, 32, 64, 128, 256]}' ;;
@@ -34,7 +41,9 @@ for backbone in $BACKBONES; do
     train_and_test "$backbone" "$mode" "ablation_${mode}_it${ITERS}_seed${SEED}"
   done
 done
-OUT=$CKPT/$DATASET/ablation_backbones_it${ITERS}_seed${SEED}.md
+# named by what it compares: another choice of backbones or modes does not replace this table
+SET=$(echo "$BACKBONES $MODES" | tr ' :/' '-__')
+OUT=$CKPT/$DATASET/ablation_backbones_${SET}_it${ITERS}_seed${SEED}.md
 echo
 # RECORD=NAME also writes results/NAME.json, the record docs/RESULTS.md renders
 $PY scripts/compare_runs.py --out "$OUT" "${RUNS[@]}" ${RECORD:+--record "$RECORD"}

@@ -9,8 +9,12 @@
 # dice_best_Wavelet_square_net_vessel_data_size512.pth, for GENERATOR=fpn), SALIENCE
 # (offline | e2e | none; default offline: e2e starts from the fitted bank head, so it needs
 # GENERATOR=bank; none makes no maps), BACKBONE (unet), NPROC (GPUs for torchrun; default 1),
-# FIT_ITERS (head fitting iterations, default 2000), DATA (data), CKPT (checkpoint).
-# Splits: list/3D-IRCADb/vol_{train,val,test}.txt (the authors' seed split).
+# FIT_ITERS (head fitting iterations, default 2000), EPOCHS (100), MAX_ITERS (unset: the epochs
+# decide; a small number makes a dry run, e.g. on a CPU before renting a GPU), MODEL_KW (JSON
+# backbone arguments), DATA (data), CKPT (checkpoint). A dry run's head and run folder are named by
+# its FIT_ITERS, EPOCHS and MAX_ITERS, so the real run after it neither reuses nor resumes them.
+# Splits: list/3D-IRCADb/vol_{train,val,test}.txt (the authors' seed split): every patient they
+# name (all 20) must be under the source folder.
 set -euo pipefail
 shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
@@ -23,7 +27,11 @@ SALIENCE=${SALIENCE:-offline}
 BACKBONE=${BACKBONE:-unet}
 NPROC=${NPROC:-1}
 FIT_ITERS=${FIT_ITERS:-2000}
+EPOCHS=${EPOCHS:-100}
+MAX_ITERS=${MAX_ITERS:-}
+MODEL_KW=${MODEL_KW:-}
 DS=3D-IRCADb
+LISTS=list/$DS
 step() { echo; echo "== $*"; }
 case "$SALIENCE" in
   offline) TAG=${SALIENCE}_${GENERATOR} ;;
@@ -35,6 +43,13 @@ esac
 
 step "1/5 preprocess $SRC -> $DATA/$DS (portal vein + venous system; liver slices)"
 $PY preprocess.py --dataset $DS --src "$SRC" --root_path "$DATA" --workers 4
+# every case of the seed split, or stop here (later steps would fail on the first missing one)
+MISSING=$(cat "$LISTS"/vol_train.txt "$LISTS"/vol_val.txt "$LISTS"/vol_test.txt | while read -r c; do
+  [ -z "$c" ] || [ -f "$DATA/$DS/vol_data/$c.h5" ] || printf '%s ' "$c"; done)
+if [ -n "$MISSING" ]; then
+  echo "error: $DATA/$DS lacks listed case(s) $MISSING: the seed split needs all 20 patients of 3D-IRCADb1 in $SRC" >&2
+  exit 1
+fi
 
 if [ "$SALIENCE" != none ]; then
   step "2/5 salience generator: $GENERATOR"
@@ -44,10 +59,14 @@ if [ "$SALIENCE" != none ]; then
   GEN_ARGS=(--dataset $DS --root_path "$DATA" --generator "$GENERATOR" --normalisation "$NORMALISATION")
   case "$GENERATOR" in
     bank)
-      HEAD=$CKPT/salience/$NORMALISATION/$DS/bank_fit.pth  # one fitted head per rule
+      # one fitted head per rule and fitting length: a dry run's short fit is not the real run's head
+      HEAD_DIR=$CKPT/salience/$NORMALISATION/fit$FIT_ITERS
+      HEAD=$HEAD_DIR/$DS/bank_fit.pth
       if [ ! -f "$HEAD" ]; then
         $PY salience_generation.py "${GEN_ARGS[@]}" --fit --fit_only --iters "$FIT_ITERS" --seed 0 \
-            --checkpoint_dir "$CKPT/salience/$NORMALISATION"
+            --checkpoint_dir "$HEAD_DIR"
+      else
+        echo "the head fitted with $FIT_ITERS iterations is there: $HEAD"
       fi
       GEN_ARGS+=(--weights "$HEAD") ;;
     fpn) GEN_ARGS+=(--weights "${FPN_WEIGHTS:?set FPN_WEIGHTS to the authors weights file}") ;;
@@ -62,9 +81,16 @@ else
 fi
 
 step "4/5 train $BACKBONE (salience $SALIENCE), seed defaults, $NPROC GPU(s)"
+# the run folder names a shortened run, so the real one neither resumes nor reuses it
+EXP=seed_${TAG}
+[ "$EPOCHS" = 100 ] || EXP+=_e$EPOCHS
+[ -z "$MAX_ITERS" ] || EXP+=_it$MAX_ITERS
+[ "$GENERATOR" != bank ] || [ "$SALIENCE" = none ] || [ "$FIT_ITERS" = 2000 ] || EXP+=_fit$FIT_ITERS
 TRAIN_ARGS=(--dataset $DS --root_path "$DATA" --output_root "$CKPT" --backbone "$BACKBONE"
-            --salience "$SALIENCE" --max_epochs 100 --batch_size 4 --base_lr 0.01 --img_size 256 256
-            --seed 0 --exp "seed_${TAG}")
+            --salience "$SALIENCE" --max_epochs "$EPOCHS" --batch_size 4 --base_lr 0.01 --img_size 256 256
+            --seed 0 --exp "$EXP")
+[ -z "$MAX_ITERS" ] || TRAIN_ARGS+=(--max_iterations "$MAX_ITERS")
+[ -z "$MODEL_KW" ] || TRAIN_ARGS+=(--model_kwargs "$MODEL_KW")
 # e2e starts from the head fitted in step 2 (without --head, from an untrained one)
 if [ "$SALIENCE" = e2e ]; then TRAIN_ARGS+=(--head "$HEAD"); fi
 RUN_DIR=$($PY main.py "${TRAIN_ARGS[@]}" --print_run_dir)
@@ -75,7 +101,7 @@ else
   $PY main.py "${TRAIN_ARGS[@]}"
 fi
 
-step "5/5 test on the seed's test cases (4, 8, 13, 16, 18)"
+step "5/5 test on the seed's test cases ($(tr '\n' ' ' < "$LISTS/vol_test.txt"))"
 $PY test.py --dataset $DS --root_path "$DATA" --backbone "$BACKBONE" --model_path "$RUN_DIR/best_model.pth" \
     --eval_roi liver --figures --save_pred nifti --output "$RUN_DIR/eval_test"
 echo "results table: $RUN_DIR/eval_test/results.md"

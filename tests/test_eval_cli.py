@@ -404,3 +404,15 @@ def test_given_options_names_what_a_command_line_changed_from_the_defaults():
     assert given_options(p, args, ("label_values", "iters", "fit")) == ["--label-values"]  # 5 is the default
     with pytest.raises(ValueError, match="nope"):
         given_options(p, args, ("nope",))
+
+
+def test_find_checkpoint_names_the_folder_a_monai_backbones_runs_are_in(tmp_path):
+    from evaluation.runner import find_checkpoint
+
+    root = tmp_path / "checkpoint"
+    for exp in ("a", "b"):  # main.py stores monai:SegResNet's runs under monai_SegResNet
+        _save_ckpt(root / "tiny" / "monai_SegResNet" / "epo1" / exp / "best_model.pth", "unet", "none", TINY_2D)
+    with pytest.raises(ValueError, match=r"tiny/monai_SegResNet: 2 runs match"):
+        find_checkpoint(root, "tiny", "monai:SegResNet")
+    with pytest.raises(FileNotFoundError, match=r"tiny/monai:Other or .*tiny/monai_Other or "):
+        find_checkpoint(root, "tiny", "monai:Other")

@@ -456,3 +456,49 @@ def test_resolved_kwargs_fill_every_default():
     # the form --model_kwargs (JSON) gives, so a resumed run's arguments compare equal
     assert resolve_kwargs("unext", channels=(4, 4, 8)) == resolve_kwargs("unext", channels=[4, 4, 8])
     assert set(TESTED_MONAI) >= {"SegResNet", "UNet"}
+
+
+def test_a_plugin_backbones_checkpoint_names_its_source(tmp_path, monkeypatch, caplog):
+    import logging
+
+    def _plug(in_channels: int, out_channels: int) -> torch.nn.Module:
+        return torch.nn.Conv2d(in_channels, out_channels, 1)
+
+    _plug.__module__ = "networks.plugins._tmp_plug"  # as a module dropped in networks/plugins/ is named
+    monkeypatch.setitem(registry._REGISTRY, "_tmp_plug", registry.ModelSpec("_tmp_plug", _plug, 2, "t"))
+    src = registry.backbone_source("_tmp_plug")
+    assert src["file"] == "tests/test_networks.py" and len(src["sha256"]) == 64
+    assert registry.backbone_source("unet") is None  # built-in: the commit names its code
+    path = tmp_path / "m.pth"
+    save_checkpoint(path, build_segmenter("_tmp_plug", "none"), model_name="_tmp_plug", model_kwargs={},
+                    salience="none", config={}, epoch=0, iteration=0, best_metric=0.0)
+    assert torch.load(path, weights_only=True)["backbone_source"] == src
+    load_model(path)  # registered and unchanged: no warning
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # the plug-in's source changed since: loaded, with a warning naming it
+    monkeypatch.setattr(registry, "backbone_source", lambda name: {**src, "sha256": "0" * 64})
+    monkeypatch.setattr("networks.checkpoint.backbone_source", registry.backbone_source)
+    with caplog.at_level(logging.WARNING):
+        load_model(path)
+    assert any("tests/test_networks.py that defines backbone '_tmp_plug' changed" in r.getMessage()
+               for r in caplog.records)
+    # the plug-in file gone: the error names the checkpoint and the file to put back
+    monkeypatch.delitem(registry._REGISTRY, "_tmp_plug")
+    monkeypatch.setattr("networks.checkpoint.backbone_source", lambda name: None)
+    with pytest.raises(ValueError, match=r"m.pth: its backbone '_tmp_plug' came from the plug-in "
+                                         r"tests/test_networks.py .* put that file in networks/plugins/"):
+        load_model(path)
+
+
+def test_a_broken_plugin_is_skipped_with_one_line(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import networks.plugins as plugins
+
+    (tmp_path / "_tmp_broken.py").write_text("import a_package_that_is_not_installed\n")
+    monkeypatch.setattr(plugins, "__path__", [*plugins.__path__, str(tmp_path)])
+    with caplog.at_level(logging.ERROR):
+        registry._import_plugins()  # the other plug-ins load; no exception
+    (msg,) = [r.getMessage() for r in caplog.records if "_tmp_broken" in r.getMessage()]
+    assert "networks/plugins/_tmp_broken.py: not loaded" in msg and "ModuleNotFoundError" in msg
+    assert "example_fcn" in registry.list_models()

@@ -904,6 +904,7 @@ def test_liver_mask_from_a_zip_of_mask_folders(tmp_path):
     got = read_mask(tmp_path / "MASKS_DICOM.zip", scan)
     assert np.array_equal(got, liver > 0)
     assert np.array_equal(got, read_mask(tmp_path / "MASKS_DICOM" / "liver", scan))
+    assert np.array_equal(got, read_mask(tmp_path / "MASKS_DICOM", scan))  # the unzipped folder, as the zip
     # several folders and none named liver: refused, naming them
     with zipfile.ZipFile(tmp_path / "two.zip", "w") as z:
         for name in ("a", "b"):

@@ -179,6 +179,24 @@ def test_version_is_dirty_for_changed_code_not_for_written_records(tmp_path):
     assert provenance.version_of(tmp_path) == sha
     (tmp_path / "code.py").write_text("x = 2\n")
     assert provenance.version_of(tmp_path) == sha + "-dirty"
+    # an untracked plug-in backbone is code too: its hash joins the version, and an edit changes it
+    plugins = tmp_path / "networks" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "__init__.py").write_text("")
+    git("add", "-A")
+    git("commit", "-qm", "plugins folder")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert provenance.untracked_plugins(tmp_path) == {} and provenance.code_version_of(tmp_path) == sha
+    (plugins / "my_net.py").write_text("WIDTH = 1\n")
+    first = provenance.code_version_of(tmp_path)
+    assert provenance.untracked_plugins(tmp_path) == {
+        "networks/plugins/my_net.py": provenance.file_sha256(plugins / "my_net.py")}
+    assert first.startswith(sha + "+plugins-") and provenance.version_of(tmp_path) == sha
+    (plugins / "my_net.py").write_text("WIDTH = 2\n")
+    assert provenance.code_version_of(tmp_path) != first
+    git("add", "-A")
+    git("commit", "-qm", "the plug-in tracked")
+    assert "+plugins" not in provenance.code_version_of(tmp_path)
 
 
 def test_path_sha256_of_a_file_and_of_a_folder(tmp_path):

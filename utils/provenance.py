@@ -49,29 +49,58 @@ def path_sha256(path: str | os.PathLike) -> str:
 OUTPUT_PATHS = ("results", "docs", "README.md")
 
 
+def _git(root: str | os.PathLike, *args: str) -> Optional[str]:
+    try:
+        res = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout.strip() if res.returncode == 0 else None
+
+
 def version_of(root: str | os.PathLike) -> str:
     """The git commit checked out at ``root`` (``<sha>``), with ``-dirty`` when a tracked file
     outside :data:`OUTPUT_PATHS` differs from it; "unknown" outside a git checkout."""
-    def git(*args: str) -> Optional[str]:
-        try:
-            res = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    sha = git("rev-parse", "HEAD")
+    sha = _git(root, "rev-parse", "HEAD")
     if not sha:
         return "unknown"
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                  *[f":(exclude){p}" for p in OUTPUT_PATHS])
+    changed = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+                   *[f":(exclude){p}" for p in OUTPUT_PATHS])
     return sha + ("-dirty" if changed is None or changed else "")
+
+
+#: where backbones are dropped in (networks.registry imports every module there)
+PLUGINS = "networks/plugins"
+
+
+def untracked_plugins(root: str | os.PathLike) -> dict[str, str]:
+    """{path from ``root``: sha256} of the plug-in modules git does not track: code that trains and
+    runs models but that the commit does not name ({} outside a git checkout)."""
+    root = Path(root)
+    tracked = _git(root, "ls-files", "--", PLUGINS)
+    if tracked is None:
+        return {}
+    known = set(tracked.splitlines())
+    return {f"{PLUGINS}/{f.name}": file_sha256(f) for f in sorted((root / PLUGINS).glob("*.py"))
+            if f"{PLUGINS}/{f.name}" not in known}
 
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The git commit of this code (``<sha>`` or ``<sha>-dirty``, see :func:`version_of`), or
-    "unknown" outside a git checkout."""
-    return version_of(Path(__file__).resolve().parents[1])
+    """:func:`code_version_of` this code."""
+    return code_version_of(Path(__file__).resolve().parents[1])
+
+
+def code_version_of(root: str | os.PathLike) -> str:
+    """The git commit at ``root`` (``<sha>`` or ``<sha>-dirty``, see :func:`version_of`), then
+    ``+plugins-<hash>`` when untracked plug-in backbones are present (the hash of their sources,
+    so a report or model made before one was edited reads as made by other code); "unknown"
+    outside a git checkout."""
+    version = version_of(root)
+    extra = untracked_plugins(root) if version != "unknown" else {}
+    if extra:
+        digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()
+        version += f"+plugins-{digest[:12]}"
+    return version
 
 
 def read_json_doc(path: str | os.PathLike, fmt: str, what: str) -> dict:
