@@ -1,8 +1,10 @@
 """Backbones: parameter count and one forward + backward pass, median of several runs.
 
     .venv/bin/python bench/backbone_bench.py [--names unet unext ...] [--size 256] [--repeats 3] [--threads N]
+        [--record NAME]
 
-Each 2-D backbone is built at its default (paper / seed) sizes with 3 input channels and 1
+Each 2-D backbone (the built-in ones and every registered 2-D plug-in of networks/plugins/ unless
+--names chooses) is built at its default (paper / seed) sizes with 3 input channels and 1
 output channel, and timed on one (1, 3, size, size) batch in training mode: forward, mean of
 the logits, backward. One untimed warm-up run precedes the timed ones. Prints a Markdown
 table, the machine, the thread count and the load average (timings on a shared machine
@@ -23,9 +25,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.records import run_recorded  # noqa: E402
 
-from networks.registry import build_model, spatial_dims_of  # noqa: E402
+from networks.registry import _REGISTRY, PLUGIN_PACKAGE, build_model, spatial_dims_of  # noqa: E402
 
 DEFAULT_NAMES = ("unet", "unet_bilinear", "attention_unet", "unetpp", "unext", "transunet", "ynet")
+
+
+def default_names() -> list[str]:
+    """The built-in 2-D backbones above, then every registered 2-D plug-in (yours is compared too)."""
+    plugins = sorted(n for n, spec in _REGISTRY.items() if spec.builder.__module__.startswith(PLUGIN_PACKAGE + ".")
+                     and spec.spatial_dims == 2)
+    return list(DEFAULT_NAMES) + [n for n in plugins if n not in DEFAULT_NAMES]
 
 
 def time_step(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -42,16 +51,22 @@ def time_step(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--names", nargs="+", default=list(DEFAULT_NAMES))
+    p.add_argument("--names", nargs="+", default=None, help="backbones (default: the built-in 2-D ones and "
+                                                                "every 2-D plug-in)")
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.names = args.names or default_names()
     for name in args.names:
-        if spatial_dims_of(name) != 2:
-            raise SystemExit(f"{name}: not a 2-D backbone")
+        try:
+            dims = spatial_dims_of(name)
+        except ValueError as e:  # an unknown name: the valid ones, not a traceback
+            raise SystemExit(f"error: {e}") from None
+        if dims != 2:
+            raise SystemExit(f"error: {name}: not a 2-D backbone")
     torch.manual_seed(0)
     x = torch.rand(1, 3, args.size, args.size)
     rows = []
@@ -66,7 +81,7 @@ def main() -> None:
     print("| backbone | parameters | forward + backward (s) |")
     print("|---|---:|---:|")
     for name, n, t in rows:
-        print(f"| {name} | {n:,} | {t:.2f} |")
+        print(f"| {name} | {n:,} | {t:.3g} |")
 
 
 if __name__ == "__main__":
