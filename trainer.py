@@ -657,6 +657,10 @@ def _start_logging(run: _Run, horizon: int, n_val: int) -> None:
     from tensorboardX import SummaryWriter
 
     run.writer = run.monitor.writer = SummaryWriter(str(run.run_dir / "tensorboard"))
+    if cfg.salience == "e2e" and not cfg.head and not cfg.init_from and not cfg.resume:
+        # allowed (the e2e mode learns the head too), but easy to get by mistake
+        log.warning("--salience e2e without --head: the salience head starts untrained (give --head with a fitted "
+                    "head, e.g. salience_generation.py --fit's, to start from it)")
     log.info("run folder %s; %s %d-D, salience %s, %d training items, %d val cases, device %s, %s, amp %s",
              run.run_dir, cfg.backbone, run.dims, cfg.salience, len(run.train_set), n_val, env.device,
              f"DDP x{env.world_size} ({dist.get_backend()})" if env.distributed else "single process", env.amp_dtype)

@@ -934,6 +934,9 @@ def test_head_and_an_e2e_init_from_are_refused_together(tiny_dataset, tmp_path):
     from networks.salience import default_head_path
 
     src = train(cfg_for(tiny_dataset, tmp_path, salience="e2e", max_iterations=1, exp="src")).run_dir / "last.pth"
+    # without --head the head starts untrained, and the run's log says so
+    assert "--salience e2e without --head: the salience head starts untrained" in \
+        (src.parent / "train.log").read_text()
     with pytest.raises(ValueError, match=r"--head .*: the salience head comes from --init_from .*not both"):
         train(cfg_for(tiny_dataset, tmp_path, salience="e2e", max_iterations=1, exp="both", init_from=str(src),
                       head=str(default_head_path())))
@@ -942,6 +945,7 @@ def test_head_and_an_e2e_init_from_are_refused_together(tiny_dataset, tmp_path):
     run = train(cfg_for(tiny_dataset, tmp_path, salience="e2e", max_iterations=1, exp="mixed", init_from=str(plain),
                         head=str(default_head_path())))
     assert run.iteration == 1
+    assert "without --head" not in (run.run_dir / "train.log").read_text()
 
 
 def test_freeze_bn_needs_init_from(tiny_dataset, tmp_path):
