@@ -191,6 +191,11 @@ def check_reuse(cfg: TrainConfig) -> tuple[int, str]:
     changed = data_changes(cfg, ckpt.get("manifests") or {})
     if changed:
         return NO_RUN, f"{last}: trained on other data ({'; '.join(changed)}): training again"
+    from networks.registry import backbone_source
+
+    if (ckpt.get("backbone_source") or None) != backbone_source(cfg.backbone):
+        # a plug-in edited since (or a backbone now registered by other code): other code, other model
+        return NO_RUN, f"{last}: trained with another version of backbone {cfg.backbone}'s code: training again"
     return REUSE, f"{last}: finished, same options, same data"
 
 

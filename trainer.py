@@ -59,6 +59,7 @@ from dataloaders.inputs import input_channels
 from inference.predictor import Predictor
 from losses import make_loss, make_optimizer, poly_scheduler
 from networks.checkpoint import (
+    check_backbone_source,
     check_compatible,
     generator_record,
     init_from_checkpoint,
@@ -462,6 +463,8 @@ class _Run:
     mm_per_pixel: Optional[float] = None  # what the 2-D model sees (checkpoints record it for test.py)
     generator: Optional[dict] = None  # offline maps' generator, embedded in checkpoints (predict.py)
     stage: StageManifests = field(default_factory=lambda: StageManifests(None, None))
+    #: warnings found while setting up, said once train.log is open (rank 0)
+    notes: list[str] = field(default_factory=list)
     writer: Any = None
     epoch: int = 0
     iteration: int = 0
@@ -581,6 +584,7 @@ def _resume(run: _Run) -> Optional[str]:
     """
     cfg = run.cfg
     ckpt = load_checkpoint(run.last_path, map_location="cpu")
+    check_backbone_source(ckpt, run.last_path)  # the plug-in gone: refused; edited since: a warning
     check_compatible(ckpt, run.last_path, backbone=cfg.backbone,
                      model_kwargs=resolve_kwargs(cfg.backbone, **cfg.model_kwargs), salience=cfg.salience)
     saved = ckpt.get("config") or {}
@@ -657,10 +661,8 @@ def _start_logging(run: _Run, horizon: int, n_val: int) -> None:
     from tensorboardX import SummaryWriter
 
     run.writer = run.monitor.writer = SummaryWriter(str(run.run_dir / "tensorboard"))
-    if cfg.salience == "e2e" and not cfg.head and not cfg.init_from and not cfg.resume:
-        # allowed (the e2e mode learns the head too), but easy to get by mistake
-        log.warning("--salience e2e without --head: the salience head starts untrained (give --head with a fitted "
-                    "head, e.g. salience_generation.py --fit's, to start from it)")
+    for note in run.notes:
+        log.warning("%s", note)
     log.info("run folder %s; %s %d-D, salience %s, %d training items, %d val cases, device %s, %s, amp %s",
              run.run_dir, cfg.backbone, run.dims, cfg.salience, len(run.train_set), n_val, env.device,
              f"DDP x{env.world_size} ({dist.get_backend()})" if env.distributed else "single process", env.amp_dtype)
@@ -696,6 +698,7 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
     model = build_segmenter(cfg.backbone, cfg.salience, len(cfg.classes) if cfg.classes else 1, cfg.model_kwargs,
                             head_path=cfg.head, context=cfg.context_slices)
     model = model.to(env.device, memory_format=env.memory_format)
+    head_from_init = False
     if cfg.init_from and not cfg.resume:
         src = init_from_checkpoint(model, cfg.init_from, model_name=cfg.backbone, salience=cfg.salience,
                                    context=cfg.context_slices)
@@ -705,6 +708,7 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
                              f"run) and replaces it; give --head or an e2e --init_from, not both")
         log.info("weights from %s (%s, salience %s, epoch %s)", cfg.init_from, src["model_name"], src["salience"],
                  src.get("epoch"))
+        head_from_init = cfg.salience == "e2e" and src["salience"] == "e2e"  # the head is copied then
     if cfg.freeze_bn and freeze_norm_statistics(model) == 0:
         raise ValueError(f"--freeze_bn: backbone {cfg.backbone} has no BatchNorm layer whose statistics could be kept")
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.base_lr, cfg.weight_decay, cfg.momentum)
@@ -723,16 +727,19 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
                LossMonitor(env, None, run_dir / "last.pth", t_start), t_start=t_start, saved_at=time.monotonic(),
                mm_per_pixel=train_set.mm_per_pixel() if isinstance(train_set, SliceDataSet) else None,
                generator=offline_generator(stage.salience), stage=stage)
-    resumed_note = None
+    if cfg.salience == "e2e" and not cfg.head and not head_from_init and not cfg.resume:
+        # allowed (the e2e mode learns the head too), but easy to get by mistake
+        run.notes.append("--salience e2e without --head: the salience head starts untrained (give --head with a "
+                         "fitted head, e.g. salience_generation.py --fit's, to start from it)")
     if cfg.resume:
-        resumed_note = _resume(run)
+        note = _resume(run)
         if is_complete(cfg, run.epoch, run.iteration):
             run.complete = True
             return run  # nothing to train: no logs, no files touched
+        if note:
+            run.notes.append(note)
     if env.main:
         _start_logging(run, horizon, len(val_cases))
-        if resumed_note:
-            log.warning("%s", resumed_note)
     if env.distributed:
         ddp_kw = {"device_ids": [env.local_rank]} if env.device.type == "cuda" else {}
         run.model = nn.parallel.DistributedDataParallel(run.model, **ddp_kw)

@@ -25,16 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.records import run_recorded  # noqa: E402
 
-from networks.registry import _REGISTRY, PLUGIN_PACKAGE, build_model, spatial_dims_of  # noqa: E402
+from networks.registry import build_model, plugin_names, spatial_dims_of  # noqa: E402
 
 DEFAULT_NAMES = ("unet", "unet_bilinear", "attention_unet", "unetpp", "unext", "transunet", "ynet")
 
 
 def default_names() -> list[str]:
     """The built-in 2-D backbones above, then every registered 2-D plug-in (yours is compared too)."""
-    plugins = sorted(n for n, spec in _REGISTRY.items() if spec.builder.__module__.startswith(PLUGIN_PACKAGE + ".")
-                     and spec.spatial_dims == 2)
-    return list(DEFAULT_NAMES) + [n for n in plugins if n not in DEFAULT_NAMES]
+    return list(DEFAULT_NAMES) + [n for n in plugin_names(2) if n not in DEFAULT_NAMES]
 
 
 def time_step(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
@@ -71,17 +69,20 @@ def main() -> None:
     x = torch.rand(1, 3, args.size, args.size)
     rows = []
     for name in args.names:
-        model = build_model(name, 3, 1).train()
-        n = sum(q.numel() for q in model.parameters())
-        rows.append((name, n, time_step(model, x, args.repeats)))
-        del model
+        try:
+            model = build_model(name, 3, 1).train()
+            rows.append((name, sum(q.numel() for q in model.parameters()), time_step(model, x, args.repeats)))
+        except Exception as e:  # noqa: BLE001 - a plug-in that cannot run at its defaults: a row, not the end
+            print(f"{name}: skipped ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
+            rows.append((name, None, None))
+        model = None
     print(f"\nmachine: {platform.node()} | CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores | "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads | load average {os.getloadavg()}")
     print(f"input (1, 3, {args.size}, {args.size}), training mode, forward + backward, median of {args.repeats}\n")
     print("| backbone | parameters | forward + backward (s) |")
     print("|---|---:|---:|")
     for name, n, t in rows:
-        print(f"| {name} | {n:,} | {t:.3g} |")
+        print(f"| {name} | {'n/a' if n is None else f'{n:,}'} | {'failed' if t is None else f'{t:.3g}'} |")
 
 
 if __name__ == "__main__":

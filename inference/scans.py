@@ -322,8 +322,9 @@ def write_nifti(path: Path, img: sitk.Image) -> Path:
 
 
 def read_mask(path: str | os.PathLike, scan: Scan) -> np.ndarray:
-    """A mask (e.g. the liver) for ``scan`` as bool (H, W, D): a NIfTI file in the scan's geometry,
-    or a DICOM mask series folder (values > 0) with the scan's slices."""
+    """A mask (e.g. the liver) for ``scan`` as bool (H, W, D): a NIfTI file on the scan's grid (in any
+    axis order), or a DICOM mask series (values > 0) with the scan's slices: a folder, a folder of
+    mask folders or a zip of them (its ``liver`` one, as 3D-IRCADb's MASKS_DICOM)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: mask not found")
@@ -352,10 +353,10 @@ def read_mask(path: str | os.PathLike, scan: Scan) -> np.ndarray:
     files = folder_files(path, f"{path}/")
     if not files:  # a folder of mask folders (3D-IRCADb's MASKS_DICOM): its liver one
         subs = sorted(p for p in path.iterdir() if p.is_dir() and visible(p.name))
-        pick = next((p for p in subs if p.name.lower() == "liver"), subs[0] if len(subs) == 1 else None)
+        pick = next((p for p in subs if p.name.lower() == "liver"), None)
         if pick is None and subs:
-            raise PreprocessError(scan.case, str(path), f"holds several mask folders ({', '.join(p.name for p in subs)}) "
-                                                        "and none is named 'liver'; give the folder")
+            raise PreprocessError(scan.case, str(path), f"holds mask folders ({', '.join(p.name for p in subs)}) and "
+                                                        "none is named 'liver'; give the folder")
         if pick is not None:
             path, files = pick, folder_files(pick, f"{pick}/")
     return _mask_series(scan, path, files)

@@ -6,7 +6,10 @@ A checkpoint is ``torch.save`` of a dict::
     model_name    registry name ("unet", "unet3d", "monai:BasicUNet", ...)
     model_kwargs  every keyword argument of the backbone's builder, defaults filled in
                   (networks.registry.resolve_kwargs), so a changed default cannot change it
-    code_version  git commit of the code that wrote it ("<sha>[-dirty]", or "unknown")
+    backbone_source  a plug-in backbone's {"file", "sha256"} (networks.registry.backbone_source;
+                  None for a built-in or MONAI one): the weights need that code
+    code_version  git commit of the code that wrote it ("<sha>[-dirty][+plugins-<hash>]", or
+                  "unknown"; utils.provenance.code_version)
     in_channels   channels of the model input (dataloaders.inputs.input_channels(salience))
     out_channels  1: one logit channel, sigmoid outside; K: one logit per class of
                   ``config["classes"]`` (main.py --classes), each with its own sigmoid
@@ -59,7 +62,7 @@ import torch.nn as nn
 
 from dataloaders.inputs import input_channels
 from networks.e2e import build_segmenter
-from networks.registry import backbone_source, resolve_kwargs, spatial_dims_of
+from networks.registry import backbone_source, list_models, resolve_kwargs, spatial_dims_of
 from networks.salience import (
     GENERATORS,
     AnalyticGenerator,
@@ -265,8 +268,13 @@ def check_backbone_source(ckpt: dict, path: str | os.PathLike = "<checkpoint>") 
         return
     now = backbone_source(name)
     if now is None:
+        if name in list_models():  # registered now by other code (a plug-in made a built-in, say)
+            log.warning("%s: backbone %r came from the plug-in %s; here other code registers it", path, name,
+                        src["file"])
+            return
         raise ValueError(f"{path}: its backbone {name!r} came from the plug-in {src['file']} (sha256 "
-                         f"{src['sha256'][:12]}), which is not registered here: put that file in networks/plugins/")
+                         f"{src['sha256'][:12]}), which is not registered here: put that file in networks/plugins/ "
+                         f"(if it is there, it failed to import: see the error above)")
     if now["sha256"] != src["sha256"]:
         log.warning("%s: the plug-in %s that defines backbone %r changed since this model was saved (sha256 %s, "
                     "now %s): the weights may not mean what they did", path, now["file"], name, src["sha256"][:12],
@@ -307,6 +315,7 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike, *, model_nam
     another number of neighbouring slices than ``context`` (``--context_slices``).
     """
     ckpt = load_checkpoint(path)
+    check_backbone_source(ckpt, path)
     if context_of(ckpt.get("config")) != context:
         raise ValueError(f"{path}: --init_from model saw {context_of(ckpt.get('config'))} neighbouring slices on "
                          f"each side, this run --context_slices {context}")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -93,20 +94,35 @@ def register(name: str, spatial_dims: int) -> Callable[[Callable[..., nn.Module]
 PLUGIN_PACKAGE = "networks.plugins"
 
 
+def _plugin_module(spec: Optional[ModelSpec]) -> Optional[str]:
+    """The plug-in module that registered ``spec`` (a partial's function counts), or None."""
+    builder = getattr(spec, "builder", None)
+    builder = getattr(builder, "func", builder)  # functools.partial
+    module = getattr(builder, "__module__", None) or getattr(type(builder), "__module__", "")
+    return module if module.startswith(PLUGIN_PACKAGE + ".") else None
+
+
+def plugin_names(spatial_dims: Optional[int] = None) -> list[str]:
+    """The registered backbones a plug-in module defined (of ``spatial_dims`` when given)."""
+    return sorted(n for n, spec in _REGISTRY.items()
+                  if _plugin_module(spec) and spatial_dims in (None, spec.spatial_dims))
+
+
 def backbone_source(name: str) -> Optional[dict]:
     """For a backbone registered by a plug-in module (networks/plugins/), {"file": its path from the
     repository root, "sha256": of its source}: a checkpoint keeps it, because the model file carries
-    the weights but not that code. None for a built-in or MONAI backbone."""
-    spec = _REGISTRY.get(name)
-    module = getattr(spec.builder, "__module__", "") if spec is not None else ""
-    if not module.startswith(PLUGIN_PACKAGE + "."):
+    the weights but not that code. None for a built-in or MONAI backbone, or when the module has no
+    source file."""
+    module = _plugin_module(_REGISTRY.get(name))
+    file = getattr(sys.modules.get(module or ""), "__file__", None)
+    if not module or not file or not Path(file).is_file():
         return None
     from utils.provenance import file_sha256
 
-    path = Path(inspect.getsourcefile(spec.builder) or "")
+    path = Path(file).resolve()
     root = Path(__file__).resolve().parents[1]
-    rel = path.resolve().relative_to(root).as_posix() if path.resolve().is_relative_to(root) else str(path)
-    return {"file": rel, "sha256": file_sha256(path)}
+    return {"file": path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path),
+            "sha256": file_sha256(path)}
 
 
 def list_models() -> list[str]:

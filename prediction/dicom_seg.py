@@ -46,6 +46,19 @@ def _complete(header, frame_of_reference: str):
     return ds
 
 
+#: DICOM's Long String (LO), which both version attributes are, holds at most 64 characters
+LO_MAX = 64
+
+
+def short_version(version: str) -> str:
+    """``version`` (``<sha>[-dirty][+plugins-<hash>]``) within :data:`LO_MAX` characters: the commit
+    shortened to 12 hex digits when the whole would not fit, the suffixes kept."""
+    if len(version) <= LO_MAX:
+        return version
+    sha, sep, rest = version.partition("-") if "-" in version else version.partition("+")
+    return (sha[:12] + sep + rest)[:LO_MAX]
+
+
 def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, headers: Sequence, *, kind: str = "vessels",
                     software_version: str = "unknown") -> Path:
     """Write ``labels`` (int (H, W, D): 0 background, else the segment number of ``SEGMENTS[kind]``)
@@ -66,6 +79,7 @@ def write_dicom_seg(path: str | os.PathLike, labels: np.ndarray, headers: Sequen
     rows, cols = int(headers[0].Rows), int(headers[0].Columns)
     if (rows, cols) != (h, w):
         raise ValueError(f"mask slices are {h} x {w}, the series' images {rows} x {cols}")
+    software_version = short_version(software_version)
     algorithm = hd.AlgorithmIdentificationSequence(name="livervessel CAS", version=software_version,
                                                    family=codes.cid7162.ArtificialIntelligence)
     descriptions = [

@@ -42,7 +42,9 @@ for backbone in $BACKBONES; do
   done
 done
 # named by what it compares: another choice of backbones or modes does not replace this table
-SET=$(echo "$BACKBONES $MODES" | tr ' :/' '-__')
+# shellcheck disable=SC2086  # word-split on purpose: any spacing gives one name
+SET=$(printf '%s-' $BACKBONES $MODES | tr ':/' '__')
+SET=${SET%-}
 OUT=$CKPT/$DATASET/ablation_backbones_${SET}_it${ITERS}_seed${SEED}.md
 echo
 # RECORD=NAME also writes results/NAME.json, the record docs/RESULTS.md renders

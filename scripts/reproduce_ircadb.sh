@@ -31,7 +31,7 @@ EPOCHS=${EPOCHS:-100}
 MAX_ITERS=${MAX_ITERS:-}
 MODEL_KW=${MODEL_KW:-}
 DS=3D-IRCADb
-LISTS=list/$DS
+LISTS=list/$DS  # the seed split
 step() { echo; echo "== $*"; }
 case "$SALIENCE" in
   offline) TAG=${SALIENCE}_${GENERATOR} ;;
@@ -44,8 +44,11 @@ esac
 step "1/5 preprocess $SRC -> $DATA/$DS (portal vein + venous system; liver slices)"
 $PY preprocess.py --dataset $DS --src "$SRC" --root_path "$DATA" --workers 4
 # every case of the seed split, or stop here (later steps would fail on the first missing one)
-MISSING=$(cat "$LISTS"/vol_train.txt "$LISTS"/vol_val.txt "$LISTS"/vol_test.txt | while read -r c; do
-  [ -z "$c" ] || [ -f "$DATA/$DS/vol_data/$c.h5" ] || printf '%s ' "$c"; done)
+MISSING=$($PY -c "import sys
+from utils.h5io import DatasetPaths, read_list
+p = DatasetPaths.of(sys.argv[1], sys.argv[2], sys.argv[3])
+print(' '.join(c for s in ('train', 'val', 'test') for c in read_list(p.list_file('vol_' + s))
+               if not p.volume(c).is_file()))" "$DATA" "$DS" list)
 if [ -n "$MISSING" ]; then
   echo "error: $DATA/$DS lacks listed case(s) $MISSING: the seed split needs all 20 patients of 3D-IRCADb1 in $SRC" >&2
   exit 1
@@ -60,7 +63,8 @@ if [ "$SALIENCE" != none ]; then
   case "$GENERATOR" in
     bank)
       # one fitted head per rule and fitting length: a dry run's short fit is not the real run's head
-      HEAD_DIR=$CKPT/salience/$NORMALISATION/fit$FIT_ITERS
+      HEAD_DIR=$CKPT/salience/$NORMALISATION
+      [ "$FIT_ITERS" = 2000 ] || HEAD_DIR+=/fit$FIT_ITERS
       HEAD=$HEAD_DIR/$DS/bank_fit.pth
       if [ ! -f "$HEAD" ]; then
         $PY salience_generation.py "${GEN_ARGS[@]}" --fit --fit_only --iters "$FIT_ITERS" --seed 0 \
@@ -101,7 +105,7 @@ else
   $PY main.py "${TRAIN_ARGS[@]}"
 fi
 
-step "5/5 test on the seed's test cases ($(tr '\n' ' ' < "$LISTS/vol_test.txt"))"
+step "5/5 test on the seed's test cases ($(tr '\n' ' ' < "$LISTS/vol_test.txt" | sed 's/ *$//'))"
 $PY test.py --dataset $DS --root_path "$DATA" --backbone "$BACKBONE" --model_path "$RUN_DIR/best_model.pth" \
     --eval_roi liver --figures --save_pred nifti --output "$RUN_DIR/eval_test"
 echo "results table: $RUN_DIR/eval_test/results.md"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from fractions import Fraction
+import sys
 
 import pytest
 import torch
@@ -464,9 +465,16 @@ def test_a_plugin_backbones_checkpoint_names_its_source(tmp_path, monkeypatch, c
     def _plug(in_channels: int, out_channels: int) -> torch.nn.Module:
         return torch.nn.Conv2d(in_channels, out_channels, 1)
 
-    _plug.__module__ = "networks.plugins._tmp_plug"  # as a module dropped in networks/plugins/ is named
+    import types
+
+    # as a module dropped in networks/plugins/ is named and loaded (its source: this file)
+    module = types.ModuleType("networks.plugins._tmp_plug")
+    module.__file__ = __file__
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    _plug.__module__ = module.__name__
     monkeypatch.setitem(registry._REGISTRY, "_tmp_plug", registry.ModelSpec("_tmp_plug", _plug, 2, "t"))
-    src = registry.backbone_source("_tmp_plug")
+    real_source = registry.backbone_source  # monkeypatched below
+    src = real_source("_tmp_plug")
     assert src["file"] == "tests/test_networks.py" and len(src["sha256"]) == 64
     assert registry.backbone_source("unet") is None  # built-in: the commit names its code
     path = tmp_path / "m.pth"
@@ -483,11 +491,30 @@ def test_a_plugin_backbones_checkpoint_names_its_source(tmp_path, monkeypatch, c
     assert any("tests/test_networks.py that defines backbone '_tmp_plug' changed" in r.getMessage()
                for r in caplog.records)
     # the plug-in file gone: the error names the checkpoint and the file to put back
-    monkeypatch.delitem(registry._REGISTRY, "_tmp_plug")
     monkeypatch.setattr("networks.checkpoint.backbone_source", lambda name: None)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # registered still, by other code: loaded, with a warning
+        load_model(path)
+    assert any("here other code registers it" in r.getMessage() for r in caplog.records)
+    monkeypatch.delitem(registry._REGISTRY, "_tmp_plug")
     with pytest.raises(ValueError, match=r"m.pth: its backbone '_tmp_plug' came from the plug-in "
                                          r"tests/test_networks.py .* put that file in networks/plugins/"):
         load_model(path)
+    # builders that are partials or callable objects of a plug-in module are plug-ins too, and
+    # one without a source file gives no source, not an error
+    import functools
+
+    class _Builder:
+        def __call__(self, in_channels: int, out_channels: int) -> torch.nn.Module:
+            return torch.nn.Conv2d(in_channels, out_channels, 1)
+
+    _Builder.__module__ = module.__name__
+    for name, fn in (("_tmp_partial", functools.partial(_plug)), ("_tmp_object", _Builder())):
+        monkeypatch.setitem(registry._REGISTRY, name, registry.ModelSpec(name, fn, 2, "t"))
+        assert real_source(name)["file"] == "tests/test_networks.py", name
+    assert "_tmp_partial" in registry.plugin_names(2) and "_tmp_object" not in registry.plugin_names(3)
+    monkeypatch.setattr(module, "__file__", None)
+    assert real_source("_tmp_object") is None
 
 
 def test_a_broken_plugin_is_skipped_with_one_line(tmp_path, monkeypatch, caplog):

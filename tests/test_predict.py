@@ -696,8 +696,13 @@ def test_dicom_seg_of_two_trees_has_one_segment_each(phantom_case, tmp_path):
     labels = np.zeros(scan.hu.shape, np.uint8)
     labels[10:20, 10:30, 1:4] = 1
     labels[30:40, 5:15, 2:6] = 2
-    path = write_dicom_seg(tmp_path / "trees.dcm", labels, scan.dicom_headers, kind="trees")
+    # the longest code version (a changed checkout with an untracked plug-in) is 67 characters; DICOM's
+    # version attributes hold 64
+    long_version = "a" * 40 + "-dirty+plugins-" + "b" * 12
+    path = write_dicom_seg(tmp_path / "trees.dcm", labels, scan.dicom_headers, kind="trees",
+                           software_version=long_version)
     seg = hd.seg.segread(str(path))
+    assert seg.SoftwareVersions == "a" * 12 + "-dirty+plugins-" + "b" * 12
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["portal vein", "hepatic veins"]
     assert [s.SegmentedPropertyTypeCodeSequence[0].CodeValue for s in seg.SegmentSequence] == ["32764006", "8993003"]
     uids = [str(h.SOPInstanceUID) for h in scan.dicom_headers]

@@ -194,6 +194,13 @@ def test_version_is_dirty_for_changed_code_not_for_written_records(tmp_path):
     assert first.startswith(sha + "+plugins-") and provenance.version_of(tmp_path) == sha
     (plugins / "my_net.py").write_text("WIDTH = 2\n")
     assert provenance.code_version_of(tmp_path) != first
+    # an editor's lock file (a dangling symlink) and macOS's ._ files are not plug-ins; a package is one
+    (plugins / ".#my_net.py").symlink_to("nobody@host.1234")
+    (plugins / "._my_net.py").write_bytes(b"resource fork")
+    (plugins / "pkgnet").mkdir()
+    (plugins / "pkgnet" / "__init__.py").write_text("from .net import *\n")
+    assert sorted(provenance.untracked_plugins(tmp_path)) == ["networks/plugins/my_net.py",
+                                                              "networks/plugins/pkgnet/__init__.py"]
     git("add", "-A")
     git("commit", "-qm", "the plug-in tracked")
     assert "+plugins" not in provenance.code_version_of(tmp_path)

@@ -527,6 +527,12 @@ def test_reuse_keeps_finished_same_options_retrains_early_stops_and_refuses_othe
     last = cfg.run_dir() / "last.pth"
     assert last.is_file()
     assert main_cli.check_reuse(cfg)[0] == main_cli.REUSE
+    # the same run, had its backbone come from a plug-in edited since: trained again, not reused
+    ckpt = torch.load(last, weights_only=True)
+    torch.save({**ckpt, "backbone_source": {"file": "networks/plugins/x.py", "sha256": "0" * 64}}, last)
+    status, message = main_cli.check_reuse(cfg)
+    assert status == main_cli.NO_RUN and "another version of backbone unet's code" in message
+    torch.save(ckpt, last)
     trained = last.stat().st_mtime_ns
     assert _cli(tiny_dataset, tmp_path, *base, "--reuse") == 0
     assert last.stat().st_mtime_ns == trained  # kept, not trained again
@@ -946,6 +952,13 @@ def test_head_and_an_e2e_init_from_are_refused_together(tiny_dataset, tmp_path):
                         head=str(default_head_path())))
     assert run.iteration == 1
     assert "without --head" not in (run.run_dir / "train.log").read_text()
+    # an e2e run from a non-e2e one gets no head from it: untrained, and said so
+    fresh = train(cfg_for(tiny_dataset, tmp_path, salience="e2e", max_iterations=1, exp="from_plain",
+                          init_from=str(plain)))
+    assert "the salience head starts untrained" in (fresh.run_dir / "train.log").read_text()
+    from_e2e = train(cfg_for(tiny_dataset, tmp_path, salience="e2e", max_iterations=1, exp="from_e2e",
+                             init_from=str(src)))
+    assert "starts untrained" not in (from_e2e.run_dir / "train.log").read_text()
 
 
 def test_freeze_bn_needs_init_from(tiny_dataset, tmp_path):

@@ -73,15 +73,24 @@ PLUGINS = "networks/plugins"
 
 
 def untracked_plugins(root: str | os.PathLike) -> dict[str, str]:
-    """{path from ``root``: sha256} of the plug-in modules git does not track: code that trains and
-    runs models but that the commit does not name ({} outside a git checkout)."""
+    """{path from ``root``: sha256} of the files under networks/plugins/ that git neither tracks nor
+    ignores (a plug-in module or package: code that trains and runs models but that the commit does
+    not name); hidden names (editor lock files, macOS ``._`` files) and unreadable entries are left
+    out. {} outside a git checkout."""
     root = Path(root)
-    tracked = _git(root, "ls-files", "--", PLUGINS)
-    if tracked is None:
+    listed = _git(root, "ls-files", "--others", "--exclude-standard", "--", PLUGINS)
+    if not listed:
         return {}
-    known = set(tracked.splitlines())
-    return {f"{PLUGINS}/{f.name}": file_sha256(f) for f in sorted((root / PLUGINS).glob("*.py"))
-            if f"{PLUGINS}/{f.name}" not in known}
+    out = {}
+    for rel in sorted(listed.splitlines()):
+        path = root / rel
+        if any(part.startswith(".") for part in Path(rel).parts) or not path.is_file():
+            continue
+        try:
+            out[rel] = file_sha256(path)
+        except OSError:  # gone or unreadable since git listed it: not code that runs
+            continue
+    return out
 
 
 @functools.lru_cache(maxsize=1)
