@@ -27,7 +27,7 @@ import sys
 from typing import Optional, Sequence
 
 from evaluation.predictions import PRED_FORMATS
-from evaluation.reports import console_table, tree_columns
+from evaluation.reports import WRONG_TREE, console_table, tree_columns
 from evaluation.runner import ROI_CHOICES, run_evaluation
 from utils.cli import add_tree_smoothness, given_options, refuse_smoothness_alone
 from utils.logging_setup import setup_logging
@@ -98,7 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     print(console_table(res.rows, res.summary))
     if res.classes:
-        print("\nper tree (wrong tree: of the true vessel voxels found, the share given the other tree):")
+        print(f"\nper tree (wrong tree: {WRONG_TREE}):")
         print(console_table(res.rows, res.summary, tree_columns(res.classes)))
     print(f"report: {res.output}")
     return 0

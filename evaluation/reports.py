@@ -120,6 +120,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], summary: dict[str, dict[str, 
     return "\n".join(lines) + "\n"
 
 
+#: what the per-tree tables' "wrong tree" columns hold
+WRONG_TREE = "of the true vessel voxels found, the share given the other tree"
+
+
 def tree_columns(classes: Sequence[str]) -> list[tuple[str, str, str]]:
     """The per-tree table's columns (key, heading, format) of a report of ``classes`` (a two-tree
     model or a tree model): each tree's Dice and clDice, then the share of found vessel voxels given

@@ -21,6 +21,7 @@ from evaluation.graph import GRAPH_KEYS
 from evaluation.metrics import METRIC_KEYS, evaluate_case, wrong_tree_share
 from evaluation.predictions import PRED_FORMATS, save_prediction
 from evaluation.reports import (
+    WRONG_TREE,
     markdown_table,
     read_per_case_csv,
     summarize,
@@ -436,11 +437,11 @@ def _write_reports(tmp: Path, ev: _Evaluation, rows: list[dict[str, Any]], keys:
               f"checkpoint `{model_path}` (epoch {ckpt.get('epoch')}).\n"
               "Distances in mm; CLrec = centreline recall by vessel radius (mm); CC = connected components "
               "(26-connectivity); n/a = undefined (empty mask or bin).\n\n")
-    trees = ("" if not ev.classes else
-             "\n**Per tree** (wrong tree: of the true vessel voxels found, the share given the other tree; as "
-             "written, and voxel by voxel before the " + ("minimum cut" if ev.trees is not None else
-                                                          "one-tree-per-piece step") + "):\n\n"
-             + markdown_table(rows, summary, tree_columns(ev.classes)))
+    trees = ""
+    if ev.classes:
+        step = "minimum cut" if ev.trees is not None else "one-tree-per-piece step"
+        trees = (f"\n**Per tree** (wrong tree: {WRONG_TREE}; as written, and voxel by voxel before the {step}):\n\n"
+                 + markdown_table(rows, summary, tree_columns(ev.classes)))
     (tmp / "results.md").write_text(header + markdown_table(rows, summary) + trees)
     return summary
 

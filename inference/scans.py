@@ -352,31 +352,35 @@ def read_mask(path: str | os.PathLike, scan: Scan) -> np.ndarray:
                                                     "zip of one")
     files = folder_files(path, f"{path}/")
     if not files:  # a folder of mask folders (3D-IRCADb's MASKS_DICOM): its liver one
-        subs = sorted(p for p in path.iterdir() if p.is_dir() and visible(p.name))
-        pick = next((p for p in subs if p.name.lower() == "liver"), None)
-        if pick is None and subs:
-            raise PreprocessError(scan.case, str(path), f"holds mask folders ({', '.join(p.name for p in subs)}) and "
-                                                        "none is named 'liver'; give the folder")
-        if pick is not None:
+        subs = {p.name: p for p in path.iterdir() if p.is_dir() and visible(p.name)}
+        if subs:
+            pick = subs[_liver_folder(scan.case, path, list(subs), lone_ok=False)]
             path, files = pick, folder_files(pick, f"{pick}/")
     return _mask_series(scan, path, files)
 
 
+def _liver_folder(case: str, path: Path, folders: Sequence[str], lone_ok: bool) -> str:
+    """Which of the mask folders ``folders`` (paths, "/"-separated) in the folder or zip ``path`` is the
+    mask: the one named ``liver`` (3D-IRCADb's MASKS_DICOM holds one folder per structure), or, with
+    ``lone_ok``, the only one (a zip holding one series is that mask; a folder's lone subfolder could
+    be anything, a CT series even); PreprocessError naming them otherwise."""
+    pick = next((f for f in folders if f.rsplit("/", 1)[-1].lower() == "liver"), None)
+    if pick is None and lone_ok and len(folders) == 1:
+        pick = folders[0]
+    if pick is None:
+        shown = ", ".join(sorted(f or "<top>" for f in folders))
+        raise PreprocessError(case, str(path), f"holds several mask folders ({shown}) and none is named 'liver'; "
+                                               "give the mask's own folder")
+    return pick
+
+
 def _zip_mask_files(case: str, path: Path, z: zipfile.ZipFile) -> list[DicomFile]:
-    """The slices of the mask series in an open zip: its one folder of files, or the folder named
-    ``liver`` among several (3D-IRCADb's MASKS_DICOM.zip holds one folder per structure)."""
+    """The slices of the mask series in an open zip: the folder :func:`_liver_folder` picks."""
     folders: dict[str, list[tuple[list[str], str]]] = {}
     for parts, member in zip_members(z):
         folders.setdefault("/".join(parts[:-1]), []).append((parts, member))
-    pick = next((f for f in folders if f.rsplit("/", 1)[-1].lower() == "liver"), None)
-    if pick is None and len(folders) == 1:
-        pick = next(iter(folders))
-    if pick is None:
-        shown = ", ".join(sorted(f or "<top>" for f in folders))
-        raise PreprocessError(case, str(path), f"the zip holds several mask folders ({shown}) and none is named "
-                                               "'liver'; unzip it and give the folder")
     files = [DicomFile(f"{path}:{member}", file_index(parts[-1]), archive=z, member=member)
-             for parts, member in folders[pick]]
+             for parts, member in folders[_liver_folder(case, path, list(folders), lone_ok=True)]]
     return sorted(files, key=lambda f: (f.index, f.name))
 
 
