@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dataloaders.inputs import check_blur_aug, check_context, check_rotate_aug, check_scale_aug, input_channels
+from dataloaders.inputs import (check_blur_aug, check_context, check_elastic_aug, check_rotate_aug, check_scale_aug,
+                               input_channels)
 
 LOSS_TERMS = ("bce", "dice", "cldice")
 
@@ -68,6 +69,7 @@ class TrainConfig:
     domain_aug: bool = False  # sim-to-real intensity randomisation (dataloaders.transforms.intensity_domain)
     scale_aug: float = 0.0  # 2-D: zoom each training slice by a log-uniform factor in [1/(1+s), 1+s] (0: off)
     rotate_aug: float = 0.0  # 2-D: rotate each training slice in-plane by U(-r, r) degrees (0: off); no flip
+    elastic_aug: float = 0.0  # 2-D with target_spacing: bend each training slice by a smooth field of up to E mm (0: off)
     blur_aug: float = 0.0  # half the items blurred in-plane, sigma U(0.3, s) pixels (dataloaders.transforms.gaussian_blur)
     context_slices: int = 0  # 2-D: the images of K slices above and below as 2K more input channels
     min_component_mm3: float = 0.0  # inference post-processing recorded in the checkpoint (0: none)
@@ -131,6 +133,7 @@ class TrainConfig:
         self.scale_aug = check_scale_aug(self.scale_aug)
         self.blur_aug = check_blur_aug(self.blur_aug)
         self.rotate_aug = check_rotate_aug(self.rotate_aug)
+        self.elastic_aug = check_elastic_aug(self.elastic_aug)
         if self.freeze_bn and not self.init_from:
             raise ValueError("--freeze_bn keeps the statistics of the --init_from weights: give --init_from")
         input_channels(self.salience)

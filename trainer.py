@@ -247,12 +247,13 @@ def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int,
         return SliceDataSet(paths, cfg.salience, img_size=cfg.img_size, augment=cfg.augment,
                             jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing,
                             cache=cfg.cache_data, domain=cfg.domain_aug, scale_aug=cfg.scale_aug,
-                            rotate_aug=cfg.rotate_aug, blur_aug=cfg.blur_aug, classes=class_values,
-                            context=cfg.context_slices)
+                            rotate_aug=cfg.rotate_aug, elastic_aug=cfg.elastic_aug, blur_aug=cfg.blur_aug,
+                            classes=class_values, context=cfg.context_slices)
     if cfg.context_slices:
         raise ValueError(f"--context_slices is for 2-D backbones; {cfg.backbone} sees the neighbouring slices already")
-    if cfg.scale_aug or cfg.rotate_aug:
-        raise ValueError(f"--scale_aug and --rotate_aug are for 2-D backbones; {cfg.backbone} trains on 3-D patches")
+    if cfg.scale_aug or cfg.rotate_aug or cfg.elastic_aug:
+        raise ValueError(f"--scale_aug, --rotate_aug and --elastic_aug are for 2-D backbones; {cfg.backbone} trains on "
+                         f"3-D patches")
     if cfg.target_spacing is not None:
         # a 3-D model trains and predicts on the stored grid: the millimetres would be silently ignored
         raise ValueError(f"--target_spacing is for 2-D backbones; {cfg.backbone} trains on 3-D patches of the "
@@ -714,11 +715,6 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
     optimizer = make_optimizer(cfg.optimizer, model.parameters(), cfg.base_lr, cfg.weight_decay, cfg.momentum)
     per_epoch = batches_per_epoch(cfg, env, len(train_set))
     horizon = lr_horizon(cfg, per_epoch)
-    if cfg.max_iterations and horizon < cfg.max_iterations and env.main:
-        # the loop ends at max_epochs: say so now, not in the last log line of a long run
-        log.warning("--max_epochs %d x %d iterations per epoch stops this run at %d iterations, before "
-                    "--max_iterations %d: raise --max_epochs to train them all", cfg.max_epochs, per_epoch, horizon,
-                    cfg.max_iterations)
     run_dir = cfg.run_dir()
     run = _Run(cfg, env, dims, run_dir, train_set, Validator(val_cases, cfg, env, dims, class_values), model, optimizer,
                poly_scheduler(optimizer, horizon, cfg.poly_power),
@@ -727,6 +723,11 @@ def _setup(cfg: TrainConfig, env: Env, t_start: float) -> _Run:
                LossMonitor(env, None, run_dir / "last.pth", t_start), t_start=t_start, saved_at=time.monotonic(),
                mm_per_pixel=train_set.mm_per_pixel() if isinstance(train_set, SliceDataSet) else None,
                generator=offline_generator(stage.salience), stage=stage)
+    if cfg.max_iterations and horizon < cfg.max_iterations:
+        # the loop ends at max_epochs: say so at the start (and in train.log), not in the last line of a long run
+        run.notes.append(f"--max_epochs {cfg.max_epochs} x {per_epoch} iterations per epoch stops this run at "
+                         f"{horizon} iterations, before --max_iterations {cfg.max_iterations}: raise --max_epochs "
+                         f"to train them all")
     if cfg.salience == "e2e" and not cfg.head and not head_from_init and not cfg.resume:
         # allowed (the e2e mode learns the head too), but easy to get by mistake
         run.notes.append("--salience e2e without --head: the salience head starts untrained (give --head with a "

@@ -37,10 +37,11 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataloaders.inputs import (check_blur_aug, check_context, check_rotate_aug, check_scale_aug, context_indices,
+from dataloaders.inputs import (check_blur_aug, check_context, check_elastic_aug, check_rotate_aug, check_scale_aug,
+                                context_indices,
                                input_channels, model_input)
-from dataloaders.transforms import (gaussian_blur, intensity_domain, intensity_jitter, pad_or_crop, resize_2d, rot_flip,
-                                   rotate_planes, spacing_size)
+from dataloaders.transforms import (ELASTIC_SMOOTH_MM, elastic_field, elastic_planes, gaussian_blur, intensity_domain,
+                                   intensity_jitter, pad_or_crop, resize_2d, rot_flip, rotate_planes, spacing_size)
 from utils.h5io import DatasetPaths, parse_slice_name, read_list, read_salience, read_volume
 
 log = logging.getLogger("datasets")
@@ -199,7 +200,7 @@ class SliceDataSet(_Augmenting):
                  list_name: str = "slice_train", augment: bool = True, jitter: bool = False, seed: int = 0,
                  target_spacing: Optional[float] = None, cache: bool = False, domain: bool = False,
                  scale_aug: float = 0.0, blur_aug: float = 0.0, classes: Optional[Sequence[int]] = None,
-                 context: int = 0, rotate_aug: float = 0.0) -> None:
+                 context: int = 0, rotate_aug: float = 0.0, elastic_aug: float = 0.0) -> None:
         super().__init__(salience_mode, augment, jitter, seed, domain, blur_aug, classes)
         self.paths = paths
         self.context = check_context(context, salience_mode)
@@ -211,6 +212,9 @@ class SliceDataSet(_Augmenting):
         self.target_spacing = None if target_spacing is None else float(target_spacing)
         if self.target_spacing is not None and not self.target_spacing > 0:
             raise ValueError(f"--target_spacing must be a positive number of mm, got {target_spacing}")
+        self.elastic_aug = check_elastic_aug(elastic_aug)
+        if self.elastic_aug and self.target_spacing is None:
+            raise ValueError("--elastic_aug needs --target_spacing: its displacement is in mm")
         self.names = read_list(paths.list_file(list_name))
         if not self.names:
             raise ValueError(f"{paths.list_file(list_name)}: list is empty")
@@ -358,10 +362,14 @@ class SliceDataSet(_Augmenting):
         With ``scale_aug`` s (training), the plane is first zoomed by a log-uniform factor in
         [1 / (1 + s), 1 + s] (its mm per pixel divided by it), then padded or cropped to
         ``img_size``: vessels of one calibre are seen at several widths in pixels.
+        Then ``rotate_aug`` turns it, and ``elastic_aug`` E bends it by a smooth random field
+        (:func:`elastic_field`, smoothness ``ELASTIC_SMOOTH_MM``) whose largest displacement is
+        U(0, E) mm: one training patient's organs are seen in other shapes.
         """
         size = self.img_size
         if self.target_spacing is not None:
             size = spacing_size(image.shape, self.spacings[self._case(name)], self.target_spacing)
+        zoom = 1.0
         if self.scale_aug:
             zoom = float(np.exp(rng.uniform(-np.log1p(self.scale_aug), np.log1p(self.scale_aug))))
             size = (max(1, int(round(size[0] * zoom))), max(1, int(round(size[1] * zoom))))
@@ -371,6 +379,12 @@ class SliceDataSet(_Augmenting):
             planes, label = resize_2d(planes, label, size)
         if self.rotate_aug:
             planes, label = rotate_planes(planes, label, float(rng.uniform(-self.rotate_aug, self.rotate_aug)))
+        if self.elastic_aug:
+            # mm -> pixels of this plane, which the zoom made target_spacing / zoom mm wide
+            mm_px = self.target_spacing / zoom
+            field = elastic_field(planes.shape[1:], rng.uniform(0, self.elastic_aug) / mm_px,
+                                  ELASTIC_SMOOTH_MM / mm_px, rng)
+            planes, label = elastic_planes(planes, label, field)
         if self.img_size is not None and tuple(planes.shape[1:]) != self.img_size:
             n = planes.shape[0]
             both, _ = pad_or_crop(np.concatenate([planes, label]), self.img_size, rng)

@@ -91,6 +91,18 @@ def check_rotate_aug(max_degrees: float) -> float:
     return max_degrees
 
 
+ELASTIC_MAX_MM = 50.0  # beyond this a smooth field of ELASTIC_SMOOTH_MM folds the plane over itself
+
+
+def check_elastic_aug(max_mm: float) -> float:
+    """``--elastic_aug`` as a float in [0, 50] mm (0: off), else ValueError; torch-free, like
+    :func:`check_scale_aug`."""
+    max_mm = float(max_mm)
+    if not 0 <= max_mm <= ELASTIC_MAX_MM:
+        raise ValueError(f"--elastic_aug must be in [0, {ELASTIC_MAX_MM:g}] mm, got {max_mm}")
+    return max_mm
+
+
 BLUR_MIN_SIGMA = 0.3  # pixels; a blur narrower than this barely moves a one-pixel vessel
 
 

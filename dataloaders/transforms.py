@@ -21,6 +21,10 @@ reproducible whatever the number of loader workers.
   Unlike ``rot_flip`` it keeps the patient's left and right, which a liver model needs. The
   coronal and sagittal salience channels are rotated as images: for small angles an
   approximation of the maps of the rotated volume.
+- ``elastic_field`` / ``elastic_planes``: (optional, ``--elastic_aug E``, 2-D with a target spacing)
+  a smooth random bend of image, salience and label: white noise per axis smoothed by a Gaussian
+  of ``ELASTIC_SMOOTH_MM``, scaled to a largest displacement of U(0, E) mm, sampled bilinearly,
+  zero outside. A liver model trained on one or two patients sees their organs in other shapes.
 - ``gaussian_blur``: (optional, ``--blur_aug S``) half the time, an in-plane Gaussian blur of
   the image with sigma U(0.3, S) pixels of the grid the model sees (H and W only; a patch's
   D axis is left alone). Salience and label are not blurred.
@@ -138,6 +142,39 @@ def rotate_planes(x: np.ndarray, label: np.ndarray, degrees: float) -> tuple[np.
     n = x.shape[0]
     both = ndimage.rotate(np.concatenate([x, label]).astype(np.float32), degrees, axes=(1, 2), reshape=False,
                           order=1, mode="constant", cval=0.0)
+    return both[:n], np.clip(both[n:], 0.0, 1.0)
+
+
+ELASTIC_SMOOTH_MM = 25.0  # the field's Gaussian smoothness: organ-sized bends, not a vessel's wiggle
+
+
+def elastic_field(shape: Sequence[int], max_px: float, smooth_px: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth random displacement (2, H, W) in pixels for a plane of ``shape`` (H, W): white
+    noise per axis smoothed by a Gaussian of ``smooth_px``, scaled so that its largest
+    component is ``max_px``."""
+    if len(shape) != 2 or max_px < 0 or smooth_px <= 0:
+        raise ValueError(f"elastic_field needs (H, W), max_px >= 0 and smooth_px > 0, got {tuple(shape)}, "
+                         f"{max_px}, {smooth_px}")
+    from scipy import ndimage  # slow to import; only deforming runs need it
+    field = np.stack([ndimage.gaussian_filter(rng.standard_normal(tuple(shape)), smooth_px, mode="reflect")
+                      for _ in range(2)])
+    peak = float(np.abs(field).max())
+    return field * (max_px / peak) if peak > 0 else field
+
+
+def elastic_planes(x: np.ndarray, label: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Warp planes x (C, H, W) and the label (K, H, W) by ``field`` (2, H, W), pixels (output
+    pixel (i, j) samples the input at (i + field[0, i, j], j + field[1, i, j])): bilinear,
+    zero outside; the soft label stays in [0, 1]."""
+    if x.ndim != 3 or label.ndim != 3 or x.shape[1:] != label.shape[1:] or field.shape != (2,) + x.shape[1:]:
+        raise ValueError(f"elastic_planes needs x (C, H, W), label (K, H, W) and field (2, H, W) of one plane, got "
+                         f"{x.shape} / {label.shape} / {field.shape}")
+    from scipy import ndimage
+    rows, cols = np.meshgrid(np.arange(x.shape[1]), np.arange(x.shape[2]), indexing="ij")
+    coords = np.stack([rows + field[0], cols + field[1]])
+    both = np.stack([ndimage.map_coordinates(c, coords, order=1, mode="constant", cval=0.0)
+                     for c in np.concatenate([x, label]).astype(np.float32)])
+    n = x.shape[0]
     return both[:n], np.clip(both[n:], 0.0, 1.0)
 
 

@@ -25,7 +25,8 @@
 # Environment: REAL_SRC (default ../shared/real where it exists; empty: phantoms only),
 # LIVER_DATA (default data/liver), LIVER_CKPT (default checkpoint/liver), LIVER_PHANTOMS (8),
 # PHANTOM_RATIO (3), LIVER_ITERS (1500 on a CPU, 4000 with CUDA), LIVER_SPACING (2.5),
-# LIVER_SIZE (192), LIVER_WIDTH (16), LIVER_ZOOM (0), LIVER_ROTATE (0: max degrees of --rotate_aug), SEED (0), PY (default .venv/bin/python).
+# LIVER_SIZE (192), LIVER_WIDTH (16), LIVER_ZOOM (0), LIVER_ROTATE (0: max degrees of --rotate_aug),
+# LIVER_ELASTIC (0: max mm of --elastic_aug), SEED (0), PY (default .venv/bin/python).
 set -euo pipefail
 shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."
@@ -44,6 +45,7 @@ SIZE=${LIVER_SIZE:-192}
 WIDTH=${LIVER_WIDTH:-16}
 ZOOM=${LIVER_ZOOM:-0}
 ROTATE=${LIVER_ROTATE:-0}
+ELASTIC=${LIVER_ELASTIC:-0}
 SEED=${SEED:-0}
 T0=$(date +%s)
 step() { echo "== [$(( $(date +%s) - T0 )) s] $*" >&2; }
@@ -101,9 +103,9 @@ fi
 
 step "4/4 train: 2-D U-Net, ${SPACING} mm/pixel, $ITERS iterations"
 ARGS=("${TRAIN[@]}" --backbone unet --model_kwargs "{\"base_channels\": $WIDTH}" --salience none
-      --output_root "$CKPT" --exp "liver_w${WIDTH}_${SPACING}mm_r${RATIO}_z${ZOOM}$([ "$ROTATE" = 0 ] || echo "_rot$ROTATE")_it${ITERS}_s${SEED}" --batch_size 4 --base_lr 1e-3 --optimizer adamw
+      --output_root "$CKPT" --exp "liver_w${WIDTH}_${SPACING}mm_r${RATIO}_z${ZOOM}$([ "$ROTATE" = 0 ] || echo "_rot$ROTATE")$([ "$ELASTIC" = 0 ] || echo "_el$ELASTIC")_it${ITERS}_s${SEED}" --batch_size 4 --base_lr 1e-3 --optimizer adamw
       --loss bce+dice --target_spacing "$SPACING" --img_size "$SIZE" "$SIZE" --max_iterations "$ITERS"
-      --augment 0 --scale_aug "$ZOOM" --rotate_aug "$ROTATE" --intensity_jitter 1 --val_every "$ITERS" --cache_data 1 --seed "$SEED")
+      --augment 0 --scale_aug "$ZOOM" --rotate_aug "$ROTATE" --elastic_aug "$ELASTIC" --intensity_jitter 1 --val_every "$ITERS" --cache_data 1 --seed "$SEED")
 RUN=$($PY main.py "${ARGS[@]}" --print_run_dir)
 $PY main.py "${ARGS[@]}" --reuse >&2
 echo "liver model: $RUN/best_model.pth"

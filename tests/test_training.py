@@ -17,7 +17,8 @@ import torch
 import main as main_cli
 from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
 from dataloaders.inputs import BLUR_MIN_SIGMA
-from dataloaders.transforms import (BLUR_PROB, DOMAIN_NOISE, DOMAIN_SCALE, DOMAIN_SHIFT, gaussian_blur, rotate_planes,
+from dataloaders.transforms import (BLUR_PROB, DOMAIN_NOISE, DOMAIN_SCALE, DOMAIN_SHIFT, elastic_field, elastic_planes,
+                                   gaussian_blur, rotate_planes,
                                    intensity_domain, resize_2d, rot_flip)
 from losses import make_loss, poly_scheduler, soft_cldice_loss, soft_dice_loss, soft_skeleton
 from networks.checkpoint import load_model
@@ -747,14 +748,82 @@ def test_rotate_aug_turns_each_training_slice_within_its_range(tiny_dataset):
         TrainConfig(dataset="tiny", rotate_aug=-1)
 
 
+def test_elastic_field_is_smooth_noise_of_the_asked_peak():
+    """White noise smoothed by a Gaussian of sigma s has the autocorrelation exp(-lag^2 / (4 s^2)):
+    0.78 at a lag of s, 0.37 at 2 s; its largest component is the asked peak, and one seed
+    draws one field."""
+    field = elastic_field((640, 640), 3.0, 8.0, np.random.default_rng(0))
+    assert field.shape == (2, 640, 640) and float(np.abs(field).max()) == pytest.approx(3.0)
+    inner = field[:, 32:-32, 32:-32]
+    for lag, want in ((8, np.exp(-0.25)), (16, np.exp(-1.0))):
+        shifted = field[:, 32 + lag:640 - 32 + lag, 32:-32]
+        r = float(np.corrcoef(inner.ravel(), shifted.ravel())[0, 1])
+        assert r == pytest.approx(want, abs=0.05)
+    assert np.array_equal(field, elastic_field((640, 640), 3.0, 8.0, np.random.default_rng(0)))
+    assert not elastic_field((16, 16), 0.0, 4.0, np.random.default_rng(1)).any()
+    with pytest.raises(ValueError, match="elastic_field needs"):
+        elastic_field((16, 16, 4), 1.0, 4.0, np.random.default_rng(0))
+
+
+def test_elastic_planes_worked_answers():
+    """A linear ramp warped by a field reads back the field (bilinear sampling is exact on it);
+    a constant field of +2 rows shifts the plane up by 2, zero below; the label moves with the
+    image and stays in [0, 1]."""
+    rows, cols = np.mgrid[:24, :20].astype(np.float32)
+    x = np.stack([cols, rows])
+    field = elastic_field((24, 20), 1.5, 5.0, np.random.default_rng(3))
+    warped, lab = elastic_planes(x, x[:1] / 20, field)
+    inner = (slice(3, -3), slice(3, -3))
+    assert np.allclose(warped[0][inner], (cols + field[1])[inner], atol=1e-4)
+    assert np.allclose(warped[1][inner], (rows + field[0])[inner], atol=1e-4)
+    assert np.allclose(lab[0][inner], warped[0][inner] / 20, atol=1e-5) and lab.min() >= 0 and lab.max() <= 1
+    up = np.zeros((2, 24, 20))
+    up[0] = 2.0
+    shifted, _ = elastic_planes(x, x[:1] / 20, up)
+    assert np.array_equal(shifted[1][:22], rows[2:]) and not shifted[:, 22:].any()
+    with pytest.raises(ValueError, match="elastic_planes needs"):
+        elastic_planes(x, x[:1, :20], field)
+
+
+def test_elastic_aug_bends_each_training_slice_by_at_most_its_millimetres(tiny_dataset, tmp_path):
+    """--elastic_aug E at 1.6 mm per pixel moves every label pixel by at most E / 1.6 pixels: the
+    bent label lies within that distance of the straight one, differs from it over the epochs,
+    keeps its area, and one (epoch, index) draws one bend. Without --target_spacing the
+    millimetres have no meaning: refused."""
+    from scipy import ndimage
+    kw = dict(img_size=(32, 32), augment=False, target_spacing=1.6)
+    plain = SliceDataSet(tiny_dataset.paths, "none", **kw)
+    bent = SliceDataSet(tiny_dataset.paths, "none", elastic_aug=4.0, **kw)
+    idx = 5
+    base = plain[idx]["label"][0].numpy() > 0.5
+    reach = ndimage.distance_transform_edt(~base)
+    moved = 0
+    for epoch in range(12):
+        lab = bent[(epoch, idx)]["label"][0].numpy()
+        assert float(reach[lab > 0.5].max()) <= 4.0 / 1.6 + 1.0  # + a pixel for the soft label's threshold
+        assert float(lab.sum()) == pytest.approx(float(plain[idx]["label"].sum()), rel=0.2)
+        moved += not np.array_equal(lab > 0.5, base)
+    assert moved >= 8
+    assert torch.equal(bent[(3, idx)]["input"], bent[(3, idx)]["input"])
+    with pytest.raises(ValueError, match="--elastic_aug needs --target_spacing"):
+        SliceDataSet(tiny_dataset.paths, "none", img_size=(32, 32), elastic_aug=4.0)
+    with pytest.raises(ValueError, match="--elastic_aug must be in"):
+        TrainConfig(dataset="tiny", elastic_aug=60)
+    result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, elastic_aug=4.0,
+                           max_iterations=2, exp="bend"))
+    assert result.iteration == 2 and np.isfinite(result.losses).all()
+
+
 def test_scale_aug_run_and_3d_refusal(tiny_dataset, tmp_path):
     result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, scale_aug=0.25,
                            max_iterations=2, exp="zoom"))
     assert result.iteration == 2 and np.isfinite(result.losses).all()
-    with pytest.raises(ValueError, match="--scale_aug and --rotate_aug are for 2-D backbones"):
+    with pytest.raises(ValueError, match="--scale_aug, --rotate_aug and --elastic_aug are for 2-D"):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", scale_aug=0.25, max_iterations=1, exp="z3"))
-    with pytest.raises(ValueError, match="--scale_aug and --rotate_aug are for 2-D backbones"):
+    with pytest.raises(ValueError, match="--scale_aug, --rotate_aug and --elastic_aug are for 2-D"):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", rotate_aug=10, max_iterations=1, exp="r3"))
+    with pytest.raises(ValueError, match="--scale_aug, --rotate_aug and --elastic_aug are for 2-D"):
+        train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", elastic_aug=5, max_iterations=1, exp="e3"))
     with pytest.raises(ValueError, match="--target_spacing is for 2-D backbones; unet3d_bilinear trains on 3-D"):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d_bilinear", target_spacing=1.6, max_iterations=1,
                       exp="mm3"))
@@ -772,22 +841,22 @@ def test_validation_and_post_processing_options_are_checked_before_training(kw, 
     assert str(e.value) == message
 
 
-def test_a_run_that_max_epochs_stops_before_max_iterations_says_so_at_the_start(tiny_dataset, tmp_path, caplog):
+def test_a_run_that_max_epochs_stops_before_max_iterations_says_so_at_the_start(tiny_dataset, tmp_path):
     """4 patches per epoch at batch 2 is 2 iterations per epoch: one epoch ends the run at 2,
-    and --max_iterations 5 would silently not be reached; a run that reaches its iterations
-    gets no warning."""
-    with caplog.at_level(logging.WARNING, logger="trainer"):
-        result = train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", model_kwargs={"base_channels": 4, "depth": 2},
-                               max_iterations=5, exp="short"))
+    and --max_iterations 5 would silently not be reached; the run's own train.log says so
+    before the first epoch. A run that reaches its iterations gets no warning."""
+    result = train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", model_kwargs={"base_channels": 4, "depth": 2},
+                           max_iterations=5, exp="short"))
     assert result.iteration == 2
-    said = [r.getMessage() for r in caplog.records if "raise --max_epochs" in r.getMessage()]
-    assert said == ["--max_epochs 1 x 2 iterations per epoch stops this run at 2 iterations, before --max_iterations 5: "
-                    "raise --max_epochs to train them all"]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trainer"):
-        train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", model_kwargs={"base_channels": 4, "depth": 2},
-                      max_iterations=2, exp="enough"))
-    assert not [r for r in caplog.records if "raise --max_epochs" in r.getMessage()]
+    lines = (result.run_dir / "train.log").read_text().splitlines()
+    said = [i for i, line in enumerate(lines) if "raise --max_epochs" in line]
+    assert len(said) == 1
+    assert lines[said[0]].endswith("WARNING trainer: --max_epochs 1 x 2 iterations per epoch stops this run at 2 "
+                                   "iterations, before --max_iterations 5: raise --max_epochs to train them all")
+    assert said[0] < min(i for i, line in enumerate(lines) if "epoch 1/1 done" in line)
+    enough = train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", model_kwargs={"base_channels": 4, "depth": 2},
+                           max_iterations=2, exp="enough"))
+    assert "raise --max_epochs" not in (enough.run_dir / "train.log").read_text()
 
 
 def test_gaussian_blur_spreads_a_line_by_the_drawn_sigma():
