@@ -281,6 +281,29 @@ def test_tree_headline_spans_the_sets_and_names_a_missing_row(tmp_path, monkeypa
         render_docs.tree_headline()
 
 
+def test_liver_recipes_table_takes_each_seeds_record_and_the_lowest_patient(tmp_path, monkeypatch):
+    monkeypatch.setattr(render_docs, "RESULTS_DIR", tmp_path)
+
+    def patients(d1, d7, m1, m7):
+        return {"patients": {"3Dircadb1.1": {"liver_dice": d1, "liver_dice_model_mask": m1},
+                             "3Dircadb1.7": {"liver_dice": d7, "liver_dice_model_mask": m7}}}
+
+    write_record("la", patients(0.9204, 0.9316, 0.91, 0.89), description="d", inputs={}, command="c0",
+                 folder=tmp_path)
+    write_record("lb", patients(0.9412, 0.9351, 0.93, 0.92), description="d", inputs={}, command="c1",
+                 folder=tmp_path)
+    monkeypatch.setattr(render_docs, "LIVER_RECIPE_ROWS", (("bent", (("0", "la"), ("1", "lb"))),))
+    text = render_docs.liver_recipes()
+    assert "| bent | 0 | 0.920 | 0.932 | 0.920 | 0.910 | 0.890 |" in text
+    assert "| bent | 1 | 0.941 | 0.935 | 0.935 | 0.930 | 0.920 |" in text
+    assert "results/la.json" in text and "`c1`" in text
+    write_record("lc", {"patients": {"3Dircadb1.1": {"liver_dice": 0.9, "liver_dice_model_mask": 0.9}}},
+                 description="d", inputs={}, command="c", folder=tmp_path)
+    monkeypatch.setattr(render_docs, "LIVER_RECIPE_ROWS", (("one", (("0", "lc"),)),))
+    with pytest.raises(ValueError, match=r"lc.json: no patient 3Dircadb1.7; it has 3Dircadb1.1"):
+        render_docs.liver_recipes()
+
+
 def test_flag_tables_drop_the_help_texts_own_defaults():
     # --help shows "default 5" in the text; the rendered table has a default column instead
     for module in render_docs.COMMANDS:
