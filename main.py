@@ -21,6 +21,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from dataloaders.inputs import ELASTIC_MAX_MM, ELASTIC_SMOOTH_MM
 from train_config import RESUMABLE_OPTIONS, TrainConfig
 from utils.logging_setup import setup_logging
 
@@ -97,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "before the pad/crop to --img_size; unlike --augment's quarter turns and flips it keeps "
                         "the patient's left and right (0: off)")
     p.add_argument("--elastic_aug", type=float, default=d.elastic_aug, metavar="MM",
-                   help="2-D, with --target_spacing: bend each training slice by a smooth random field (25 mm "
-                        "smoothness) whose largest displacement is uniform in [0, MM] mm, so one patient's organs "
-                        "are seen in other shapes (0: off)")
+                   help=f"2-D, with --target_spacing: bend each training slice by a smooth random field "
+                        f"({ELASTIC_SMOOTH_MM:g} mm smoothness) whose largest row or column displacement is uniform "
+                        f"in [0, MM] mm (at most {ELASTIC_MAX_MM:g}), so one patient's organs are seen in other "
+                        f"shapes (0: off)")
     p.add_argument("--blur_aug", type=float, default=d.blur_aug, metavar="S",
                    help="blur half the training images in-plane with a Gaussian of sigma U(0.3, S) pixels of the "
                         "grid the model sees (labels and salience unblurred): scanners differ in sharpness and "

@@ -69,7 +69,7 @@ class TrainConfig:
     domain_aug: bool = False  # sim-to-real intensity randomisation (dataloaders.transforms.intensity_domain)
     scale_aug: float = 0.0  # 2-D: zoom each training slice by a log-uniform factor in [1/(1+s), 1+s] (0: off)
     rotate_aug: float = 0.0  # 2-D: rotate each training slice in-plane by U(-r, r) degrees (0: off); no flip
-    elastic_aug: float = 0.0  # 2-D with target_spacing: bend each training slice by a smooth field of up to E mm (0: off)
+    elastic_aug: float = 0.0  # 2-D with target_spacing: bend each slice by a smooth field, components up to E mm (0: off)
     blur_aug: float = 0.0  # half the items blurred in-plane, sigma U(0.3, s) pixels (dataloaders.transforms.gaussian_blur)
     context_slices: int = 0  # 2-D: the images of K slices above and below as 2K more input channels
     min_component_mm3: float = 0.0  # inference post-processing recorded in the checkpoint (0: none)

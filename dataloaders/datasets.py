@@ -37,11 +37,11 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataloaders.inputs import (check_blur_aug, check_context, check_elastic_aug, check_rotate_aug, check_scale_aug,
-                                context_indices,
+from dataloaders.inputs import (ELASTIC_SMOOTH_MM, check_blur_aug, check_context, check_elastic_aug, check_rotate_aug,
+                                check_scale_aug, context_indices,
                                input_channels, model_input)
-from dataloaders.transforms import (ELASTIC_SMOOTH_MM, elastic_field, elastic_planes, gaussian_blur, intensity_domain,
-                                   intensity_jitter, pad_or_crop, resize_2d, rot_flip, rotate_planes, spacing_size)
+from dataloaders.transforms import (elastic_field, elastic_planes, gaussian_blur, intensity_domain, intensity_jitter,
+                                   pad_or_crop, resize_2d, rot_flip, rotate_planes, spacing_size)
 from utils.h5io import DatasetPaths, parse_slice_name, read_list, read_salience, read_volume
 
 log = logging.getLogger("datasets")
@@ -245,7 +245,7 @@ class SliceDataSet(_Augmenting):
     def _fill_cache(self) -> None:
         square = (self.target_spacing is None and self.img_size is not None and self.img_size[0] == self.img_size[1]
                   and not self.jitter and not self.domain and not self.scale_aug and not self.rotate_aug
-                  and not self.blur and not self.context)
+                  and not self.elastic_aug and not self.blur and not self.context)
         if self.context:
             self._volumes = {}
             for case in tqdm(list(dict.fromkeys(self._case(n) for n in self.names)), desc="caching context volumes",
@@ -363,8 +363,8 @@ class SliceDataSet(_Augmenting):
         [1 / (1 + s), 1 + s] (its mm per pixel divided by it), then padded or cropped to
         ``img_size``: vessels of one calibre are seen at several widths in pixels.
         Then ``rotate_aug`` turns it, and ``elastic_aug`` E bends it by a smooth random field
-        (:func:`elastic_field`, smoothness ``ELASTIC_SMOOTH_MM``) whose largest displacement is
-        U(0, E) mm: one training patient's organs are seen in other shapes.
+        (:func:`elastic_field`, smoothness ``ELASTIC_SMOOTH_MM``) whose largest row or column
+        displacement is U(0, E) mm: one training patient's organs are seen in other shapes.
         """
         size = self.img_size
         if self.target_spacing is not None:

@@ -23,8 +23,8 @@ reproducible whatever the number of loader workers.
   approximation of the maps of the rotated volume.
 - ``elastic_field`` / ``elastic_planes``: (optional, ``--elastic_aug E``, 2-D with a target spacing)
   a smooth random bend of image, salience and label: white noise per axis smoothed by a Gaussian
-  of ``ELASTIC_SMOOTH_MM``, scaled to a largest displacement of U(0, E) mm, sampled bilinearly,
-  zero outside. A liver model trained on one or two patients sees their organs in other shapes.
+  of ``ELASTIC_SMOOTH_MM`` (dataloaders.inputs), scaled so that its largest row or column
+  displacement is U(0, E) mm (a pixel may move up to about 1.3 E), sampled bilinearly, zero outside. A liver model trained on one or two patients sees their organs in other shapes.
 - ``gaussian_blur``: (optional, ``--blur_aug S``) half the time, an in-plane Gaussian blur of
   the image with sigma U(0.3, S) pixels of the grid the model sees (H and W only; a patch's
   D axis is left alone). Salience and label are not blurred.
@@ -139,13 +139,16 @@ def rotate_planes(x: np.ndarray, label: np.ndarray, degrees: float) -> tuple[np.
     if degrees == 0:
         return x, label
     from scipy import ndimage  # slow to import; only rotating runs need it
+    return _resample_together(x, label, lambda both: ndimage.rotate(both, degrees, axes=(1, 2), reshape=False,
+                                                                    order=1, mode="constant", cval=0.0))
+
+
+def _resample_together(x: np.ndarray, label: np.ndarray, resample) -> tuple[np.ndarray, np.ndarray]:
+    """x (C, H, W) and label (K, H, W) through one ``resample`` of their float32 stack (C + K, H, W)
+    (bilinear, zero outside, so the label stays with the image); the soft label clipped to [0, 1]."""
     n = x.shape[0]
-    both = ndimage.rotate(np.concatenate([x, label]).astype(np.float32), degrees, axes=(1, 2), reshape=False,
-                          order=1, mode="constant", cval=0.0)
+    both = resample(np.concatenate([x, label]).astype(np.float32))
     return both[:n], np.clip(both[n:], 0.0, 1.0)
-
-
-ELASTIC_SMOOTH_MM = 25.0  # the field's Gaussian smoothness: organ-sized bends, not a vessel's wiggle
 
 
 def elastic_field(shape: Sequence[int], max_px: float, smooth_px: float, rng: np.random.Generator) -> np.ndarray:
@@ -172,10 +175,8 @@ def elastic_planes(x: np.ndarray, label: np.ndarray, field: np.ndarray) -> tuple
     from scipy import ndimage
     rows, cols = np.meshgrid(np.arange(x.shape[1]), np.arange(x.shape[2]), indexing="ij")
     coords = np.stack([rows + field[0], cols + field[1]])
-    both = np.stack([ndimage.map_coordinates(c, coords, order=1, mode="constant", cval=0.0)
-                     for c in np.concatenate([x, label]).astype(np.float32)])
-    n = x.shape[0]
-    return both[:n], np.clip(both[n:], 0.0, 1.0)
+    return _resample_together(x, label, lambda both: np.stack([
+        ndimage.map_coordinates(c, coords, order=1, mode="constant", cval=0.0) for c in both]))
 
 
 def _size2(size: Sequence[int]) -> tuple[int, int]:

@@ -78,7 +78,8 @@ if [ "${DEMO_WHOLE:-1}" != 1 ]; then
   exit 0
 fi
 step "liver model, demo size (scripts/train_liver.sh, phantoms only, ${DEMO_LIVER_ITERS:-300} iterations)"
-LIVER_MODEL=$(REAL_SRC= LIVER_PHANTOMS=4 LIVER_ITERS=${DEMO_LIVER_ITERS:-300} LIVER_DATA="$DATA/liver" \
+# LIVER_ELASTIC=0: the bends were measured on the 1500-iteration models, not at the demo's size
+LIVER_MODEL=$(REAL_SRC= LIVER_PHANTOMS=4 LIVER_ITERS=${DEMO_LIVER_ITERS:-300} LIVER_ELASTIC=0 LIVER_DATA="$DATA/liver" \
     LIVER_CKPT="$CKPT/liver" bash scripts/train_liver.sh | sed -n 's/^liver model: //p')
 step "tree model, demo size (scripts/train_tree_model.sh, the demo phantoms, ${DEMO_TREE_ITERS:-300} iterations)"
 TREE_MODEL=$(REAL_SRC= EXTRA_PHANTOMS=0 ITERS=${DEMO_TREE_ITERS:-300} TREES_DATA="$DATA/trees" \

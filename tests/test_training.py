@@ -804,11 +804,15 @@ def test_elastic_aug_bends_each_training_slice_by_at_most_its_millimetres(tiny_d
         assert float(lab.sum()) == pytest.approx(float(plain[idx]["label"].sum()), rel=0.2)
         moved += not np.array_equal(lab > 0.5, base)
     assert moved >= 8
-    assert torch.equal(bent[(3, idx)]["input"], bent[(3, idx)]["input"])
+    # the bend is the item's (seed, epoch, index) draw: the same from the cache, another with another seed
+    cached = SliceDataSet(tiny_dataset.paths, "none", elastic_aug=4.0, cache=True, **kw)
+    assert np.allclose(cached[(3, idx)]["label"].numpy(), bent[(3, idx)]["label"].numpy(), atol=0.02)
+    other = SliceDataSet(tiny_dataset.paths, "none", elastic_aug=4.0, seed=1, **kw)
+    assert not np.allclose(other[(3, idx)]["label"].numpy(), bent[(3, idx)]["label"].numpy(), atol=0.02)
     with pytest.raises(ValueError, match="--elastic_aug needs --target_spacing"):
         SliceDataSet(tiny_dataset.paths, "none", img_size=(32, 32), elastic_aug=4.0)
-    with pytest.raises(ValueError, match="--elastic_aug must be in"):
-        TrainConfig(dataset="tiny", elastic_aug=60)
+    with pytest.raises(ValueError, match=r"--elastic_aug must be in \[0, 25\] mm, got 30.0"):
+        TrainConfig(dataset="tiny", elastic_aug=30)
     result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, elastic_aug=4.0,
                            max_iterations=2, exp="bend"))
     assert result.iteration == 2 and np.isfinite(result.losses).all()
