@@ -38,8 +38,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from dataloaders.inputs import (ELASTIC_SMOOTH_MM, check_blur_aug, check_context, check_elastic_aug, check_rotate_aug,
-                                check_scale_aug, context_indices,
-                               input_channels, model_input)
+                                check_scale_aug, context_indices, input_channels, model_input)
 from dataloaders.transforms import (elastic_field, elastic_planes, gaussian_blur, intensity_domain, intensity_jitter,
                                    pad_or_crop, resize_2d, rot_flip, rotate_planes, spacing_size)
 from utils.h5io import DatasetPaths, parse_slice_name, read_list, read_salience, read_volume

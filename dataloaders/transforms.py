@@ -24,7 +24,8 @@ reproducible whatever the number of loader workers.
 - ``elastic_field`` / ``elastic_planes``: (optional, ``--elastic_aug E``, 2-D with a target spacing)
   a smooth random bend of image, salience and label: white noise per axis smoothed by a Gaussian
   of ``ELASTIC_SMOOTH_MM`` (dataloaders.inputs), scaled so that its largest row or column
-  displacement is U(0, E) mm (a pixel may move up to about 1.3 E), sampled bilinearly, zero outside. A liver model trained on one or two patients sees their organs in other shapes.
+  displacement is U(0, E) mm (a pixel may move up to about 1.3 E), sampled bilinearly, zero
+  outside. A liver model trained on one or two patients sees their organs in other shapes.
 - ``gaussian_blur``: (optional, ``--blur_aug S``) half the time, an in-plane Gaussian blur of
   the image with sigma U(0.3, S) pixels of the grid the model sees (H and W only; a patch's
   D axis is left alone). Salience and label are not blurred.
@@ -44,7 +45,7 @@ Predictions are resized back the same way and then thresholded (inference.binari
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -143,7 +144,8 @@ def rotate_planes(x: np.ndarray, label: np.ndarray, degrees: float) -> tuple[np.
                                                                     order=1, mode="constant", cval=0.0))
 
 
-def _resample_together(x: np.ndarray, label: np.ndarray, resample) -> tuple[np.ndarray, np.ndarray]:
+def _resample_together(x: np.ndarray, label: np.ndarray,
+                       resample: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """x (C, H, W) and label (K, H, W) through one ``resample`` of their float32 stack (C + K, H, W)
     (bilinear, zero outside, so the label stays with the image); the soft label clipped to [0, 1]."""
     n = x.shape[0]
