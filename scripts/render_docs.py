@@ -189,8 +189,9 @@ def tree_headline(up: str = "") -> str:
 
 #: RESULTS' comparison of liver-model recipes: what the row calls the recipe, and its liver_bench records by seed
 LIVER_RECIPE_ROWS = (
-    ("no bends (the recipe until now)", (("0", "liver_bench"), ("1", "liver_bench_seed1"))),
-    ("`--elastic_aug 15`", (("0", "liver_bench_elastic15"), ("1", "liver_bench_elastic15_seed1"))),
+    ("no bends (the recipe until now)", (("0", "liver_bench"), ("1", "liver_bench_seed1"), ("2", "liver_bench_seed2"))),
+    ("`--elastic_aug 15`", (("0", "liver_bench_elastic15"), ("1", "liver_bench_elastic15_seed1"),
+                            ("2", "liver_bench_elastic15_seed2"))),
     ("`--elastic_aug 25`", (("0", "liver_bench_elastic25"), ("1", "liver_bench_elastic25_seed1"))),
 )
 

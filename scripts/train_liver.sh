@@ -18,7 +18,7 @@
 #      is on the patient's right, and a trial with them segmented held-out patient 7 clearly
 #      worse), intensity jitter instead; each slice bent by a smooth field of up to LIVER_ELASTIC
 #      mm (default 15: one training patient's liver seen in other shapes; it raised the lower
-#      held-out patient's Dice with both seeds, docs/RESULTS.md); zooms of up to LIVER_ZOOM
+#      held-out patient's Dice with all three seeds, docs/RESULTS.md); zooms of up to LIVER_ZOOM
 #      (default 0: off; 0.15 was level on held-out patient 1 and worse on patient 7). No patient is
 #      left to select a model by: validation runs once, at the end, and best_model.pth is the
 #      last weights.
