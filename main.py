@@ -21,7 +21,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from dataloaders.inputs import ELASTIC_MAX_MM, ELASTIC_SMOOTH_MM
+from dataloaders.inputs import BIAS_MAX_HU, BIAS_SMOOTH_MM, ELASTIC_MAX_MM, ELASTIC_SMOOTH_MM
 from train_config import RESUMABLE_OPTIONS, TrainConfig
 from utils.logging_setup import setup_logging
 
@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({ELASTIC_SMOOTH_MM:g} mm smoothness) whose largest row or column displacement is uniform "
                         f"in [0, MM] mm (at most {ELASTIC_MAX_MM:g}), so one patient's organs are seen in other "
                         f"shapes (0: off)")
+    p.add_argument("--bias_aug", type=float, default=d.bias_aug, metavar="HU",
+                   help=f"2-D, with --target_spacing: add to each training image (and its context slices) a smooth "
+                        f"random shading ({BIAS_SMOOTH_MM:g} mm smoothness) of at most U(0, HU) Hounsfield units, "
+                        f"so unevenly enhanced organs are still recognised (at most {BIAS_MAX_HU:g}; 0: off)")
     p.add_argument("--blur_aug", type=float, default=d.blur_aug, metavar="S",
                    help="blur half the training images in-plane with a Gaussian of sigma U(0.3, S) pixels of the "
                         "grid the model sees (labels and salience unblurred): scanners differ in sharpness and "

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dataloaders.inputs import (check_blur_aug, check_context, check_elastic_aug, check_rotate_aug, check_scale_aug,
-                               input_channels)
+from dataloaders.inputs import (check_bias_aug, check_blur_aug, check_context, check_elastic_aug, check_rotate_aug,
+                               check_scale_aug, input_channels)
 
 LOSS_TERMS = ("bce", "dice", "cldice")
 
@@ -70,6 +70,7 @@ class TrainConfig:
     scale_aug: float = 0.0  # 2-D: zoom each training slice by a log-uniform factor in [1/(1+s), 1+s] (0: off)
     rotate_aug: float = 0.0  # 2-D: rotate each training slice in-plane by U(-r, r) degrees (0: off); no flip
     elastic_aug: float = 0.0  # 2-D with target_spacing: bend each slice by a smooth field, components up to E mm (0: off)
+    bias_aug: float = 0.0  # 2-D with target_spacing: add a smooth shading of up to B HU to each image (0: off)
     blur_aug: float = 0.0  # half the items blurred in-plane, sigma U(0.3, s) pixels (dataloaders.transforms.gaussian_blur)
     context_slices: int = 0  # 2-D: the images of K slices above and below as 2K more input channels
     min_component_mm3: float = 0.0  # inference post-processing recorded in the checkpoint (0: none)
@@ -134,6 +135,7 @@ class TrainConfig:
         self.blur_aug = check_blur_aug(self.blur_aug)
         self.rotate_aug = check_rotate_aug(self.rotate_aug)
         self.elastic_aug = check_elastic_aug(self.elastic_aug)
+        self.bias_aug = check_bias_aug(self.bias_aug)
         if self.freeze_bn and not self.init_from:
             raise ValueError("--freeze_bn keeps the statistics of the --init_from weights: give --init_from")
         input_channels(self.salience)

@@ -247,13 +247,13 @@ def build_train_set(cfg: TrainConfig, paths: DatasetPaths, dims: int,
         return SliceDataSet(paths, cfg.salience, img_size=cfg.img_size, augment=cfg.augment,
                             jitter=cfg.intensity_jitter, seed=cfg.seed, target_spacing=cfg.target_spacing,
                             cache=cfg.cache_data, domain=cfg.domain_aug, scale_aug=cfg.scale_aug,
-                            rotate_aug=cfg.rotate_aug, elastic_aug=cfg.elastic_aug, blur_aug=cfg.blur_aug,
-                            classes=class_values, context=cfg.context_slices)
+                            rotate_aug=cfg.rotate_aug, elastic_aug=cfg.elastic_aug, bias_aug=cfg.bias_aug,
+                            blur_aug=cfg.blur_aug, classes=class_values, context=cfg.context_slices)
     if cfg.context_slices:
         raise ValueError(f"--context_slices is for 2-D backbones; {cfg.backbone} sees the neighbouring slices already")
-    if cfg.scale_aug or cfg.rotate_aug or cfg.elastic_aug:
-        raise ValueError(f"--scale_aug, --rotate_aug and --elastic_aug are for 2-D backbones; {cfg.backbone} trains on "
-                         f"3-D patches")
+    if cfg.scale_aug or cfg.rotate_aug or cfg.elastic_aug or cfg.bias_aug:
+        raise ValueError(f"--scale_aug, --rotate_aug, --elastic_aug and --bias_aug are for 2-D backbones; "
+                         f"{cfg.backbone} trains on 3-D patches")
     if cfg.target_spacing is not None:
         # a 3-D model trains and predicts on the stored grid: the millimetres would be silently ignored
         raise ValueError(f"--target_spacing is for 2-D backbones; {cfg.backbone} trains on 3-D patches of the "

@@ -37,11 +37,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataloaders.inputs import (ELASTIC_SMOOTH_MM, check_blur_aug, check_context, check_elastic_aug, check_rotate_aug,
+from dataloaders.inputs import (BIAS_SMOOTH_MM, ELASTIC_SMOOTH_MM, check_bias_aug, check_blur_aug, check_context, check_elastic_aug, check_rotate_aug,
                                 check_scale_aug, context_indices, input_channels, model_input)
 from dataloaders.transforms import (elastic_field, elastic_planes, gaussian_blur, intensity_domain, intensity_jitter,
+                                    shade_planes, smooth_field,
                                    pad_or_crop, resize_2d, rot_flip, rotate_planes, spacing_size)
-from utils.h5io import DatasetPaths, parse_slice_name, read_list, read_salience, read_volume
+from utils.h5io import HU_WINDOW, DatasetPaths, parse_slice_name, read_list, read_salience, read_volume
 
 log = logging.getLogger("datasets")
 
@@ -199,7 +200,7 @@ class SliceDataSet(_Augmenting):
                  list_name: str = "slice_train", augment: bool = True, jitter: bool = False, seed: int = 0,
                  target_spacing: Optional[float] = None, cache: bool = False, domain: bool = False,
                  scale_aug: float = 0.0, blur_aug: float = 0.0, classes: Optional[Sequence[int]] = None,
-                 context: int = 0, rotate_aug: float = 0.0, elastic_aug: float = 0.0) -> None:
+                 context: int = 0, rotate_aug: float = 0.0, elastic_aug: float = 0.0, bias_aug: float = 0.0) -> None:
         super().__init__(salience_mode, augment, jitter, seed, domain, blur_aug, classes)
         self.paths = paths
         self.context = check_context(context, salience_mode)
@@ -214,6 +215,9 @@ class SliceDataSet(_Augmenting):
         self.elastic_aug = check_elastic_aug(elastic_aug)
         if self.elastic_aug and self.target_spacing is None:
             raise ValueError("--elastic_aug needs --target_spacing: its displacement is in mm")
+        self.bias_aug = check_bias_aug(bias_aug)
+        if self.bias_aug and self.target_spacing is None:
+            raise ValueError("--bias_aug needs --target_spacing: its smoothness is in mm")
         self.names = read_list(paths.list_file(list_name))
         if not self.names:
             raise ValueError(f"{paths.list_file(list_name)}: list is empty")
@@ -244,7 +248,7 @@ class SliceDataSet(_Augmenting):
     def _fill_cache(self) -> None:
         square = (self.target_spacing is None and self.img_size is not None and self.img_size[0] == self.img_size[1]
                   and not self.jitter and not self.domain and not self.scale_aug and not self.rotate_aug
-                  and not self.elastic_aug and not self.blur and not self.context)
+                  and not self.elastic_aug and not self.bias_aug and not self.blur and not self.context)
         if self.context:
             self._volumes = {}
             for case in tqdm(list(dict.fromkeys(self._case(n) for n in self.names)), desc="caching context volumes",
@@ -364,6 +368,9 @@ class SliceDataSet(_Augmenting):
         Then ``rotate_aug`` turns it, and ``elastic_aug`` E bends it by a smooth random field
         (:func:`elastic_field`, smoothness ``ELASTIC_SMOOTH_MM``) whose largest row or column
         displacement is U(0, E) mm: one training patient's organs are seen in other shapes.
+        Last, ``bias_aug`` B adds a smooth shading (:func:`smooth_field`, smoothness
+        ``BIAS_SMOOTH_MM``) of at most U(0, B) HU to the image and the context slices
+        (:func:`shade_planes`; not to the salience): an organ's regions are seen unevenly enhanced.
         """
         size = self.img_size
         if self.target_spacing is not None:
@@ -378,12 +385,17 @@ class SliceDataSet(_Augmenting):
             planes, label = resize_2d(planes, label, size)
         if self.rotate_aug:
             planes, label = rotate_planes(planes, label, float(rng.uniform(-self.rotate_aug, self.rotate_aug)))
+        # mm -> pixels of this plane, which the zoom made target_spacing / zoom mm wide
+        mm_px = None if self.target_spacing is None else self.target_spacing / zoom
         if self.elastic_aug:
-            # mm -> pixels of this plane, which the zoom made target_spacing / zoom mm wide
-            mm_px = self.target_spacing / zoom
             field = elastic_field(planes.shape[1:], rng.uniform(0, self.elastic_aug) / mm_px,
                                   ELASTIC_SMOOTH_MM / mm_px, rng)
             planes, label = elastic_planes(planes, label, field)
+        if self.bias_aug:
+            shading = smooth_field(planes.shape[1:], 1, rng.uniform(0, self.bias_aug) / (HU_WINDOW[1] - HU_WINDOW[0]),
+                                   BIAS_SMOOTH_MM / mm_px, rng)[0]
+            images = [0] + list(range(1 + n_sal, planes.shape[0]))  # the image and its context, not the salience
+            planes[images] = shade_planes(planes[images], shading)
         if self.img_size is not None and tuple(planes.shape[1:]) != self.img_size:
             n = planes.shape[0]
             both, _ = pad_or_crop(np.concatenate([planes, label]), self.img_size, rng)

@@ -108,6 +108,19 @@ def check_elastic_aug(max_mm: float) -> float:
     return _in_range("--elastic_aug", max_mm, ELASTIC_MAX_MM, "mm")
 
 
+#: the --bias_aug shading's Gaussian smoothness (mm): regions of an organ, not its texture
+BIAS_SMOOTH_MM = 25.0
+#: the largest --bias_aug (HU): a quarter of the HU window (utils.h5io.HU_WINDOW); more would drown the
+#: contrast between organs
+BIAS_MAX_HU = 100.0
+
+
+def check_bias_aug(max_hu: float) -> float:
+    """``--bias_aug`` as a float in [0, BIAS_MAX_HU] HU (0: off), else ValueError; torch-free, like
+    :func:`check_scale_aug`."""
+    return _in_range("--bias_aug", max_hu, BIAS_MAX_HU, "HU")
+
+
 BLUR_MIN_SIGMA = 0.3  # pixels; a blur narrower than this barely moves a one-pixel vessel
 
 

@@ -18,8 +18,7 @@ import main as main_cli
 from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
 from dataloaders.inputs import BLUR_MIN_SIGMA
 from dataloaders.transforms import (BLUR_PROB, DOMAIN_NOISE, DOMAIN_SCALE, DOMAIN_SHIFT, elastic_field, elastic_planes,
-                                   gaussian_blur, rotate_planes,
-                                   intensity_domain, resize_2d, rot_flip)
+                                   gaussian_blur, intensity_domain, resize_2d, rot_flip, rotate_planes, shade_planes)
 from losses import make_loss, poly_scheduler, soft_cldice_loss, soft_dice_loss, soft_skeleton
 from networks.checkpoint import load_model
 import trainer
@@ -818,16 +817,80 @@ def test_elastic_aug_bends_each_training_slice_by_at_most_its_millimetres(tiny_d
     assert result.iteration == 2 and np.isfinite(result.losses).all()
 
 
+def test_shade_planes_adds_the_shading_to_tissue_only():
+    """Tissue pixels get the shading, clipped to [0, 1]; pixels at 0 (below the HU window) stay 0;
+    every plane gets the same shading."""
+    x = np.array([[[0.0, 0.5], [0.95, 0.02]], [[0.3, 0.0], [0.1, 0.6]]], dtype=np.float32)
+    shading = np.array([[0.1, -0.2], [0.1, -0.05]], dtype=np.float32)
+    out = shade_planes(x, shading)
+    want = np.array([[[0.0, 0.3], [1.0, 0.0]], [[0.4, 0.0], [0.2, 0.55]]], dtype=np.float32)
+    assert out.dtype == np.float32 and np.allclose(out, want)
+    with pytest.raises(ValueError, match="shade_planes needs"):
+        shade_planes(x, shading[:1])
+
+
+def test_bias_aug_shades_images_by_at_most_its_hounsfield_units(tiny_dataset, tmp_path):
+    """--bias_aug B changes each training image by at most B HU (B / 400 of the window), smoothly
+    (neighbouring pixels' changes differ by a tenth of the peak at most), leaves the label, the
+    salience and the pixels below the window alone, shades the context slices alike, draws per (seed, epoch, index), and needs --target_spacing."""
+    kw = dict(img_size=(32, 32), augment=False, target_spacing=1.6)
+    plain = SliceDataSet(tiny_dataset.paths, "none", **kw)
+    shaded = SliceDataSet(tiny_dataset.paths, "none", bias_aug=60.0, **kw)
+    idx = 5
+    base = plain[idx]
+    peaks = []
+    for epoch in range(8):
+        item = shaded[(epoch, idx)]
+        diff = (item["image"] - base["image"])[0].numpy()
+        assert torch.equal(item["label"], base["label"])
+        assert not diff[base["image"][0].numpy() == 0].any()
+        peak = float(np.abs(diff).max())
+        assert peak <= 60.0 / 400 + 1e-6
+        inside = (base["image"][0].numpy() > 0.16) & (base["image"][0].numpy() < 0.84)  # never clipped
+        step = np.abs(np.diff(np.where(inside, diff, np.nan), axis=1))
+        if np.isfinite(step).any() and peak > 0:
+            # a 25 mm shading barely changes over 1.6 mm (a 1-pixel one changed by 0.3 of its peak)
+            assert float(np.nanmax(step)) <= 0.1 * peak
+        peaks.append(peak)
+    assert max(peaks) > 5.0 / 400 and len(set(np.round(peaks, 6))) > 4
+    # offline salience: the maps are not shaded (input / image = 1 + salience alike); the context
+    # slices get the image's shading
+    off = dict(kw, context=1)
+    p_item = SliceDataSet(tiny_dataset.paths, "offline", **off)[(2, idx)]
+    s_item = SliceDataSet(tiny_dataset.paths, "offline", bias_aug=60.0, **off)[(2, idx)]
+    img_p, img_s = p_item["image"][0], s_item["image"][0]
+    body = (img_p > 0.16) & (img_p < 0.84)
+    assert p_item["input"].shape[0] == 5 and float((img_s - img_p).abs().max()) > 0
+    assert torch.allclose(p_item["input"][:3][:, body] / img_p[body], s_item["input"][:3][:, body] / img_s[body],
+                          atol=1e-4)
+    for c in (3, 4):
+        m = body & (p_item["input"][c] > 0.16) & (p_item["input"][c] < 0.84)
+        assert m.any() and torch.allclose((s_item["input"][c] - p_item["input"][c])[m], (img_s - img_p)[m], atol=1e-5)
+    cached = SliceDataSet(tiny_dataset.paths, "none", bias_aug=60.0, cache=True, **kw)
+    assert np.allclose(cached[(3, idx)]["image"].numpy(), shaded[(3, idx)]["image"].numpy(), atol=2e-3)
+    other = SliceDataSet(tiny_dataset.paths, "none", bias_aug=60.0, seed=1, **kw)
+    assert not np.allclose(other[(3, idx)]["image"].numpy(), shaded[(3, idx)]["image"].numpy(), atol=2e-3)
+    with pytest.raises(ValueError, match="--bias_aug needs --target_spacing"):
+        SliceDataSet(tiny_dataset.paths, "none", img_size=(32, 32), bias_aug=20.0)
+    with pytest.raises(ValueError, match=r"--bias_aug must be in \[0, 100\] HU, got 150.0"):
+        TrainConfig(dataset="tiny", bias_aug=150)
+    result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, bias_aug=30.0,
+                           max_iterations=2, exp="shade"))
+    assert result.iteration == 2 and np.isfinite(result.losses).all()
+
+
 def test_scale_aug_run_and_3d_refusal(tiny_dataset, tmp_path):
     result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, scale_aug=0.25,
                            max_iterations=2, exp="zoom"))
     assert result.iteration == 2 and np.isfinite(result.losses).all()
-    with pytest.raises(ValueError, match="--scale_aug, --rotate_aug and --elastic_aug are for 2-D"):
+    with pytest.raises(ValueError, match="--scale_aug, --rotate_aug, --elastic_aug and --bias_aug are for 2-D"):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", scale_aug=0.25, max_iterations=1, exp="z3"))
-    with pytest.raises(ValueError, match="--scale_aug, --rotate_aug and --elastic_aug are for 2-D"):
+    with pytest.raises(ValueError, match="--scale_aug, --rotate_aug, --elastic_aug and --bias_aug are for 2-D"):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", rotate_aug=10, max_iterations=1, exp="r3"))
-    with pytest.raises(ValueError, match="--scale_aug, --rotate_aug and --elastic_aug are for 2-D"):
+    with pytest.raises(ValueError, match="--scale_aug, --rotate_aug, --elastic_aug and --bias_aug are for 2-D"):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", elastic_aug=5, max_iterations=1, exp="e3"))
+    with pytest.raises(ValueError, match="--scale_aug, --rotate_aug, --elastic_aug and --bias_aug are for 2-D"):
+        train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d", bias_aug=20, max_iterations=1, exp="b3"))
     with pytest.raises(ValueError, match="--target_spacing is for 2-D backbones; unet3d_bilinear trains on 3-D"):
         train(cfg_for(tiny_dataset, tmp_path, backbone="unet3d_bilinear", target_spacing=1.6, max_iterations=1,
                       exp="mm3"))
