@@ -30,8 +30,7 @@ reproducible whatever the number of loader workers.
   smooth random shading added to the image and its context slices (not the salience): white
   noise smoothed by a Gaussian of ``BIAS_SMOOTH_MM`` (dataloaders.inputs), scaled so that its
   largest absolute value is U(0, B) HU; pixels at 0 stay 0. Real livers are not evenly
-  enhanced (perfusion, fat): held-out patient 1's anterior left lobe, about 30 HU darker than
-  the rest of its liver, was what a liver model trained on patient 7 missed.
+  enhanced (perfusion, fat, lesions).
 - ``gaussian_blur``: (optional, ``--blur_aug S``) half the time, an in-plane Gaussian blur of
   the image with sigma U(0.3, S) pixels of the grid the model sees (H and W only; a patch's
   D axis is left alone). Salience and label are not blurred.

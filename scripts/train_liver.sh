@@ -20,8 +20,7 @@
 #      mm (default 15: one training patient's liver seen in other shapes; it raised the lower
 #      held-out patient's Dice with all three seeds, docs/RESULTS.md); zooms of up to LIVER_ZOOM
 #      (default 0: off; 0.15 was level on held-out patient 1 and worse on patient 7); a smooth
-#      shading of up to LIVER_BIAS HU (default 0: off; 60 lowered both held-out patients with
-#      seed 0). No patient is
+#      shading of up to LIVER_BIAS HU (default 0: off; 60 gave no gain with seed 0). No patient is
 #      left to select a model by: validation runs once, at the end, and best_model.pth is the
 #      last weights.
 # Ends by printing "liver model: <path to best_model.pth>".

@@ -16,9 +16,10 @@ import torch
 
 import main as main_cli
 from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
-from dataloaders.inputs import BLUR_MIN_SIGMA
+from dataloaders.inputs import BIAS_SMOOTH_MM, BLUR_MIN_SIGMA
 from dataloaders.transforms import (BLUR_PROB, DOMAIN_NOISE, DOMAIN_SCALE, DOMAIN_SHIFT, elastic_field, elastic_planes,
-                                   gaussian_blur, intensity_domain, resize_2d, rot_flip, rotate_planes, shade_planes)
+                                   gaussian_blur, intensity_domain, resize_2d, rot_flip, rotate_planes, shade_planes,
+                                   smooth_field)
 from losses import make_loss, poly_scheduler, soft_cldice_loss, soft_dice_loss, soft_skeleton
 from networks.checkpoint import load_model
 import trainer
@@ -829,7 +830,7 @@ def test_shade_planes_adds_the_shading_to_tissue_only():
         shade_planes(x, shading[:1])
 
 
-def test_bias_aug_shades_images_by_at_most_its_hounsfield_units(tiny_dataset, tmp_path):
+def test_bias_aug_shades_images_by_at_most_its_hounsfield_units(tiny_dataset, tmp_path, monkeypatch):
     """--bias_aug B changes each training image by at most B HU (B / 400 of the window), smoothly
     (neighbouring pixels' changes differ by a tenth of the peak at most), leaves the label, the
     salience and the pixels below the window alone, shades the context slices alike, draws per (seed, epoch, index), and needs --target_spacing."""
@@ -852,7 +853,7 @@ def test_bias_aug_shades_images_by_at_most_its_hounsfield_units(tiny_dataset, tm
             # a 25 mm shading barely changes over 1.6 mm (a 1-pixel one changed by 0.3 of its peak)
             assert float(np.nanmax(step)) <= 0.1 * peak
         peaks.append(peak)
-    assert max(peaks) > 5.0 / 400 and len(set(np.round(peaks, 6))) > 4
+    assert max(peaks) > 0.5 * 60.0 / 400 and len(set(np.round(peaks, 6))) > 4
     # offline salience: the maps are not shaded (input / image = 1 + salience alike); the context
     # slices get the image's shading
     off = dict(kw, context=1)
@@ -866,6 +867,13 @@ def test_bias_aug_shades_images_by_at_most_its_hounsfield_units(tiny_dataset, tm
     for c in (3, 4):
         m = body & (p_item["input"][c] > 0.16) & (p_item["input"][c] < 0.84)
         assert m.any() and torch.allclose((s_item["input"][c] - p_item["input"][c])[m], (img_s - img_p)[m], atol=1e-5)
+    # the smoothness is in mm: 25 mm at 1.6 mm per pixel
+    seen = []
+    monkeypatch.setattr("dataloaders.datasets.smooth_field", lambda shape, n, peak, px, rng: seen.append(px) or
+                        smooth_field(shape, n, peak, px, rng))
+    shaded[(0, idx)]
+    assert seen == [pytest.approx(BIAS_SMOOTH_MM / 1.6)]
+    monkeypatch.undo()
     cached = SliceDataSet(tiny_dataset.paths, "none", bias_aug=60.0, cache=True, **kw)
     assert np.allclose(cached[(3, idx)]["image"].numpy(), shaded[(3, idx)]["image"].numpy(), atol=2e-3)
     other = SliceDataSet(tiny_dataset.paths, "none", bias_aug=60.0, seed=1, **kw)
