@@ -37,11 +37,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from dataloaders.inputs import (BIAS_SMOOTH_MM, ELASTIC_SMOOTH_MM, check_bias_aug, check_blur_aug, check_context, check_elastic_aug, check_rotate_aug,
-                                check_scale_aug, context_indices, input_channels, model_input)
+from dataloaders.inputs import (BIAS_SMOOTH_MM, ELASTIC_SMOOTH_MM, check_bias_aug, check_blur_aug, check_context,
+                                check_elastic_aug, check_rotate_aug, check_scale_aug, context_indices, input_channels,
+                                model_input)
 from dataloaders.transforms import (elastic_field, elastic_planes, gaussian_blur, intensity_domain, intensity_jitter,
-                                    shade_planes, smooth_field,
-                                   pad_or_crop, resize_2d, rot_flip, rotate_planes, spacing_size)
+                                    pad_or_crop, resize_2d, rot_flip, rotate_planes, shade_planes, smooth_field,
+                                    spacing_size)
 from utils.h5io import HU_WINDOW, DatasetPaths, parse_slice_name, read_list, read_salience, read_volume
 
 log = logging.getLogger("datasets")

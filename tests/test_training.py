@@ -785,11 +785,10 @@ def test_elastic_planes_worked_answers():
         elastic_planes(x, x[:1, :20], field)
 
 
-def test_elastic_aug_bends_each_training_slice_by_at_most_its_millimetres(tiny_dataset, tmp_path):
+def test_elastic_aug_bends_each_training_slice_by_at_most_its_millimetres(tiny_dataset):
     """--elastic_aug E at 1.6 mm per pixel moves every label pixel by at most E / 1.6 pixels: the
     bent label lies within that distance of the straight one, differs from it over the epochs,
-    keeps its area, and one (epoch, index) draws one bend. Without --target_spacing the
-    millimetres have no meaning: refused."""
+    and keeps its area (per-item draws and refusals: test_millimetre_augmentations_...)."""
     from scipy import ndimage
     kw = dict(img_size=(32, 32), augment=False, target_spacing=1.6)
     plain = SliceDataSet(tiny_dataset.paths, "none", **kw)
@@ -804,18 +803,6 @@ def test_elastic_aug_bends_each_training_slice_by_at_most_its_millimetres(tiny_d
         assert float(lab.sum()) == pytest.approx(float(plain[idx]["label"].sum()), rel=0.2)
         moved += not np.array_equal(lab > 0.5, base)
     assert moved >= 8
-    # the bend is the item's (seed, epoch, index) draw: the same from the cache, another with another seed
-    cached = SliceDataSet(tiny_dataset.paths, "none", elastic_aug=4.0, cache=True, **kw)
-    assert np.allclose(cached[(3, idx)]["label"].numpy(), bent[(3, idx)]["label"].numpy(), atol=0.02)
-    other = SliceDataSet(tiny_dataset.paths, "none", elastic_aug=4.0, seed=1, **kw)
-    assert not np.allclose(other[(3, idx)]["label"].numpy(), bent[(3, idx)]["label"].numpy(), atol=0.02)
-    with pytest.raises(ValueError, match="--elastic_aug needs --target_spacing"):
-        SliceDataSet(tiny_dataset.paths, "none", img_size=(32, 32), elastic_aug=4.0)
-    with pytest.raises(ValueError, match=r"--elastic_aug must be in \[0, 25\] mm, got 30.0"):
-        TrainConfig(dataset="tiny", elastic_aug=30)
-    result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, elastic_aug=4.0,
-                           max_iterations=2, exp="bend"))
-    assert result.iteration == 2 and np.isfinite(result.losses).all()
 
 
 def test_shade_planes_adds_the_shading_to_tissue_only():
@@ -830,10 +817,10 @@ def test_shade_planes_adds_the_shading_to_tissue_only():
         shade_planes(x, shading[:1])
 
 
-def test_bias_aug_shades_images_by_at_most_its_hounsfield_units(tiny_dataset, tmp_path, monkeypatch):
+def test_bias_aug_shades_images_by_at_most_its_hounsfield_units(tiny_dataset, monkeypatch):
     """--bias_aug B changes each training image by at most B HU (B / 400 of the window), smoothly
     (neighbouring pixels' changes differ by a tenth of the peak at most), leaves the label, the
-    salience and the pixels below the window alone, shades the context slices alike, draws per (seed, epoch, index), and needs --target_spacing."""
+    salience and the pixels below the window alone, and shades the context slices alike."""
     kw = dict(img_size=(32, 32), augment=False, target_spacing=1.6)
     plain = SliceDataSet(tiny_dataset.paths, "none", **kw)
     shaded = SliceDataSet(tiny_dataset.paths, "none", bias_aug=60.0, **kw)
@@ -874,16 +861,28 @@ def test_bias_aug_shades_images_by_at_most_its_hounsfield_units(tiny_dataset, tm
     shaded[(0, idx)]
     assert seen == [pytest.approx(BIAS_SMOOTH_MM / 1.6)]
     monkeypatch.undo()
-    cached = SliceDataSet(tiny_dataset.paths, "none", bias_aug=60.0, cache=True, **kw)
-    assert np.allclose(cached[(3, idx)]["image"].numpy(), shaded[(3, idx)]["image"].numpy(), atol=2e-3)
-    other = SliceDataSet(tiny_dataset.paths, "none", bias_aug=60.0, seed=1, **kw)
-    assert not np.allclose(other[(3, idx)]["image"].numpy(), shaded[(3, idx)]["image"].numpy(), atol=2e-3)
-    with pytest.raises(ValueError, match="--bias_aug needs --target_spacing"):
-        SliceDataSet(tiny_dataset.paths, "none", img_size=(32, 32), bias_aug=20.0)
-    with pytest.raises(ValueError, match=r"--bias_aug must be in \[0, 100\] HU, got 150.0"):
-        TrainConfig(dataset="tiny", bias_aug=150)
-    result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, bias_aug=30.0,
-                           max_iterations=2, exp="shade"))
+
+
+@pytest.mark.parametrize("option, value, field, atol, too_big, message", [
+    ("elastic_aug", 4.0, "label", 0.02, 30, r"--elastic_aug must be in \[0, 25\] mm, got 30.0"),
+    ("bias_aug", 60.0, "image", 2e-3, 150, r"--bias_aug must be in \[0, 100\] HU, got 150.0"),
+])
+def test_millimetre_augmentations_draw_per_item_need_a_spacing_and_train(tiny_dataset, tmp_path, option, value, field,
+                                                                        atol, too_big, message):
+    """--elastic_aug and --bias_aug (fields whose smoothness is in mm): an item's draw is its (seed,
+    epoch, index)'s, the same from the cache and another with another seed; refused without
+    --target_spacing and out of range; a run with it trains."""
+    kw = dict(img_size=(32, 32), augment=False, target_spacing=1.6, **{option: value})
+    drawn = SliceDataSet(tiny_dataset.paths, "none", **kw)[(3, 5)][field].numpy()
+    cached = SliceDataSet(tiny_dataset.paths, "none", cache=True, **kw)[(3, 5)][field].numpy()
+    other = SliceDataSet(tiny_dataset.paths, "none", seed=1, **kw)[(3, 5)][field].numpy()
+    assert np.allclose(cached, drawn, atol=atol) and not np.allclose(other, drawn, atol=atol)
+    with pytest.raises(ValueError, match=f"--{option} needs --target_spacing"):
+        SliceDataSet(tiny_dataset.paths, "none", img_size=(32, 32), **{option: value})
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(dataset="tiny", **{option: too_big})
+    result = train(cfg_for(tiny_dataset, tmp_path, img_size=(16, 16), target_spacing=1.6, max_iterations=2,
+                           exp=option, **{option: value}))
     assert result.iteration == 2 and np.isfinite(result.losses).all()
 
 
