@@ -144,8 +144,8 @@ def main() -> int:
             "path": models[q.name], "sha256": liver_seg.sha256,
             "trained_on": sorted(((liver_seg.ckpt.get("manifests") or {}).get("dataset") or {}).get("cases", {})),
             **{k: cfg.get(k) for k in ("backbone", "model_kwargs", "target_spacing", "img_size", "max_iterations",
-                                       "augment", "scale_aug", "rotate_aug", "elastic_aug", "bias_aug", "blur_aug", "domain_aug",
-                                       "intensity_jitter", "loss", "base_lr", "seed", "context_slices")}}
+                                       "augment", "scale_aug", "rotate_aug", "elastic_aug", "bias_aug", "blur_aug",
+                                       "domain_aug", "intensity_jitter", "loss", "base_lr", "seed", "context_slices")}}
         rows[q.name] = measure_patient(liver_seg, seg, q, args.margin, bool(args.liver_refine), figure_rows)
     table = ["| patient | liver Dice | liver Dice, model's mask | true mask refined | liver model s | vessel mask | voxels within 10 mm of the true liver | "
              "vessel Dice in the liver | mL | pieces |", "|---|---|---|---|---|---|---|---|---|---|"]

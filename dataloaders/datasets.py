@@ -214,11 +214,10 @@ class SliceDataSet(_Augmenting):
         if self.target_spacing is not None and not self.target_spacing > 0:
             raise ValueError(f"--target_spacing must be a positive number of mm, got {target_spacing}")
         self.elastic_aug = check_elastic_aug(elastic_aug)
-        if self.elastic_aug and self.target_spacing is None:
-            raise ValueError("--elastic_aug needs --target_spacing: its displacement is in mm")
         self.bias_aug = check_bias_aug(bias_aug)
-        if self.bias_aug and self.target_spacing is None:
-            raise ValueError("--bias_aug needs --target_spacing: its smoothness is in mm")
+        for flag, value in (("--elastic_aug", self.elastic_aug), ("--bias_aug", self.bias_aug)):
+            if value and self.target_spacing is None:
+                raise ValueError(f"{flag} needs --target_spacing: its field's smoothness is in mm")
         self.names = read_list(paths.list_file(list_name))
         if not self.names:
             raise ValueError(f"{paths.list_file(list_name)}: list is empty")
@@ -247,9 +246,10 @@ class SliceDataSet(_Augmenting):
             self._fill_cache()
 
     def _fill_cache(self) -> None:
+        # (--elastic_aug and --bias_aug need a target spacing, so they never reach the square cache)
         square = (self.target_spacing is None and self.img_size is not None and self.img_size[0] == self.img_size[1]
                   and not self.jitter and not self.domain and not self.scale_aug and not self.rotate_aug
-                  and not self.elastic_aug and not self.bias_aug and not self.blur and not self.context)
+                  and not self.blur and not self.context)
         if self.context:
             self._volumes = {}
             for case in tqdm(list(dict.fromkeys(self._case(n) for n in self.names)), desc="caching context volumes",
