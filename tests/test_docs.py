@@ -141,13 +141,13 @@ def test_option_tables_show_flags_as_off_and_values_as_their_defaults():
 
 
 def test_demo_time_sentence_from_a_record(tmp_path, monkeypatch):
-    write_record("demo_time", {"total_s": 330.0, "runs_total_s": [320.0, 330.0, 345.0], "stages": [],
-                               "table_markdown": []}, description="d", folder=tmp_path, code="0123456789ab-dirty",
+    numbers = {"total_s": 330.0, "runs_total_s": [320.0, 330.0, 345.0], "stages": [], "table_markdown": []}
+    write_record(render_docs.DEMO_TIME_RECORD, numbers, description="d", folder=tmp_path, code="0123456789ab-dirty",
                  inputs={"runs": 3, "commit": "abcdef1234567"})
     monkeypatch.setattr(render_docs, "RESULTS_DIR", tmp_path)
     text = render_docs.demo_time()
     assert text.startswith(f"Measured: 5.5 minutes on {os.cpu_count()} CPU cores") and "median of 3 runs" in text
-    assert "commit `abcdef1234`" in text and "(results/demo_time.json)" in text
+    assert "commit `abcdef1234`" in text and f"(results/{render_docs.DEMO_TIME_RECORD}.json)" in text
 
 
 # a command line: an interpreter (python, $PY, torchrun, $TORCHRUN, -m torch.distributed.run and its

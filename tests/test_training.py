@@ -16,7 +16,7 @@ import torch
 
 import main as main_cli
 from dataloaders.datasets import PatchDataSet, SliceDataSet, VolumeDataSet
-from dataloaders.inputs import BIAS_SMOOTH_MM, BLUR_MIN_SIGMA
+from dataloaders.inputs import BIAS_SMOOTH_MM, BLUR_MIN_SIGMA, ELASTIC_SMOOTH_MM
 from dataloaders.transforms import (BLUR_PROB, DOMAIN_NOISE, DOMAIN_SCALE, DOMAIN_SHIFT, elastic_field, elastic_planes,
                                    gaussian_blur, intensity_domain, resize_2d, rot_flip, rotate_planes, shade_planes,
                                    smooth_field)
@@ -861,6 +861,40 @@ def test_bias_aug_shades_images_by_at_most_its_hounsfield_units(tiny_dataset, mo
     shaded[(0, idx)]
     assert seen == [pytest.approx(BIAS_SMOOTH_MM / 1.6)]
     monkeypatch.undo()
+
+
+def test_millimetre_augmentations_follow_the_zoom(tiny_dataset, monkeypatch):
+    """With --scale_aug, a plane zoomed by f is target_spacing / f mm per pixel: the bends' and
+    the shading's smoothness (25 mm) and the bends' peak (U(0, E) mm) are converted with that
+    zoomed pixel size, not the unzoomed one (which would bend a zoomed-in slice by too few mm)."""
+    import dataloaders.datasets as ds
+    from utils.h5io import parse_slice_name
+    seen = {"size": [], "elastic": [], "bias": []}
+    real_resize, real_elastic, real_smooth = ds.resize_2d, ds.elastic_field, ds.smooth_field
+    monkeypatch.setattr(ds, "resize_2d", lambda x, lab, size: seen["size"].append(tuple(size)) or
+                        real_resize(x, lab, size))
+    monkeypatch.setattr(ds, "elastic_field", lambda shape, peak, px, rng: seen["elastic"].append((peak, px)) or
+                        real_elastic(shape, peak, px, rng))
+    monkeypatch.setattr(ds, "smooth_field", lambda shape, n, peak, px, rng: seen["bias"].append(px) or
+                        real_smooth(shape, n, peak, px, rng))
+    data = SliceDataSet(tiny_dataset.paths, "none", img_size=(32, 32), augment=False, target_spacing=1.6,
+                        scale_aug=0.5, elastic_aug=6.0, bias_aug=40.0)
+    idx = 5
+    with h5py.File(data.paths.slice(data.names[idx]), "r") as f:
+        h, w = f["image"].shape
+    spacing = data.spacings[parse_slice_name(data.names[idx])[0]]
+    base = (h * float(spacing[0]) / 1.6, w * float(spacing[1]) / 1.6)  # the unzoomed plane, px
+    zooms = []
+    for epoch in range(10):
+        data[(epoch, idx)]
+    assert len(seen["size"]) == len(seen["elastic"]) == len(seen["bias"]) == 10
+    for size, (peak, px), bias_px in zip(seen["size"], seen["elastic"], seen["bias"]):
+        zoom = size[0] / base[0]  # the size was rounded to whole pixels: 1 px in 32 of slack
+        assert px == pytest.approx(ELASTIC_SMOOTH_MM * zoom / 1.6, rel=0.04)
+        assert bias_px == pytest.approx(BIAS_SMOOTH_MM * zoom / 1.6, rel=0.04)
+        assert 0 <= peak <= 6.0 * zoom / 1.6 * 1.04
+        zooms.append(zoom)
+    assert min(zooms) < 0.85 and max(zooms) > 1.15  # both ways, beyond the rounding slack
 
 
 @pytest.mark.parametrize("option, value, field, atol, too_big, message", [
