@@ -60,6 +60,16 @@ def parse_models(items: list[str]) -> dict[str, str]:
     return out
 
 
+def liver_model_inputs(liver_seg: Predictor, path: str) -> dict:
+    """What a record keeps of a liver model: its path, sha256, training cases and settings."""
+    cfg = liver_seg.ckpt.get("config") or {}
+    return {"path": path, "sha256": liver_seg.sha256,
+            "trained_on": sorted(((liver_seg.ckpt.get("manifests") or {}).get("dataset") or {}).get("cases", {})),
+            **{k: cfg.get(k) for k in ("backbone", "model_kwargs", "target_spacing", "img_size", "max_iterations",
+                                       "augment", "scale_aug", "rotate_aug", "elastic_aug", "bias_aug", "blur_aug",
+                                       "domain_aug", "intensity_jitter", "loss", "base_lr", "seed", "context_slices")}}
+
+
 def vessel_row(mask: np.ndarray, truth_vessels: np.ndarray, liver: np.ndarray, near_true: np.ndarray,
                spacing) -> dict:
     n = int(mask.sum())
@@ -139,13 +149,7 @@ def main() -> int:
     for q in patients:
         liver_seg = Predictor.from_checkpoint(models[q.name], "cpu")
         check_target(liver_seg.ckpt, models[q.name], "liver")
-        cfg = liver_seg.ckpt.get("config") or {}
-        trained[q.name] = {
-            "path": models[q.name], "sha256": liver_seg.sha256,
-            "trained_on": sorted(((liver_seg.ckpt.get("manifests") or {}).get("dataset") or {}).get("cases", {})),
-            **{k: cfg.get(k) for k in ("backbone", "model_kwargs", "target_spacing", "img_size", "max_iterations",
-                                       "augment", "scale_aug", "rotate_aug", "elastic_aug", "bias_aug", "blur_aug",
-                                       "domain_aug", "intensity_jitter", "loss", "base_lr", "seed", "context_slices")}}
+        trained[q.name] = liver_model_inputs(liver_seg, models[q.name])
         rows[q.name] = measure_patient(liver_seg, seg, q, args.margin, bool(args.liver_refine), figure_rows)
     table = ["| patient | liver Dice | liver Dice, model's mask | true mask refined | liver model s | vessel mask | voxels within 10 mm of the true liver | "
              "vessel Dice in the liver | mL | pieces |", "|---|---|---|---|---|---|---|---|---|---|"]

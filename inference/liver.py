@@ -76,13 +76,14 @@ CUT_OFF_AREA = 0.1
 #: choose on): the surface band where off-liver intensities are removed (mm), how many robust
 #: deviations from the parenchyma's median count as off-liver, how far the mask may grow (mm),
 #: within how many deviations and above which model probability, and how deep the reference
-#: parenchyma lies (mm)
+#: parenchyma lies (mm) and how many of its voxels are needed
 REFINE_BAND_MM = 10.0
 REFINE_REMOVE_Z = 2.5
 REFINE_GROW_MM = 3.0
 REFINE_GROW_Z = 2.0
 REFINE_GROW_PROB = 0.1
 REFINE_CORE_MM = 5.0
+PARENCHYMA_MIN_VOXELS = 1000
 
 
 def model_target(ckpt: dict) -> Optional[str]:
@@ -160,6 +161,24 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
+def parenchyma_hu(liver: np.ndarray, prob: np.ndarray, hu: np.ndarray, spacing: Sequence[float], *,
+                  depth: Optional[np.ndarray] = None) -> Optional[tuple[float, float]]:
+    """(median, robust standard deviation) in HU of a scan's liver parenchyma, or None without
+    :data:`PARENCHYMA_MIN_VOXELS` reference voxels. ``liver`` bool (H, W, D), ``prob`` the liver
+    model's probabilities (H, W, D), ``hu`` (H, W, D), ``spacing`` (row, col, slice) mm; ``depth``
+    (:func:`depth_mm` of ``liver``) when the caller has it.
+
+    The reference voxels lie deeper than ``REFINE_CORE_MM`` in the mask and the model gives them
+    at least 0.9; the deviation is 1.4826 x their median absolute deviation, at least 1 HU."""
+    if depth is None:
+        depth = depth_mm(liver, spacing)
+    reference = np.asarray(hu)[(depth > REFINE_CORE_MM) & (np.asarray(prob) >= 0.9)]
+    if reference.size < PARENCHYMA_MIN_VOXELS:
+        return None
+    median = float(np.median(reference))
+    return median, max(1.4826 * float(np.median(np.abs(reference - median))), 1.0)
+
+
 def refine_by_intensity(liver: np.ndarray, prob: np.ndarray, hu: np.ndarray, spacing: Sequence[float], *,
                         band_mm: float = REFINE_BAND_MM, remove_z: float = REFINE_REMOVE_Z,
                         grow_mm: float = REFINE_GROW_MM, grow_z: float = REFINE_GROW_Z,
@@ -202,12 +221,11 @@ def refine_by_intensity(liver: np.ndarray, prob: np.ndarray, hu: np.ndarray, spa
         return liver.copy()
     mask, p, h = liver[box], np.asarray(prob[box], dtype=np.float32), np.asarray(hu[box], dtype=np.float32)
     depth = depth_mm(mask, sp)
-    reference = h[(depth > REFINE_CORE_MM) & (p >= 0.9)]
-    if reference.size < 1000:
-        log.info("liver refinement skipped: %d reference voxels", reference.size)
+    stats = parenchyma_hu(mask, p, h, sp, depth=depth)
+    if stats is None:
+        log.info("liver refinement skipped: fewer than %d reference voxels", PARENCHYMA_MIN_VOXELS)
         return liver.copy()
-    median = float(np.median(reference))
-    sd = max(1.4826 * float(np.median(np.abs(reference - median))), 1.0)
+    median, sd = stats
     z = np.abs(h - median) / sd
     remove = mask & (depth <= band_mm) & (z > remove_z)
     grow = ~mask & near_liver(mask, sp, grow_mm) & (z <= grow_z) & (p >= np.float32(grow_prob))
