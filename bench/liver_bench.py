@@ -61,9 +61,10 @@ def parse_models(items: list[str]) -> dict[str, str]:
 
 
 def liver_model_inputs(liver_seg: Predictor, path: str) -> dict:
-    """What a record keeps of a liver model: its path, sha256, training cases and settings."""
+    """What a record keeps of a liver model: its path, sha256, the commit it was trained at, its
+    training cases and settings."""
     cfg = liver_seg.ckpt.get("config") or {}
-    return {"path": path, "sha256": liver_seg.sha256,
+    return {"path": path, "sha256": liver_seg.sha256, "code_version": liver_seg.ckpt.get("code_version"),
             "trained_on": sorted(((liver_seg.ckpt.get("manifests") or {}).get("dataset") or {}).get("cases", {})),
             **{k: cfg.get(k) for k in ("backbone", "model_kwargs", "target_spacing", "img_size", "max_iterations",
                                        "augment", "scale_aug", "rotate_aug", "elastic_aug", "bias_aug", "blur_aug",

@@ -14,9 +14,9 @@ scan, :func:`inference.liver.liver_from_probabilities` with the opening, then
   confidence) and the share whose HU lie more than 2 robust deviations from the scan's
   parenchyma (:func:`inference.liver.parenchyma_hu` of the model's mask, as the refinement
   measures it); the largest missed piece (mL, slices);
-- the Dice an oracle correction of each family would reach (a lower threshold, a surface moved by
-  up to 2 mm, growth by the parenchyma's HU, the largest miss added): the ceiling of any
-  post-processing of that kind, measured before one is built.
+- the Dice an oracle correction of each family would reach (a threshold lowered to 0.05, a surface
+  moved by up to 2 mm, growth within 2 deviations of the parenchyma's HU, the largest miss added):
+  the ceiling of any post-processing of that kind, measured before one is built.
 
 Writes ``results/<record>.json`` (utils.records: numbers only, nothing of the scans) and prints a
 table. Real data is read in place and never written.
@@ -56,6 +56,7 @@ def measure_patient(liver_seg: Predictor, patient: Path, refine: bool) -> dict:
 
 
 def table_row(name: str, r: dict) -> str:
+    """One patient's Markdown table row of :func:`measure_patient`'s numbers."""
     def pct(v):
         return "-" if v is None else f"{v:.0%}"
 

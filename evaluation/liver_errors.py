@@ -10,12 +10,11 @@ knows the truth but may only change what its family can reach. Those ceilings sa
 post-processing is worth trying before any is built:
 
 - ``threshold``: every missed voxel whose probability is at least ``confident_prob`` added (a
-  lower threshold, a hysteresis or smoothed probabilities can do no better without adding false
-  positives);
+  threshold or a hysteresis lowered to that probability can do no better);
 - ``surface``: every wrong voxel within ``surface_mm`` of the predicted surface put right (a
   boundary refinement that moves the surface by at most that much);
 - ``intensity``: every missed voxel within ``hu_z`` robust deviations of the parenchyma's median
-  HU added (growth by the scan's own liver intensity);
+  HU added (growth by the scan's own liver intensity within that range);
 - ``largest_miss``: the largest 26-connected piece of missed liver added.
 """
 from __future__ import annotations
@@ -55,7 +54,8 @@ def liver_errors(pred: np.ndarray, target: np.ndarray, prob: np.ndarray, hu: np.
     ``fn_confident_share`` (probability below ``confident_prob``); ``fn_median_z`` and
     ``fn_atypical_share`` (more than ``hu_z`` deviations from the median HU); ``largest_miss_ml``
     and its first and last slice ``largest_miss_slices``; and ``ceilings`` (the module's
-    docstring), each a Dice. Shares and medians over no voxel are None."""
+    docstring), each a Dice. Shares and medians over no voxel are None; with both masks empty the
+    Dice is NaN (:func:`evaluation.metrics.dice`) and there are no ceilings."""
     pred, target = np.asarray(pred, dtype=bool), np.asarray(target, dtype=bool)
     if pred.ndim != 3 or pred.shape != target.shape or np.shape(prob) != pred.shape or np.shape(hu) != pred.shape:
         raise ValueError(f"pred, target, prob and hu must be (H, W, D) of one shape, got {pred.shape}, "

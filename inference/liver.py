@@ -76,13 +76,14 @@ CUT_OFF_AREA = 0.1
 #: choose on): the surface band where off-liver intensities are removed (mm), how many robust
 #: deviations from the parenchyma's median count as off-liver, how far the mask may grow (mm),
 #: within how many deviations and above which model probability, and how deep the reference
-#: parenchyma lies (mm) and how many of its voxels are needed
+#: parenchyma lies (mm), the model probability it needs and how many of its voxels
 REFINE_BAND_MM = 10.0
 REFINE_REMOVE_Z = 2.5
 REFINE_GROW_MM = 3.0
 REFINE_GROW_Z = 2.0
 REFINE_GROW_PROB = 0.1
 REFINE_CORE_MM = 5.0
+PARENCHYMA_MIN_PROB = 0.9
 PARENCHYMA_MIN_VOXELS = 1000
 
 
@@ -169,10 +170,15 @@ def parenchyma_hu(liver: np.ndarray, prob: np.ndarray, hu: np.ndarray, spacing: 
     (:func:`depth_mm` of ``liver``) when the caller has it.
 
     The reference voxels lie deeper than ``REFINE_CORE_MM`` in the mask and the model gives them
-    at least 0.9; the deviation is 1.4826 x their median absolute deviation, at least 1 HU."""
+    at least ``PARENCHYMA_MIN_PROB``; the deviation is 1.4826 x their median absolute deviation,
+    at least 1 HU."""
+    liver = np.asarray(liver, dtype=bool)
+    if liver.ndim != 3 or np.shape(prob) != liver.shape or np.shape(hu) != liver.shape or len(spacing) != 3:
+        raise ValueError(f"liver, prob and hu must be (H, W, D) of one shape with 3 spacings, got {liver.shape}, "
+                         f"{np.shape(prob)}, {np.shape(hu)} and {tuple(spacing)}")
     if depth is None:
         depth = depth_mm(liver, spacing)
-    reference = np.asarray(hu)[(depth > REFINE_CORE_MM) & (np.asarray(prob) >= 0.9)]
+    reference = np.asarray(hu)[(depth > REFINE_CORE_MM) & (np.asarray(prob) >= PARENCHYMA_MIN_PROB)]
     if reference.size < PARENCHYMA_MIN_VOXELS:
         return None
     median = float(np.median(reference))
@@ -204,8 +210,8 @@ def refine_by_intensity(liver: np.ndarray, prob: np.ndarray, hu: np.ndarray, spa
       vessels included, are removed with the neighbour organs (``bench/liver_bench.py`` reports
       this cost: the refinement applied to the true liver mask).
 
-    Without 1,000 reference voxels (a tiny or empty liver) the mask is returned unchanged. Work
-    runs on the mask's bounding box widened by ``grow_mm``."""
+    Without :data:`PARENCHYMA_MIN_VOXELS` reference voxels (a tiny or empty liver) the mask is
+    returned unchanged. Work runs on the mask's bounding box widened by ``grow_mm``."""
     liver = np.asarray(liver, dtype=bool)
     if liver.ndim != 3 or liver.shape != np.shape(prob) or liver.shape != np.shape(hu) or len(spacing) != 3:
         raise ValueError(f"liver, prob and hu must be (H, W, D) of one shape with 3 spacings, got {liver.shape}, "

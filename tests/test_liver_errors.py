@@ -87,3 +87,5 @@ def test_parenchyma_hu_is_the_deep_confident_voxels_median_and_robust_spread():
     small[10:22, 10:22, 10:22] = True  # 2 x 2 x 2 deeper than 5 mm
     assert int(np.count_nonzero(small)) > PARENCHYMA_MIN_VOXELS
     assert parenchyma_hu(small, np.where(small, 0.95, 0.0), hu, (1.0, 1.0, 1.0)) is None
+    with pytest.raises(ValueError, match="one shape"):
+        parenchyma_hu(liver, prob[:-1], hu, (1.0, 1.0, 1.0))
