@@ -60,6 +60,31 @@ def parse_models(items: list[str]) -> dict[str, str]:
     return out
 
 
+def add_real_patient_args(p: argparse.ArgumentParser) -> None:
+    """The options every real-patient liver bench takes: --liver_model N=FILE (repeated), --real,
+    --record and --threads."""
+    p.add_argument("--liver_model", action="append", required=True, metavar="N=FILE",
+                   help="liver model for real patient N (trained without it); repeat per patient")
+    p.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "real"))
+    p.add_argument("--record", type=new_record_arg, default=None, help="record name: results/<name>.json")
+    p.add_argument("--threads", type=int, default=2)
+
+
+def patients_with_models(real: str, items: list[str]) -> dict[Path, str]:
+    """{patient folder: liver model file} for the 3D-IRCADb patients under ``real`` that ``items``
+    (``--liver_model N=FILE``) give a model, in name order."""
+    models = parse_models(items)
+    return {q: models[q.name] for q in sorted(Path(real).glob("3Dircadb1.*")) if q.is_dir() and q.name in models}
+
+
+def load_liver_model(path: str) -> tuple[Predictor, dict]:
+    """The liver model file ``path`` on the CPU (refused if it is a vessel model) and what a
+    record keeps of it (:func:`liver_model_inputs`)."""
+    liver_seg = Predictor.from_checkpoint(path, "cpu")
+    check_target(liver_seg.ckpt, path, "liver")
+    return liver_seg, liver_model_inputs(liver_seg, path)
+
+
 def liver_model_inputs(liver_seg: Predictor, path: str) -> dict:
     """What a record keeps of a liver model: its path, sha256, the commit it was trained at, its
     training cases and settings."""
@@ -122,8 +147,7 @@ def measure_patient(liver_seg: Predictor, seg: Predictor, patient: Path, margin_
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--liver_model", action="append", required=True, metavar="N=FILE",
-                   help="liver model for real patient N (trained without it); repeat per patient")
+    add_real_patient_args(p)
     p.add_argument("--model", required=True, help="vessel model file")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN_MM, help="predict.py --liver_margin (mm)")
     p.add_argument("--liver_refine", type=int, choices=(0, 1), default=1,
@@ -132,25 +156,20 @@ def main() -> int:
     p.add_argument("--figure", default=None, metavar="PNG",
                    help="also draw, per patient, the slice where the refinement changed the liver most: the "
                         "model's mask and the refined one against the truth (TP green, FP red, FN blue)")
-    p.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "real"))
-    p.add_argument("--record", type=new_record_arg, default=None, help="record name: results/<name>.json")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.figure and not args.liver_refine:
         p.error("--figure shows what the refinement changed; it needs --liver_refine 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    models = parse_models(args.liver_model)
-    patients = [q for q in sorted(Path(args.real).glob("3Dircadb1.*")) if q.is_dir() and q.name in models]
-    if not patients:
+    models = patients_with_models(args.real, args.liver_model)
+    if not models:
         print(f"{args.real}: no real 3D-IRCADb patient with a liver model; nothing measured")
         return 0
+    patients = list(models)
     seg = Predictor.from_checkpoint(args.model, "cpu")
     rows, trained, figure_rows = {}, {}, ([] if args.figure else None)
     for q in patients:
-        liver_seg = Predictor.from_checkpoint(models[q.name], "cpu")
-        check_target(liver_seg.ckpt, models[q.name], "liver")
-        trained[q.name] = liver_model_inputs(liver_seg, models[q.name])
+        liver_seg, trained[q.name] = load_liver_model(models[q])
         rows[q.name] = measure_patient(liver_seg, seg, q, args.margin, bool(args.liver_refine), figure_rows)
     table = ["| patient | liver Dice | liver Dice, model's mask | true mask refined | liver model s | vessel mask | voxels within 10 mm of the true liver | "
              "vessel Dice in the liver | mL | pieces |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.liver_bench import liver_model_inputs, parse_models  # noqa: E402
+from bench.liver_bench import add_real_patient_args, load_liver_model, patients_with_models  # noqa: E402
 from evaluation.liver_errors import liver_errors  # noqa: E402
-from inference.liver import (DEFAULT_OPENING_MM, check_target, liver_from_probabilities, parenchyma_hu,  # noqa: E402
+from inference.liver import (DEFAULT_OPENING_MM, liver_from_probabilities, parenchyma_hu,  # noqa: E402
                              refine_by_intensity)
 from inference.predictor import Predictor  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
-from utils.records import new_record_arg, write_record  # noqa: E402
+from utils.records import write_record  # noqa: E402
 
 CEILINGS = ("threshold", "surface", "intensity", "largest_miss")
 
@@ -71,27 +71,20 @@ def table_row(name: str, r: dict) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--liver_model", action="append", required=True, metavar="N=FILE",
-                   help="liver model for real patient N (trained without it); repeat per patient")
+    add_real_patient_args(p)
     p.add_argument("--liver_refine", type=int, choices=(0, 1), default=1,
                    help="predict.py --liver_refine: describe the mask after the intensity refinement (1) or the "
                         "model's own (0)")
-    p.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "real"))
-    p.add_argument("--record", type=new_record_arg, default=None, help="record name: results/<name>.json")
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
-    models = parse_models(args.liver_model)
-    patients = [q for q in sorted(Path(args.real).glob("3Dircadb1.*")) if q.is_dir() and q.name in models]
-    if not patients:
+    models = patients_with_models(args.real, args.liver_model)
+    if not models:
         print(f"{args.real}: no real 3D-IRCADb patient with a liver model; nothing measured")
         return 0
     rows, trained = {}, {}
-    for q in patients:
-        liver_seg = Predictor.from_checkpoint(models[q.name], "cpu")
-        check_target(liver_seg.ckpt, models[q.name], "liver")
-        trained[q.name] = liver_model_inputs(liver_seg, models[q.name])
+    for q, path in models.items():
+        liver_seg, trained[q.name] = load_liver_model(path)
         rows[q.name] = measure_patient(liver_seg, q, bool(args.liver_refine))
     table = ["| patient | liver Dice | missed mL | extra mL | extra within 2 mm | missed at p < 0.05 | "
              "missed beyond 2 SD of the HU | largest miss mL | ceiling: threshold | surface | intensity | "
@@ -109,7 +102,7 @@ def main() -> int:
             "(HU) the missed liver was missed, the largest miss, and the Dice an oracle correction of each "
             "family reaches (missed voxels at p >= 0.05 added; every error within 2 mm of the predicted surface "
             "put right; missed voxels within 2 SD of the parenchyma's HU added; the largest miss added)"),
-            inputs={"liver_models": trained, "real": [q.name for q in patients]})
+            inputs={"liver_models": trained, "real": [q.name for q in models]})
         print(f"record: {path}")
     return 0
 

@@ -89,3 +89,17 @@ def test_parenchyma_hu_is_the_deep_confident_voxels_median_and_robust_spread():
     assert parenchyma_hu(small, np.where(small, 0.95, 0.0), hu, (1.0, 1.0, 1.0)) is None
     with pytest.raises(ValueError, match="one shape"):
         parenchyma_hu(liver, prob[:-1], hu, (1.0, 1.0, 1.0))
+
+
+def test_liver_benches_pair_each_real_patient_with_its_model(tmp_path):
+    """bench/liver_bench.py and bench/liver_errors.py measure the patient folders that --liver_model
+    N=FILE names, in name order; a folder without a model, a file and a malformed item are not."""
+    from bench.liver_bench import patients_with_models
+    for name in ("3Dircadb1.1", "3Dircadb1.7", "3Dircadb1.9"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "3Dircadb1.2").write_text("not a folder")
+    got = patients_with_models(str(tmp_path), ["7=b.pth", "1=a.pth", "2=c.pth"])
+    assert got == {tmp_path / "3Dircadb1.1": "a.pth", tmp_path / "3Dircadb1.7": "b.pth"}
+    assert list(got) == [tmp_path / "3Dircadb1.1", tmp_path / "3Dircadb1.7"]
+    with pytest.raises(ValueError, match="N=FILE"):
+        patients_with_models(str(tmp_path), ["a.pth"])
