@@ -70,6 +70,18 @@ def add_real_patient_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
 
 
+def start_real_patients(args: argparse.Namespace) -> dict[Path, str]:
+    """A real-patient liver bench's start, once its options (:func:`add_real_patient_args`) are
+    parsed: warnings-only logging, ``args.threads`` torch threads, and :func:`patients_with_models`;
+    when no patient has a model, says so (the bench then measures nothing)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    models = patients_with_models(args.real, args.liver_model)
+    if not models:
+        print(f"{args.real}: no real 3D-IRCADb patient with a liver model; nothing measured")
+    return models
+
+
 def patients_with_models(real: str, items: list[str]) -> dict[Path, str]:
     """{patient folder: liver model file} for the 3D-IRCADb patients under ``real`` that ``items``
     (``--liver_model N=FILE``) give a model, in name order."""
@@ -159,11 +171,8 @@ def main() -> int:
     args = p.parse_args()
     if args.figure and not args.liver_refine:
         p.error("--figure shows what the refinement changed; it needs --liver_refine 1")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    models = patients_with_models(args.real, args.liver_model)
+    models = start_real_patients(args)
     if not models:
-        print(f"{args.real}: no real 3D-IRCADb patient with a liver model; nothing measured")
         return 0
     patients = list(models)
     seg = Predictor.from_checkpoint(args.model, "cpu")

@@ -24,14 +24,11 @@ table. Real data is read in place and never written.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.liver_bench import add_real_patient_args, load_liver_model, patients_with_models  # noqa: E402
+from bench.liver_bench import add_real_patient_args, load_liver_model, start_real_patients  # noqa: E402
 from evaluation.liver_errors import liver_errors  # noqa: E402
 from inference.liver import (DEFAULT_OPENING_MM, liver_from_probabilities, parenchyma_hu,  # noqa: E402
                              refine_by_intensity)
@@ -76,11 +73,8 @@ def main() -> int:
                    help="predict.py --liver_refine: describe the mask after the intensity refinement (1) or the "
                         "model's own (0)")
     args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(args.threads)
-    models = patients_with_models(args.real, args.liver_model)
+    models = start_real_patients(args)
     if not models:
-        print(f"{args.real}: no real 3D-IRCADb patient with a liver model; nothing measured")
         return 0
     rows, trained = {}, {}
     for q, path in models.items():

@@ -103,3 +103,18 @@ def test_liver_benches_pair_each_real_patient_with_its_model(tmp_path):
     assert list(got) == [tmp_path / "3Dircadb1.1", tmp_path / "3Dircadb1.7"]
     with pytest.raises(ValueError, match="N=FILE"):
         patients_with_models(str(tmp_path), ["a.pth"])
+
+
+def test_a_liver_bench_without_a_patient_to_measure_says_so(tmp_path, capsys):
+    import argparse
+
+    import torch
+
+    from bench.liver_bench import start_real_patients
+    (tmp_path / "3Dircadb1.1").mkdir()
+    args = argparse.Namespace(real=str(tmp_path), liver_model=["7=b.pth"], threads=torch.get_num_threads())
+    assert start_real_patients(args) == {}
+    assert "no real 3D-IRCADb patient with a liver model; nothing measured" in capsys.readouterr().out
+    args.liver_model = ["1=a.pth"]
+    assert start_real_patients(args) == {tmp_path / "3Dircadb1.1": "a.pth"}
+    assert capsys.readouterr().out == ""
