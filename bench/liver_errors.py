@@ -4,9 +4,9 @@
 
 ``--liver_model N=FILE`` as in ``bench/liver_bench.py``: give each real patient a liver model
 trained without it. For every real 3D-IRCADb patient under ``--real`` (default ``../shared/real``)
-that has one, runs what ``predict.py --liver_model`` runs for the liver (the model on the whole
-scan, :func:`inference.liver.liver_from_probabilities` with the opening, then
-:func:`inference.liver.refine_by_intensity` unless ``--liver_refine 0``) and reports
+that has one, runs what ``predict.py --liver_model`` runs for the liver
+(:func:`inference.liver.segment_liver`: the model on the whole scan, the opening, then the intensity
+refinement unless ``--liver_refine 0``) and reports
 :func:`evaluation.liver_errors.liver_errors` of that mask against the true one:
 
 - the missed and the extra liver (mL); the share of the extra within 2 mm of the true liver;
@@ -30,10 +30,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.liver_bench import add_real_patient_args, load_liver_model, start_real_patients  # noqa: E402
 from evaluation.liver_errors import liver_errors  # noqa: E402
-from inference.liver import (DEFAULT_OPENING_MM, liver_from_probabilities, parenchyma_hu,  # noqa: E402
-                             refine_by_intensity)
+from inference.liver import parenchyma_hu, segment_liver  # noqa: E402
 from inference.predictor import Predictor  # noqa: E402
 from preprocessing.dicom_reader import read_dicom_patient  # noqa: E402
+from utils.boxes import bounding_box  # noqa: E402
 from utils.records import write_record  # noqa: E402
 
 CEILINGS = ("threshold", "surface", "intensity", "largest_miss")
@@ -43,11 +43,11 @@ def measure_patient(liver_seg: Predictor, patient: Path, refine: bool) -> dict:
     """One patient's :func:`evaluation.liver_errors.liver_errors` of predict.py's automatic liver."""
     truth = read_dicom_patient(patient, ["portalvein", "venoussystem"])
     hu, spacing = truth.hu, truth.spacing
-    prob = liver_seg.predict_scan(hu, spacing, None, name=patient.name).prob
-    model_mask = liver_from_probabilities(prob, liver_seg.threshold, spacing, DEFAULT_OPENING_MM)
-    liver = refine_by_intensity(model_mask, prob, hu, spacing) if refine else model_mask
-    parenchyma = parenchyma_hu(model_mask, prob, hu, spacing)
-    out = liver_errors(liver, truth.liver.astype(bool), prob, hu, spacing, parenchyma)
+    found = segment_liver(liver_seg, hu, spacing, name=patient.name, refine=refine)
+    # the parenchyma as the refinement measures it, on the model mask's box (the depth pads with background)
+    box = bounding_box(found.model_mask, margin=1)
+    parenchyma = None if box is None else parenchyma_hu(found.model_mask[box], found.prob[box], hu[box], spacing)
+    out = liver_errors(found.mask, truth.liver.astype(bool), found.prob, hu, spacing, parenchyma)
     out["parenchyma_hu"] = None if parenchyma is None else [round(v, 1) for v in parenchyma]
     return out
 

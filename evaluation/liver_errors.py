@@ -22,18 +22,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from evaluation.metrics import dice
+from inference.liver import depth_mm, largest_component, near_liver
 from utils.boxes import bounding_box
-
-
-def _dist_mm(mask: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """float (H, W, D): each voxel's Euclidean distance in mm to the nearest voxel of ``mask``
-    (0 on it; inf everywhere when ``mask`` is empty)."""
-    if not mask.any():
-        return np.full(mask.shape, np.inf)
-    return ndimage.distance_transform_edt(~mask, sampling=[float(s) for s in spacing])
 
 
 def _share(part: np.ndarray, whole: np.ndarray) -> Optional[float]:
@@ -74,7 +66,7 @@ def liver_errors(pred: np.ndarray, target: np.ndarray, prob: np.ndarray, hu: np.
     pr, h = np.asarray(prob[box], dtype=np.float32), np.asarray(hu[box], dtype=np.float32)
     fn, fp = t & ~p, p & ~t
     out["fn_ml"], out["fp_ml"] = float(fn.sum()) * voxel_ml, float(fp.sum()) * voxel_ml
-    out["fp_near_share"] = _share(_dist_mm(t, spacing) <= surface_mm, fp)
+    out["fp_near_share"] = _share(near_liver(t, spacing, surface_mm), fp)
     out["fn_median_prob"] = float(np.median(pr[fn])) if fn.any() else None
     out["fn_confident_share"] = _share(pr < confident_prob, fn)
     typical = np.zeros_like(fn)
@@ -85,17 +77,13 @@ def liver_errors(pred: np.ndarray, target: np.ndarray, prob: np.ndarray, hu: np.
         typical = z <= hu_z
         out["fn_median_z"] = float(np.median(z[fn])) if fn.any() else None
         out["fn_atypical_share"] = _share(~typical, fn)
-    lab, n = ndimage.label(fn, structure=np.ones((3, 3, 3), dtype=bool))
-    largest = np.zeros_like(fn)
-    out["largest_miss_ml"], out["largest_miss_slices"] = 0.0, None
-    if n:
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        largest = lab == int(np.argmax(sizes))
+    largest = largest_component(fn)
+    out["largest_miss_ml"], out["largest_miss_slices"] = float(largest.sum()) * voxel_ml, None
+    if largest.any():
         zs = np.flatnonzero(largest.any(axis=(0, 1))) + (box[2].start or 0)
-        out["largest_miss_ml"], out["largest_miss_slices"] = float(sizes.max()) * voxel_ml, [int(zs[0]), int(zs[-1])]
+        out["largest_miss_slices"] = [int(zs[0]), int(zs[-1])]
     # within surface_mm of the predicted surface: inside pred, its depth; outside, the distance to it
-    near_surface = np.where(p, _dist_mm(~p, spacing), _dist_mm(p, spacing)) <= surface_mm
+    near_surface = np.where(p, depth_mm(p, spacing) <= surface_mm, near_liver(p, spacing, surface_mm))
     out["ceilings"] = {
         "threshold": float(dice(p | (fn & (pr >= confident_prob)), t)),
         "surface": float(dice(np.where(near_surface, t, p), t)),

@@ -286,12 +286,13 @@ def volume_ml(mask: np.ndarray, spacing: Sequence[float]) -> float:
 @dataclass(frozen=True, eq=False)  # array fields: no element-wise __eq__
 class LiverSegmentation:
     """:func:`segment_liver`'s result: ``mask`` the liver (bool (H, W, D)), ``model_mask`` the
-    model's liver before the intensity refinement (the same array when there was none) and the
-    seconds each step took."""
+    model's liver before the intensity refinement (the same array when there was none), the
+    seconds each step took, and ``prob`` the model's liver probabilities (H, W, D) they came from."""
     mask: np.ndarray
     model_mask: np.ndarray
     model_seconds: float
     refine_seconds: float
+    prob: np.ndarray
 
 
 def segment_liver(predictor: Predictor, hu: np.ndarray, spacing: Sequence[float], *, name: str = "scan",
@@ -312,7 +313,7 @@ def segment_liver(predictor: Predictor, hu: np.ndarray, spacing: Sequence[float]
     else:
         log.info("%s: liver model: %.0f mL in slices %d-%d", name, volume_ml(liver, spacing),
                  *(lambda z: (int(z[0]), int(z[-1])))(np.flatnonzero(liver.any(axis=(0, 1)))))
-    return LiverSegmentation(liver, model_mask, t1 - t0, t2 - t1)
+    return LiverSegmentation(liver, model_mask, t1 - t0, t2 - t1, pred.prob)
 
 
 def liver_warnings(liver: np.ndarray, spacing: Sequence[float], case: str, *, check_volume: bool = True) -> list[str]:

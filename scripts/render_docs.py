@@ -229,8 +229,7 @@ def demo_time() -> str:
     return (f"Measured: {n['total_s'] / 60:.1f} minutes on {m.get('cpu_count')} CPU cores once `make setup` has "
             f"run (median of {len(n['runs_total_s'])} runs in fresh clones of commit `{r['inputs']['commit'][:10]}`, "
             f"`bench/demo_time.py`; [`results/{DEMO_TIME_RECORD}.json`](results/{DEMO_TIME_RECORD}.json), "
-            f"stage by stage in "
-            f"[docs/BENCHMARKS.md](docs/BENCHMARKS.md#make-demo-benchdemo_timepy)).\n")
+            f"stage by stage in [docs/BENCHMARKS.md](docs/BENCHMARKS.md#make-demo-benchdemo_timepy)).\n")
 
 
 def predict_speed(name: str = "predict_bench") -> str:

@@ -29,7 +29,8 @@
 # LIVER_DATA (default data/liver), LIVER_CKPT (default checkpoint/liver), LIVER_PHANTOMS (8),
 # PHANTOM_RATIO (3), LIVER_ITERS (1500 on a CPU, 4000 with CUDA), LIVER_SPACING (2.5),
 # LIVER_SIZE (192), LIVER_WIDTH (16), LIVER_ZOOM (0), LIVER_ROTATE (0: max degrees of --rotate_aug),
-# LIVER_ELASTIC (15: max mm of --elastic_aug; 0: off), LIVER_BIAS (0: max HU of --bias_aug; 0: off), SEED (0), PY (default .venv/bin/python).
+# LIVER_ELASTIC (15: max mm of --elastic_aug; 0: off), LIVER_BIAS (0: max HU of --bias_aug; 0: off), SEED (0),
+# PY (default .venv/bin/python).
 set -euo pipefail
 shopt -s inherit_errexit 2>/dev/null || true  # bash >= 4.4: a failure inside $(...) stops the script too
 cd "$(dirname "$0")/.."

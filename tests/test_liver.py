@@ -233,6 +233,24 @@ def intensity_liver_model(path: Path, target=("liver",)) -> Path:
     return path
 
 
+def test_segment_liver_returns_the_probabilities_its_masks_came_from(tmp_path):
+    """segment_liver's prob is the model's output on the scan (the stand-in's known logit), and its
+    model_mask and mask are what liver_from_probabilities and the refinement make of that prob."""
+    from inference.liver import segment_liver
+    from inference.predictor import Predictor
+    spacing = (1.0, 1.0, 1.0)
+    organ = ball((40, 40, 40), (20, 20, 20), 14.0)
+    hu = np.where(organ, 110.0, -50.0).astype(np.float32) + np.random.default_rng(0).normal(0, 3, organ.shape)
+    seg = Predictor.from_checkpoint(intensity_liver_model(tmp_path / "liver.pth"), "cpu")
+    found = segment_liver(seg, hu, spacing)
+    want = 1.0 / (1.0 + np.exp(-SLOPE * (apply_hu_window(hu) - THRESHOLD_IMAGE)))
+    assert found.prob.shape == hu.shape and np.allclose(found.prob, want, atol=1e-4)
+    model_mask = liver_from_probabilities(found.prob, seg.threshold, spacing, DEFAULT_OPENING_MM)
+    assert np.array_equal(found.model_mask, model_mask)
+    assert np.array_equal(found.mask, refine_by_intensity(model_mask, found.prob, hu, spacing))
+    assert found.mask.sum() == pytest.approx(organ.sum(), rel=0.02)
+
+
 def test_predict_with_a_liver_model_writes_its_liver_and_keeps_vessels_near_it(phantom_case, tmp_path, capsys):
     pat = phantom_case["patient"]
     lm = intensity_liver_model(tmp_path / "liver.pth")
